@@ -1,0 +1,38 @@
+# One command sets up and runs each job on a fresh machine with only Python installed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Rebuild the editable install when the build inputs change.
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/* csrc/*/*)
+
+.PHONY: demo test test-slow bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+
+# torch first (an unpinned torch is the CUDA build here, which lets the CUDA sources
+# compile), then the package against it without build isolation.
+$(VENV)/.torch: | $(PY)
+	$(PIP) install torch numpy
+	touch $@
+
+$(VENV)/.installed-%: $(VENV)/.torch $(BUILD_INPUTS)
+	$(PIP) install --no-build-isolation -e ".[$*]"
+	touch $@
+
+demo: $(VENV)/.installed-demo
+	$(VENV)/bin/xsam demo
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m slow
+
+bench: $(VENV)/.installed-test
+	$(VENV)/bin/xsam bench
+
+clean:
+	rm -rf build *.egg-info $(VENV)

@@ -1,0 +1,1 @@
+"""Triton kernels for the xsam op set (shipped as ``xsam.kernels``)."""

@@ -1,0 +1,19 @@
+"""xsam: X-SAM (Sharpness-Aware Minimization with dominant-eigenvector gradient correction) for PyTorch."""
+from . import hessian, ops
+from .hessian import exact_hvp, finite_difference_hvp, power_iteration
+from .ops import BackendUnavailableError
+from .optimizer import SAM, XSAM, batchnorm_statistics_frozen
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAM",
+    "XSAM",
+    "BackendUnavailableError",
+    "batchnorm_statistics_frozen",
+    "exact_hvp",
+    "finite_difference_hvp",
+    "hessian",
+    "ops",
+    "power_iteration",
+]

@@ -1,0 +1,216 @@
+"""Hessian-vector products and (block) power iteration over lists of parameter tensors.
+
+A "vector" here is a list of tensors aligned with a list of parameters (one
+tensor per parameter, same shape), i.e. the flat vector of algorithm.md cut
+into parameter-shaped pieces. All vector arithmetic goes through the op set
+(``xsam.ops``), so it runs on whichever backend is chosen.
+
+- ``exact_hvp``: double backward from a forward-only loss function; one
+  create-graph backward serves any number of products. Nothing is written to
+  ``.grad``.
+- ``finite_difference_hvp``: central differences of gradients from an ordinary
+  closure (forward + backward); weights and ``.grad`` are restored bit-exactly.
+- ``power_iteration``: top-|lambda| eigenpairs, m >= 1 vectors at once (block
+  power iteration with Gram-Schmidt re-orthonormalisation when m > 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+Vector = list[Tensor]
+HvpFn = Callable[[Sequence[Vector]], list[Vector]]
+
+__all__ = [
+    "PowerIterationResult",
+    "default_fd_step",
+    "exact_hvp",
+    "finite_difference_hvp",
+    "power_iteration",
+    "random_vectors",
+    "orthonormalize_",
+]
+
+
+def _zeros_for_missing(results: Sequence[Tensor | None], params: Sequence[Tensor]) -> Vector:
+    return [torch.zeros_like(p) if r is None else r for r, p in zip(results, params)]
+
+
+def exact_hvp(loss_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> tuple[HvpFn, Tensor]:
+    """Build ``H v`` by double backward at the current weights.
+
+    ``loss_fn`` runs the forward pass only and returns the scalar loss. Returns
+    ``(hvp, loss)``: ``hvp(vectors)`` maps a list of m vectors to their m
+    products, reusing one create-graph backward for all calls. Parameters the
+    loss does not depend on get zero rows.
+    """
+    params = list(params)
+    with torch.enable_grad():
+        loss = loss_fn()
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError("loss_fn must return the scalar loss tensor (forward only, no backward)")
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    # Only gradients that still depend on the weights have a second derivative.
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+    def hvp(vectors: Sequence[Vector]) -> list[Vector]:
+        out = []
+        for v in vectors:
+            rows: list[Tensor | None] = [None] * len(params)
+            if live:
+                with torch.enable_grad():
+                    hv = torch.autograd.grad(
+                        [grads[i] for i in live], [params[i] for i in live],
+                        grad_outputs=[v[i] for i in live], retain_graph=True, allow_unused=True,
+                    )
+                for i, h in zip(live, hv):
+                    rows[i] = None if h is None else h.detach()
+            out.append(_zeros_for_missing(rows, params))
+        return out
+
+    return hvp, loss.detach()
+
+
+def default_fd_step(params: Sequence[Tensor], vector: Vector, *, backend: str = "auto") -> Tensor:
+    """Central-difference step ``h = eps^(1/3) * (1 + rms(w)) / ||v||`` as a device scalar.
+
+    eps is the machine epsilon of the least precise parameter dtype: eps^(1/3)
+    balances truncation (O(h^2)) against rounding (O(eps / h)); scaling by the
+    RMS weight makes the per-element perturbation relative to typical weights.
+    """
+    eps = max(torch.finfo(p.dtype).eps for p in params)
+    sums = ops.dots([list(params), list(vector)], [(0, 0), (1, 1)], backend=backend)
+    n = sum(p.numel() for p in params)
+    rms = (sums[0] / max(n, 1)).sqrt()
+    return eps ** (1.0 / 3.0) * (1.0 + rms) / sums[1].sqrt().clamp_min(1e-30)
+
+
+def finite_difference_hvp(
+    closure: Callable[[], Tensor], params: Sequence[Tensor], *, step: float | Tensor | None = None,
+    backend: str = "auto",
+) -> HvpFn:
+    """``H v ~ (grad L(w + h v) - grad L(w - h v)) / (2 h)`` using an ordinary closure.
+
+    ``closure`` runs forward and backward (accumulating into ``.grad``) like a
+    torch.optim closure. Each product costs two closure calls. Weights are put
+    back from a saved copy (bit-exact) and the caller's ``.grad`` tensors are
+    reinstated afterwards, also when the closure raises.
+    """
+    params = list(params)
+
+    def gradient_at(offset: Vector, h: Tensor, sign: float, saved: Vector) -> Vector:
+        with torch.no_grad():
+            ops.axpy_(params, offset, sign * h, backend=backend)
+        for p in params:
+            p.grad = None
+        try:
+            with torch.enable_grad():
+                closure()
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, saved)
+        return _zeros_for_missing([p.grad for p in params], params)
+
+    def hvp(vectors: Sequence[Vector]) -> list[Vector]:
+        user_grads = [p.grad for p in params]
+        saved = [p.detach().clone() for p in params]
+        out = []
+        try:
+            for v in vectors:
+                h = default_fd_step(params, v, backend=backend) if step is None else step
+                if not isinstance(h, Tensor):
+                    h = torch.full((), float(h), dtype=ops.accumulation_dtype(saved[0].dtype), device=saved[0].device)
+                g_plus = gradient_at(v, h, 1.0, saved)
+                g_minus = gradient_at(v, h, -1.0, saved)
+                with torch.no_grad():
+                    ops.axpy_(g_plus, g_minus, -1.0, backend=backend)
+                    ops.scale_copy_(g_plus, g_plus, 0.5 / h, backend=backend)
+                out.append(g_plus)
+        finally:
+            for p, g in zip(params, user_grads):
+                p.grad = g
+        return out
+
+    return hvp
+
+
+def random_vectors(params: Sequence[Tensor], m: int = 1, generator: torch.Generator | None = None) -> list[Vector]:
+    """m standard-normal vectors shaped like ``params``, drawn on the CPU in parameter order.
+
+    Drawing on the CPU makes the start vector the same whatever device the
+    parameters live on, for a given generator state.
+    """
+    out = []
+    for _ in range(m):
+        out.append([
+            torch.randn(p.shape, generator=generator, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
+            for p in params
+        ])
+    return out
+
+
+def orthonormalize_(vectors: Sequence[Vector], *, eps: float = 1e-12, backend: str = "auto") -> None:
+    """Modified Gram-Schmidt in place: vector j is made orthogonal to 0..j-1, then unit length."""
+    with torch.no_grad():
+        for j, vj in enumerate(vectors):
+            for i in range(j):
+                c = ops.dots([vectors[i], vj], [(0, 1)], backend=backend)[0]
+                ops.axpy_(vj, vectors[i], -c, backend=backend)
+            norm = ops.dots([vj], [(0, 0)], backend=backend)[0].sqrt()
+            ops.scale_copy_(vj, vj, 1.0 / (norm + eps), backend=backend)
+
+
+@dataclass
+class PowerIterationResult:
+    eigenvalues: Tensor  # (m,) Rayleigh quotients with their sign, largest |lambda| first
+    vectors: list[Vector]  # m orthonormal vectors
+    residuals: Tensor  # (m,) ||H v - lambda v|| of the last iteration
+    iterations: int  # iterations run (< iters only with tol)
+
+
+def power_iteration(
+    hvp: HvpFn, init: Sequence[Vector], *, iters: int = 5, tol: float | None = None, eps: float = 1e-12,
+    backend: str = "auto",
+) -> PowerIterationResult:
+    """(Block) power iteration on the operator ``hvp`` from the start vectors ``init``.
+
+    ``init`` is not modified (it is the warm start). Each iteration computes
+    ``u_j = H v_j``, the Rayleigh quotient ``lambda_j = <v_j, u_j>`` and residual
+    ``||u_j - lambda_j v_j||`` and sets ``v_j = u_j / (||u_j|| + eps)``; with m > 1
+    the vectors are then re-orthonormalised, so they span the top-m subspace
+    (by |lambda|). With ``tol``, it stops early once every vector has
+    ``|lambda_k - lambda_{k-1}| / |lambda_k| < tol`` and ``residual / |lambda_k| < tol``;
+    that test reads the values on the host, so ``tol=None`` (fixed iterations)
+    is the sync-free choice.
+    """
+    if iters < 1:
+        raise ValueError(f"iters={iters} is invalid: power iteration needs iters >= 1")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol={tol} is invalid: use a positive tolerance or None")
+    with torch.no_grad():
+        vectors = [[t.detach().clone() for t in v] for v in init]
+        orthonormalize_(vectors, eps=eps, backend=backend)
+    previous = None
+    stats = None
+    done = 0
+    for k in range(iters):
+        products = hvp(vectors)
+        with torch.no_grad():
+            stats = ops.power_update_(products, vectors, eps=eps, backend=backend)
+            if len(vectors) > 1:
+                orthonormalize_(vectors, eps=eps, backend=backend)
+        done = k + 1
+        if tol is not None:
+            lam = stats.eigenvalues.abs().clamp_min(1e-30)
+            ok = stats.residuals / lam < tol
+            if previous is not None:
+                ok = ok & ((stats.eigenvalues - previous).abs() / lam < tol)
+                if bool(ok.all()):
+                    break
+            previous = stats.eigenvalues
+    return PowerIterationResult(stats.eigenvalues, vectors, stats.residuals, done)

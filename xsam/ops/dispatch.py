@@ -1,0 +1,100 @@
+"""Which implementation of the op set runs for a (device, dtype) group.
+
+Backends: ``"reference"`` (pure PyTorch, always there), ``"triton"`` (``xsam.kernels``)
+and ``"native"`` (the compiled ``xsam._C`` extension). ``"auto"`` picks the fastest
+available one per group; naming a backend that cannot serve a group raises
+``BackendUnavailableError`` with the reason, never a silent fallback.
+
+A backend is a module that provides the functions of ``xsam.ops.reference`` with the
+same signatures, plus ``availability(device, dtype) -> str | None`` (None when it can
+serve the group, else the reason it cannot).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+
+from . import reference
+
+BACKEND_NAMES = ("auto", "reference", "triton", "native")
+
+# Module that adapts each optional backend to the op-set signatures.
+_ADAPTERS = {"triton": "xsam.ops.triton_backend", "native": "xsam.ops.native_backend"}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run the given tensors."""
+
+
+def check_backend_name(backend: str) -> str:
+    if backend not in BACKEND_NAMES:
+        raise ValueError(
+            f"backend={backend!r} is not a known backend; use one of {', '.join(map(repr, BACKEND_NAMES))}"
+        )
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    """Import a backend adapter once; return (module, None) or (None, why not)."""
+    if name == "reference":
+        return reference, None
+    try:
+        module = importlib.import_module(_ADAPTERS[name])
+    except Exception as exc:  # an optional backend must never break `import xsam`
+        return None, f"{type(exc).__name__}: {exc}"
+    why = getattr(module, "UNAVAILABLE_REASON", None)
+    if why:
+        return None, why
+    return module, None
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when backend ``name`` can run tensors of this device and dtype, else why not."""
+    module, why = _load(name)
+    if module is None:
+        return why
+    return module.availability(device, dtype)
+
+
+def _auto_order(device: torch.device) -> tuple[str, ...]:
+    if device.type == "cuda":
+        return ("native", "triton", "reference")
+    return ("native", "reference")
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """The backend module that runs a group of tensors on ``device`` with ``dtype``."""
+    check_backend_name(backend)
+    if backend == "auto":
+        for name in _auto_order(device):
+            if unavailable_reason(name, device, dtype) is None:
+                return _load(name)[0]
+        return reference
+    why = unavailable_reason(backend, device, dtype)
+    if why is not None:
+        raise BackendUnavailableError(
+            f"backend={backend!r} cannot run {dtype} tensors on {device}: {why}. "
+            f"Use backend='auto' or backend='reference' instead."
+        )
+    return _load(backend)[0]
+
+
+def describe(devices: tuple[torch.device, ...] | None = None) -> list[tuple[str, str, str]]:
+    """(backend, device, status) rows for ``xsam info``."""
+    if devices is None:
+        devices = (torch.device("cpu"),)
+        if torch.cuda.is_available():
+            devices += (torch.device("cuda"),)
+    rows = []
+    for name in BACKEND_NAMES[1:]:
+        for device in devices:
+            why = unavailable_reason(name, device, torch.float32)
+            rows.append((name, str(device), "available" if why is None else f"unavailable: {why}"))
+    for device in devices:
+        rows.append(("auto", str(device), f"uses {resolve('auto', device, torch.float32).__name__}"))
+    return rows
