@@ -38,6 +38,10 @@ __all__ = [
 
 
 def _zeros_for_missing(results: Sequence[Tensor | None], params: Sequence[Tensor]) -> Vector:
+    for r, p in zip(results, params):
+        if r is not None and r.is_sparse:
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} has a sparse gradient; Hessian-vector products "
+                             "and SAM-type optimizers need dense gradients (e.g. nn.Embedding(sparse=False))")
     return [torch.zeros_like(p) if r is None else r for r, p in zip(results, params)]
 
 

@@ -1,0 +1,115 @@
+"""The op set through the dispatcher (reference backend) against flat-vector computations."""
+import pytest
+import torch
+
+from xsam import ops
+from xsam.ops import dispatch
+
+from helpers import flat
+
+SHAPES = [(0,), (1,), (7,), (3, 5), (2, 1, 4)]
+
+
+def make(shapes, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+def mixed_lists(seed):
+    """Aligned lists whose tensors mix fp32, fp64 and bf16, so the dispatcher must group them."""
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float32, torch.float64]
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(d) for s, d in zip(SHAPES, dtypes)]
+
+
+def test_dots_matches_flat_dot_products_across_mixed_groups():
+    a, b, c = mixed_lists(0), mixed_lists(1), mixed_lists(2)
+    out = ops.dots([a, b, c], [(0, 0), (0, 1), (2, 1)], backend="reference")
+    assert out.dtype == torch.float64  # one fp64 group promotes the result
+    want = torch.stack([flat(a) @ flat(a), flat(a) @ flat(b), flat(c) @ flat(b)])
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)  # bf16 inputs are exact in fp32 products
+
+
+def test_dots_accumulates_low_precision_in_fp32():
+    # 4096 values of 1/64 in bf16: a bf16 accumulator would stall; fp32 gives the exact sum.
+    x = [torch.full((4096,), 1 / 64, dtype=torch.bfloat16)]
+    out = ops.dots([x, [torch.ones(4096, dtype=torch.bfloat16)]], [(0, 1)], backend="reference")
+    assert out.dtype == torch.float32 and out.item() == 64.0
+
+
+def test_weighted_sumsq_is_the_asam_norm():
+    w, g = mixed_lists(3), mixed_lists(4)
+    out = ops.weighted_sumsq(w, g, backend="reference")
+    torch.testing.assert_close(out, ((flat(w) * flat(g)) ** 2).sum(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_perturb_saves_then_moves(adaptive):
+    w, g = make(SHAPES, torch.float64, 5), make(SHAPES, torch.float64, 6)
+    saved = [torch.empty_like(t) for t in w]
+    w0 = flat(w)
+    ops.perturb_(w, g, saved, torch.tensor(0.3, dtype=torch.float64), adaptive=adaptive, backend="reference")
+    step = w0 * w0 * flat(g) if adaptive else flat(g)
+    assert torch.equal(flat(saved), w0)
+    torch.testing.assert_close(flat(w), w0 + 0.3 * step, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("with_vecs", [False, True])
+def test_correct_restore(with_vecs):
+    w, g, v = make(SHAPES, torch.float64, 7), make(SHAPES, torch.float64, 8), make(SHAPES, torch.float64, 9)
+    saved = make(SHAPES, torch.float64, 10)
+    g0 = flat(g)
+    ops.correct_restore_(w, g, saved, v if with_vecs else None, 0.5, 0.25, backend="reference")
+    want = 0.5 * g0 - (0.25 * flat(v) if with_vecs else 0)
+    torch.testing.assert_close(flat(g), want, rtol=1e-14, atol=1e-14)
+    assert torch.equal(flat(w), flat(saved))
+
+
+def test_axpy_and_scale_copy_allow_aliasing():
+    x, y = make(SHAPES, torch.float32, 11), make(SHAPES, torch.float32, 12)
+    x0, y0 = flat(x), flat(y)
+    ops.axpy_(y, x, -2.0, backend="reference")
+    torch.testing.assert_close(flat(y), y0 - 2 * x0, rtol=1e-6, atol=1e-6)
+    ops.scale_copy_(x, x, 3.0, backend="reference")
+    torch.testing.assert_close(flat(x), 3 * x0, rtol=1e-6, atol=1e-6)
+
+
+def test_power_update_gives_rayleigh_quotient_residual_and_unit_vector():
+    a = torch.randn(20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a = a + a.T
+    vs = [make([(4,), (16,)], torch.float64, s) for s in (13, 14)]
+    us = [[None, None] for _ in vs]
+    for j, v in enumerate(vs):
+        u = a @ flat(v)
+        us[j] = [u[:4].clone(), u[4:].clone()]
+    before = [flat(v) for v in vs]
+    stats = ops.power_update_(us, vs, backend="reference")
+    for j, v0 in enumerate(before):
+        u = a @ v0
+        lam = (v0 @ u) / (v0 @ v0)
+        torch.testing.assert_close(stats.eigenvalues[j], lam, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(stats.residuals[j], (u - lam * v0).norm(), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(stats.norms[j], u.norm(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(flat(vs[j]), u / (u.norm() + 1e-12), rtol=1e-12, atol=1e-12)
+
+
+def test_unknown_backend_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        ops.dots([make(SHAPES, torch.float32, 0)], [(0, 0)], backend="cuda")
+
+
+def test_unavailable_backend_raises_with_reason(monkeypatch):
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda name, device, dtype: "not built here")
+    dispatch.resolve.cache_clear()
+    try:
+        with pytest.raises(ops.BackendUnavailableError, match="backend='native'.*not built here"):
+            ops.dots([make(SHAPES, torch.float32, 0)], [(0, 0)], backend="native")
+        # auto never fails: it falls back to the reference.
+        assert dispatch.resolve("auto", torch.device("cpu"), torch.float32) is ops.reference
+    finally:
+        dispatch.resolve.cache_clear()
+
+
+def test_misaligned_lists_are_rejected():
+    with pytest.raises(ValueError, match="aligned"):
+        ops.dots([make(SHAPES, torch.float32, 0), make(SHAPES[:2], torch.float32, 1)], [(0, 1)])

@@ -1,0 +1,403 @@
+"""SAM, ASAM and X-SAM steps against flat-vector oracles written here, plus the step protocol."""
+import copy
+import io
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import xsam
+from xsam import SAM, XSAM
+from xsam.hessian import random_vectors
+
+from helpers import Quadratic, flat
+
+EPS = 1e-12
+RHO, ALPHA, LR = (0.05, 0.2), (0.3, 1.5), (0.1, 0.05)  # per param group: group 0 = p0, group 1 = p1, p2
+
+
+def groups(q, **extra):
+    g0 = {"params": q.params[:1], "rho": RHO[0], "alpha": ALPHA[0], "lr": LR[0]}
+    g1 = {"params": q.params[1:], "rho": RHO[1], "alpha": ALPHA[1], "lr": LR[1]}
+    return [dict(g0, **extra), dict(g1, **extra)]
+
+
+def per_element(q, values):
+    n0 = q.params[0].numel()
+    n = sum(p.numel() for p in q.params)
+    out = torch.full((n,), values[1], dtype=torch.float64)
+    out[:n0] = values[0]
+    return out
+
+
+def oracle(q, steps, *, correction="signed", normalize=True, adaptive=False, eig_interval=2, power_iters=5,
+           seed=0, use_eigenvector=True, alpha=None):
+    """X-SAM (or SAM with use_eigenvector=False) with plain SGD, on flat float64 vectors."""
+    w = flat(q.params)
+    rho, lr = per_element(q, RHO), per_element(q, LR)
+    alpha = per_element(q, ALPHA if alpha is None else alpha)
+    gen = torch.Generator().manual_seed(seed)
+    v, history = None, []
+    for t in range(steps):
+        if use_eigenvector and t % eig_interval == 0:
+            v = flat(random_vectors(q.params, 1, gen)[0]) if v is None else v
+            v = v / (v.norm() + EPS)
+            for _ in range(power_iters):
+                u = q.A @ v
+                lam = v @ u
+                v = u / (u.norm() + EPS)
+        g = q.grad(w)
+        if adaptive:
+            e = rho * w * w * g / ((w * g).norm() + EPS)
+        else:
+            e = rho * g / (g.norm() + EPS)
+        ga = q.grad(w + e)
+        if not use_eigenvector:
+            w = w - lr * ga
+            continue
+        gh = ga / (ga.norm() + EPS) if normalize else ga
+        c = gh @ v
+        beta = {"signed": torch.sign(ga @ v) * c, "symmetric": c, "acute": c.clamp_min(0)}[correction]
+        w = w - lr * (gh - alpha * beta * v)
+        history.append({"eigenvalue": lam, "cos_gadv_v": (ga @ v) / (ga.norm() + EPS), "cos_g_v": (g @ v) / (g.norm() + EPS)})
+    return w, history
+
+
+@pytest.mark.parametrize("correction, normalize, adaptive",
+                         list(itertools.product(["signed", "symmetric", "acute"], [True, False], [False, True])))
+def test_xsam_step_equals_flat_oracle(correction, normalize, adaptive):
+    q = Quadratic()
+    opt = XSAM(groups(q), torch.optim.SGD, correction=correction, normalize=normalize, adaptive=adaptive,
+               eig_interval=2, power_iters=5, hvp="exact", seed=3)
+    want, history = oracle(q, 5, correction=correction, normalize=normalize, adaptive=adaptive, seed=3)
+    for _ in range(5):
+        opt.step(q.closure, loss_fn=q.loss)
+    torch.testing.assert_close(flat(q.params), want, rtol=1e-12, atol=1e-12)
+    d = opt.diagnostics()
+    assert d["step"] == 5 and d["refreshes"] == 3
+    for key in ("eigenvalue", "cos_gadv_v", "cos_g_v"):
+        assert abs(d[key] - history[-1][key].item()) < 1e-10, key
+
+
+def test_finite_difference_hvp_step_matches_oracle_closely():
+    q = Quadratic()
+    opt = XSAM(groups(q), torch.optim.SGD, hvp="finite_difference", eig_interval=2, seed=1)
+    want, _ = oracle(q, 4, seed=1)
+    for _ in range(4):
+        opt.step(q.closure)
+    torch.testing.assert_close(flat(q.params), want, rtol=1e-7, atol=1e-7)
+
+
+def test_sam_and_asam_equal_their_oracle():
+    for adaptive in (False, True):
+        q = Quadratic()
+        opt = SAM(groups(q), torch.optim.SGD, adaptive=adaptive)
+        want, _ = oracle(q, 3, adaptive=adaptive, use_eigenvector=False)
+        for _ in range(3):
+            opt.step(q.closure)
+        torch.testing.assert_close(flat(q.params), want, rtol=1e-12, atol=1e-12)
+
+
+def test_alpha_zero_without_normalisation_is_sam_bit_for_bit():
+    q1, q2 = Quadratic(), Quadratic()
+    x = XSAM(groups(q1, alpha=0.0), torch.optim.SGD, normalize=False, eig_interval=2)
+    s = SAM(groups(q2), torch.optim.SGD)
+    for _ in range(4):
+        x.step(q1.closure)
+        s.step(q2.closure)
+    assert all(torch.equal(a, b) for a, b in zip(q1.params, q2.params))
+
+
+def step_with_given_eigenvector(v, correction):
+    """One step (no refresh) from the same weights with the stored eigenvector set to v; returns .grad."""
+    q = Quadratic()
+    opt = XSAM(groups(q), torch.optim.SGD, correction=correction, eig_interval=1000)
+    opt.state["xsam"].update(step=1, refreshes=1)
+    for p, piece in zip(q.params, torch.split(v, [p.numel() for p in q.params])):
+        opt.state[p]["eigenvector"] = piece.reshape(p.shape).clone()
+    w = flat(q.params)
+    opt.step(q.closure)
+    rho = per_element(q, RHO)
+    g = q.grad(w)
+    ga = q.grad(w + rho * g / (g.norm() + EPS))
+    return flat([p.grad for p in q.params]), ga / (ga.norm() + EPS)
+
+
+def test_sign_of_v_matters_for_signed_and_not_for_symmetric():
+    q = Quadratic()
+    v = q.eigenvectors[:, 1] + 0.3 * q.eigenvectors[:, 0]
+    v = v / v.norm()
+    alpha = per_element(q, ALPHA)
+    plus, gh = step_with_given_eigenvector(v, "signed")
+    minus, _ = step_with_given_eigenvector(-v, "signed")
+    c = gh @ v
+    # signed: beta = |c| whatever the sign of v, so the result moves along -sign(v) * v.
+    torch.testing.assert_close(plus, gh - alpha * c.abs() * v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(minus, gh + alpha * c.abs() * v, rtol=1e-12, atol=1e-12)
+    # Parallel part along the stored v: shrinks by (1 - alpha) when c > 0, grows by (1 + alpha) when c < 0
+    # (checked on the group-0 slice, where alpha is a single number).
+    n0 = q.params[0].numel()
+    cos_plus, cos_minus = c, -c
+    for grad, vec, cc in ((plus, v, cos_plus), (minus, -v, cos_minus)):
+        factor = (1 - ALPHA[0]) if cc > 0 else (1 + ALPHA[0])
+        torch.testing.assert_close(grad[:n0] - gh[:n0], (factor - 1) * cc * vec[:n0], rtol=1e-10, atol=1e-12)
+    sym_plus, _ = step_with_given_eigenvector(v, "symmetric")
+    sym_minus, _ = step_with_given_eigenvector(-v, "symmetric")
+    torch.testing.assert_close(sym_plus, sym_minus, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(sym_plus, gh - alpha * c * v, rtol=1e-12, atol=1e-12)
+
+
+def test_step_equals_manual_two_step_path():
+    q1, q2 = Quadratic(), Quadratic()
+    auto = XSAM(groups(q1), torch.optim.SGD, momentum=0.9, eig_interval=2, hvp="finite_difference")
+    manual = XSAM(groups(q2), torch.optim.SGD, momentum=0.9, eig_interval=2, hvp="finite_difference")
+    for _ in range(4):
+        auto.step(q1.closure)
+        if manual.refresh_due:
+            manual.refresh_eigenvector(q2.closure)
+        manual.zero_grad()
+        q2.closure()
+        manual.first_step(zero_grad=True)
+        q2.closure()
+        manual.second_step(zero_grad=True)
+    assert all(torch.equal(a, b) for a, b in zip(q1.params, q2.params))
+    assert auto.diagnostics() == manual.diagnostics()
+
+
+def test_restore_is_bit_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1))
+    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(16, 5)
+    model(x).square().mean().backward()
+    opt.first_step(zero_grad=True)
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # really perturbed
+    model(x).square().mean().backward()
+    opt.base_optimizer.step = lambda *a, **k: None  # isolate the restore from the update
+    opt.second_step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def snapshot(model, opt):
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+
+
+def assert_same_snapshot(a, b):
+    (wa, sa), (wb, sb) = a, b
+    assert all(torch.equal(x, y) for x, y in zip(wa, wb))
+    assert_same_state(sa, sb)
+
+
+def assert_same_state(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_state(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_state(x, y)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("fail_on_call", [1, 2, 3, 4])
+def test_closure_raising_mid_step_leaves_weights_and_state_unchanged(fail_on_call):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    opt = XSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, eig_interval=2, power_iters=1,
+               hvp="finite_difference")
+    calls, armed = [], []
+
+    def closure():
+        calls.append(1)
+        if armed and len(calls) == fail_on_call:
+            raise RuntimeError("user error")
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    opt.step(closure)  # momentum buffers and an eigenvector exist now; the next step refreshes
+    before = snapshot(model, opt)
+    calls.clear()
+    armed.append(True)
+    # Calls 1-2: finite-difference HVP of the refresh, 3: first pass, 4: second (perturbed) pass.
+    with pytest.raises(RuntimeError, match="user error"):
+        opt.step(closure)
+    assert_same_snapshot(snapshot(model, opt), before)
+    armed.clear()
+    opt.step(closure)  # and it carries on normally
+
+
+def make_run(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    opt = XSAM(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4, eig_interval=3,
+               power_iters=2, hvp="finite_difference", model=model)
+    return model, opt
+
+
+def batch(t):
+    gen = torch.Generator().manual_seed(100 + t)
+    return torch.randn(8, 1, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+
+
+def train(model, opt, steps, start=0):
+    for t in range(start, start + steps):
+        x, y = batch(t)
+
+        def closure():
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+
+def test_checkpoint_resume_is_bit_identical():
+    n = 4
+    model_a, opt_a = make_run()
+    train(model_a, opt_a, 2 * n)
+
+    model_b, opt_b = make_run()
+    train(model_b, opt_b, n)
+    buf = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
+    buf.seek(0)
+    model_c, opt_c = make_run(seed=123)  # different initial weights, overwritten by the load
+    ckpt = torch.load(buf, weights_only=True)
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    train(model_c, opt_c, n, start=n)
+
+    assert all(torch.equal(a, c) for a, c in zip(model_a.state_dict().values(), model_c.state_dict().values()))
+    va, vc = opt_a.eigenvector(), opt_c.eigenvector()
+    assert all(torch.equal(a, c) for a, c in zip(va, vc))
+    assert opt_a.diagnostics() == opt_c.diagnostics()
+    # The base optimizer and XSAM still share their param groups after loading.
+    assert opt_c.base_optimizer.param_groups is opt_c.param_groups
+
+
+def test_batchnorm_statistics_come_from_the_first_pass_only():
+    for hvp_eval_mode in (True, False):
+        model, opt = make_run()
+        opt.hvp_eval_mode = hvp_eval_mode
+        twin = copy.deepcopy(model)
+        x, y = batch(0)
+
+        def closure():
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)  # refreshes (2 finite-difference HVPs), then two passes
+        twin(x)  # one training-mode forward at the unperturbed weights: the first pass
+        bn, bn_twin = model[1], twin[1]
+        assert torch.equal(bn.running_mean, bn_twin.running_mean)
+        assert torch.equal(bn.running_var, bn_twin.running_var)
+        assert bn.num_batches_tracked.item() == 1
+        assert model.training and bn.training  # eval mode of the HVPs was undone
+
+
+def test_lr_scheduler_and_add_param_group_reach_the_base_optimizer():
+    q = Quadratic()
+    opt = XSAM(q.params[:2], torch.optim.SGD, lr=0.1, rho=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step(q.closure, loss_fn=q.loss)
+    sched.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == 0.05
+    opt.add_param_group({"params": q.params[2:], "rho": 0.2, "alpha": 0.5, "lr": 0.3})
+    assert opt.base_optimizer.param_groups[1] is opt.param_groups[1]
+    assert opt.param_groups[1]["rho"] == 0.2 and opt.param_groups[1]["momentum"] == 0
+    before = q.params[2].detach().clone()
+    opt.step(q.closure, loss_fn=q.loss)
+    assert not torch.equal(q.params[2], before)
+
+
+def test_parameters_without_gradient_are_skipped():
+    q = Quadratic()
+    unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    gs = groups(q)
+    # Last in parameter order, so the random start draws for the others are the oracle's; its rows of
+    # v vanish after the first HVP, leaving the same direction.
+    gs[1]["params"] = gs[1]["params"] + [unused]
+    opt = XSAM(gs, torch.optim.SGD, eig_interval=2, hvp="exact", seed=3)
+    want, _ = oracle(q, 3, seed=3)
+    for _ in range(3):
+        opt.step(q.closure, loss_fn=q.loss)
+    torch.testing.assert_close(flat(q.params), want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(unused, torch.ones(3, dtype=torch.float64)) and unused.grad is None
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"rho": -0.1}, "rho"), ({"alpha": 2.5}, "alpha"), ({"alpha": -1}, "alpha"), ({"eig_interval": 0}, "eig_interval"),
+    ({"power_iters": 0}, "power_iters"), ({"correction": "flip"}, "correction"), ({"hvp": "jvp"}, "hvp"),
+    ({"backend": "cuda"}, "backend"), ({"eig_tol": 0}, "eig_tol"), ({"base_optimizer": "SGD"}, "base_optimizer"),
+])
+def test_bad_arguments_are_clear_errors(kwargs, name):
+    q = Quadratic()
+    before = flat(q.params)
+    kwargs = dict(kwargs)
+    base = kwargs.pop("base_optimizer", torch.optim.SGD)
+    with pytest.raises(ValueError, match=name):
+        XSAM(q.params, base, lr=0.1, **kwargs)
+    assert torch.equal(flat(q.params), before)
+
+
+def test_per_group_bad_values_are_rejected():
+    q = Quadratic()
+    with pytest.raises(ValueError, match="alpha"):
+        XSAM([{"params": q.params, "alpha": 3.0}], torch.optim.SGD, lr=0.1)
+    opt = XSAM(q.params[:1], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="rho"):
+        opt.add_param_group({"params": q.params[1:], "rho": -1.0})
+
+
+def test_step_without_closure_and_exact_without_loss_fn_are_clear_errors():
+    q = Quadratic()
+    before = flat(q.params)
+    opt = XSAM(q.params, torch.optim.SGD, lr=0.1, hvp="exact")
+    with pytest.raises(ValueError, match="closure"):
+        opt.step()
+    with pytest.raises(ValueError, match="loss_fn"):
+        opt.step(q.closure)
+    assert torch.equal(flat(q.params), before)
+    assert opt.diagnostics()["step"] == 0 and opt.eigenvector() is None
+    with pytest.raises(ValueError, match="closure"):
+        SAM(q.params, torch.optim.SGD, lr=0.1).step()
+
+
+def test_sparse_gradients_are_rejected_before_anything_changes():
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = XSAM(emb.parameters(), torch.optim.SGD, lr=0.1)
+    before = emb.weight.detach().clone()
+
+    def closure():
+        loss = emb(torch.tensor([1, 2])).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step(closure)
+    assert torch.equal(emb.weight, before)
+    assert opt.diagnostics()["step"] == 0
+
+
+def test_built_base_optimizer_instance_is_accepted():
+    q = Quadratic()
+    base = torch.optim.SGD(q.params, lr=0.1)
+    opt = XSAM(q.params, base, hvp="exact")
+    opt.step(q.closure, loss_fn=q.loss)
+    assert opt.base_optimizer is base and opt.param_groups is base.param_groups
+    with pytest.raises(ValueError, match="other parameters"):
+        XSAM(q.params[:1], torch.optim.SGD(q.params, lr=0.1))
+
+
+def test_package_exports():
+    assert xsam.XSAM is XSAM and xsam.SAM is SAM
