@@ -58,11 +58,6 @@ def availability(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"the Triton kernels run on CUDA devices (or CPU under the interpreter), not {device.type}"
 
 
-def _group_dtype_mismatch(lists: Sequence[Tensors]) -> bool:
-    dtype = lists[0][0].dtype
-    return any(t.dtype != dtype for lst in lists[1:] for t in lst)
-
-
 def _contiguous(lists: list[Tensors], written: Sequence[int]) -> tuple[list[Tensors], list[tuple[Tensor, Tensor]]]:
     """Lists with every tensor contiguous, and the (original, scratch) pairs to copy back.
 
@@ -98,30 +93,39 @@ def _finish(lists: list[Tensors], written: Sequence[int], copy_back: list[tuple[
 def dots(lists: Sequence[Tensors], pairs: Sequence[tuple[int, int]]) -> Tensor:
     if len(lists[0]) == 0:
         return reference.dots(lists, pairs)
-    if _group_dtype_mismatch(lists):
-        return reference.dots(lists, pairs)
     ready, _ = _contiguous(list(lists), ())
-    return _mt.dots(ready, pairs)
+    try:
+        return _mt.dots(ready, pairs)
+    except _mt.MixedDtypeError:
+        return reference.dots(lists, pairs)
 
 
 def weighted_sumsq(weights: Tensors, xs: Tensors) -> Tensor:
     if len(xs) == 0:
         return reference.weighted_sumsq(weights, xs)
-    if _group_dtype_mismatch([xs, weights]):
-        return reference.weighted_sumsq(weights, xs)
     (w, x), _ = _contiguous([weights, xs], ())
-    return _mt.weighted_sumsq(w, x)
+    try:
+        return _mt.weighted_sumsq(w, x)
+    except _mt.MixedDtypeError:
+        return reference.weighted_sumsq(weights, xs)
+
+
+def _run(op, lists: list[Tensors], written: tuple[int, ...], fallback) -> None:
+    """Launch ``op`` on contiguous lists; a dtype mix runs ``fallback`` (the reference) instead."""
+    ready, copy_back = _contiguous(lists, written)
+    try:
+        op(ready)
+    except _mt.MixedDtypeError:  # raised while planning, before anything was written
+        fallback()
+        return
+    _finish(lists, written, copy_back)
 
 
 def perturb_(params: Tensors, grads: Tensors, saved: Tensors, scale: Tensor, adaptive: bool) -> None:
     if len(params) == 0:
         return
-    lists = [params, grads, saved]
-    if _group_dtype_mismatch(lists):
-        return reference.perturb_(params, grads, saved, scale, adaptive)
-    ready, copy_back = _contiguous(lists, (0, 2))
-    _mt.perturb_(*ready, scale, adaptive)
-    _finish(lists, (0, 2), copy_back)
+    _run(lambda r: _mt.perturb_(r[0], r[1], r[2], scale, adaptive), [params, grads, saved], (0, 2),
+         lambda: reference.perturb_(params, grads, saved, scale, adaptive))
 
 
 def correct_restore_(params: Tensors, grads: Tensors, saved: Tensors, vecs: Tensors | None,
@@ -129,30 +133,18 @@ def correct_restore_(params: Tensors, grads: Tensors, saved: Tensors, vecs: Tens
     if len(params) == 0:
         return
     lists = [params, grads, saved] + ([] if vecs is None else [vecs])
-    if _group_dtype_mismatch(lists):
-        return reference.correct_restore_(params, grads, saved, vecs, a, b)
-    ready, copy_back = _contiguous(lists, (0, 1))
-    _mt.correct_restore_(ready[0], ready[1], ready[2], None if vecs is None else ready[3], a, b)
-    _finish(lists, (0, 1), copy_back)
+    _run(lambda r: _mt.correct_restore_(r[0], r[1], r[2], r[3] if len(r) > 3 else None, a, b), lists, (0, 1),
+         lambda: reference.correct_restore_(params, grads, saved, vecs, a, b))
 
 
 def axpy_(ys: Tensors, xs: Tensors, alpha: Tensor) -> None:
     if len(ys) == 0:
         return
-    lists = [ys, xs]
-    if _group_dtype_mismatch(lists):
-        return reference.axpy_(ys, xs, alpha)
-    ready, copy_back = _contiguous(lists, (0,))
-    _mt.axpy_(ready[0], ready[1], alpha)
-    _finish(lists, (0,), copy_back)
+    _run(lambda r: _mt.axpy_(r[0], r[1], alpha), [ys, xs], (0,), lambda: reference.axpy_(ys, xs, alpha))
 
 
 def scale_copy_(dsts: Tensors, srcs: Tensors, scale: Tensor) -> None:
     if len(dsts) == 0:
         return
-    lists = [dsts, srcs]
-    if _group_dtype_mismatch(lists):
-        return reference.scale_copy_(dsts, srcs, scale)
-    ready, copy_back = _contiguous(lists, (0,))
-    _mt.scale_copy_(ready[0], ready[1], scale)
-    _finish(lists, (0,), copy_back)
+    _run(lambda r: _mt.scale_copy_(r[0], r[1], scale), [dsts, srcs], (0,),
+         lambda: reference.scale_copy_(dsts, srcs, scale))
