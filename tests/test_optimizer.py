@@ -401,3 +401,21 @@ def test_built_base_optimizer_instance_is_accepted():
 
 def test_package_exports():
     assert xsam.XSAM is XSAM and xsam.SAM is SAM
+
+
+def test_diagnostics_hook_receives_each_step_and_can_be_removed():
+    q = Quadratic()
+    opt = XSAM(groups(q), torch.optim.SGD, eig_interval=2, hvp="exact", seed=3)
+    records = []
+    handle = opt.register_diagnostics_hook(lambda o, r: records.append(r))
+    for _ in range(3):
+        opt.step(q.closure, loss_fn=q.loss)
+    handle.remove()
+    opt.step(q.closure, loss_fn=q.loss)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert [r["refreshed"] for r in records] == [True, False, True]
+    _, history = oracle(q, 3, seed=3)
+    for r, h in zip(records, history):
+        assert abs(r["cos_gadv_v"].item() - h["cos_gadv_v"].item()) < 1e-10
+        assert abs(r["eigenvalue"].item() - h["eigenvalue"].item()) < 1e-10
+        assert isinstance(r["correction"], torch.Tensor)

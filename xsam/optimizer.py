@@ -14,9 +14,10 @@ saved in checkpoints): a checkpoint is only meaningful between steps.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -123,6 +124,8 @@ class SAM(torch.optim.Optimizer):
         self._perturbed: list[Tensor] | None = None
         # Diagnostics of the step in progress, merged into the state only when it completes.
         self._step_diagnostics: dict[str, Tensor] = {}
+        # An OrderedDict: RemovableHandle keeps a weak reference to it.
+        self._diagnostics_hooks: collections.OrderedDict[int, Callable] = collections.OrderedDict()
         defaults = dict(rho=rho, **self._extra_defaults())
         super().__init__(params, defaults)
         self._attach_base_optimizer(base_optimizer, base_kwargs)
@@ -263,6 +266,13 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.step()
         self._commit(pending)
         self._global.update(self._step_diagnostics)
+        if self._diagnostics_hooks:
+            record = dict(self._step_diagnostics, step=self._global["step"], refreshed=pending is not None)
+            for key in ("eigenvalue", "eigen_residual"):
+                if key in self._global:
+                    record[key] = self._global[key]
+            for hook in list(self._diagnostics_hooks.values()):
+                hook(self, record)
         self._global["step"] += 1
 
     def _commit(self, pending) -> None:
@@ -299,6 +309,22 @@ class SAM(torch.optim.Optimizer):
         return loss
 
     # ----- checkpoints and diagnostics ---------------------------------------------------
+    def register_diagnostics_hook(self, hook: Callable[["SAM", dict], None]) -> torch.utils.hooks.RemovableHandle:
+        """Call ``hook(optimizer, record)`` after every completed step.
+
+        ``record`` maps names to the step's scalars as device tensors (no host
+        sync is forced; read them when convenient): ``step`` (int, the index of the
+        step just taken), ``refreshed`` (bool), ``grad_norm`` (||g||), and for X-SAM
+        ``adv_grad_norm``, ``cos_g_v``, ``cos_gadv_v``, ``correction`` (the
+        ``beta`` of algorithm.md: the gradient loses ``alpha * beta * v``),
+        ``eigenvalue`` and ``eigen_residual`` of the current v. With no hook
+        registered nothing is recorded.
+        """
+        handle = torch.utils.hooks.RemovableHandle(self._diagnostics_hooks)
+        self._diagnostics_hooks[handle.id] = hook
+        return handle
+
+
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["base_optimizer"] = self.base_optimizer.state_dict()
@@ -498,6 +524,7 @@ class XSAM(SAM):
             beta = c.clamp_min(0)
         self._step_diagnostics["adv_grad_norm"] = norm
         self._step_diagnostics["cos_gadv_v"] = sums[1] / (norm + self.eps)
+        self._step_diagnostics["correction"] = beta
         by_param = dict(zip(params, vecs))
         return [(a, group["alpha"] * beta, [by_param[p] for p in ps]) for group, ps in active]
 
