@@ -71,7 +71,8 @@ def test_power_iteration_finds_largest_magnitude_eigenpair_with_its_sign():
     assert result.eigenvalues.shape == (1,)
     torch.testing.assert_close(result.eigenvalues[0], torch.tensor(-7.0, dtype=torch.float64), rtol=1e-10, atol=0)
     assert abs(abs(flat(result.vectors[0]) @ top) - 1) < 1e-10
-    assert result.residuals[0] < 1e-8
+    # The one-pass residual sqrt(<u,u> - lambda <v,u>) has a floor near sqrt(eps) * |lambda|.
+    assert result.residuals[0] < 1e-6
     assert result.iterations == 100
     assert torch.equal(flat(start), start_copy)  # the warm start is not modified
 
@@ -79,10 +80,10 @@ def test_power_iteration_finds_largest_magnitude_eigenpair_with_its_sign():
 def test_power_iteration_stops_early_with_tolerance():
     q = Quadratic()
     hvp, _ = exact_hvp(q.loss, q.params)
-    result = power_iteration(hvp, [random_vector(q, 6)], iters=500, tol=1e-9)
+    result = power_iteration(hvp, [random_vector(q, 6)], iters=500, tol=1e-7)
     assert result.iterations < 500
-    assert result.residuals[0] / 7.0 < 1e-9
-    torch.testing.assert_close(result.eigenvalues[0], torch.tensor(-7.0, dtype=torch.float64), rtol=1e-9, atol=0)
+    assert result.residuals[0] / 7.0 < 1e-7
+    torch.testing.assert_close(result.eigenvalues[0], torch.tensor(-7.0, dtype=torch.float64), rtol=1e-7, atol=0)
 
 
 def test_block_power_iteration_finds_top_subspace_with_near_degenerate_pair():
