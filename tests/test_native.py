@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
     bool(native.UNAVAILABLE_REASON), reason=f"xsam._C is not built: {native.UNAVAILABLE_REASON}")
 
 CPU_CHUNK = 16384  # kCpuChunk in csrc/xsam_ops.h
-CUDA_CHUNK = 8192  # kCudaChunk in csrc/cuda/kernels.cuh
+CUDA_CHUNK = 32768  # kCudaChunk in csrc/cuda/kernels.cuh
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 # Tensor-shape lists: sizes around both chunk lengths, empty and 1-element tensors, and many
