@@ -1,5 +1,120 @@
-"""Benchmark harness (shipped as ``xsam.bench``)."""
+"""Benchmark harness (shipped as ``xsam.bench``): ``xsam bench [--quick] [--only ops,e2e,memory] [--out DIR]``.
+
+Three sections, each measured on one device per run:
+- ops: every op of the op set and the optimizer-side part of an X-SAM step, on
+  parameter sets shaped like ResNet-18, ViT-B/16, GPT-2 small and 1,000 small
+  tensors, per available backend, against a copy of the same bytes, the
+  reference backend and a davda54/sam-style per-parameter loop (bench/ops_bench.py);
+- e2e: seconds per training step of SGD, SAM and XSAM (bench/e2e_bench.py);
+- memory: the tensors SAM/XSAM hold besides the model (and the peak on GPU).
+Results: a table on the terminal, ``bench_results.csv``, ``bench_table.txt`` and
+``bench_gbps.png`` (when matplotlib is installed) in ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+SECTIONS = ("ops", "e2e", "memory")
+CSV_NAME, TABLE_NAME, PLOT_NAME = "bench_results.csv", "bench_table.txt", "bench_gbps.png"
 
 
-def main(argv=None) -> int:
-    raise SystemExit("xsam bench is not implemented yet")
+def _csv_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import PARAMETER_SETS
+    from .ops_bench import BACKENDS, OP_NAMES
+
+    p = argparse.ArgumentParser(
+        prog="xsam bench",
+        description="Benchmark the xsam op set, the optimizer step end to end, and its memory.",
+        epilog="Defaults fit the machine: full sizes on a GPU; on CPU the parameter sets are divided by "
+               "--scale 16 so a run takes about two minutes on two cores.")
+    p.add_argument("--quick", action="store_true", help="a smoke run in seconds (tiny sizes, few repeats)")
+    p.add_argument("--only", type=_csv_list, default=SECTIONS, metavar="SECTIONS",
+                   help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: all)")
+    p.add_argument("--out", type=Path, default=Path("results/bench"), help="output folder (default: results/bench)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available, else cpu)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="divide the elements of every parameter tensor by this (default: 1 on GPU, 16 on CPU, "
+                        "256 with --quick)")
+    p.add_argument("--size", choices=("full", "small"), default=None,
+                   help="shorthand: full = --scale 1, small = --scale 16")
+    p.add_argument("--models", type=_csv_list, default=None, metavar="SETS",
+                   help=f"parameter sets for the op benchmarks, of {','.join(PARAMETER_SETS)} "
+                        "(default: all; resnet18,many_small with --quick)")
+    p.add_argument("--ops", type=_csv_list, default=OP_NAMES, metavar="OPS",
+                   help=f"ops to time, of {','.join(OP_NAMES)}")
+    p.add_argument("--backends", type=_csv_list, default=None, metavar="NAMES",
+                   help=f"backends to time, of {','.join(BACKENDS)} (default: every available one)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"),
+                   help="storage dtype of the op benchmarks (default float32)")
+    p.add_argument("--e2e-models", type=_csv_list, default=None, metavar="MODELS",
+                   help="end-to-end models, of small_cnn,resnet18_cifar (default: small_cnn on CPU, both on GPU)")
+    p.add_argument("--batch", type=int, default=None, help="end-to-end batch size (default 64 on CPU, 128 on GPU)")
+    p.add_argument("--blocks", type=int, default=None, help="timed blocks per measurement (default 7, quick 3)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the plot")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    unknown = set(args.only) - set(SECTIONS)
+    if unknown:
+        print(f"xsam bench: --only got {sorted(unknown)}; use some of {','.join(SECTIONS)}")
+        return 2
+
+    import torch
+
+    from . import e2e_bench, ops_bench, report
+    from .models import PARAMETER_SETS, parameter_shapes
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("xsam bench: --device cuda asked for, but torch sees no CUDA device")
+        return 2
+    on_gpu = device.type == "cuda"
+    scale = args.scale or {"full": 1.0, "small": 16.0}.get(args.size or "", None)
+    if scale is None:
+        scale = 256.0 if args.quick else (1.0 if on_gpu else 16.0)
+    blocks = args.blocks or (3 if args.quick else 7)
+    timing = dict(blocks=blocks, block_seconds=0.005 if args.quick else 0.02, warmup_calls=1 if args.quick else 2)
+    e2e_models = args.e2e_models or (("small_cnn", "resnet18_cifar") if on_gpu and not args.quick else ("small_cnn",))
+    batch = args.batch or (16 if args.quick else (128 if on_gpu else 64))
+    configs = e2e_bench.QUICK_CONFIGS if args.quick else e2e_bench.DEFAULT_CONFIGS
+    dtype = getattr(torch, args.dtype)
+
+    name = torch.cuda.get_device_name(device) if on_gpu else platform.processor() or platform.machine()
+    print(f"xsam bench on {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"scale 1/{scale:g}, {blocks} blocks per measurement")
+    started = time.perf_counter()
+    rows: list[dict] = []
+    if "ops" in args.only:
+        names = args.models or (("resnet18", "many_small") if args.quick else tuple(PARAMETER_SETS))
+        models = {m: parameter_shapes(m, scale) for m in names}
+        rows += ops_bench.run_ops(models, device, dtype, timing=timing, ops_to_run=args.ops, backends=args.backends)
+    if "e2e" in args.only:
+        rows += e2e_bench.run_e2e(e2e_models, device, batch=batch, configs=configs, blocks=max(3, blocks - 2),
+                                  backends=args.backends)
+    if "memory" in args.only:
+        rows += e2e_bench.run_memory(e2e_models, device, batch=batch, configs=configs)
+
+    table = report.format_tables(rows)
+    print()
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report.write_csv(rows, args.out / CSV_NAME)
+    (args.out / TABLE_NAME).write_text(table + "\n")
+    written = [CSV_NAME, TABLE_NAME]
+    if not args.no_plot and "ops" in args.only:
+        why_not = report.plot_bandwidth(rows, args.out / PLOT_NAME)
+        if why_not:
+            print(f"xsam bench: {why_not}")
+        else:
+            written.append(PLOT_NAME)
+    print(f"\nwrote {', '.join(str(args.out / w) for w in written)} in {time.perf_counter() - started:.0f} s")
+    return 0

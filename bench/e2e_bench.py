@@ -1,0 +1,218 @@
+"""End to end: seconds per training step of SGD, SAM and XSAM on a real model, and the memory they hold.
+
+A "step" includes forward and backward passes. XSAM refreshes its eigenvector
+every ``k`` steps with ``p`` power iterations, so steps are timed in whole cycles
+of ``k`` steps and reported per step (the refresh cost is amortised, as in training).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from xsam.optimizer import SAM, XSAM
+
+from .models import ResNet18, SmallCNN
+from .ops_bench import available_backends
+from .timing import time_callable
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str
+    kind: str  # "sgd" | "sam" | "xsam"
+    hvp: str = "exact"
+    eig_interval: int = 5
+    power_iters: int = 5
+
+
+DEFAULT_CONFIGS = (
+    OptimizerConfig("sgd", "sgd"),
+    OptimizerConfig("sam", "sam"),
+    OptimizerConfig("xsam_exact_k5_p5", "xsam", "exact", 5, 5),
+    OptimizerConfig("xsam_fd_k5_p5", "xsam", "finite_difference", 5, 5),
+    OptimizerConfig("xsam_exact_k20_p5", "xsam", "exact", 20, 5),
+)
+QUICK_CONFIGS = (
+    OptimizerConfig("sgd", "sgd"),
+    OptimizerConfig("sam", "sam"),
+    OptimizerConfig("xsam_exact_k2_p2", "xsam", "exact", 2, 2),
+    OptimizerConfig("xsam_fd_k2_p2", "xsam", "finite_difference", 2, 2),
+)
+
+
+@dataclass
+class Workload:
+    name: str
+    model: nn.Module
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+
+def make_workload(name: str, device: torch.device, batch: int, seed: int = 0) -> Workload:
+    torch.manual_seed(seed)
+    if name == "small_cnn":
+        model, size = SmallCNN(), 32
+    elif name == "resnet18_cifar":
+        model, size = ResNet18(num_classes=10, cifar_stem=True), 32
+    else:
+        raise ValueError(f"unknown end-to-end model {name!r}")
+    gen = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    targets = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    return Workload(name, model.to(device), inputs, targets)
+
+
+def make_stepper(cfg: OptimizerConfig, work: Workload, backend: str) -> tuple[torch.optim.Optimizer, Callable[[], None]]:
+    """(optimizer, one training step) for a configuration."""
+    model, criterion = work.model, nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    sgd_args = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def loss_fn():
+        return criterion(model(work.inputs), work.targets)
+
+    def closure():
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    if cfg.kind == "sgd":
+        opt = torch.optim.SGD(params, **sgd_args)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            closure()
+            opt.step()
+        return opt, step
+    if cfg.kind == "sam":
+        opt = SAM(params, torch.optim.SGD, rho=0.05, model=model, backend=backend, **sgd_args)
+        return opt, lambda: opt.step(closure)
+    opt = XSAM(params, torch.optim.SGD, rho=0.05, alpha=0.2, eig_interval=cfg.eig_interval,
+               power_iters=cfg.power_iters, hvp=cfg.hvp, model=model, backend=backend, **sgd_args)
+    if cfg.hvp == "exact":
+        return opt, lambda: opt.step(closure, loss_fn=loss_fn)
+    return opt, lambda: opt.step(closure)
+
+
+def _cycle(step: Callable[[], None], n: int) -> Callable[[], None]:
+    def run():
+        for _ in range(n):
+            step()
+    return run
+
+
+def run_e2e(model_names: tuple[str, ...], device: torch.device, *, batch: int, configs=DEFAULT_CONFIGS,
+            blocks: int = 5, backends: tuple[str, ...] | None = None,
+            log: Callable[[str], None] = print) -> list[dict]:
+    chosen, skipped = available_backends(device, torch.float32, backends)
+    for name, why in skipped.items():
+        log(f"  [e2e] skipping backend {name!r} on {device}: {why}")
+    rows = []
+    for model_name in model_names:
+        for backend in chosen:
+            for cfg in configs:
+                if cfg.kind == "sgd" and backend != chosen[0]:
+                    continue  # SGD does not use the op set: time it once
+                work = make_workload(model_name, device, batch)
+                opt, step = make_stepper(cfg, work, backend)
+                per_cycle = max(cfg.eig_interval for cfg in configs if cfg.kind == "xsam") if cfg.kind != "xsam" \
+                    else cfg.eig_interval
+                # Warm-up covers a refresh and a plain step; each timed block is whole refresh cycles.
+                t = time_callable(_cycle(step, per_cycle), blocks=blocks, block_seconds=0.0, warmup_calls=1)
+                n_params = sum(p.numel() for p in work.model.parameters())
+                rows.append({
+                    "section": "e2e", "model": model_name, "op": cfg.name,
+                    "impl": "-" if cfg.kind == "sgd" else backend, "device": str(device), "dtype": "float32",
+                    "n_tensors": len(list(work.model.parameters())), "n_elements": n_params,
+                    "median_s": t.median / per_cycle, "q1_s": t.q1 / per_cycle, "q3_s": t.q3 / per_cycle,
+                    "min_s": t.minimum / per_cycle, "max_s": t.maximum / per_cycle, "blocks": t.blocks,
+                    "calls_per_block": per_cycle,
+                    "note": f"batch {batch}; per step, averaged over cycles of {per_cycle} steps",
+                })
+                del opt, step, work
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            log(f"  [e2e] {model_name} with backend {backend!r} done")
+    _add_sam_ratios(rows)
+    return rows
+
+
+def _add_sam_ratios(rows: list[dict]) -> None:
+    sam = {(r["model"], r["impl"]): r["median_s"] for r in rows if r["op"] == "sam"}
+    for r in rows:
+        base = sam.get((r["model"], r["impl"]))
+        if base is None and r["impl"] == "-":  # SGD row: against SAM of the first backend
+            base = next((v for (m, _), v in sam.items() if m == r["model"]), None)
+        if base:
+            r["ratio_vs_sam"] = r["median_s"] / base
+
+
+# ----- memory -------------------------------------------------------------------------------
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of the tensors an optimizer keeps between steps, split into its own and its base optimizer's."""
+    own = sum(_tensor_bytes(opt.state[p]) for g in opt.param_groups for p in g["params"] if p in opt.state)
+    # The saved-weights buffers are scratch outside state_dict (xsam/optimizer.py keeps them in
+    # _saved_weights); they are memory the wrapper holds all the same.
+    own += _tensor_bytes(list(getattr(opt, "_saved_weights", {}).values()))
+    base = getattr(opt, "base_optimizer", None)
+    base_bytes = _tensor_bytes([base.state[p] for p in base.state]) if base is not None else \
+        _tensor_bytes([opt.state[p] for p in opt.state])
+    if base is None:
+        own = 0
+    return {"own": own, "base": base_bytes}
+
+
+def run_memory(model_names: tuple[str, ...], device: torch.device, *, batch: int, configs=DEFAULT_CONFIGS,
+               log: Callable[[str], None] = print) -> list[dict]:
+    backend = available_backends(device, torch.float32)[0][0]
+    rows = []
+    for model_name in model_names:
+        seen_kinds = set()
+        for cfg in configs:
+            if (cfg.kind, cfg.hvp) in seen_kinds:
+                continue  # state size does not depend on k or p
+            seen_kinds.add((cfg.kind, cfg.hvp))
+            work = make_workload(model_name, device, batch)
+            param_bytes = sum(p.numel() * p.element_size() for p in work.model.parameters())
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                before = torch.cuda.memory_allocated(device)
+            opt, step = make_stepper(cfg, work, backend)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            step()  # step 0 of XSAM is a refresh: the peak includes the HVP graph
+            opt.zero_grad(set_to_none=True)
+            state = optimizer_state_bytes(opt)
+            row = {"section": "memory", "model": model_name, "op": cfg.name if cfg.kind == "sgd" else
+                   {"sam": "sam", "xsam": f"xsam_{cfg.hvp}"}[cfg.kind], "impl": backend, "device": str(device),
+                   "dtype": "float32", "n_elements": sum(p.numel() for p in work.model.parameters()),
+                   "param_bytes": param_bytes, "state_bytes": state["own"], "base_state_bytes": state["base"],
+                   "state_over_params": state["own"] / param_bytes,
+                   "note": "state_bytes: tensors the wrapper holds between steps (eigenvector, saved weights), "
+                           "base_state_bytes: the SGD momentum"}
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                peak = torch.cuda.max_memory_allocated(device) - before
+                row["peak_extra_bytes"] = peak
+                row["peak_over_params"] = peak / param_bytes
+                row["note"] += "; peak_extra_bytes: max_memory_allocated over a step (refresh included) " \
+                               "minus the model and batch"
+            rows.append(row)
+            del opt, step, work
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        log(f"  [memory] {model_name} done")
+    return rows
