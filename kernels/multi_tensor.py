@@ -67,8 +67,15 @@ SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 
 
 @triton.jit
-def _pointer(meta, row, ntensors, t, DTYPE: tl.constexpr):
-    return tl.load(meta + row * ntensors + t).to(tl.pointer_type(DTYPE))
+def _pointer(meta, base, row, ntensors, t, VEC: tl.constexpr):
+    # Tensors are addressed as base + element offset, where base is the table itself
+    # viewed in the storage dtype. Unlike a cast from an integer, this keeps the
+    # compiler's alignment facts, so a promise that every offset is a multiple of
+    # VEC elements (16 bytes, checked on the host) turns into 128-bit accesses.
+    off = tl.load(meta + row * ntensors + t)
+    if VEC > 1:
+        off = tl.multiple_of(off, VEC)
+    return base + off
 
 
 @triton.jit
@@ -110,30 +117,93 @@ def _term(x0, x1, x2, x3, A: tl.constexpr, B: tl.constexpr, WEIGHTED: tl.constex
 
 
 @triton.jit
+def _load(p, offs, mask, MASKED: tl.constexpr):
+    # Full blocks load without a mask: a mask against an unknown bound would stop
+    # the compiler from vectorising.
+    if MASKED:
+        x = tl.load(p + offs, mask=mask, other=0.0)
+    else:
+        x = tl.load(p + offs)
+    return x
+
+
+@triton.jit
+def _store(p, offs, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(p + offs, x, mask=mask)
+    else:
+        tl.store(p + offs, x)
+
+
+@triton.jit
+def _chunk(meta, ntensors, NL: tl.constexpr, CHUNK: tl.constexpr):
+    """(tensor index, first element, elements in this chunk) of this program."""
+    pid = tl.program_id(0)
+    t = tl.load(meta + (NL + 1) * ntensors + 2 * pid)
+    start = tl.multiple_of(tl.load(meta + (NL + 1) * ntensors + 2 * pid + 1), CHUNK)  # chunks start at k*CHUNK
+    count = (tl.minimum(start + CHUNK, tl.load(meta + NL * ntensors + t)) - start).to(tl.int32)
+    return t, start, count
+
+
+@triton.jit
+def _dots_accumulate(p0, p1, p2, p3, offs, mask,
+                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7,
+                     NL: tl.constexpr, NP: tl.constexpr,
+                     A0: tl.constexpr, B0: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
+                     A2: tl.constexpr, B2: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr,
+                     A4: tl.constexpr, B4: tl.constexpr, A5: tl.constexpr, B5: tl.constexpr,
+                     A6: tl.constexpr, B6: tl.constexpr, A7: tl.constexpr, B7: tl.constexpr,
+                     WEIGHTED: tl.constexpr, ACC: tl.constexpr, MASKED: tl.constexpr):
+    x0 = _load(p0, offs, mask, MASKED).to(ACC)
+    x1 = x0
+    x2 = x0
+    x3 = x0
+    if NL > 1:
+        x1 = _load(p1, offs, mask, MASKED).to(ACC)
+    if NL > 2:
+        x2 = _load(p2, offs, mask, MASKED).to(ACC)
+    if NL > 3:
+        x3 = _load(p3, offs, mask, MASKED).to(ACC)
+    acc0 += _term(x0, x1, x2, x3, A0, B0, WEIGHTED)
+    if NP > 1:
+        acc1 += _term(x0, x1, x2, x3, A1, B1, WEIGHTED)
+    if NP > 2:
+        acc2 += _term(x0, x1, x2, x3, A2, B2, WEIGHTED)
+    if NP > 3:
+        acc3 += _term(x0, x1, x2, x3, A3, B3, WEIGHTED)
+    if NP > 4:
+        acc4 += _term(x0, x1, x2, x3, A4, B4, WEIGHTED)
+    if NP > 5:
+        acc5 += _term(x0, x1, x2, x3, A5, B5, WEIGHTED)
+    if NP > 6:
+        acc6 += _term(x0, x1, x2, x3, A6, B6, WEIGHTED)
+    if NP > 7:
+        acc7 += _term(x0, x1, x2, x3, A7, B7, WEIGHTED)
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
+
+
+@triton.jit
 def _dots_kernel(
-    meta, partials, ntensors,
+    meta, base, partials, ntensors,
     NL: tl.constexpr, NP: tl.constexpr,
     A0: tl.constexpr, B0: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
     A2: tl.constexpr, B2: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr,
     A4: tl.constexpr, B4: tl.constexpr, A5: tl.constexpr, B5: tl.constexpr,
     A6: tl.constexpr, B6: tl.constexpr, A7: tl.constexpr, B7: tl.constexpr,
-    WEIGHTED: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+    WEIGHTED: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(meta + (NL + 1) * ntensors + 2 * pid)
-    start = tl.load(meta + (NL + 1) * ntensors + 2 * pid + 1)
-    end = tl.minimum(start + CHUNK, tl.load(meta + NL * ntensors + t))
-    p0 = _pointer(meta, 0, ntensors, t, DTYPE)
+    t, start, count = _chunk(meta, ntensors, NL, CHUNK)
+    p0 = _pointer(meta, base, 0, ntensors, t, VEC)
     p1 = p0
     p2 = p0
     p3 = p0
     if NL > 1:
-        p1 = _pointer(meta, 1, ntensors, t, DTYPE)
+        p1 = _pointer(meta, base, 1, ntensors, t, VEC)
     if NL > 2:
-        p2 = _pointer(meta, 2, ntensors, t, DTYPE)
+        p2 = _pointer(meta, base, 2, ntensors, t, VEC)
     if NL > 3:
-        p3 = _pointer(meta, 3, ntensors, t, DTYPE)
+        p3 = _pointer(meta, base, 3, ntensors, t, VEC)
     acc0 = tl.zeros([BLOCK], ACC)
     acc1 = tl.zeros([BLOCK], ACC)
     acc2 = tl.zeros([BLOCK], ACC)
@@ -142,35 +212,19 @@ def _dots_kernel(
     acc5 = tl.zeros([BLOCK], ACC)
     acc6 = tl.zeros([BLOCK], ACC)
     acc7 = tl.zeros([BLOCK], ACC)
-    for base in range(start, end, BLOCK):
-        offs = base + tl.arange(0, BLOCK)
-        mask = offs < end
-        x0 = tl.load(p0 + offs, mask=mask, other=0.0).to(ACC)
-        x1 = x0
-        x2 = x0
-        x3 = x0
-        if NL > 1:
-            x1 = tl.load(p1 + offs, mask=mask, other=0.0).to(ACC)
-        if NL > 2:
-            x2 = tl.load(p2 + offs, mask=mask, other=0.0).to(ACC)
-        if NL > 3:
-            x3 = tl.load(p3 + offs, mask=mask, other=0.0).to(ACC)
-        acc0 += _term(x0, x1, x2, x3, A0, B0, WEIGHTED)
-        if NP > 1:
-            acc1 += _term(x0, x1, x2, x3, A1, B1, WEIGHTED)
-        if NP > 2:
-            acc2 += _term(x0, x1, x2, x3, A2, B2, WEIGHTED)
-        if NP > 3:
-            acc3 += _term(x0, x1, x2, x3, A3, B3, WEIGHTED)
-        if NP > 4:
-            acc4 += _term(x0, x1, x2, x3, A4, B4, WEIGHTED)
-        if NP > 5:
-            acc5 += _term(x0, x1, x2, x3, A5, B5, WEIGHTED)
-        if NP > 6:
-            acc6 += _term(x0, x1, x2, x3, A6, B6, WEIGHTED)
-        if NP > 7:
-            acc7 += _term(x0, x1, x2, x3, A7, B7, WEIGHTED)
-    out = partials + pid * NP
+    lanes = tl.arange(0, BLOCK)
+    full = count // BLOCK
+    for i in range(0, full):
+        offs = start + i * BLOCK + lanes
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _dots_accumulate(
+            p0, p1, p2, p3, offs, None, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7,
+            NL, NP, A0, B0, A1, B1, A2, B2, A3, B3, A4, B4, A5, B5, A6, B6, A7, B7, WEIGHTED, ACC, False)
+    if full * BLOCK < count:
+        offs = start + full * BLOCK + lanes
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _dots_accumulate(
+            p0, p1, p2, p3, offs, full * BLOCK + lanes < count, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7,
+            NL, NP, A0, B0, A1, B1, A2, B2, A3, B3, A4, B4, A5, B5, A6, B6, A7, B7, WEIGHTED, ACC, True)
+    out = partials + tl.program_id(0) * NP
     tl.store(out, tl.sum(acc0, axis=0))
     if NP > 1:
         tl.store(out + 1, tl.sum(acc1, axis=0))
@@ -189,51 +243,59 @@ def _dots_kernel(
 
 
 @triton.jit
+def _elementwise_block(p0, p1, p2, p3, offs, mask, a, b,
+                       OP: tl.constexpr, NL: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                       MANUAL_BF16: tl.constexpr, MASKED: tl.constexpr):
+    if OP <= 1:  # perturb: (w, g, saved)
+        w_raw = _load(p0, offs, mask, MASKED)
+        g = _load(p1, offs, mask, MASKED).to(ACC)
+        _store(p2, offs, w_raw, mask, MASKED)  # the exact bits, so restore is exact
+        w = w_raw.to(ACC)
+        if OP == 1:
+            step = a * w * w * g  # the ORIGINAL w, as in the reference
+        else:
+            step = a * g
+        _store(p0, offs, _round(w + step, DTYPE, MANUAL_BF16), mask, MASKED)
+    elif OP == 2:  # correct and restore: (w, g, saved[, v])
+        g = _load(p1, offs, mask, MASKED).to(ACC) * a
+        if NL > 3:
+            g = g - b * _load(p3, offs, mask, MASKED).to(ACC)
+        _store(p1, offs, _round(g, DTYPE, MANUAL_BF16), mask, MASKED)
+        _store(p0, offs, _load(p2, offs, mask, MASKED), mask, MASKED)
+    elif OP == 3:  # axpy: (y, x)
+        y = _load(p0, offs, mask, MASKED).to(ACC)
+        x = _load(p1, offs, mask, MASKED).to(ACC)
+        _store(p0, offs, _round(y + a * x, DTYPE, MANUAL_BF16), mask, MASKED)
+    else:  # scale_copy: (dst, src); loads precede stores, so dst may be src
+        x = _load(p1, offs, mask, MASKED).to(ACC)
+        _store(p0, offs, _round(a * x, DTYPE, MANUAL_BF16), mask, MASKED)
+
+
+@triton.jit
 def _elementwise_kernel(
-    meta, ntensors, s0, s1,
-    OP: tl.constexpr, NL: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+    meta, base, ntensors, s0, s1,
+    OP: tl.constexpr, NL: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr,
     MANUAL_BF16: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(meta + (NL + 1) * ntensors + 2 * pid)
-    start = tl.load(meta + (NL + 1) * ntensors + 2 * pid + 1)
-    end = tl.minimum(start + CHUNK, tl.load(meta + NL * ntensors + t))
-    p0 = _pointer(meta, 0, ntensors, t, DTYPE)
-    p1 = _pointer(meta, 1, ntensors, t, DTYPE)
+    t, start, count = _chunk(meta, ntensors, NL, CHUNK)
+    p0 = _pointer(meta, base, 0, ntensors, t, VEC)
+    p1 = _pointer(meta, base, 1, ntensors, t, VEC)
     p2 = p0
     p3 = p0
     if NL > 2:
-        p2 = _pointer(meta, 2, ntensors, t, DTYPE)
+        p2 = _pointer(meta, base, 2, ntensors, t, VEC)
     if NL > 3:
-        p3 = _pointer(meta, 3, ntensors, t, DTYPE)
+        p3 = _pointer(meta, base, 3, ntensors, t, VEC)
     a = tl.load(s0).to(ACC)
     b = tl.load(s1).to(ACC)
-    for base in range(start, end, BLOCK):
-        offs = base + tl.arange(0, BLOCK)
-        mask = offs < end
-        if OP == 0 or OP == 1:  # perturb: (w, g, saved)
-            w_raw = tl.load(p0 + offs, mask=mask)
-            g = tl.load(p1 + offs, mask=mask).to(ACC)
-            tl.store(p2 + offs, w_raw, mask=mask)  # the exact bits, so restore is exact
-            w = w_raw.to(ACC)
-            if OP == 1:
-                step = a * w * w * g  # the ORIGINAL w, as in the reference
-            else:
-                step = a * g
-            tl.store(p0 + offs, _round(w + step, DTYPE, MANUAL_BF16), mask=mask)
-        elif OP == 2:  # correct and restore: (w, g, saved[, v])
-            g = tl.load(p1 + offs, mask=mask).to(ACC) * a
-            if NL > 3:
-                g = g - b * tl.load(p3 + offs, mask=mask).to(ACC)
-            tl.store(p1 + offs, _round(g, DTYPE, MANUAL_BF16), mask=mask)
-            tl.store(p0 + offs, tl.load(p2 + offs, mask=mask), mask=mask)
-        elif OP == 3:  # axpy: (y, x)
-            y = tl.load(p0 + offs, mask=mask).to(ACC)
-            x = tl.load(p1 + offs, mask=mask).to(ACC)
-            tl.store(p0 + offs, _round(y + a * x, DTYPE, MANUAL_BF16), mask=mask)
-        else:  # scale_copy: (dst, src); loads precede stores, so dst may be src
-            x = tl.load(p1 + offs, mask=mask).to(ACC)
-            tl.store(p0 + offs, _round(a * x, DTYPE, MANUAL_BF16), mask=mask)
+    lanes = tl.arange(0, BLOCK)
+    full = count // BLOCK
+    for i in range(0, full):
+        _elementwise_block(p0, p1, p2, p3, start + i * BLOCK + lanes, None, a, b,
+                           OP, NL, DTYPE, ACC, MANUAL_BF16, False)
+    if full * BLOCK < count:
+        _elementwise_block(p0, p1, p2, p3, start + full * BLOCK + lanes, full * BLOCK + lanes < count, a, b,
+                           OP, NL, DTYPE, ACC, MANUAL_BF16, True)
 
 
 # True when TRITON_INTERPRET=1 was set when this module was imported: the kernels
@@ -294,12 +356,14 @@ def _num_warps(block: int) -> int:
 class _Plan:
     """The device table for one set of storages, and the launch grid over it."""
 
-    __slots__ = ("meta", "ntensors", "nchunks")
+    __slots__ = ("meta", "base", "ntensors", "nchunks", "vec")
 
-    def __init__(self, meta: Tensor | None, ntensors: int, nchunks: int):
-        self.meta = meta
+    def __init__(self, meta: Tensor | None, base: Tensor | None, ntensors: int, nchunks: int, vec: int):
+        self.meta = meta  # int64: element offsets from base per list, sizes, chunk map
+        self.base = base  # the same memory viewed in the storage dtype
         self.ntensors = ntensors
         self.nchunks = nchunks
+        self.vec = vec  # every offset is a multiple of this many elements
 
 
 _PLAN_CACHE: "OrderedDict[tuple, _Plan]" = OrderedDict()
@@ -345,7 +409,7 @@ def _validate(lists: Sequence[Sequence[Tensor]], numels: tuple[int, ...]) -> Non
                                  "(xsam.ops.triton_backend copies non-contiguous ones for you)")
 
 
-def _plan(lists: Sequence[Sequence[Tensor]], chunk: int) -> _Plan:
+def _plan(lists: Sequence[Sequence[Tensor]], chunk: int, ptrs: Sequence[tuple[int, ...]] | None = None) -> _Plan:
     """The cached plan for these storages: keyed by every data_ptr, the sizes and the dtype.
 
     The key is what makes reuse safe: a table is only reused for exactly the same
@@ -353,25 +417,34 @@ def _plan(lists: Sequence[Sequence[Tensor]], chunk: int) -> _Plan:
     """
     first = lists[0]
     device = first[0].device
-    key = (device, tuple(lst[0].dtype for lst in lists), chunk, tuple(map(_numel, first)),
-           *(tuple(map(_data_ptr, lst)) for lst in lists))
+    if ptrs is None:
+        ptrs = [tuple(map(_data_ptr, lst)) for lst in lists]
+    key = (device, tuple(lst[0].dtype for lst in lists), chunk, tuple(map(_numel, first)), *ptrs)
     plan = _PLAN_CACHE.get(key)
     if plan is not None:
         return plan
     numels = key[3]
     _validate(lists, numels)
-    rows: list[int] = []
-    for k in range(len(lists)):
-        rows.extend(key[4 + k])
-    rows.extend(numels)
     nchunks = 0
+    chunk_rows: list[int] = []
     for i, n in enumerate(numels):
         for start in range(0, n, chunk):  # empty tensors get no chunk at all
-            rows.append(i)
-            rows.append(start)
+            chunk_rows.append(i)
+            chunk_rows.append(start)
             nchunks += 1
-    meta = torch.tensor(rows, dtype=torch.int64).to(device) if nchunks else None
-    plan = _Plan(meta, len(numels), nchunks)
+    if nchunks == 0:
+        plan = _Plan(None, None, len(numels), 0, 1)
+    else:
+        dtype = first[0].dtype
+        size = first[0].element_size()
+        meta = torch.empty(len(lists) * len(numels) + len(numels) + len(chunk_rows), dtype=torch.int64,
+                           device=device)
+        origin = meta.data_ptr()  # allocator blocks are at least 64-byte aligned
+        rows = [(p - origin) // size for k in range(len(lists)) for p in key[4 + k]]
+        # Views into flat buffers can start anywhere: only promise 16-byte alignment when true.
+        aligned = all(p % 16 == 0 for k in range(len(lists)) for p, n in zip(key[4 + k], numels) if n)
+        meta.copy_(torch.tensor(rows + list(numels) + chunk_rows, dtype=torch.int64))
+        plan = _Plan(meta, meta.view(dtype), len(numels), nchunks, 16 // size if aligned else 1)
     with _plan_lock:
         _PLAN_CACHE[key] = plan
         while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
@@ -385,13 +458,14 @@ def _acc(dtype: torch.dtype) -> tuple[torch.dtype, "tl.dtype"]:
 
 # ---------------------------------------------------------------- reductions
 
-def _reduce(lists: Sequence[Sequence[Tensor]], pairs: Sequence[tuple[int, int]], weighted: bool) -> Tensor:
+def _reduce(lists: Sequence[Sequence[Tensor]], pairs: Sequence[tuple[int, int]], weighted: bool,
+            ptrs: Sequence[tuple[int, ...]] | None = None) -> Tensor:
     """One stage-1 launch over <= MAX_LISTS lists and <= MAX_PAIRS pairs, then the fixed-order stage 2."""
     first = lists[0]
     dtype = first[0].dtype
     acc_dtype, acc_tl = _acc(dtype)
     chunk, block = get_launch_config()
-    plan = _plan(lists, chunk)
+    plan = _plan(lists, chunk, ptrs)
     npairs = len(pairs)
     if plan.nchunks == 0:
         return torch.zeros(npairs, dtype=acc_dtype, device=first[0].device)
@@ -401,9 +475,9 @@ def _reduce(lists: Sequence[Sequence[Tensor]], pairs: Sequence[tuple[int, int]],
         a, b = pairs[k] if k < npairs else (0, 0)
         ab[f"A{k}"], ab[f"B{k}"] = a, b
     _dots_kernel[(plan.nchunks,)](
-        plan.meta, partials, plan.ntensors,
+        plan.meta, plan.base, partials, plan.ntensors,
         NL=len(lists), NP=npairs, **ab, WEIGHTED=weighted,
-        DTYPE=_TL_DTYPES[dtype], ACC=acc_tl, CHUNK=chunk, BLOCK=block,
+        ACC=acc_tl, VEC=plan.vec, CHUNK=chunk, BLOCK=block,
         num_warps=_num_warps(block),
     )
     return partials.sum(dim=0)
@@ -444,19 +518,20 @@ def dots(lists: Sequence[Sequence[Tensor]], pairs: Sequence[tuple[int, int]]) ->
     if not pairs:
         return torch.zeros(0, dtype=acc_dtype, device=first[0].device)
     # Fold lists holding the same storages into one, so each is read once.
+    # (The address tuples double as the plan's cache key, so they are computed once.)
+    ptrs = [tuple(map(_data_ptr, lst)) for lst in lists]
     canonical: dict[tuple[int, ...], int] = {}
-    alias: list[int] = []
-    for lst in lists:
-        ptrs = tuple(map(_data_ptr, lst))
-        alias.append(canonical.setdefault(ptrs, len(alias)))
+    alias = [canonical.setdefault(p, k) for k, p in enumerate(ptrs)]
+    for k, j in enumerate(alias):
+        # Same addresses with other sizes is a misaligned call, not an alias: keep it
+        # separate so plan validation reports it.
+        if j != k and list(map(_numel, lists[k])) != list(map(_numel, lists[j])):
+            alias[k] = k
     pairs = [(alias[a], alias[b]) for a, b in pairs]
-    batches = _batches(pairs)
-    if len(batches) == 1:
-        used, local, _ = batches[0]
-        return _reduce([lists[i] for i in used], local, weighted=False)
+    results = [_reduce([lists[i] for i in used], local, False, [ptrs[i] for i in used])
+               for used, local, _ in _batches(pairs)]
     # Greedy batching keeps the pairs in order, so the batch results concatenate.
-    return torch.cat([_reduce([lists[i] for i in used], local, weighted=False)
-                      for used, local, _ in batches])
+    return results[0] if len(results) == 1 else torch.cat(results)
 
 
 def weighted_sumsq(weights: Sequence[Tensor], xs: Sequence[Tensor]) -> Tensor:
@@ -474,8 +549,8 @@ def _elementwise(op: int, lists: Sequence[Sequence[Tensor]], s0: Tensor, s1: Ten
     if plan.nchunks == 0:
         return
     _elementwise_kernel[(plan.nchunks,)](
-        plan.meta, plan.ntensors, s0, s1,
-        OP=op, NL=len(lists), DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype)[1],
+        plan.meta, plan.base, plan.ntensors, s0, s1,
+        OP=op, NL=len(lists), DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype)[1], VEC=plan.vec,
         MANUAL_BF16=INTERPRETING and dtype == torch.bfloat16, CHUNK=chunk, BLOCK=block,
         num_warps=_num_warps(block),
     )

@@ -1,0 +1,545 @@
+"""The Triton backend against the reference op set and flat float64 oracles.
+
+On machines without a GPU the kernels run in Triton's interpreter (about 2 ms
+per program), so the CPU cases use a tiny launch configuration (chunk 64,
+block 16) that crosses every block and chunk boundary with a few hundred
+elements. CUDA cases compile the kernels for real and use GPU-sized configs.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first import of triton; tests/conftest.py normally did it already.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+
+import xsam  # noqa: E402
+from xsam import ops  # noqa: E402
+from xsam.ops import reference as ref  # noqa: E402
+from xsam.ops.dispatch import unavailable_reason  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_WHY_NOT = unavailable_reason("triton", DEVICE, torch.float32)
+if _WHY_NOT is not None:
+    pytest.skip(f"the Triton backend cannot run here: {_WHY_NOT}", allow_module_level=True)
+
+from xsam.kernels import multi_tensor as mt  # noqa: E402
+from xsam.ops import triton_backend as tb  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+CHUNK, BLOCK = 64, 16  # small: every boundary below costs only a few programs
+SIZE_CASES = {
+    "one": [197],  # a single odd tensor of several chunks
+    "three": [0, 1, 7],
+    "edges": [BLOCK - 1, BLOCK, BLOCK + 1, CHUNK - 1, CHUNK, CHUNK + 1, 0, 3 * CHUNK + 5],
+    "many": [i % 5 for i in range(300)],  # 300 tiny tensors, empty ones included
+}
+
+
+@pytest.fixture(autouse=True)
+def small_launches():
+    if DEVICE.type == "cuda":
+        yield  # the real GPU configuration
+        return
+    with mt.launch_config(chunk=CHUNK, block=BLOCK):
+        yield
+
+
+def make(sizes, dtype, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(sizes):
+        shape = (n,) if n % 3 or n == 0 else (3, n // 3)  # some 2-d tensors too
+        out.append((scale * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE))
+    return out
+
+
+def flat64(tensors):
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat([t.detach().reshape(-1).double().cpu() for t in tensors])
+
+
+def clones(tensors):
+    return [t.clone() for t in tensors]
+
+
+def scalar(value, dtype):
+    return torch.full((), value, dtype=ref.accumulation_dtype(dtype), device=DEVICE)
+
+
+def assert_as_good_as_reference(got, want_ref, truth, dtype):
+    """``got`` is at most ~2x as far from the float64 ``truth`` as the reference's own result."""
+    got, want_ref = flat64(got) if isinstance(got, list) else got.double().cpu(), \
+        flat64(want_ref) if isinstance(want_ref, list) else want_ref.double().cpu()
+    truth = truth.double().cpu()
+    assert got.shape == truth.shape
+    if truth.numel() == 0:
+        return
+    err_got = (got - truth).abs().max().item()
+    err_ref = (want_ref - truth).abs().max().item()
+    # Half an ulp at the top; for float64 storage the float64 "truth" is itself rounded
+    # (and may associate differently), so allow a few ulps there.
+    ulps = 4.0 if dtype == torch.float64 else 0.5
+    slack = ulps * torch.finfo(dtype).eps * truth.abs().max().item() + 1e-30
+    assert err_got <= 2 * err_ref + slack, f"{dtype}: error {err_got:.3g} vs reference {err_ref:.3g}"
+
+
+# ------------------------------------------------------------------------- op by op
+
+def cases(dtypes=DTYPES):
+    out = []
+    for dtype in dtypes:
+        for name, sizes in SIZE_CASES.items():
+            if name == "many" and dtype in (torch.float16, torch.float64):
+                continue  # 300-tensor lists once per accumulation path keeps the file fast
+            out.append(pytest.param(dtype, sizes, id=f"{str(dtype)[6:]}-{name}"))
+    return out
+
+
+@pytest.mark.parametrize("dtype,sizes", cases())
+def test_dots_matches_reference(dtype, sizes):
+    g, v, u = make(sizes, dtype, 1), make(sizes, dtype, 2), make(sizes, dtype, 3)
+    pairs = [(0, 0), (0, 1), (1, 1), (2, 0), (1, 2)]
+    got = tb.dots([g, v, u], pairs)
+    want = ref.dots([g, v, u], pairs)
+    flats = [flat64(x) for x in (g, v, u)]
+    truth = torch.stack([flats[a] @ flats[b] for a, b in pairs])
+    assert got.dtype == ref.accumulation_dtype(dtype) and got.shape == (len(pairs),)
+    assert got.device.type == DEVICE.type
+    for k, (a, b) in enumerate(pairs):
+        slack = 4 * torch.finfo(got.dtype).eps * (flats[a].abs() @ flats[b].abs()).item()
+        err_got = abs(got[k].item() - truth[k].item())
+        err_ref = abs(want[k].item() - truth[k].item())
+        assert err_got <= 2 * err_ref + slack, f"pair {a, b}: {err_got} vs reference {err_ref}"
+
+
+@pytest.mark.parametrize("dtype,sizes", cases())
+def test_weighted_sumsq_matches_reference(dtype, sizes):
+    w, g = make(sizes, dtype, 4), make(sizes, dtype, 5)
+    got = tb.weighted_sumsq(w, g)
+    want = ref.weighted_sumsq(w, g)
+    prod = flat64(w) * flat64(g)
+    truth = prod @ prod
+    assert got.shape == (1,) and got.dtype == ref.accumulation_dtype(dtype)
+    slack = 4 * torch.finfo(got.dtype).eps * truth.item()
+    assert abs(got.item() - truth.item()) <= 2 * abs(want.item() - truth.item()) + slack
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+@pytest.mark.parametrize("dtype,sizes", cases())
+def test_perturb_matches_reference(dtype, sizes, adaptive):
+    w, g = make(sizes, dtype, 6), make(sizes, dtype, 7)
+    s = scalar(0.37, dtype)
+    w_t, saved_t = clones(w), [torch.full_like(t, 99) for t in w]
+    w_r, saved_r = clones(w), [torch.empty_like(t) for t in w]
+    tb.perturb_(w_t, g, saved_t, s, adaptive)
+    ref.perturb_(w_r, g, saved_r, s, adaptive)
+    for a, b in zip(saved_t, w):
+        assert torch.equal(a, b)  # the saved copy is the exact original
+    w64, g64 = flat64(w), flat64(g)
+    truth = w64 + 0.37 * (w64 * w64 * g64 if adaptive else g64)
+    assert_as_good_as_reference(w_t, w_r, truth, dtype)
+    assert [t.shape for t in w_t] == [t.shape for t in w]
+
+
+@pytest.mark.parametrize("with_vecs", [True, False], ids=["vecs", "no-vecs"])
+@pytest.mark.parametrize("dtype,sizes", cases())
+def test_correct_restore_matches_reference(dtype, sizes, with_vecs):
+    w, g, saved, v = (make(sizes, dtype, k) for k in (8, 9, 10, 11))
+    a, b = scalar(1.7, dtype), scalar(0.45, dtype)
+    w_t, g_t = clones(w), clones(g)
+    w_r, g_r = clones(w), clones(g)
+    tb.correct_restore_(w_t, g_t, saved, v if with_vecs else None, a, b)
+    ref.correct_restore_(w_r, g_r, saved, v if with_vecs else None, a, b)
+    for x, y in zip(w_t, saved):
+        assert torch.equal(x, y)  # restore is bit-exact
+    truth = 1.7 * flat64(g) - (0.45 * flat64(v) if with_vecs else 0)
+    assert_as_good_as_reference(g_t, g_r, truth, dtype)
+
+
+@pytest.mark.parametrize("dtype,sizes", cases())
+def test_axpy_matches_reference(dtype, sizes):
+    y, x = make(sizes, dtype, 12), make(sizes, dtype, 13)
+    alpha = scalar(-0.3, dtype)
+    y_t, y_r = clones(y), clones(y)
+    tb.axpy_(y_t, x, alpha)
+    ref.axpy_(y_r, x, alpha)
+    assert_as_good_as_reference(y_t, y_r, flat64(y) - 0.3 * flat64(x), dtype)
+
+
+@pytest.mark.parametrize("dtype,sizes", cases())
+def test_scale_copy_matches_reference(dtype, sizes):
+    src = make(sizes, dtype, 14)
+    dst_t, dst_r = [torch.full_like(t, 5) for t in src], [torch.empty_like(t) for t in src]
+    tb.scale_copy_(dst_t, src, scalar(0.7, dtype))
+    ref.scale_copy_(dst_r, src, scalar(0.7, dtype))
+    assert_as_good_as_reference(dst_t, dst_r, 0.7 * flat64(src), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_elementwise_rounds_once_from_accumulation_dtype(dtype):
+    """Compute in fp32 (fp64), round once on store: exactly torch's own single rounding."""
+    src, y = make([3 * CHUNK + 5], dtype, 15), make([3 * CHUNK + 5], dtype, 16)
+    acc = ref.accumulation_dtype(dtype)
+    dst = [torch.empty_like(src[0])]
+    tb.scale_copy_(dst, src, scalar(1 / 3, dtype))
+    want = (src[0].to(acc) * scalar(1 / 3, dtype)).to(dtype)
+    y_t = clones(y)
+    tb.axpy_(y_t, src, scalar(1 / 3, dtype))
+    want_axpy = (y[0].to(acc) + scalar(1 / 3, dtype) * src[0].to(acc)).to(dtype)
+    if DEVICE.type == "cpu":  # no FMA contraction in the interpreter: exact bits
+        assert torch.equal(dst[0], want)
+        assert torch.equal(y_t[0], want_axpy)
+    else:
+        torch.testing.assert_close(dst[0], want, rtol=torch.finfo(dtype).eps, atol=0)
+        torch.testing.assert_close(y_t[0], want_axpy, rtol=2 * torch.finfo(dtype).eps, atol=1e-30)
+
+
+# ------------------------------------------------------------------------- structure
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_power_update_through_ops_splits_wide_reductions(m):
+    """m = 3 needs 6 lists and 9 sums: more than one launch holds, so dots splits it."""
+    dtype = torch.float32
+    us = [make([7, CHUNK + 3], dtype, 20 + j) for j in range(m)]
+    vs = [make([7, CHUNK + 3], dtype, 30 + j) for j in range(m)]
+    lists = us + vs
+    pairs = [p for j in range(m) for p in ((j, j), (m + j, j), (m + j, m + j))]
+    got = ops.dots(lists, pairs, backend="triton")
+    truth = torch.stack([flat64(lists[a]) @ flat64(lists[b]) for a, b in pairs])
+    torch.testing.assert_close(got.double().cpu(), truth, rtol=1e-5, atol=1e-5)
+    vs_t, vs_r = [clones(v) for v in vs], [clones(v) for v in vs]
+    st = ops.power_update_(us, vs_t, backend="triton")
+    sr = ops.power_update_(us, vs_r, backend="reference")
+    for name in ("eigenvalues", "residuals", "norms"):
+        torch.testing.assert_close(getattr(st, name), getattr(sr, name), rtol=1e-5, atol=1e-6)
+    for a, b in zip(vs_t, vs_r):
+        torch.testing.assert_close(flat64(a), flat64(b), rtol=1e-5, atol=1e-7)
+
+
+def test_batches_cover_pairs_in_order_within_limits():
+    pairs = [(i, (i + 1) % 7) for i in range(7)] + [(0, 0)] * 10
+    batches = mt._batches(pairs)
+    rebuilt = []
+    for used, local, where in batches:
+        assert len(set(used)) == len(used) <= mt.MAX_LISTS and len(local) <= mt.MAX_PAIRS
+        rebuilt += [(used[a], used[b]) for a, b in local]
+    assert rebuilt == pairs
+    assert [k for _, _, where in batches for k in where] == list(range(len(pairs)))
+
+
+def test_dots_reads_aliased_lists_once_and_handles_no_pairs():
+    g = make([CHUNK + 9, 3], torch.float32, 40)
+    got = tb.dots([g, g, list(g)], [(0, 1), (2, 2), (1, 0)])
+    truth = flat64(g) @ flat64(g)
+    torch.testing.assert_close(got.double().cpu(), truth.repeat(3), rtol=1e-6, atol=0)
+    assert torch.equal(got[0], got[1]) and torch.equal(got[1], got[2])
+    empty = tb.dots([g], [])
+    assert empty.shape == (0,) and empty.dtype == torch.float32
+
+
+def test_all_empty_tensors_and_empty_lists():
+    for dtype in (torch.float32, torch.float64):
+        z = [torch.zeros(0, dtype=dtype, device=DEVICE) for _ in range(3)]
+        out = tb.dots([z, z], [(0, 1), (1, 1)])
+        assert out.tolist() == [0.0, 0.0] and out.dtype == ref.accumulation_dtype(dtype)
+        assert tb.weighted_sumsq(z, z).tolist() == [0.0]
+        tb.perturb_(z, z, z, scalar(1.0, dtype), False)  # nothing to do, must not launch or fail
+        tb.correct_restore_(z, z, z, None, scalar(1.0, dtype), scalar(1.0, dtype))
+    assert tb.dots([[]], [(0, 0)]).tolist() == [0.0]
+    tb.axpy_([], [], scalar(1.0, torch.float32))
+    tb.scale_copy_([], [], scalar(1.0, torch.float32))
+
+
+def test_reductions_are_deterministic():
+    x, y = make([1000, 3, 517], torch.float32, 41), make([1000, 3, 517], torch.float32, 42)
+    first = tb.dots([x, y], [(0, 0), (0, 1), (1, 1)])
+    second = tb.dots([clones(x), clones(y)], [(0, 0), (0, 1), (1, 1)])  # fresh plan, same answer
+    third = tb.dots([x, y], [(0, 0), (0, 1), (1, 1)])
+    assert torch.equal(first, second) and torch.equal(first, third)
+    assert torch.equal(tb.weighted_sumsq(x, y), tb.weighted_sumsq(x, y))
+
+
+def test_elementwise_is_deterministic():
+    w, g = make([1000, 3], torch.bfloat16, 43), make([1000, 3], torch.bfloat16, 44)
+    results = []
+    for _ in range(2):
+        w_t, saved = clones(w), [torch.empty_like(t) for t in w]
+        tb.perturb_(w_t, g, saved, scalar(0.1, torch.bfloat16), True)
+        results.append(w_t)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_aliasing_scale_copy_and_axpy(dtype):
+    x = make([7, CHUNK + 1, 0, 2 * BLOCK], dtype, 45)
+    x64 = flat64(x)
+    acc = ref.accumulation_dtype(dtype)
+    y = clones(x)
+    tb.scale_copy_(y, y, scalar(-2.5, dtype))  # dst is src
+    want = [(t.to(acc) * -2.5).to(dtype) for t in x]
+    assert_as_good_as_reference(y, want, -2.5 * x64, dtype)
+    z = clones(x)
+    tb.axpy_(z, z, scalar(0.5, dtype))  # y += 0.5 * y
+    want = [(t.to(acc) * 1.5).to(dtype) for t in x]
+    assert_as_good_as_reference(z, want, 1.5 * x64, dtype)
+
+
+def test_non_contiguous_inputs_are_read_and_written_correctly():
+    dtype = torch.float32
+    gen = torch.Generator().manual_seed(46)
+
+    def views():
+        base = torch.randn(2 * (CHUNK + 3), generator=gen).to(DEVICE)
+        mat = torch.randn(9, 13, generator=gen).to(DEVICE)
+        contiguous = torch.randn(21, generator=gen).to(DEVICE)
+        return [base[::2], mat.t(), contiguous], base, mat
+
+    (w, w_base, _), (g, _, _), (v, _, _) = views(), views(), views()
+    assert not w[0].is_contiguous() and not w[1].is_contiguous()
+    untouched = w_base[1::2].clone()
+    saved = [torch.empty(t.shape, device=DEVICE).t().contiguous().t() if t.dim() == 2 else torch.empty_like(t)
+             for t in w]
+    w_r, saved_r = clones(w), [torch.empty_like(t) for t in w]
+    w_orig = clones(w)
+    s = scalar(0.25, dtype)
+
+    torch.testing.assert_close(tb.dots([w, g, v], [(0, 1), (2, 2)]), ref.dots([w, g, v], [(0, 1), (2, 2)]))
+    torch.testing.assert_close(tb.weighted_sumsq(w, g), ref.weighted_sumsq(w, g))
+    tb.perturb_(w, g, saved, s, True)
+    ref.perturb_(w_r, g, saved_r, s, True)
+    torch.testing.assert_close(flat64(w), flat64(w_r))
+    assert torch.equal(flat64(saved), flat64(w_orig))
+    assert torch.equal(w_base[1::2], untouched)  # the elements between the strided ones
+    g_r = clones(g)
+    tb.correct_restore_(w, g, saved, v, s, s)
+    ref.correct_restore_(w_r, g_r, saved_r, v, s, s)
+    torch.testing.assert_close(flat64(g), flat64(g_r))
+    assert torch.equal(flat64(w), flat64(w_orig))
+    tb.axpy_(g, v, s)
+    ref.axpy_(g_r, v, s)
+    torch.testing.assert_close(flat64(g), flat64(g_r))
+    tb.scale_copy_(g, g, s)
+    ref.scale_copy_(g_r, g_r, s)
+    torch.testing.assert_close(flat64(g), flat64(g_r))
+    assert torch.equal(w_base[1::2], untouched)
+
+
+def test_mixed_dtype_lists_fall_back_to_reference_results():
+    w = make([7, CHUNK + 1], torch.float32, 47)
+    g = make([7, CHUNK + 1], torch.bfloat16, 48)
+    torch.testing.assert_close(tb.dots([w, g], [(0, 1)]), ref.dots([w, g], [(0, 1)]))
+    w_t, w_r = clones(w), clones(w)
+    tb.axpy_(w_t, g, scalar(0.5, torch.float32))
+    ref.axpy_(w_r, g, scalar(0.5, torch.float32))
+    assert all(torch.equal(a, b) for a, b in zip(w_t, w_r))
+
+
+def test_misaligned_lists_raise_a_clear_error():
+    a = make([7, 8], torch.float32, 49)
+    b = make([7, 9], torch.float32, 50)
+    with pytest.raises(ValueError, match="aligned"):
+        tb.axpy_(a, b, scalar(1.0, torch.float32))
+    with pytest.raises(ValueError, match="aligned"):
+        tb.dots([a, b[:1]], [(0, 1)])
+
+
+def test_in_place_writes_bump_autograd_versions():
+    w = [torch.randn(5, device=DEVICE, requires_grad=True) for _ in range(2)]
+    g, saved = clones([t.detach() for t in w]), [torch.empty(5, device=DEVICE) for _ in w]
+    before = [t._version for t in w]
+    with torch.no_grad():
+        tb.perturb_(w, g, saved, scalar(0.1, torch.float32), False)
+    assert all(t._version > v for t, v in zip(w, before))
+    # a forward that saved w now refuses to backward through the stale value
+    x = w[0] * w[0]
+    with torch.no_grad():
+        tb.axpy_([w[0]], [g[0]], scalar(1.0, torch.float32))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        x.sum().backward()
+
+
+def test_plan_cache_is_reused_and_keyed_on_storage():
+    mt.clear_plan_cache()
+    x = make([CHUNK + 1, 3], torch.float32, 51)
+    tb.dots([x], [(0, 0)])
+    tb.dots([x], [(0, 0)])
+    assert mt.plan_cache_info()["entries"] == 1
+    # same data_ptr, different size: must get its own plan, never the stale table
+    buf = torch.arange(40, dtype=torch.float32, device=DEVICE)
+    short, long = buf[:10], buf[:30]
+    assert short.data_ptr() == long.data_ptr()
+    assert tb.dots([[short]], [(0, 0)]).item() == sum(i * i for i in range(10))
+    assert tb.dots([[long]], [(0, 0)]).item() == sum(i * i for i in range(30))
+
+
+def test_alignment_promise_only_when_every_address_is_aligned():
+    buf = torch.zeros(64, dtype=torch.float32, device=DEVICE)
+    aligned = mt._plan([[buf[:9], buf[16:20]]], CHUNK)
+    assert aligned.vec == 4  # 16 bytes of float32
+    shifted = mt._plan([[buf[:9], buf[1:5]]], CHUNK)  # 4-byte offset: no 128-bit promise
+    assert shifted.vec == 1
+    buf[1:5] = torch.arange(1.0, 5.0)
+    assert tb.dots([[buf[1:5]]], [(0, 0)]).item() == 30.0
+
+
+def test_launch_config_validation():
+    with pytest.raises(ValueError, match="power of two"):
+        with mt.launch_config(chunk=100):
+            pass
+    with pytest.raises(ValueError, match="smaller than block"):
+        with mt.launch_config(chunk=32, block=64):
+            pass
+
+
+# ------------------------------------------------------------------------- through xsam.ops
+
+def test_ops_dispatch_to_triton_and_unsupported_dtype_raises():
+    g = make([7, 3], torch.float32, 52)
+    torch.testing.assert_close(ops.dots([g], [(0, 0)], backend="triton"),
+                               ops.dots([g], [(0, 0)], backend="reference"))
+    ints = [torch.arange(4, device=DEVICE)]
+    assert "support" in unavailable_reason("triton", DEVICE, torch.int64)
+    with pytest.raises(ops.BackendUnavailableError, match="triton"):
+        ops.axpy_(ints, ints, 1.0, backend="triton")
+
+
+def test_availability_reasons_for_the_other_device():
+    if DEVICE.type == "cpu":
+        why = tb.availability(torch.device("cuda"), torch.float32)
+        assert why and ("TRITON_INTERPRET" in why or "CUDA" in why)
+    else:
+        why = tb.availability(torch.device("cpu"), torch.float32)
+        assert why and "TRITON_INTERPRET" in why
+    assert "not meta" in tb.availability(torch.device("meta"), torch.float32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_without_interpreter_cpu_is_refused_with_a_clear_reason():
+    code = textwrap.dedent("""
+        import os, torch
+        os.environ.pop("TRITON_INTERPRET", None)
+        import xsam
+        from xsam.ops.dispatch import unavailable_reason
+        why = unavailable_reason("triton", torch.device("cpu"), torch.float32)
+        print("REASON:", why)
+        try:
+            xsam.ops.dots([[torch.ones(3)]], [(0, 0)], backend="triton")
+        except xsam.BackendUnavailableError as exc:
+            print("RAISED:", exc)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "REASON: " in out.stdout and "TRITON_INTERPRET=1" in out.stdout
+    assert "RAISED: backend='triton'" in out.stdout
+
+
+# ------------------------------------------------------------------------- a whole X-SAM run
+
+def _model_and_data(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3)).to(DEVICE)
+    x = torch.randn(32, 6, device=DEVICE)
+    y = torch.randint(0, 3, (32,), device=DEVICE)
+    return model, x, y
+
+
+@pytest.mark.parametrize("hvp,adaptive", [("finite_difference", False), ("exact", True)],
+                         ids=["fd-sam", "exact-asam"])
+def test_xsam_steps_match_reference_backend(hvp, adaptive):
+    finals = {}
+    for backend in ("reference", "triton"):
+        model, x, y = _model_and_data(0)
+        opt = xsam.XSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.05, alpha=0.5,
+                        adaptive=adaptive, eig_interval=2, power_iters=2, hvp=hvp, seed=7, backend=backend)
+
+        def loss_fn():
+            return torch.nn.functional.cross_entropy(model(x), y)
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            return loss
+
+        for _ in range(3):  # refreshes at steps 0 and 2
+            if hvp == "exact":
+                opt.step(closure, loss_fn=loss_fn)
+            else:
+                opt.step(closure)
+        finals[backend] = (flat64(list(model.parameters())), opt.diagnostics())
+    (w_ref, d_ref), (w_tri, d_tri) = finals["reference"], finals["triton"]
+    torch.testing.assert_close(w_tri, w_ref, rtol=1e-5, atol=1e-6)
+    assert d_tri.keys() == d_ref.keys()
+    for key, value in d_ref.items():
+        if isinstance(value, float):
+            assert d_tri[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+# ------------------------------------------------------------------------- GPU only
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_cuda_large_lists_match_reference(dtype):
+    sizes = [65536 * 3 + 17, 1, 0, 4095, 4097, 2_000_003] + [i % 300 for i in range(1000)]
+    g, v, w = make(sizes, dtype, 60), make(sizes, dtype, 61), make(sizes, dtype, 62)
+    got = tb.dots([g, v], [(0, 0), (0, 1), (1, 1)])
+    want = ref.dots([g, v], [(0, 0), (0, 1), (1, 1)])
+    torch.testing.assert_close(got, want, rtol=1e-4 if dtype != torch.float64 else 1e-10, atol=1e-3)
+    assert torch.equal(got, tb.dots([g, v], [(0, 0), (0, 1), (1, 1)]))
+    w_t, w_r = clones(w), clones(w)
+    saved_t, saved_r = [torch.empty_like(t) for t in w], [torch.empty_like(t) for t in w]
+    s = scalar(0.01, dtype)
+    tb.perturb_(w_t, g, saved_t, s, True)
+    ref.perturb_(w_r, g, saved_r, s, True)
+    w64, g64 = flat64(w), flat64(g)
+    assert_as_good_as_reference(w_t, w_r, w64 + 0.01 * w64 * w64 * g64, dtype)
+    g_t, g_r = clones(g), clones(g)
+    tb.correct_restore_(w_t, g_t, saved_t, v, s, s)
+    ref.correct_restore_(w_r, g_r, saved_r, v, s, s)
+    assert all(torch.equal(a, b) for a, b in zip(w_t, w))
+    assert_as_good_as_reference(g_t, g_r, 0.01 * g64 - 0.01 * flat64(v), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.gpu_bench
+@cuda
+def test_cuda_bandwidth_sanity():
+    """Prints GB/s of the fused passes beside a copy of the same bytes (loose floor only)."""
+    n = 1 << 26
+    sizes = [n // 1000] * 1000
+    w, g, v = (make(sizes, torch.float32, k) for k in (70, 71, 72))
+    saved = [torch.empty_like(t) for t in w]
+    s = scalar(0.01, torch.float32)
+
+    def timed(fn, reps=20):
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps / 1e3
+
+    big_src, big_dst = torch.empty(2 * n, device="cuda"), torch.empty(2 * n, device="cuda")
+    copy_s = timed(lambda: big_dst.copy_(big_src))  # reads 2n, writes 2n floats
+    copy_gbs = 16 * n / copy_s / 1e9
+    perturb_s = timed(lambda: tb.perturb_(w, g, saved, s, False))  # reads 2n, writes 2n
+    dots_s = timed(lambda: tb.dots([g, v], [(0, 0), (0, 1), (1, 1)]))  # reads 2n
+    perturb_gbs, dots_gbs = 16 * n / perturb_s / 1e9, 8 * n / dots_s / 1e9
+    print(f"copy {copy_gbs:.0f} GB/s, perturb {perturb_gbs:.0f} GB/s, dots {dots_gbs:.0f} GB/s")
+    assert perturb_gbs > 0.25 * copy_gbs and dots_gbs > 0.25 * copy_gbs
