@@ -452,6 +452,13 @@ def _plan(lists: Sequence[Sequence[Tensor]], chunk: int, ptrs: Sequence[tuple[in
     return plan
 
 
+def _launch_guard(device: torch.device):
+    # Triton launches on the current CUDA device; tensors on another GPU need it switched.
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _acc(dtype: torch.dtype) -> tuple[torch.dtype, "tl.dtype"]:
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
@@ -474,12 +481,13 @@ def _reduce(lists: Sequence[Sequence[Tensor]], pairs: Sequence[tuple[int, int]],
     for k in range(MAX_PAIRS):
         a, b = pairs[k] if k < npairs else (0, 0)
         ab[f"A{k}"], ab[f"B{k}"] = a, b
-    _dots_kernel[(plan.nchunks,)](
-        plan.meta, plan.base, partials, plan.ntensors,
-        NL=len(lists), NP=npairs, **ab, WEIGHTED=weighted,
-        ACC=acc_tl, VEC=plan.vec, CHUNK=chunk, BLOCK=block,
-        num_warps=_num_warps(block),
-    )
+    with _launch_guard(first[0].device):
+        _dots_kernel[(plan.nchunks,)](
+            plan.meta, plan.base, partials, plan.ntensors,
+            NL=len(lists), NP=npairs, **ab, WEIGHTED=weighted,
+            ACC=acc_tl, VEC=plan.vec, CHUNK=chunk, BLOCK=block,
+            num_warps=_num_warps(block),
+        )
     return partials.sum(dim=0)
 
 
@@ -548,12 +556,13 @@ def _elementwise(op: int, lists: Sequence[Sequence[Tensor]], s0: Tensor, s1: Ten
     plan = _plan(lists, chunk)
     if plan.nchunks == 0:
         return
-    _elementwise_kernel[(plan.nchunks,)](
-        plan.meta, plan.base, plan.ntensors, s0, s1,
-        OP=op, NL=len(lists), DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype)[1], VEC=plan.vec,
-        MANUAL_BF16=INTERPRETING and dtype == torch.bfloat16, CHUNK=chunk, BLOCK=block,
-        num_warps=_num_warps(block),
-    )
+    with _launch_guard(first[0].device):
+        _elementwise_kernel[(plan.nchunks,)](
+            plan.meta, plan.base, plan.ntensors, s0, s1,
+            OP=op, NL=len(lists), DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype)[1], VEC=plan.vec,
+            MANUAL_BF16=INTERPRETING and dtype == torch.bfloat16, CHUNK=chunk, BLOCK=block,
+            num_warps=_num_warps(block),
+        )
 
 
 def perturb_(params, grads, saved, scale: Tensor, adaptive: bool) -> None:
