@@ -28,6 +28,7 @@ HvpFn = Callable[[Sequence[Vector]], list[Vector]]
 
 __all__ = [
     "PowerIterationResult",
+    "all_reduce_mean_",
     "default_fd_step",
     "exact_hvp",
     "finite_difference_hvp",
@@ -45,13 +46,43 @@ def _zeros_for_missing(results: Sequence[Tensor | None], params: Sequence[Tensor
     return [torch.zeros_like(p) if r is None else r for r, p in zip(results, params)]
 
 
-def exact_hvp(loss_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> tuple[HvpFn, Tensor]:
+def all_reduce_mean_(tensors: Sequence[Tensor], process_group=None) -> None:
+    """Average ``tensors`` in place over the ranks of ``process_group`` (one all-reduce per dtype).
+
+    SUM then divide (gloo has no AVG); every rank receives the same reduced bits, so the
+    result is identical on all ranks.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size(process_group)
+    if world == 1:
+        return
+    by_dtype: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault((t.device, t.dtype), []).append(t)
+    for group in by_dtype.values():
+        # One flat buffer: a single collective instead of one per parameter.
+        buffer = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=process_group)
+        buffer.div_(world)
+        offset = 0
+        for t in group:
+            t.copy_(buffer[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def exact_hvp(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], *,
+              process_group=None) -> tuple[HvpFn, Tensor]:
     """Build ``H v`` by double backward at the current weights.
 
     ``loss_fn`` runs the forward pass only and returns the scalar loss. Returns
     ``(hvp, loss)``: ``hvp(vectors)`` maps a list of m vectors to their m
     products, reusing one create-graph backward for all calls. Parameters the
     loss does not depend on get zero rows.
+
+    ``process_group``: average every product over its ranks (data parallelism). Needed
+    with DDP because ``torch.autograd.grad`` bypasses DDP's gradient all-reduce, so each
+    rank would otherwise hold the HVP of its own shard of the batch only.
     """
     params = list(params)
     with torch.enable_grad():
@@ -74,7 +105,11 @@ def exact_hvp(loss_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> tuple[
                     )
                 for i, h in zip(live, hv):
                     rows[i] = None if h is None else h.detach()
-            out.append(_zeros_for_missing(rows, params))
+            product = _zeros_for_missing(rows, params)
+            if process_group is not None:
+                with torch.no_grad():
+                    all_reduce_mean_(product, process_group)
+            out.append(product)
         return out
 
     return hvp, loss.detach()

@@ -25,13 +25,20 @@ from torch import Tensor, nn
 from . import ops
 from .hessian import exact_hvp, finite_difference_hvp, power_iteration, random_vectors
 
-__all__ = ["SAM", "XSAM", "CORRECTIONS", "HVP_MODES", "batchnorm_statistics_frozen"]
+__all__ = ["SAM", "XSAM", "CORRECTIONS", "HVP_MODES", "GradientCheck", "batchnorm_statistics_frozen"]
 
 CORRECTIONS = ("signed", "symmetric", "acute")
 HVP_MODES = ("auto", "exact", "finite_difference")
 GLOBAL = "xsam"  # key of the global (not per-parameter) entry in self.state
 
 Closure = Callable[[], Tensor]
+# ``check(tensors, kind)``: may rescale ``tensors`` in place (AMP unscaling) and returns a 0-d
+# device tensor that is > 0 when any of them is not finite. ``kind`` is "first", "second" or "hvp".
+GradientCheck = Callable[[list[Tensor], str], Tensor]
+
+
+class _NonFiniteGradients(Exception):
+    """Raised inside a step when a pass produced inf/nan: the step is undone and skipped."""
 
 
 def _check_number(name: str, value, low: float, high: float = math.inf, hint: str = "") -> None:
@@ -49,6 +56,18 @@ def _check_count(name: str, value, hint: str) -> None:
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, choices))}")
+
+
+def _resolve_process_group(process_group, model: nn.Module | None):
+    """The group over which exact HVPs are averaged: "auto" takes a DDP model's group, else none."""
+    if isinstance(process_group, str):
+        if process_group != "auto":
+            raise ValueError(f"process_group={process_group!r} is invalid: pass 'auto', None, or a "
+                             "torch.distributed ProcessGroup")
+        group = getattr(model, "process_group", None)
+        ddp = torch.nn.parallel.DistributedDataParallel
+        return group if isinstance(model, ddp) else None
+    return process_group
 
 
 def _batchnorm_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -108,7 +127,8 @@ class SAM(torch.optim.Optimizer):
     """
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, adaptive: bool = False,
-                 model: nn.Module | None = None, backend: str = "auto", eps: float = 1e-12, **base_kwargs):
+                 model: nn.Module | None = None, per_replica_perturbation: bool = False,
+                 process_group="auto", backend: str = "auto", eps: float = 1e-12, **base_kwargs):
         _check_number("rho", rho, 0.0, hint="It is the perturbation radius; the usual value is 0.05.")
         if not isinstance(adaptive, bool):
             raise ValueError(f"adaptive={adaptive!r} is invalid: pass True (ASAM) or False (SAM)")
@@ -116,7 +136,14 @@ class SAM(torch.optim.Optimizer):
         _check_number("eps", eps, 0.0)
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"model={type(model).__name__} is invalid: pass the nn.Module being trained, or None")
+        if not isinstance(per_replica_perturbation, bool):
+            raise ValueError(f"per_replica_perturbation={per_replica_perturbation!r} is invalid: pass True or False")
+        if per_replica_perturbation and not hasattr(model, "no_sync"):
+            raise ValueError("per_replica_perturbation=True needs model=<the DistributedDataParallel module>: the "
+                             "first pass runs under model.no_sync() so each replica perturbs by its own gradient")
         self.adaptive = adaptive
+        self.per_replica_perturbation = per_replica_perturbation
+        self.process_group = _resolve_process_group(process_group, model)
         self.backend = backend
         self.eps = eps
         self.model = model
@@ -126,6 +153,7 @@ class SAM(torch.optim.Optimizer):
         self._step_diagnostics: dict[str, Tensor] = {}
         # An OrderedDict: RemovableHandle keeps a weak reference to it.
         self._diagnostics_hooks: collections.OrderedDict[int, Callable] = collections.OrderedDict()
+        self._gradient_check: GradientCheck | None = None  # set for one step by xsam.amp.SAMGradScaler
         defaults = dict(rho=rho, **self._extra_defaults())
         super().__init__(params, defaults)
         self._attach_base_optimizer(base_optimizer, base_kwargs)
@@ -137,6 +165,13 @@ class SAM(torch.optim.Optimizer):
 
     def _validate_group(self, group: dict) -> None:
         _check_number("rho", group["rho"], 0.0, hint="It is the perturbation radius; the usual value is 0.05.")
+        for p in group["params"]:
+            if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+                # Per-shard norms would give each rank a different perturbation and correction.
+                raise ValueError("params contains a sharded DTensor parameter (FSDP2 fully_shard / tensor "
+                                 "parallel); SAM/XSAM do not support sharded parameters yet because the global "
+                                 "norms and dot products would need a cross-shard reduction. Use "
+                                 "DistributedDataParallel (see xsam.distributed) instead")
 
     def _attach_base_optimizer(self, base_optimizer, base_kwargs: dict) -> None:
         if isinstance(base_optimizer, torch.optim.Optimizer):
@@ -177,7 +212,7 @@ class SAM(torch.optim.Optimizer):
         return ("rho", *self._extra_defaults())
 
     def _initial_global_state(self) -> dict:
-        return {"step": 0}
+        return {"step": 0, "skipped_steps": 0}
 
     @property
     def _global(self) -> dict:
@@ -267,7 +302,8 @@ class SAM(torch.optim.Optimizer):
         self._commit(pending)
         self._global.update(self._step_diagnostics)
         if self._diagnostics_hooks:
-            record = dict(self._step_diagnostics, step=self._global["step"], refreshed=pending is not None)
+            record = dict(self._step_diagnostics, step=self._global["step"], refreshed=pending is not None,
+                          **self._record_extras())
             for key in ("eigenvalue", "eigen_residual"):
                 if key in self._global:
                     record[key] = self._global[key]
@@ -278,6 +314,10 @@ class SAM(torch.optim.Optimizer):
     def _commit(self, pending) -> None:
         """Hook: X-SAM stores the eigenvector computed during this step."""
 
+    def _record_extras(self) -> dict:
+        """Hook: extra entries of the diagnostics record (X-SAM: the rejected-refresh flag)."""
+        return {}
+
     @torch.no_grad()
     def _abort(self) -> None:
         """Put the weights back after an exception in the middle of a step."""
@@ -285,10 +325,35 @@ class SAM(torch.optim.Optimizer):
             torch._foreach_copy_(self._perturbed, [self._saved_weights[p] for p in self._perturbed])
             self._perturbed = None
 
-    def _run(self, closure: Closure, frozen: bool) -> Tensor:
+    def _run(self, closure: Closure, first: bool) -> Tensor:
+        """One gradient pass: the first at w (updates BatchNorm statistics), the second at w + e."""
         self.zero_grad(set_to_none=True)
-        with batchnorm_statistics_frozen(self.model if frozen else None):
-            return closure()
+        # Mode (b) of DDP: no all-reduce in the first pass (forward and backward), so each replica
+        # perturbs by its own mini-batch gradient (the SAM paper's m-sharpness).
+        no_sync = self.model.no_sync() if first and self.per_replica_perturbation else contextlib.nullcontext()
+        with no_sync, batchnorm_statistics_frozen(None if first else self.model):
+            loss = closure()
+        self._check_gradients("first" if first else "second")
+        return loss
+
+    @torch.no_grad()
+    def _check_gradients(self, kind: str) -> None:
+        """Let the attached check (AMP) unscale this pass's gradients; skip the step on inf/nan.
+
+        Reading the flag waits for the device: one host sync per pass, only while a check
+        is attached (the stock GradScaler.step reads its flag once per step too).
+        """
+        if self._gradient_check is None:
+            return
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grads and bool(self._gradient_check(grads, kind) > 0):
+            raise _NonFiniteGradients(kind)
+
+    def _skip(self) -> None:
+        """Undo a step whose gradients were not finite: exact weights back, no base step, no state change."""
+        self._abort()
+        self.zero_grad(set_to_none=True)
+        self._global["skipped_steps"] = self._global.get("skipped_steps", 0) + 1
 
     def step(self, closure: Closure | None = None) -> Tensor:
         """One full step; returns the loss of the first (unperturbed) pass."""
@@ -296,13 +361,16 @@ class SAM(torch.optim.Optimizer):
             raise ValueError("SAM.step() needs a closure: step(closure) where closure() runs forward and "
                              "backward and returns the loss (SAM evaluates the gradient twice)")
         closure = torch.enable_grad()(closure)
+        loss = None
         try:
-            loss = self._run(closure, frozen=False)
+            loss = self._run(closure, first=True)
             with torch.no_grad():
                 self._first_step(None)
-            self._run(closure, frozen=True)
+            self._run(closure, first=False)
             with torch.no_grad():
                 self._second_step(None)
+        except _NonFiniteGradients:
+            self._skip()
         except BaseException:
             self._abort()
             raise
@@ -379,6 +447,7 @@ class XSAM(SAM):
                  correction: str = "signed", normalize: bool = True, adaptive: bool = False,
                  eig_interval: int = 5, power_iters: int = 5, eig_tol: float | None = None, hvp: str = "auto",
                  model: nn.Module | None = None, hvp_eval_mode: bool = True, seed: int = 0,
+                 per_replica_perturbation: bool = False, process_group="auto",
                  backend: str = "auto", eps: float = 1e-12, **base_kwargs):
         _check_number("alpha", alpha, 0.0, 2.0, hint="alpha=0 is SAM, 1 removes the component along v.")
         _check_choice("correction", correction, CORRECTIONS)
@@ -402,8 +471,9 @@ class XSAM(SAM):
         self.hvp = hvp
         self.hvp_eval_mode = hvp_eval_mode
         self.seed = seed
-        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, model=model, backend=backend,
-                         eps=eps, **base_kwargs)
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, model=model,
+                         per_replica_perturbation=per_replica_perturbation, process_group=process_group,
+                         backend=backend, eps=eps, **base_kwargs)
 
     def _extra_defaults(self) -> dict:
         return {"alpha": self._alpha_default}
@@ -414,7 +484,8 @@ class XSAM(SAM):
 
     def _initial_global_state(self) -> dict:
         generator = torch.Generator().manual_seed(self.seed)
-        return {"step": 0, "refreshes": 0, "generator": generator.get_state()}
+        return {"step": 0, "skipped_steps": 0, "refreshes": 0, "rejected_refreshes": 0,
+                "retry_refresh": False, "generator": generator.get_state()}
 
     # ----- the eigenvector ---------------------------------------------------------------
     def _hvp_params(self) -> list[Tensor]:
@@ -422,8 +493,12 @@ class XSAM(SAM):
 
     @property
     def refresh_due(self) -> bool:
-        """Whether the next ``step`` refreshes the eigenvector (``step % eig_interval == 0``)."""
-        return self._global["step"] % self.eig_interval == 0
+        """Whether the next ``step`` refreshes the eigenvector.
+
+        True when ``step % eig_interval == 0``, and right after a refresh whose HVPs were not
+        finite (AMP overflow), so that the rejected refresh is retried at the next step.
+        """
+        return self._global["step"] % self.eig_interval == 0 or self._global.get("retry_refresh", False)
 
     def eigenvector(self) -> list[Tensor] | None:
         """The current v as a list aligned with the parameters (None before the first refresh)."""
@@ -448,14 +523,29 @@ class XSAM(SAM):
         start = self.eigenvector()
         if start is None:
             start = random_vectors(params, 1, generator)[0]
+        check = self._gradient_check
+        flags: list[Tensor] = []
         with _eval_mode(self.model, self.hvp_eval_mode), batchnorm_statistics_frozen(self.model):
             if mode == "exact":
-                hvp, _ = exact_hvp(torch.enable_grad()(loss_fn), params)
+                # autograd.grad bypasses DDP's reducer: the products are averaged over the group here.
+                hvp, _ = exact_hvp(torch.enable_grad()(loss_fn), params, process_group=self.process_group)
             else:
+                # The closure's backward goes through DDP (when used), which already averages.
                 hvp = finite_difference_hvp(torch.enable_grad()(closure), params, backend=self.backend)
+            if check is not None:
+                raw_hvp = hvp
+
+                def hvp(vectors):
+                    products = raw_hvp(vectors)
+                    with torch.no_grad():
+                        flags.append(check([t for prod in products for t in prod], "hvp"))
+                    return products
+
             result = power_iteration(hvp, [start], iters=self.power_iters, tol=self.eig_tol, eps=self.eps,
                                      backend=self.backend)
-        return params, result, generator.get_state()
+        # One host read per refresh, only with a check attached: a non-finite product poisons v.
+        finite = not flags or not bool(torch.stack([f.reshape(()) for f in flags]).sum() > 0)
+        return params, result, generator.get_state(), finite
 
     def refresh_eigenvector(self, closure: Closure | None = None, loss_fn: Closure | None = None) -> Tensor:
         """Recompute v now at the current (unperturbed) weights; returns the eigenvalue (device tensor).
@@ -465,9 +555,27 @@ class XSAM(SAM):
         """
         if self._perturbed is not None:
             raise RuntimeError("refresh_eigenvector() must run at the unperturbed weights, before first_step()")
-        pending = self._compute_eigenvector(closure, loss_fn)
+        pending = self._accept(self._compute_eigenvector(closure, loss_fn))
         self._commit(pending)
+        if pending is None:
+            return self._global.get("eigenvalue", torch.full((), float("nan")))
         return pending[1].eigenvalues[0]
+
+    def _record_extras(self) -> dict:
+        # A Python bool: the scaler already read the flag on the host when it rejected the refresh.
+        rejected, self._refresh_rejected = getattr(self, "_refresh_rejected", False), False
+        return {"refresh_rejected": rejected}
+
+    def _accept(self, pending):
+        """The refresh if its HVPs were finite; else None (the old v stays) and a retry next step."""
+        finite = pending[3]
+        self._refresh_rejected = not finite
+        if finite:
+            self._global["retry_refresh"] = False
+            return pending[:3]
+        self._global["rejected_refreshes"] = self._global.get("rejected_refreshes", 0) + 1
+        self._global["retry_refresh"] = True
+        return None
 
     def _commit(self, pending) -> None:
         if pending is None:
@@ -538,17 +646,27 @@ class XSAM(SAM):
             raise ValueError("XSAM.step() needs a closure: step(closure) where closure() runs forward and "
                              "backward and returns the loss (X-SAM evaluates the gradient at least twice)")
         closure = torch.enable_grad()(closure)
-        pending = None
+        pending, loss = None, None
+        global_before = dict(self._global)
+        self._refresh_rejected = False
         try:
             if self.refresh_due:
-                pending = self._compute_eigenvector(closure, loss_fn)
-            loss = self._run(closure, frozen=False)
+                pending = self._accept(self._compute_eigenvector(closure, loss_fn))
+            loss = self._run(closure, first=True)
             with torch.no_grad():
                 self._first_step(pending)
-            self._run(closure, frozen=True)
+            self._run(closure, first=False)
             with torch.no_grad():
                 self._second_step(pending)
+        except _NonFiniteGradients:
+            # A skipped step leaves the eigenvector, the schedule and the counters as they were
+            # (the refresh of this step, if any, is redone by the next attempt).
+            self._global.clear()
+            self._global.update(global_before)
+            self._skip()
         except BaseException:
             self._abort()
+            self._global.clear()
+            self._global.update(global_before)
             raise
         return loss

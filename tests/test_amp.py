@@ -1,0 +1,274 @@
+"""Mixed precision: the closure-aware scaler (skip on inf, rejected refreshes), autocast, low-precision weights.
+
+Oracles: the same run without a scaler (power-of-two scales make scaling and
+unscaling exact, so the runs must agree bit for bit), snapshots taken before the
+step (a skipped step must change nothing), and an fp32 twin for bf16 weights.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from xsam import SAM, XSAM
+from xsam.amp import SAMGradScaler
+from xsam.ops.dispatch import unavailable_reason
+
+# Triton runs in its (slow) interpreter here: one test covers it by default, the rest under -m slow.
+BACKENDS = [b if b != "triton" else pytest.param(b, marks=pytest.mark.slow)
+            for b in ("reference", "native", "triton") if unavailable_reason(b, torch.device("cpu"), torch.float32) is None]
+ALL_BACKENDS = [b for b in ("reference", "native", "triton")
+                if unavailable_reason(b, torch.device("cpu"), torch.float32) is None]
+
+
+def make_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def data(seed=1, n=16):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def make_xsam(model, backend="reference", **kw):
+    kw = {"lr": 0.1, "momentum": 0.9, "eig_interval": 2, "power_iters": 2, "hvp": "exact", **kw}
+    return XSAM(model.parameters(), torch.optim.SGD, backend=backend, **kw)
+
+
+def snapshot(model, opt):
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+
+
+def same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+class Injector:
+    """Closures that poison the gradient of chosen calls with inf or nan."""
+
+    def __init__(self, model, scaler, x, y):
+        self.model, self.scaler, self.x, self.y = model, scaler, x, y
+        self.closure_calls, self.poison_closure_call, self.poison_loss_fn = 0, None, False
+
+    def loss(self):
+        return nn.functional.cross_entropy(self.model(self.x), self.y)
+
+    def closure(self):
+        self.closure_calls += 1
+        loss = self.loss()
+        self.scaler.scale(loss).backward()
+        if self.closure_calls == self.poison_closure_call:
+            first = next(self.model.parameters())
+            first.grad.view(-1)[0] = float("inf")
+        return loss
+
+    def loss_fn(self):
+        loss = self.loss()
+        # inf * loss makes every second derivative inf/nan, as an fp16 overflow would.
+        return loss * float("inf") if self.poison_loss_fn else loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poisoned_pass", [1, 2])
+def test_non_finite_pass_skips_the_whole_step(backend, poisoned_pass):
+    model = make_model()
+    x, y = data()
+    opt = make_xsam(model, backend)
+    scaler = SAMGradScaler("cpu", init_scale=2.0 ** 10)
+    inj = Injector(model, scaler, x, y)
+    for _ in range(3):  # momentum buffers and an eigenvector exist; step 3 does not refresh, step 4 does
+        scaler.step(opt, inj.closure, loss_fn=inj.loss_fn)
+        scaler.update()
+    records = []
+    opt.register_diagnostics_hook(lambda o, r: records.append(r))
+    for step in (3, 4):  # without and with a refresh in the skipped step
+        if step == 4:
+            scaler.step(opt, inj.closure, loss_fn=inj.loss_fn)  # step 3 completes normally
+            scaler.update()
+        before, scale_before = snapshot(model, opt), scaler.get_scale()
+        inj.closure_calls, inj.poison_closure_call = 0, poisoned_pass
+        scaler.step(opt, inj.closure, loss_fn=inj.loss_fn)
+        scaler.update()
+        inj.poison_closure_call = None
+        after = snapshot(model, opt)
+        assert all(torch.equal(a, b) for a, b in zip(before[0], after[0])), "weights not restored exactly"
+        state_before, state_after = before[1], after[1]
+        assert state_after["state"]["xsam"].pop("skipped_steps") == state_before["state"]["xsam"].pop("skipped_steps") + 1
+        assert same(state_before, state_after), "eigenvector, base optimizer or counters changed"
+        assert scaler.get_scale() == scale_before * 0.5
+        assert inj.closure_calls == poisoned_pass  # a poisoned first pass stops before the second
+    assert len(records) == 1  # only the completed step reported
+    refreshed_before = opt.diagnostics()["refreshes"]
+    scaler.step(opt, inj.closure, loss_fn=inj.loss_fn)  # the skipped refresh step is redone, and succeeds
+    assert opt.diagnostics()["refreshes"] == refreshed_before + 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_hvp_keeps_the_old_eigenvector_and_reports_it(backend):
+    model = make_model()
+    x, y = data()
+    opt = make_xsam(model, backend)
+    scaler = SAMGradScaler("cpu", init_scale=2.0 ** 10)
+    inj = Injector(model, scaler, x, y)
+    for _ in range(2):
+        scaler.step(opt, inj.closure, loss_fn=inj.loss_fn)
+        scaler.update()
+    assert opt.refresh_due
+    records = []
+    opt.register_diagnostics_hook(lambda o, r: records.append(r))
+    v_before = [t.clone() for t in opt.eigenvector()]
+    diag_before = opt.diagnostics()
+    weights_before = [p.detach().clone() for p in model.parameters()]
+    inj.poison_loss_fn = True
+    scaler.step(opt, inj.closure, loss_fn=inj.loss_fn)
+    scaler.update()
+    inj.poison_loss_fn = False
+    assert all(torch.equal(a, b) for a, b in zip(v_before, opt.eigenvector()))
+    d = opt.diagnostics()
+    assert d["eigenvalue"] == diag_before["eigenvalue"] and d["refreshes"] == diag_before["refreshes"]
+    assert d["rejected_refreshes"] == 1 and d["step"] == diag_before["step"] + 1  # the step itself was taken
+    assert not all(torch.equal(a, b) for a, b in zip(weights_before, model.parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert records[-1]["refresh_rejected"] is True and records[-1]["refreshed"] is False
+    assert scaler.get_scale() == 2.0 ** 9
+    assert opt.refresh_due  # retried at the next step
+    scaler.step(opt, inj.closure, loss_fn=inj.loss_fn)
+    assert records[-1]["refresh_rejected"] is False and records[-1]["refreshed"] is True
+    assert opt.diagnostics()["refreshes"] == diag_before["refreshes"] + 1
+
+
+@pytest.mark.parametrize("hvp", ["exact", "finite_difference"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_scaled_run_equals_unscaled_run_bit_for_bit(backend, hvp):
+    """Power-of-two scales: scaling the loss and unscaling every pass and HVP is exact."""
+    x, y = data()
+    runs = []
+    for use_scaler in (False, True):
+        model = make_model(dtype=torch.float64)
+        # normalize=False: a missed unscale would not cancel out in the update.
+        opt = make_xsam(model, backend, hvp=hvp, normalize=False)
+        scaler = SAMGradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1000)
+
+        def closure():
+            loss = nn.functional.cross_entropy(model(x.double()), y)
+            (scaler.scale(loss) if use_scaler else loss).backward()
+            return loss
+
+        def loss_fn():
+            return nn.functional.cross_entropy(model(x.double()), y)
+
+        for _ in range(3):
+            if use_scaler:
+                scaler.step(opt, closure, loss_fn=loss_fn if hvp == "exact" else None)
+                scaler.update()
+            else:
+                opt.step(closure, loss_fn=loss_fn if hvp == "exact" else None)
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.eigenvector(), opt.diagnostics()))
+    (w0, v0, d0), (w1, v1, d1) = runs
+    assert abs(d0["eigenvalue"] - d1["eigenvalue"]) <= 1e-9 * abs(d0["eigenvalue"])
+    assert abs(d0["grad_norm"] - d1["grad_norm"]) <= 1e-9 * abs(d0["grad_norm"])
+    if hvp == "exact":
+        assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+        assert all(torch.equal(a, b) for a, b in zip(v0, v1))
+    else:  # the finite-difference step size is relative, the differences themselves round
+        for a, b in zip(w0 + v0, w1 + v1):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_sam_with_the_scaler_skips_and_equals_unscaled_sam():
+    x, y = data()
+    results = []
+    for use_scaler in (False, True):
+        model = make_model()
+        opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+        scaler = SAMGradScaler("cpu", init_scale=2.0 ** 8)
+        inj = Injector(model, scaler if use_scaler else SAMGradScaler("cpu", enabled=False), x, y)
+        for _ in range(2):
+            scaler.step(opt, inj.closure) if use_scaler else opt.step(inj.closure)
+            if use_scaler:
+                scaler.update()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    before = [p.detach().clone() for p in model.parameters()]
+    inj.closure_calls, inj.poison_closure_call = 0, 2
+    scaler.step(opt, inj.closure)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert scaler.get_scale() == 2.0 ** 7
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_training_on_cpu_lowers_the_loss(dtype):
+    x, y = data(n=64)
+    model = make_model()
+    opt = make_xsam(model, "auto", hvp="finite_difference", lr=0.2)
+    scaler = SAMGradScaler("cpu", enabled=dtype == torch.float16)  # bf16 needs no scaling
+
+    def loss_fn():
+        with torch.autocast("cpu", dtype=dtype):
+            return nn.functional.cross_entropy(model(x), y)
+
+    def closure():
+        loss = loss_fn()
+        scaler.scale(loss).backward()
+        return loss
+
+    with torch.no_grad():
+        start = nn.functional.cross_entropy(model(x), y).item()
+    for _ in range(15):
+        scaler.step(opt, closure)
+        scaler.update()
+    with torch.no_grad():
+        end = nn.functional.cross_entropy(model(x), y).item()
+    assert end < 0.8 * start
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert opt.diagnostics()["refreshes"] >= 7
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_parameters_track_an_fp32_twin(backend, dtype):
+    x, y = data()
+    low = make_model(dtype=dtype)
+    high = make_model().to(dtype).float()  # the same (rounded) starting weights in fp32
+    outs = []
+    for model, mdtype in ((low, dtype), (high, torch.float32)):
+        opt = make_xsam(model, backend, hvp="exact", lr=0.05, momentum=0.0)
+        for _ in range(2):
+            def closure():
+                loss = nn.functional.cross_entropy(model(x.to(mdtype)).float(), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure, loss_fn=lambda: nn.functional.cross_entropy(model(x.to(mdtype)).float(), y))
+        outs.append((model, opt))
+    (low, opt_low), (high, opt_high) = outs
+    assert all(p.dtype == dtype and opt_low.state[p]["eigenvector"].dtype == dtype for p in low.parameters())
+    tol = {torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    for a, b in zip(low.parameters(), high.parameters()):
+        torch.testing.assert_close(a.float(), b, rtol=tol, atol=tol)
+    # The moved distance agrees too, not only the (nearly unchanged) weights.
+    start = make_model().to(dtype).float()
+    for a, b, s in zip(low.parameters(), high.parameters(), start.parameters()):
+        torch.testing.assert_close(a.float() - s, b - s, rtol=0.2, atol=4 * tol)
+    assert abs(opt_low.diagnostics()["eigenvalue"] - opt_high.diagnostics()["eigenvalue"]) < 0.1 * abs(
+        opt_high.diagnostics()["eigenvalue"])
+
+
+def test_scaler_rejects_misuse_with_clear_errors():
+    model = make_model()
+    opt = make_xsam(model)
+    scaler = SAMGradScaler("cpu")
+    with pytest.raises(ValueError, match="needs a closure"):
+        scaler.step(opt)
+    with pytest.raises(TypeError, match="not a SAM-type optimizer"):
+        scaler.step(torch.optim.SGD(model.parameters(), lr=0.1), lambda: None)
+    with pytest.raises(RuntimeError, match="unscales every pass itself"):
+        scaler.unscale_(opt)

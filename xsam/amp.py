@@ -1,0 +1,109 @@
+"""Mixed precision for SAM-type optimizers: a gradient scaler that accepts closures.
+
+``torch.amp.GradScaler.step`` refuses closures, and SAM needs one (two gradient
+passes, plus the HVPs of an X-SAM refresh). ``SAMGradScaler`` is a GradScaler
+(same constructor, ``scale``, ``update``, ``state_dict``) whose ``step`` runs the
+optimizer's whole step with a check attached to every pass:
+
+- each pass's gradients (first pass, perturbed pass) and every HVP product are
+  unscaled (multiplied by 1/scale) before the optimizer uses them, with the
+  same fused kernel GradScaler uses (``torch._amp_foreach_non_finite_check_and_unscale_``);
+- a non-finite gradient in either pass skips the whole step: the weights are
+  restored bit-exactly, the base optimizer does not step, and the eigenvector,
+  the step counter and the rest of the optimizer state stay as they were;
+- a non-finite HVP rejects that refresh only: the old eigenvector is kept, the
+  step goes on with it, the refresh is retried at the next step, and the record
+  passed to diagnostics hooks has ``refresh_rejected=True``;
+- either event lowers the scale at ``update()``, as GradScaler does.
+
+Usage (the closure scales its own loss, as with the stock scaler)::
+
+    scaler = xsam.amp.SAMGradScaler("cuda")
+    def closure():
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = criterion(model(x), y)
+        scaler.scale(loss).backward()
+        return loss
+    def loss_fn():  # exact HVPs: forward only, unscaled; the scaler scales it
+        with torch.autocast("cuda", dtype=torch.float16):
+            return criterion(model(x), y)
+    scaler.step(optimizer, closure, loss_fn=loss_fn)
+    scaler.update()
+
+Host syncs: the flag is read on the host after each pass and once per refresh
+(the stock ``GradScaler.step`` reads it once per step), because skipping needs
+a host decision. bf16 autocast needs no scaler: call ``optimizer.step`` directly.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .optimizer import SAM, XSAM
+
+__all__ = ["SAMGradScaler"]
+
+
+class SAMGradScaler(torch.amp.GradScaler):
+    """``torch.amp.GradScaler`` whose ``step(optimizer, closure, loss_fn=None)`` drives SAM/X-SAM steps."""
+
+    def unscale_(self, optimizer) -> None:  # noqa: D102 - the stock one would unscale between passes
+        raise RuntimeError("SAMGradScaler unscales every pass itself inside step(optimizer, closure); do not "
+                           "call unscale_(). To clip, clip inside the closure on unscaled values, or see the "
+                           "README section on gradient clipping")
+
+    def step(self, optimizer: SAM, closure: Callable[[], Tensor] | None = None,  # type: ignore[override]
+             loss_fn: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Run one SAM/X-SAM step with every pass unscaled and checked; returns the first-pass loss."""
+        if not isinstance(optimizer, SAM):
+            raise TypeError(f"optimizer={type(optimizer).__name__} is not a SAM-type optimizer; use "
+                            "torch.amp.GradScaler for ordinary optimizers")
+        if closure is None:
+            raise ValueError("SAMGradScaler.step needs a closure: step(optimizer, closure) where closure() runs "
+                             "forward and scaler.scale(loss).backward() and returns the loss")
+        if loss_fn is not None and not isinstance(optimizer, XSAM):
+            raise ValueError("loss_fn is only used by XSAM (exact HVPs); SAM takes the closure only")
+        if not self._enabled:
+            return optimizer.step(closure, loss_fn=loss_fn) if isinstance(optimizer, XSAM) else optimizer.step(closure)
+        if optimizer._gradient_check is not None:
+            raise RuntimeError("this optimizer already has a gradient check attached (nested scaler.step?)")
+
+        from torch.amp.grad_scaler import OptState  # the stage bookkeeping update() relies on
+
+        state = self._per_optimizer_states[id(optimizer)]
+        if state["stage"] is OptState.STEPPED:
+            raise RuntimeError("step() has already been called since the last update(); call scaler.update() "
+                               "once per iteration")
+        if self._scale is None:  # the scale is created lazily by the first scale() call
+            self._lazy_init_scale_growth_tracker(torch.device(self._device))
+        scale, _ = self._check_scale_growth_tracker("step")
+        # In fp64 then fp32, as GradScaler does: 1/scale is exact for power-of-two scales.
+        inv_scale = scale.double().reciprocal().float()
+        found_any = torch.zeros((), dtype=torch.float32, device=scale.device)
+
+        def check(tensors: list[Tensor], kind: str) -> Tensor:
+            flag = torch.zeros((), dtype=torch.float32, device=scale.device)
+            by_group: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            for t in tensors:
+                by_group.setdefault((t.device, t.dtype), []).append(t)
+            for (device, _), group in by_group.items():
+                local = torch.zeros((), dtype=torch.float32, device=device)
+                torch._amp_foreach_non_finite_check_and_unscale_(group, local, inv_scale.to(device))
+                flag += local.to(scale.device)
+            found_any.add_(flag)
+            return flag
+
+        scaled_loss_fn = None if loss_fn is None else (lambda: self.scale(loss_fn()))
+        optimizer._gradient_check = check
+        try:
+            if isinstance(optimizer, XSAM):
+                loss = optimizer.step(closure, loss_fn=scaled_loss_fn)
+            else:
+                loss = optimizer.step(closure)
+        finally:
+            optimizer._gradient_check = None
+        state["found_inf_per_device"] = {scale.device: found_any}
+        state["stage"] = OptState.STEPPED
+        return loss
