@@ -92,23 +92,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"xsam bench on {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"scale 1/{scale:g}, {blocks} blocks per measurement")
     started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+
+    def save() -> str:
+        # After every section, so a run cut short by a time limit still leaves its finished sections.
+        table = report.format_tables(rows)
+        report.write_csv(rows, args.out / CSV_NAME)
+        (args.out / TABLE_NAME).write_text(table + "\n")
+        return table
+
     if "ops" in args.only:
         names = args.models or (("resnet18", "many_small") if args.quick else tuple(PARAMETER_SETS))
         models = {m: parameter_shapes(m, scale) for m in names}
         rows += ops_bench.run_ops(models, device, dtype, timing=timing, ops_to_run=args.ops, backends=args.backends)
+        save()
     if "e2e" in args.only:
         rows += e2e_bench.run_e2e(e2e_models, device, batch=batch, configs=configs, blocks=max(3, blocks - 2),
                                   backends=args.backends)
+        save()
     if "memory" in args.only:
         rows += e2e_bench.run_memory(e2e_models, device, batch=batch, configs=configs)
-
-    table = report.format_tables(rows)
+    table = save()
     print()
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    report.write_csv(rows, args.out / CSV_NAME)
-    (args.out / TABLE_NAME).write_text(table + "\n")
     written = [CSV_NAME, TABLE_NAME]
     if not args.no_plot and "ops" in args.only:
         why_not = report.plot_bandwidth(rows, args.out / PLOT_NAME)

@@ -91,15 +91,15 @@ class Workspace:
 
 def make_workspace(shapes: list[Shape], device: torch.device, dtype: torch.dtype, seed: int = 0) -> Workspace:
     """Same seed, same values: every implementation starts from identical tensors."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # Drawn on the device itself: filling GPT-2-sized lists on the host would take longer than timing them.
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def vector(scale: float) -> list[Tensor]:
-        # Drawn on the CPU so that the values do not depend on the device's generator.
-        return [(torch.randn(s, generator=gen) * scale).to(device=device, dtype=dtype) for s in shapes]
+        return [(torch.randn(s, generator=gen, device=device) * scale).to(dtype) for s in shapes]
 
     w, g, v, u = vector(1.0), vector(0.1), vector(1.0), vector(1.0)
-    v_norm = math.sqrt(sum(float((t.float() ** 2).sum()) for t in v)) or 1.0
-    v = [t / v_norm for t in v]
+    v_norm = torch.stack([(t.float() ** 2).sum() for t in v]).sum().sqrt()
+    v = [(t / v_norm.to(t.dtype)) for t in v]
     saved = [torch.empty_like(t) for t in w]
     # Scalars stay on the device as 0-d fp32 tensors, as the optimizer passes them.
     acc = ops.accumulation_dtype(dtype)
