@@ -35,4 +35,4 @@ bench: $(VENV)/.installed-test
 	$(VENV)/bin/xsam bench
 
 clean:
-	rm -rf build *.egg-info $(VENV)
+	rm -rf build *.egg-info xsam/_C*.so $(VENV)
