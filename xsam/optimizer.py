@@ -123,7 +123,20 @@ class SAM(torch.optim.Optimizer):
     ``step(closure)``: the closure runs forward and backward and returns the
     loss; it need not zero gradients, the optimizer clears them before each of
     its passes. BatchNorm running statistics of ``model`` (when given) are only
-    updated by the first pass.
+    updated by the first pass (without ``model``, wrap the passes after the first
+    in ``batchnorm_statistics_frozen(model)`` yourself).
+
+    Data parallelism (see ``xsam.distributed``): with ``model`` a DDP module,
+    ``per_replica_perturbation=True`` runs the first pass under ``model.no_sync()``
+    (each replica perturbs by its own gradient); ``process_group`` ("auto": the DDP
+    module's group, or None, or a group) is where exact HVPs are averaged.
+
+    Gradient clipping: clip inside the closure, after ``backward``. It then acts on
+    both passes; norm clipping is a no-op on the first pass (the perturbation is
+    normalised, ASAM included) and on the second pass of XSAM with
+    ``normalize=True``; it clips what the base optimizer sees for SAM and for
+    ``normalize=False``. With ``xsam.amp.SAMGradScaler`` the closure sees scaled
+    gradients, so clip with ``max_norm * scaler.get_scale()`` there.
     """
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, adaptive: bool = False,
@@ -385,8 +398,11 @@ class SAM(torch.optim.Optimizer):
         step just taken), ``refreshed`` (bool), ``grad_norm`` (||g||), and for X-SAM
         ``adv_grad_norm``, ``cos_g_v``, ``cos_gadv_v``, ``correction`` (the
         ``beta`` of algorithm.md: the gradient loses ``alpha * beta * v``),
-        ``eigenvalue`` and ``eigen_residual`` of the current v. With no hook
-        registered nothing is recorded.
+        ``eigenvalue`` and ``eigen_residual`` of the current v, and
+        ``refresh_rejected`` (Python bool: a refresh of this step had non-finite
+        HVPs under ``xsam.amp.SAMGradScaler`` and the old v was kept). Steps
+        skipped by the scaler are not reported. With no hook registered nothing
+        is recorded.
         """
         handle = torch.utils.hooks.RemovableHandle(self._diagnostics_hooks)
         self._diagnostics_hooks[handle.id] = hook
