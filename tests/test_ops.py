@@ -100,14 +100,14 @@ def test_unknown_backend_name_is_a_clear_error():
 
 def test_unavailable_backend_raises_with_reason(monkeypatch):
     monkeypatch.setattr(dispatch, "unavailable_reason", lambda name, device, dtype: "not built here")
-    dispatch.resolve.cache_clear()
+    dispatch.clear_cache()
     try:
         with pytest.raises(ops.BackendUnavailableError, match="backend='native'.*not built here"):
             ops.dots([make(SHAPES, torch.float32, 0)], [(0, 0)], backend="native")
         # auto never fails: it falls back to the reference.
         assert dispatch.resolve("auto", torch.device("cpu"), torch.float32) is ops.reference
     finally:
-        dispatch.resolve.cache_clear()
+        dispatch.clear_cache()
 
 
 def test_misaligned_lists_are_rejected():

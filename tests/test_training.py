@@ -167,9 +167,7 @@ def test_compiled_model_trains_like_eager_without_recompiling_every_step(compile
     assert graphs_after[0] >= 1 and graphs_after[-1] == graphs_after[1], graphs_after
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=pytest.mark.xfail(
-    strict=True, reason="dispatch imports the backend module inside the trace (importlib.import_module is "
-    "skipped by dynamo); see the training-loops report"))])
+@pytest.mark.parametrize("backend", ["reference", "native"])
 def test_op_set_traces_into_one_graph(backend):
     from xsam import ops
     from xsam.ops.dispatch import unavailable_reason

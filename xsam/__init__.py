@@ -1,5 +1,5 @@
 """xsam: X-SAM (Sharpness-Aware Minimization with dominant-eigenvector gradient correction) for PyTorch."""
-from . import hessian, ops
+from . import amp, distributed, hessian, ops
 from .hessian import exact_hvp, finite_difference_hvp, power_iteration
 from .ops import BackendUnavailableError
 from .optimizer import SAM, XSAM, batchnorm_statistics_frozen
@@ -10,6 +10,8 @@ __all__ = [
     "SAM",
     "XSAM",
     "BackendUnavailableError",
+    "amp",
+    "distributed",
     "batchnorm_statistics_frozen",
     "exact_hvp",
     "finite_difference_hvp",

@@ -66,9 +66,27 @@ def _auto_order(device: torch.device) -> tuple[str, ...]:
     return ("native", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+# Plain dicts rather than functools.lru_cache: torch.compile traces a dict lookup, while
+# an lru_cache wrapper (or the import behind a first resolution) breaks the graph.
+_RESOLVED: dict[tuple[str, torch.device, torch.dtype], ModuleType] = {}
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     """The backend module that runs a group of tensors on ``device`` with ``dtype``."""
+    key = (backend, device, dtype)
+    module = _RESOLVED.get(key)
+    if module is None:
+        module = _resolve_uncached(backend, device, dtype)
+        _RESOLVED[key] = module
+    return module
+
+
+def clear_cache() -> None:
+    """Forget resolved backends (after a backend became (un)available, e.g. in tests)."""
+    _RESOLVED.clear()
+
+
+def _resolve_uncached(backend: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     check_backend_name(backend)
     if backend == "auto":
         for name in _auto_order(device):
@@ -98,3 +116,9 @@ def describe(devices: tuple[torch.device, ...] | None = None) -> list[tuple[str,
     for device in devices:
         rows.append(("auto", str(device), f"uses {resolve('auto', device, torch.float32).__name__}"))
     return rows
+
+
+# Load the compiled extension now (cheap, and it registers torch.ops.xsam with their fake
+# implementations) so that resolving "native" inside a torch.compile trace imports nothing.
+# Triton stays lazy: importing it costs about a second.
+_load("native")
