@@ -1,4 +1,4 @@
-"""The ``xsam`` command line: ``xsam demo``, ``xsam bench``, ``xsam info``."""
+"""The ``xsam`` command line: ``xsam demo``, ``xsam bench``, ``xsam experiment``, ``xsam info``."""
 from __future__ import annotations
 
 import argparse
@@ -33,7 +33,20 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from xsam.experiment import main as experiment_main
+
+    return experiment_main(args.experiment_args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # argparse's REMAINDER does not capture arguments that start with "-" (`xsam experiment --quick`
+    # would be rejected), so the experiment's own parser gets everything after its name.
+    if argv[:1] == ["experiment"]:
+        from xsam.experiment import main as experiment_main
+
+        return experiment_main(argv[1:])
     parser = argparse.ArgumentParser(prog="xsam", description="X-SAM for PyTorch: demo, benchmarks, backend info")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="train SGD, SAM and X-SAM on the bundled digits data (CPU, ~2 min)",
@@ -43,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="benchmark the op set and the optimizer step", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
+    p = sub.add_parser("experiment", help="SGD, SAM, ASAM and X-SAM on offline data: accuracy, sharpness, "
+                       "angle, wall time (--quick: about a minute)", add_help=False)
+    p.add_argument("experiment_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_experiment)
     p = sub.add_parser("info", help="which backends run on this machine, and why not")
     p.set_defaults(func=_info)
     args = parser.parse_args(argv)

@@ -1,0 +1,269 @@
+"""Evidence layer: the diagnostics recorder, the independent eigenvalue, and what X-SAM does to v.
+
+Oracles: the optimizer's own hook records (recorder), dense Hessians from
+torch.autograd.functional.hessian (eigenvalue), and the closed form of the
+correction applied to SAM's gradient at the same weights (angle).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import Quadratic
+from xsam import SAM, XSAM
+from xsam.diagnostics import RECORDED_KEYS, DiagnosticsRecorder, cosine, top_eigenvalue
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a second intra-op thread only adds waiting (a lot of it on a loaded CI machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# The optimizers' default "auto" backend is not what this file is about; the reference op set is the oracle.
+BACKEND = "reference"
+
+
+# ----- recorder ------------------------------------------------------------------------------
+def test_recorder_keeps_what_the_hook_reports_and_stops_when_removed():
+    q = Quadratic()
+    opt = XSAM(q.params, torch.optim.SGD, lr=0.01, eig_interval=2, hvp="exact", seed=1, backend=BACKEND)
+    raw = []
+    opt.register_diagnostics_hook(lambda o, r: raw.append({k: (v.clone() if torch.is_tensor(v) else v)
+                                                          for k, v in r.items()}))
+    recorder = DiagnosticsRecorder(opt)
+    for _ in range(5):
+        opt.step(q.closure, loss_fn=q.loss)
+    recorder.remove()
+    opt.step(q.closure, loss_fn=q.loss)
+    records = recorder.records()
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in recorder.refreshes()] == [0, 2, 4]
+    for rec, hook in zip(records, raw):
+        for key in RECORDED_KEYS:
+            assert rec[key] == pytest.approx(float(hook[key]), rel=1e-6, abs=1e-9), key
+
+
+def test_recorder_on_sam_marks_eigenvector_quantities_missing_and_writes_csv(tmp_path):
+    q = Quadratic()
+    opt = SAM(q.params, torch.optim.SGD, lr=0.01, backend=BACKEND)
+    with DiagnosticsRecorder(opt) as recorder:
+        for _ in range(3):
+            opt.step(q.closure)
+    records = recorder.records()
+    assert len(records) == 3
+    g = torch.cat([p.grad.reshape(-1) for p in q.params])  # only to check a norm was recorded
+    assert all(r["grad_norm"] > 0 for r in records) and g.numel() == 12
+    assert all(math.isnan(r["cos_g_v"]) and math.isnan(r["eigenvalue"]) for r in records)
+    path = tmp_path / "steps.csv"
+    recorder.to_csv(path, extra={"run": "sam"})
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("run,step,refreshed,eigenvalue") and len(lines) == 4
+
+
+def test_nothing_is_registered_without_a_recorder():
+    q = Quadratic()
+    opt = XSAM(q.params, torch.optim.SGD, lr=0.01, hvp="exact", backend=BACKEND)
+    assert len(opt._diagnostics_hooks) == 0
+    recorder = DiagnosticsRecorder(opt)
+    assert len(opt._diagnostics_hooks) == 1
+    recorder.remove()
+    assert len(opt._diagnostics_hooks) == 0
+
+
+def test_recorder_rejects_plain_optimizers_and_unknown_keys():
+    p = [nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match="optimizer=SGD"):
+        DiagnosticsRecorder(torch.optim.SGD(p, lr=0.1))
+    with pytest.raises(ValueError, match="keys="):
+        DiagnosticsRecorder(SAM(p, torch.optim.SGD, lr=0.1), keys=("eigenvalue", "nope"))
+
+
+# ----- independent eigenvalue ----------------------------------------------------------------
+def _dense_top_eigenvalue(model: nn.Module, loss_of_params) -> float:
+    params = [p.detach().clone() for p in model.parameters()]
+    sizes = [p.numel() for p in params]
+
+    def flat_loss(w):
+        chunks = torch.split(w, sizes)
+        return loss_of_params([c.reshape(p.shape) for c, p in zip(chunks, params)])
+
+    h = torch.autograd.functional.hessian(flat_loss, torch.cat([p.reshape(-1) for p in params]))
+    evals = torch.linalg.eigvalsh(0.5 * (h + h.T))
+    return float(evals[evals.abs().argmax()])
+
+
+def test_top_eigenvalue_matches_the_dense_hessian_with_its_sign():
+    torch.manual_seed(0)
+    x = torch.randn(40, 3, dtype=torch.float64)
+    y = torch.randn(40, 2, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+    def loss_of_params(ws):
+        h = torch.tanh(x @ ws[0].T + ws[1])
+        return ((h @ ws[2].T + ws[3] - y) ** 2).mean()
+
+    expected = _dense_top_eigenvalue(model, loss_of_params)
+    est = top_eigenvalue(model, lambda: ((model(x) - y) ** 2).mean(), tol=1e-7, max_iters=3000, seed=3)
+    assert est.converged
+    assert est.eigenvalue == pytest.approx(expected, rel=1e-4)
+    # A negated loss has the negated spectrum: the sign must come through.
+    neg = top_eigenvalue(model, lambda: -((model(x) - y) ** 2).mean(), tol=1e-7, max_iters=3000, seed=3)
+    assert neg.eigenvalue == pytest.approx(-expected, rel=1e-4)
+    # The reported angle uses the gradient on the same batch.
+    model.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    assert abs(est.grad_cos) == pytest.approx(abs(cosine([p.grad for p in model.parameters()], est.vector)),
+                                              rel=1e-9)
+
+
+def test_top_eigenvalue_leaves_batchnorm_statistics_and_modes_alone():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    model(x)  # non-trivial running statistics
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    est = top_eigenvalue(model, lambda: nn.functional.cross_entropy(model(x), y), tol=1e-3)
+    assert model.training and all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    assert est.relative_residual < 1e-2 and est.iterations >= 2
+
+
+def test_top_eigenvalue_names_bad_arguments():
+    model = nn.Linear(2, 2)
+    f = lambda: model(torch.ones(1, 2)).pow(2).sum()
+    with pytest.raises(ValueError, match="tol="):
+        top_eigenvalue(model, f, tol=0)
+    with pytest.raises(ValueError, match="max_iters="):
+        top_eigenvalue(model, f, max_iters=1)
+    with pytest.raises(ValueError, match="init"):
+        top_eigenvalue(model, f, init=[torch.zeros(3)])
+
+
+# ----- the correction at the same weights ------------------------------------------------------
+def _mlp_problem(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(64, 3, generator=gen, dtype=torch.float64)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    return model, x, y
+
+
+@pytest.mark.parametrize("correction", ["signed", "symmetric", "acute"])
+def test_xsam_update_makes_a_larger_angle_with_v_than_sam_at_the_same_weights(correction):
+    alpha = 0.5
+    signs = set()
+    for seed in range(6):
+        model_x, x, y = _mlp_problem(seed)
+        model_s = copy.deepcopy(model_x)
+        loss_x = lambda: ((model_x(x) - y) ** 2).mean()
+        loss_s = lambda: ((model_s(x) - y) ** 2).mean()
+
+        def closure(f):
+            def run():
+                loss = f()
+                loss.backward()
+                return loss
+            return run
+
+        xsam = XSAM(model_x.parameters(), torch.optim.SGD, lr=0.1, rho=0.05, alpha=alpha, correction=correction,
+                    eig_interval=1, power_iters=20, hvp="exact", seed=seed, backend=BACKEND)
+        sam = SAM(model_s.parameters(), torch.optim.SGD, lr=0.1, rho=0.05, backend=BACKEND)
+        xsam.step(closure(loss_x), loss_fn=loss_x)
+        sam.step(closure(loss_s))
+        v = xsam.eigenvector()
+        # After the step .grad holds what the base optimizer received: g_corr for X-SAM, g_adv for SAM.
+        cos_x = cosine([p.grad for p in model_x.parameters()], v)
+        cos_s = cosine([p.grad for p in model_s.parameters()], v)
+        signs.add(cos_s > 0)
+        # Oracle: the correction applied by hand to SAM's (identical) perturbed gradient.
+        beta = {"signed": abs(cos_s), "symmetric": cos_s, "acute": max(cos_s, 0.0)}[correction]
+        par = cos_s - alpha * beta
+        expected = par / math.sqrt(1.0 - cos_s ** 2 + par ** 2)
+        assert cos_x == pytest.approx(expected, abs=1e-9)
+        angle_x, angle_s = math.degrees(math.acos(cos_x)), math.degrees(math.acos(cos_s))
+        if correction == "signed" or (correction == "acute" and cos_s > 0):
+            assert angle_x > angle_s + 1e-3  # away from v when acute, further past 90 degrees when obtuse
+        elif correction == "acute":
+            assert angle_x == pytest.approx(angle_s, abs=1e-6)  # obtuse: left alone
+        else:  # symmetric: the update's line gets closer to perpendicular to v's line
+            assert abs(cos_x) < abs(cos_s)
+    assert signs == {True, False}, "the seeds should cover both orientations of v"
+
+
+# ----- one sharp direction --------------------------------------------------------------------
+def _sharp_problem(seed: int):
+    """Two-layer tanh regression where input feature 0 is 10x larger: one dominant Hessian direction."""
+    gen = torch.Generator().manual_seed(1000)  # the data is fixed; the seed picks the initialisation
+    x = torch.randn(256, 10, generator=gen)
+    x[:, 0] *= 10.0
+    w_true = torch.randn(10, generator=gen) / math.sqrt(10)
+    y = torch.tanh(x @ w_true * 0.3).unsqueeze(1) + 0.1 * torch.randn(256, 1, generator=gen)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 2))
+    return model, x, y
+
+
+def _final_sharpness(method: str, seed: int, steps: int = 150) -> float:
+    model, x, y = _sharp_problem(seed)
+    loss_fn = lambda: ((model(x)[:, :1] - y) ** 2).mean()
+
+    def closure():
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    common = dict(lr=0.08, rho=0.05, backend=BACKEND)
+    if method == "sam":
+        opt = SAM(model.parameters(), torch.optim.SGD, **common)
+    else:
+        opt = XSAM(model.parameters(), torch.optim.SGD, alpha=0.5, correction="signed", eig_interval=1,
+                   power_iters=5, hvp="exact", seed=seed, **common)
+    for _ in range(steps):  # full batch: the only randomness is the initialisation
+        opt.step(closure) if method == "sam" else opt.step(closure, loss_fn=loss_fn)
+    return top_eigenvalue(model, loss_fn, tol=1e-4, max_iters=1000).eigenvalue
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="does not replicate: on this problem X-SAM (any correction, normalised or not, "
+                          "alpha 0.2-1) ends SHARPER than SAM on every seed tried; damping the step along v "
+                          "lowers the effective learning rate along v, which tolerates a larger eigenvalue. "
+                          "See docs/results/README.md. Strict: if this starts passing, update the docs.")
+def test_xsam_ends_flatter_than_sam_on_a_problem_with_one_sharp_direction():
+    seeds = range(3)
+    sam = [_final_sharpness("sam", s) for s in seeds]
+    xsam = [_final_sharpness("xsam", s) for s in seeds]
+    assert all(l > 0 for l in sam + xsam)  # a minimum-like region, not a saddle
+    assert sum(xsam) / len(xsam) < sum(sam) / len(sam), f"X-SAM {xsam} vs SAM {sam}"
+    assert all(a < b for a, b in zip(xsam, sam)), f"X-SAM {xsam} vs SAM {sam}"
+
+
+# ----- the experiment command ------------------------------------------------------------------
+def test_experiment_command_writes_table_csv_and_plot(tmp_path, capsys):
+    from xsam.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["experiment", "--quick", "--epochs", "1", "--eval-every", "1", "--eig-batch", "64",
+               "--methods", "sgd", "xsam-signed", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| digits | xsam-signed | 1 |" in printed
+    curves = (out / "curves.csv").read_text().splitlines()
+    assert curves[0].startswith("task,method,seed,epoch,train_loss,test_acc,eigenvalue")
+    assert len(curves) == 1 + 2 * 2  # two methods x (epoch 0, epoch 1)
+    assert len((out / "summary.csv").read_text().splitlines()) == 3
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not (out / "experiment.png").exists()
+    else:
+        assert (out / "experiment.png").stat().st_size > 1000

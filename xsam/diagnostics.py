@@ -1,0 +1,199 @@
+"""Evidence tools: record what X-SAM does during training, and measure sharpness independently.
+
+- ``DiagnosticsRecorder(optimizer)``: registers on the optimizer's diagnostics
+  hook and keeps every step's scalars (eigenvalue with its sign, residual,
+  cos(g, v), cos(g_adv, v), gradient norms, the correction beta) as device
+  tensors. A step costs one small stack (a device-side copy, no host sync);
+  the values reach the host only when asked (``records()``, ``to_csv()``),
+  in one transfer. Without a recorder nothing is recorded at all.
+- ``top_eigenvalue(model, loss_fn, ...)``: the top-|lambda| Hessian eigenpair of
+  any model on a fixed batch, by power iteration with exact HVPs until a given
+  relative tolerance; independent of any optimizer, so SGD, SAM and X-SAM runs
+  are measured by the same yardstick.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .hessian import exact_hvp, power_iteration, random_vectors
+
+__all__ = ["DiagnosticsRecorder", "EigenEstimate", "RECORDED_KEYS", "cosine", "top_eigenvalue"]
+
+# Scalars the optimizer's hook may hand over, in the column order of records() and to_csv().
+RECORDED_KEYS = ("eigenvalue", "eigen_residual", "grad_norm", "adv_grad_norm", "cos_g_v", "cos_gadv_v",
+                 "correction")
+
+
+class DiagnosticsRecorder:
+    """Keep the per-step diagnostics of a SAM/XSAM optimizer on the device until asked for.
+
+    ``recorder = DiagnosticsRecorder(opt)`` starts recording; ``recorder.records()``
+    returns one dict per completed step (Python numbers; keys the optimizer did
+    not report, e.g. ``cos_g_v`` for SAM or before the first eigenvector, are NaN);
+    ``recorder.refreshes()`` only the steps that refreshed the eigenvector, whose
+    ``eigenvalue``/``eigen_residual`` are the fresh ones (on other steps they are
+    those of the v in use). ``remove()`` (or leaving a ``with`` block) stops it.
+    """
+
+    def __init__(self, optimizer, keys: Sequence[str] = RECORDED_KEYS):
+        if not hasattr(optimizer, "register_diagnostics_hook"):
+            raise ValueError(f"optimizer={type(optimizer).__name__} has no register_diagnostics_hook(); "
+                             "pass an xsam.SAM or xsam.XSAM optimizer")
+        unknown = [k for k in keys if k not in RECORDED_KEYS]
+        if unknown:
+            raise ValueError(f"keys={list(keys)!r} has unknown names {unknown}; choose from {list(RECORDED_KEYS)}")
+        self.keys = tuple(keys)
+        self._steps: list[int] = []
+        self._refreshed: list[bool] = []
+        self._values: list[Tensor] = []  # one (len(keys),) float32 device tensor per step
+        self._handle = optimizer.register_diagnostics_hook(self._on_step)
+
+    def _on_step(self, optimizer, record: dict) -> None:
+        present = [record[k] for k in self.keys if isinstance(record.get(k), Tensor)]
+        if not present:
+            return
+        device = present[0].device
+        # Missing keys become NaN; stacking copies the values, so later in-place reuse of the
+        # optimizer's buffers cannot change what was recorded, and nothing waits for the device.
+        row = []
+        for k in self.keys:
+            v = record.get(k)
+            if isinstance(v, Tensor):
+                row.append(v.detach().reshape(()).to(device=device, dtype=torch.float32))
+            else:
+                row.append(torch.full((), math.nan if v is None else float(v), dtype=torch.float32, device=device))
+        self._values.append(torch.stack(row))
+        self._steps.append(int(record["step"]))
+        self._refreshed.append(bool(record["refreshed"]))
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def remove(self) -> None:
+        """Stop recording (what was recorded stays readable)."""
+        self._handle.remove()
+
+    def __enter__(self) -> "DiagnosticsRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def clear(self) -> None:
+        self._steps.clear()
+        self._refreshed.clear()
+        self._values.clear()
+
+    def records(self) -> list[dict]:
+        """Every recorded step as a dict of Python numbers (this is where the host waits, once)."""
+        if not self._values:
+            return []
+        table = torch.stack([v.cpu() if v.device.type != "cpu" else v for v in self._values]).tolist()
+        return [dict(step=s, refreshed=r, **dict(zip(self.keys, row)))
+                for s, r, row in zip(self._steps, self._refreshed, table)]
+
+    def refreshes(self) -> list[dict]:
+        """The steps that refreshed the eigenvector: one record per power iteration run."""
+        return [r for r in self.records() if r["refreshed"]]
+
+    def to_csv(self, path, extra: dict | None = None) -> None:
+        """Write ``records()`` to ``path`` (with constant ``extra`` columns, e.g. the run's name)."""
+        extra = dict(extra or {})
+        fields = [*extra, "step", "refreshed", *self.keys]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for r in self.records():
+                writer.writerow({**extra, **r})
+
+
+@dataclass
+class EigenEstimate:
+    eigenvalue: float  # Rayleigh quotient of the top-|lambda| eigenvector, with its sign
+    residual: float  # ||H v - lambda v|| (relative: residual / |eigenvalue|)
+    iterations: int
+    converged: bool  # both relative criteria below tol before max_iters
+    vector: list[Tensor]  # unit eigenvector aligned with the parameters (a warm start for the next call)
+    grad_cos: float  # cos(grad L, v) on the same batch; its sign is arbitrary (v's sign is)
+
+    @property
+    def relative_residual(self) -> float:
+        return self.residual / max(abs(self.eigenvalue), 1e-30)
+
+    @property
+    def angle_degrees(self) -> float:
+        """Angle between the gradient and the line of v, in [0, 90] (independent of v's sign)."""
+        return math.degrees(math.acos(min(1.0, abs(self.grad_cos))))
+
+
+@contextlib.contextmanager
+def _model_mode(model: nn.Module, eval_mode: bool) -> Iterator[None]:
+    flags = [(m, m.training) for m in model.modules()]
+    if eval_mode:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def cosine(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    """cos of the angle between two parameter-shaped vectors (flattened, in float64)."""
+    dot = sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
+    na = math.sqrt(sum(float((x.double() ** 2).sum()) for x in a))
+    nb = math.sqrt(sum(float((y.double() ** 2).sum()) for y in b))
+    return dot / max(na * nb, 1e-300)
+
+
+def top_eigenvalue(model: nn.Module, loss_fn: Callable[[], Tensor], *, tol: float = 1e-3, max_iters: int = 200,
+                   init: Sequence[Tensor] | None = None, seed: int = 0, eval_mode: bool = True,
+                   params: Sequence[Tensor] | None = None, backend: str = "reference") -> EigenEstimate:
+    """Top-|lambda| eigenpair of the Hessian of ``loss_fn()`` at ``model``'s current weights.
+
+    ``loss_fn`` runs the forward pass on a fixed batch and returns the scalar
+    loss (no backward). Power iteration with exact (double-backward) HVPs runs
+    until the Rayleigh quotient changes by less than ``tol`` relative and the
+    residual ``||Hv - lambda v|| / |lambda|`` is below ``tol``, or ``max_iters``.
+    With ``eval_mode`` (default) the model is in eval mode meanwhile (BatchNorm
+    uses running statistics, so the loss is a fixed function of the weights and
+    no statistic changes); the modules' training flags are put back afterwards.
+    ``init`` (e.g. the previous ``vector``) warm-starts the iteration; otherwise a
+    standard-normal vector from ``seed``. Weights and ``.grad`` are not touched.
+    ``backend`` defaults to the pure-PyTorch reference op set: this is a
+    measurement, so it should not share the fast kernels it may be used to check.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model={type(model).__name__} is invalid: pass an nn.Module")
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol={tol!r} is invalid: pass a positive relative tolerance such as 1e-3")
+    if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 2:
+        raise ValueError(f"max_iters={max_iters!r} is invalid: pass an integer >= 2 (the stopping test "
+                         "compares two successive iterations)")
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    if not params:
+        raise ValueError("model has no parameter with requires_grad=True")
+    if init is None:
+        init = random_vectors(params, 1, torch.Generator().manual_seed(seed))[0]
+    elif len(init) != len(params) or any(t.shape != p.shape for t, p in zip(init, params)):
+        raise ValueError("init must be a list of tensors shaped like the model's trainable parameters "
+                         "(e.g. the .vector of an earlier top_eigenvalue call on the same model)")
+    with _model_mode(model, eval_mode):
+        hvp, _ = exact_hvp(loss_fn, params)
+        result = power_iteration(hvp, [list(init)], iters=max_iters, tol=tol, backend=backend)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss_fn(), params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    vector = result.vectors[0]
+    eigenvalue = float(result.eigenvalues[0])
+    residual = float(result.residuals[0])
+    converged = result.iterations < max_iters or residual / max(abs(eigenvalue), 1e-30) < tol
+    return EigenEstimate(eigenvalue=eigenvalue, residual=residual, iterations=result.iterations,
+                         converged=converged, vector=vector, grad_cos=cosine(grads, vector))
