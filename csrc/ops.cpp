@@ -24,6 +24,17 @@ static bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+
+// Strides of size-1 dimensions are arbitrary (a contiguous (1, 16) tensor may have strides
+// (16, 1) or (1, 1)), so two tensors share an element order when the strides of their
+// other dimensions agree.
+static bool same_memory_order(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
 void check_group(const char* op, const std::vector<NamedList>& lists) {
   TORCH_CHECK(!lists.empty(), "xsam::", op, ": no tensor lists given");
   const auto& first = lists[0];
@@ -50,7 +61,7 @@ void check_group(const char* op, const std::vector<NamedList>& lists) {
       TORCH_CHECK(t.sizes().equals(ref.sizes()), "xsam::", op, ": ", list.name, "[", i,
                   "] has shape ", t.sizes(), " but ", first.name, "[", i, "] has shape ",
                   ref.sizes(), "; aligned tensors must have the same shape");
-      TORCH_CHECK(t.is_non_overlapping_and_dense() && t.strides().equals(ref.strides()), "xsam::",
+      TORCH_CHECK(t.is_non_overlapping_and_dense() && same_memory_order(t, ref), "xsam::",
                   op, ": ", list.name, "[", i, "] must be dense with the same strides as ", first.name,
                   "[", i, "] (got strides ", t.strides(), " vs ", ref.strides(),
                   "); pass contiguous tensors (the Python adapter does this for you)");

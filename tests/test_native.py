@@ -204,6 +204,19 @@ def test_non_contiguous_tensors_are_handled_by_the_adapter():
         torch.testing.assert_close(y, w)
 
 
+def test_size_one_dimensions_with_different_strides_are_accepted():
+    # A contiguous (1, 16) weight has strides (16, 1); its gradient may come back as (1, 1).
+    w = torch.randn(1, 16)
+    g = torch.randn(16, 1).t()
+    assert w.is_contiguous() and g.is_contiguous() and w.stride() != g.stride()
+    got = ops.dots([[w], [g]], [(0, 1)], backend="native")
+    torch.testing.assert_close(got, reference.dots([[w], [g]], [(0, 1)]))
+    saved = [torch.empty_like(w)]
+    want_w = w + 0.5 * g
+    ops.perturb_([w], [g], saved, 0.5, backend="native")
+    torch.testing.assert_close(w, want_w)
+
+
 def test_mismatched_lists_raise_a_clear_error():
     x = make([(3,), (4,)], torch.float32, "cpu", 0)
     with pytest.raises(RuntimeError, match="aligned"):

@@ -112,7 +112,9 @@ def _compatible(ts: Sequence[Tensor]) -> bool:
     if all(t.is_contiguous() for t in ts):
         return True
     first = ts[0]
-    return all(_is_dense(t) and t.stride() == first.stride() for t in ts)
+    # Strides of size-1 dimensions are arbitrary; the other dimensions must agree.
+    order = [st for st, sz in zip(first.stride(), first.shape) if sz != 1]
+    return all(_is_dense(t) and [st for st, sz in zip(t.stride(), t.shape) if sz != 1] == order for t in ts)
 
 
 def _dense(lists: Sequence[Tensors], written: Sequence[bool]):
