@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-models", type=_csv_list, default=None, metavar="MODELS",
                    help="end-to-end models, of small_cnn,resnet18_cifar (default: small_cnn on CPU, both on GPU)")
     p.add_argument("--batch", type=int, default=None, help="end-to-end batch size (default 64 on CPU, 128 on GPU)")
-    p.add_argument("--blocks", type=int, default=None, help="timed blocks per measurement (default 7, quick 3)")
+    p.add_argument("--blocks", type=int, default=None,
+                   help="timed blocks per measurement (default 7 on GPU, 5 on CPU, 3 with --quick)")
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
     return p
 
@@ -81,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     scale = args.scale or {"full": 1.0, "small": 16.0}.get(args.size or "", None)
     if scale is None:
         scale = 256.0 if args.quick else (1.0 if on_gpu else 16.0)
-    blocks = args.blocks or (3 if args.quick else 7)
-    timing = dict(blocks=blocks, block_seconds=0.005 if args.quick else 0.02, warmup_calls=1 if args.quick else 2)
+    blocks = args.blocks or (3 if args.quick else (7 if on_gpu else 5))
+    timing = dict(blocks=blocks, block_seconds=0.005 if args.quick else (0.02 if on_gpu else 0.01),
+                  warmup_calls=1 if args.quick else 2)
     e2e_models = args.e2e_models or (("small_cnn", "resnet18_cifar") if on_gpu and not args.quick else ("small_cnn",))
     batch = args.batch or (16 if args.quick else (128 if on_gpu else 64))
-    configs = e2e_bench.QUICK_CONFIGS if args.quick else e2e_bench.DEFAULT_CONFIGS
+    configs = e2e_bench.QUICK_CONFIGS if args.quick else (e2e_bench.GPU_CONFIGS if on_gpu else e2e_bench.DEFAULT_CONFIGS)
     dtype = getattr(torch, args.dtype)
 
     name = torch.cuda.get_device_name(device) if on_gpu else platform.processor() or platform.machine()
