@@ -70,7 +70,7 @@ def load_task(name: str):
         from sklearn.model_selection import train_test_split
     except ImportError as e:  # pragma: no cover - depends on the install
         raise SystemExit("xsam experiment needs scikit-learn for its bundled data sets: "
-                         "pip install 'xsam[demo]' (or pip install scikit-learn)") from e
+                         "pip install 'xsam[experiment]' (or pip install scikit-learn)") from e
     if name == "digits":
         data = datasets.load_digits()
         x = data.images.reshape(-1, 1, 8, 8) / 16.0
