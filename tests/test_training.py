@@ -229,13 +229,20 @@ def test_norm_clipping_is_a_no_op_for_normalised_xsam():
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-12, atol=1e-12)
 
 
-def test_sharded_dtensor_parameters_are_rejected_clearly():
-    from torch.distributed.tensor import DTensor
+def test_dtensor_parameters_are_accepted_but_exact_hvps_are_refused(tmp_path):
+    """Sharded parameters are supported (tests/test_fsdp.py); exact HVPs are not, and say so at construction."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    class FakeDTensor(torch.nn.Parameter):  # a stand-in: the check is on the type name
-        pass
-
-    FakeDTensor.__name__ = DTensor.__name__
-    p = FakeDTensor(torch.zeros(3))
-    with pytest.raises(ValueError, match="sharded DTensor parameter"):
-        XSAM([p], torch.optim.SGD, lr=0.1)
+    # A one-rank gloo group in this process is enough to build DTensors; destroyed afterwards.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        p = nn.Parameter(distribute_tensor(torch.zeros(3, 2), mesh, [Shard(0)]))
+        SAM([p], torch.optim.SGD, lr=0.1)
+        XSAM([p], torch.optim.SGD, lr=0.1, hvp="auto")
+        with pytest.raises(ValueError, match="hvp='exact' does not work with sharded DTensor parameters"):
+            XSAM([p], torch.optim.SGD, lr=0.1, hvp="exact")
+    finally:
+        dist.destroy_process_group()

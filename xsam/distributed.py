@@ -21,10 +21,35 @@ The eigenvector is identical on every rank in both modes: exact HVPs
 the closure, whose backward DDP already averages. Write ``loss_fn`` with the
 unwrapped module (``ddp.module``): the HVP forward needs no DDP bookkeeping.
 
-FSDP2 (``torch.distributed.fsdp.fully_shard``) is not supported yet: its
-parameters are sharded DTensors, and the norms and dot products the optimizer
-needs would have to be reduced across the shards. The optimizer rejects such
-parameters with a clear error instead of computing per-shard norms.
+FSDP2 (``torch.distributed.fsdp.fully_shard``): supported. Its parameters are
+DTensors sharded on dim 0 (unevenly when the rows do not divide; a rank may hold
+no rows). The op set runs the element-wise passes on each rank's shard and
+all-reduces the partial sums of every norm and dot product over the mesh (one
+small collective per reduction, no host sync), so every rank applies the same
+perturbation, correction and eigenvalue, and a step equals the single-process
+step on the concatenated batch (FSDP2 averages the gradients)::
+
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = XSAM(model.parameters(), torch.optim.SGD, model=model, lr=0.1, momentum=0.9)
+    opt.step(closure)
+
+- HVPs are finite differences (``hvp="auto"`` picks them for DTensor parameters);
+  they run the closure, whose backward FSDP2 reduce-scatters, so no extra
+  averaging. Exact HVPs are refused (``hvp="exact"`` raises a ValueError): FSDP2's
+  forward computes with unsharded copies of the parameters, so
+  ``torch.autograd.grad`` cannot reach the sharded ones ("The differentiated
+  Tensor at index 0 appears to not have been used in the graph").
+- The eigenvector and the saved-weights buffers are DTensors laid out like the
+  parameters; the random start vector is drawn at full size on every rank and
+  split locally, so it is the single-process start vector.
+- Shard and Replicate placements are supported: partial sums are all-reduced
+  only over the sharded mesh dimensions, so a replicated dimension (HSDP's
+  outer one) does not count an element twice. Tested on 1-D meshes (2 ranks,
+  gloo, CPU); 2-D meshes, NCCL and ``xsam.amp.SAMGradScaler`` with DTensor
+  gradients are untested. Partial placements are refused.
+  ``per_replica_perturbation`` is a DDP feature (``no_sync``).
 """
 from __future__ import annotations
 

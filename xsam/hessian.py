@@ -71,6 +71,25 @@ def all_reduce_mean_(tensors: Sequence[Tensor], process_group=None) -> None:
             offset += t.numel()
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    """Whether t is a DTensor (FSDP2 / tensor-parallel parameter, or a buffer shaped like one)."""
+    cls = ops.dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def _check_sharded_parameters_reached(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> None:
+    """Refuse to turn an unreachable sharded parameter into silent zero rows of H."""
+    for i, (g, p) in enumerate(zip(grads, params)):
+        if g is None and _is_dtensor(p):
+            raise RuntimeError(
+                f"exact HVPs cannot differentiate the loss with respect to params[{i}] (a DTensor of shape "
+                f"{tuple(p.shape)}): autograd does not reach it from the loss. This is what FSDP2 (fully_shard) "
+                "does: its forward computes with unsharded copies of the parameters and hands gradients to the "
+                "sharded ones in hooks, so torch.autograd.grad reports 'The differentiated Tensor at index 0 "
+                "appears to not have been used in the graph'. Use finite-difference HVPs instead "
+                "(XSAM(hvp='finite_difference') or hvp='auto'; xsam.hessian.finite_difference_hvp)")
+
+
 def exact_hvp(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], *,
               process_group=None) -> tuple[HvpFn, Tensor]:
     """Build ``H v`` by double backward at the current weights.
@@ -83,6 +102,9 @@ def exact_hvp(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], *,
     ``process_group``: average every product over its ranks (data parallelism). Needed
     with DDP because ``torch.autograd.grad`` bypasses DDP's gradient all-reduce, so each
     rank would otherwise hold the HVP of its own shard of the batch only.
+
+    Not for FSDP2 (``fully_shard``) parameters: autograd cannot reach them from the
+    loss, and this raises a RuntimeError saying so; use ``finite_difference_hvp``.
     """
     params = list(params)
     with torch.enable_grad():
@@ -90,6 +112,7 @@ def exact_hvp(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], *,
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError("loss_fn must return the scalar loss tensor (forward only, no backward)")
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    _check_sharded_parameters_reached(grads, params)
     # Only gradients that still depend on the weights have a second derivative.
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
 
@@ -152,7 +175,7 @@ def finite_difference_hvp(
                 closure()
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(params, saved)
+                ops.copy_(params, saved)
         return _zeros_for_missing([p.grad for p in params], params)
 
     def hvp(vectors: Sequence[Vector]) -> list[Vector]:
@@ -182,15 +205,26 @@ def random_vectors(params: Sequence[Tensor], m: int = 1, generator: torch.Genera
     """m standard-normal vectors shaped like ``params``, drawn on the CPU in parameter order.
 
     Drawing on the CPU makes the start vector the same whatever device the
-    parameters live on, for a given generator state.
+    parameters live on, for a given generator state. For a DTensor parameter (FSDP2,
+    tensor parallelism) the full shape is drawn on every rank and each rank keeps its
+    shard (a local split, no communication), so the global vector is the one a
+    single process draws.
     """
     out = []
     for _ in range(m):
-        out.append([
-            torch.randn(p.shape, generator=generator, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
-            for p in params
-        ])
+        out.append([_draw_like(p, generator) for p in params])
     return out
+
+
+def _draw_like(p: Tensor, generator: torch.Generator | None) -> Tensor:
+    full = torch.randn(p.shape, generator=generator, dtype=torch.float32)
+    if not _is_dtensor(p):
+        return full.to(device=p.device, dtype=p.dtype)
+    from torch.distributed.tensor import distribute_tensor
+
+    # src_data_rank=None: every rank already holds the same full draw, so split it locally.
+    return distribute_tensor(full.to(device=p.to_local().device, dtype=p.dtype), p.device_mesh, p.placements,
+                             src_data_rank=None)
 
 
 def orthonormalize_(vectors: Sequence[Vector], *, eps: float = 1e-12, backend: str = "auto") -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .hessian import exact_hvp, finite_difference_hvp, power_iteration, random_vectors
+from .hessian import _is_dtensor, exact_hvp, finite_difference_hvp, power_iteration, random_vectors
 
 __all__ = ["SAM", "XSAM", "CORRECTIONS", "HVP_MODES", "GradientCheck", "batchnorm_statistics_frozen"]
 
@@ -129,7 +129,9 @@ class SAM(torch.optim.Optimizer):
     Data parallelism (see ``xsam.distributed``): with ``model`` a DDP module,
     ``per_replica_perturbation=True`` runs the first pass under ``model.no_sync()``
     (each replica perturbs by its own gradient); ``process_group`` ("auto": the DDP
-    module's group, or None, or a group) is where exact HVPs are averaged.
+    module's group, or None, or a group) is where exact HVPs are averaged. FSDP2
+    (``fully_shard``) parameters are DTensors: the op set reduces the global norms and
+    dot products across their shards, so a step equals the single-process step.
 
     Gradient clipping: clip inside the closure, after ``backward``. It then acts on
     both passes; norm clipping is a no-op on the first pass (the perturbation is
@@ -178,13 +180,6 @@ class SAM(torch.optim.Optimizer):
 
     def _validate_group(self, group: dict) -> None:
         _check_number("rho", group["rho"], 0.0, hint="It is the perturbation radius; the usual value is 0.05.")
-        for p in group["params"]:
-            if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
-                # Per-shard norms would give each rank a different perturbation and correction.
-                raise ValueError("params contains a sharded DTensor parameter (FSDP2 fully_shard / tensor "
-                                 "parallel); SAM/XSAM do not support sharded parameters yet because the global "
-                                 "norms and dot products would need a cross-shard reduction. Use "
-                                 "DistributedDataParallel (see xsam.distributed) instead")
 
     def _attach_base_optimizer(self, base_optimizer, base_kwargs: dict) -> None:
         if isinstance(base_optimizer, torch.optim.Optimizer):
@@ -309,7 +304,7 @@ class SAM(torch.optim.Optimizer):
         # Perturbed parameters that got no gradient in the second pass are only restored.
         rest = [p for p in self._perturbed if p not in restored]
         if rest:
-            torch._foreach_copy_(rest, [self._saved_weights[p] for p in rest])
+            ops.copy_(rest, [self._saved_weights[p] for p in rest])
         self._perturbed = None
         self.base_optimizer.step()
         self._commit(pending)
@@ -335,7 +330,7 @@ class SAM(torch.optim.Optimizer):
     def _abort(self) -> None:
         """Put the weights back after an exception in the middle of a step."""
         if self._perturbed is not None:
-            torch._foreach_copy_(self._perturbed, [self._saved_weights[p] for p in self._perturbed])
+            ops.copy_(self._perturbed, [self._saved_weights[p] for p in self._perturbed])
             self._perturbed = None
 
     def _run(self, closure: Closure, first: bool) -> Tensor:
@@ -454,9 +449,10 @@ class XSAM(SAM):
 
     HVPs: ``hvp="exact"`` needs ``step(closure, loss_fn=...)`` (``loss_fn`` runs the
     forward pass only and returns the loss), ``"finite_difference"`` uses the
-    closure only, ``"auto"`` is exact when a ``loss_fn`` is given. With ``model``,
-    HVPs run with the model in eval mode (``hvp_eval_mode``) and neither HVPs nor
-    the second pass update BatchNorm statistics.
+    closure only, ``"auto"`` is exact when a ``loss_fn`` is given, except with FSDP2
+    (DTensor) parameters, which only finite differences support (see
+    ``xsam.distributed``). With ``model``, HVPs run with the model in eval mode
+    (``hvp_eval_mode``) and neither HVPs nor the second pass update BatchNorm statistics.
     """
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, alpha: float = 0.2,
@@ -497,6 +493,11 @@ class XSAM(SAM):
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
         _check_number("alpha", group["alpha"], 0.0, 2.0, hint="alpha=0 is SAM, 1 removes the component along v.")
+        if self.hvp == "exact" and any(_is_dtensor(p) for p in group["params"]):
+            raise ValueError("hvp='exact' does not work with sharded DTensor parameters (FSDP2 fully_shard): the "
+                             "forward computes with unsharded copies, so autograd cannot differentiate the loss "
+                             "with respect to the sharded parameters twice. Use hvp='finite_difference' (or "
+                             "hvp='auto', which picks it for DTensor parameters)")
 
     def _initial_global_state(self) -> dict:
         generator = torch.Generator().manual_seed(self.seed)
@@ -525,15 +526,18 @@ class XSAM(SAM):
 
     def _compute_eigenvector(self, closure: Closure | None, loss_fn: Closure | None):
         """Power iteration at the current weights; returns the result without touching the state."""
+        params = self._hvp_params()
         mode = self.hvp
         if mode == "auto":
-            mode = "exact" if loss_fn is not None else "finite_difference"
+            # FSDP2 parameters are out of autograd's reach from the loss (see exact_hvp): only
+            # finite differences, whose closure backward FSDP2 reduce-scatters, work there.
+            sharded = any(_is_dtensor(p) for p in params)
+            mode = "exact" if loss_fn is not None and not sharded else "finite_difference"
         if mode == "exact" and loss_fn is None:
             raise ValueError("hvp='exact' needs loss_fn: pass step(closure, loss_fn=f) where f() runs the "
                              "forward pass and returns the loss (no backward), or use hvp='finite_difference'")
         if mode == "finite_difference" and closure is None:
             raise ValueError("hvp='finite_difference' needs the closure (forward + backward)")
-        params = self._hvp_params()
         generator = torch.Generator()
         generator.set_state(self._global["generator"])
         start = self.eigenvector()

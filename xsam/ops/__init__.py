@@ -5,9 +5,21 @@ list, runs the chosen backend (``xsam.ops.dispatch``) on every group, and, for
 reductions, adds the per-group partial results in a fixed order. Scalar
 arguments may be Python numbers or 0-d tensors; results stay on the device, so
 nothing here synchronises with the host.
+
+Sharded parameters (DTensors: FSDP2 ``fully_shard``, tensor parallelism) are
+handled here, above the backends, so every backend serves them unchanged:
+element-wise ops run on each rank's local shard (``to_local()`` is a view of the
+parameter's storage, so in-place writes land in the parameter), and reductions
+add the local partial sums and then all-reduce them (SUM) over the mesh
+dimensions on which the tensor is sharded: one collective per distinct
+(mesh, sharded dimensions) of the inputs, no host sync. Replicated mesh
+dimensions hold the full tensor on every rank and are not reduced over, so
+nothing is counted twice. The reduced scalars are plain tensors, identical on
+every rank.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,6 +30,17 @@ from . import reference
 from .dispatch import BACKEND_NAMES, BackendUnavailableError, check_backend_name, describe, resolve
 from .reference import accumulation_dtype
 
+
+
+def dtensor_type() -> type | None:
+    """The DTensor class, or None while ``torch.distributed.tensor`` is not imported.
+
+    A DTensor cannot exist before its module is imported, so looking it up in sys.modules
+    spares every ``import xsam`` the ~0.7 s that importing torch.distributed.tensor costs.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
 __all__ = [
     "BACKEND_NAMES",
     "BackendUnavailableError",
@@ -25,9 +48,11 @@ __all__ = [
     "accumulation_dtype",
     "axpy_",
     "check_backend_name",
+    "copy_",
     "correct_restore_",
     "describe",
     "dots",
+    "dtensor_type",
     "perturb_",
     "power_update_",
     "resolve",
@@ -47,6 +72,78 @@ def _groups(key_list: Tensors) -> dict[tuple[torch.device, torch.dtype], list[in
 
 def _pick(tensors: Tensors, idx: list[int]) -> list[Tensor]:
     return [tensors[i] for i in idx]
+
+
+def _has_dtensor(tensors: Tensors) -> bool:
+    cls = dtensor_type()
+    return cls is not None and any(isinstance(t, cls) for t in tensors)
+
+
+def _local_lists(lists: Sequence[Tensors], names: Sequence[str]) -> list[list[Tensor]]:
+    """Each rank's local shards of aligned lists that may hold DTensors (views, not copies).
+
+    A DTensor must be paired with DTensors of the same mesh and placements: their local
+    shards then have matching shapes, which is what the backends assume.
+    """
+    cls = dtensor_type()
+    key = lists[0]
+    out = [[] for _ in lists]
+    for i, t in enumerate(key):
+        sharded = isinstance(t, cls)
+        for j, lst in enumerate(lists):
+            other = lst[i]
+            if isinstance(other, cls) != sharded:
+                raise ValueError(
+                    f"{names[j]}[{i}] is {'a plain tensor' if sharded else 'a DTensor'} but {names[0]}[{i}] is "
+                    f"{'a DTensor' if sharded else 'a plain tensor'}; pass DTensors for all lists or for none "
+                    "(e.g. build the buffers with torch.zeros_like(param))")
+            if sharded and j and (other.placements != t.placements or other.device_mesh != t.device_mesh):
+                raise ValueError(
+                    f"{names[j]}[{i}] has placements {other.placements} on {other.device_mesh} but {names[0]}[{i}] "
+                    f"has {t.placements} on {t.device_mesh}; redistribute it like {names[0]}[{i}] first")
+            out[j].append(other.to_local() if sharded else other)
+    return out
+
+
+def _reduction_key(t: Tensor) -> tuple:
+    """``(mesh, sharded mesh dims)`` over which t's partial sums must be added; () for a full tensor."""
+    cls = dtensor_type()
+    if cls is None or not isinstance(t, cls):
+        return ()
+    dims = []
+    for dim, placement in enumerate(t.placements):
+        if placement.is_shard():
+            dims.append(dim)
+        elif placement.is_partial():
+            # A Partial tensor is the SUM of the local tensors: a norm of it is not a sum of local norms.
+            raise ValueError(
+                f"a DTensor of shape {tuple(t.shape)} has a Partial placement ({t.placements}); norms and dot "
+                "products need Shard or Replicate placements. Call .redistribute(...) with Replicate() first")
+    return (t.device_mesh, tuple(dims)) if dims else ()
+
+
+def _sharded_reduce(lists: Sequence[Tensors], names: Sequence[str], local_reduce) -> Tensor:
+    """``local_reduce`` of each class of tensors sharing a reduction key, all-reduced, then added.
+
+    The classes and their order depend only on global DTensor metadata, so every rank
+    issues the same collectives in the same order.
+    """
+    import torch.distributed as dist
+
+    local = _local_lists(lists, names)
+    classes: dict[tuple, list[int]] = {}
+    for i, t in enumerate(lists[0]):
+        classes.setdefault(_reduction_key(t), []).append(i)
+    totals = []
+    for key, idx in classes.items():
+        part = local_reduce([_pick(lst, idx) for lst in local])
+        if key and part.numel():
+            part = part.contiguous()
+            mesh, dims = key
+            for dim in dims:
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
+        totals.append(part)
+    return _sum_partials(totals, totals[0].numel(), [t for lst in lists[:1] for t in lst])
 
 
 def _scalar(value, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -84,6 +181,13 @@ def dots(lists: Sequence[Tensors], pairs: Sequence[tuple[int, int]], *, backend:
     for j, lst in enumerate(lists):
         if len(lst) != n:
             raise ValueError(f"lists[{j}] has {len(lst)} tensors, expected {n} (lists must be aligned)")
+    if _has_dtensor(lists[0]):
+        return _sharded_reduce(lists, [f"lists[{j}]" for j in range(len(lists))],
+                               lambda local: _local_dots(local, pairs, backend))
+    return _local_dots(lists, pairs, backend)
+
+
+def _local_dots(lists: Sequence[Tensors], pairs: Sequence[tuple[int, int]], backend: str) -> Tensor:
     partials = []
     for (device, dtype), idx in _groups(lists[0]).items():
         impl = resolve(backend, device, dtype)
@@ -93,16 +197,25 @@ def dots(lists: Sequence[Tensors], pairs: Sequence[tuple[int, int]], *, backend:
 
 def weighted_sumsq(weights: Tensors, xs: Tensors, *, backend: str = "auto") -> Tensor:
     """``sum ||w * x||^2`` over the lists, as a 0-d tensor."""
+    if _has_dtensor(xs):
+        return _sharded_reduce([xs, weights], ["xs", "weights"],
+                               lambda local: _local_weighted_sumsq(local[1], local[0], backend)).reshape(())
+    return _local_weighted_sumsq(weights, xs, backend).reshape(())
+
+
+def _local_weighted_sumsq(weights: Tensors, xs: Tensors, backend: str) -> Tensor:
     partials = []
     for (device, dtype), idx in _groups(xs).items():
         impl = resolve(backend, device, dtype)
         partials.append(impl.weighted_sumsq(_pick(weights, idx), _pick(xs, idx)))
-    return _sum_partials(partials, 1, xs).reshape(())
+    return _sum_partials(partials, 1, xs).reshape(1)
 
 
 def perturb_(params: Tensors, grads: Tensors, saved: Tensors, scale, *, adaptive: bool = False,
              backend: str = "auto") -> None:
     """``saved = w``, then ``w += scale * g`` (``scale * w * w * g`` when adaptive)."""
+    if _has_dtensor(params):
+        params, grads, saved = _local_lists([params, grads, saved], ["params", "grads", "saved"])
     for (device, dtype), idx in _groups(params).items():
         impl = resolve(backend, device, dtype)
         impl.perturb_(_pick(params, idx), _pick(grads, idx), _pick(saved, idx),
@@ -112,6 +225,12 @@ def perturb_(params: Tensors, grads: Tensors, saved: Tensors, scale, *, adaptive
 def correct_restore_(params: Tensors, grads: Tensors, saved: Tensors, vecs: Tensors | None, a, b,
                      *, backend: str = "auto") -> None:
     """``g = a * g - b * v`` (``a * g`` without ``vecs``) and ``w = saved``, in one pass."""
+    if _has_dtensor(params):
+        if vecs is None:
+            params, grads, saved = _local_lists([params, grads, saved], ["params", "grads", "saved"])
+        else:
+            params, grads, saved, vecs = _local_lists([params, grads, saved, vecs],
+                                                      ["params", "grads", "saved", "vecs"])
     for (device, dtype), idx in _groups(params).items():
         impl = resolve(backend, device, dtype)
         impl.correct_restore_(_pick(params, idx), _pick(grads, idx), _pick(saved, idx),
@@ -121,6 +240,8 @@ def correct_restore_(params: Tensors, grads: Tensors, saved: Tensors, vecs: Tens
 
 def axpy_(ys: Tensors, xs: Tensors, alpha, *, backend: str = "auto") -> None:
     """``y += alpha * x``."""
+    if _has_dtensor(ys):
+        ys, xs = _local_lists([ys, xs], ["ys", "xs"])
     for (device, dtype), idx in _groups(ys).items():
         impl = resolve(backend, device, dtype)
         impl.axpy_(_pick(ys, idx), _pick(xs, idx), _scalar(alpha, device, dtype))
@@ -128,9 +249,25 @@ def axpy_(ys: Tensors, xs: Tensors, alpha, *, backend: str = "auto") -> None:
 
 def scale_copy_(dsts: Tensors, srcs: Tensors, scale, *, backend: str = "auto") -> None:
     """``dst = scale * src``."""
+    if _has_dtensor(dsts):
+        dsts, srcs = _local_lists([dsts, srcs], ["dsts", "srcs"])
     for (device, dtype), idx in _groups(dsts).items():
         impl = resolve(backend, device, dtype)
         impl.scale_copy_(_pick(dsts, idx), _pick(srcs, idx), _scalar(scale, device, dtype))
+
+
+def copy_(dsts: Tensors, srcs: Tensors) -> None:
+    """``dst = src`` bit for bit (restoring saved weights); DTensors shard by shard.
+
+    A plain copy needs no backend; it exists here because ``torch._foreach_copy_`` has no
+    DTensor sharding rule ("aten._foreach_copy_.default does not have a sharding strategy").
+    """
+    if len(dsts) != len(srcs):
+        raise ValueError(f"dsts has {len(dsts)} tensors but srcs has {len(srcs)}; the lists must be aligned")
+    if _has_dtensor(dsts):
+        dsts, srcs = _local_lists([dsts, srcs], ["dsts", "srcs"])
+    if len(dsts):
+        torch._foreach_copy_(list(dsts), list(srcs))
 
 
 @dataclass
