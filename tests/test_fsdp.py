@@ -7,12 +7,15 @@ DTensors, error messages) and the parent compares them:
 - with the single-process run of the same model on the concatenated batch
   (float64, so the tolerance can be tight): FSDP2 averages the gradients over the
   ranks, so a step on sharded parameters must equal the full-batch step;
-- with flat-vector computations for the op set on DTensors of several placements.
+- with flat-vector computations for the op set on DTensors of several placements;
+- for SAMGradScaler, with the unscaled sharded run, and with snapshots around a step
+  whose gradient is made non-finite on one rank only (every rank must skip it).
 
 The layers have output sizes 7, 5 and 1, so dim-0 sharding over 2 ranks is uneven
 (4 + 3, 3 + 2 rows) and the last weight has no rows at all on rank 1.
 """
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -21,11 +24,13 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from xsam import SAM, XSAM, ops
+from xsam.amp import SAMGradScaler
 from xsam.hessian import exact_hvp, random_vectors
 
 from helpers import flat
 
 WORLD, STEPS, SEED = 2, 5, 3
+SKIPPED_STEP, POISONED_RANK, INIT_SCALE = 1, 1, 2.0 ** 10  # step 1 does not refresh (eig_interval=2)
 XSAM_HYPER = dict(lr=0.1, momentum=0.9, rho=0.05, alpha=0.5, eig_interval=2, power_iters=3)
 SAM_HYPER = dict(lr=0.1, momentum=0.9, rho=0.05)
 CONFIGS = ("xsam", "sam", "asam")
@@ -127,8 +132,50 @@ def dtensor_op_checks(rank):
     return out
 
 
+def scaled_xsam_run(rank):
+    """X-SAM under SAMGradScaler on FSDP2; before step SKIPPED_STEP runs normally, one attempt of it
+    gets an inf in the second pass's gradient on POISONED_RANK's local shard only."""
+    model = sharded_model()
+    params = list(model.parameters())
+    opt = make_optimizer("xsam", params, hvp="auto", model=model)
+    scaler = SAMGradScaler("cpu", init_scale=INIT_SCALE, growth_interval=1000)
+    out = {}
+    for t in range(STEPS):
+        x, y = full_batch(t)
+        x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        calls, poison = [0], [t == SKIPPED_STEP]
+
+        def closure():
+            calls[0] += 1
+            loss = loss_of(model, x, y)
+            scaler.scale(loss).backward()
+            if poison[0] and calls[0] == 2 and rank == POISONED_RANK:  # no refresh: call 2 is the second pass
+                params[0].grad.to_local().view(-1)[0] = float("inf")
+            return loss
+
+        if poison[0]:
+            before = ([p.to_local().clone() for p in params], scaler.get_scale())
+            scaler.step(opt, closure)
+            scaler.update()
+            out["skip"] = {
+                "weights_before": before[0], "weights_after": [p.to_local().clone() for p in params],
+                "scale_before": before[1], "scale_after": scaler.get_scale(), "closure_calls": calls[0],
+                "skipped_steps": opt.state_dict()["state"]["xsam"]["skipped_steps"],
+            }
+            calls[0], poison[0] = 0, False  # the same batch again, now finite
+        scaler.step(opt, closure)
+        scaler.update()
+    out["weights"] = [p.full_tensor() for p in params]
+    out["eigenvector"] = [v.full_tensor() for v in opt.eigenvector()]
+    out["refreshes"] = opt.diagnostics()["refreshes"]
+    out["scale"] = scaler.get_scale()
+    return out
+
+
 def worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # Ranks that disagree (e.g. about skipping a step) issue mismatched collectives: fail, do not hang.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
     try:
         result = {}
         for name in CONFIGS:
@@ -150,6 +197,7 @@ def worker(rank, init_file, out_dir):
         x, y = full_batch(0)
         result["exact_hvp_error"] = error_of(lambda: exact_hvp(lambda: loss_of(model, x, y), params))
         result["ops"] = dtensor_op_checks(rank)
+        result["amp"] = scaled_xsam_run(rank)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -233,3 +281,24 @@ def test_op_set_reduces_dtensors_like_flat_vectors(fsdp_results):
         assert "has a Partial placement" in got["partial_error"]
         assert got["mixed_error"].startswith("ValueError: lists[1][0] is a plain tensor but lists[0][0] is a DTensor")
 
+
+def test_scaler_skips_on_every_rank_when_one_shard_is_non_finite(fsdp_results):
+    """The inf sits in rank 1's shard only; the all-reduced flag makes rank 0 skip too."""
+    for rank in range(WORLD):
+        skip = fsdp_results[rank]["amp"]["skip"]
+        assert skip["closure_calls"] == 2  # the second pass ran, then the step was skipped
+        assert all(torch.equal(a, b) for a, b in zip(skip["weights_before"], skip["weights_after"]))
+        assert skip["scale_before"] == INIT_SCALE and skip["scale_after"] == INIT_SCALE / 2
+        assert skip["skipped_steps"] == 1
+        assert fsdp_results[rank]["amp"]["scale"] == INIT_SCALE / 2
+
+
+def test_scaled_sharded_run_matches_the_unscaled_sharded_run(fsdp_results):
+    """Power-of-two scales unscale exactly: the skipped attempt left no trace (measured: equal bit for
+    bit; the tolerance only allows for finite-difference rounding, a missed unscale is off by 2**10)."""
+    r0, r1 = fsdp_results[0]["amp"], fsdp_results[1]["amp"]
+    assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))
+    unscaled = fsdp_results[0]["xsam"]
+    assert r0["refreshes"] == unscaled["refreshes"] == 3
+    torch.testing.assert_close(flat(r0["weights"]), flat(unscaled["weights"]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(flat(r0["eigenvector"]), flat(unscaled["eigenvector"]), rtol=1e-12, atol=1e-12)

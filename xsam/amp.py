@@ -30,9 +30,19 @@ Usage (the closure scales its own loss, as with the stock scaler)::
     scaler.step(optimizer, closure, loss_fn=loss_fn)
     scaler.update()
 
+Sharded parameters (FSDP2 ``fully_shard``; gradients are DTensors): each rank
+unscales and checks its local shard in place (``to_local()`` is a view of the
+gradient's storage), then the non-finite flag is all-reduced (SUM, > 0 means
+non-finite) over the process groups of the non-replicated mesh dimensions of
+those DTensors, one collective per distinct group per check. Every rank sees the
+same flag, so all ranks skip the same steps and lower the scale together.
+Plain (non-DTensor) tensors are taken to be the same on every rank, as the op
+set assumes.
+
 Host syncs: the flag is read on the host after each pass and once per refresh
 (the stock ``GradScaler.step`` reads it once per step), because skipping needs
-a host decision. bf16 autocast needs no scaler: call ``optimizer.step`` directly.
+a host decision. The all-reduce of the flag adds none. bf16 autocast needs no
+scaler: call ``optimizer.step`` directly.
 """
 from __future__ import annotations
 
@@ -41,6 +51,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import ops
 from .optimizer import SAM, XSAM
 
 __all__ = ["SAMGradScaler"]
@@ -86,12 +97,18 @@ class SAMGradScaler(torch.amp.GradScaler):
         def check(tensors: list[Tensor], kind: str) -> Tensor:
             flag = torch.zeros((), dtype=torch.float32, device=scale.device)
             by_group: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            dtensor = ops.dtensor_type()
+            sharded = _sharded_mesh_dims(tensors, dtensor)
             for t in tensors:
+                if dtensor is not None and isinstance(t, dtensor):
+                    t = t.to_local()  # a view: the unscale below lands in the gradient's storage
                 by_group.setdefault((t.device, t.dtype), []).append(t)
             for (device, _), group in by_group.items():
                 local = torch.zeros((), dtype=torch.float32, device=device)
                 torch._amp_foreach_non_finite_check_and_unscale_(group, local, inv_scale.to(device))
                 flag += local.to(scale.device)
+            if sharded:
+                _all_reduce_flag(flag, sharded)
             found_any.add_(flag)
             return flag
 
@@ -107,3 +124,39 @@ class SAMGradScaler(torch.amp.GradScaler):
         state["found_inf_per_device"] = {scale.device: found_any}
         state["stage"] = OptState.STEPPED
         return loss
+
+
+def _sharded_mesh_dims(tensors: list[Tensor], dtensor: type | None) -> dict[tuple, None]:
+    """The ``(mesh, dim)`` pairs, in first-seen order, whose ranks hold different parts of some DTensor.
+
+    Unlike the op set's norms (``ops._reduction_key``), a non-finite check also reduces over
+    Partial dimensions: the full tensor is the sum of the local ones, so it is non-finite
+    whenever a local one is. Only Replicate dimensions, which hold the same values on every
+    rank, are left out. The order depends only on global DTensor metadata, so every rank
+    issues the same collectives in the same order.
+    """
+    dims: dict[tuple, None] = {}
+    if dtensor is None:
+        return dims
+    for t in tensors:
+        if isinstance(t, dtensor):
+            for dim, placement in enumerate(t.placements):
+                if not placement.is_replicate():
+                    dims.setdefault((t.device_mesh, dim), None)
+    return dims
+
+
+def _all_reduce_flag(flag: Tensor, mesh_dims: dict[tuple, None]) -> None:
+    """All-reduce (SUM) the flag in place over each distinct process group of ``mesh_dims``.
+
+    After the sums, ``flag > 0`` on every rank of these groups iff one of them found a
+    non-finite value (in its shard of some DTensor or in a plain tensor).
+    No host sync: the collective is queued on the device like the op set's reductions.
+    """
+    import torch.distributed as dist
+
+    groups: dict = {}
+    for mesh, dim in mesh_dims:
+        groups.setdefault(mesh.get_group(dim), None)
+    for group in groups:
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=group)
