@@ -24,10 +24,19 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _flat(tensors: Tensors, dtype: torch.dtype) -> Tensor:
-    # One concatenated copy in the accumulation dtype: a single reduction kernel
-    # over the whole list instead of one per tensor.
-    return torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
+def _upcast(tensors: Tensors, dtype: torch.dtype) -> list[Tensor]:
+    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+
+
+def _sum_of_squares(tensors: Tensors, acc: torch.dtype) -> Tensor:
+    # The fused multi-tensor norm (one kernel per list on GPUs), squared back per tensor.
+    return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=acc)).square().sum()
+
+
+def _dot(xs: Tensors, ys: Tensors, acc: torch.dtype) -> Tensor:
+    # One dot per tensor pair: no concatenated copies of whole lists.
+    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1))
+                        for x, y in zip(_upcast(xs, acc), _upcast(ys, acc))]).sum()
 
 
 def dots(lists: Sequence[Tensors], pairs: Sequence[tuple[int, int]]) -> Tensor:
@@ -40,16 +49,10 @@ def dots(lists: Sequence[Tensors], pairs: Sequence[tuple[int, int]]) -> Tensor:
     if len(first) == 0:
         return torch.zeros(len(pairs))
     acc = accumulation_dtype(first[0].dtype)
-    flats: dict[int, Tensor] = {}
-    out = []
-    for a, b in pairs:
-        for idx in (a, b):
-            if idx not in flats:
-                flats[idx] = _flat(lists[idx], acc)
-        out.append(torch.dot(flats[a], flats[b]))
-    if not out:
+    if not pairs:
         return torch.zeros(0, dtype=acc, device=first[0].device)
-    return torch.stack(out)
+    return torch.stack([_sum_of_squares(lists[a], acc) if a == b else _dot(lists[a], lists[b], acc)
+                        for a, b in pairs])
 
 
 def weighted_sumsq(weights: Tensors, xs: Tensors) -> Tensor:
@@ -57,8 +60,7 @@ def weighted_sumsq(weights: Tensors, xs: Tensors) -> Tensor:
     if len(xs) == 0:
         return torch.zeros(1)
     acc = accumulation_dtype(xs[0].dtype)
-    prod = _flat(weights, acc) * _flat(xs, acc)
-    return torch.dot(prod, prod).reshape(1)
+    return _sum_of_squares(torch._foreach_mul(_upcast(weights, acc), _upcast(xs, acc)), acc).reshape(1)
 
 
 def perturb_(params: Tensors, grads: Tensors, saved: Tensors, scale: Tensor, adaptive: bool) -> None:
