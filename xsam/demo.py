@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .hessian import exact_hvp, power_iteration, random_vectors
+from .diagnostics import top_eigenvalue
 from .optimizer import SAM, XSAM
 
 
@@ -39,19 +39,6 @@ def small_cnn() -> nn.Module:
         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
         nn.Flatten(), nn.Linear(32, 10),
     )
-
-
-def top_eigenvalue(model: nn.Module, x: torch.Tensor, y: torch.Tensor, iters: int = 100, tol: float = 1e-4) -> float:
-    """Largest-|lambda| Hessian eigenvalue of the loss on (x, y), model in eval mode, exact HVPs."""
-    was_training = model.training
-    model.eval()
-    try:
-        params = [p for p in model.parameters() if p.requires_grad]
-        hvp, _ = exact_hvp(lambda: F.cross_entropy(model(x), y), params)
-        start = random_vectors(params, 1, torch.Generator().manual_seed(1234))
-        return power_iteration(hvp, start, iters=iters, tol=tol).eigenvalues[0].item()
-    finally:
-        model.train(was_training)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -114,7 +101,8 @@ def train(method: str, data, epochs: int, batch_size: int, lr: float, rho: float
     return {
         "method": method,
         "test_acc": accuracy(model, xte, yte),
-        "top_eig": top_eigenvalue(model, fixed_x, fixed_y),
+        "top_eig": top_eigenvalue(model, lambda: F.cross_entropy(model(fixed_x), fixed_y), tol=1e-4,
+                                  seed=1234).eigenvalue,
         "mean_cos": torch.stack(cosines).mean().item() if cosines else float("nan"),
         "s_per_step": seconds / steps,
     }

@@ -13,16 +13,16 @@
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .hessian import exact_hvp, power_iteration, random_vectors
+from .optimizer import eval_mode as model_eval_mode
 
 __all__ = ["DiagnosticsRecorder", "EigenEstimate", "RECORDED_KEYS", "cosine", "top_eigenvalue"]
 
@@ -133,18 +133,6 @@ class EigenEstimate:
         return math.degrees(math.acos(min(1.0, abs(self.grad_cos))))
 
 
-@contextlib.contextmanager
-def _model_mode(model: nn.Module, eval_mode: bool) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
-    if eval_mode:
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def cosine(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
     """cos of the angle between two parameter-shaped vectors (flattened, in float64)."""
     dot = sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
@@ -185,7 +173,7 @@ def top_eigenvalue(model: nn.Module, loss_fn: Callable[[], Tensor], *, tol: floa
     elif len(init) != len(params) or any(t.shape != p.shape for t, p in zip(init, params)):
         raise ValueError("init must be a list of tensors shaped like the model's trainable parameters "
                          "(e.g. the .vector of an earlier top_eigenvalue call on the same model)")
-    with _model_mode(model, eval_mode):
+    with model_eval_mode(model, eval_mode):
         hvp, _ = exact_hvp(loss_fn, params)
         result = power_iteration(hvp, [list(init)], iters=max_iters, tol=tol, backend=backend)
         with torch.enable_grad():

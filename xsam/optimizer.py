@@ -98,7 +98,7 @@ def batchnorm_statistics_frozen(model: nn.Module | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module | None, enabled: bool) -> Iterator[None]:
+def eval_mode(model: nn.Module | None, enabled: bool = True) -> Iterator[None]:
     """``model.eval()`` for the block, then every module's own training flag back."""
     if model is None or not enabled:
         yield
@@ -545,7 +545,7 @@ class XSAM(SAM):
             start = random_vectors(params, 1, generator)[0]
         check = self._gradient_check
         flags: list[Tensor] = []
-        with _eval_mode(self.model, self.hvp_eval_mode), batchnorm_statistics_frozen(self.model):
+        with eval_mode(self.model, self.hvp_eval_mode), batchnorm_statistics_frozen(self.model):
             if mode == "exact":
                 # autograd.grad bypasses DDP's reducer: the products are averaged over the group here.
                 hvp, _ = exact_hvp(torch.enable_grad()(loss_fn), params, process_group=self.process_group)
