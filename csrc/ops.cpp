@@ -1,12 +1,9 @@
-// The xsam op set's schemas (TORCH_LIBRARY) and the checks both device implementations share.
+// The checks both device implementations of the xsam op set share.
 //
-// Schemas mark every mutated list with an alias set (`Tensor(a!)[]`) so functionalization and
-// torch.compile know what each op writes. TorchScript schemas cannot take nested lists, so
-// `dots` takes its lists concatenated (`tensors`, list-major) plus the pairs flattened
-// (`[a0, b0, a1, b1, ...]`).
+// The schemas are declared once, in xsam/ops/contract.py, and defined from Python before this
+// library is loaded; the C++ side only registers kernels (TORCH_LIBRARY_IMPL), and a kernel
+// whose signature disagrees with its schema fails at registration.
 #include "xsam_ops.h"
-
-#include <torch/library.h>
 
 namespace xsam {
 
@@ -105,12 +102,3 @@ at::Tensor check_scalar(const char* op, const char* name, const at::Tensor& scal
 }
 
 }  // namespace xsam
-
-TORCH_LIBRARY(xsam, m) {
-  m.def("dots(Tensor[] tensors, int num_lists, int[] pairs) -> Tensor");
-  m.def("weighted_sumsq(Tensor[] weights, Tensor[] xs) -> Tensor");
-  m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] saved, Tensor scale, bool adaptive) -> ()");
-  m.def("correct_restore_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor[] saved, Tensor[]? vecs, Tensor a, Tensor b) -> ()");
-  m.def("axpy_(Tensor(a!)[] ys, Tensor[] xs, Tensor alpha) -> ()");
-  m.def("scale_copy_(Tensor(a!)[] dsts, Tensor[] srcs, Tensor scale) -> ()");
-}

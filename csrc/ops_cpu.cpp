@@ -50,6 +50,24 @@ acc_t weighted_sumsq_chunk(const scalar_t* w, const scalar_t* x, int64_t n) {
   return combine_lanes(lane, tail);
 }
 
+template <typename scalar_t, typename acc_t>
+acc_t residual_sumsq_chunk(const scalar_t* u, const scalar_t* v, acc_t lam, int64_t n) {
+  acc_t lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t r = static_cast<acc_t>(u[i + j]) - lam * static_cast<acc_t>(v[i + j]);
+      lane[j] += r * r;
+    }
+  }
+  acc_t tail = 0;
+  for (; i < n; ++i) {
+    const acc_t r = static_cast<acc_t>(u[i]) - lam * static_cast<acc_t>(v[i]);
+    tail += r * r;
+  }
+  return combine_lanes(lane, tail);
+}
+
 std::vector<int64_t> numels(at::TensorList ts) {
   std::vector<int64_t> out;
   out.reserve(ts.size());
@@ -132,6 +150,28 @@ at::Tensor weighted_sumsq_cpu(at::TensorList weights, at::TensorList xs) {
   return out;
 }
 
+at::Tensor residual_sumsq_cpu(at::TensorList us, at::TensorList vs, const at::Tensor& lam) {
+  check_group("residual_sumsq", {{"us", us}, {"vs", vs}});
+  if (us.empty()) return at::zeros({1}, at::dtype(at::kFloat));
+  const auto dtype = us[0].scalar_type();
+  at::Tensor out = at::zeros({1}, us[0].options().dtype(accumulation_type(dtype)));
+  const auto chunks = make_chunks(numels(us), kCpuChunk);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "xsam::residual_sumsq", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t l = scalar_value<acc_t>("residual_sumsq", "lam", lam, accumulation_type(dtype));
+    const auto u = pointers<scalar_t>(us);
+    const auto v = pointers<scalar_t>(vs);
+    std::vector<acc_t> slots(chunks.size());
+    for_each_chunk(chunks, [&](int64_t c, const Chunk& ch) {
+      slots[c] = residual_sumsq_chunk<scalar_t, acc_t>(u[ch.tensor] + ch.begin, v[ch.tensor] + ch.begin, l, ch.len);
+    });
+    acc_t total = 0;
+    for (const acc_t s : slots) total += s;
+    out.data_ptr<acc_t>()[0] = total;
+  });
+  return out;
+}
+
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved, const at::Tensor& scale,
                  bool adaptive) {
   check_group("perturb_", {{"params", params}, {"grads", grads}, {"saved", saved}});
@@ -159,6 +199,34 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList sav
           sp[i] = wp[i];
           wp[i] = static_cast<scalar_t>(static_cast<acc_t>(wp[i]) + s * static_cast<acc_t>(gp[i]));
         }
+      }
+    });
+  });
+}
+
+void tilted_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved, at::TensorList vecs,
+                        const at::Tensor& a, const at::Tensor& b) {
+  check_group("tilted_perturb_", {{"params", params}, {"grads", grads}, {"saved", saved}, {"vecs", vecs}});
+  if (params.empty()) return;
+  const auto dtype = params[0].scalar_type();
+  const auto chunks = make_chunks(numels(params), kCpuChunk);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "xsam::tilted_perturb_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t av = scalar_value<acc_t>("tilted_perturb_", "a", a, accumulation_type(dtype));
+    const acc_t bv = scalar_value<acc_t>("tilted_perturb_", "b", b, accumulation_type(dtype));
+    const auto w = pointers<scalar_t>(params);
+    const auto g = pointers<scalar_t>(grads);
+    const auto sv = pointers<scalar_t>(saved);
+    const auto v = pointers<scalar_t>(vecs);
+    for_each_chunk(chunks, [&](int64_t, const Chunk& ch) {
+      scalar_t* wp = w[ch.tensor] + ch.begin;
+      const scalar_t* gp = g[ch.tensor] + ch.begin;
+      scalar_t* sp = sv[ch.tensor] + ch.begin;
+      const scalar_t* vp = v[ch.tensor] + ch.begin;
+      for (int64_t i = 0; i < ch.len; ++i) {
+        sp[i] = wp[i];
+        wp[i] = static_cast<scalar_t>(static_cast<acc_t>(wp[i]) + av * static_cast<acc_t>(gp[i]) +
+                                      bv * static_cast<acc_t>(vp[i]));
       }
     });
   });
@@ -247,7 +315,9 @@ void scale_copy_cpu(at::TensorList dsts, at::TensorList srcs, const at::Tensor& 
 TORCH_LIBRARY_IMPL(xsam, CPU, m) {
   m.impl("dots", &xsam::dots_cpu);
   m.impl("weighted_sumsq", &xsam::weighted_sumsq_cpu);
+  m.impl("residual_sumsq", &xsam::residual_sumsq_cpu);
   m.impl("perturb_", &xsam::perturb_cpu);
+  m.impl("tilted_perturb_", &xsam::tilted_perturb_cpu);
   m.impl("correct_restore_", &xsam::correct_restore_cpu);
   m.impl("axpy_", &xsam::axpy_cpu);
   m.impl("scale_copy_", &xsam::scale_copy_cpu);

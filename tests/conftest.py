@@ -17,3 +17,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def triton_launch_config(request):
+    """Op tests parametrised by backend and device run Triton in the interpreter with tiny launches."""
+    params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
+    if params.get("backend") != "triton":
+        yield
+        return
+    from op_cases import launch_config_for
+
+    with launch_config_for(params["backend"], params.get("device", "")):
+        yield

@@ -30,13 +30,17 @@ def test_cmake_build_loads_and_matches_reference(tmp_path):
     assert compile_.returncode == 0, compile_.stdout[-3000:] + compile_.stderr[-3000:]
     library = build / "libxsam_ops.so"
     assert library.exists()
-    # A fresh process: xsam._C (if built) registers the same TORCH_LIBRARY namespace, and a
-    # namespace may be defined only once per process.
-    # A fresh process that does not import xsam: xsam._C registers the same TORCH_LIBRARY
-    # namespace, and a namespace may be defined only once per process. The oracle is a flat
-    # float64 computation written here.
+    # A fresh process that does not import xsam (whose xsam._C registers kernels for the same ops):
+    # the schemas come from the contract module alone, loaded from its file (it imports only
+    # torch), then the library registers its kernels for them. The oracle is a flat float64
+    # computation written here.
+    contract = ROOT / "xsam" / "ops" / "contract.py"
     code = textwrap.dedent(f"""
-        import torch
+        import importlib.util, sys, torch
+        spec = importlib.util.spec_from_file_location("contract", {str(contract)!r})
+        contract = sys.modules["contract"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(contract)
+        contract.define_schemas("xsam")
         torch.ops.load_library({str(library)!r})
         gen = torch.Generator().manual_seed(0)
         xs = [torch.randn(n, generator=gen) for n in (1, 7, 16385)]

@@ -5,9 +5,10 @@ and ``"native"`` (the compiled ``xsam._C`` extension). ``"auto"`` picks the fast
 available one per group; naming a backend that cannot serve a group raises
 ``BackendUnavailableError`` with the reason, never a silent fallback.
 
-A backend is a module that provides the functions of ``xsam.ops.reference`` with the
-same signatures, plus ``availability(device, dtype) -> str | None`` (None when it can
-serve the group, else the reason it cannot).
+A backend is a module that provides one function per op of ``xsam.ops.contract``, with
+the schema's argument names (called with keywords, on one non-empty (device, dtype)
+group), plus ``availability(device, dtype) -> str | None`` (None when it can serve the
+group, else the reason it cannot).
 """
 from __future__ import annotations
 

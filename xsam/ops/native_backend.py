@@ -1,32 +1,34 @@
-"""Adapter from the op set to the compiled extension ``xsam._C`` (``torch.ops.xsam.*``).
+"""The compiled op set ``xsam._C`` (``torch.ops.xsam.*``) as a backend.
 
-Importing ``xsam._C`` runs its ``TORCH_LIBRARY(xsam, ...)`` registrations (CPU always,
-CUDA when it was built with nvcc). This module registers the fake (meta) implementations
-so ``torch.compile`` can trace through the ops, and exposes the functions of
-``xsam.ops.reference`` with the same signatures.
+The schemas come from ``xsam.ops.contract`` (defined here, before the extension is
+imported); ``xsam._C`` registers CPU kernels and, when built with nvcc, CUDA kernels for
+them (``TORCH_LIBRARY_IMPL``). This module adds the fake implementations torch.compile
+traces with, and exposes one function per op with the schema's arguments.
+
+Hot path: each function calls the compiled op directly. The C++ side checks every tensor
+(device, dtype, shape, dense layout) before it writes anything, so when a call fails the
+arguments are untouched; only then does Python look for the cause, and a layout the kernels
+cannot address raises ``LayoutError`` so that the op layer retries with dense copies.
 
 When the extension is not built, ``UNAVAILABLE_REASON`` says why (with the import error),
 so ``backend="native"`` raises ``BackendUnavailableError`` with that reason.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
-from torch import Tensor
 
-from .reference import accumulation_dtype
+from .contract import OPS, SUPPORTED_DTYPES, define_schemas
+from .fakes import register_fakes
+from .layout import LayoutError, needs_dense
 
-Tensors = Sequence[Tensor]
-
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-OP_NAMES = ("dots", "weighted_sumsq", "perturb_", "correct_restore_", "axpy_", "scale_copy_")
+NAMESPACE = "xsam"
 
 
 def _load_extension() -> str | None:
-    """Import xsam._C (running its op registrations); None on success, else why it failed."""
+    """Import xsam._C (running its kernel registrations); None on success, else why it failed."""
+    define_schemas(NAMESPACE)
     try:
-        from xsam import _C  # noqa: F401  (imported for its TORCH_LIBRARY side effect)
+        from xsam import _C  # noqa: F401  (imported for its TORCH_LIBRARY_IMPL side effect)
     except ImportError as exc:
         return (f"the compiled extension xsam._C is not built or cannot be loaded ({exc}); rebuild it with "
                 f"`pip install --no-build-isolation -e .` (without XSAM_NO_EXTENSION=1)")
@@ -41,39 +43,11 @@ def has_kernel(device_type: str, op: str = "dots") -> bool:
     if UNAVAILABLE_REASON:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"xsam::{op}", key)
-
-
-def _register_fakes() -> None:
-    # The fakes describe outputs only (the mutating ops return nothing), which is all
-    # FakeTensor propagation and torch.compile need; the schemas declare the mutations.
-    @torch.library.register_fake("xsam::dots")
-    def _dots_fake(tensors, num_lists, pairs):
-        return tensors[0].new_empty((len(pairs) // 2,), dtype=accumulation_dtype(tensors[0].dtype))
-
-    @torch.library.register_fake("xsam::weighted_sumsq")
-    def _weighted_sumsq_fake(weights, xs):
-        return xs[0].new_empty((1,), dtype=accumulation_dtype(xs[0].dtype))
-
-    @torch.library.register_fake("xsam::perturb_")
-    def _perturb_fake(params, grads, saved, scale, adaptive):
-        return None
-
-    @torch.library.register_fake("xsam::correct_restore_")
-    def _correct_restore_fake(params, grads, saved, vecs, a, b):
-        return None
-
-    @torch.library.register_fake("xsam::axpy_")
-    def _axpy_fake(ys, xs, alpha):
-        return None
-
-    @torch.library.register_fake("xsam::scale_copy_")
-    def _scale_copy_fake(dsts, srcs, scale):
-        return None
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", key)
 
 
 if not UNAVAILABLE_REASON:
-    _register_fakes()
+    register_fakes(NAMESPACE)
 
 
 def availability(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -84,7 +58,7 @@ def availability(device: torch.device, dtype: torch.dtype) -> str | None:
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         return f"xsam._C has kernels for cpu and cuda only, not {device.type}"
-    if not has_kernel(device.type):
+    if not all(has_kernel(device.type, op) for op in OPS):
         if device.type == "cuda":
             return ("xsam._C was built without CUDA kernels (XSAM_NO_CUDA=1, a CPU-only torch, or no nvcc "
                     "at build time); rebuild with CUDA_HOME pointing at the CUDA toolkit")
@@ -92,105 +66,24 @@ def availability(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-# --- layout -------------------------------------------------------------------------------
-# The kernels walk tensor i of every list as flat arrays with one index, so they need the
-# tensors at each index dense with identical strides. Contiguous tensors (the usual case)
-# pass untouched; otherwise that index gets contiguous copies, and written ones are copied
-# back after the op.
+def _backend_function(spec):
+    op = getattr(getattr(torch.ops, NAMESPACE), spec.name).default
+    names = spec.argument_names()
 
-def _is_dense(t: Tensor) -> bool:
-    """Non-overlapping and without gaps (contiguous up to a permutation of the dimensions)."""
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+    def run(**args):
+        ordered = [args[name] for name in names]
+        try:
+            return op(*ordered)
+        except RuntimeError as exc:
+            if needs_dense(spec, args):
+                raise LayoutError(str(exc)) from exc
+            raise
 
-
-def _compatible(ts: Sequence[Tensor]) -> bool:
-    if all(t.is_contiguous() for t in ts):
-        return True
-    first = ts[0]
-    # Strides of size-1 dimensions are arbitrary; the other dimensions must agree.
-    order = [st for st, sz in zip(first.stride(), first.shape) if sz != 1]
-    return all(_is_dense(t) and [st for st, sz in zip(t.stride(), t.shape) if sz != 1] == order for t in ts)
+    run.__name__ = spec.name
+    run.__doc__ = spec.doc
+    return run
 
 
-def _dense(lists: Sequence[Tensors], written: Sequence[bool]):
-    """(lists the kernels can take, [(original, temporary)] to copy back afterwards)."""
-    n = len(lists[0])
-    bad = [i for i in range(n) if not _compatible([lst[i] for lst in lists])]
-    if not bad:
-        return [list(lst) for lst in lists], []
-    out = [list(lst) for lst in lists]
-    written_ids = {id(lst[i]) for j, lst in enumerate(lists) if written[j] for i in bad}
-    copy_back = []
-    temps: dict[int, Tensor] = {}  # one temporary per distinct tensor keeps aliasing (dst is src)
-    for i in bad:
-        for j, lst in enumerate(lists):
-            t = lst[i]
-            if id(t) not in temps:
-                temps[id(t)] = t.contiguous()  # a copy unless t already is contiguous
-                if id(t) in written_ids and temps[id(t)] is not t:
-                    copy_back.append((t, temps[id(t)]))
-            out[j][i] = temps[id(t)]
-    return out, copy_back
-
-
-def _finish(copy_back) -> None:
-    for original, temporary in copy_back:
-        original.copy_(temporary)
-
-
-# --- op set ---------------------------------------------------------------------------------
-
-def dots(lists: Sequence[Tensors], pairs: Sequence[tuple[int, int]]) -> Tensor:
-    if len(lists[0]) == 0:
-        return torch.zeros(len(pairs))
-    lists, _ = _dense(lists, [False] * len(lists))
-    flat = [t for lst in lists for t in lst]
-    return torch.ops.xsam.dots(flat, len(lists), [int(i) for pair in pairs for i in pair])
-
-
-def weighted_sumsq(weights: Tensors, xs: Tensors) -> Tensor:
-    if len(xs) == 0:
-        return torch.zeros(1)
-    (weights, xs), _ = _dense([weights, xs], [False, False])
-    return torch.ops.xsam.weighted_sumsq(weights, xs)
-
-
-def perturb_(params: Tensors, grads: Tensors, saved: Tensors, scale: Tensor, adaptive: bool) -> None:
-    if len(params) == 0:
-        return
-    (params, grads, saved), back = _dense([params, grads, saved], [True, False, True])
-    torch.ops.xsam.perturb_(params, grads, saved, scale, bool(adaptive))
-    _finish(back)
-
-
-def correct_restore_(params: Tensors, grads: Tensors, saved: Tensors, vecs: Tensors | None,
-                     a: Tensor, b: Tensor) -> None:
-    if len(params) == 0:
-        return
-    if vecs is None:
-        (params, grads, saved), back = _dense([params, grads, saved], [True, True, False])
-    else:
-        (params, grads, saved, vecs), back = _dense([params, grads, saved, vecs], [True, True, False, False])
-    torch.ops.xsam.correct_restore_(params, grads, saved, vecs, a, b)
-    _finish(back)
-
-
-def axpy_(ys: Tensors, xs: Tensors, alpha: Tensor) -> None:
-    if len(ys) == 0:
-        return
-    (ys, xs), back = _dense([ys, xs], [True, False])
-    torch.ops.xsam.axpy_(ys, xs, alpha)
-    _finish(back)
-
-
-def scale_copy_(dsts: Tensors, srcs: Tensors, scale: Tensor) -> None:
-    if len(dsts) == 0:
-        return
-    (dsts, srcs), back = _dense([dsts, srcs], [True, False])
-    torch.ops.xsam.scale_copy_(dsts, srcs, scale)
-    _finish(back)
+if not UNAVAILABLE_REASON:
+    for _spec in OPS.values():
+        globals()[_spec.name] = _backend_function(_spec)

@@ -1,13 +1,19 @@
 """Pure-PyTorch implementation of the op set: the fallback everywhere and the oracle.
 
-Every function here works on ONE group: lists of tensors that share a device and
-a dtype (the dispatcher in ``xsam.ops`` does the grouping). Scalars arrive as 0-d
-tensors on that device in the group's accumulation dtype (see
-``accumulation_dtype``) and results stay on the device: nothing here calls
-``.item()`` or otherwise waits for the device.
+Each function implements one op of ``xsam.ops.contract`` with the schema's arguments,
+on ONE group (lists sharing a device and a dtype; ``xsam.ops`` does the grouping).
+Scalars arrive as 0-d tensors on that device in the accumulation dtype and stay there:
+nothing here calls ``.item()`` or otherwise waits for the device.
 
-The Triton (``xsam.kernels``) and native (``torch.ops.xsam``) backends implement
-the same functions with the same signatures; their tests compare against these.
+Written the way a skilled user writes foreach code, so that "native vs reference" measures
+the kernels and not a handicapped baseline: no full-size temporaries where PyTorch has an
+in-place form (``_foreach_copy_``, ``_foreach_addcmul_``, ``_foreach_mul_`` with a device
+scalar). Two exceptions, both documented where they occur: CUDA element-wise passes build one
+scaled temporary (PyTorch's fused multi-tensor kernels take a device scalar only in
+``_foreach_mul``; the broadcasting ``_foreach_addcmul_`` would launch once per tensor there),
+and the reductions that need an element-wise product first (``weighted_sumsq``,
+``residual_sumsq``, and dot products of fp16/bf16 lists, upcast to fp32 so they accumulate
+in fp32).
 """
 from __future__ import annotations
 
@@ -34,74 +40,112 @@ def _sum_of_squares(tensors: Tensors, acc: torch.dtype) -> Tensor:
 
 
 def _dot(xs: Tensors, ys: Tensors, acc: torch.dtype) -> Tensor:
-    # One dot per tensor pair: no concatenated copies of whole lists.
+    # One dot per tensor pair (PyTorch has no multi-tensor dot): no concatenated copies.
     return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1))
                         for x, y in zip(_upcast(xs, acc), _upcast(ys, acc))]).sum()
 
 
-def dots(lists: Sequence[Tensors], pairs: Sequence[tuple[int, int]]) -> Tensor:
-    """``out[k] = sum_i <lists[a][i], lists[b][i]>`` for ``(a, b) = pairs[k]``.
+def _add_scaled_(ys: list[Tensor], xs: Tensors, scale: Tensor) -> None:
+    """``y += scale * x`` with ``scale`` a device scalar (see the module docstring)."""
+    if ys[0].device.type == "cpu":
+        # CPU foreach ops loop over the tensors anyway; a broadcast 0-d factor needs no temporary.
+        torch._foreach_addcmul_(ys, list(xs), [scale] * len(ys))
+    else:
+        torch._foreach_add_(ys, torch._foreach_mul(list(xs), scale))
 
-    Sums of squares are the pairs ``(a, a)``. Returns a 1-d tensor of
-    ``len(pairs)`` entries in the accumulation dtype.
-    """
-    first = lists[0]
-    if len(first) == 0:
-        return torch.zeros(len(pairs))
-    acc = accumulation_dtype(first[0].dtype)
-    if not pairs:
-        return torch.zeros(0, dtype=acc, device=first[0].device)
-    return torch.stack([_sum_of_squares(lists[a], acc) if a == b else _dot(lists[a], lists[b], acc)
-                        for a, b in pairs])
+
+def dots(tensors: Tensors, num_lists: int, pairs: Sequence[int]) -> Tensor:
+    """``out[k] = sum_i <L[a_k][i], L[b_k][i]>`` (see the contract)."""
+    n = len(tensors) // num_lists
+    lists = [list(tensors[j * n:(j + 1) * n]) for j in range(num_lists)]
+    npairs = len(pairs) // 2
+    if n == 0:
+        return torch.zeros(npairs)
+    acc = accumulation_dtype(tensors[0].dtype)
+    if npairs == 0:
+        return torch.zeros(0, dtype=acc, device=tensors[0].device)
+    out = []
+    for k in range(npairs):
+        a, b = pairs[2 * k], pairs[2 * k + 1]
+        # A pair of one list with itself (or with the same tensors) is a sum of squares: the fused
+        # norm, and the same bits however the pair names the list.
+        same = a == b or all(x is y for x, y in zip(lists[a], lists[b]))
+        out.append(_sum_of_squares(lists[a], acc) if same else _dot(lists[a], lists[b], acc))
+    return torch.stack(out)
 
 
 def weighted_sumsq(weights: Tensors, xs: Tensors) -> Tensor:
-    """``sum_i ||weights[i] * xs[i]||^2`` (the ASAM norm ``||w * g||^2``), 1-element tensor."""
+    """``sum_i ||weights[i] * xs[i]||^2`` as a 1-element tensor."""
     if len(xs) == 0:
         return torch.zeros(1)
     acc = accumulation_dtype(xs[0].dtype)
-    return _sum_of_squares(torch._foreach_mul(_upcast(weights, acc), _upcast(xs, acc)), acc).reshape(1)
+    products = torch._foreach_mul(_upcast(weights, acc), _upcast(xs, acc))
+    return _sum_of_squares(products, acc).reshape(1)
+
+
+def residual_sumsq(us: Tensors, vs: Tensors, lam: Tensor) -> Tensor:
+    """``sum_i ||us[i] - lam * vs[i]||^2`` element by element, as a 1-element tensor."""
+    if len(us) == 0:
+        return torch.zeros(1)
+    acc = accumulation_dtype(us[0].dtype)
+    diff = _upcast(us, acc)
+    diff = torch._foreach_sub(diff, torch._foreach_mul(_upcast(vs, acc), lam))
+    return _sum_of_squares(diff, acc).reshape(1)
 
 
 def perturb_(params: Tensors, grads: Tensors, saved: Tensors, scale: Tensor, adaptive: bool) -> None:
     """``saved = w``; then ``w += scale * g``, or ``w += scale * w * w * g`` when adaptive."""
     if len(params) == 0:
         return
+    params = list(params)
     torch._foreach_copy_(saved, params)
     if adaptive:
-        step = torch._foreach_mul(params, params)
-        torch._foreach_mul_(step, grads)
+        # In place on w, reading the original from `saved`: w*g, *w, *scale, +w.
+        torch._foreach_mul_(params, list(grads))
+        torch._foreach_mul_(params, list(saved))
+        torch._foreach_mul_(params, scale)
+        torch._foreach_add_(params, list(saved))
     else:
-        step = list(grads)
-    step = torch._foreach_mul(step, scale.to(params[0].dtype))
-    torch._foreach_add_(params, step)
+        _add_scaled_(params, grads, scale)
 
 
-def correct_restore_(
-    params: Tensors, grads: Tensors, saved: Tensors, vecs: Tensors | None, a: Tensor, b: Tensor
-) -> None:
+def tilted_perturb_(params: Tensors, grads: Tensors, saved: Tensors, vecs: Tensors, a: Tensor, b: Tensor) -> None:
+    """``saved = w``; then ``w += a * g + b * v``."""
+    if len(params) == 0:
+        return
+    params = list(params)
+    torch._foreach_copy_(saved, params)
+    _add_scaled_(params, grads, a)
+    _add_scaled_(params, vecs, b)
+
+
+def correct_restore_(params: Tensors, grads: Tensors, saved: Tensors, vecs: Tensors | None, a: Tensor,
+                     b: Tensor) -> None:
     """``g = a * g - b * v`` (just ``a * g`` when ``vecs`` is None) and ``w = saved``."""
     if len(params) == 0:
         return
-    dtype = grads[0].dtype
-    torch._foreach_mul_(grads, a.to(dtype))
+    grads = list(grads)
+    torch._foreach_mul_(grads, a)
     if vecs is not None:
-        torch._foreach_sub_(grads, torch._foreach_mul(vecs, b.to(dtype)))
-    torch._foreach_copy_(params, saved)
+        _add_scaled_(grads, vecs, -b)
+    torch._foreach_copy_(list(params), saved)
 
 
 def axpy_(ys: Tensors, xs: Tensors, alpha: Tensor) -> None:
     """``y += alpha * x`` over the lists (finite-difference HVPs, Gram-Schmidt)."""
     if len(ys) == 0:
         return
-    torch._foreach_add_(ys, torch._foreach_mul(xs, alpha.to(ys[0].dtype)))
+    _add_scaled_(list(ys), xs, alpha)
 
 
 def scale_copy_(dsts: Tensors, srcs: Tensors, scale: Tensor) -> None:
     """``dst = scale * src`` (the normalisation pass of a power-iteration update)."""
     if len(dsts) == 0:
         return
-    torch._foreach_copy_(dsts, torch._foreach_mul(srcs, scale.to(srcs[0].dtype)))
+    dsts = list(dsts)
+    # Copy, then scale in place: no temporary (dst may be src: the copy is then a no-op).
+    torch._foreach_copy_(dsts, list(srcs))
+    torch._foreach_mul_(dsts, scale)
 
 
 def availability(device: torch.device, dtype: torch.dtype) -> str | None:

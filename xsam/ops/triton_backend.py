@@ -1,9 +1,9 @@
 """Adapter from the op set to the fused multi-tensor Triton kernels in ``xsam.kernels``.
 
-Same functions and signatures as ``xsam.ops.reference``. The kernels need
-contiguous tensors of one dtype per call; this adapter makes that true:
-- non-contiguous tensors are copied to contiguous scratch and the written ones
-  copied back afterwards (correct, just slower);
+One function per op of ``xsam.ops.contract``, with the schema's arguments. The kernels need
+contiguous tensors of one dtype per call:
+- a call with a non-contiguous tensor raises ``LayoutError``, and the op layer retries it
+  with contiguous copies (correct, just slower);
 - a list whose dtype differs from the group's (the dispatcher groups by the
   first list only) runs the whole call on the reference implementation.
 Writes through raw pointers are invisible to autograd, so the adapter bumps the
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .layout import LayoutError
 
 try:
     from xsam.kernels import multi_tensor as _mt
@@ -58,93 +59,82 @@ def availability(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"the Triton kernels run on CUDA devices (or CPU under the interpreter), not {device.type}"
 
 
-def _contiguous(lists: list[Tensors], written: Sequence[int]) -> tuple[list[Tensors], list[tuple[Tensor, Tensor]]]:
-    """Lists with every tensor contiguous, and the (original, scratch) pairs to copy back.
-
-    The fast path (all contiguous) costs one C-level pass per list and copies nothing.
-    """
-    if all(all(map(_is_contiguous, lst)) for lst in lists):
-        return lists, []
-    out, copy_back = [], []
-    for k, lst in enumerate(lists):
-        if all(map(_is_contiguous, lst)):
-            out.append(lst)
-            continue
-        new = []
-        for t in lst:
-            if t.is_contiguous():
-                new.append(t)
-            else:
-                scratch = t.contiguous()
-                new.append(scratch)
-                if k in written:
-                    copy_back.append((t, scratch))
-        out.append(new)
-    return out, copy_back
+def _require_contiguous(lists) -> None:
+    if not all(all(map(_is_contiguous, lst)) for lst in lists if lst is not None):
+        raise LayoutError("the Triton kernels need contiguous tensors", contiguous_only=True)
 
 
-def _finish(lists: list[Tensors], written: Sequence[int], copy_back: list[tuple[Tensor, Tensor]]) -> None:
-    for dst, scratch in copy_back:
-        dst.copy_(scratch)  # a real in-place op: it bumps the version itself
-    for k in written:
-        _increment_version(lists[k])
+def _bump_versions(written) -> None:
+    for lst in written:
+        _increment_version(lst)
 
 
-def dots(lists: Sequence[Tensors], pairs: Sequence[tuple[int, int]]) -> Tensor:
-    if len(lists[0]) == 0:
-        return reference.dots(lists, pairs)
-    ready, _ = _contiguous(list(lists), ())
+def dots(tensors: Tensors, num_lists: int, pairs: Sequence[int]) -> Tensor:
+    n = len(tensors) // num_lists
+    lists = [list(tensors[j * n:(j + 1) * n]) for j in range(num_lists)]
+    if n == 0:
+        return reference.dots(tensors, num_lists, pairs)
+    _require_contiguous(lists)
     try:
-        return _mt.dots(ready, pairs)
+        return _mt.dots(lists, list(zip(pairs[::2], pairs[1::2])))
     except _mt.MixedDtypeError:
-        return reference.dots(lists, pairs)
+        return reference.dots(tensors, num_lists, pairs)
 
 
 def weighted_sumsq(weights: Tensors, xs: Tensors) -> Tensor:
     if len(xs) == 0:
         return reference.weighted_sumsq(weights, xs)
-    (w, x), _ = _contiguous([weights, xs], ())
+    _require_contiguous([weights, xs])
     try:
-        return _mt.weighted_sumsq(w, x)
+        return _mt.weighted_sumsq(list(weights), list(xs))
     except _mt.MixedDtypeError:
         return reference.weighted_sumsq(weights, xs)
 
 
-def _run(op, lists: list[Tensors], written: tuple[int, ...], fallback) -> None:
+def residual_sumsq(us: Tensors, vs: Tensors, lam: Tensor) -> Tensor:
+    # No Triton kernel yet: the reference serves it (refreshes only).
+    return reference.residual_sumsq(us, vs, lam)
+
+
+def _run(op, lists: list, written: tuple[int, ...], fallback) -> None:
     """Launch ``op`` on contiguous lists; a dtype mix runs ``fallback`` (the reference) instead."""
-    ready, copy_back = _contiguous(lists, written)
+    _require_contiguous(lists)
     try:
-        op(ready)
+        op()
     except _mt.MixedDtypeError:  # raised while planning, before anything was written
         fallback()
         return
-    _finish(lists, written, copy_back)
+    _bump_versions([lists[k] for k in written])
 
 
 def perturb_(params: Tensors, grads: Tensors, saved: Tensors, scale: Tensor, adaptive: bool) -> None:
     if len(params) == 0:
         return
-    _run(lambda r: _mt.perturb_(r[0], r[1], r[2], scale, adaptive), [params, grads, saved], (0, 2),
+    _run(lambda: _mt.perturb_(params, grads, saved, scale, adaptive), [params, grads, saved], (0, 2),
          lambda: reference.perturb_(params, grads, saved, scale, adaptive))
+
+
+def tilted_perturb_(params: Tensors, grads: Tensors, saved: Tensors, vecs: Tensors, a: Tensor, b: Tensor) -> None:
+    # No Triton kernel yet: the reference serves it.
+    reference.tilted_perturb_(params, grads, saved, vecs, a, b)
 
 
 def correct_restore_(params: Tensors, grads: Tensors, saved: Tensors, vecs: Tensors | None,
                      a: Tensor, b: Tensor) -> None:
     if len(params) == 0:
         return
-    lists = [params, grads, saved] + ([] if vecs is None else [vecs])
-    _run(lambda r: _mt.correct_restore_(r[0], r[1], r[2], r[3] if len(r) > 3 else None, a, b), lists, (0, 1),
+    _run(lambda: _mt.correct_restore_(params, grads, saved, vecs, a, b), [params, grads, saved, vecs], (0, 1),
          lambda: reference.correct_restore_(params, grads, saved, vecs, a, b))
 
 
 def axpy_(ys: Tensors, xs: Tensors, alpha: Tensor) -> None:
     if len(ys) == 0:
         return
-    _run(lambda r: _mt.axpy_(r[0], r[1], alpha), [ys, xs], (0,), lambda: reference.axpy_(ys, xs, alpha))
+    _run(lambda: _mt.axpy_(ys, xs, alpha), [ys, xs], (0,), lambda: reference.axpy_(ys, xs, alpha))
 
 
 def scale_copy_(dsts: Tensors, srcs: Tensors, scale: Tensor) -> None:
     if len(dsts) == 0:
         return
-    _run(lambda r: _mt.scale_copy_(r[0], r[1], scale), [dsts, srcs], (0,),
+    _run(lambda: _mt.scale_copy_(dsts, srcs, scale), [dsts, srcs], (0,),
          lambda: reference.scale_copy_(dsts, srcs, scale))

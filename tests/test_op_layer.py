@@ -1,4 +1,5 @@
-"""The op set through the dispatcher (reference backend) against flat-vector computations."""
+"""The op layer (xsam.ops): grouping by device and dtype, Layouts, scalars, dispatch and its errors,
+and power_update_, against flat-vector computations (reference backend)."""
 import pytest
 import torch
 
@@ -113,3 +114,46 @@ def test_unavailable_backend_raises_with_reason(monkeypatch):
 def test_misaligned_lists_are_rejected():
     with pytest.raises(ValueError, match="aligned"):
         ops.dots([make(SHAPES, torch.float32, 0), make(SHAPES[:2], torch.float32, 1)], [(0, 1)])
+
+
+def test_a_kept_layout_gives_the_same_results_as_a_fresh_one():
+    w, g = mixed_lists(5), mixed_lists(6)
+    layout = ops.Layout.of(w)
+    assert len(layout.groups) == 3 and not layout.sharded
+    fresh = ops.dots([w, g], [(0, 1), (1, 1)], backend="reference")
+    kept = ops.dots([w, g], [(0, 1), (1, 1)], backend="reference", layout=layout)
+    assert torch.equal(fresh, kept)
+    with pytest.raises(ValueError, match="aligned"):
+        ops.dots([w[:2], g[:2]], [(0, 1)], layout=layout)
+
+
+def test_a_layout_of_one_group_passes_the_lists_through():
+    w = make(SHAPES, torch.float32, 0)
+    layout = ops.Layout.of(w)
+    assert len(layout.groups) == 1 and layout.groups[0].index is None
+    assert layout.groups[0].pick(w) == w
+
+
+def test_power_update_residual_is_accurate_in_fp32():
+    # ||u - lam v|| = 1.4e-4 next to ||u|| = 3: the one-pass formula uu - lam * vu reads 0 in fp32.
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(3000, generator=gen, dtype=torch.float64)
+    v /= v.norm()
+    off = torch.randn(3000, generator=gen, dtype=torch.float64)
+    off -= (off @ v) * v
+    u = 3.0 * v + 1.4e-4 * off / off.norm()
+    u32, v32 = u.float(), v.float()
+    lam = (u32.double() @ v32.double()) / (v32.double() @ v32.double())
+    want = (u32.double() - lam * v32.double()).norm().item()
+    stats = ops.power_update_([[u32.clone()]], [[v32.clone()]], backend="reference")
+    assert stats.residuals[0].item() == pytest.approx(want, rel=1e-2)
+
+
+def test_scalars_may_be_numbers_or_tensors_of_any_dtype():
+    w, g = make(SHAPES, torch.float32, 1), make(SHAPES, torch.float32, 2)
+    outs = []
+    for scale in (0.25, torch.tensor(0.25, dtype=torch.float64), torch.tensor([0.25])):
+        y = [t.clone() for t in w]
+        ops.axpy_(y, g, scale, backend="reference")
+        outs.append(flat(y))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])

@@ -1,0 +1,147 @@
+"""Shared helpers for the op tests: every op x backend x device x dtype against flat float64 oracles.
+
+Each op test is parametrised by ``op_params()``: (backend, device, dtype, case) combinations,
+where the size cases are chosen per backend to cross that backend's own boundaries (the
+native CPU and CUDA chunk lengths, the Triton block and chunk of the test launch config).
+Tests call the public op layer (``xsam.ops.*(..., backend=name)``), so dispatch, grouping
+and the layout fallback run too. The Triton interpreter costs ~2 ms per program, so Triton
+runs on the CPU with a tiny launch configuration (the ``triton_launch_config`` fixture in
+conftest.py applies ``launch_config_for`` to every test with ``backend`` and ``device`` parameters).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from xsam.ops import reference
+from xsam.ops.dispatch import unavailable_reason
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+BACKENDS = ("reference", "native", "triton")
+DEVICES = ("cpu", "cuda")
+NATIVE_CHUNK = {"cpu": 16384, "cuda": 32768}  # kCpuChunk in csrc/xsam_ops.h, kCudaChunk in csrc/cuda
+TRITON_CPU_CHUNK, TRITON_CPU_BLOCK = 64, 16  # the interpreter's test launch config
+TRITON_CUDA_CHUNK = 65536
+
+
+def why_not(backend: str, device: str, dtype: torch.dtype = torch.float32) -> str | None:
+    if device == "cuda" and not torch.cuda.is_available():
+        return "needs a CUDA GPU (none on this machine)"
+    return unavailable_reason(backend, torch.device(device), dtype)
+
+
+def size_cases(backend: str, device: str) -> dict[str, list[tuple[int, ...]]]:
+    """Shape lists: empty and 1-element tensors, many small tensors, and this backend's boundaries."""
+    cases = {
+        "edge": [(0,), (1,), (7,), (3, 5), (2, 1, 4)],
+        "many": [(1 + (7 * i) % 23,) for i in range(300)],
+    }
+    if backend == "native":
+        c = NATIVE_CHUNK[device]
+        cases["chunk"] = [(c - 1,), (c,), (c + 1,), (3 * c + 5,)]
+    elif backend == "triton":
+        if device == "cpu":
+            c, b = TRITON_CPU_CHUNK, TRITON_CPU_BLOCK
+            cases["chunk"] = [(b - 1,), (b,), (b + 1,), (c - 1,), (c,), (c + 1,), (0,), (3 * c + 5,)]
+            cases["many"] = [(i % 5,) for i in range(300)]  # 300 tiny tensors, empty ones included
+        else:
+            c = TRITON_CUDA_CHUNK
+            cases["chunk"] = [(c - 1,), (c + 1,), (3 * c + 5,)]
+    else:
+        cases["chunk"] = [(5000,), (3, 1001)]
+    return cases
+
+
+def op_params(dtypes=DTYPES, cases=None):
+    """(backend, device, dtype, case) for every available combination; the rest are skipped with the reason."""
+    out = []
+    for backend in BACKENDS:
+        for device in DEVICES:
+            names = size_cases(backend, device)
+            for dtype in dtypes:
+                for case in names if cases is None else [c for c in cases if c in names]:
+                    if backend == "triton" and device == "cpu" and case == "many" and dtype in (torch.float16,
+                                                                                              torch.float64):
+                        continue  # 300 tensors in the interpreter once per accumulation path is enough
+                    marks = [pytest.mark.cuda] if device == "cuda" else []
+                    why = why_not(backend, device, dtype)
+                    if why:
+                        marks.append(pytest.mark.skip(reason=why))
+                    out.append(pytest.param(backend, device, dtype, case, marks=marks,
+                                            id=f"{backend}-{device}-{str(dtype)[6:]}-{case}"))
+    return out
+
+
+def backend_params(devices=DEVICES, backends=BACKENDS):
+    """(backend, device) pairs, skipped with the reason where unavailable."""
+    out = []
+    for backend in backends:
+        for device in devices:
+            marks = [pytest.mark.cuda] if device == "cuda" else []
+            why = why_not(backend, device)
+            if why:
+                marks.append(pytest.mark.skip(reason=why))
+            out.append(pytest.param(backend, device, marks=marks, id=f"{backend}-{device}"))
+    return out
+
+
+@contextlib.contextmanager
+def launch_config_for(backend: str, device: str):
+    """Tiny Triton launches in the interpreter (every program costs ~2 ms); others unchanged."""
+    if backend == "triton" and device == "cpu":
+        from xsam.kernels import multi_tensor as mt
+
+        with mt.launch_config(chunk=TRITON_CPU_CHUNK, block=TRITON_CPU_BLOCK):
+            yield
+    else:
+        yield
+
+
+def make(shapes, dtype, device, seed, positive=False):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for s in shapes:
+        t = torch.randn(s, generator=gen, dtype=torch.float64)
+        out.append((t.abs() + 0.5 if positive else t).to(dtype).to(device))
+    return out
+
+
+def clone(ts):
+    return [t.clone() for t in ts]
+
+
+def f64(ts):
+    return torch.cat([t.reshape(-1).double().cpu() for t in ts]) if len(ts) else torch.zeros(0, dtype=torch.float64)
+
+
+def scalar(value, dtype, device):
+    return torch.full((), value, dtype=reference.accumulation_dtype(dtype), device=device)
+
+
+def assert_close_to_exact(got, exact, magnitude, dtype, *, ref=None, roundings=2.0):
+    """``got`` is within ``roundings`` roundings in ``dtype`` (relative to the terms' size) of the
+    float64 answer; with ``ref`` (the reference backend's result), also up to twice the
+    reference's own error (a fused kernel must be at least about as accurate as the reference)."""
+    got = got.double().cpu()
+    exact = exact.double().cpu()
+    eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
+    # Relative to the terms' size, plus the spacing of subnormal numbers (tiny * eps), where
+    # rounding errors stop shrinking with the values.
+    bound = roundings * eps * (magnitude.double().cpu() + tiny) + 1e-300
+    if ref is not None:
+        bound = bound + 2 * (ref.double().cpu() - exact).abs()
+    err = (got - exact).abs()
+    assert got.shape == exact.shape, (got.shape, exact.shape)
+    if err.numel() == 0:
+        return
+    worst = (err - bound).argmax()
+    assert bool((err <= bound).all()), (
+        f"error {err[worst].item():.3g} exceeds bound {bound[worst].item():.3g} at {worst.item()} "
+        f"(got {got[worst].item()}, exact {exact[worst].item()})")
+
+
+def reference_result(backend: str, run):
+    """``run("reference")`` for comparison, or None when ``backend`` is the reference itself."""
+    return None if backend == "reference" else run("reference")

@@ -1,0 +1,192 @@
+"""What only the compiled backend (xsam._C through torch.ops.xsam) has: its own argument checks,
+thread-count independence, opcheck and torch.compile tracing, whole X-SAM runs against the
+reference, and the reasons it gives when it cannot run. The ops' results on every backend are
+checked in tests/test_op_*.py."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from xsam import XSAM, ops
+from xsam.ops import native_backend as native
+
+from op_cases import NATIVE_CHUNK, make, scalar, why_not
+
+pytestmark = pytest.mark.skipif(
+    bool(native.UNAVAILABLE_REASON), reason=f"xsam._C is not built: {native.UNAVAILABLE_REASON}")
+
+CPU_CHUNK = NATIVE_CHUNK["cpu"]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    why_not("native", "cuda") is not None, reason=str(why_not("native", "cuda")))])]
+
+
+def test_mismatched_lists_raise_a_clear_error():
+    x = make([(3,), (4,)], torch.float32, "cpu", 0)
+    with pytest.raises(RuntimeError, match="aligned"):
+        torch.ops.xsam.axpy_(x, x[:1], scalar(1.0, torch.float32, "cpu"))
+    with pytest.raises(RuntimeError, match="same shape"):
+        torch.ops.xsam.axpy_(x, x[::-1], scalar(1.0, torch.float32, "cpu"))
+    with pytest.raises(RuntimeError, match=r"group the tensors by \(device, dtype\)"):
+        torch.ops.xsam.axpy_(x, [t.double() for t in x], scalar(1.0, torch.float32, "cpu"))
+    with pytest.raises(RuntimeError, match="num_lists"):
+        torch.ops.xsam.dots(x, 3, [0, 0])
+
+
+# --- determinism ----------------------------------------------------------------------------
+
+def _reductions(dtype):
+    lists = [make([(3 * CPU_CHUNK + 5,), (CPU_CHUNK + 1,), (11,)] * 3, dtype, "cpu", seed) for seed in range(2)]
+    return torch.cat([ops.dots(lists, [(0, 0), (0, 1)], backend="native").double(),
+                      ops.weighted_sumsq(lists[0], lists[1], backend="native").double().reshape(1)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reductions_are_bitwise_identical_for_1_and_2_threads(dtype):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _reductions(dtype)
+        torch.set_num_threads(2)
+        two = _reductions(dtype)
+        again = _reductions(dtype)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two) and torch.equal(two, again)
+
+
+def test_reductions_are_bitwise_identical_across_omp_num_threads():
+    # A fresh process per setting, so OpenMP reads OMP_NUM_THREADS at start-up.
+    code = textwrap.dedent("""
+        import torch, xsam
+        lists = [[torch.randn(n, generator=torch.Generator().manual_seed(s)) for n in (49157, 16385, 11)]
+                 for s in range(2)]
+        out = xsam.ops.dots(lists, [(0, 0), (0, 1), (1, 1)], backend="native")
+        print(torch.get_num_threads(), out.numpy().tobytes().hex())
+    """)
+    results = []
+    for threads in ("1", "2"):
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        results.append(proc.stdout.split())
+    assert [r[0] for r in results] == ["1", "2"]
+    assert results[0][1] == results[1][1]
+
+
+# --- the registered ops ---------------------------------------------------------------------
+
+def _opcheck_cases(device, dtype):
+    shapes = [(5,), (3, 4), (0,)]
+    w, g, s, v = (make(shapes, dtype, device, seed) for seed in range(4))
+    sc = scalar(0.5, dtype, device)
+    return {
+        "dots": (w + g + v, 3, [0, 0, 0, 1, 2, 1]),
+        "weighted_sumsq": (w, g),
+        "residual_sumsq": (w, g, sc),
+        "perturb_": (w, g, s, sc, True),
+        "tilted_perturb_": (w, g, s, v, sc, scalar(0.25, dtype, device)),
+        "correct_restore_": (w, g, s, v, sc, scalar(0.25, dtype, device)),
+        "correct_restore_novecs": (w, g, s, None, sc, sc),
+        "axpy_": (w, g, sc),
+        "scale_copy_": (w, g, sc),
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(_opcheck_cases("cpu", torch.float32)))
+def test_opcheck(device, dtype, name):
+    args = _opcheck_cases(device, dtype)[name]
+    op = getattr(torch.ops.xsam, "correct_restore_" if name.startswith("correct_restore_") else name)
+    torch.library.opcheck(op, args)
+
+
+def test_ops_trace_under_torch_compile():
+    def step(params, grads, saved, vecs):
+        sums = torch.ops.xsam.dots(grads + vecs, 2, [0, 0, 0, 1])
+        scale = 0.05 / (sums[0].sqrt() + 1e-12)
+        torch.ops.xsam.perturb_(params, grads, saved, scale, False)
+        torch.ops.xsam.correct_restore_(params, grads, saved, vecs, sums[1], sums[0])
+        return sums
+
+    def run(fn):
+        p, g, v = (make([(5,), (3, 4)], torch.float32, "cpu", s) for s in range(3))
+        saved = [torch.empty_like(t) for t in p]
+        sums = fn(p, g, saved, v)
+        return [sums] + p + g
+
+    eager = run(step)
+    compiled = run(torch.compile(step, backend="aot_eager", fullgraph=True))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+
+
+# --- through the optimizer --------------------------------------------------------------------
+
+def _xsam_run(backend, hvp, dtype=torch.float64, steps=5):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+    x = torch.randn(32, 6, dtype=dtype)
+    y = torch.randint(0, 3, (32,))
+    loss_fn = lambda: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
+
+    def closure():
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    opt = XSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.05, alpha=0.5,
+               eig_interval=2, power_iters=3, hvp=hvp, backend=backend, seed=3)
+    for _ in range(steps):
+        opt.zero_grad()
+        opt.step(closure, loss_fn=loss_fn if hvp == "exact" else None)
+    return [p.detach().clone() for p in model.parameters()], opt.eigenvector()
+
+
+@pytest.mark.parametrize("hvp", ["exact", "finite_difference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_xsam_steps_with_native_equal_reference(hvp, dtype):
+    w_native, v_native = _xsam_run("native", hvp, dtype)
+    w_ref, v_ref = _xsam_run("reference", hvp, dtype)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    if hvp == "finite_difference" and dtype == torch.float32:
+        tol = dict(rtol=2e-3, atol=2e-4)  # FD steps amplify last-bit differences of the reductions
+    for a, b in zip(w_native, w_ref):
+        torch.testing.assert_close(a, b, **tol)
+    for a, b in zip(v_native, v_ref):
+        torch.testing.assert_close(a, b, **tol)
+
+
+# --- missing extension --------------------------------------------------------------------------
+
+def test_missing_extension_makes_native_raise_with_the_reason():
+    # sys.modules[name] = None makes `import xsam._C` fail as if the .so were absent.
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["xsam._C"] = None
+        import torch, xsam
+        from xsam import ops
+        x = [torch.ones(3)]
+        assert ops.dots([x], [(0, 0)]).item() == 3.0  # auto still works (reference)
+        try:
+            ops.dots([x], [(0, 0)], backend="native")
+        except ops.BackendUnavailableError as exc:
+            print(exc)
+        else:
+            raise SystemExit("backend='native' did not raise")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "xsam._C is not built" in proc.stdout and "pip install --no-build-isolation" in proc.stdout
+
+
+def test_availability_reasons():
+    assert native.availability(torch.device("cpu"), torch.float32) is None
+    assert "not supported" in native.availability(torch.device("cpu"), torch.int32)
+    if not native.has_kernel("cuda"):
+        assert "without CUDA" in native.availability(torch.device("cuda"), torch.float32)

@@ -1,0 +1,111 @@
+"""dots, weighted_sumsq and residual_sumsq on every backend, device and dtype, against flat float64 sums."""
+import pytest
+import torch
+
+from xsam import ops
+from xsam.ops import accumulation_dtype
+
+from op_cases import assert_close_to_exact, f64, make, op_params, reference_result, scalar, size_cases
+
+PAIRS = [(0, 0), (0, 1), (2, 1), (1, 2), (2, 2)]
+
+
+def _roundings(n):
+    # A sum of n terms may differ by about sqrt(n) roundings with another summation order.
+    return max(2.0, n ** 0.5)
+
+
+@pytest.mark.parametrize("backend,device,dtype,case", op_params())
+def test_dots(backend, device, dtype, case):
+    lists = [make(size_cases(backend, device)[case], dtype, device, seed) for seed in range(3)]
+    run = lambda name: ops.dots(lists, PAIRS, backend=name)  # noqa: E731
+    got = run(backend)
+    acc = accumulation_dtype(dtype)
+    assert got.dtype == acc and got.shape == (len(PAIRS),) and got.device.type == device
+    flats = [f64(lst) for lst in lists]
+    exact = torch.stack([flats[a] @ flats[b] for a, b in PAIRS])
+    magnitude = torch.stack([(flats[a] * flats[b]).abs().sum() for a, b in PAIRS])
+    assert_close_to_exact(got, exact, magnitude, acc, ref=reference_result(backend, run),
+                          roundings=_roundings(len(flats[0])))
+
+
+@pytest.mark.parametrize("backend,device,dtype,case", op_params())
+def test_weighted_sumsq(backend, device, dtype, case):
+    shapes = size_cases(backend, device)[case]
+    w, x = make(shapes, dtype, device, 1), make(shapes, dtype, device, 2)
+    run = lambda name: ops.weighted_sumsq(w, x, backend=name)  # noqa: E731
+    got = run(backend)
+    acc = accumulation_dtype(dtype)
+    assert got.dtype == acc and got.shape == ()
+    p = f64(w) * f64(x)
+    exact = p @ p
+    assert_close_to_exact(got, exact, exact.abs(), acc, ref=reference_result(backend, run),
+                          roundings=_roundings(len(p)))
+
+
+@pytest.mark.parametrize("backend,device,dtype,case", op_params())
+def test_residual_sumsq(backend, device, dtype, case):
+    shapes = size_cases(backend, device)[case]
+    v = make(shapes, dtype, device, 3)
+    # u = 0.75 v + a small part off v: the residual is small next to ||u||, where the one-pass
+    # formula ||u||^2 - lam^2 ||v||^2 cancels.
+    noise = make(shapes, dtype, device, 4)
+    u = [(0.75 * a.double() + 1e-3 * b.double()).to(dtype) for a, b in zip(v, noise)]
+    lam = scalar(0.75, dtype, device)
+    run = lambda name: ops.residual_sumsq(u, v, lam, backend=name)  # noqa: E731
+    got = run(backend)
+    acc = accumulation_dtype(dtype)
+    assert got.dtype == acc and got.shape == ()
+    r = f64(u) - 0.75 * f64(v)
+    exact = r @ r
+    # Each term (u - lam v) is formed in the accumulation dtype: about one rounding of |u| per element.
+    magnitude = (2 * r.abs() * (f64(u).abs() + 0.75 * f64(v).abs())).sum()
+    assert_close_to_exact(got, exact, magnitude, acc, ref=reference_result(backend, run),
+                          roundings=_roundings(len(r)))
+
+
+def test_residual_sumsq_is_exact_where_the_one_pass_formula_cancels():
+    # fp32, ||u|| ~ 1 and ||u - lam v|| ~ 1.4e-4: uu - lam*vu loses everything below 1e-7 * uu.
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(4000, generator=gen, dtype=torch.float64)
+    v /= v.norm()
+    off = torch.randn(4000, generator=gen, dtype=torch.float64)
+    off -= (off @ v) * v
+    u = 3.0 * v + 1.4e-4 * off / off.norm()
+    lam = (u @ v).item()
+    got = ops.residual_sumsq([u.float()], [v.float()], lam, backend="reference").sqrt().item()
+    want = (u.float().double() - lam * v.float().double()).norm().item()
+    assert got == pytest.approx(want, rel=1e-3)
+
+
+@pytest.mark.parametrize("backend,device,dtype,case", op_params(dtypes=[torch.float32], cases=["edge"]))
+def test_dots_of_no_pairs_and_of_empty_lists(backend, device, dtype, case):
+    x = make([(5,)], dtype, device, 0)
+    none = ops.dots([x], [], backend=backend)
+    assert none.shape == (0,) and none.dtype == torch.float32
+    empty = ops.dots([[], []], [(0, 1), (1, 1)], backend=backend)
+    assert empty.tolist() == [0.0, 0.0] and empty.dtype == torch.float32
+    assert ops.weighted_sumsq([], [], backend=backend).item() == 0.0
+    assert ops.residual_sumsq([], [], 1.0, backend=backend).item() == 0.0
+    zeros = make([(0,), (0,)], dtype, device, 0)
+    assert ops.dots([zeros, zeros], [(0, 1)], backend=backend).tolist() == [0.0]
+
+
+@pytest.mark.parametrize("backend,device,dtype,case", op_params(dtypes=[torch.float32], cases=["edge"]))
+def test_a_list_named_by_several_pairs_gives_identical_sums(backend, device, dtype, case):
+    g = make([(70,), (3,)], dtype, device, 40)
+    got = ops.dots([g, g, list(g)], [(0, 1), (2, 2), (1, 0)], backend=backend)
+    assert torch.equal(got[0], got[1]) and torch.equal(got[1], got[2])
+    torch.testing.assert_close(got.double().cpu(), (f64(g) @ f64(g)).repeat(3), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend,device,dtype,case", op_params(dtypes=[torch.float32, torch.bfloat16],
+                                                                cases=["chunk"]))
+def test_reductions_are_deterministic(backend, device, dtype, case):
+    shapes = size_cases(backend, device)[case]
+    x, y = make(shapes, dtype, device, 41), make(shapes, dtype, device, 42)
+    first = ops.dots([x, y], [(0, 0), (0, 1), (1, 1)], backend=backend)
+    again = ops.dots([[t.clone() for t in x], [t.clone() for t in y]], [(0, 0), (0, 1), (1, 1)], backend=backend)
+    assert torch.equal(first, again)
+    assert torch.equal(ops.weighted_sumsq(x, y, backend=backend), ops.weighted_sumsq(x, y, backend=backend))
+    assert torch.equal(ops.residual_sumsq(x, y, 0.5, backend=backend), ops.residual_sumsq(x, y, 0.5, backend=backend))
