@@ -21,63 +21,72 @@ SECTIONS = ("ops", "e2e", "memory")
 CSV_NAME, TABLE_NAME, PLOT_NAME = "bench_results.csv", "bench_table.txt", "bench_gbps.png"
 
 
-def _csv_list(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from xsam.cli_args import OneLineErrorParser, choices_list, number, output_dir
+
+    from .e2e_bench import E2E_MODELS
     from .models import PARAMETER_SETS
     from .ops_bench import BACKENDS, OP_NAMES
 
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="xsam bench",
         description="Benchmark the xsam op set, the optimizer step end to end, and its memory.",
         epilog="Defaults fit the machine: full sizes on a GPU; on CPU the parameter sets are divided by "
                "--scale 16 so a run takes about two minutes on two cores.")
     p.add_argument("--quick", action="store_true", help="a smoke run in seconds (tiny sizes, few repeats)")
-    p.add_argument("--only", type=_csv_list, default=SECTIONS, metavar="SECTIONS",
+    p.add_argument("--only", type=choices_list(SECTIONS, "section"), default=SECTIONS, metavar="SECTIONS",
                    help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: all)")
-    p.add_argument("--out", type=Path, default=Path("results/bench"), help="output folder (default: results/bench)")
+    p.add_argument("--out", type=output_dir, default=None, help="output folder (default: results/bench)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available, else cpu)")
-    p.add_argument("--scale", type=float, default=None,
+    p.add_argument("--scale", type=number(float, 0.0, low_open=True), default=None,
                    help="divide the elements of every parameter tensor by this (default: 1 on GPU, 16 on CPU, "
                         "256 with --quick)")
     p.add_argument("--size", choices=("full", "small"), default=None,
                    help="shorthand: full = --scale 1, small = --scale 16")
-    p.add_argument("--models", type=_csv_list, default=None, metavar="SETS",
+    p.add_argument("--models", type=choices_list(PARAMETER_SETS, "parameter set"), default=None, metavar="SETS",
                    help=f"parameter sets for the op benchmarks, of {','.join(PARAMETER_SETS)} "
                         "(default: all; resnet18,many_small with --quick)")
-    p.add_argument("--ops", type=_csv_list, default=OP_NAMES, metavar="OPS",
+    p.add_argument("--ops", type=choices_list(OP_NAMES, "op"), default=OP_NAMES, metavar="OPS",
                    help=f"ops to time, of {','.join(OP_NAMES)}")
-    p.add_argument("--backends", type=_csv_list, default=None, metavar="NAMES",
+    p.add_argument("--backends", type=choices_list(BACKENDS, "backend"), default=None, metavar="NAMES",
                    help=f"backends to time, of {','.join(BACKENDS)} (default: every available one)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"),
                    help="storage dtype of the op benchmarks (default float32)")
-    p.add_argument("--e2e-models", type=_csv_list, default=None, metavar="MODELS",
+    p.add_argument("--e2e-models", type=choices_list(E2E_MODELS, "model"), default=None, metavar="MODELS",
                    help="end-to-end models, of small_cnn,resnet18_cifar (default: small_cnn on CPU, both on GPU)")
-    p.add_argument("--batch", type=int, default=None, help="end-to-end batch size (default 64 on CPU, 128 on GPU)")
-    p.add_argument("--blocks", type=int, default=None,
+    p.add_argument("--batch", type=number(int, 2), default=None,
+                   help="end-to-end batch size, at least 2 (default 64 on CPU, 128 on GPU)")
+    p.add_argument("--blocks", type=number(int, 1), default=None,
                    help="timed blocks per measurement (default 7 on GPU, 5 on CPU, 3 with --quick)")
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
     return p
 
 
+def output_dir_default() -> Path:
+    from xsam.cli_args import output_dir
+
+    return output_dir("results/bench")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    unknown = set(args.only) - set(SECTIONS)
-    if unknown:
-        print(f"xsam bench: --only got {sorted(unknown)}; use some of {','.join(SECTIONS)}")
-        return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
     import torch
 
     from . import e2e_bench, ops_bench, report
     from .models import PARAMETER_SETS, parameter_shapes
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        parser.error(f"argument --device: {exc}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"argument --device: {device} is not supported; use cpu or cuda[:i]")
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("xsam bench: --device cuda asked for, but torch sees no CUDA device")
-        return 2
+        parser.error("argument --device: cuda asked for, but torch sees no CUDA device")
+    if args.out is None:
+        args.out = output_dir_default()
     on_gpu = device.type == "cuda"
     scale = args.scale or {"full": 1.0, "small": 16.0}.get(args.size or "", None)
     if scale is None:
@@ -94,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"xsam bench on {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"scale 1/{scale:g}, {blocks} blocks per measurement")
     started = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
 
     def save() -> str:

@@ -53,6 +53,9 @@ class Workload:
     targets: torch.Tensor
 
 
+E2E_MODELS = ("small_cnn", "resnet18_cifar")
+
+
 def make_workload(name: str, device: torch.device, batch: int, seed: int = 0) -> Workload:
     torch.manual_seed(seed)
     if name == "small_cnn":
@@ -122,7 +125,7 @@ def run_e2e(model_names: tuple[str, ...], device: torch.device, *, batch: int, c
                 opt, step = make_stepper(cfg, work, backend)
                 per_cycle = cfg.eig_interval
                 # Warm-up covers a refresh and a plain step; each timed block is whole refresh cycles.
-                t = time_callable(_cycle(step, per_cycle), blocks=blocks, block_seconds=0.0, warmup_calls=1)
+                t = time_callable(_cycle(step, per_cycle), blocks=blocks, block_seconds=0.0, warmup_calls=1, device=device)
                 n_params = sum(p.numel() for p in work.model.parameters())
                 rows.append({
                     "section": "e2e", "model": model_name, "op": cfg.name,
@@ -169,8 +172,8 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
         return {"own": 0, "base": _tensor_bytes([opt.state[p] for p in opt.state])}
     own = sum(_tensor_bytes(opt.state[p]) for g in opt.param_groups for p in g["params"] if p in opt.state)
     # The saved-weights buffers are scratch outside state_dict (xsam/optimizer.py keeps them in
-    # _saved_weights); they are memory the wrapper holds all the same.
-    own += _tensor_bytes(list(getattr(opt, "_saved_weights", {}).values()))
+    # scratch_tensors()); they are memory the wrapper holds all the same.
+    own += _tensor_bytes(opt.scratch_tensors() if hasattr(opt, "scratch_tensors") else [])
     return {"own": own, "base": _tensor_bytes([base.state[p] for p in base.state])}
 
 

@@ -226,7 +226,7 @@ class CopyCeiling:
             half = max(1, nbytes // 2)
             src = torch.ones(half, dtype=torch.uint8, device=self.device)
             dst = torch.empty_like(src)
-            self._cache[nbytes] = time_callable(lambda: dst.copy_(src), **self.timing)
+            self._cache[nbytes] = time_callable(lambda: dst.copy_(src), device=self.device, **self.timing)
             del src, dst
         return self._cache[nbytes]
 
@@ -260,7 +260,7 @@ def run_ops(models: dict[str, list[Shape]], device: torch.device, dtype: torch.d
             for op in ops_to_run:
                 fn = loop_op(op, ws) if impl == LOOP else backend_op(op, ws, impl)
                 try:
-                    t = time_callable(fn, **timing)
+                    t = time_callable(fn, device=device, **timing)
                 except Exception as exc:  # one broken backend must not hide the others' rows
                     log(f"  [ops] {model}/{op}/{impl} failed: {type(exc).__name__}: {exc}")
                     continue

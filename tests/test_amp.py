@@ -136,11 +136,12 @@ def test_non_finite_hvp_keeps_the_old_eigenvector_and_reports_it(backend):
     assert d["rejected_refreshes"] == 1 and d["step"] == diag_before["step"] + 1  # the step itself was taken
     assert not all(torch.equal(a, b) for a, b in zip(weights_before, model.parameters()))
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert records[-1]["refresh_rejected"] is True and records[-1]["refreshed"] is False
+    # A refresh ran (refreshed) and was rejected on the device (a bool tensor: no host sync needed).
+    assert bool(records[-1]["refresh_rejected"]) and records[-1]["refreshed"] is True
     assert scaler.get_scale() == 2.0 ** 9
     assert opt.refresh_due  # retried at the next step
     scaler.step(opt, inj.closure, loss_fn=inj.loss_fn)
-    assert records[-1]["refresh_rejected"] is False and records[-1]["refreshed"] is True
+    assert not bool(records[-1]["refresh_rejected"]) and records[-1]["refreshed"] is True
     assert opt.diagnostics()["refreshes"] == diag_before["refreshes"] + 1
 
 

@@ -52,8 +52,9 @@ def test_e2e_and_memory_sections_run(tmp_path):
 
 
 def test_unknown_section_is_an_error(tmp_path, capsys):
-    assert main(["--only", "nothing", "--out", str(tmp_path)]) == 2
-    assert "--only" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["--only", "nothing", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "--only" in capsys.readouterr().err
 
 
 def test_parameter_sets_look_like_the_models():

@@ -37,7 +37,7 @@ CONFIGS = ("xsam", "sam", "asam")
 DIAGNOSTICS = {  # config: scalars of the last step that must match the oracle
     "xsam": ("eigenvalue", "eigen_residual", "grad_norm", "adv_grad_norm", "cos_g_v", "cos_gadv_v", "correction"),
     "sam": ("grad_norm",),
-    "asam": ("grad_norm",),
+    "asam": ("weighted_grad_norm",),  # ASAM's perturbation norm ||w * g||
 }
 
 

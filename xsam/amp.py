@@ -52,7 +52,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .optimizer import SAM, XSAM
+from .optim import SharpnessAware
+from .optim.xsam import EigenvectorMixin
 
 __all__ = ["SAMGradScaler"]
 
@@ -65,19 +66,21 @@ class SAMGradScaler(torch.amp.GradScaler):
                            "call unscale_(). To clip, clip inside the closure on unscaled values, or see the "
                            "README section on gradient clipping")
 
-    def step(self, optimizer: SAM, closure: Callable[[], Tensor] | None = None,  # type: ignore[override]
+    def step(self, optimizer: SharpnessAware, closure: Callable[[], Tensor] | None = None,  # type: ignore[override]
              loss_fn: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Run one SAM/X-SAM step with every pass unscaled and checked; returns the first-pass loss."""
-        if not isinstance(optimizer, SAM):
+        if not isinstance(optimizer, SharpnessAware):
             raise TypeError(f"optimizer={type(optimizer).__name__} is not a SAM-type optimizer; use "
                             "torch.amp.GradScaler for ordinary optimizers")
         if closure is None:
             raise ValueError("SAMGradScaler.step needs a closure: step(optimizer, closure) where closure() runs "
                              "forward and scaler.scale(loss).backward() and returns the loss")
-        if loss_fn is not None and not isinstance(optimizer, XSAM):
-            raise ValueError("loss_fn is only used by XSAM (exact HVPs); SAM takes the closure only")
+        with_eigenvector = isinstance(optimizer, EigenvectorMixin)
+        if loss_fn is not None and not with_eigenvector:
+            raise ValueError("loss_fn is only used by optimizers with an eigenvector (exact HVPs); SAM takes the "
+                             "closure only")
         if not self._enabled:
-            return optimizer.step(closure, loss_fn=loss_fn) if isinstance(optimizer, XSAM) else optimizer.step(closure)
+            return optimizer.step(closure, loss_fn=loss_fn) if with_eigenvector else optimizer.step(closure)
         if optimizer._gradient_check is not None:
             raise RuntimeError("this optimizer already has a gradient check attached (nested scaler.step?)")
 
@@ -115,7 +118,7 @@ class SAMGradScaler(torch.amp.GradScaler):
         scaled_loss_fn = None if loss_fn is None else (lambda: self.scale(loss_fn()))
         optimizer._gradient_check = check
         try:
-            if isinstance(optimizer, XSAM):
+            if with_eigenvector:
                 loss = optimizer.step(closure, loss_fn=scaled_loss_fn)
             else:
                 loss = optimizer.step(closure)

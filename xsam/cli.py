@@ -1,9 +1,10 @@
 """The ``xsam`` command line: ``xsam demo``, ``xsam bench``, ``xsam experiment``, ``xsam info``."""
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from .cli_args import OneLineErrorParser
 
 # Subcommands with their own argument parser: (module with main(argv) -> int, help).
 DELEGATED = {
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         module = importlib.import_module(DELEGATED[argv[0]][0])
         return module.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="xsam", description="X-SAM for PyTorch")
+    parser = OneLineErrorParser(prog="xsam", description="X-SAM for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, text) in DELEGATED.items():
         sub.add_parser(name, help=f"{text} (`xsam {name} --help` for its options)")

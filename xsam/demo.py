@@ -8,15 +8,15 @@ and seconds per optimizer step.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .cli_args import OneLineErrorParser, choices_list, number, output_dir
 from .diagnostics import top_eigenvalue
-from .optimizer import SAM, XSAM
+from .optim import SAM, XSAM
 
 
 def load_digits_tensors(seed: int = 0):
@@ -117,19 +117,18 @@ class _NoProgress:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xsam demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--rho", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", default="SGD,SAM,XSAM", help="comma-separated subset of SGD,SAM,XSAM")
+    parser = OneLineErrorParser(prog="xsam demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=number(int, 1), default=15)
+    parser.add_argument("--batch-size", type=number(int, 2), default=64, help="at least 2 (BatchNorm)")
+    parser.add_argument("--lr", type=number(float, 0.0, low_open=True), default=0.05)
+    parser.add_argument("--rho", type=number(float, 0.0), default=0.05)
+    parser.add_argument("--seed", type=number(int, 0), default=0)
+    parser.add_argument("--methods", type=choices_list(("SGD", "SAM", "XSAM"), "method"), default=("SGD", "SAM", "XSAM"),
+                        help="comma-separated subset of SGD,SAM,XSAM")
+    parser.add_argument("--out", type=output_dir, default=None, help="also write the table to OUT/demo_table.txt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     args = parser.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in ("SGD", "SAM", "XSAM"):
-            parser.error(f"--methods: unknown method {m!r}; use SGD, SAM, XSAM")
+    methods = list(args.methods)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_digits_tensors(args.seed)
     total = len(methods) * args.epochs * ((len(data[0][1]) + args.batch_size - 1) // args.batch_size)
@@ -147,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.epochs} epochs, batch {args.batch_size}, SGD lr {args.lr} cosine, momentum 0.9, rho {args.rho}, "
           "X-SAM alpha 0.2, refresh every 5 steps, 5 power iterations (exact HVPs)")
     header = f"{'method':<8}{'test acc':>10}{'top eig (fixed batch)':>24}{'mean cos(g_adv, v)':>21}{'s/step':>10}"
-    print(header)
-    print("-" * len(header))
+    lines = [header, "-" * len(header)]
     for r in rows:
         cos = "-" if r["mean_cos"] != r["mean_cos"] else f"{r['mean_cos']:.3f}"
-        print(f"{r['method']:<8}{r['test_acc']:>10.4f}{r['top_eig']:>24.3f}{cos:>21}{r['s_per_step']:>10.4f}")
+        lines.append(f"{r['method']:<8}{r['test_acc']:>10.4f}{r['top_eig']:>24.3f}{cos:>21}{r['s_per_step']:>10.4f}")
+    print("\n".join(lines))
+    if args.out is not None:
+        (args.out / "demo_table.txt").write_text("\n".join(lines) + "\n")
+        print(f"wrote {args.out / 'demo_table.txt'}")
     return 0

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .hessian import exact_hvp, power_iteration, random_vectors
-from .optimizer import eval_mode as model_eval_mode
+from .optim import eval_mode as model_eval_mode
 
 __all__ = ["DiagnosticsRecorder", "EigenEstimate", "RECORDED_KEYS", "cosine", "top_eigenvalue"]
 

@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .cli_args import OneLineErrorParser, number, output_dir
+
 __all__ = ["METHODS", "TASKS", "Settings", "main", "run_one", "summarize"]
 
 METHODS = ("sgd", "sam", "asam", "xsam-signed", "xsam-symmetric", "xsam-acute")
@@ -99,7 +101,7 @@ def make_model(task: str) -> nn.Module:
 
 
 def make_optimizer(method: str, model: nn.Module, s: Settings, seed: int):
-    from .optimizer import SAM, XSAM
+    from .optim import SAM, XSAM
 
     base = dict(lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     params = model.parameters()
@@ -302,24 +304,34 @@ def plot(rows: list[dict], path: str) -> bool:
 
 
 # ----- command line ----------------------------------------------------------------------
+# Ranges of the settings, checked while parsing (before any run starts).
+SETTING_TYPES = {
+    "epochs": number(int, 1), "batch_size": number(int, 2), "eval_every": number(int, 1),
+    "lr": number(float, 0.0, low_open=True), "rho": number(float, 0.0), "alpha": number(float, 0.0, 2.0),
+    "eig_interval": number(int, 1), "power_iters": number(int, 1), "momentum": number(float, 0.0, 1.0),
+    "weight_decay": number(float, 0.0), "asam_rho": number(float, 0.0), "eig_batch": number(int, 2),
+    "eig_tol": number(float, 0.0, low_open=True), "eig_max_iters": number(int, 2),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xsam experiment",
+    p = OneLineErrorParser(prog="xsam experiment",
                                 description="SGD vs SAM vs ASAM vs X-SAM on offline data: accuracy, sharpness, "
                                             "gradient-eigenvector angle, wall time")
     p.add_argument("--quick", action="store_true",
-                   help=f"CI-sized run: digits only, 1 seed, {QUICK['epochs']} epochs (about a minute)")
+                   help=f"CI-sized run: digits only, 1 seed, {QUICK['epochs']} epochs (about 30 s)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="default: both (--quick: digits)")
     p.add_argument("--methods", nargs="+", choices=METHODS + EXTRA_METHODS, default=None,
                    help="default: " + " ".join(METHODS) + " (xsam-alpha0 is an optional control)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick: 1)")
-    p.add_argument("--out", default="xsam-experiment", help="output folder (created)")
-    p.add_argument("--workers", type=int, default=1, help="parallel runs (processes, one thread each)")
+    p.add_argument("--seeds", type=number(int, 1), default=None, help="number of seeds (default 3; --quick: 1)")
+    p.add_argument("--out", type=output_dir, default="xsam-experiment", help="output folder (created)")
+    p.add_argument("--workers", type=number(int, 1), default=1, help="parallel runs (processes, one thread each)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG (also skipped without matplotlib)")
     for f in Settings.__dataclass_fields__.values():
         if f.name in ("backend",):
             p.add_argument("--backend", default=f.default, choices=("auto", "reference", "native", "triton"))
             continue
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+        p.add_argument("--" + f.name.replace("_", "-"), type=SETTING_TYPES.get(f.name, type(f.default)), default=None,
                        help=f"default {f.default}" + (f", --quick {QUICK[f.name]}" if f.name in QUICK else ""))
     return p
 
@@ -334,14 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name, None)
         if value is not None:
             setattr(settings, name, value)
-    if settings.epochs < 1 or settings.batch_size < 2 or settings.eval_every < 1:
-        raise SystemExit("--epochs and --eval-every must be >= 1 and --batch-size >= 2 (BatchNorm)")
     tasks = args.tasks or (["digits"] if args.quick else list(TASKS))
     methods = args.methods or list(METHODS)
     n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    if n_seeds < 1 or args.workers < 1:
-        raise SystemExit("--seeds and --workers must be >= 1")
-    os.makedirs(args.out, exist_ok=True)
     jobs = [(t, m, seed, settings) for t in tasks for seed in range(n_seeds) for m in methods]
     print(f"xsam experiment: {len(tasks)} task(s) x {len(methods)} methods x {n_seeds} seed(s); "
           f"settings {asdict(settings)}", flush=True)

@@ -32,6 +32,7 @@ __all__ = [
     "default_fd_step",
     "exact_hvp",
     "finite_difference_hvp",
+    "forward_difference_hvp",
     "power_iteration",
     "random_vectors",
     "orthonormalize_",
@@ -138,23 +139,65 @@ def exact_hvp(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], *,
     return hvp, loss.detach()
 
 
-def default_fd_step(params: Sequence[Tensor], vector: Vector, *, backend: str = "auto") -> Tensor:
-    """Central-difference step ``h = eps^(1/3) * (1 + rms(w)) / ||v||`` as a device scalar.
+def default_fd_step(params: Sequence[Tensor], vector: Vector, *, order: int = 2, backend: str = "auto",
+                    layout: ops.Layout | None = None) -> Tensor:
+    """Finite-difference step ``h = eps^(1/(order+1)) * (1 + rms(w)) / ||v||`` as a device scalar.
 
-    eps is the machine epsilon of the least precise parameter dtype: eps^(1/3)
-    balances truncation (O(h^2)) against rounding (O(eps / h)); scaling by the
-    RMS weight makes the per-element perturbation relative to typical weights.
+    eps is the machine epsilon of the least precise parameter dtype. Central differences
+    (``order=2``, error O(h^2)) balance truncation against rounding (O(eps / h)) at
+    h ~ eps^(1/3); forward differences (``order=1``, error O(h)) at h ~ eps^(1/2). Scaling by
+    the RMS weight makes the per-element perturbation relative to typical weights.
     """
+    if order not in (1, 2):
+        raise ValueError(f"order={order!r} is invalid: 1 (forward differences) or 2 (central differences)")
     eps = max(torch.finfo(p.dtype).eps for p in params)
-    sums = ops.dots([list(params), list(vector)], [(0, 0), (1, 1)], backend=backend)
+    sums = ops.dots([list(params), list(vector)], [(0, 0), (1, 1)], backend=backend, layout=layout)
     n = sum(p.numel() for p in params)
     rms = (sums[0] / max(n, 1)).sqrt()
-    return eps ** (1.0 / 3.0) * (1.0 + rms) / sums[1].sqrt().clamp_min(1e-30)
+    return eps ** (1.0 / (order + 1)) * (1.0 + rms) / sums[1].sqrt().clamp_min(1e-30)
+
+
+GradientHook = Callable[[Vector], None]  # sees each closure gradient (e.g. AMP unscaling) before it is used
+
+
+def _step_tensor(h, like: Tensor) -> Tensor:
+    if isinstance(h, Tensor):
+        return h
+    return torch.full((), float(h), dtype=ops.accumulation_dtype(like.dtype), device=like.device)
+
+
+class _ClosureGradients:
+    """Gradients of the closure at ``w + h v``, with the weights put back bit-exactly afterwards."""
+
+    def __init__(self, closure, params: list[Tensor], backend: str, layout, on_gradients: GradientHook | None):
+        self.closure, self.params, self.backend, self.layout = closure, params, backend, layout
+        self.on_gradients = on_gradients
+
+    def at(self, offset: Vector, h: Tensor, saved: Vector) -> Vector:
+        params = self.params
+        with torch.no_grad():
+            ops.axpy_(params, offset, h, backend=self.backend, layout=self.layout)
+        for p in params:
+            p.grad = None
+        try:
+            with torch.enable_grad():
+                self.closure()
+        finally:
+            with torch.no_grad():
+                ops.copy_(params, saved)
+        # Owned copies: with DDP(gradient_as_bucket_view=True) .grad is a view into a bucket that
+        # the next backward overwrites.
+        grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+        grads = _zeros_for_missing(grads, params)
+        if self.on_gradients is not None:
+            with torch.no_grad():
+                self.on_gradients(grads)
+        return grads
 
 
 def finite_difference_hvp(
     closure: Callable[[], Tensor], params: Sequence[Tensor], *, step: float | Tensor | None = None,
-    backend: str = "auto",
+    backend: str = "auto", on_gradients: GradientHook | None = None, layout: ops.Layout | None = None,
 ) -> HvpFn:
     """``H v ~ (grad L(w + h v) - grad L(w - h v)) / (2 h)`` using an ordinary closure.
 
@@ -164,19 +207,7 @@ def finite_difference_hvp(
     reinstated afterwards, also when the closure raises.
     """
     params = list(params)
-
-    def gradient_at(offset: Vector, h: Tensor, sign: float, saved: Vector) -> Vector:
-        with torch.no_grad():
-            ops.axpy_(params, offset, sign * h, backend=backend)
-        for p in params:
-            p.grad = None
-        try:
-            with torch.enable_grad():
-                closure()
-        finally:
-            with torch.no_grad():
-                ops.copy_(params, saved)
-        return _zeros_for_missing([p.grad for p in params], params)
+    gradients = _ClosureGradients(closure, params, backend, layout, on_gradients)
 
     def hvp(vectors: Sequence[Vector]) -> list[Vector]:
         user_grads = [p.grad for p in params]
@@ -184,14 +215,54 @@ def finite_difference_hvp(
         out = []
         try:
             for v in vectors:
-                h = default_fd_step(params, v, backend=backend) if step is None else step
-                if not isinstance(h, Tensor):
-                    h = torch.full((), float(h), dtype=ops.accumulation_dtype(saved[0].dtype), device=saved[0].device)
-                g_plus = gradient_at(v, h, 1.0, saved)
-                g_minus = gradient_at(v, h, -1.0, saved)
+                h = default_fd_step(params, v, backend=backend, layout=layout) if step is None else step
+                h = _step_tensor(h, saved[0])
+                g_plus = gradients.at(v, h, saved)
+                g_minus = gradients.at(v, -h, saved)
                 with torch.no_grad():
-                    ops.axpy_(g_plus, g_minus, -1.0, backend=backend)
-                    ops.scale_copy_(g_plus, g_plus, 0.5 / h, backend=backend)
+                    ops.axpy_(g_plus, g_minus, -1.0, backend=backend, layout=layout)
+                    ops.scale_copy_(g_plus, g_plus, 0.5 / h, backend=backend, layout=layout)
+                out.append(g_plus)
+        finally:
+            for p, g in zip(params, user_grads):
+                p.grad = g
+        return out
+
+    return hvp
+
+
+def forward_difference_hvp(
+    closure: Callable[[], Tensor], params: Sequence[Tensor], base_gradient: Vector, *,
+    step: float | Tensor | None = None, backend: str = "auto", on_gradients: GradientHook | None = None,
+    layout: ops.Layout | None = None,
+) -> HvpFn:
+    """``H v ~ (grad L(w + h v) - grad L(w)) / h`` with ``grad L(w)`` given (``base_gradient``).
+
+    One closure call per product, against two for central differences: SAM's first pass
+    already computed ``grad L(w)`` on the batch. Truncation error O(h), so the default step is
+    ``~ sqrt(eps)`` (``default_fd_step(order=1)``). ``base_gradient`` must be the gradient of
+    the same loss in the same model mode (and already unscaled when ``on_gradients`` unscales
+    the closure's). Weights and ``.grad`` are put back as by ``finite_difference_hvp``.
+    """
+    params = list(params)
+    base = list(base_gradient)
+    if len(base) != len(params):
+        raise ValueError(f"base_gradient has {len(base)} tensors for {len(params)} parameters; pass the "
+                         "gradient at the current weights, one tensor per parameter")
+    gradients = _ClosureGradients(closure, params, backend, layout, on_gradients)
+
+    def hvp(vectors: Sequence[Vector]) -> list[Vector]:
+        user_grads = [p.grad for p in params]
+        saved = [p.detach().clone() for p in params]
+        out = []
+        try:
+            for v in vectors:
+                h = default_fd_step(params, v, order=1, backend=backend, layout=layout) if step is None else step
+                h = _step_tensor(h, saved[0])
+                g_plus = gradients.at(v, h, saved)
+                with torch.no_grad():
+                    ops.axpy_(g_plus, base, -1.0, backend=backend, layout=layout)
+                    ops.scale_copy_(g_plus, g_plus, 1.0 / h, backend=backend, layout=layout)
                 out.append(g_plus)
         finally:
             for p, g in zip(params, user_grads):
@@ -243,12 +314,13 @@ class PowerIterationResult:
     eigenvalues: Tensor  # (m,) Rayleigh quotients with their sign, largest |lambda| first
     vectors: list[Vector]  # m orthonormal vectors
     residuals: Tensor  # (m,) ||H v - lambda v|| of the last iteration
+    norms: Tensor  # (m,) ||H v|| of the last iteration (0 or non-finite: the vector is unusable)
     iterations: int  # iterations run (< iters only with tol)
 
 
 def power_iteration(
     hvp: HvpFn, init: Sequence[Vector], *, iters: int = 5, tol: float | None = None, eps: float = 1e-12,
-    backend: str = "auto",
+    backend: str = "auto", layout: ops.Layout | None = None,
 ) -> PowerIterationResult:
     """(Block) power iteration on the operator ``hvp`` from the start vectors ``init``.
 
@@ -268,13 +340,15 @@ def power_iteration(
     with torch.no_grad():
         vectors = [[t.detach().clone() for t in v] for v in init]
         orthonormalize_(vectors, eps=eps, backend=backend)
+    if layout is None and vectors:
+        layout = ops.Layout.of(vectors[0])
     previous = None
     stats = None
     done = 0
     for k in range(iters):
         products = hvp(vectors)
         with torch.no_grad():
-            stats = ops.power_update_(products, vectors, eps=eps, backend=backend)
+            stats = ops.power_update_(products, vectors, eps=eps, backend=backend, layout=layout)
             if len(vectors) > 1:
                 orthonormalize_(vectors, eps=eps, backend=backend)
         done = k + 1
@@ -286,4 +360,4 @@ def power_iteration(
                 if bool(ok.all()):
                     break
             previous = stats.eigenvalues
-    return PowerIterationResult(stats.eigenvalues, vectors, stats.residuals, done)
+    return PowerIterationResult(stats.eigenvalues, vectors, stats.residuals, stats.norms, done)

@@ -1,0 +1,77 @@
+"""The arithmetic of one step on device scalars, as in docs/algorithm.md.
+
+The optimizers gather the global sums (``||g||^2``, ``<g, v>``, ...) with one fused reduction
+of the op set, call these functions for the coefficients, and hand the coefficients to one
+fused element-wise pass. Everything stays on the device: nothing here reads a value on the host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["CORRECTIONS", "Correction", "Tilt", "cosine", "eigensam_tilt", "perturbation_scale", "xsam_correction"]
+
+CORRECTIONS = ("signed", "symmetric", "acute")
+
+
+def perturbation_scale(rho: float, sq_norm: Tensor, eps: float) -> Tensor:
+    """The factor of g in SAM's ascent ``e = rho * g / (||g|| + eps)`` (ASAM: ``sq_norm = ||w * g||^2``)."""
+    return rho / (sq_norm.sqrt() + eps)
+
+
+def cosine(dot: Tensor, sq_norm: Tensor, eps: float) -> Tensor:
+    """``<x, v> / (||x|| + eps)`` for a unit v."""
+    return dot / (sq_norm.sqrt() + eps)
+
+
+@dataclass
+class Correction:
+    """X-SAM's descent direction ``g_corr = a * g_adv - alpha * beta * v`` (alpha per param group)."""
+
+    a: Tensor  # 1 / (||g_adv|| + eps) with normalize=True, else 1
+    beta: Tensor  # the beta(c) of the correction rule
+    adv_grad_norm: Tensor  # ||g_adv||
+    cos_gadv_v: Tensor  # <g_adv, v> / ||g_adv||
+
+
+def xsam_correction(gg: Tensor, gv: Tensor, *, normalize: bool, rule: str, eps: float) -> Correction:
+    """Coefficients of the correction from ``gg = ||g_adv||^2`` and ``gv = <g_adv, v>``.
+
+    ``c = <gh, v>`` with ``gh = a * g_adv``; beta is ``sign(<g_adv, v>) * c = |c|`` ("signed",
+    the authors' rule), ``c`` ("symmetric") or ``max(c, 0)`` ("acute").
+    """
+    norm = gg.sqrt()
+    a = 1.0 / (norm + eps) if normalize else torch.ones_like(norm)
+    c = a * gv
+    if rule == "signed":
+        beta = c.abs()  # sign(<g_adv, v>) * c, and a > 0
+    elif rule == "symmetric":
+        beta = c
+    elif rule == "acute":
+        beta = c.clamp_min(0)
+    else:
+        raise ValueError(f"correction={rule!r} is not supported; use one of {', '.join(map(repr, CORRECTIONS))}")
+    return Correction(a=a, beta=beta, adv_grad_norm=norm, cos_gadv_v=gv / (norm + eps))
+
+
+@dataclass
+class Tilt:
+    """Eigen-SAM's ascent ``e = rho * (gh + alpha * s * v_perp) = a * g + b * v`` for one param group."""
+
+    a: Tensor
+    b: Tensor
+
+
+def eigensam_tilt(gg: Tensor, gv: Tensor, rho: float, alpha: float, eps: float) -> Tilt:
+    """``gh = g / (||g|| + eps)``, ``c = <gh, v>``, ``s = sign(<g, v>)``, ``v_perp = v - c * gh``.
+
+    ``e = rho * (gh + alpha * s * v_perp) = rho * (1 - alpha * s * c) * gh + rho * alpha * s * v``;
+    ``s * c = |c|``, so ``a = rho * (1 - alpha * |c|) / (||g|| + eps)`` and ``b = rho * alpha * s``.
+    ``s * v`` does not depend on the sign of v, nor does the step.
+    """
+    inv = 1.0 / (gg.sqrt() + eps)
+    c = gv * inv
+    s = torch.sign(gv)
+    return Tilt(a=rho * (1.0 - alpha * c.abs()) * inv, b=rho * alpha * s)

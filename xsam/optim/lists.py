@@ -1,0 +1,108 @@
+"""The tensor lists a step works on, built once per param-group structure instead of every step.
+
+A step applies several fused ops to the same parameters: building their lists, the
+(device, dtype) grouping (``Layout``) and the saved-weights buffers once, and reusing them
+until the param groups change, keeps per-tensor Python work off the hot path. Per pass only
+the gradients are gathered (a new tensor per parameter after ``zero_grad(set_to_none=True)``),
+and when every parameter has one, the cached lists and layouts are used as they are.
+"""
+from __future__ import annotations
+
+import itertools
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..ops import Layout
+
+__all__ = ["GroupLists", "ParamLists", "structure_key"]
+
+
+def structure_key(param_groups: list[dict]) -> tuple:
+    """What the cached lists depend on: the group dicts and their ``params`` lists (and lengths).
+
+    The cache holds references to these objects, so their ids cannot be reused while it lives.
+    Replacing an entry of a group's ``params`` list in place is not detected (nor supported
+    by torch.optim, whose state is keyed by parameter); use ``add_param_group``.
+    """
+    return (id(param_groups), tuple((id(g), id(g["params"]), len(g["params"])) for g in param_groups))
+
+
+@dataclass
+class GroupLists:
+    """One param group's slice of the step lists."""
+
+    index: int  # position in param_groups (error messages)
+    group: dict  # the live group dict: rho, alpha, lr, ... are read from it every step
+    start: int
+    stop: int
+    layout: Layout
+
+    def of(self, tensors: list[Tensor]) -> list[Tensor]:
+        return tensors[self.start:self.stop]
+
+
+@dataclass
+class ParamLists:
+    """Parameters (in param-group order), their saved-weights buffers and layouts."""
+
+    params: list[Tensor]
+    saved: list[Tensor]  # saved[i] holds params[i] from before the perturbation (or is params[i] itself)
+    layout: Layout
+    groups: list[GroupLists]
+    anchors: tuple = ()  # keeps the objects of the structure key alive
+    sparse_checked: bool = False  # the gradients of a full first pass were checked for sparse layouts
+
+    @classmethod
+    def build(cls, param_groups: list[dict]) -> "ParamLists":
+        params, groups = [], []
+        for index, group in enumerate(param_groups):
+            members = list(group["params"])
+            if members:
+                groups.append(GroupLists(index, group, len(params), len(params) + len(members), Layout.of(members)))
+            params += members
+        # Scratch: written by the perturbation before it is read, so never initialised.
+        saved = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+        anchors = (param_groups, *param_groups, *(g["params"] for g in param_groups))
+        return cls(params, saved, Layout.of(params), groups, anchors)
+
+    def subset(self, keep: list[bool], saved: list[Tensor] | None = None) -> "ParamLists":
+        """The lists restricted to the positions where ``keep`` is true (new layouts: the slow path)."""
+        saved = self.saved if saved is None else saved
+        params, new_saved, groups = [], [], []
+        for g in self.groups:
+            members = [p for p, k in zip(g.of(self.params), g.of(keep)) if k]
+            if members:
+                groups.append(GroupLists(g.index, g.group, len(params), len(params) + len(members),
+                                         Layout.of(members)))
+            params += members
+            new_saved += [s for s, k in zip(g.of(saved), g.of(keep)) if k]
+        return ParamLists(params, new_saved, Layout.of(params), groups, self.anchors)
+
+    def gradients(self) -> tuple["ParamLists", list[Tensor], list[bool] | None]:
+        """(lists of the parameters that have a gradient, their gradients, the mask or None when all do)."""
+        grads = [p.grad for p in self.params]
+        if not any(map(operator.is_, grads, itertools.repeat(None))):
+            return self, grads, None
+        keep = [g is not None for g in grads]
+        return self.subset(keep), [g for g in grads if g is not None], keep
+
+    def for_descent(self, perturbed: "ParamLists") -> tuple["ParamLists", list[Tensor], tuple[list, list] | None]:
+        """After the second pass: (lists to correct and restore, their gradients, (params, saved) to restore only).
+
+        Fast path: every parameter was moved and has a second-pass gradient. Otherwise a parameter
+        that was not moved (no first-pass gradient) restores from itself and still takes part in the
+        normalisation and the correction; one that was moved but has no second-pass gradient is
+        only restored.
+        """
+        active, grads, keep = self.gradients()
+        if perturbed is self and keep is None:
+            return active, grads, None
+        moved = {id(p): s for p, s in zip(perturbed.params, perturbed.saved)}
+        saved = [moved.get(id(p), p) for p in self.params]
+        active = self.subset(keep if keep is not None else [True] * len(self.params), saved)
+        present = {id(p) for p in active.params}
+        rest = [(p, s) for p, s in zip(perturbed.params, perturbed.saved) if id(p) not in present]
+        return active, grads, ([p for p, _ in rest], [s for _, s in rest]) if rest else None

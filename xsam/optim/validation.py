@@ -1,0 +1,105 @@
+"""Argument and hyper-parameter checks: every refusal names the argument (and the param group) and the fix.
+
+Construction arguments are checked once; per-group values (``rho``, ``alpha``) are checked
+again at the start of every step, before any weight moves, because users and schedulers may
+edit ``param_groups`` between steps (host-side numbers: cheap).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+__all__ = ["check_bool", "check_choice", "check_count", "check_number", "check_seed", "check_base_optimizer",
+           "check_parameters", "split_base_kwargs"]
+
+
+def check_number(name: str, value, low: float, high: float = math.inf, *, low_open: bool = False, hint: str = "",
+                 where: str = "") -> None:
+    """``value`` is a finite real number in [low, high] (or (low, high] with ``low_open``)."""
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and value <= high)
+    if not ok:
+        if high == math.inf:
+            bounds = f"> {low}" if low_open else f">= {low}"
+        else:
+            bounds = f"in ({low}, {high}]" if low_open else f"in [{low}, {high}]"
+        raise ValueError(f"{where}{name}={value!r} is invalid: {name} must be a finite number {bounds}. "
+                         f"{hint}".rstrip())
+
+
+def check_count(name: str, value, hint: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid: {name} must be an integer >= 1. {hint}")
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, choices))}")
+
+
+def check_bool(name: str, value, meaning: str = "") -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is invalid: pass True or False{f' ({meaning})' if meaning else ''}")
+
+
+def check_seed(seed) -> None:
+    # torch.Generator.manual_seed takes 64-bit seeds; larger ones fail deep inside it.
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed={seed!r} is invalid: pass an integer in [0, 2**64)")
+
+
+def check_parameters(param_groups: list[dict], owner: str) -> None:
+    """Real floating-point parameters, at least one of which is trainable."""
+    params = [p for g in param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        if p.is_complex():
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) is complex ({p.dtype}); {owner} supports real "
+                             "floating-point parameters only: view complex weights as real pairs "
+                             "(torch.view_as_real) in the model")
+        if not p.is_floating_point():
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) has dtype {p.dtype}; {owner} optimizes "
+                             "floating-point parameters only")
+    if params and not any(p.requires_grad for p in params):
+        raise ValueError(f"none of the {len(params)} parameters given to {owner} requires a gradient (all are "
+                         "frozen); pass the trainable ones, e.g. [p for p in model.parameters() if p.requires_grad]")
+
+
+# Base optimizers that cannot be wrapped: they need a closure of their own or sparse gradients.
+_REFUSED_BASES = {
+    "LBFGS": "LBFGS re-evaluates the closure inside its own step (line search), which a SAM-type step cannot "
+             "offer; use a first-order optimizer such as torch.optim.SGD or torch.optim.AdamW",
+    "SparseAdam": "SparseAdam needs sparse gradients, and SAM-type optimizers need dense ones; use "
+                  "torch.optim.Adam with nn.Embedding(sparse=False)",
+}
+
+
+def check_base_optimizer(base) -> None:
+    cls = type(base) if isinstance(base, torch.optim.Optimizer) else base
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"base_optimizer={base!r} is invalid: pass a torch.optim.Optimizer subclass "
+                         "(e.g. torch.optim.SGD) or an optimizer instance")
+    for name, why in _REFUSED_BASES.items():
+        refused = getattr(torch.optim, name, None)
+        if refused is not None and issubclass(cls, refused):
+            raise ValueError(f"base_optimizer={cls.__name__} is not supported: {why}")
+
+
+def split_base_kwargs(owner: str, base: type, base_kwargs: dict, own_names: tuple[str, ...],
+                      other_owners: dict[str, tuple[str, ...]]) -> None:
+    """Refuse keyword arguments that neither ``owner`` nor the base optimizer class takes, saying whose they are."""
+    try:
+        accepted = inspect.signature(base.__init__).parameters
+    except (TypeError, ValueError):  # a C extension or odd signature: let the base class decide
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return
+    for key in base_kwargs:
+        if key in accepted:
+            continue
+        owners = [name for name, keys in other_owners.items() if key in keys]
+        belongs = f" It is an argument of {' and '.join(owners)}, not of {owner}." if owners else ""
+        raise ValueError(f"{key}={base_kwargs[key]!r} is not an argument of {owner} nor of its base optimizer "
+                         f"{base.__name__}.{belongs} {owner}'s own arguments are {', '.join(own_names)}; "
+                         f"{base.__name__} takes {', '.join(k for k in accepted if k not in ('self', 'params'))}.")
