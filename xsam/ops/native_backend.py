@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .. import build_info
 from .reference import accumulation_dtype
 
 Tensors = Sequence[Tensor]
@@ -28,8 +29,7 @@ def _load_extension() -> str | None:
     try:
         from xsam import _C  # noqa: F401  (imported for its TORCH_LIBRARY side effect)
     except ImportError as exc:
-        return (f"the compiled extension xsam._C is not built or cannot be loaded ({exc}); rebuild it with "
-                f"`pip install --no-build-isolation -e .` (without XSAM_NO_EXTENSION=1)")
+        return build_info.missing_extension_reason(exc)  # says why the build failed, if it did
     return None
 
 
@@ -89,7 +89,8 @@ def availability(device: torch.device, dtype: torch.dtype) -> str | None:
             return ("xsam._C was built without CUDA kernels (XSAM_NO_CUDA=1, a CPU-only torch, or no nvcc "
                     "at build time); rebuild with CUDA_HOME pointing at the CUDA toolkit")
         return f"xsam._C registered no {device.type} kernels"
-    return None
+    # A GPU the build compiled no code for would fail at the first launch ("no kernel image").
+    return build_info.native_coverage_reason(device)
 
 
 # --- layout -------------------------------------------------------------------------------
