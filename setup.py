@@ -61,7 +61,7 @@ def _cuda_home() -> str | None:
     return None
 
 
-def _choose_arch_list(cuda_home: str) -> tuple[list[str], str]:
+def _choose_arch_list(cuda_home: str) -> tuple[list[str] | None, str]:
     """Set TORCH_CUDA_ARCH_LIST when unset; return (nvcc's codes or None, where the list came from)."""
     nvcc_codes = build_info.nvcc_gpu_codes(os.path.join(cuda_home, "bin", "nvcc"))
     if os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
@@ -75,8 +75,13 @@ def _choose_arch_list(cuda_home: str) -> tuple[list[str], str]:
 def _compiled_arch_codes(cpp_extension, nvcc_codes) -> list[str]:
     """The sm_/compute_ codes torch will pass to nvcc; a clear error for a list it rejects."""
     arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+    # torch's own parser (named architectures, "+PTX"), the one BuildExtension uses. Private:
+    # without it the record holds no codes, and the run-time coverage check is skipped.
+    get_flags = getattr(cpp_extension, "_get_cuda_arch_flags", None)
+    if get_flags is None:
+        return []
     try:
-        flags = cpp_extension._get_cuda_arch_flags()
+        flags = get_flags()
     except (ValueError, IndexError) as exc:
         raise ValueError(
             f"TORCH_CUDA_ARCH_LIST={arch_list!r} is not understood ({exc}); use compute capabilities "

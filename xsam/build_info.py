@@ -165,7 +165,7 @@ class BuildRecord:
 
     built: bool  # False: the compile failed and the pure-Python package was installed
     cuda: bool  # whether CUDA kernels were compiled (or, for a failed build, attempted)
-    arch_codes: tuple[str, ...] = ()  # e.g. ("sm_80", "sm_86", "sm_90", "compute_90")
+    arch_codes: tuple[str, ...] = ()  # e.g. ("sm_80", "sm_86", "sm_90", "compute_90"); () if unknown
     arch_list: str = ""  # the TORCH_CUDA_ARCH_LIST the build used
     arch_list_source: str = ""  # "TORCH_CUDA_ARCH_LIST" (set by the builder) or "default"
     torch_version: str = ""
@@ -253,17 +253,19 @@ def describe(record: BuildRecord | None = None) -> list[str]:
     elif not record.built:
         lines = [f"xsam._C build: failed at install {record.failure}; the pure-Python package was installed"]
     elif record.cuda:
-        lines = [f"xsam._C build: CUDA kernels for {' '.join(record.arch_codes)} "
-                 f"(TORCH_CUDA_ARCH_LIST={record.arch_list!r}, {record.arch_list_source}), torch {record.torch_version}"]
+        how = (f"TORCH_CUDA_ARCH_LIST unset: the default {record.arch_list!r}" if record.arch_list_source == "default"
+               else f"TORCH_CUDA_ARCH_LIST={record.arch_list!r} set at build time")
+        lines = [f"xsam._C build: CUDA kernels for {' '.join(record.arch_codes) or '(unknown architectures)'} "
+                 f"({how}), torch {record.torch_version}"]
     else:
         lines = [f"xsam._C build: CPU kernels only, no CUDA kernels, torch {record.torch_version}"]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             capability = tuple(torch.cuda.get_device_capability(index))
-            why = gpu_coverage_reason(capability, record)
             if record is None or not record.built or not record.cuda:
                 status = "xsam._C has no CUDA kernels to run on it"
             else:
+                why = gpu_coverage_reason(capability, record)
                 status = "covered by xsam._C" if why is None else f"not covered: {why}"
             lines.append(f"GPU cuda:{index} {torch.cuda.get_device_name(index)} "
                          f"(compute capability {capability_text(capability)}): {status}")
