@@ -186,6 +186,11 @@ def test_describe_says_how_the_extension_was_built(record, expected, monkeypatch
     assert expected in build_info.describe()[0]
 
 
+def test_describe_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert build_info.describe(HOPPER_ONLY)[1:] == ["GPU coverage: no CUDA GPU visible"]
+
+
 def test_describe_reports_coverage_of_each_visible_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

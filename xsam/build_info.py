@@ -259,7 +259,9 @@ def describe(record: BuildRecord | None = None) -> list[str]:
                  f"({how}), torch {record.torch_version}"]
     else:
         lines = [f"xsam._C build: CPU kernels only, no CUDA kernels, torch {record.torch_version}"]
-    if torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        lines.append("GPU coverage: no CUDA GPU visible")
+    else:
         for index in range(torch.cuda.device_count()):
             capability = tuple(torch.cuda.get_device_capability(index))
             if record is None or not record.built or not record.cuda:
