@@ -4,7 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # Rebuild the editable install when the build inputs change.
-BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/* csrc/*/*)
+BUILD_INPUTS := setup.py pyproject.toml xsam/build_info.py $(wildcard csrc/* csrc/*/*)
+# One GPU architecture keeps the CUDA compile of `make test` and CI short (about a minute);
+# a user's install without it compiles every architecture the installed torch supports.
+TORCH_CUDA_ARCH_LIST ?= 9.0
 
 .PHONY: demo test test-slow bench clean
 
@@ -19,7 +22,7 @@ $(VENV)/.torch: | $(PY)
 	touch $@
 
 $(VENV)/.installed-%: $(VENV)/.torch $(BUILD_INPUTS)
-	$(PIP) install --no-build-isolation -e ".[$*]"
+	TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" $(PIP) install --no-build-isolation -e ".[$*]"
 	touch $@
 
 demo: $(VENV)/.installed-demo
@@ -35,4 +38,4 @@ bench: $(VENV)/.installed-test
 	$(VENV)/bin/xsam bench
 
 clean:
-	rm -rf build *.egg-info xsam/_C*.so $(VENV)
+	rm -rf build dist *.egg-info xsam/_C*.so xsam/_build_record.json $(VENV)

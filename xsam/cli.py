@@ -21,10 +21,12 @@ def info() -> int:
     import torch
 
     import xsam
+    from xsam import build_info
     from xsam.ops import describe
 
     print(f"xsam {xsam.__version__}, torch {torch.__version__}, Python {platform.python_version()}")
     print(f"CUDA available: {torch.cuda.is_available()} (torch built for CUDA {torch.version.cuda})")
+    print("\n".join(build_info.describe()))  # what xsam._C was built for, and whether each GPU is covered
     rows = describe()
     width = max(len(name) for name, _, _ in rows)
     for name, device, status in rows:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import build_info
 from .contract import OPS, SUPPORTED_DTYPES, define_schemas
 from .fakes import register_fakes
 from .layout import LayoutError, needs_dense
@@ -30,8 +31,7 @@ def _load_extension() -> str | None:
     try:
         from xsam import _C  # noqa: F401  (imported for its TORCH_LIBRARY_IMPL side effect)
     except ImportError as exc:
-        return (f"the compiled extension xsam._C is not built or cannot be loaded ({exc}); rebuild it with "
-                f"`pip install --no-build-isolation -e .` (without XSAM_NO_EXTENSION=1)")
+        return build_info.missing_extension_reason(exc)  # says why the build failed, if it did
     return None
 
 
@@ -58,12 +58,15 @@ def availability(device: torch.device, dtype: torch.dtype) -> str | None:
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         return f"xsam._C has kernels for cpu and cuda only, not {device.type}"
-    if not all(has_kernel(device.type, op) for op in OPS):
-        if device.type == "cuda":
-            return ("xsam._C was built without CUDA kernels (XSAM_NO_CUDA=1, a CPU-only torch, or no nvcc "
-                    "at build time); rebuild with CUDA_HOME pointing at the CUDA toolkit")
-        return f"xsam._C registered no {device.type} kernels"
-    return None
+    missing = [op for op in OPS if not has_kernel(device.type, op)]
+    if len(missing) == len(OPS) and device.type == "cuda":
+        return ("xsam._C was built without CUDA kernels (XSAM_NO_CUDA=1, a CPU-only torch, or no nvcc "
+                "at build time); rebuild with CUDA_HOME pointing at the CUDA toolkit")
+    if missing:
+        return (f"xsam._C has no {device.type} kernel for {', '.join(missing)} (an extension built from older "
+                "sources?); rebuild it with `pip install --no-build-isolation -e .`")
+    # A GPU the build compiled no code for would fail at the first launch ("no kernel image").
+    return build_info.native_coverage_reason(device)
 
 
 def _backend_function(spec):
