@@ -4,6 +4,8 @@ One launch per pass covers every tensor of the lists (two when some tensors cann
 128-bit accesses; see ``plans.Plan.launches``). Arithmetic runs in the accumulation dtype with
 one rounding on store. Every element is loaded before any is stored, so a written list may be
 a read list at the same position (``axpy_(y, y)``); other overlaps are refused by the plan.
+Tensors are walked as flat arrays: the caller passes tensors that are dense with one memory
+order at each position (``xsam.ops.triton_backend`` checks it; the plan checks the rest).
 
 Writes through raw pointers are invisible to autograd, so each pass bumps the version counters
 of the tensors it writes, as PyTorch's own in-place ops do: after every check, before the launch.
@@ -18,8 +20,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .plans import call_facts, check_scalars, get_launch_config, launch_guard, num_warps, plan_for
-from .primitives import INTERPRETING, TL_DTYPES, accumulation, load_block, program_chunk, round_to, store_block, \
-    tensor_pointer
+from .primitives import INTERPRETING, TL_DTYPES, accumulation, list_pointers, load_block, program_chunk, round_to, \
+    store_block
 
 __all__ = ["axpy_", "correct_restore_", "perturb_", "scale_copy_", "tilted_perturb_"]
 
@@ -68,14 +70,7 @@ def _elementwise_kernel(
     MANUAL_BF16: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     _, t, start, count = program_chunk(table, ntensors, first_chunk, NL, CHUNK)
-    p0 = tensor_pointer(table, base, 0, ntensors, t, VEC)
-    p1 = tensor_pointer(table, base, 1, ntensors, t, VEC)
-    p2 = p0
-    p3 = p0
-    if NL > 2:
-        p2 = tensor_pointer(table, base, 2, ntensors, t, VEC)
-    if NL > 3:
-        p3 = tensor_pointer(table, base, 3, ntensors, t, VEC)
+    p0, p1, p2, p3 = list_pointers(table, base, ntensors, t, NL, VEC)
     a = tl.load(s0).to(ACC)
     b = tl.load(s1).to(ACC)
     lanes = tl.arange(0, BLOCK)

@@ -341,8 +341,8 @@ def _check_writes(facts: CallFacts, names: Sequence[str], written: tuple[int, ..
                    for i, (p, n) in enumerate(zip(ptrs[k], numels)) if n)
     for (_, end, k, i), (start, _, k2, i2) in zip(spans, spans[1:]):
         if start < end:
-            same = "the same tensor twice" if ptrs[k][i] == ptrs[k2][i2] else "overlapping memory"
-            raise ValueError(f"{names[k]}[{i}] and {names[k2]}[{i2}] are {same}, and the op writes both: two writes "
+            what = "the same tensor" if ptrs[k][i] == ptrs[k2][i2] else "views of overlapping memory"
+            raise ValueError(f"{names[k]}[{i}] and {names[k2]}[{i2}] are {what}, and the op writes both: two writes "
                              "of one element would race; pass distinct tensors")
     ends = [span[1] for span in spans]
     for k in set(range(len(ptrs))) - set(written):

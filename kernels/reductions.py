@@ -2,7 +2,7 @@
 
 Deterministic: stage 1 writes one partial per (chunk, sum), each summed over a fixed-size block
 in a fixed order; stage 2 sums the partial table along its first axis with one torch reduction
-whose order depends only on the table's shape. No float atomics.
+whose order depends only on the table's shape. No float atomics. Layouts: as in ``xsam.kernels.elementwise``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .plans import CallFacts, call_facts, check_scalars, get_launch_config, launch_guard, num_warps, plan_for
-from .primitives import accumulation, load_block, program_chunk, tensor_pointer
+from .primitives import accumulation, list_pointers, load_block, program_chunk
 
 __all__ = ["MAX_LISTS", "MAX_PAIRS", "dots", "residual_sumsq", "weighted_sumsq"]
 
@@ -104,16 +104,7 @@ def _reduce_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     c, t, start, count = program_chunk(table, ntensors, first_chunk, NL, CHUNK)
-    p0 = tensor_pointer(table, base, 0, ntensors, t, VEC)
-    p1 = p0
-    p2 = p0
-    p3 = p0
-    if NL > 1:
-        p1 = tensor_pointer(table, base, 1, ntensors, t, VEC)
-    if NL > 2:
-        p2 = tensor_pointer(table, base, 2, ntensors, t, VEC)
-    if NL > 3:
-        p3 = tensor_pointer(table, base, 3, ntensors, t, VEC)
+    p0, p1, p2, p3 = list_pointers(table, base, ntensors, t, NL, VEC)
     lam = 0.0
     if KIND == 2:
         lam = tl.load(lam_ptr).to(ACC)
