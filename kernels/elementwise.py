@@ -69,7 +69,7 @@ def _elementwise_kernel(
     OP: tl.constexpr, NL: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr,
     MANUAL_BF16: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    _, t, start, count = program_chunk(table, ntensors, first_chunk, NL, CHUNK)
+    t, start, count, _ = program_chunk(table, ntensors, first_chunk, NL, CHUNK)
     p0, p1, p2, p3 = list_pointers(table, base, ntensors, t, NL, VEC)
     a = tl.load(s0).to(ACC)
     b = tl.load(s1).to(ACC)

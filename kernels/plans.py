@@ -284,16 +284,18 @@ def _build(facts: CallFacts, lists: Sequence[Sequence[Tensor]], names: Sequence[
     vec = max(1, 16 // esize)
     vector_chunks: list[int] = []
     scalar_chunks: list[int] = []
+    row = 0  # the chunk's place in tensor order, whichever launch takes it
     for i, n in enumerate(numels):
-        rows = vector_chunks if all(p[i] % 16 == 0 for p in ptrs) else scalar_chunks
+        entries = vector_chunks if all(p[i] % 16 == 0 for p in ptrs) else scalar_chunks
         for start in range(0, n, chunk):  # empty tensors get no chunk at all
-            rows += (i, start)
-    nvector, nscalar = len(vector_chunks) // 2, len(scalar_chunks) // 2
+            entries += (i, start, row)
+            row += 1
+    nvector, nscalar = len(vector_chunks) // 3, len(scalar_chunks) // 3
     launches = tuple((first, count, width) for first, count, width in ((0, nvector, vec), (nvector, nscalar, 1))
                      if count)
     if not launches:
         return Plan(None, facts.dtype, len(numels), 0, ())
-    table = torch.empty(len(ptrs) * len(numels) + len(numels) + 2 * (nvector + nscalar), dtype=torch.int64,
+    table = torch.empty(len(ptrs) * len(numels) + len(numels) + 3 * (nvector + nscalar), dtype=torch.int64,
                         device=facts.device)
     origin = table.data_ptr()  # allocations are at least 64-byte aligned, so vector promises hold
     offsets = []

@@ -5,11 +5,13 @@ The table (built on the host by ``xsam.kernels.plans``) is one int64 tensor per 
     rows 0 .. NL-1   element offset of tensor t of list k from ``base`` (the table viewed in the
                      storage dtype), at [k * ntensors + t]
     row NL           the element count of tensor t, at [NL * ntensors + t]
-    chunk map        (tensor index, first element) per program, 2 entries each, at
-                     [(NL + 1) * ntensors + 2 * chunk]
+    chunk map        (tensor index, first element, partial row) per program, 3 entries each, at
+                     [(NL + 1) * ntensors + 3 * chunk]
 
 A launch covers chunks ``first_chunk .. first_chunk + grid - 1`` of the map, so one table can
-serve launches with different vector widths (see ``plans.Plan.launches``).
+serve launches with different vector widths (see ``plans.Plan.launches``). The partial row is
+the chunk's place in tensor order: reductions add their partials in that order, whichever
+launch took a chunk.
 """
 from __future__ import annotations
 
@@ -33,13 +35,12 @@ def accumulation(dtype: torch.dtype) -> tuple[torch.dtype, "tl.dtype"]:
 
 @triton.jit
 def program_chunk(table, ntensors, first_chunk, NL: tl.constexpr, CHUNK: tl.constexpr):
-    """(chunk index, tensor index, first element, elements in this chunk) of this program."""
-    c = first_chunk + tl.program_id(0)
-    entry = table + (NL + 1) * ntensors + 2 * c
+    """(tensor index, first element, elements in this chunk, partial row) of this program."""
+    entry = table + (NL + 1) * ntensors + 3 * (first_chunk + tl.program_id(0))
     t = tl.load(entry)
     start = tl.multiple_of(tl.load(entry + 1), CHUNK)  # chunks start at k * CHUNK
     count = (tl.minimum(start + CHUNK, tl.load(table + NL * ntensors + t)) - start).to(tl.int32)
-    return c, t, start, count
+    return t, start, count, entry + 2
 
 
 @triton.jit

@@ -103,7 +103,7 @@ def _reduce_kernel(
     KIND: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    c, t, start, count = program_chunk(table, ntensors, first_chunk, NL, CHUNK)
+    t, start, count, row = program_chunk(table, ntensors, first_chunk, NL, CHUNK)
     p0, p1, p2, p3 = list_pointers(table, base, ntensors, t, NL, VEC)
     lam = 0.0
     if KIND == 2:
@@ -128,7 +128,7 @@ def _reduce_kernel(
         acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _accumulate(
             p0, p1, p2, p3, offs, full * BLOCK + lanes < count, lam, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7,
             NL, NP, A0, B0, A1, B1, A2, B2, A3, B3, A4, B4, A5, B5, A6, B6, A7, B7, KIND, ACC, True)
-    out = partials + c * NP
+    out = partials + tl.load(row) * NP
     tl.store(out, tl.sum(acc0, axis=0))
     if NP > 1:
         tl.store(out + 1, tl.sum(acc1, axis=0))

@@ -226,11 +226,13 @@ def test_plans_used_by_a_cuda_graph_survive_eviction_and_clearing():
 def test_vector_width_is_chosen_per_tensor():
     """A view that starts off 16 bytes gets a scalar launch of its own; the others keep 128-bit accesses."""
     buf = torch.zeros(300, dtype=torch.float32, device=DEVICE)
-    aligned, shifted = [buf[:70], buf[80:150], buf[160:200]], buf[201:220]
-    lists = [aligned + [shifted]]
+    lists = [[buf[:70], buf[201:220], buf[80:150], buf[160:200]]]  # the second starts 4 bytes off 16
     facts = plans.call_facts(lists, ["xs"])
     plan = plans.plan_for(facts, lists, ["xs"], (), CHUNK)
     assert plan.launches == ((0, 5, 4), (5, 1, 1))  # 2 + 2 + 1 chunks of 64 at vec 4; the view alone
+    # (tensor, first element, partial row): partials stay in tensor order whichever launch runs a chunk
+    chunk_map = plan.table[-3 * 6:].view(6, 3).tolist()
+    assert chunk_map == [[0, 0, 0], [0, 64, 1], [2, 0, 3], [2, 64, 4], [3, 0, 5], [1, 0, 2]]
     buf.copy_(torch.arange(300.0))
     want = sum(float(t.double() @ t.double()) for t in lists[0])  # integers: exact in fp32
     assert ops.dots(lists, [(0, 0)], backend="triton").item() == want
