@@ -35,7 +35,7 @@ def accumulation(dtype: torch.dtype) -> tuple[torch.dtype, "tl.dtype"]:
 
 @triton.jit
 def program_chunk(table, ntensors, first_chunk, NL: tl.constexpr, CHUNK: tl.constexpr):
-    """(tensor index, first element, elements in this chunk, partial row) of this program."""
+    """(tensor index, first element, elements in this chunk, pointer to its partial row) of this program."""
     entry = table + (NL + 1) * ntensors + 3 * (first_chunk + tl.program_id(0))
     t = tl.load(entry)
     start = tl.multiple_of(tl.load(entry + 1), CHUNK)  # chunks start at k * CHUNK
