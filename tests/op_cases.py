@@ -91,9 +91,9 @@ def backend_params(devices=DEVICES, backends=BACKENDS):
 def launch_config_for(backend: str, device: str):
     """Tiny Triton launches in the interpreter (every program costs ~2 ms); others unchanged."""
     if backend == "triton" and device == "cpu":
-        from xsam.kernels import multi_tensor as mt
+        from xsam.kernels.plans import launch_config
 
-        with mt.launch_config(chunk=TRITON_CPU_CHUNK, block=TRITON_CPU_BLOCK):
+        with launch_config(chunk=TRITON_CPU_CHUNK, block=TRITON_CPU_BLOCK):
             yield
     else:
         yield

@@ -1,0 +1,240 @@
+"""Fused multi-tensor reductions: dot products of list pairs, the ASAM norm, the power-iteration residual.
+
+Deterministic: stage 1 writes one partial per (chunk, sum), each summed over a fixed-size block
+in a fixed order; stage 2 sums the partial table along its first axis with one torch reduction
+whose order depends only on the table's shape. No float atomics. Layouts: as in ``xsam.kernels.elementwise``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .plans import CallFacts, call_facts, check_scalars, get_launch_config, launch_guard, num_warps, plan_for
+from .primitives import accumulation, list_pointers, load_block, program_chunk
+
+__all__ = ["MAX_LISTS", "MAX_PAIRS", "dots", "residual_sumsq", "weighted_sumsq"]
+
+Tensors = Sequence[Tensor]
+
+# A launch reads at most this many distinct lists and produces at most this many sums; larger
+# requests are split into several launches (see ``dots``).
+MAX_LISTS = 4
+MAX_PAIRS = 8
+
+# What a launch sums (a constexpr selects the term at compile time).
+_DOTS, _WEIGHTED, _RESIDUAL = range(3)
+
+
+@triton.jit
+def _pick(x0, x1, x2, x3, I: tl.constexpr):
+    if I == 0:
+        r = x0
+    elif I == 1:
+        r = x1
+    elif I == 2:
+        r = x2
+    else:
+        r = x3
+    return r
+
+
+@triton.jit
+def _term(x0, x1, x2, x3, lam, A: tl.constexpr, B: tl.constexpr, KIND: tl.constexpr):
+    if KIND == 1:  # weighted: (w * x)^2
+        r = x0 * x1
+        r = r * r
+    elif KIND == 2:  # residual: (u - lam * v)^2, element by element
+        r = x0 - lam * x1
+        r = r * r
+    else:
+        r = _pick(x0, x1, x2, x3, A) * _pick(x0, x1, x2, x3, B)
+    return r
+
+
+@triton.jit
+def _accumulate(p0, p1, p2, p3, offs, mask, lam,
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7,
+                NL: tl.constexpr, NP: tl.constexpr,
+                A0: tl.constexpr, B0: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
+                A2: tl.constexpr, B2: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr,
+                A4: tl.constexpr, B4: tl.constexpr, A5: tl.constexpr, B5: tl.constexpr,
+                A6: tl.constexpr, B6: tl.constexpr, A7: tl.constexpr, B7: tl.constexpr,
+                KIND: tl.constexpr, ACC: tl.constexpr, MASKED: tl.constexpr):
+    x0 = load_block(p0, offs, mask, MASKED).to(ACC)
+    x1 = x0
+    x2 = x0
+    x3 = x0
+    if NL > 1:
+        x1 = load_block(p1, offs, mask, MASKED).to(ACC)
+    if NL > 2:
+        x2 = load_block(p2, offs, mask, MASKED).to(ACC)
+    if NL > 3:
+        x3 = load_block(p3, offs, mask, MASKED).to(ACC)
+    acc0 += _term(x0, x1, x2, x3, lam, A0, B0, KIND)
+    if NP > 1:
+        acc1 += _term(x0, x1, x2, x3, lam, A1, B1, KIND)
+    if NP > 2:
+        acc2 += _term(x0, x1, x2, x3, lam, A2, B2, KIND)
+    if NP > 3:
+        acc3 += _term(x0, x1, x2, x3, lam, A3, B3, KIND)
+    if NP > 4:
+        acc4 += _term(x0, x1, x2, x3, lam, A4, B4, KIND)
+    if NP > 5:
+        acc5 += _term(x0, x1, x2, x3, lam, A5, B5, KIND)
+    if NP > 6:
+        acc6 += _term(x0, x1, x2, x3, lam, A6, B6, KIND)
+    if NP > 7:
+        acc7 += _term(x0, x1, x2, x3, lam, A7, B7, KIND)
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
+
+
+@triton.jit
+def _reduce_kernel(
+    table, base, partials, lam_ptr, ntensors, first_chunk,
+    NL: tl.constexpr, NP: tl.constexpr,
+    A0: tl.constexpr, B0: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
+    A2: tl.constexpr, B2: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr,
+    A4: tl.constexpr, B4: tl.constexpr, A5: tl.constexpr, B5: tl.constexpr,
+    A6: tl.constexpr, B6: tl.constexpr, A7: tl.constexpr, B7: tl.constexpr,
+    KIND: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    t, start, count, row = program_chunk(table, ntensors, first_chunk, NL, CHUNK)
+    p0, p1, p2, p3 = list_pointers(table, base, ntensors, t, NL, VEC)
+    lam = 0.0
+    if KIND == 2:
+        lam = tl.load(lam_ptr).to(ACC)
+    acc0 = tl.zeros([BLOCK], ACC)
+    acc1 = tl.zeros([BLOCK], ACC)
+    acc2 = tl.zeros([BLOCK], ACC)
+    acc3 = tl.zeros([BLOCK], ACC)
+    acc4 = tl.zeros([BLOCK], ACC)
+    acc5 = tl.zeros([BLOCK], ACC)
+    acc6 = tl.zeros([BLOCK], ACC)
+    acc7 = tl.zeros([BLOCK], ACC)
+    lanes = tl.arange(0, BLOCK)
+    full = count // BLOCK
+    for i in range(0, full):
+        offs = start + i * BLOCK + lanes
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _accumulate(
+            p0, p1, p2, p3, offs, None, lam, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7,
+            NL, NP, A0, B0, A1, B1, A2, B2, A3, B3, A4, B4, A5, B5, A6, B6, A7, B7, KIND, ACC, False)
+    if full * BLOCK < count:
+        offs = start + full * BLOCK + lanes
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _accumulate(
+            p0, p1, p2, p3, offs, full * BLOCK + lanes < count, lam, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7,
+            NL, NP, A0, B0, A1, B1, A2, B2, A3, B3, A4, B4, A5, B5, A6, B6, A7, B7, KIND, ACC, True)
+    out = partials + tl.load(row) * NP
+    tl.store(out, tl.sum(acc0, axis=0))
+    if NP > 1:
+        tl.store(out + 1, tl.sum(acc1, axis=0))
+    if NP > 2:
+        tl.store(out + 2, tl.sum(acc2, axis=0))
+    if NP > 3:
+        tl.store(out + 3, tl.sum(acc3, axis=0))
+    if NP > 4:
+        tl.store(out + 4, tl.sum(acc4, axis=0))
+    if NP > 5:
+        tl.store(out + 5, tl.sum(acc5, axis=0))
+    if NP > 6:
+        tl.store(out + 6, tl.sum(acc6, axis=0))
+    if NP > 7:
+        tl.store(out + 7, tl.sum(acc7, axis=0))
+
+
+def reduction_block(block: int, dtype: torch.dtype) -> int:
+    """fp64 sums use half the block at the same warps: 8 fp64 sums over 8 elements per thread took
+    215 registers (ptxas, sm_90, 4 lists), one block per SM; 4 elements per thread take 112."""
+    return max(16, block // 2) if dtype == torch.float64 else block
+
+
+def _reduce(facts: CallFacts, lists: list[Tensors], names: Sequence[str], pairs: Sequence[tuple[int, int]],
+            kind: int, lam: Tensor | None = None) -> Tensor:
+    """One stage-1 launch (per vector width) over <= MAX_LISTS lists and <= MAX_PAIRS sums, then stage 2."""
+    acc_dtype, acc_tl = accumulation(facts.dtype)
+    chunk, block = get_launch_config()
+    npairs = len(pairs)
+    with launch_guard(facts.device):
+        plan = plan_for(facts, lists, names, (), chunk)
+        if not plan.launches:
+            return torch.zeros(npairs, dtype=acc_dtype, device=facts.device)
+        partials = torch.empty((plan.nchunks, npairs), dtype=acc_dtype, device=facts.device)
+        ab = {}
+        for k in range(MAX_PAIRS):
+            ab[f"A{k}"], ab[f"B{k}"] = pairs[k] if k < npairs else (0, 0)
+        for first, count, vec in plan.launches:
+            _reduce_kernel[(count,)](
+                plan.table, plan.base, partials, partials if lam is None else lam, plan.ntensors, first,
+                NL=len(lists), NP=npairs, **ab, KIND=kind, ACC=acc_tl, VEC=vec, CHUNK=chunk,
+                BLOCK=reduction_block(block, facts.dtype), num_warps=num_warps(block),
+            )
+    return partials.sum(dim=0)
+
+
+def _batches(pairs: Sequence[tuple[int, int]]) -> list[tuple[list[int], list[tuple[int, int]], list[int]]]:
+    """Split pairs into launches that each read <= MAX_LISTS lists and give <= MAX_PAIRS sums.
+
+    Returns (lists used, pairs renumbered into those lists, positions in the output).
+    Greedy in the given order, so the split (and every result bit) is fixed.
+    """
+    batches: list[tuple[list[int], list[tuple[int, int]], list[int]]] = []
+    used: list[int] = []
+    local: list[tuple[int, int]] = []
+    where: list[int] = []
+    for k, (a, b) in enumerate(pairs):
+        need = [i for i in dict.fromkeys((a, b)) if i not in used]
+        if local and (len(used) + len(need) > MAX_LISTS or len(local) == MAX_PAIRS):
+            batches.append((used, local, where))
+            used, local, where = [], [], []
+            need = list(dict.fromkeys((a, b)))
+        used.extend(need)
+        local.append((used.index(a), used.index(b)))
+        where.append(k)
+    if local:
+        batches.append((used, local, where))
+    return batches
+
+
+def dots(lists: Sequence[Tensors], pairs: Sequence[tuple[int, int]]) -> Tensor:
+    """``out[k] = sum_i <lists[a][i], lists[b][i]>`` for ``(a, b) = pairs[k]`` (see the contract).
+
+    Lists that are the same storages (e.g. ``dots([g, g], ...)``) are read once.
+    """
+    pairs = [(int(a), int(b)) for a, b in pairs]
+    names = [f"lists[{k}]" for k in range(len(lists))]
+    facts = call_facts(lists, names)
+    if facts is None:  # empty lists: no tensor says otherwise, so fp32 on the CPU
+        return torch.zeros(len(pairs))
+    if not pairs:
+        return torch.zeros(0, dtype=accumulation(facts.dtype)[0], device=facts.device)
+    # Fold lists holding the same storages into one (call_facts checked that their sizes agree).
+    canonical: dict[tuple[int, ...], int] = {}
+    alias = [canonical.setdefault(p, k) for k, p in enumerate(facts.ptrs)]
+    pairs = [(alias[a], alias[b]) for a, b in pairs]
+    results = [_reduce(facts.subset(used), [lists[i] for i in used], [names[i] for i in used], local, _DOTS)
+               for used, local, _ in _batches(pairs)]
+    # Greedy batching keeps the pairs in order, so the batch results concatenate.
+    return results[0] if len(results) == 1 else torch.cat(results)
+
+
+def weighted_sumsq(weights: Tensors, xs: Tensors) -> Tensor:
+    """``sum_i ||weights[i] * xs[i]||^2`` as a 1-element tensor."""
+    names = ("weights", "xs")
+    facts = call_facts([weights, xs], names)
+    if facts is None:
+        return torch.zeros(1)
+    return _reduce(facts, [weights, xs], names, [(0, 1)], _WEIGHTED)
+
+
+def residual_sumsq(us: Tensors, vs: Tensors, lam: Tensor) -> Tensor:
+    """``sum_i ||us[i] - lam * vs[i]||^2`` element by element, as a 1-element tensor."""
+    names = ("us", "vs")
+    facts = call_facts([us, vs], names)
+    if facts is None:
+        return torch.zeros(1)
+    check_scalars(facts.device, lam=lam)
+    return _reduce(facts, [us, vs], names, [(0, 1)], _RESIDUAL, lam)
