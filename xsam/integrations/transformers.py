@@ -53,7 +53,8 @@ class XSAMTrainer(Trainer):
     Args:
         *args, **kwargs: the ``Trainer`` arguments. ``optimizers`` must leave the optimizer as
             None (the trainer builds it; a scheduler may be given).
-        sam_optimizer (type, optional): ``xsam.XSAM`` or ``xsam.SAM`` (default: ``xsam.XSAM``)
+        sam_class (type, optional): ``xsam.XSAM`` or ``xsam.SAM`` (default: ``xsam.XSAM``); the
+            optimizer built from it is ``trainer.sam_optimizer`` (``diagnostics()``, ``eigenvector()``)
         sam_kwargs (dict, optional): its own arguments, e.g. ``rho``, ``alpha``, ``correction``,
             ``eig_interval``, ``power_iters``, ``hvp_eval_mode``, ``backend`` (default: None,
             the class defaults). ``model`` and ``process_group`` are set by the trainer (the
@@ -61,10 +62,10 @@ class XSAMTrainer(Trainer):
         log_diagnostics (bool, optional): add the per-step diagnostics to the logs (default: True)
     """
 
-    def __init__(self, *args, sam_optimizer: type = XSAM, sam_kwargs: dict | None = None,
+    def __init__(self, *args, sam_class: type = XSAM, sam_kwargs: dict | None = None,
                  log_diagnostics: bool = True, **kwargs):
-        if not (isinstance(sam_optimizer, type) and issubclass(sam_optimizer, SAM)):
-            raise ValueError(f"sam_optimizer={sam_optimizer!r} is invalid: pass xsam.XSAM or xsam.SAM (the class)")
+        if not (isinstance(sam_class, type) and issubclass(sam_class, SAM)):
+            raise ValueError(f"sam_class={sam_class!r} is invalid: pass xsam.XSAM or xsam.SAM (the class)")
         sam_kwargs = dict(sam_kwargs or {})
         reserved = sorted(set(sam_kwargs) & set(_SET_BY_THE_TRAINER))
         if reserved:
@@ -78,8 +79,10 @@ class XSAMTrainer(Trainer):
         if self.optimizer is not None:
             raise ValueError("XSAMTrainer builds its optimizer from TrainingArguments and sam_kwargs; pass "
                              "optimizers=(None, scheduler) instead of an optimizer")
-        self.sam_optimizer = sam_optimizer
+        self.sam_class = sam_class
         self.sam_kwargs = sam_kwargs
+        # The SAM/X-SAM optimizer itself (self.optimizer becomes accelerate's wrapper around it).
+        self.sam_optimizer: SAM | None = None
         self.log_diagnostics = log_diagnostics
         # (model, inputs, num_items_in_batch) of each micro-batch since the last optimizer step.
         self._micro_batches: list[tuple] = []
@@ -106,13 +109,13 @@ class XSAMTrainer(Trainer):
         base = base_class([dict(g) for g in groups], **base_kwargs)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         group = torch.distributed.group.WORLD if distributed and torch.distributed.get_world_size() > 1 else None
-        optimizer = _driven_by_trainer(self.sam_optimizer)(
+        optimizer = _driven_by_trainer(self.sam_class)(
             [dict(g) for g in groups], base, model=opt_model, process_group=group, **self.sam_kwargs)
         check_sam_optimizer(optimizer, "XSAMTrainer", "")
         optimizer.trainer_step = functools.partial(self._sam_step, optimizer)
         if self.log_diagnostics:
             optimizer.register_diagnostics_hook(self._remember_record)
-        self.optimizer = optimizer
+        self.optimizer = self.sam_optimizer = optimizer
         return optimizer
 
     # ----- the passes --------------------------------------------------------------------
