@@ -167,6 +167,9 @@ def test_refusals_name_the_argument_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match="needs exact Hessian-vector products"):
         XSAMTrainer(model=make_model(), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
                     train_dataset=make_data(), sam_kwargs={"hvp": "finite_difference"}).create_optimizer()
+    with pytest.raises(ValueError, match="does not support fp16=True"):
+        XSAMTrainer(model=make_model(), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[], fp16=True),
+                    train_dataset=make_data())
     model = make_model()
     with pytest.raises(ValueError, match="optimizers=\\(None, scheduler\\)"):
         XSAMTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
