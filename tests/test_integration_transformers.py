@@ -6,10 +6,14 @@ reads the data in order (``train_sampling_strategy="sequential"``); the hand loo
 micro-batches with the Trainer's loss scaling: each micro-batch's summed token loss divided by
 the number of label tokens in the whole accumulated batch (``num_items_in_batch``).
 """
+import os
+import socket
+import time
 import warnings
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -63,7 +67,7 @@ def train(output_dir, *, kind="xsam", k=1, steps=3, dtype=torch.float64, resume=
     return trainer
 
 
-def hand_loop(trainer, *, kind="xsam", k=1, steps=3, dtype=torch.float64, clip=0.0, autocast_dtype=None):
+def hand_loop(trainer, *, kind="xsam", k=1, steps=3, dtype=torch.float64, clip=0.0, autocast_dtype=None, batch=BATCH):
     """The same steps with opt.step(closure, loss_fn); param groups (``trainer``'s rule) and order as the Trainer's."""
     model = make_model(dtype)
     model.train()
@@ -78,7 +82,7 @@ def hand_loop(trainer, *, kind="xsam", k=1, steps=3, dtype=torch.float64, clip=0
     autocast = torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
     data, losses = make_data(), []
     for step in range(steps):
-        rows = [data[(step * k + i) * BATCH:(step * k + i + 1) * BATCH] for i in range(k)]
+        rows = [data[(step * k + i) * batch:(step * k + i + 1) * batch] for i in range(k)]
         micro = [{key: torch.stack([row[key] for row in mb]) for key in mb[0]} for mb in rows]
         tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro)
 
@@ -101,6 +105,12 @@ def hand_loop(trainer, *, kind="xsam", k=1, steps=3, dtype=torch.float64, clip=0
 
         losses.append(opt.step(closure, loss_fn=loss_fn) if kind == "xsam" else opt.step(closure))
     return model, opt, losses
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def assert_same_weights(a_model, b_model, tol):
@@ -174,3 +184,40 @@ def test_refusals_name_the_argument_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match="optimizers=\\(None, scheduler\\)"):
         XSAMTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
                     train_dataset=make_data(), optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+
+
+# ----- DDP: 2 processes, gloo (launched like torchrun: one process per rank, env:// rendezvous) --------
+WORLD = 2
+
+
+def ddp_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    transformers.utils.logging.set_verbosity_error()
+    trainer = train(out_dir, k=2, steps=2, ddp_backend="gloo", ddp_timeout=60)
+    torch.save({"weights": [p.detach() for p in trainer.model.parameters()],
+                "eigenvector": trainer.sam_optimizer.eigenvector(), "steps": trainer.sam_optimizer.diagnostics()["step"]},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_the_single_process_loop_on_the_full_batch(tmp_path):
+    """accelerate deals consecutive batches to the ranks, so global micro-batch i is batches 2i and 2i + 1."""
+    context = mp.spawn(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 180
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the 2-process DDP run did not finish within 180 s")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 2
+    for a, b in zip(ranks[0]["weights"] + ranks[0]["eigenvector"], ranks[1]["weights"] + ranks[1]["eigenvector"]):
+        assert torch.equal(a, b)
+    grouping = XSAMTrainer(model=make_model(), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]))
+    model, opt, _ = hand_loop(grouping, k=2, steps=2, batch=BATCH * WORLD)
+    for a, b in zip(ranks[0]["weights"], model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-10)
+    for a, b in zip(ranks[0]["eigenvector"], opt.eigenvector()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
