@@ -6,15 +6,14 @@ and compares the weights: float64 runs must agree to rounding (1e-12), mixed pre
 to the precision of the autocast dtype. The 2-process DDP run is in its own mp.spawn.
 """
 import os
-import socket
-import time
 import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
+
+from helpers import free_port, spawn_and_wait
 
 pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
@@ -277,20 +276,8 @@ def ddp_worker(rank, port, out_dir):
                 "steps": opt.diagnostics()["step"]}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_match_single_process_accumulation_on_the_full_batch(tmp_path):
-    context = mp.spawn(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1.0):  # False while a process is still running; raises if one failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-process DDP run did not finish within 120 s")
+    spawn_and_wait(ddp_worker, (free_port(), str(tmp_path)), WORLD, timeout=120)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert ranks[0]["steps"] == ranks[1]["steps"] == DDP_STEPS
     for a, b in zip(ranks[0]["weights"] + ranks[0]["eigenvector"], ranks[1]["weights"] + ranks[1]["eigenvector"]):

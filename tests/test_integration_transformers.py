@@ -7,13 +7,12 @@ micro-batches with the Trainer's loss scaling: each micro-batch's summed token l
 the number of label tokens in the whole accumulated batch (``num_items_in_batch``).
 """
 import os
-import socket
-import time
 import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from helpers import free_port, spawn_and_wait
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -107,12 +106,6 @@ def hand_loop(trainer, *, kind="xsam", k=1, steps=3, dtype=torch.float64, clip=0
     return model, opt, losses
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def assert_same_weights(a_model, b_model, tol):
     for a, b in zip(a_model.parameters(), b_model.parameters()):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=tol, atol=tol)
@@ -204,13 +197,7 @@ def ddp_worker(rank, port, out_dir):
 @pytest.mark.slow
 def test_ddp_two_processes_match_the_single_process_loop_on_the_full_batch(tmp_path):
     """accelerate deals consecutive batches to the ranks, so global micro-batch i is batches 2i and 2i + 1."""
-    context = mp.spawn(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 180
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-process DDP run did not finish within 180 s")
+    spawn_and_wait(ddp_worker, (free_port(), str(tmp_path)), WORLD, timeout=180)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert ranks[0]["steps"] == ranks[1]["steps"] == 2
     for a, b in zip(ranks[0]["weights"] + ranks[0]["eigenvector"], ranks[1]["weights"] + ranks[1]["eigenvector"]):
