@@ -23,8 +23,9 @@ With the callback (``Trainer(callbacks=[XSAMCallback()])``, any of the precision
   the optimizer corrects and applies. Norm clipping of the first pass would change nothing: the
   perturbation is normalised.
 - 16-mixed: Lightning's GradScaler is replaced by ``xsam.amp.SAMGradScaler`` (same settings),
-  which unscales and checks each pass and skips the whole step on inf/nan; clipping sees scaled
-  gradients there, so the threshold is scaled to match.
+  which unscales and checks each pass and skips the whole step on inf/nan; clipping (and the
+  ``on_before_optimizer_step`` hook) see still-scaled gradients there, so the clipping threshold
+  is scaled to match.
 - exact HVPs: X-SAM gets a forward-only ``loss_fn`` that runs ``training_step`` on the same
   micro-batches (logging muted, same autocast). ``hvp='finite_difference'`` is refused.
 - diagnostics (eigenvalue, cos and angle between g_adv and v, gradient norms) go to
@@ -163,29 +164,30 @@ class XSAMCallback(Callback):
         if first_loss is None:  # training_step returned None: Lightning skips the step, and so do we
             return None
         first_pass = stash_gradients(optimizer)
-        replay = functools.partial(self._second_pass, trainer, plugin, optimizer, micro_batches)
+        replay = functools.partial(_second_pass, trainer, plugin, optimizer, micro_batches)
         loss_fn = functools.partial(_forward_loss, trainer, plugin, micro_batches)
         return run_sam_step(optimizer, TwoPassClosure(first_loss, first_pass, replay), loss_fn,
                             scaler=getattr(plugin, "scaler", None))
 
-    @staticmethod
-    def _second_pass(trainer, plugin: Precision, optimizer, micro_batches: list) -> Tensor:
-        """Forward and backward of every micro-batch at the perturbed weights, as Lightning's loop does them."""
-        strategy, module = trainer.strategy, trainer.lightning_module
-        ddp = strategy.model if isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel) else None
-        total = None
-        with _logging_muted(module), running_statistics_untouched(module):
-            for i, (batch, batch_idx) in enumerate(micro_batches):
-                last = i == len(micro_batches) - 1
-                # DDP all-reduces once, on the last micro-batch, like Lightning's accumulation.
-                with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
-                    output = strategy.training_step(*_step_args(module, batch, batch_idx))
-                    loss = _loss_of(output) / trainer.accumulate_grad_batches
-                    strategy.backward(loss, optimizer)
-                total = loss.detach() if total is None else total + loss.detach()
-        # Hooks and gradient clipping on the gradient the optimizer is about to correct and apply.
-        plugin._after_closure(module, optimizer)
-        return total
+
+def _second_pass(trainer, plugin: Precision, optimizer, micro_batches: list) -> Tensor:
+    """Forward and backward of every micro-batch at the perturbed weights, as Lightning's loop does them."""
+    strategy, module = trainer.strategy, trainer.lightning_module
+    ddp = strategy.model if isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel) else None
+    total = None
+    with _logging_muted(module), running_statistics_untouched(module):
+        for i, (batch, batch_idx) in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # DDP all-reduces once, on the last micro-batch, like Lightning's accumulation.
+            with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
+                output = strategy.training_step(*_step_args(module, batch, batch_idx))
+                loss = _loss_of(output) / trainer.accumulate_grad_batches
+                strategy.backward(loss, optimizer)
+            total = loss.detach() if total is None else total + loss.detach()
+    # Hooks and gradient clipping on the gradient the optimizer is about to correct and apply: what
+    # Lightning's Precision._wrap_closure runs after a closure (a private method, tested with 2.6).
+    plugin._after_closure(module, optimizer)
+    return total
 
 
 def _forward_loss(trainer, plugin: Precision, micro_batches: list) -> Tensor:
