@@ -26,7 +26,7 @@ demo: $(VENV)/.installed-demo
 	$(VENV)/bin/xsam demo
 
 # The tests cover the trainer integrations too: Lightning and transformers add about 20 s of
-# installation (about 230 MB in the venv) and about a minute and a half of tests.
+# installation (about 230 MB in the venv) and about 20 s of tests on an idle 2-core machine.
 TEST_EXTRAS := test,lightning,transformers
 
 test: $(VENV)/.installed-$(TEST_EXTRAS)
