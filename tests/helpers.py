@@ -50,3 +50,28 @@ class Quadratic:
 
     def grad(self, w: torch.Tensor) -> torch.Tensor:
         return self.A @ w + self.b
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for an env:// rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_and_wait(worker, args: tuple, nprocs: int, timeout: float) -> None:
+    """``mp.spawn(worker, args, nprocs)``, failing the test (and killing the processes) after ``timeout`` seconds."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):  # False while a process still runs; raises if one failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {nprocs}-process run did not finish within {timeout:.0f} s")

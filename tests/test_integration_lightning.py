@@ -1,0 +1,291 @@
+"""PyTorch Lightning: what works as it is, and XSAMCallback against hand-written xsam loops.
+
+Every comparison trains a tiny LightningModule with the Trainer and the same network with a
+hand-written ``opt.step(closure, loss_fn)`` loop on the same micro-batches in the same order,
+and compares the weights: float64 runs must agree to rounding (1e-12), mixed precision runs
+to the precision of the autocast dtype. The 2-process DDP run is in its own mp.spawn.
+"""
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from helpers import free_port, spawn_and_wait
+
+pl = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from xsam import SAM, XSAM  # noqa: E402
+from xsam.amp import SAMGradScaler  # noqa: E402
+from xsam.integrations.lightning import XSAMCallback  # noqa: E402
+
+HYPER = dict(lr=0.1, momentum=0.9)
+XSAM_HYPER = dict(rho=0.05, alpha=0.5, eig_interval=2, power_iters=3)
+SAM_HYPER = dict(rho=0.05)
+PRECISION_DTYPE = {"64-true": torch.float64, "32-true": torch.float32, "bf16-mixed": torch.float32,
+                   "16-mixed": torch.float32}
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+
+def make_net(batchnorm=True):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6) if batchnorm else nn.Identity(), nn.Tanh(),
+                         nn.Linear(6, 3))
+
+
+def make_optimizer(kind, params, model):
+    # hvp_eval_mode=False: eval-mode HVPs would read BatchNorm running statistics, which the trainer's first
+    # pass has already updated when the step refreshes, and a hand-written opt.step has not (see README).
+    if kind == "xsam":
+        return XSAM(params, torch.optim.SGD, model=model, hvp_eval_mode=False, **XSAM_HYPER, **HYPER)
+    return SAM(params, torch.optim.SGD, model=model, **SAM_HYPER, **HYPER)
+
+
+def make_batches(count, size=8, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 4, generator=gen), torch.randint(0, 3, (size,), generator=gen)) for _ in range(count)]
+
+
+class TinyModule(pl.LightningModule):
+    def __init__(self, kind="xsam", batchnorm=True):
+        super().__init__()
+        self.kind = kind
+        self.net = make_net(batchnorm)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        # The strategy's model: the DDP module under DDP (its process group averages exact HVPs).
+        return make_optimizer(self.kind, self.parameters(), self.trainer.strategy.model)
+
+
+def fit(module, batches, *, precision="64-true", epochs=1, callback=True, ckpt_path=None, **trainer_kwargs):
+    trainer_kwargs.setdefault("accelerator", "cpu")
+    trainer_kwargs.setdefault("devices", 1)
+    if precision == "16-mixed":
+        # Lightning turns precision="16-mixed" into bf16 on CPU; its fp16 plugin (what a GPU gets) can still be
+        # passed explicitly, and runs fp16 autocast on the CPU.
+        trainer_kwargs["plugins"], precision = [MixedPrecision("16-mixed", "cpu")], None
+    trainer = pl.Trainer(max_epochs=epochs, precision=precision, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[XSAMCallback()] if callback else [], **trainer_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
+    return trainer
+
+
+def hand_loop(kind, batches, *, k=1, precision="64-true", epochs=1, clip=None, batchnorm=True, micro_batches=None):
+    """The same steps written by hand: each step's closure runs all k micro-batches (loss / k each)."""
+    dtype = PRECISION_DTYPE[precision]
+    net = make_net(batchnorm).to(dtype)
+    opt = make_optimizer(kind, net.parameters(), net)
+    scaler = SAMGradScaler("cpu") if precision == "16-mixed" else None
+    # cache_enabled=False as in Lightning: a cached cast weight shared by the micro-batches of loss_fn would
+    # sum their gradients in the low precision.
+    autocast = torch.autocast("cpu", dtype=AUTOCAST.get(precision, torch.bfloat16), enabled=precision in AUTOCAST,
+                              cache_enabled=False)
+    losses = []
+    windows = [batches[i:i + k] for i in range(0, len(batches), k)] * epochs
+    for window in windows:
+        micro = [(x.to(dtype), y) for x, y in (window if micro_batches is None else micro_batches(window))]
+
+        def closure():
+            total = 0.0
+            for x, y in micro:
+                with autocast:
+                    loss = F.cross_entropy(net(x), y) / k
+                (scaler.scale(loss) if scaler else loss).backward()
+                total += loss.detach()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip * (scaler.get_scale() if scaler else 1.0))
+            return total
+
+        def loss_fn():
+            with autocast:
+                return sum(F.cross_entropy(net(x), y) for x, y in micro) / k
+
+        if scaler:
+            losses.append(scaler.step(opt, closure, loss_fn=loss_fn if kind == "xsam" else None))
+            scaler.update()
+        else:
+            losses.append(opt.step(closure, loss_fn=loss_fn) if kind == "xsam" else opt.step(closure))
+    return net, opt, losses
+
+
+def assert_same_weights(module, net, tol):
+    for a, b in zip(list(module.net.parameters()) + list(module.net.buffers()), list(net.parameters()) +
+                    list(net.buffers())):
+        torch.testing.assert_close(a.detach(), b.detach().to(a.dtype), rtol=tol, atol=tol)
+
+
+# ----- what Lightning does without the callback ----------------------------------------------
+@pytest.mark.parametrize("precision", ["64-true", "bf16-mixed"])
+def test_without_the_callback_runs_with_finite_difference_hvps(precision):
+    batches = make_batches(4)
+    module = TinyModule("xsam", batchnorm=False)
+    fit(module, batches, precision=precision, callback=False)
+    net = make_net(batchnorm=False).to(PRECISION_DTYPE[precision])
+    opt = XSAM(net.parameters(), torch.optim.SGD, model=net, hvp_eval_mode=False, **XSAM_HYPER, **HYPER)
+    for x, y in batches:
+        def closure(x=x.to(PRECISION_DTYPE[precision]), y=y):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed", cache_enabled=False):
+                loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)  # no loss_fn: finite-difference HVPs, as Lightning's closure gives
+    assert_same_weights(module, net, 1e-12 if precision == "64-true" else 1e-5)
+
+
+def test_without_the_callback_16_mixed_fails_because_gradscaler_steps_without_a_closure():
+    with pytest.raises(ValueError, match="needs a closure"):
+        fit(TinyModule("sam"), make_batches(2), precision="16-mixed", callback=False)
+
+
+def test_without_the_callback_accumulation_trains_on_the_last_micro_batch_only():
+    """SAM zeroes the gradients before its first pass, so Lightning's micro-batches 1..k-1 are lost."""
+    batches = make_batches(4)
+    module = TinyModule("sam", batchnorm=False)  # (the lost micro-batches would still move BatchNorm statistics)
+    fit(module, batches, callback=False, accumulate_grad_batches=2)
+    net, _, _ = hand_loop("sam", batches, k=2, batchnorm=False, micro_batches=lambda window: window[-1:])
+    assert_same_weights(module, net, 1e-12)
+
+
+# ----- with the callback ---------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["xsam", "sam"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_fp64_steps_match_the_hand_written_loop(kind, k):
+    batches = make_batches(6)
+    module = TinyModule(kind)
+    trainer = fit(module, batches, accumulate_grad_batches=k, epochs=2)
+    net, opt, losses = hand_loop(kind, batches, k=k, epochs=2)
+    assert_same_weights(module, net, 1e-12)
+    assert trainer.optimizers[0].diagnostics()["step"] == opt.diagnostics()["step"] == 12 // k
+    if kind == "xsam":
+        for a, b in zip(trainer.optimizers[0].eigenvector(), opt.eigenvector()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_logged_loss_is_the_first_pass_loss_and_diagnostics_are_logged():
+    batches = make_batches(4)
+    module = TinyModule("xsam", batchnorm=False)
+    trainer = fit(module, batches)
+    _, opt, losses = hand_loop("xsam", batches, batchnorm=False)
+    metrics = trainer.callback_metrics
+    torch.testing.assert_close(metrics["train_loss"].double(), losses[-1].double(), rtol=1e-12, atol=1e-12)
+    assert metrics["xsam/eigenvalue"].item() == pytest.approx(opt.diagnostics()["eigenvalue"], rel=1e-5)
+    cos = opt.diagnostics()["cos_gadv_v"]
+    assert metrics["xsam/cos_gadv_v"].item() == pytest.approx(cos, rel=1e-5)
+    assert metrics["xsam/angle_gadv_v"].item() == pytest.approx(torch.tensor(cos).acos().rad2deg().item(), rel=1e-4)
+
+
+def test_gradient_clipping_acts_on_the_second_pass():
+    batches = make_batches(4)
+    module = TinyModule("sam")
+    fit(module, batches, gradient_clip_val=0.05)
+    clipped, _, _ = hand_loop("sam", batches, clip=0.05)
+    unclipped, _, _ = hand_loop("sam", batches)
+    assert_same_weights(module, clipped, 1e-12)
+    assert (clipped[0].weight - unclipped[0].weight).abs().max() > 1e-3  # the clipping was active
+
+
+@pytest.mark.parametrize("kind", ["xsam", "sam"])
+def test_bf16_mixed_matches_the_hand_written_autocast_loop(kind):
+    batches = make_batches(6)
+    module = TinyModule(kind)
+    fit(module, batches, precision="bf16-mixed", accumulate_grad_batches=2)
+    net, _, _ = hand_loop(kind, batches, k=2, precision="bf16-mixed")
+    assert_same_weights(module, net, 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["xsam", "sam"])
+def test_16_mixed_runs_through_sam_grad_scaler_like_the_hand_written_loop(kind):
+    batches = make_batches(6)
+    module = TinyModule(kind)
+    trainer = fit(module, batches, precision="16-mixed", accumulate_grad_batches=2, gradient_clip_val=0.05)
+    assert isinstance(trainer.precision_plugin.scaler, SAMGradScaler)
+    net, _, _ = hand_loop(kind, batches, k=2, precision="16-mixed", clip=0.05)
+    assert_same_weights(module, net, 1e-5)
+
+
+def test_checkpoint_resume_through_the_trainer_continues_bit_identically(tmp_path):
+    batches = make_batches(3)
+    straight = TinyModule("xsam")
+    fit(straight, batches, epochs=4)
+    first = TinyModule("xsam")
+    trainer = fit(first, batches, epochs=2)
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    # Built in float64: Lightning loads the checkpoint's weights before 64-true converts the module, so a
+    # float32 module would round them (a Lightning behaviour, unrelated to the optimizer).
+    resumed = TinyModule("xsam").double()
+    trainer = fit(resumed, batches, epochs=4, ckpt_path=str(tmp_path / "half.ckpt"))
+    for a, b in zip(list(resumed.parameters()) + list(resumed.buffers()),
+                    list(straight.parameters()) + list(straight.buffers())):
+        assert torch.equal(a, b)
+    assert trainer.optimizers[0].diagnostics()["step"] == 12
+
+
+def test_refuses_finite_difference_hvps_and_manual_optimisation():
+    class FiniteDifference(TinyModule):
+        def configure_optimizers(self):
+            return XSAM(self.parameters(), torch.optim.SGD, hvp="finite_difference", lr=0.1)
+
+    with pytest.raises(ValueError, match="needs exact Hessian-vector products"):
+        fit(FiniteDifference(), make_batches(2))
+
+    class Manual(TinyModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(ValueError, match="automatic optimisation"):
+        fit(Manual(), make_batches(2))
+
+
+# ----- DDP: 2 processes, gloo ----------------------------------------------------------------
+WORLD, DDP_K, DDP_STEPS = 2, 2, 3
+
+
+def ddp_batches():
+    """Each global micro-batch has 8 samples; rank r trains on rows 4r..4r+3."""
+    return make_batches(DDP_K * DDP_STEPS, size=4 * WORLD, seed=5)
+
+
+def ddp_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    torch.set_num_threads(1)
+    shard = [(x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]) for x, y in ddp_batches()]
+    module = TinyModule("xsam", batchnorm=False)
+    trainer = fit(module, shard, accumulate_grad_batches=DDP_K, devices=WORLD, use_distributed_sampler=False,
+                  strategy=DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60)))
+    opt = trainer.optimizers[0]
+    torch.save({"weights": [p.detach() for p in module.net.parameters()], "eigenvector": opt.eigenvector(),
+                "steps": opt.diagnostics()["step"]}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_ddp_two_processes_match_single_process_accumulation_on_the_full_batch(tmp_path):
+    spawn_and_wait(ddp_worker, (free_port(), str(tmp_path)), WORLD, timeout=120)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == DDP_STEPS
+    for a, b in zip(ranks[0]["weights"] + ranks[0]["eigenvector"], ranks[1]["weights"] + ranks[1]["eigenvector"]):
+        assert torch.equal(a, b)
+    net, opt, _ = hand_loop("xsam", ddp_batches(), k=DDP_K, batchnorm=False)
+    for a, b in zip(ranks[0]["weights"], net.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-10)
+    for a, b in zip(ranks[0]["eigenvector"], opt.eigenvector()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

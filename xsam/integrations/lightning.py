@@ -1,0 +1,240 @@
+"""PyTorch Lightning: ``XSAMCallback`` makes automatic optimisation run correct SAM / X-SAM steps.
+
+What Lightning does by itself with an ``xsam.SAM``/``xsam.XSAM`` from ``configure_optimizers``
+(measured in ``tests/test_integration_lightning.py``):
+
+- fp32, fp64 and bf16-mixed run: ``optimizer.step`` gets a closure (training_step, backward,
+  gradient clipping). X-SAM then has no forward-only loss, so it takes finite-difference HVPs,
+  which re-run the whole training step; and every extra pass logs again through ``self.log``.
+- 16-mixed fails: Lightning runs the closure itself, then calls ``GradScaler.step(optimizer)``
+  without one, and SAM refuses to step without a closure.
+- ``accumulate_grad_batches=k`` is silently wrong: Lightning runs micro-batches 1..k-1 outside the
+  step and hands the step a closure for micro-batch k only; SAM zeroes the gradients before its
+  first pass, so both passes see the last micro-batch alone (k-1 of every k batches are wasted).
+
+With the callback (``Trainer(callbacks=[XSAMCallback()])``, any of the precisions above):
+
+- first pass: Lightning's own loop, unchanged (every micro-batch's training_step, with its
+  logging, hooks and DDP gradient synchronisation); the step reuses the accumulated gradient.
+- second pass: the step replays every micro-batch of the accumulated batch at the perturbed
+  weights, with ``self.log`` muted, DDP synchronising on the last micro-batch only, and BatchNorm
+  running statistics left as the first pass set them. Then ``on_before_optimizer_step`` and
+  gradient clipping (``Trainer(gradient_clip_val=...)``) act on this pass's gradient, the one
+  the optimizer corrects and applies. Norm clipping of the first pass would change nothing: the
+  perturbation is normalised.
+- 16-mixed: Lightning's GradScaler is replaced by ``xsam.amp.SAMGradScaler`` (same settings),
+  which unscales and checks each pass and skips the whole step on inf/nan; clipping (and the
+  ``on_before_optimizer_step`` hook) see still-scaled gradients there, so the clipping threshold
+  is scaled to match.
+- exact HVPs: X-SAM gets a forward-only ``loss_fn`` that runs ``training_step`` on the same
+  micro-batches (logging muted, same autocast). ``hvp='finite_difference'`` is refused.
+- diagnostics (eigenvalue, cos and angle between g_adv and v, gradient norms) go to
+  ``self.log`` as ``xsam/<name>`` after every step.
+
+Cost per step: 2 forward+backward passes per micro-batch, as in a hand-written SAM loop, plus
+the refresh (one create-graph backward and ``power_iters`` double-backward HVPs over the whole
+accumulated batch, whose graphs it holds at once).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from torch import Tensor
+
+from ..amp import SAMGradScaler
+from ..optimizer import SAM
+from ._common import (TwoPassClosure, check_sam_optimizer, logged_diagnostics, run_sam_step,
+                      running_statistics_untouched, stash_gradients)
+
+__all__ = ["XSAMCallback"]
+
+_SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
+_SUPPORTED_PRECISION = (Precision, DoublePrecision, HalfPrecision, MixedPrecision)
+_DDP_HINT = ("In configure_optimizers, build it with model=self.trainer.strategy.model (the DDP module: its "
+             "process group averages the HVPs) or process_group=torch.distributed.group.WORLD.")
+
+
+class XSAMCallback(Callback):
+    """Run each step of an ``xsam.SAM`` or ``xsam.XSAM`` optimizer correctly under Lightning's automatic optimisation.
+
+    Return the optimizer from ``configure_optimizers`` as usual (``model=self`` enables
+    eval-mode HVPs for BatchNorm models; under DDP pass ``model=self.trainer.strategy.model``),
+    and add the callback to the Trainer. Precisions: ``32-true``, ``64-true``, ``bf16-mixed``,
+    ``16-mixed`` (tested against hand-written loops), ``16-true`` and ``bf16-true`` (run, not
+    compared). Strategies: single device and ``ddp`` (tested with 2 gloo processes;
+    ``ddp_spawn``/``ddp_fork`` take the same path). Supports ``accumulate_grad_batches`` (both passes see
+    every micro-batch) and ``gradient_clip_val``/``gradient_clip_algorithm`` (applied to the
+    second pass). See the module docstring for what happens in each pass.
+
+    Args:
+        log_diagnostics (bool, optional): log the optimizer's per-step diagnostics
+            (``xsam/eigenvalue``, ``xsam/cos_gadv_v``, ``xsam/angle_gadv_v`` in degrees,
+            ``xsam/cos_g_v``, ``xsam/grad_norm``, ``xsam/adv_grad_norm``) with ``self.log``
+            after each step (default: True)
+    """
+
+    def __init__(self, log_diagnostics: bool = True):
+        if not isinstance(log_diagnostics, bool):
+            raise ValueError(f"log_diagnostics={log_diagnostics!r} is invalid: pass True or False")
+        self.log_diagnostics = log_diagnostics
+        self._micro_batches: list[tuple] = []  # (batch, batch_idx) since the last optimizer step
+        self._plugin: Precision | None = None
+        self._handles: list = []
+        self._last_record: dict[str, Tensor] | None = None
+
+    # ----- setup: take over the precision plugin's optimizer step ------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise ValueError("XSAMCallback is for automatic optimisation. With automatic_optimization=False, call "
+                             "opt.step(closure, loss_fn=...) in training_step yourself (see the README), without "
+                             "the callback")
+        strategy = trainer.strategy
+        if type(strategy) not in _SUPPORTED_STRATEGIES:
+            raise ValueError(f"XSAMCallback supports the single-device and DDP strategies, not "
+                             f"{type(strategy).__name__}. For FSDP2, write the loop by hand (README, FSDP2)")
+        plugin = strategy.precision_plugin
+        if type(plugin) not in _SUPPORTED_PRECISION:
+            raise ValueError(f"XSAMCallback does not support the {type(plugin).__name__} precision plugin; use "
+                             "precision='32-true', '64-true', 'bf16-mixed', '16-mixed', '16-true' or 'bf16-true'")
+        # An instance attribute shadows the plugin's method for this fit only (removed in teardown).
+        plugin.optimizer_step = functools.partial(self._optimizer_step, plugin)
+        self._plugin = plugin
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._plugin is not None:
+            vars(self._plugin).pop("optimizer_step", None)
+            vars(self._plugin).pop("clip_gradients", None)
+            self._plugin = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._micro_batches = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        sam = [optimizer for optimizer in trainer.optimizers if isinstance(optimizer, SAM)]
+        for optimizer in sam:
+            check_sam_optimizer(optimizer, "XSAMCallback", _DDP_HINT)
+            if self.log_diagnostics:
+                self._handles.append(optimizer.register_diagnostics_hook(self._remember_record))
+        plugin = self._plugin
+        scaler = getattr(plugin, "scaler", None)
+        if sam and scaler is not None:
+            if not isinstance(scaler, SAMGradScaler):
+                # torch's GradScaler refuses closures; this one runs the whole SAM step. Same settings and
+                # state (a resumed run's scale has been restored by now).
+                plugin.scaler = SAMGradScaler(plugin.device)
+                plugin.scaler.load_state_dict(scaler.state_dict())
+            plugin.clip_gradients = functools.partial(_clip_scaled_gradients, plugin)
+
+    # ----- the micro-batches of the current accumulated batch ----------------------------
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._micro_batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        # Lightning has already moved the batch to the device and converted it for the precision.
+        self._micro_batches.append((batch, batch_idx))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
+        record, self._last_record = self._last_record, None
+        if record:
+            pl_module.log_dict(record, on_step=True, on_epoch=False)
+
+    def _remember_record(self, optimizer, record: dict) -> None:
+        self._last_record = logged_diagnostics(record)
+
+    # ----- the step ----------------------------------------------------------------------
+    def _optimizer_step(self, plugin: Precision, optimizer, model, closure, **kwargs):
+        """Replaces ``plugin.optimizer_step``: Lightning calls it with the closure of the last micro-batch."""
+        if not isinstance(optimizer, SAM):
+            return type(plugin).optimizer_step(plugin, optimizer, model=model, closure=closure, **kwargs)
+        trainer = model.trainer
+        micro_batches, self._micro_batches = self._micro_batches, []
+        # First pass, last micro-batch: Lightning's own closure (training_step with its logging, then
+        # backward on top of the gradients the earlier micro-batches accumulated).
+        first_loss = closure()
+        if first_loss is None:  # training_step returned None: Lightning skips the step, and so do we
+            return None
+        first_pass = stash_gradients(optimizer)
+        replay = functools.partial(_second_pass, trainer, plugin, optimizer, micro_batches)
+        loss_fn = functools.partial(_forward_loss, trainer, plugin, micro_batches)
+        return run_sam_step(optimizer, TwoPassClosure(first_loss, first_pass, replay), loss_fn,
+                            scaler=getattr(plugin, "scaler", None))
+
+
+def _second_pass(trainer, plugin: Precision, optimizer, micro_batches: list) -> Tensor:
+    """Forward and backward of every micro-batch at the perturbed weights, as Lightning's loop does them."""
+    strategy, module = trainer.strategy, trainer.lightning_module
+    ddp = strategy.model if isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel) else None
+    total = None
+    with _logging_muted(module), running_statistics_untouched(module):
+        for i, (batch, batch_idx) in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # DDP all-reduces once, on the last micro-batch, like Lightning's accumulation.
+            with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
+                output = strategy.training_step(*_step_args(module, batch, batch_idx))
+                loss = _loss_of(output) / trainer.accumulate_grad_batches
+                strategy.backward(loss, optimizer)
+            total = loss.detach() if total is None else total + loss.detach()
+    # Hooks and gradient clipping on the gradient the optimizer is about to correct and apply: what
+    # Lightning's Precision._wrap_closure runs after a closure (a private method, tested with 2.6).
+    plugin._after_closure(module, optimizer)
+    return total
+
+
+def _forward_loss(trainer, plugin: Precision, micro_batches: list) -> Tensor:
+    """X-SAM's forward-only loss: the accumulated batch's training loss, for exact HVPs."""
+    module = trainer.lightning_module
+    with _logging_muted(module), running_statistics_untouched(module), plugin.train_step_context():
+        losses = [_loss_of(module.training_step(*_step_args(module, batch, batch_idx)))
+                  for batch, batch_idx in micro_batches]
+    return sum(losses) / trainer.accumulate_grad_batches
+
+
+def _clip_scaled_gradients(plugin: MixedPrecision, optimizer, clip_val=0.0, gradient_clip_algorithm=None, **kw):
+    """Replaces ``plugin.clip_gradients`` under 16-mixed: inside the step the gradients are still scaled.
+
+    ``SAMGradScaler`` unscales each pass after the closure returns, and Lightning clips inside
+    it, so the threshold is multiplied by the scale (the same clipping on unscaled values).
+    """
+    if clip_val:
+        clip_val = clip_val * plugin.scaler.get_scale()
+    kwargs = {} if gradient_clip_algorithm is None else {"gradient_clip_algorithm": gradient_clip_algorithm}
+    return type(plugin).clip_gradients(plugin, optimizer, clip_val, **kwargs, **kw)
+
+
+def _step_args(module, batch, batch_idx: int) -> tuple:
+    # The same rule Lightning uses: batch_idx is passed when training_step takes a second argument.
+    if is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2):
+        return batch, batch_idx
+    return (batch,)
+
+
+def _loss_of(output) -> Tensor:
+    loss = output.get("loss") if isinstance(output, dict) else output
+    if not isinstance(loss, Tensor):
+        raise ValueError("XSAMCallback replays training_step and needs it to return the loss (a tensor, or a dict "
+                         f"with a 'loss' entry); it returned {type(output).__name__}")
+    return loss
+
+
+def _ignore_log(*args, **kwargs) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _logging_muted(module):
+    """``self.log``/``self.log_dict`` do nothing in the block: the extra passes must not overwrite the logged loss."""
+    module.log = module.log_dict = _ignore_log
+    try:
+        yield
+    finally:
+        del module.log, module.log_dict

@@ -1,0 +1,199 @@
+"""Hugging Face ``Trainer``: ``XSAMTrainer`` trains with ``xsam.XSAM`` (or ``xsam.SAM``).
+
+The Trainer runs forward and backward for each micro-batch of an accumulated batch (under
+accelerate's autocast, without DDP synchronisation until the last one), clips, and calls
+``optimizer.step()`` with no closure. ``XSAMTrainer`` keeps that loop and fills in the rest:
+
+- first pass: the Trainer's own ``training_step`` for every micro-batch, unchanged, so the
+  logged ``loss`` is the unperturbed training loss, as with any optimizer. The step reuses
+  the accumulated gradient (no recomputation).
+- second pass: inside ``optimizer.step()``, ``Trainer.training_step`` replays every
+  micro-batch at the perturbed weights (same loss scaling for gradient accumulation, DDP
+  all-reduce on the last micro-batch only, BatchNorm running statistics untouched), then
+  ``max_grad_norm`` clips this pass's gradient: the one X-SAM corrects and the base optimizer
+  applies. (The Trainer's own clipping of the first pass only rescales g, which the
+  normalised perturbation ignores.)
+- exact HVPs: X-SAM gets a forward-only loss: ``compute_loss`` over the same micro-batches.
+- the optimizer: ``XSAM`` around the base optimizer ``TrainingArguments`` describe (``optim``,
+  ``learning_rate``, ``weight_decay`` without decay on biases and norms, Adam's betas and
+  epsilon), so the Trainer's LR schedulers and checkpoints work unchanged.
+- logs: every log entry with the training ``loss`` also gets the last step's diagnostics,
+  ``xsam/eigenvalue``, ``xsam/cos_gadv_v``, ``xsam/angle_gadv_v`` (degrees), ``xsam/cos_g_v``,
+  ``xsam/grad_norm``, ``xsam/adv_grad_norm``.
+
+Mixed precision: bf16 works (``bf16=True``). fp16 (``fp16=True``) is refused: accelerate's
+GradScaler refuses closures, and it cannot be tested here (accelerate has no fp16 on CPU);
+for fp16 write the loop by hand with ``xsam.amp.SAMGradScaler``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch import Tensor
+from transformers import Trainer
+
+from ..optimizer import SAM, XSAM
+from ._common import (TwoPassClosure, check_sam_optimizer, logged_diagnostics, run_sam_step,
+                      running_statistics_untouched, stash_gradients)
+
+__all__ = ["XSAMTrainer"]
+
+_SET_BY_THE_TRAINER = ("model", "process_group", "per_replica_perturbation")
+
+
+class XSAMTrainer(Trainer):
+    """A ``transformers.Trainer`` whose optimizer is ``xsam.XSAM`` (or ``xsam.SAM``) around the base optimizer of ``args``.
+
+    ``XSAMTrainer(model=model, args=TrainingArguments(...), train_dataset=..., sam_kwargs={"rho": 0.05})``;
+    everything else is the Trainer's (``gradient_accumulation_steps``, ``bf16``, DDP launches,
+    ``resume_from_checkpoint``, callbacks, logging). See the module docstring for the passes.
+
+    Args:
+        *args, **kwargs: the ``Trainer`` arguments. ``optimizers`` must leave the optimizer as
+            None (the trainer builds it; a scheduler may be given).
+        sam_class (type, optional): ``xsam.XSAM`` or ``xsam.SAM`` (default: ``xsam.XSAM``); the
+            optimizer built from it is ``trainer.sam_optimizer`` (``diagnostics()``, ``eigenvector()``)
+        sam_kwargs (dict, optional): its own arguments, e.g. ``rho``, ``alpha``, ``correction``,
+            ``eig_interval``, ``power_iters``, ``hvp_eval_mode``, ``backend`` (default: None,
+            the class defaults). ``model`` and ``process_group`` are set by the trainer (the
+            model being trained; the world group under DDP, which averages the HVPs).
+        log_diagnostics (bool, optional): add the per-step diagnostics to the logs (default: True)
+    """
+
+    def __init__(self, *args, sam_class: type = XSAM, sam_kwargs: dict | None = None,
+                 log_diagnostics: bool = True, **kwargs):
+        if not (isinstance(sam_class, type) and issubclass(sam_class, SAM)):
+            raise ValueError(f"sam_class={sam_class!r} is invalid: pass xsam.XSAM or xsam.SAM (the class)")
+        sam_kwargs = dict(sam_kwargs or {})
+        reserved = sorted(set(sam_kwargs) & set(_SET_BY_THE_TRAINER))
+        if reserved:
+            raise ValueError(f"sam_kwargs sets {reserved}, which XSAMTrainer sets itself; remove them")
+        if not isinstance(log_diagnostics, bool):
+            raise ValueError(f"log_diagnostics={log_diagnostics!r} is invalid: pass True or False")
+        super().__init__(*args, **kwargs)
+        if self.args.fp16:
+            raise ValueError("XSAMTrainer does not support fp16=True (accelerate's GradScaler refuses the closure "
+                             "SAM needs); use bf16=True, or a hand-written loop with xsam.amp.SAMGradScaler")
+        if self.optimizer is not None:
+            raise ValueError("XSAMTrainer builds its optimizer from TrainingArguments and sam_kwargs; pass "
+                             "optimizers=(None, scheduler) instead of an optimizer")
+        self.sam_class = sam_class
+        self.sam_kwargs = sam_kwargs
+        # The SAM/X-SAM optimizer itself (self.optimizer becomes accelerate's wrapper around it).
+        self.sam_optimizer: SAM | None = None
+        self.log_diagnostics = log_diagnostics
+        # (model, inputs, num_items_in_batch) of each micro-batch since the last optimizer step.
+        self._micro_batches: list[tuple] = []
+        self._first_pass_loss: Tensor | None = None
+        self._last_record: dict[str, Tensor] | None = None
+
+    # ----- the optimizer -----------------------------------------------------------------
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        trainable = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in trainable if n in decay], "weight_decay": self.args.weight_decay},
+                  {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        base_class, base_kwargs = (self.optimizer_cls_and_kwargs
+                                   or Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model))
+        special = {"params", "model", "optimizer_dict"} & set(base_kwargs)
+        if not (isinstance(base_class, type) and issubclass(base_class, torch.optim.Optimizer)) or special:
+            raise ValueError(f"optim={self.args.optim!r} builds {base_class!r}, which XSAMTrainer cannot wrap; use a "
+                             "torch.optim optimizer such as optim='adamw_torch' or optim='sgd'")
+        # Built here, not by XSAM: XSAM's own `eps` argument would otherwise take Adam's epsilon.
+        base = base_class([dict(g) for g in groups], **base_kwargs)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        group = torch.distributed.group.WORLD if distributed and torch.distributed.get_world_size() > 1 else None
+        optimizer = _driven_by_trainer(self.sam_class)(
+            [dict(g) for g in groups], base, model=opt_model, process_group=group, **self.sam_kwargs)
+        check_sam_optimizer(optimizer, "XSAMTrainer", "")
+        optimizer.trainer_step = functools.partial(self._sam_step, optimizer)
+        if self.log_diagnostics:
+            optimizer.register_diagnostics_hook(self._remember_record)
+        self.optimizer = self.sam_optimizer = optimizer
+        return optimizer
+
+    # ----- the passes --------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None) -> Tensor:
+        """The Trainer's training step (the first pass of this micro-batch), remembered for the second pass."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._micro_batches.append((model, inputs, num_items_in_batch))
+        self._first_pass_loss = loss if self._first_pass_loss is None else self._first_pass_loss + loss
+        return loss
+
+    def _sam_step(self, optimizer: SAM) -> Tensor | None:
+        """``optimizer.step()`` as the Trainer calls it: the whole SAM/X-SAM step on the accumulated batch."""
+        micro_batches, self._micro_batches = self._micro_batches, []
+        first_loss, self._first_pass_loss = self._first_pass_loss, None
+        if not micro_batches:
+            raise RuntimeError("optimizer.step() ran before any training_step of XSAMTrainer; the SAM step needs "
+                               "the micro-batches of the first pass")
+        closure = TwoPassClosure(first_loss, stash_gradients(optimizer),
+                                 functools.partial(self._second_pass, micro_batches))
+        return run_sam_step(optimizer, closure, functools.partial(self._forward_loss, micro_batches))
+
+    def _second_pass(self, micro_batches: list) -> Tensor:
+        total = None
+        with running_statistics_untouched(self.model):
+            for i, (model, inputs, num_items_in_batch) in enumerate(micro_batches):
+                last = i == len(micro_batches) - 1
+                # DDP all-reduces once, on the last micro-batch, as in the Trainer's first pass.
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    loss = super().training_step(model, inputs, num_items_in_batch)
+                total = loss if total is None else total + loss
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        return total
+
+    def _forward_loss(self, micro_batches: list) -> Tensor:
+        """X-SAM's forward-only loss for exact HVPs: the accumulated batch's loss, scaled as training_step scales it."""
+        losses = []
+        with running_statistics_untouched(self.model), self.compute_loss_context_manager():
+            for _, inputs, num_items_in_batch in micro_batches:
+                loss = self.compute_loss(self.model, self._prepare_inputs(inputs),
+                                         num_items_in_batch=num_items_in_batch)
+                if not self._loss_is_scaled_for_accumulation(num_items_in_batch):
+                    loss = loss / self.current_gradient_accumulation_steps
+                losses.append(loss)
+        return sum(losses)
+
+    def _loss_is_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        # The rule of Trainer.training_step: compute_loss already divided by the accumulated batch's
+        # token count when the model takes num_items_in_batch, or a custom compute_loss_func did.
+        explicit = getattr(self, "loss_is_scaled_for_ga", None)
+        if explicit is not None:
+            return explicit
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                    or self.compute_loss_func is not None)
+
+    # ----- logging -----------------------------------------------------------------------
+    def _remember_record(self, optimizer, record: dict) -> None:
+        self._last_record = logged_diagnostics(record)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """The Trainer's log, plus the last step's X-SAM diagnostics next to the training loss."""
+        if "loss" in logs and self._last_record:
+            logs.update({k: v.item() for k, v in self._last_record.items()})
+            self._last_record = None
+        super().log(logs, *args, **kwargs)
+
+
+@functools.cache
+def _driven_by_trainer(optimizer_class: type) -> type:
+    """A subclass whose ``step()`` without a closure (the Trainer's call) runs ``self.trainer_step()``."""
+
+    class TrainerDriven(optimizer_class):
+        trainer_step = None
+
+        def step(self, closure=None, **kwargs):
+            if closure is None and self.trainer_step is not None:
+                return self.trainer_step()
+            return super().step(closure, **kwargs)
+
+    TrainerDriven.__name__ = TrainerDriven.__qualname__ = f"TrainerDriven{optimizer_class.__name__}"
+    return TrainerDriven
