@@ -178,6 +178,14 @@ def test_an_argument_of_another_class_says_whose_it_is():
         SAM(four_params(), torch.optim.SGD, lr=0.1, alpha=0.2)
 
 
+def test_eps_with_a_base_optimizer_that_takes_eps_too_is_refused_as_ambiguous():
+    with pytest.raises(ValueError, match="eps=1e-06 is ambiguous"):
+        XSAM(four_params(), torch.optim.Adam, lr=1e-3, eps=1e-6)
+    ps = four_params()
+    opt = XSAM(ps, torch.optim.Adam(ps, lr=1e-3, eps=1e-6), eps=1e-10)
+    assert opt.base_optimizer.defaults["eps"] == 1e-6 and opt.eps == 1e-10
+
+
 # ----- 6: checkpoints ---------------------------------------------------------------------------------
 def trained(cls, **kwargs):
     ps = four_params()

@@ -64,9 +64,10 @@ class SharpnessAware(torch.optim.Optimizer):
     OWN_ARGUMENTS: tuple[str, ...] = ()
 
     def __init__(self, params, base_optimizer, defaults: dict, *, model: nn.Module | None,
-                 per_replica_perturbation: bool, process_group, backend: str, eps: float,
+                 per_replica_perturbation: bool, process_group, backend: str, eps: float | None,
                  max_grad_norm: float | None, base_kwargs: dict):
         check_base_optimizer(base_optimizer)
+        eps = _own_eps(type(self).__name__, base_optimizer, eps)
         if isinstance(base_optimizer, type):
             split_base_kwargs(type(self).__name__, base_optimizer, base_kwargs, self.OWN_ARGUMENTS,
                               _ARGUMENTS_OF)
@@ -428,6 +429,29 @@ class SharpnessAware(torch.optim.Optimizer):
         for k, v in self._global.items():
             if isinstance(v, Tensor) and k != "generator":
                 self._global[k] = v.to(device)
+
+
+DEFAULT_EPS = 1e-12
+
+
+def _own_eps(owner: str, base_optimizer, eps: float | None) -> float:
+    """The norm guard ``eps``, refusing the ambiguous case of a base optimizer class that takes ``eps`` too."""
+    if eps is None:
+        return DEFAULT_EPS
+    if isinstance(base_optimizer, type):
+        import inspect
+
+        try:
+            takes_eps = "eps" in inspect.signature(base_optimizer.__init__).parameters
+        except (TypeError, ValueError):
+            takes_eps = False
+        if takes_eps:
+            name = base_optimizer.__name__
+            raise ValueError(
+                f"eps={eps!r} is ambiguous: {owner} (the guard in 1 / (||g|| + eps)) and {name} both take eps. To set "
+                f"{name}'s, build it first and pass it: {owner}(params, torch.optim.{name}(params, eps={eps!r}, ...), "
+                f"...); {owner}'s own eps can then be passed too (its default is {DEFAULT_EPS:g})")
+    return eps
 
 
 # Whose argument is whose, for the message when a keyword reaches the wrong class (filled by the subclasses).

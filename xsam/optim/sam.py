@@ -37,7 +37,8 @@ class SAM(SharpnessAware):
         process_group (default "auto"): where Hessian-vector products are averaged (X-SAM,
             Eigen-SAM; unused by SAM): "auto" takes a DDP model's group, or a group, or None.
         backend (str, default "auto"): op-set backend, "auto" | "reference" | "triton" | "native".
-        eps (float, default 1e-12): keeps ``1 / (||g|| + eps)`` finite (finite, > 0).
+        eps (float, default None = 1e-12): keeps ``1 / (||g|| + eps)`` finite (finite, > 0). With a base
+            optimizer class that takes ``eps`` too (Adam), pass that optimizer built: the name is ambiguous.
         max_grad_norm (float, default None): clip the gradient handed to the base optimizer to this
             norm (as ``clip_grad_norm_``, after the second pass); the first pass and HVPs never see it.
         **base_kwargs: arguments of the base optimizer class (lr, momentum, weight_decay, ...).
@@ -49,7 +50,7 @@ class SAM(SharpnessAware):
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, adaptive: bool = False,
                  model: nn.Module | None = None, per_replica_perturbation: bool = False, process_group="auto",
-                 backend: str = "auto", eps: float = 1e-12, max_grad_norm: float | None = None, **base_kwargs):
+                 backend: str = "auto", eps: float | None = None, max_grad_norm: float | None = None, **base_kwargs):
         check_number("rho", rho, 0.0, hint="It is the perturbation radius; the usual value is 0.05.")
         check_bool("adaptive", adaptive, "True: ASAM, False: SAM")
         self.adaptive = adaptive

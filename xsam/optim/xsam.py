@@ -188,7 +188,7 @@ class XSAM(EigenvectorMixin, SharpnessAware):
                  eig_interval: int = 5, power_iters: int = 5, eig_tol: float | None = None, hvp: str = "auto",
                  model: nn.Module | None = None, hvp_eval_mode: bool = True, seed: int = 0,
                  per_replica_perturbation: bool = False, process_group="auto", backend: str = "auto",
-                 eps: float = 1e-12, max_grad_norm: float | None = None, **base_kwargs):
+                 eps: float | None = None, max_grad_norm: float | None = None, **base_kwargs):
         check_number("rho", rho, 0.0, hint="It is the perturbation radius; the usual value is 0.05.")
         check_number("alpha", alpha, 0.0, 2.0, hint="alpha=0 is SAM, 1 removes the component along v.")
         check_choice("correction", correction, CORRECTIONS)
