@@ -157,3 +157,15 @@ def test_scalars_may_be_numbers_or_tensors_of_any_dtype():
         ops.axpy_(y, g, scale, backend="reference")
         outs.append(flat(y))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_the_fakes_follow_the_contract_on_empty_lists():
+    # torch.compile traces reductions through these; an empty list used to raise IndexError.
+    from xsam.ops.contract import OPS
+    from xsam.ops.fakes import _fake_for
+
+    out = _fake_for(OPS["dots"])([], 2, [0, 1, 1, 1])
+    assert out.shape == (2,) and out.dtype == torch.float32
+    x = [torch.zeros(3, dtype=torch.float64)]
+    assert _fake_for(OPS["residual_sumsq"])(x, x, torch.zeros((), dtype=torch.float64)).dtype == torch.float64
+    assert _fake_for(OPS["perturb_"])(x, x, x, torch.zeros(()), False) is None

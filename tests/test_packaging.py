@@ -114,7 +114,7 @@ def test_sdist_has_everything_a_build_needs(sdist):
     tracked = run(["git", "ls-files", "csrc", "kernels", "bench", "xsam", "tests"], cwd=ROOT).stdout.split() \
         if (ROOT / ".git").exists() else []
     needed = {"setup.py", "pyproject.toml", "MANIFEST.in", "CMakeLists.txt", "README.md", "LICENSE",
-              "csrc/cuda/kernels.cu", "csrc/xsam_ops.h", "kernels/multi_tensor.py", "bench/device_check.sh",
+              "csrc/cuda/kernels.cu", "csrc/xsam_ops.h", "kernels/elementwise.py", "bench/device_check.sh",
               "xsam/build_info.py", *tracked}
     assert not needed - names, f"missing from the sdist: {sorted(needed - names)}"
     assert not [n for n in names if n.endswith(".so") or n.endswith(RECORD_NAME)], names
@@ -129,7 +129,7 @@ def test_wheel_installs_and_imports_in_a_fresh_environment(unpacked, fresh_env, 
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         metadata = zf.read(f"xsam-{xsam.__version__}.dist-info/METADATA").decode()
-    assert {"xsam/kernels/multi_tensor.py", "xsam/bench/ops_bench.py", "xsam/ops/native_backend.py"} <= names
+    assert {"xsam/kernels/plans.py", "xsam/bench/ops_bench.py", "xsam/ops/native_backend.py"} <= names
     for line in ("License-Expression: MIT", "Requires-Python: >=3.10", "Requires-Dist: torch>=2.4",
                  "Classifier: Programming Language :: Python :: 3.11", f"Version: {xsam.__version__}"):
         assert line in metadata

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from transformers import Trainer
 
-from ..optimizer import SAM, XSAM
+from ..optim import XSAM, SharpnessAware
 from ._common import (TwoPassClosure, check_sam_optimizer, logged_diagnostics, run_sam_step,
                       running_statistics_untouched, stash_gradients)
 
@@ -64,8 +64,8 @@ class XSAMTrainer(Trainer):
 
     def __init__(self, *args, sam_class: type = XSAM, sam_kwargs: dict | None = None,
                  log_diagnostics: bool = True, **kwargs):
-        if not (isinstance(sam_class, type) and issubclass(sam_class, SAM)):
-            raise ValueError(f"sam_class={sam_class!r} is invalid: pass xsam.XSAM or xsam.SAM (the class)")
+        if not (isinstance(sam_class, type) and issubclass(sam_class, SharpnessAware)):
+            raise ValueError(f"sam_class={sam_class!r} is invalid: pass xsam.XSAM, xsam.SAM or another xsam optimizer class")
         sam_kwargs = dict(sam_kwargs or {})
         reserved = sorted(set(sam_kwargs) & set(_SET_BY_THE_TRAINER))
         if reserved:
