@@ -9,6 +9,8 @@
 // and only a failing call runs them again to build the message.
 #include "xsam_ops.h"
 
+#include <torch/library.h>
+
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -235,4 +237,32 @@ at::Tensor sums_of_nothing(int64_t n) {
   return at::zeros({n}, at::dtype(at::kFloat));
 }
 
+namespace {
+
+// A call without any tensor (dots or weighted_sumsq of empty lists: the element-wise ops and
+// residual_sumsq always have a scalar tensor) gives the dispatcher no device to choose a kernel
+// by; it lands here and gets the contract's zeros. Tensors of a device without xsam kernels
+// (mps, xla, ...) land here too, and are refused by name.
+void check_no_tensors(const char* op, at::TensorList tensors) {
+  TORCH_CHECK(tensors.empty(), "xsam::", op, ": this build of xsam._C has no kernel for ", tensors[0].device(),
+              " tensors (cpu always, cuda when built with nvcc); use backend='reference' for them");
+}
+
+at::Tensor dots_of_no_tensors(at::TensorList tensors, int64_t num_lists, at::IntArrayRef pairs) {
+  check_no_tensors("dots", tensors);
+  return sums_of_nothing(static_cast<int64_t>(check_dots(tensors, num_lists, pairs).pair_a.size()));
+}
+
+at::Tensor weighted_sumsq_of_no_tensors(at::TensorList weights, at::TensorList xs) {
+  check_no_tensors("weighted_sumsq", weights);
+  check_no_tensors("weighted_sumsq", xs);
+  return sums_of_nothing(1);
+}
+
+}  // namespace
 }  // namespace xsam
+
+TORCH_LIBRARY_IMPL(xsam, CompositeExplicitAutograd, m) {
+  m.impl("dots", &xsam::dots_of_no_tensors);
+  m.impl("weighted_sumsq", &xsam::weighted_sumsq_of_no_tensors);
+}
