@@ -173,7 +173,7 @@ at::Tensor residual_sumsq_cpu(at::TensorList us, at::TensorList vs, const at::Te
 
 // ----- element-wise ops ---------------------------------------------------------------------
 // A written list may be a read list at the same index (axpy_(y, y), scale_copy_(v, v)): every
-// loop reads element i of all its lists before it writes element i.
+// loop reads element i of all its lists before it writes element i of any, as the CUDA kernels do.
 
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved, const at::Tensor& scale,
                  bool adaptive) {
@@ -189,15 +189,17 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList sav
       scalar_t* sv = at_offset<scalar_t>(g, 2, t, begin);
       if (adaptive) {
         for (int64_t i = 0; i < len; ++i) {
-          const acc_t wi = static_cast<acc_t>(w[i]);
-          sv[i] = w[i];
-          w[i] = static_cast<scalar_t>(wi + s * wi * wi * static_cast<acc_t>(gr[i]));
+          const scalar_t wi = w[i];
+          const acc_t wa = static_cast<acc_t>(wi), ga = static_cast<acc_t>(gr[i]);
+          sv[i] = wi;
+          w[i] = static_cast<scalar_t>(wa + s * wa * wa * ga);
         }
       } else {
         for (int64_t i = 0; i < len; ++i) {
-          const acc_t wi = static_cast<acc_t>(w[i]);
-          sv[i] = w[i];
-          w[i] = static_cast<scalar_t>(wi + s * static_cast<acc_t>(gr[i]));
+          const scalar_t wi = w[i];
+          const acc_t ga = static_cast<acc_t>(gr[i]);
+          sv[i] = wi;
+          w[i] = static_cast<scalar_t>(static_cast<acc_t>(wi) + s * ga);
         }
       }
     });
@@ -221,9 +223,10 @@ void tilted_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorL
       scalar_t* sv = at_offset<scalar_t>(g, 2, t, begin);
       const scalar_t* v = at_offset<scalar_t>(g, 3, t, begin);
       for (int64_t i = 0; i < len; ++i) {
-        const acc_t wi = static_cast<acc_t>(w[i]);
-        sv[i] = w[i];
-        w[i] = static_cast<scalar_t>(wi + av * static_cast<acc_t>(gr[i]) + bv * static_cast<acc_t>(v[i]));
+        const scalar_t wi = w[i];
+        const acc_t ga = static_cast<acc_t>(gr[i]), va = static_cast<acc_t>(v[i]);
+        sv[i] = wi;
+        w[i] = static_cast<scalar_t>(static_cast<acc_t>(wi) + av * ga + bv * va);
       }
     });
   });
@@ -248,13 +251,15 @@ void correct_restore_cpu(at::TensorList params, at::TensorList grads, at::Tensor
       if (vecs.has_value()) {
         const scalar_t* v = at_offset<scalar_t>(g, 3, t, begin);
         for (int64_t i = 0; i < len; ++i) {
+          const scalar_t restored = sv[i];
           gr[i] = static_cast<scalar_t>(av * static_cast<acc_t>(gr[i]) - bv * static_cast<acc_t>(v[i]));
-          w[i] = sv[i];
+          w[i] = restored;
         }
       } else {
         for (int64_t i = 0; i < len; ++i) {
+          const scalar_t restored = sv[i];
           gr[i] = static_cast<scalar_t>(av * static_cast<acc_t>(gr[i]));
-          w[i] = sv[i];
+          w[i] = restored;
         }
       }
     });

@@ -72,6 +72,12 @@ def test_written_lists_may_alias_read_lists_at_the_same_index_and_views_may_touc
     assert torch.equal(base, torch.full((20,), 0.5, device=device))
     empty = torch.empty(0, device=device)
     torch.ops.xsam.axpy_([empty, empty], [empty, empty], s)  # empty tensors share nothing
+    # Every element is read before any is written: grads aliasing saved still adds the old grads.
+    w, gs = make([(9,)], torch.float32, device, 4), make([(9,)], torch.float32, device, 5)
+    w0, g0 = w[0].clone(), gs[0].clone()
+    torch.ops.xsam.perturb_(w, gs, gs, s, False)
+    assert torch.equal(gs[0], w0)
+    torch.testing.assert_close(w[0], w0 + 0.5 * g0)
 
 
 # --- the contract's empty lists, on each device ---------------------------------------------------
