@@ -9,92 +9,85 @@ namespace xsam {
 namespace cuda {
 namespace {
 
+// The op's device scalars, read once per block.
 template <typename T>
-struct Perturb {
+struct OneScalar {
+  const Acc<T>* a_ptr;
+  Acc<T> a = 0;
+  __device__ void load_scalars() { a = *a_ptr; }
+};
+
+template <typename T>
+struct TwoScalars {
+  const Acc<T>* a_ptr;
+  const Acc<T>* b_ptr;
+  Acc<T> a = 0, b = 0;
+  __device__ void load_scalars() {
+    a = *a_ptr;
+    b = *b_ptr;
+  }
+};
+
+template <typename T>
+struct Perturb : OneScalar<T> {  // a = scale
   using storage_t = T;
   static constexpr int kLists = 3;  // params (rw), grads (r), saved (w)
   static constexpr unsigned kLoads = 0b011, kStores = 0b101;
-  const Acc<T>* scale_ptr;
   bool adaptive;
-  Acc<T> scale;
-  __device__ void load_scalars() { scale = *scale_ptr; }
   __device__ void operator()(T (&v)[kLists]) const {
-    const Acc<T> w = to_acc(v[0]), g = to_acc(v[1]);
+    const Acc<T> w = to_acc(v[0]), g = to_acc(v[1]), s = this->a;
     v[2] = v[0];  // the exact bits
-    v[0] = from_acc<T>(adaptive ? w + scale * w * w * g : w + scale * g);
+    v[0] = from_acc<T>(adaptive ? w + s * w * w * g : w + s * g);
   }
 };
 
 template <typename T>
-struct TiltedPerturb {
+struct TiltedPerturb : TwoScalars<T> {
   using storage_t = T;
   static constexpr int kLists = 4;  // params (rw), grads (r), saved (w), vecs (r)
   static constexpr unsigned kLoads = 0b1011, kStores = 0b0101;
-  const Acc<T>* a_ptr;
-  const Acc<T>* b_ptr;
-  Acc<T> a, b;
-  __device__ void load_scalars() {
-    a = *a_ptr;
-    b = *b_ptr;
-  }
   __device__ void operator()(T (&v)[kLists]) const {
     v[2] = v[0];
-    v[0] = from_acc<T>(to_acc(v[0]) + a * to_acc(v[1]) + b * to_acc(v[3]));
+    v[0] = from_acc<T>(to_acc(v[0]) + this->a * to_acc(v[1]) + this->b * to_acc(v[3]));
   }
 };
 
 template <typename T>
-struct CorrectRestore {
+struct CorrectRestore : TwoScalars<T> {
   using storage_t = T;
   static constexpr int kLists = 4;  // params (w), grads (rw), saved (r), vecs (r)
   static constexpr unsigned kLoads = 0b1110, kStores = 0b0011;
-  const Acc<T>* a_ptr;
-  const Acc<T>* b_ptr;
-  Acc<T> a, b;
-  __device__ void load_scalars() {
-    a = *a_ptr;
-    b = *b_ptr;
-  }
   __device__ void operator()(T (&v)[kLists]) const {
-    v[1] = from_acc<T>(a * to_acc(v[1]) - b * to_acc(v[3]));
+    v[1] = from_acc<T>(this->a * to_acc(v[1]) - this->b * to_acc(v[3]));
     v[0] = v[2];
   }
 };
 
 template <typename T>
-struct CorrectRestoreNoVecs {
+struct CorrectRestoreNoVecs : OneScalar<T> {
   using storage_t = T;
   static constexpr int kLists = 3;  // params (w), grads (rw), saved (r)
   static constexpr unsigned kLoads = 0b110, kStores = 0b011;
-  const Acc<T>* a_ptr;
-  Acc<T> a;
-  __device__ void load_scalars() { a = *a_ptr; }
   __device__ void operator()(T (&v)[kLists]) const {
-    v[1] = from_acc<T>(a * to_acc(v[1]));
+    v[1] = from_acc<T>(this->a * to_acc(v[1]));
     v[0] = v[2];
   }
 };
 
 template <typename T>
-struct Axpy {
+struct Axpy : OneScalar<T> {  // a = alpha
   using storage_t = T;
   static constexpr int kLists = 2;  // ys (rw), xs (r)
   static constexpr unsigned kLoads = 0b11, kStores = 0b01;
-  const Acc<T>* alpha_ptr;
-  Acc<T> alpha;
-  __device__ void load_scalars() { alpha = *alpha_ptr; }
-  __device__ void operator()(T (&v)[kLists]) const { v[0] = from_acc<T>(to_acc(v[0]) + alpha * to_acc(v[1])); }
+  __device__ void operator()(T (&v)[kLists]) const { v[0] = from_acc<T>(to_acc(v[0]) + this->a * to_acc(v[1])); }
 };
 
 template <typename T>
-struct ScaleCopy {
+struct ScaleCopy : OneScalar<T> {  // a = scale
   using storage_t = T;
   static constexpr int kLists = 2;  // dsts (w), srcs (r)
   static constexpr unsigned kLoads = 0b10, kStores = 0b01;
-  const Acc<T>* scale_ptr;
-  Acc<T> scale;
-  __device__ void load_scalars() { scale = *scale_ptr; }
-  __device__ void operator()(T (&v)[kLists]) const { v[0] = from_acc<T>(scale * to_acc(v[1])); }
+  __device__ void operator()(T (&v)[kLists]) const { v[0] = from_acc<T>(this->a * to_acc(v[1])); }
 };
 
 template <typename T>
@@ -107,14 +100,14 @@ const Acc<T>* scalar(const void* p) {
 cudaError_t perturb(DType dtype, const Lists& lists, const void* scale, bool adaptive, cudaStream_t stream) {
   return with_storage_type(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
-    return launch_elementwise(lists, Perturb<T>{scalar<T>(scale), adaptive}, stream);
+    return launch_elementwise(lists, Perturb<T>{{scalar<T>(scale)}, adaptive}, stream);
   });
 }
 
 cudaError_t tilted_perturb(DType dtype, const Lists& lists, const void* a, const void* b, cudaStream_t stream) {
   return with_storage_type(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
-    return launch_elementwise(lists, TiltedPerturb<T>{scalar<T>(a), scalar<T>(b)}, stream);
+    return launch_elementwise(lists, TiltedPerturb<T>{{scalar<T>(a), scalar<T>(b)}}, stream);
   });
 }
 
@@ -122,22 +115,22 @@ cudaError_t correct_restore(DType dtype, const Lists& lists, bool with_vecs, con
                             cudaStream_t stream) {
   return with_storage_type(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
-    if (with_vecs) return launch_elementwise(lists, CorrectRestore<T>{scalar<T>(a), scalar<T>(b)}, stream);
-    return launch_elementwise(lists, CorrectRestoreNoVecs<T>{scalar<T>(a)}, stream);
+    if (with_vecs) return launch_elementwise(lists, CorrectRestore<T>{{scalar<T>(a), scalar<T>(b)}}, stream);
+    return launch_elementwise(lists, CorrectRestoreNoVecs<T>{{scalar<T>(a)}}, stream);
   });
 }
 
 cudaError_t axpy(DType dtype, const Lists& lists, const void* alpha, cudaStream_t stream) {
   return with_storage_type(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
-    return launch_elementwise(lists, Axpy<T>{scalar<T>(alpha)}, stream);
+    return launch_elementwise(lists, Axpy<T>{{scalar<T>(alpha)}}, stream);
   });
 }
 
 cudaError_t scale_copy(DType dtype, const Lists& lists, const void* scale, cudaStream_t stream) {
   return with_storage_type(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
-    return launch_elementwise(lists, ScaleCopy<T>{scalar<T>(scale)}, stream);
+    return launch_elementwise(lists, ScaleCopy<T>{{scalar<T>(scale)}}, stream);
   });
 }
 
