@@ -11,9 +11,10 @@
 // one or two launches. The grid is one block per chunk, so a launch fills the GPU as soon as its
 // tensors hold more chunks than the GPU has resident blocks (e.g. 132 SMs x 4 = 528 on an H100),
 // with no SM-count query; and as the split depends on the sizes alone, a reduction adds the same
-// partials in the same order on every GPU model.
+// partials in the same order whatever the size of the GPU.
 // The table travels in the kernel parameters, which CUDA 12.1+ allows up to 32 KiB on sm_70+
-// (738-1624 tensors per launch depending on the number of lists, against 36-110 in 4 KiB).
+// (738-1624 tensors per launch depending on the number of lists, against ATen's 36-110 tensors and
+// 320 blocks in 4 KiB).
 // Parameters are copied with the launch itself: no host buffer has to outlive it, nothing else is
 // copied and nothing waits for the device; launches on several streams share nothing; a CUDA
 // graph records each launch with its own copy, so capture and replay are safe. (A device-side
@@ -41,6 +42,8 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 // One 128-bit access per thread and list: 8 halves, 4 floats or 2 doubles.
 constexpr int kAccessBytes = 16;
+// Elements of each list a thread loads before it stores, where accesses are element by element.
+constexpr int kElementsPerStep = 4;
 
 #if CUDART_VERSION >= 12010
 constexpr int kKernelParamBytes = 32764;  // see NOTE [launch sizing]
@@ -192,24 +195,35 @@ struct alignas(kAccessBytes) Packet {
 };
 
 // Calls f(v) for each of the n elements of one chunk, v[l] the element of list l: loads the lists
-// in kLoads (bit l: list l), stores those in kStores after f. Thread i takes the packets of
-// kPerAccess<T> elements i, i + kThreads, ...: one 128-bit access per list when every list of the
-// chunk is 16-byte aligned and the packet is whole, else element by element (a view that starts
-// at an odd element). Each thread sees the same elements in the same order either way, so a
-// reduction's bits do not depend on the alignment of its inputs.
-template <typename T, int kLists, unsigned kLoads, unsigned kStores, typename F>
+// in kLoads (bit l: list l), and after f stores those in kStores. A thread loads everything it
+// handles in one step before it stores any of it, and no two threads share an element, so a
+// written list may be a read list at the same index.
+// When every list of the chunk is 16-byte aligned, thread i takes the packets of kPerAccess<T>
+// elements i, i + kThreads, ...: one 128-bit access per list and packet. Otherwise (a view that
+// starts at an odd element) the accesses are element by element, in one of two orders:
+// - kPacketOrder (reductions): the same elements per thread, in the same order, as the aligned
+//   path, so a sum's bits do not depend on the alignment of its inputs (the loads coalesce in L1);
+// - otherwise (element-wise ops): thread i takes elements i, i + kThreads, ..., so that every warp
+//   store covers whole sectors.
+template <typename T, int kLists, unsigned kLoads, unsigned kStores, bool kPacketOrder, typename F>
 __device__ __forceinline__ void for_each_element(T* const (&p)[kLists], int n, const F& f) {
   constexpr int V = kPerAccess<T>;
   bool aligned = true;
 #pragma unroll
   for (int l = 0; l < kLists; ++l) aligned = aligned && reinterpret_cast<uintptr_t>(p[l]) % kAccessBytes == 0;
-  for (int base = threadIdx.x * V; base < n; base += kThreads * V) {
+  // Element j of this thread's step starting at `base`, and whether it exists.
+  const auto element = [&](int base, int j) {
+    return aligned || kPacketOrder ? base + static_cast<int>(threadIdx.x) * V + j
+                                   : base + j * kThreads + static_cast<int>(threadIdx.x);
+  };
+  for (int base = 0; base < n; base += kThreads * V) {
     T v[V][kLists];
-    if (aligned && base + V <= n) {
+    if (aligned && base + (static_cast<int>(threadIdx.x) + 1) * V <= n) {
+      const int first = element(base, 0);
 #pragma unroll
       for (int l = 0; l < kLists; ++l) {
         if (kLoads >> l & 1u) {
-          const Packet<T> packet = *reinterpret_cast<const Packet<T>*>(p[l] + base);
+          const Packet<T> packet = *reinterpret_cast<const Packet<T>*>(p[l] + first);
 #pragma unroll
           for (int j = 0; j < V; ++j) v[j][l] = packet.v[j];
         }
@@ -222,21 +236,35 @@ __device__ __forceinline__ void for_each_element(T* const (&p)[kLists], int n, c
           Packet<T> packet;
 #pragma unroll
           for (int j = 0; j < V; ++j) packet.v[j] = v[j][l];
-          *reinterpret_cast<Packet<T>*>(p[l] + base) = packet;
+          *reinterpret_cast<Packet<T>*>(p[l] + first) = packet;
         }
       }
     } else {
+      // At most kElementsPerStep loads of each list before the stores: enough in flight, and few
+      // registers (8 elements of 4 lists would cost the 16-bit kernels half their occupancy).
+      constexpr int W = V < kElementsPerStep ? V : kElementsPerStep;
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        if (base + j < n) {
+      for (int j0 = 0; j0 < V; j0 += W) {
 #pragma unroll
-          for (int l = 0; l < kLists; ++l) {
-            if (kLoads >> l & 1u) v[j][l] = p[l][base + j];
+        for (int j = j0; j < j0 + W; ++j) {
+          if (element(base, j) < n) {
+#pragma unroll
+            for (int l = 0; l < kLists; ++l) {
+              if (kLoads >> l & 1u) v[j][l] = p[l][element(base, j)];
+            }
           }
-          f(v[j]);
+        }
 #pragma unroll
-          for (int l = 0; l < kLists; ++l) {
-            if (kStores >> l & 1u) p[l][base + j] = v[j][l];
+        for (int j = j0; j < j0 + W; ++j) {
+          if (element(base, j) < n) f(v[j]);
+        }
+#pragma unroll
+        for (int j = j0; j < j0 + W; ++j) {
+          if (element(base, j) < n) {
+#pragma unroll
+            for (int l = 0; l < kLists; ++l) {
+              if (kStores >> l & 1u) p[l][element(base, j)] = v[j][l];
+            }
           }
         }
       }
@@ -255,7 +283,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int l = 0; l < Op::kLists; ++l) p[l] = static_cast<T*>(meta.addr[l][c.tensor]) + c.start;
   op.load_scalars();
-  for_each_element<T, Op::kLists, Op::kLoads, Op::kStores>(p, c.len, op);
+  for_each_element<T, Op::kLists, Op::kLoads, Op::kStores, false>(p, c.len, op);
 }
 
 template <typename Op>
@@ -313,7 +341,7 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const __grid_constant_
 #pragma unroll
   for (int s = 0; s < Op::kSums; ++s) sums[s] = acc_t(0);
   constexpr unsigned kAll = (1u << Op::kLists) - 1;
-  for_each_element<T, Op::kLists, kAll, 0u>(p, c.len, [&](T (&v)[Op::kLists]) { op.accumulate(v, sums); });
+  for_each_element<T, Op::kLists, kAll, 0u, true>(p, c.len, [&](T (&v)[Op::kLists]) { op.accumulate(v, sums); });
   block_sums(sums, op.wanted);
   if (threadIdx.x == 0) {
     acc_t* slot = partials + (meta.first_chunk + blockIdx.x) * __popc(op.wanted);
