@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <string>
 #include <tuple>
 
@@ -52,8 +51,8 @@ bool valid_group(c10::ArrayRef<NamedList> lists, size_t n) {
   for (const auto& list : lists) {
     if (list.tensors.size() != n) return false;
   }
-  const c10::TensorImpl* first = lists[0].tensors[0].unsafeGetTensorImpl();
   if (!lists[0].tensors[0].defined() || !supported_dtype(lists[0].tensors[0].scalar_type())) return false;
+  const c10::TensorImpl* first = lists[0].tensors[0].unsafeGetTensorImpl();
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& ref_tensor = lists[0].tensors[i];
     if (!ref_tensor.defined()) return false;
