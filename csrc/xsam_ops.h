@@ -1,49 +1,73 @@
-// Shared by the CPU and CUDA implementations of the xsam op set: argument checks and the
-// chunking rule that makes reductions independent of the thread count.
+// Shared by the CPU and CUDA implementations of the xsam op set: the argument checks, the
+// addresses the kernels walk, and the scalar and empty-list rules of the contract
+// (xsam/ops/contract.py).
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <string>
 #include <vector>
 
 namespace xsam {
 
-// Work is split into fixed-size chunks of each tensor. Every chunk reduces into its own slot
-// and the slots are summed in chunk order, so the bits of a reduction depend only on the
-// inputs, never on how many threads (or blocks) took part.
+// CPU work is cut into items of this many consecutive elements of the group's tensors laid end
+// to end (see FlatWork in ops_cpu.cpp). Every item reduces into its own slot and the slots are
+// summed in item order, so the bits of a reduction depend only on the inputs, never on how
+// many threads took part.
 constexpr int64_t kCpuChunk = 16384;
 
-struct Chunk {
-  int64_t tensor;
-  int64_t begin;
-  int64_t len;
-};
+enum class Access { kRead, kWrite };
 
-std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels, int64_t chunk);
-
-// Validates one aligned group: every list has as many tensors as `lists[0]`, and tensor i of
-// every list has the device, dtype, shape and strides of `lists[0][i]` and is dense, so the
-// kernels may walk all of them as flat arrays with the same index. Throws a c10::Error that
-// names the op, the argument and the fix.
+// One list argument of a call. `index` >= 0 names a list of `dots` ("lists[index]").
 struct NamedList {
-  std::string name;
+  const char* name;
   at::TensorList tensors;
+  Access access = Access::kRead;
+  int index = -1;
 };
-void check_group(const char* op, const std::vector<NamedList>& lists);
 
-// Scalars are 0-d (or 1-element) tensors on the group's device; the kernels read them in the
-// accumulation dtype. Returns the scalar converted (on its device) to `acc`.
-// `dots` gets its lists concatenated; checks the layout and splits the pairs.
-struct DotsLayout {
-  int64_t per_list;  // tensors per list
-  std::vector<int64_t> a, b;
-  std::vector<NamedList> lists;
+// A checked group of aligned lists, as the kernels address it: list(l)[t] is the address of
+// tensor t of list l (taken with mutable_data_ptr for written lists, so copy-on-write storage is
+// materialised before anything is written), numel[t] its element count in every list.
+struct Group {
+  at::Device device = at::kCPU;
+  at::ScalarType dtype = at::kFloat;
+  int64_t num_tensors = 0;
+  std::vector<void*> addr;  // list-major: addr[l * num_tensors + t]
+  std::vector<int64_t> numel;
+
+  bool empty() const { return num_tensors == 0; }
+  void* const* list(int l) const { return addr.data() + l * num_tensors; }
 };
-DotsLayout check_dots(at::TensorList tensors, int64_t num_lists, at::IntArrayRef pairs);
 
-at::Tensor check_scalar(const char* op, const char* name, const at::Tensor& scalar,
-                        const at::Device& device, at::ScalarType acc);
+// Validates one call's lists and returns their addresses. Every list has as many tensors as
+// lists[0]; tensor i of every list has the device, dtype and shape of lists[0][i], is dense and
+// walks its elements in the same order, so the kernels may treat all of them as flat arrays with
+// one index; and no two written tensors share memory (a written list may still be a read list
+// at the same index: axpy_(y, y)). The common case costs a few comparisons per tensor; the
+// message (which names the op, the argument, the index and the fix) is built only on failure.
+Group check_group(const char* op, c10::ArrayRef<NamedList> lists);
+
+// `dots` gets its lists concatenated: checks the layout and the pairs, and returns the group
+// with one NamedList per list.
+struct DotsCall {
+  Group group;
+  int num_lists = 0;
+  std::vector<int> pair_a, pair_b;
+};
+DotsCall check_dots(at::TensorList tensors, int64_t num_lists, at::IntArrayRef pairs);
+
+// The value of a CPU scalar argument in the accumulation dtype: a plain load, no dispatch.
+template <typename acc_t>
+acc_t cpu_scalar(const char* op, const char* name, const at::Tensor& scalar);
+
+// A scalar argument as a 0-d tensor of `acc` on `device` (converted there, never through the
+// host), for kernels that read it from device memory.
+at::Tensor device_scalar(const char* op, const char* name, const at::Tensor& scalar, const at::Device& device,
+                         at::ScalarType acc);
+
+// The result of a reduction over empty lists: zeros, float32 on the CPU (no tensor says
+// otherwise; the fake implementations in xsam/ops/fakes.py agree).
+at::Tensor sums_of_nothing(int64_t n);
 
 inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

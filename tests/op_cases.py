@@ -21,7 +21,7 @@ from xsam.ops.dispatch import unavailable_reason
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 BACKENDS = ("reference", "native", "triton")
 DEVICES = ("cpu", "cuda")
-NATIVE_CHUNK = {"cpu": 16384, "cuda": 32768}  # kCpuChunk in csrc/xsam_ops.h, kCudaChunk in csrc/cuda
+NATIVE_CHUNK = {"cpu": 16384, "cuda": 32768}  # kCpuChunk in csrc/xsam_ops.h, kChunk in csrc/cuda/kernels.cuh
 TRITON_CPU_CHUNK, TRITON_CPU_BLOCK = 64, 16  # the interpreter's test launch config
 TRITON_CUDA_CHUNK = 65536
 

@@ -37,6 +37,71 @@ def test_mismatched_lists_raise_a_clear_error():
         torch.ops.xsam.dots(x, 3, [0, 0])
 
 
+# --- written tensors that share memory --------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_written_tensors_that_share_memory_are_refused(device):
+    s = scalar(0.5, torch.float32, device)
+    y, x = make([(6,), (6,)], torch.float32, device, 0), make([(6,), (6,)], torch.float32, device, 1)
+    before = [t.clone() for t in y]
+    with pytest.raises(RuntimeError, match=r"ys\[1\] shares memory with ys\[0\].*clone the duplicate"):
+        torch.ops.xsam.axpy_([y[0], y[0]], x, s)
+    base = torch.zeros(20, device=device)
+    with pytest.raises(RuntimeError, match=r"dsts\[1\] shares memory with dsts\[0\]"):
+        torch.ops.xsam.scale_copy_([base[:12], base[8:]], [torch.ones(12, device=device)] * 2, s)
+    w, g = make([(6,)], torch.float32, device, 2), make([(6,)], torch.float32, device, 3)
+    with pytest.raises(RuntimeError, match=r"saved\[0\] shares memory with params\[0\]"):
+        torch.ops.xsam.perturb_(w, g, w, s, False)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] shares memory with params\[0\]"):
+        torch.ops.xsam.correct_restore_(w, w, g, None, s, s)
+    assert all(torch.equal(a, b) for a, b in zip(y, before)), "a refused call must not write"
+    assert torch.equal(base, torch.zeros(20, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_written_lists_may_alias_read_lists_at_the_same_index_and_views_may_touch(device):
+    s = scalar(0.5, torch.float32, device)
+    y = make([(5,), (7,)], torch.float32, device, 0)
+    want = [2.0 * t for t in y]
+    torch.ops.xsam.scale_copy_(y, y, scalar(2.0, torch.float32, device))
+    assert all(torch.equal(a, b) for a, b in zip(y, want))
+    torch.ops.xsam.axpy_(y, y, s)  # y += 0.5 y
+    torch.testing.assert_close(y, [1.5 * t for t in want])
+    base = torch.zeros(20, device=device)
+    torch.ops.xsam.axpy_(list(base.split(5)), [torch.ones(5, device=device)] * 4, s)  # adjacent, not overlapping
+    assert torch.equal(base, torch.full((20,), 0.5, device=device))
+    empty = torch.empty(0, device=device)
+    torch.ops.xsam.axpy_([empty, empty], [empty, empty], s)  # empty tensors share nothing
+    # Every element is read before any is written: grads aliasing saved still adds the old grads.
+    w, gs = make([(9,)], torch.float32, device, 4), make([(9,)], torch.float32, device, 5)
+    w0, g0 = w[0].clone(), gs[0].clone()
+    torch.ops.xsam.perturb_(w, gs, gs, s, False)
+    assert torch.equal(gs[0], w0)
+    torch.testing.assert_close(w[0], w0 + 0.5 * g0)
+
+
+# --- the contract's empty lists, on each device ---------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_lists_do_nothing_and_reductions_of_them_give_zeros(device):
+    X = torch.ops.xsam
+    s = scalar(0.5, torch.float32, device)
+    X.perturb_([], [], [], s, True)
+    X.tilted_perturb_([], [], [], [], s, s)
+    X.correct_restore_([], [], [], None, s, s)
+    X.axpy_([], [], s)
+    X.scale_copy_([], [], s)
+    # No tensor says where to put the zeros: float32 on the CPU, as the fakes say.
+    for out, n in ((X.dots([], 2, [0, 1, 1, 1]), 2), (X.weighted_sumsq([], []), 1), (X.residual_sumsq([], [], s), 1)):
+        assert out.dtype == torch.float32 and out.device.type == "cpu" and out.tolist() == [0.0] * n
+    empties = [torch.empty(0, device=device), torch.empty(0, 3, device=device)]
+    got = X.dots(empties + [torch.empty(0, device=device), torch.empty(0, 3, device=device)], 2, [0, 1, 1, 1])
+    assert got.device.type == device and got.dtype == torch.float32 and got.tolist() == [0.0, 0.0]
+    assert X.weighted_sumsq(empties, empties).tolist() == [0.0]
+    assert X.residual_sumsq(empties, empties, s).tolist() == [0.0]
+    assert X.dots(empties, 1, []).shape == (0,)
+
+
 # --- determinism ----------------------------------------------------------------------------
 
 def _reductions(dtype):

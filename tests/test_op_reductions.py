@@ -99,6 +99,26 @@ def test_a_list_named_by_several_pairs_gives_identical_sums(backend, device, dty
     torch.testing.assert_close(got.double().cpu(), (f64(g) @ f64(g)).repeat(3), rtol=1e-6, atol=0)
 
 
+# Every pair of 5 lists, two reversed, and list 5 = list 0 again (the same tensors under another number).
+MANY_PAIRS = [(a, b) for a in range(5) for b in range(a, 5)] + [(1, 0), (4, 2), (5, 0), (5, 5)]
+
+
+@pytest.mark.parametrize("backend,device,dtype,case", op_params(dtypes=[torch.float32, torch.bfloat16],
+                                                                cases=["edge", "chunk"]))
+def test_dots_of_many_pairs_and_a_repeated_list(backend, device, dtype, case):
+    lists = [make(size_cases(backend, device)[case], dtype, device, seed) for seed in range(5)]
+    lists.append(lists[0])
+    run = lambda name: ops.dots(lists, MANY_PAIRS, backend=name)  # noqa: E731
+    got = run(backend)
+    flats = [f64(lst) for lst in lists]
+    exact = torch.stack([flats[a] @ flats[b] for a, b in MANY_PAIRS])
+    magnitude = torch.stack([(flats[a] * flats[b]).abs().sum() for a, b in MANY_PAIRS])
+    assert_close_to_exact(got, exact, magnitude, accumulation_dtype(dtype), ref=reference_result(backend, run),
+                          roundings=_roundings(len(flats[0])))
+    # A pair named twice, or through the same tensors under two list numbers: the same bits.
+    assert torch.equal(got[1], got[15]) and torch.equal(got[0], got[17]) and torch.equal(got[0], got[18])
+
+
 @pytest.mark.parametrize("backend,device,dtype,case", op_params(dtypes=[torch.float32, torch.bfloat16],
                                                                 cases=["chunk"]))
 def test_reductions_are_deterministic(backend, device, dtype, case):

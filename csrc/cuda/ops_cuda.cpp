@@ -1,6 +1,10 @@
-// CUDA registrations of the xsam op set: checks, scratch buffers and the current stream on
-// the host side, kernels in kernels.cu. Only c10/cuda headers here (ATen/cuda pulls in
-// cusparse.h, absent from the toolkit on the build machines).
+// CUDA registrations of the xsam op set: checks, scratch buffers and the current stream on the
+// host side; the kernels are in elementwise.cu and reductions.cu. Only c10/cuda headers here
+// (ATen/cuda pulls in cusparse.h, absent from the toolkit on the build machines).
+//
+// Nothing here waits for the device: scalars stay device tensors that the kernels read, results
+// are written by the kernels, and temporaries (converted scalars, the reduction scratch) go back
+// to the caching allocator after the launches, which orders their reuse on the same stream.
 #include "../xsam_ops.h"
 #include "kernels.cuh"
 
@@ -22,102 +26,121 @@ cuda::DType kernel_dtype(at::ScalarType t) {
   }
 }
 
-std::vector<int64_t> numels_of(at::TensorList ts) {
-  std::vector<int64_t> out;
-  for (const auto& t : ts) out.push_back(t.numel());
-  return out;
-}
-
-std::vector<void*> addresses(at::TensorList ts) {
-  std::vector<void*> out;
-  for (const auto& t : ts) out.push_back(t.data_ptr());
-  return out;
-}
-
-void run_elementwise(const char* op, cuda::Elementwise kind, const std::vector<NamedList>& lists,
-                     const at::Tensor& s1, const char* s1_name, const at::Tensor* s2, const char* s2_name) {
-  check_group(op, lists);
-  const at::TensorList first = lists[0].tensors;
-  if (first.empty()) return;
-  const auto device = first[0].device();
-  const c10::cuda::CUDAGuard guard(device);
-  const auto acc = accumulation_type(first[0].scalar_type());
-  // Kept alive until the launch is enqueued; the caching allocator orders reuse on the stream.
-  const at::Tensor a = check_scalar(op, s1_name, s1, device, acc);
-  const at::Tensor b = s2 ? check_scalar(op, s2_name, *s2, device, acc) : at::Tensor();
-  std::vector<std::vector<void*>> ptrs;
-  std::vector<void* const*> table;
-  for (const auto& list : lists) ptrs.push_back(addresses(list.tensors));
-  for (const auto& p : ptrs) table.push_back(p.data());
-  const auto numels = numels_of(first);
-  C10_CUDA_CHECK(cuda::launch_elementwise(kind, kernel_dtype(first[0].scalar_type()), table.data(), numels.data(),
-                                          static_cast<int64_t>(numels.size()), a.data_ptr(),
-                                          b.defined() ? b.data_ptr() : nullptr,
-                                          c10::cuda::getCurrentCUDAStream(device.index()).stream()));
-}
-
-at::Tensor reduce(const std::vector<NamedList>& lists, const std::vector<int64_t>& pa, const std::vector<int64_t>& pb,
-                  bool weighted) {
-  const at::TensorList first = lists[0].tensors;
-  const auto device = first[0].device();
-  const c10::cuda::CUDAGuard guard(device);
-  const auto dtype = first[0].scalar_type();
-  const auto options = first[0].options().dtype(accumulation_type(dtype));
-  const int64_t np = static_cast<int64_t>(pa.size());
-  at::Tensor out = at::zeros({np}, options);
-  if (np == 0) return out;
-  const auto numels = numels_of(first);
-  const int64_t n = static_cast<int64_t>(numels.size());
-  const int64_t slots = cuda::reduction_blocks(numels.data(), n);
-  at::Tensor partials = at::empty({std::max<int64_t>(slots * np, 1)}, options);
-  std::vector<void*> flat;
-  for (const auto& list : lists) {
-    for (void* p : addresses(list.tensors)) flat.push_back(p);
+// One checked call on its device: the device guard, the current stream, and the lists as the
+// kernels take them.
+class Call {
+ public:
+  Call(const char* op, Group group) : op_(op), group_(std::move(group)) {
+    if (group_.empty()) return;
+    TORCH_INTERNAL_ASSERT(group_.device.is_cuda(), "xsam::", op, ": CUDA kernel called with ", group_.device,
+                          " tensors");
+    guard_.set_device(group_.device);
+    const size_t num_lists = group_.addr.size() / group_.num_tensors;
+    for (size_t l = 0; l < num_lists; ++l) rows_.push_back(group_.list(static_cast<int>(l)));
   }
-  C10_CUDA_CHECK(cuda::launch_dots(kernel_dtype(dtype), const_cast<const void* const*>(flat.data()),
-                                   static_cast<int>(lists.size()), numels.data(), n, pa.data(), pb.data(),
-                                   static_cast<int>(np), weighted, partials.data_ptr(), out.data_ptr(),
-                                   c10::cuda::getCurrentCUDAStream(device.index()).stream()));
-  return out;
-}
+
+  bool empty() const { return group_.empty(); }
+  cuda::DType dtype() const { return kernel_dtype(group_.dtype); }
+  cuda::Lists lists() const { return {rows_.data(), group_.numel.data(), group_.num_tensors}; }
+  cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(group_.device.index()).stream(); }
+
+  // A scalar argument as a device tensor of the accumulation dtype (alive until the launch is queued).
+  at::Tensor scalar(const char* name, const at::Tensor& value) const {
+    return device_scalar(op_, name, value, group_.device, accumulation_type(group_.dtype));
+  }
+
+  // Runs launch(scratch, out) for a reduction with `num_sums` results.
+  template <typename Launch>
+  at::Tensor reduce(int64_t num_sums, const Launch& launch) const {
+    if (group_.empty()) return sums_of_nothing(num_sums);
+    const auto options = at::TensorOptions().device(group_.device).dtype(accumulation_type(group_.dtype));
+    at::Tensor out = at::empty({num_sums}, options);
+    if (num_sums == 0) return out;
+    const int64_t scratch_size = cuda::reduction_scratch_size(group_.numel.data(), group_.num_tensors);
+    at::Tensor scratch = at::empty({std::max<int64_t>(scratch_size, 1)}, options);
+    C10_CUDA_CHECK(launch(scratch.data_ptr(), out.data_ptr()));
+    return out;
+  }
+
+ private:
+  const char* op_;
+  Group group_;
+  c10::cuda::OptionalCUDAGuard guard_;
+  std::vector<void* const*> rows_;
+};
 
 at::Tensor dots_cuda(at::TensorList tensors, int64_t num_lists, at::IntArrayRef pairs) {
-  const DotsLayout layout = check_dots(tensors, num_lists, pairs);
-  TORCH_CHECK(layout.per_list > 0, "xsam::dots: the lists are empty");
-  return reduce(layout.lists, layout.a, layout.b, false);
+  DotsCall checked = check_dots(tensors, num_lists, pairs);
+  const Call call("dots", std::move(checked.group));
+  return call.reduce(static_cast<int64_t>(checked.pair_a.size()), [&](void* scratch, void* out) {
+    return cuda::dots(call.dtype(), call.lists(), checked.num_lists, checked.pair_a.data(), checked.pair_b.data(),
+                      static_cast<int>(checked.pair_a.size()), scratch, out, call.stream());
+  });
 }
 
 at::Tensor weighted_sumsq_cuda(at::TensorList weights, at::TensorList xs) {
-  const std::vector<NamedList> lists = {{"weights", weights}, {"xs", xs}};
-  check_group("weighted_sumsq", lists);
-  TORCH_CHECK(!xs.empty(), "xsam::weighted_sumsq: the lists are empty");
-  return reduce(lists, {0}, {1}, true);
+  const Call call("weighted_sumsq", check_group("weighted_sumsq", {{"weights", weights}, {"xs", xs}}));
+  return call.reduce(1, [&](void* scratch, void* out) {
+    return cuda::weighted_sumsq(call.dtype(), call.lists(), scratch, out, call.stream());
+  });
+}
+
+at::Tensor residual_sumsq_cuda(at::TensorList us, at::TensorList vs, const at::Tensor& lam) {
+  const Call call("residual_sumsq", check_group("residual_sumsq", {{"us", us}, {"vs", vs}}));
+  if (call.empty()) return sums_of_nothing(1);
+  const at::Tensor l = call.scalar("lam", lam);
+  return call.reduce(1, [&](void* scratch, void* out) {
+    return cuda::residual_sumsq(call.dtype(), call.lists(), l.data_ptr(), scratch, out, call.stream());
+  });
 }
 
 void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList saved, const at::Tensor& scale,
                   bool adaptive) {
-  run_elementwise("perturb_", adaptive ? cuda::Elementwise::kPerturbAdaptive : cuda::Elementwise::kPerturb,
-                  {{"params", params}, {"grads", grads}, {"saved", saved}}, scale, "scale", nullptr, nullptr);
+  const Call call("perturb_", check_group("perturb_", {{"params", params, Access::kWrite},
+                                                        {"grads", grads},
+                                                        {"saved", saved, Access::kWrite}}));
+  if (call.empty()) return;
+  const at::Tensor s = call.scalar("scale", scale);
+  C10_CUDA_CHECK(cuda::perturb(call.dtype(), call.lists(), s.data_ptr(), adaptive, call.stream()));
+}
+
+void tilted_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList saved, at::TensorList vecs,
+                         const at::Tensor& a, const at::Tensor& b) {
+  const Call call("tilted_perturb_", check_group("tilted_perturb_", {{"params", params, Access::kWrite},
+                                                                      {"grads", grads},
+                                                                      {"saved", saved, Access::kWrite},
+                                                                      {"vecs", vecs}}));
+  if (call.empty()) return;
+  const at::Tensor av = call.scalar("a", a), bv = call.scalar("b", b);
+  C10_CUDA_CHECK(cuda::tilted_perturb(call.dtype(), call.lists(), av.data_ptr(), bv.data_ptr(), call.stream()));
 }
 
 void correct_restore_cuda(at::TensorList params, at::TensorList grads, at::TensorList saved,
                           const std::optional<at::TensorList>& vecs, const at::Tensor& a, const at::Tensor& b) {
-  if (vecs.has_value()) {
-    run_elementwise("correct_restore_", cuda::Elementwise::kCorrectRestore,
-                    {{"params", params}, {"grads", grads}, {"saved", saved}, {"vecs", *vecs}}, a, "a", &b, "b");
-  } else {
-    run_elementwise("correct_restore_", cuda::Elementwise::kCorrectNoVecs,
-                    {{"params", params}, {"grads", grads}, {"saved", saved}}, a, "a", nullptr, nullptr);
-  }
+  const NamedList lists[] = {{"params", params, Access::kWrite},
+                             {"grads", grads, Access::kWrite},
+                             {"saved", saved},
+                             {"vecs", vecs.value_or(at::TensorList())}};
+  const Call call("correct_restore_",
+                  check_group("correct_restore_", c10::ArrayRef<NamedList>(lists, vecs.has_value() ? 4 : 3)));
+  if (call.empty()) return;
+  const at::Tensor av = call.scalar("a", a), bv = call.scalar("b", b);
+  C10_CUDA_CHECK(cuda::correct_restore(call.dtype(), call.lists(), vecs.has_value(), av.data_ptr(), bv.data_ptr(),
+                                       call.stream()));
 }
 
 void axpy_cuda(at::TensorList ys, at::TensorList xs, const at::Tensor& alpha) {
-  run_elementwise("axpy_", cuda::Elementwise::kAxpy, {{"ys", ys}, {"xs", xs}}, alpha, "alpha", nullptr, nullptr);
+  const Call call("axpy_", check_group("axpy_", {{"ys", ys, Access::kWrite}, {"xs", xs}}));
+  if (call.empty()) return;
+  const at::Tensor al = call.scalar("alpha", alpha);
+  C10_CUDA_CHECK(cuda::axpy(call.dtype(), call.lists(), al.data_ptr(), call.stream()));
 }
 
 void scale_copy_cuda(at::TensorList dsts, at::TensorList srcs, const at::Tensor& scale) {
-  run_elementwise("scale_copy_", cuda::Elementwise::kScaleCopy, {{"dsts", dsts}, {"srcs", srcs}}, scale, "scale",
-                  nullptr, nullptr);
+  const Call call("scale_copy_", check_group("scale_copy_", {{"dsts", dsts, Access::kWrite}, {"srcs", srcs}}));
+  if (call.empty()) return;
+  const at::Tensor s = call.scalar("scale", scale);
+  C10_CUDA_CHECK(cuda::scale_copy(call.dtype(), call.lists(), s.data_ptr(), call.stream()));
 }
 
 }  // namespace
@@ -126,7 +149,9 @@ void scale_copy_cuda(at::TensorList dsts, at::TensorList srcs, const at::Tensor&
 TORCH_LIBRARY_IMPL(xsam, CUDA, m) {
   m.impl("dots", &xsam::dots_cuda);
   m.impl("weighted_sumsq", &xsam::weighted_sumsq_cuda);
+  m.impl("residual_sumsq", &xsam::residual_sumsq_cuda);
   m.impl("perturb_", &xsam::perturb_cuda);
+  m.impl("tilted_perturb_", &xsam::tilted_perturb_cuda);
   m.impl("correct_restore_", &xsam::correct_restore_cuda);
   m.impl("axpy_", &xsam::axpy_cuda);
   m.impl("scale_copy_", &xsam::scale_copy_cuda);

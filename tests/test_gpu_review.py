@@ -1,0 +1,302 @@
+"""The checks of the GPU code review (issue 18) that only a GPU can run; bench/device_check.sh runs them.
+
+- `test_sanitize_*`: every native op on calls that cross the CUDA launch boundaries: more tensors than
+  one launch's table holds (MANY > the 1,624 of one list; 738 with four), a tensor of more than 320
+  chunks (the old per-launch limit), empty tensors, and views that start at an odd element (their
+  chunks take the element-by-element path, the others 128-bit accesses), against float64; `dots` with
+  more than 8 pairs (the old per-launch limit) and a list passed twice. The device script also runs
+  these under compute-sanitizer (memcheck, racecheck).
+- reductions bitwise identical over repeated calls, native and triton, four dtypes;
+- mixed CPU/CUDA lists with GPU work queued ahead (a wrong non_blocking copy would read stale data);
+- the native kernels on the current stream, on two streams, and captured in a CUDA graph;
+- `gpu_bench`: bandwidth at 1e9 elements, aligned and not (prints a table; no timed assertion).
+Every test is marked `cuda` and skips cleanly without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import statistics
+
+import pytest
+import torch
+
+from xsam import ops
+from xsam.ops import accumulation_dtype
+
+from op_cases import DTYPES, NATIVE_CHUNK, assert_close_to_exact, f64, scalar, why_not
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(why_not("native", "cuda") is not None,
+                                                   reason=str(why_not("native", "cuda")))]
+
+DEVICE = "cuda"
+CHUNK = NATIVE_CHUNK["cuda"]
+MANY = 1700  # tensors per call: more than one native launch holds (1,624 for one list)
+BIG = 321 * CHUNK + 7  # elements of one tensor: more than 320 chunks
+GUARD = 7.0  # the element just before each odd-offset view: no kernel may write it
+# Every pair of 5 lists, two reversed, and list 5 = list 0 again: 19 pairs.
+MANY_PAIRS = [(a, b) for a in range(5) for b in range(a, 5)] + [(1, 0), (4, 2), (5, 0), (5, 5)]
+SLEEP_CYCLES = int(2e8)  # about 0.1 s of GPU time queued ahead of an op
+
+
+def review_shapes() -> list[tuple[int, ...]]:
+    return [((7 * i) % 23,) for i in range(MANY)] + [(BIG,)]
+
+
+@functools.lru_cache(maxsize=64)
+def _host_values(shapes: tuple, dtype, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for shape in shapes]
+
+
+def review_lists(shapes, dtype, seed, fill=None) -> list[torch.Tensor]:
+    """Tensors of `shapes` on the GPU (random by seed, or `fill`); every third one, shifted by the seed, is a
+    view that starts at an odd element of a buffer whose element 0 holds GUARD."""
+    shapes = tuple(shapes)
+    host = _host_values(shapes, dtype, seed) if fill is None else [torch.full(s, fill, dtype=dtype) for s in shapes]
+    out = []
+    for i, (shape, values) in enumerate(zip(shapes, host)):
+        if (i + seed) % 3 == 0:
+            buffer = torch.full((values.numel() + 1,), GUARD, dtype=dtype, device=DEVICE)
+            tensor = buffer[1:].view(shape)
+            tensor.copy_(values)
+        else:
+            tensor = values.to(DEVICE, copy=True)
+        out.append(tensor)
+    return out
+
+
+def guards_intact(tensors) -> bool:
+    guards = [t._base.reshape(-1)[0] for t in tensors if t._base is not None]
+    return not guards or bool((torch.stack(guards) == GUARD).all())
+
+
+def same_bits(xs, ys) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(xs, ys))
+
+
+# ----- every op across the launch boundaries ---------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sanitize_elementwise_ops_across_launches_and_odd_offsets(dtype):
+    shapes = review_shapes()
+    fresh_w = lambda: review_lists(shapes, dtype, 1)  # noqa: E731 (the same values, offsets and guards)
+    g, v = review_lists(shapes, dtype, 2), review_lists(shapes, dtype, 3)
+    a, b = scalar(0.37, dtype, DEVICE), scalar(-0.21, dtype, DEVICE)
+    w0 = fresh_w()
+    W, G, V = f64(w0), f64(g), f64(v)
+
+    cases = {
+        "perturb_": (lambda w, s: ops.perturb_(w, g, s, a, backend="native"), W + 0.37 * G, W.abs() + 0.37 * G.abs()),
+        "perturb_ adaptive": (lambda w, s: ops.perturb_(w, g, s, a, adaptive=True, backend="native"),
+                              W + 0.37 * W * W * G, W.abs() + 0.74 * (W * W * G).abs()),
+        "tilted_perturb_": (lambda w, s: ops.tilted_perturb_(w, g, s, v, a, b, backend="native"),
+                            W + 0.37 * G - 0.21 * V, W.abs() + 0.37 * G.abs() + 0.21 * V.abs()),
+    }
+    for name, (run, exact, magnitude) in cases.items():
+        w, saved = fresh_w(), review_lists(shapes, dtype, 4, fill=float("nan"))
+        run(w, saved)
+        assert same_bits(saved, w0), f"{name}: saved must hold the exact old weights"
+        assert_close_to_exact(f64(w), exact, magnitude, dtype)
+        assert guards_intact(w) and guards_intact(saved), f"{name} wrote outside a view"
+
+    for with_vecs in (True, False):
+        w, grads, saved = review_lists(shapes, dtype, 5), review_lists(shapes, dtype, 2), fresh_w()
+        ops.correct_restore_(w, grads, saved, v if with_vecs else None, a, b, backend="native")
+        assert same_bits(w, w0), "the restore must be bit-exact"
+        exact = 0.37 * G + (0.21 * V if with_vecs else 0)
+        assert_close_to_exact(f64(grads), exact, 0.37 * G.abs() + (0.21 * V.abs() if with_vecs else 0), dtype)
+        assert guards_intact(w) and guards_intact(grads)
+
+    for aliased in (False, True):
+        y = fresh_w()
+        ops.axpy_(y, y if aliased else g, a, backend="native")
+        X = W if aliased else G
+        assert_close_to_exact(f64(y), W + 0.37 * X, W.abs() + 0.37 * X.abs(), dtype)
+        d = fresh_w() if aliased else review_lists(shapes, dtype, 6, fill=0.0)
+        ops.scale_copy_(d, d if aliased else g, b, backend="native")
+        X = W if aliased else G
+        assert_close_to_exact(f64(d), -0.21 * X, 0.21 * X.abs(), dtype)
+        assert guards_intact(y) and guards_intact(d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sanitize_reductions_across_launches_and_odd_offsets(dtype):
+    shapes = review_shapes()
+    lists = [review_lists(shapes, dtype, seed) for seed in range(5)]
+    lists.append(lists[0])
+    acc = accumulation_dtype(dtype)
+    flats = [f64(lst) for lst in lists]
+    roundings = len(flats[0]) ** 0.5  # another summation order: about sqrt(n) roundings
+
+    got = ops.dots(lists, MANY_PAIRS, backend="native")
+    assert got.dtype == acc and got.shape == (len(MANY_PAIRS),)
+    exact = torch.stack([flats[a] @ flats[b] for a, b in MANY_PAIRS])
+    magnitude = torch.stack([(flats[a] * flats[b]).abs().sum() for a, b in MANY_PAIRS])
+    assert_close_to_exact(got, exact, magnitude, acc, roundings=roundings)
+    # A pair named twice, or the same tensors under two list numbers: one sum, the same bits.
+    assert torch.equal(got[1], got[15]) and torch.equal(got[0], got[17]) and torch.equal(got[0], got[18])
+
+    p = flats[0] * flats[1]
+    assert_close_to_exact(ops.weighted_sumsq(lists[0], lists[1], backend="native"), p @ p, p @ p, acc,
+                          roundings=roundings)
+    r = flats[2] - 0.75 * flats[3]
+    magnitude = (2 * r.abs() * (flats[2].abs() + 0.75 * flats[3].abs())).sum()
+    assert_close_to_exact(ops.residual_sumsq(lists[2], lists[3], 0.75, backend="native"), r @ r, magnitude, acc,
+                          roundings=roundings)
+
+
+# ----- determinism ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reductions_are_bitwise_identical_over_repeated_calls(backend, dtype):
+    if why_not(backend, DEVICE, dtype):
+        pytest.skip(why_not(backend, DEVICE, dtype))
+    shapes = [(5 * CHUNK + 3,), (1000,), (17,), (0,)] * 30 + [(3 * 65536 + 11,)]
+    x, y, u, v = (review_lists(shapes, dtype, seed) for seed in range(4))
+
+    def sums():
+        return torch.cat([ops.dots([x, y, u], [(0, 0), (0, 1), (1, 1), (2, 0), (2, 2)], backend=backend),
+                          ops.weighted_sumsq(x, y, backend=backend).reshape(1),
+                          ops.residual_sumsq(u, v, 0.5, backend=backend).reshape(1)])
+
+    first = sums()
+    for _ in range(4):
+        assert torch.equal(sums(), first)
+
+
+# ----- mixed CPU/CUDA lists, streams, graphs ------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_mixed_cpu_and_cuda_lists_see_gpu_work_queued_ahead(backend):
+    n = 4096
+    # A scalar written by GPU work still queued when the op is called: the CPU group must wait for it.
+    y = [torch.ones(n), torch.ones(n, device=DEVICE)]
+    x = [torch.full((n,), 2.0), torch.full((n,), 2.0, device=DEVICE)]
+    alpha = torch.zeros((), device=DEVICE)
+    torch.cuda._sleep(SLEEP_CYCLES)
+    alpha.fill_(0.5)
+    ops.axpy_(y, x, alpha, backend=backend)
+    assert torch.equal(y[0], torch.full((n,), 2.0)) and torch.equal(y[1].cpu(), torch.full((n,), 2.0))
+
+    # A CPU scalar changed right after the call: the copy to the GPU must have taken the old value.
+    beta = torch.tensor(0.25)
+    torch.cuda._sleep(SLEEP_CYCLES)
+    ops.axpy_(y, x, beta, backend=backend)
+    beta.fill_(100.0)
+    assert torch.equal(y[1].cpu(), torch.full((n,), 2.5)) and torch.equal(y[0], torch.full((n,), 2.5))
+
+    # Partial sums of a CUDA group whose input is written by queued work, added on the CPU (the first
+    # group's device), then on the GPU (CUDA group first).
+    z = [torch.ones(n), torch.ones(n, device=DEVICE)]
+    torch.cuda._sleep(SLEEP_CYCLES)
+    z[1].mul_(3.0)
+    total = ops.dots([z, z], [(0, 0)], backend=backend)
+    assert total.device.type == "cpu" and total.item() == n + 9 * n
+    flipped = [z[1], z[0]]
+    torch.cuda._sleep(SLEEP_CYCLES)
+    flipped[0].mul_(2.0)
+    total = ops.dots([flipped, flipped], [(0, 0)], backend=backend)
+    assert total.device.type == "cuda" and total.item() == 36 * n + n
+
+
+def test_native_kernels_run_on_the_current_stream_of_each_of_two_streams():
+    shapes = [(CHUNK + 5,)] * 3 + [(100,)] * 800
+    results = {}
+    for name in ("first", "second"):
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            x = [torch.zeros(s, device=DEVICE) for s in shapes]
+            y = [torch.ones(s, device=DEVICE) for s in shapes]
+            torch.cuda._sleep(SLEEP_CYCLES)  # what follows lands after this, on `side` only
+            torch._foreach_add_(x, 2.0 if name == "first" else 3.0)
+            ops.axpy_(y, x, torch.full((), 0.5, device=DEVICE), backend="native")
+            results[name] = (ops.dots([y], [(0, 0)], backend="native"), y)
+    torch.cuda.synchronize()
+    for name, value in (("first", 2.0), ("second", 2.5)):
+        sums, y = results[name]
+        assert all(bool((t == value).all()) for t in y), f"{name}: a kernel ran ahead of its stream's fill"
+        assert sums.item() == value * value * sum(s[0] for s in shapes)
+
+
+def test_native_ops_capture_in_a_cuda_graph_and_replay_bit_for_bit():
+    shapes = [((7 * i) % 23 + 1,) for i in range(900)] + [(3 * CHUNK + 5,)]  # several launches per op
+    values = [review_lists(shapes, torch.float32, seed) for seed in range(6)]
+
+    def step(w, g, v, saved):
+        sums = ops.dots([g, v], [(0, 0), (0, 1)], backend="native")
+        ops.perturb_(w, g, saved, 0.05 / (sums[0].sqrt() + 1e-12), backend="native")
+        residual = ops.residual_sumsq(g, v, sums[1], backend="native")
+        ops.tilted_perturb_(w, g, saved, v, sums[1], -sums[1], backend="native")
+        ops.correct_restore_(w, g, saved, v, 1.0 / (sums[0].sqrt() + 1e-12), 0.2 * sums[1], backend="native")
+        return torch.cat([sums, residual.reshape(1)])
+
+    def fresh(k):
+        return [[t.clone() for t in values[k + i]] for i in range(3)]
+
+    static_w, static_g, static_v = fresh(0)
+    static_saved = [torch.empty_like(t) for t in static_w]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(static_w, static_g, static_v, static_saved)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(static_w, static_g, static_v, static_saved)
+    for k in (0, 3):
+        w, g, v = fresh(k)
+        want = step(w, g, v, [torch.empty_like(t) for t in w])
+        for static, new in zip((static_w, static_g, static_v), fresh(k)):
+            torch._foreach_copy_(static, new)
+        graph.replay()
+        assert torch.equal(static_out, want)
+        assert same_bits(static_w, w) and same_bits(static_g, g)
+
+
+# ----- bandwidth at full size ----------------------------------------------------------------------------
+
+@pytest.mark.gpu_bench
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bandwidth_at_1e9_elements(dtype):
+    """GB/s of the native ops on one tensor of 1e9 elements, 16-byte aligned and starting at an odd
+    element (the element-by-element path), next to a copy of the same bytes. Printed, not asserted."""
+    n = 10**9
+    item = torch.tensor([], dtype=dtype).element_size()
+    acc = accumulation_dtype(dtype)
+    s = torch.full((), 0.5, device=DEVICE, dtype=acc)
+    X = torch.ops.xsam
+    rows = []
+    for aligned in (True, False):
+        bases = [torch.randn(n + 1, device=DEVICE, dtype=dtype) for _ in range(3)]
+        a, b, c = ([base[:n]] if aligned else [base[1:]] for base in bases)
+        passes = {  # bytes moved, in passes over n elements
+            "copy_ (baseline)": (lambda: a[0].copy_(b[0]), 2),
+            "scale_copy_": (lambda: X.scale_copy_(a, b, s), 2),
+            "axpy_": (lambda: X.axpy_(a, b, s), 3),
+            "perturb_": (lambda: X.perturb_(a, b, c, s, False), 4),
+            "dots (g,g),(g,v)": (lambda: X.dots(a + b, 2, [0, 0, 0, 1]), 2),
+            "weighted_sumsq": (lambda: X.weighted_sumsq(a, b), 2),
+            "residual_sumsq": (lambda: X.residual_sumsq(a, b, s), 2),
+        }
+        for name, (fn, npasses) in passes.items():
+            ms = _median_ms(fn)
+            rows.append(f"{name:20s} {str(dtype)[6:]:9s} {'aligned' if aligned else 'odd offset':10s} "
+                        f"{ms:8.3f} ms {npasses * n * item / ms / 1e6:8.1f} GB/s")
+        del a, b, c, bases
+        torch.cuda.empty_cache()
+    print("\n" + "\n".join(rows))
+
+
+def _median_ms(fn, reps=7):
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
