@@ -114,7 +114,7 @@ def test_sdist_has_everything_a_build_needs(sdist):
     tracked = run(["git", "ls-files", "csrc", "kernels", "bench", "xsam", "tests"], cwd=ROOT).stdout.split() \
         if (ROOT / ".git").exists() else []
     needed = {"setup.py", "pyproject.toml", "MANIFEST.in", "CMakeLists.txt", "README.md", "LICENSE",
-              "csrc/cuda/kernels.cu", "csrc/xsam_ops.h", "kernels/elementwise.py", "bench/device_check.sh",
+              "csrc/cuda/multi_tensor_apply.cuh", "csrc/xsam_ops.h", "kernels/elementwise.py", "bench/device_check.sh",
               "xsam/build_info.py", *tracked}
     assert not needed - names, f"missing from the sdist: {sorted(needed - names)}"
     assert not [n for n in names if n.endswith(".so") or n.endswith(RECORD_NAME)], names
