@@ -171,6 +171,43 @@ def test_opcheck(device, dtype, name):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(_opcheck_cases("cpu", torch.float32)))
+def test_fast_entries_give_the_registered_ops_results(device, name):
+    """xsam._C's eager entries (borrowed tensors, typed dispatcher call) against torch.ops.xsam."""
+    from xsam import _C
+
+    args = _opcheck_cases(device, torch.float32)[name]
+    op_name = "correct_restore_" if name.startswith("correct_restore_") else name
+    tensor_list = lambda a: isinstance(a, list) and all(isinstance(t, torch.Tensor) for t in a)  # noqa: E731
+    via_ops = [[t.clone() for t in a] if tensor_list(a) else a for a in args]
+    via_fast = [tuple(t.clone() for t in a) if tensor_list(a) else a for a in args]  # tuples too
+    out_ops = getattr(torch.ops.xsam, op_name)(*via_ops)
+    out_fast = getattr(_C, op_name)(*via_fast)
+    if out_ops is None:
+        assert out_fast is None
+    else:
+        assert torch.equal(out_ops, out_fast)
+    for a, b in zip(via_ops, via_fast):
+        if tensor_list(a):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_fast_entries_refuse_non_tensors_and_route_tensor_subclasses_through_the_dispatcher():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from xsam import _C
+
+    with pytest.raises(TypeError, match=r"ys\[1\] is not a tensor"):
+        _C.axpy_([torch.ones(2), 3.0], [torch.ones(2), torch.ones(2)], torch.ones(()))
+    with pytest.raises(TypeError, match="must be a list of tensors"):
+        _C.axpy_(torch.ones(2), [torch.ones(2)], torch.ones(()))
+    with FakeTensorMode() as mode:  # a Python-key tensor: the full dispatcher path, i.e. the fake
+        x = mode.from_tensor(torch.ones(5))
+        out = _C.dots([x, x], 2, [0, 1])
+    assert out.shape == (1,) and type(out).__name__ == "FakeTensor"
+
+
 def test_ops_trace_under_torch_compile():
     def step(params, grads, saved, vecs):
         sums = torch.ops.xsam.dots(grads + vecs, 2, [0, 0, 0, 1])

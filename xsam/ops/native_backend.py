@@ -5,7 +5,9 @@ imported); ``xsam._C`` registers CPU kernels and, when built with nvcc, CUDA ker
 them (``TORCH_LIBRARY_IMPL``). This module adds the fake implementations torch.compile
 traces with, and exposes one function per op with the schema's arguments.
 
-Hot path: each function calls the compiled op directly. The C++ side checks every tensor
+Hot path: each function calls the compiled kernel through xsam._C's fast entry (the tensors of
+the lists are borrowed, not converted one by one; see csrc/module.cpp), or through
+``torch.ops.xsam`` while torch.compile traces. The C++ side checks every tensor
 (device, dtype, shape, dense layout) before it writes anything, so when a call fails the
 arguments are untouched; only then does Python look for the cause, and a layout the kernels
 cannot address raises ``LayoutError`` so that the op layer retries with dense copies.
@@ -23,13 +25,15 @@ from .fakes import register_fakes
 from .layout import LayoutError, needs_dense
 
 NAMESPACE = "xsam"
+_C = None  # the extension module, once loaded
 
 
 def _load_extension() -> str | None:
     """Import xsam._C (running its kernel registrations); None on success, else why it failed."""
+    global _C
     define_schemas(NAMESPACE)
     try:
-        from xsam import _C  # noqa: F401  (imported for its TORCH_LIBRARY_IMPL side effect)
+        from xsam import _C  # its import runs the TORCH_LIBRARY_IMPL registrations
     except ImportError as exc:
         return build_info.missing_extension_reason(exc)  # says why the build failed, if it did
     return None
@@ -71,12 +75,17 @@ def availability(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def _backend_function(spec):
     op = getattr(getattr(torch.ops, NAMESPACE), spec.name).default
+    # The fast eager entry of xsam._C (see csrc/module.cpp): the same kernel without converting
+    # every tensor of every list; torch.compile traces the registered op instead.
+    fast = getattr(_C, spec.name)
     names = spec.argument_names()
 
     def run(**args):
         ordered = [args[name] for name in names]
         try:
-            return op(*ordered)
+            if torch.compiler.is_compiling():
+                return op(*ordered)
+            return fast(*ordered)
         except RuntimeError as exc:
             if needs_dense(spec, args):
                 raise LayoutError(str(exc)) from exc
