@@ -160,7 +160,7 @@ def scaled_xsam_run(rank):
             out["skip"] = {
                 "weights_before": before[0], "weights_after": [p.to_local().clone() for p in params],
                 "scale_before": before[1], "scale_after": scaler.get_scale(), "closure_calls": calls[0],
-                "skipped_steps": opt.state_dict()["state"]["xsam"]["skipped_steps"],
+                "skipped_steps": opt.diagnostics()["skipped_steps"],
             }
             calls[0], poison[0] = 0, False  # the same batch again, now finite
         scaler.step(opt, closure)
