@@ -379,8 +379,9 @@ class SharpnessAware(torch.optim.Optimizer):
 
         ``record`` maps names to the step's scalars as device tensors (no host sync is forced;
         read them when convenient): ``step`` (int, the index of the step just taken),
-        ``refreshed`` (bool, the step ran an eigenvector refresh), ``grad_norm`` (||g||),
-        ``weighted_grad_norm`` (||w * g||, ASAM only), ``clip_coef`` (with ``max_grad_norm``), and
+        ``refreshed`` (bool, the step ran an eigenvector refresh), ``grad_norm`` (||g|| of the first
+        pass; not for SAM with ``adaptive=True``), ``weighted_grad_norm`` (||w * g||, the norm ASAM's
+        perturbation divides by; ``adaptive=True`` only), ``clip_coef`` (with ``max_grad_norm``), and
         for X-SAM ``adv_grad_norm``, ``cos_g_v``, ``cos_gadv_v``, ``correction`` (the ``beta`` of
         algorithm.md: the gradient loses ``alpha * beta * v``), ``eigenvalue`` and
         ``eigen_residual`` of the current v, and ``refresh_rejected`` (bool tensor: the refresh of
