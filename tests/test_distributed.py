@@ -41,6 +41,8 @@ CONFIGS = {  # name: (hvp, per_replica_perturbation, DDP keyword arguments, XSAM
     # hvp_eval_mode=False: the products reuse the first pass's gradients (views into the buckets).
     "sync_forward_bucket_view": ("forward_difference", False, {"gradient_as_bucket_view": True},
                                  {"hvp_eval_mode": False}),
+    # Mode (a) is fine with a static graph (mode (b) is refused, see run_refusals).
+    "sync_fd_static_graph": ("finite_difference", False, {"static_graph": True}, {}),
     # Mode (b): the first pass's gradients are each rank's own, the products' are averaged.
     "replica_forward_train_mode": ("forward_difference", True, {}, {"hvp_eval_mode": False}),
 }
@@ -49,6 +51,7 @@ REFERENCES = {  # DDP run: single-process run on the full batch it must equal, a
     # Finite differences divide the rounding of per-rank gradient sums by h.
     "sync_fd": ("sync_fd", 1e-7),
     "sync_fd_bucket_view": ("sync_fd", 1e-7),
+    "sync_fd_static_graph": ("sync_fd", 1e-7),
     "sync_forward_bucket_view": ("forward_train_mode", 1e-6),
     "group_exact_manual": ("sync_exact", 1e-10),
 }

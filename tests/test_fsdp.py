@@ -196,6 +196,24 @@ def dcp_resumed_run(name, rank, checkpoint_dir):
     return out
 
 
+def single_process_checkpoint_into_sharded(rank):
+    """A single-process run's checkpoint loaded into a sharded optimizer: refused as it is, sharded by DCP."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    plain = make_model()
+    plain_opt = make_optimizer("xsam", plain.parameters())
+    train(plain, plain_opt, steps=range(RESUME_AT))
+    model = sharded_model()
+    opt = make_optimizer("xsam", model.parameters(), hvp="auto", model=model)
+    out = {"direct_error": error_of(lambda: opt.load_state_dict(plain_opt.state_dict()))}
+    set_optimizer_state_dict(model, opt, get_optimizer_state_dict(plain, plain_opt),
+                             options=StateDictOptions(full_state_dict=True))
+    out.update(step=opt.diagnostics()["step"], eigenvector=[t.full_tensor() for t in opt.eigenvector()],
+               expected=plain_opt.eigenvector())
+    return out
+
+
 def worker(rank, init_file, out_dir):
     # Ranks that disagree (e.g. about skipping a step) issue mismatched collectives: fail, do not hang.
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
@@ -222,6 +240,7 @@ def worker(rank, init_file, out_dir):
         result["exact_hvp_error"] = error_of(lambda: exact_hvp(lambda: loss_of(model, x, y), params))
         result["ops"] = dtensor_op_checks(rank)
         result["amp"] = scaled_xsam_run(rank)
+        result["full_into_sharded"] = single_process_checkpoint_into_sharded(rank)
         result["dcp"] = {}
         for name in ("xsam", "sam"):
             try:  # an error here (raised on every rank alike) leaves the other results to be checked
@@ -348,3 +367,13 @@ def test_dcp_checkpoint_resumes_a_sharded_run_bit_identically(fsdp_results, name
         if name == "xsam":
             assert resumed["diagnostics"]["refreshes"] == uninterrupted["refreshes"] == 3
             assert all(torch.equal(a, b) for a, b in zip(resumed["eigenvector"], uninterrupted["eigenvector"]))
+
+
+def test_a_single_process_checkpoint_loads_into_a_sharded_optimizer_through_dcp(fsdp_results):
+    for rank in range(WORLD):
+        got = fsdp_results[rank]["full_into_sharded"]
+        assert got["direct_error"].startswith("ValueError: state_dict's eigenvector for parameter 0 is a plain "
+                                              "tensor but the parameter is a sharded DTensor")
+        assert "full_state_dict=True" in got["direct_error"]
+        assert got["step"] == RESUME_AT
+        assert all(torch.equal(a, b) for a, b in zip(got["eigenvector"], got["expected"]))

@@ -182,6 +182,12 @@ class EigenvectorMixin:
             if tuple(v.shape) != tuple(params[i].shape):
                 raise ValueError(f"state_dict's eigenvector for parameter {i} has shape {tuple(v.shape)} but the "
                                  f"parameter has shape {tuple(params[i].shape)}; build the model as it was saved")
+            if _is_dtensor(v) != _is_dtensor(params[i]):
+                kinds = ("a sharded DTensor", "a plain tensor")
+                raise ValueError(f"state_dict's eigenvector for parameter {i} is {kinds[not _is_dtensor(v)]} but the "
+                                 f"parameter is {kinds[not _is_dtensor(params[i])]}; load checkpoints across "
+                                 "sharding layouts with torch.distributed.checkpoint.state_dict."
+                                 "set_optimizer_state_dict (StateDictOptions(full_state_dict=True) for a full one)")
             if not bool(torch.isfinite(v).all()):
                 raise ValueError(f"state_dict's eigenvector for parameter {i} is not finite; the checkpoint is "
                                  "corrupt (load an earlier one, or drop the 'eigenvector' entries to start over)")
