@@ -29,7 +29,7 @@ from xsam import XSAM
 from xsam.amp import SAMGradScaler
 from xsam.hessian import random_vectors
 
-from helpers import flat, spawn_and_wait
+from helpers import error_of, flat, spawn_and_wait
 
 WORLD, STEPS, SEED = 2, 5, 7
 HYPER = dict(lr=0.1, momentum=0.9, rho=0.05, alpha=0.5, eig_interval=2, power_iters=3)
@@ -126,14 +126,6 @@ def train_manually(model, opt, rank, forward_model):
 def outcome(opt, params):
     return {"weights": [p.detach().clone() for p in params], "eigenvector": opt.eigenvector(),
             "refreshes": opt.diagnostics()["refreshes"]}
-
-
-def error_of(fn):
-    try:
-        fn()
-    except Exception as exc:  # the parent checks type and message
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 # ----- the scenarios, each run on every rank ---------------------------------------------------

@@ -27,7 +27,7 @@ from xsam import SAM, XSAM, ops
 from xsam.amp import SAMGradScaler
 from xsam.hessian import exact_hvp, random_vectors
 
-from helpers import flat
+from helpers import error_of, flat
 
 WORLD, STEPS, SEED = 2, 5, 3
 SKIPPED_STEP, POISONED_RANK, INIT_SCALE = 1, 1, 2.0 ** 10  # step 1 does not refresh (eig_interval=2)
@@ -89,14 +89,6 @@ def sharded_model():
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
     return fully_shard(model)
-
-
-def error_of(fn):
-    try:
-        fn()
-    except Exception as exc:  # the parent checks type and message
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 def full_vectors():

@@ -126,19 +126,20 @@ class EigenvectorMixin:
 
     # ----- checkpoints -------------------------------------------------------------------------
     STATE_KEYS = ("eigenvector",)
-    SAVED_INTEGERS = ("refreshes", "rejected_refreshes", "refresh_attempts", "power_iterations")
-    REFRESH_RECORD = ("eigenvalue", "eigen_residual", "refresh_rejected", "power_iterations")
+    COUNTERS = ("refreshes", "rejected_refreshes", "refresh_attempts")  # saved as host integers
+    REFRESH_RECORD = ("eigenvalue", "eigen_residual", "refresh_rejected", "power_iterations")  # the last refresh's
 
     def _checkpoint_global(self) -> dict:
         g = self._global
         out = super()._checkpoint_global()
-        out.update({key: int(g.get(key, 0)) for key in self.SAVED_INTEGERS})
+        out.update({key: int(g.get(key, 0)) for key in self.COUNTERS})
         out["retry_refresh"] = bool(g.get("retry_refresh", False))
         out["generator"] = g["generator"]
         # Before the first refresh: placeholders of the types a refresh stores (dropped on load).
         params = [p for group in self.param_groups for p in group["params"]]
         device = params[0].device if params else torch.device("cpu")
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        out["power_iterations"] = int(g.get("power_iterations", 0))
         out["eigenvalue"] = g.get("eigenvalue", torch.full((), float("nan"), dtype=dtype, device=device))
         out["eigen_residual"] = g.get("eigen_residual", torch.full((), float("nan"), dtype=dtype, device=device))
         out["refresh_rejected"] = g.get("refresh_rejected", torch.zeros((), dtype=torch.bool, device=device))
@@ -153,7 +154,7 @@ class EigenvectorMixin:
 
     def _restore_global(self, saved: dict, own: dict) -> tuple[dict, dict]:
         live, own = super()._restore_global(saved, own)
-        for key in ("refreshes", "rejected_refreshes", "refresh_attempts", "retry_refresh"):
+        for key in (*self.COUNTERS, "retry_refresh"):
             if key in saved:
                 live[key] = saved[key]
         live["generator"] = saved["generator"].cpu()  # torch.Generator's state lives on the CPU
