@@ -189,3 +189,21 @@ def test_set_optimizer_state_dict_refuses_another_kind():
     sam = make_optimizer("sam", model)
     with pytest.raises(ValueError, match="saved by XSAM, but this optimizer is SAM"):
         set_optimizer_state_dict(model, sam, saved)
+
+
+def test_a_stateless_base_optimizer_is_copied_for_placeholders_once(monkeypatch):
+    """SGD without momentum keeps no state: later checkpoints skip the throw-away copy, until a
+    hyper-parameter that may create state changes."""
+    import xsam.optim.checkpoint as checkpoint
+
+    copies = []
+    deepcopy = copy.deepcopy
+    monkeypatch.setattr(checkpoint.copy, "deepcopy", lambda *a, **k: copies.append(1) or deepcopy(*a, **k))
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    for lr in (0.1, 0.05):  # a scheduler's change of lr keeps the verdict
+        opt.param_groups[0]["lr"] = lr
+        assert not any(opt.state_dict()["state"][0].keys() - {"xsam"})
+    assert len(copies) == 1
+    opt.param_groups[0]["momentum"] = 0.9
+    assert "momentum_buffer" in opt.state_dict()["state"][0] and len(copies) == 2

@@ -62,7 +62,7 @@ def pack_state_dict(optimizer) -> dict:
     # Placeholders while the base optimizer has no state at all (before its first step).
     saved_global[PLACEHOLDERS] = not any(base.state.values())
     if saved_global[PLACEHOLDERS]:
-        state.update(_base_state_placeholders(base, params))
+        state.update(_base_state_placeholders(optimizer, params))
     for i in trainable:
         state.setdefault(i, {})
     for i, entry in optimizer._checkpoint_per_param(params, trainable).items():
@@ -78,13 +78,22 @@ def pack_state_dict(optimizer) -> dict:
     return {"state": state, "param_groups": base_sd["param_groups"]}
 
 
-def _base_state_placeholders(base: torch.optim.Optimizer, params: list[Tensor]) -> dict:
+def _base_state_placeholders(optimizer, params: list[Tensor]) -> dict:
     """Entries shaped like the base optimizer's state once it has stepped, without touching it.
 
     A copy over clones of the parameters steps once with zero gradients at lr=0 (what DCP's
     ``_init_optim_state`` does to torch's own optimizers, but on the optimizer itself).
-    Transient memory: a copy of the parameters, their gradients and the state.
+    Transient memory: a copy of the parameters, their gradients and the state. A base optimizer
+    that keeps no state (SGD without momentum) is remembered, for as long as its groups and
+    hyper-parameters other than the learning rate stay the same, so that not every checkpoint
+    pays for the copy.
     """
+    base = optimizer.base_optimizer
+    key = tuple((id(g), tuple(map(id, g["params"])),
+                 repr(sorted((k, v) for k, v in g.items() if k not in ("params", "lr", "initial_lr"))))
+                for g in base.param_groups)
+    if getattr(optimizer, "_stateless_base_key", None) == key:
+        return {}
     clones = [p.detach().clone() for p in params]
     try:
         twin = copy.deepcopy(base, memo={id(p): c for p, c in zip(params, clones)})
@@ -95,12 +104,14 @@ def _base_state_placeholders(base: torch.optim.Optimizer, params: list[Tensor]) 
                 group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], Tensor) else 0.0
         with torch.no_grad():
             twin.step()
-        return twin.state_dict()["state"]
+        entries = twin.state_dict()["state"]
     except Exception as exc:  # an optimizer that cannot be copied or stepped this way: say what is lost
         warnings.warn(f"xsam: could not build placeholders for {type(base).__name__}'s state ({exc}); a DCP "
                       "load into this optimizer before its first step will not restore the base optimizer's "
                       "state", stacklevel=3)
         return {}
+    optimizer._stateless_base_key = None if entries else key
+    return entries
 
 
 # ----- loading -----------------------------------------------------------------------------------
