@@ -52,6 +52,15 @@ class Quadratic:
         return self.A @ w + self.b
 
 
+def error_of(fn) -> str | None:
+    """``"Type: message"`` of what ``fn()`` raised, or None: a spawned worker reports refusals this way."""
+    try:
+        fn()
+    except Exception as exc:  # the parent process checks type and message
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface, for an env:// rendezvous."""
     import socket

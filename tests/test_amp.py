@@ -100,7 +100,8 @@ def test_non_finite_pass_skips_the_whole_step(backend, poisoned_pass):
         after = snapshot(model, opt)
         assert all(torch.equal(a, b) for a, b in zip(before[0], after[0])), "weights not restored exactly"
         state_before, state_after = before[1], after[1]
-        assert state_after["state"]["xsam"].pop("skipped_steps") == state_before["state"]["xsam"].pop("skipped_steps") + 1
+        skipped_after, skipped_before = (s["state"][0]["xsam"].pop("skipped_steps") for s in (state_after, state_before))
+        assert skipped_after == skipped_before + 1
         assert same(state_before, state_after), "eigenvector, base optimizer or counters changed"
         assert scaler.get_scale() == scale_before * 0.5
         assert inj.closure_calls == poisoned_pass  # a poisoned first pass stops before the second
@@ -181,6 +182,37 @@ def test_scaled_run_equals_unscaled_run_bit_for_bit(backend, hvp):
     else:  # the finite-difference step size is relative, the differences themselves round
         for a, b in zip(w0 + v0, w1 + v1):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_max_grad_norm_clips_unscaled_gradients_under_the_scaler():
+    """max_grad_norm is in the units of the unscaled loss: the scaled run clips exactly like the unscaled one
+    (issue 14, item 3: the closure, which sees scaled gradients, is no place to clip)."""
+    x, y = data()
+    runs = []
+    for use_scaler in (False, True):
+        model = make_model(dtype=torch.float64)
+        opt = make_xsam(model, hvp="finite_difference", normalize=False, max_grad_norm=0.05)
+        scaler = SAMGradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1000)
+        records = []
+        opt.register_diagnostics_hook(lambda o, r: records.append(r["clip_coef"].item()))
+
+        def closure():
+            loss = nn.functional.cross_entropy(model(x.double()), y)
+            (scaler.scale(loss) if use_scaler else loss).backward()
+            return loss
+
+        for _ in range(3):
+            if use_scaler:
+                scaler.step(opt, closure)
+                scaler.update()
+            else:
+                opt.step(closure)
+        runs.append(([p.detach().clone() for p in model.parameters()], records))
+    (w0, clip0), (w1, clip1) = runs
+    assert max(clip0) < 0.5  # the clip acted on every step
+    assert clip0 == pytest.approx(clip1, rel=1e-9)
+    for a, b in zip(w0, w1):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 def test_sam_with_the_scaler_skips_and_equals_unscaled_sam():

@@ -1,37 +1,79 @@
 """DDP with gloo, 2 processes on CPU: identical replicas, and the single-process / flat oracles.
 
-One mp.spawn runs every configuration in turn (a spawn costs seconds); each rank
-saves its weights and eigenvector, and the parent compares them with each other
-(bit for bit) and with oracles computed here in one process:
-- mode (a), synchronised perturbation: the single-process XSAM run on the
-  concatenated batch (float64, tight tolerance);
-- mode (b), per-replica perturbation: a flat float64 computation of the step in
-  which each replica perturbs by its own half-batch gradient.
+One mp.spawn runs every scenario in turn (a spawn costs seconds); each rank saves what it
+saw per scenario (weights, eigenvector, error messages), and the parent compares the ranks
+with each other (bit for bit) and with oracles computed here in one process:
+- mode (a), synchronised perturbation: the single-process XSAM run on the concatenated
+  batch (float64, tight tolerance), also with DDP's gradient_as_bucket_view=True, whose
+  .grad tensors are views into buckets that every backward overwrites (issue 14, item 1);
+- mode (b), per-replica perturbation: a flat float64 computation of the step in which each
+  replica perturbs by its own half-batch gradient, also with a layer that one rank's first
+  pass does not use (find_unused_parameters=True; item 2);
+- exact HVPs without a DDP model: refused with what to pass, or averaged over an explicit
+  process_group, in step() and in the manual refresh_eigenvector/first_step/second_step path
+  (item 4); static_graph=True with per-replica perturbation refused (item 7);
+- SAMGradScaler in mode (b) with an overflow in one rank's first pass only: both ranks skip
+  the step together (item 5). Disagreeing ranks would issue mismatched collectives: the gloo
+  timeout and the spawn deadline turn that into a failure instead of a hang.
 """
 import os
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.func import functional_call, grad
 
 from xsam import XSAM
+from xsam.amp import SAMGradScaler
 from xsam.hessian import random_vectors
+
+from helpers import error_of, flat, spawn_and_wait
 
 WORLD, STEPS, SEED = 2, 5, 7
 HYPER = dict(lr=0.1, momentum=0.9, rho=0.05, alpha=0.5, eig_interval=2, power_iters=3)
-CONFIGS = {  # name: (hvp, per_replica_perturbation)
-    "sync_exact": ("exact", False),
-    "sync_fd": ("finite_difference", False),
-    "replica_exact": ("exact", True),
+CONFIGS = {  # name: (hvp, per_replica_perturbation, DDP keyword arguments, XSAM keyword arguments)
+    "sync_exact": ("exact", False, {}, {}),
+    "sync_fd": ("finite_difference", False, {}, {}),
+    "replica_exact": ("exact", True, {}, {}),
+    "sync_fd_bucket_view": ("finite_difference", False, {"gradient_as_bucket_view": True}, {}),
+    # hvp_eval_mode=False: the products reuse the first pass's gradients (views into the buckets).
+    "sync_forward_bucket_view": ("forward_difference", False, {"gradient_as_bucket_view": True},
+                                 {"hvp_eval_mode": False}),
+    # Mode (a) is fine with a static graph (mode (b) is refused, see run_refusals).
+    "sync_fd_static_graph": ("finite_difference", False, {"static_graph": True}, {}),
+    # Mode (b): the first pass's gradients are each rank's own, the products' are averaged.
+    "replica_forward_train_mode": ("forward_difference", True, {}, {"hvp_eval_mode": False}),
 }
+REFERENCES = {  # DDP run: single-process run on the full batch it must equal, and the tolerance
+    "sync_exact": ("sync_exact", 1e-10),
+    # Finite differences divide the rounding of per-rank gradient sums by h.
+    "sync_fd": ("sync_fd", 1e-7),
+    "sync_fd_bucket_view": ("sync_fd", 1e-7),
+    "sync_fd_static_graph": ("sync_fd", 1e-7),
+    "sync_forward_bucket_view": ("forward_train_mode", 1e-6),
+    "group_exact_manual": ("sync_exact", 1e-10),
+}
+SKIPPED_STEP, POISONED_RANK, INIT_SCALE = 1, 1, 2.0 ** 10  # step 1 does not refresh (eig_interval=2)
 
 
 def make_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+
+
+class Branchy(nn.Module):
+    """The model of make_model() plus a branch that a forward may leave out (``use_extra=False``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = make_model()
+        self.extra = nn.Linear(5, 2).double()
+
+    def forward(self, x, use_extra=True):
+        out = self.body(x)
+        return out + torch.tanh(self.extra(x)) if use_extra else out
 
 
 def full_batch(step):
@@ -43,72 +85,220 @@ def shard(tensor, rank):
     return tensor.chunk(WORLD)[rank]
 
 
-def loss_of(model, x, y):
-    return (model(x) - y).square().mean()
+def loss_of(model, x, y, **kwargs):
+    return (model(x, **kwargs) - y).square().mean()
 
 
-def train(model, opt, rank=None, forward_model=None):
-    """STEPS steps; with rank, on that rank's half of each batch."""
-    forward_model = forward_model or model
+def batches(rank):
+    """Each step's batch: the full one, or with rank, that rank's half."""
     for t in range(STEPS):
         x, y = full_batch(t)
-        if rank is not None:
-            x, y = shard(x, rank), shard(y, rank)
+        yield (x, y) if rank is None else (shard(x, rank), shard(y, rank))
+
+
+def train(model, opt, rank=None, forward_model=None, first_pass_kwargs=None):
+    """STEPS steps of opt.step(closure, loss_fn); ``first_pass_kwargs`` go to the model in the first pass only."""
+    forward_model = forward_model or model
+    for x, y in batches(rank):
+        calls = [0]
 
         def closure():
-            loss = loss_of(model, x, y)
+            calls[0] += 1
+            kwargs = first_pass_kwargs if first_pass_kwargs and calls[0] == 1 else {}
+            loss = loss_of(model, x, y, **kwargs)
             loss.backward()
             return loss
 
         opt.step(closure, loss_fn=lambda: loss_of(forward_model, x, y))
 
 
+def train_manually(model, opt, rank, forward_model):
+    """The same steps through refresh_eigenvector / first_step / second_step."""
+    for x, y in batches(rank):
+        if opt.refresh_due:
+            opt.refresh_eigenvector(loss_fn=lambda: loss_of(forward_model, x, y))
+        loss_of(model, x, y).backward()
+        opt.first_step(zero_grad=True)
+        loss_of(model, x, y).backward()
+        opt.second_step(zero_grad=True)
+
+
+def outcome(opt, params):
+    return {"weights": [p.detach().clone() for p in params], "eigenvector": opt.eigenvector(),
+            "refreshes": opt.diagnostics()["refreshes"]}
+
+
+# ----- the scenarios, each run on every rank ---------------------------------------------------
+def run_config(name, rank):
+    hvp, per_replica, ddp_kwargs, xsam_kwargs = CONFIGS[name]
+    ddp = nn.parallel.DistributedDataParallel(make_model(), **ddp_kwargs)
+    opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp=hvp, model=ddp, per_replica_perturbation=per_replica,
+               seed=SEED, **xsam_kwargs, **HYPER)
+    train(ddp, opt, rank, forward_model=ddp.module)
+    return outcome(opt, ddp.parameters())
+
+
+def run_replica_unused(rank):
+    """Mode (b); rank 0's first pass leaves the extra layer out (no gradient there), the rest use it."""
+    ddp = nn.parallel.DistributedDataParallel(Branchy(), find_unused_parameters=True)
+    opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp="exact", model=ddp, per_replica_perturbation=True,
+               seed=SEED, **HYPER)
+    train(ddp, opt, rank, forward_model=ddp.module, first_pass_kwargs={"use_extra": rank != 0})
+    return outcome(opt, ddp.parameters())
+
+
+def run_group_exact_manual(rank):
+    """Exact HVPs without a DDP model, averaged over an explicit process_group; the manual path."""
+    ddp = nn.parallel.DistributedDataParallel(make_model())
+    opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp="exact", process_group=dist.group.WORLD, seed=SEED, **HYPER)
+    train_manually(ddp, opt, rank, forward_model=ddp.module)
+    return outcome(opt, ddp.parameters())
+
+
+def run_refusals(rank):
+    """Exact HVPs under DDP that would not be averaged, and static_graph with per-replica perturbation."""
+    x, y = next(batches(rank))
+    out = {}
+    for name, model_arg in (("ddp_module", "module"), ("no_model", None)):
+        ddp = nn.parallel.DistributedDataParallel(make_model())
+        opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp="exact", model=ddp.module if model_arg else None,
+                   seed=SEED, **HYPER)
+
+        def closure():
+            loss = loss_of(ddp, x, y)
+            loss.backward()
+            return loss
+
+        before = [p.detach().clone() for p in ddp.parameters()]
+        out[f"step_{name}"] = error_of(lambda: opt.step(closure, loss_fn=lambda: loss_of(ddp.module, x, y)))
+        out[f"unchanged_{name}"] = all(torch.equal(a, b) for a, b in zip(before, ddp.parameters()))
+        out[f"refresh_{name}"] = error_of(lambda: opt.refresh_eigenvector(loss_fn=lambda: loss_of(ddp.module, x, y)))
+    static = nn.parallel.DistributedDataParallel(make_model(), static_graph=True)
+    out["static_graph"] = error_of(lambda: XSAM(static.parameters(), torch.optim.SGD, model=static,
+                                                per_replica_perturbation=True, lr=0.1))
+    return out
+
+
+def run_scaled_replica(rank):
+    """replica_exact under SAMGradScaler; one attempt of step SKIPPED_STEP overflows in POISONED_RANK's first pass."""
+    ddp = nn.parallel.DistributedDataParallel(make_model())
+    opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp="exact", model=ddp, per_replica_perturbation=True,
+               seed=SEED, **HYPER)
+    scaler = SAMGradScaler("cpu", init_scale=INIT_SCALE, growth_interval=1000)
+    params = list(ddp.parameters())
+    out = {}
+    for t, (x, y) in enumerate(batches(rank)):
+        poison = [t == SKIPPED_STEP]
+
+        def closure():
+            loss = loss_of(ddp, x, y)
+            scaler.scale(loss).backward()
+            if poison[0] and rank == POISONED_RANK:  # exact HVPs: call 1 is the first pass
+                params[0].grad.view(-1)[0] = float("inf")
+                poison[0] = False
+            return loss
+
+        def loss_fn():
+            return loss_of(ddp.module, x, y)
+
+        if poison[0]:
+            before = [p.detach().clone() for p in params]
+            scaler.step(opt, closure, loss_fn=loss_fn)
+            scaler.update()
+            out["skip"] = {"unchanged": all(torch.equal(a, b) for a, b in zip(before, params)),
+                           "scale": scaler.get_scale(), "skipped_steps": opt.diagnostics()["skipped_steps"],
+                           "step": opt.diagnostics()["step"]}
+            poison[0] = False  # the same batch again, now finite
+        scaler.step(opt, closure, loss_fn=loss_fn)
+        scaler.update()
+    out.update(outcome(opt, params), scale=scaler.get_scale())
+    return out
+
+
+SCENARIOS = {name: (lambda rank, name=name: run_config(name, rank)) for name in CONFIGS}
+SCENARIOS.update(replica_unused=run_replica_unused, group_exact_manual=run_group_exact_manual,
+                 refusals=run_refusals,
+                 scaled_replica=run_scaled_replica)  # last: ranks that disagree here desynchronise the group
+
+
 def worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
     try:
-        for name, (hvp, per_replica) in CONFIGS.items():
-            ddp = nn.parallel.DistributedDataParallel(make_model())
-            opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp=hvp, model=ddp, per_replica_perturbation=per_replica,
-                       seed=SEED, **HYPER)
-            train(ddp, opt, rank, forward_model=ddp.module)
-            torch.save({"weights": [p.detach() for p in ddp.parameters()], "eigenvector": opt.eigenvector(),
-                        "refreshes": opt.diagnostics()["refreshes"]},
-                       os.path.join(out_dir, f"{name}_{rank}.pt"))
+        for name, scenario in SCENARIOS.items():
+            try:
+                result = scenario(rank)
+            except Exception as exc:  # recorded, so that the other scenarios are still checked
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+            torch.save(result, os.path.join(out_dir, f"{name}_{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory):
+def results(tmp_path_factory):
+    """``results(name)``: the per-rank outcomes of a scenario (fails the test if it did not complete)."""
     tmp = tmp_path_factory.mktemp("ddp")
-    mp.spawn(worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
-    return {name: [torch.load(tmp / f"{name}_{r}.pt", weights_only=True) for r in range(WORLD)] for name in CONFIGS}
+    try:
+        spawn_and_wait(worker, (str(tmp / "init"), str(tmp)), WORLD, timeout=240)
+        failure = None
+    except BaseException as exc:  # noqa: BLE001 - a timeout or crash: the scenarios saved so far are checked
+        failure = f"{type(exc).__name__}: {exc}"
+
+    def load(name):
+        files = [tmp / f"{name}_{r}.pt" for r in range(WORLD)]
+        if not all(f.exists() for f in files):
+            pytest.fail(f"scenario {name} did not finish on every rank ({failure})")
+        outcomes = [torch.load(f, weights_only=False) for f in files]
+        for r, out in enumerate(outcomes):
+            assert "error" not in out, f"scenario {name} raised on rank {r}: {out['error']}"
+        return outcomes
+
+    return load
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_every_rank_holds_bit_identical_weights_and_eigenvectors(ddp_results, name):
-    r0, r1 = ddp_results[name]
-    assert r0["refreshes"] == r1["refreshes"] == 3
-    assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))
-    assert all(torch.equal(a, b) for a, b in zip(r0["eigenvector"], r1["eigenvector"]))
-
-
-@pytest.mark.parametrize("name", ["sync_exact", "sync_fd"])
-def test_synchronised_perturbation_matches_single_process_full_batch(ddp_results, name):
+def single_process(name):
+    """The single-process run on the full batch that a DDP run must equal."""
     model = make_model()
-    opt = XSAM(model.parameters(), torch.optim.SGD, hvp=CONFIGS[name][0], seed=SEED, **HYPER)
+    if name == "forward_train_mode":
+        opt = XSAM(model.parameters(), torch.optim.SGD, hvp="forward_difference", hvp_eval_mode=False, seed=SEED,
+                   **HYPER)
+    else:
+        opt = XSAM(model.parameters(), torch.optim.SGD, hvp=CONFIGS[name][0], seed=SEED, **HYPER)
     train(model, opt)
-    got = ddp_results[name][0]
-    tol = 1e-10 if name == "sync_exact" else 1e-7  # finite differences round differently per batch split
-    for a, b in zip(got["weights"], model.parameters()):
-        torch.testing.assert_close(a, b.detach(), rtol=tol, atol=tol)
-    for a, b in zip(got["eigenvector"], opt.eigenvector()):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    return outcome(opt, model.parameters())
 
 
-def per_replica_oracle():
-    """Mode (b) on flat float64 vectors: replica r perturbs by grad L_r, the update averages the perturbed grads."""
-    model = make_model()
+def assert_replicas_identical(pair):
+    r0, r1 = pair
+    assert r0["refreshes"] == r1["refreshes"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"])), "replicas' weights differ"
+    assert all(torch.equal(a, b) for a, b in zip(r0["eigenvector"], r1["eigenvector"])), "eigenvectors differ"
+
+
+@pytest.mark.parametrize("name", [*CONFIGS, "replica_unused", "group_exact_manual"])
+def test_every_rank_holds_bit_identical_weights_and_eigenvectors(results, name):
+    assert_replicas_identical(results(name))
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_synchronised_perturbation_matches_single_process_full_batch(results, name):
+    """Also: finite-difference HVPs with gradient_as_bucket_view=True (item 1; every HVP was 0 before),
+    and exact HVPs averaged over an explicit process_group in the manual path (item 4)."""
+    reference, tol = REFERENCES[name]
+    want = single_process(reference)
+    got = results(name)[0]
+    assert got["refreshes"] == want["refreshes"] == 3
+    torch.testing.assert_close(flat(got["weights"]), flat(want["weights"]), rtol=tol, atol=tol)
+    torch.testing.assert_close(flat(got["eigenvector"]), flat(want["eigenvector"]), rtol=tol, atol=tol)
+
+
+def per_replica_oracle(model, first_pass_kwargs=lambda r: {}):
+    """Mode (b) on flat float64 vectors: replica r perturbs by grad L_r, the update averages the perturbed grads.
+
+    ``first_pass_kwargs(r)``: extra model arguments of replica r's first pass (a parameter it leaves
+    out gets no gradient there, so the replica does not move it).
+    """
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
     sizes = [p.numel() for p in model.parameters()]
@@ -116,8 +306,8 @@ def per_replica_oracle():
     def unflatten(w):
         return dict(zip(names, (c.view(s) for c, s in zip(w.split(sizes), shapes))))
 
-    def loss(w, x, y):
-        return (functional_call(model, unflatten(w), (x,)) - y).square().mean()
+    def loss(w, x, y, kwargs):
+        return (functional_call(model, unflatten(w), (x,), kwargs) - y).square().mean()
 
     grad_loss = grad(loss)
     w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -130,13 +320,13 @@ def per_replica_oracle():
                 v = torch.cat([r.reshape(-1) for r in random_vectors(list(model.parameters()), 1, gen)[0]])
             v = v / (v.norm() + eps)
             for _ in range(HYPER["power_iters"]):  # H of the full-batch mean loss = mean of the halves' H
-                u = torch.autograd.functional.hvp(lambda w_: loss(w_, x, y), w, v)[1]
+                u = torch.autograd.functional.hvp(lambda w_: loss(w_, x, y, {}), w, v)[1]
                 v = u / (u.norm() + eps)
         perturbed_grads = []
         for r in range(WORLD):
             xr, yr = shard(x, r), shard(y, r)
-            g = grad_loss(w, xr, yr)
-            perturbed_grads.append(grad_loss(w + HYPER["rho"] * g / (g.norm() + eps), xr, yr))
+            g = grad_loss(w, xr, yr, first_pass_kwargs(r))
+            perturbed_grads.append(grad_loss(w + HYPER["rho"] * g / (g.norm() + eps), xr, yr, {}))
         ga = torch.stack(perturbed_grads).mean(0)
         gh = ga / (ga.norm() + eps)
         g_corr = gh - HYPER["alpha"] * (gh @ v).abs() * v
@@ -145,14 +335,66 @@ def per_replica_oracle():
     return w, v
 
 
-def test_per_replica_perturbation_matches_flat_oracle(ddp_results):
-    w, v = per_replica_oracle()
-    got = ddp_results["replica_exact"][0]
-    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in got["weights"]]), w, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in got["eigenvector"]]), v, rtol=1e-10, atol=1e-10)
+def test_per_replica_perturbation_matches_flat_oracle(results):
+    w, v = per_replica_oracle(make_model())
+    got = results("replica_exact")[0]
+    torch.testing.assert_close(flat(got["weights"]), w, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(flat(got["eigenvector"]), v, rtol=1e-10, atol=1e-10)
     # And it really is a different step from mode (a): the first pass was not all-reduced.
-    sync = torch.cat([t.reshape(-1) for t in ddp_results["sync_exact"][0]["weights"]])
-    assert (sync - w).abs().max() > 1e-6
+    assert (flat(results("sync_exact")[0]["weights"]) - w).abs().max() > 1e-6
+
+
+def test_a_layer_unused_in_one_ranks_first_pass_is_normalised_and_corrected_on_every_rank(results):
+    """Item 2: rank 0's first pass leaves a layer out; its second-pass gradient still takes part in the
+    normalisation and the correction, on every rank (before: replicas 0.2 apart after 6 steps)."""
+    w, v = per_replica_oracle(Branchy(), first_pass_kwargs=lambda r: {"use_extra": r != 0})
+    got = results("replica_unused")[0]
+    torch.testing.assert_close(flat(got["weights"]), w, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(flat(got["eigenvector"]), v, rtol=1e-10, atol=1e-10)
+
+
+def test_forward_differences_in_mode_b_use_the_averaged_gradient_as_their_base(results):
+    """Found while testing: with hvp_eval_mode=False the products reused the first pass's gradient, which
+    mode (b) does not all-reduce, against averaged perturbed gradients: every rank got another eigenvector.
+    Forward differences are O(h) ~ 1e-8 from the exact products of the same mode-(b) run."""
+    exact = results("replica_exact")[0]
+    got = results("replica_forward_train_mode")[0]
+    torch.testing.assert_close(flat(got["eigenvector"]), flat(exact["eigenvector"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flat(got["weights"]), flat(exact["weights"]), rtol=1e-6, atol=1e-6)
+
+
+def test_exact_hvps_without_a_ddp_model_are_refused_with_what_to_pass(results):
+    """Item 4: model=ddp.module or model=None kept each rank's own HVPs (eigenvectors 0.88 apart)."""
+    for rank, out in enumerate(results("refusals")):
+        for name in ("ddp_module", "no_model"):
+            for path in ("step", "refresh"):
+                message = out[f"{path}_{name}"]
+                assert message is not None, f"rank {rank}: {path} with {name} was not refused"
+                assert message.startswith("ValueError: exact Hessian-vector products under torch.distributed")
+                assert "model=<the DistributedDataParallel module>" in message and "process_group=" in message
+            assert out[f"unchanged_{name}"]
+
+
+def test_static_graph_with_per_replica_perturbation_is_refused_at_construction(results):
+    """Item 7: DDP(static_graph=True) cannot skip the first pass's all-reduce (a PyTorch internal assert)."""
+    for out in results("refusals"):
+        message = out["static_graph"]
+        assert message is not None and message.startswith("ValueError: per_replica_perturbation=True does not work "
+                                                          "with DistributedDataParallel(static_graph=True)")
+
+
+def test_scaler_skips_on_every_rank_when_one_ranks_first_pass_overflows(results):
+    """Item 5: mode (b)'s first pass is not all-reduced, so only one rank saw the inf; the scaler's flag is
+    all-reduced over the DDP group: both ranks skip, halve the scale, and the run equals the unscaled one."""
+    pair = results("scaled_replica")
+    for out in pair:
+        skip = out["skip"]
+        assert skip["unchanged"] and skip["skipped_steps"] == 1 and skip["step"] == SKIPPED_STEP
+        assert skip["scale"] == INIT_SCALE / 2 and out["scale"] == INIT_SCALE / 2
+    assert_replicas_identical(pair)
+    unscaled = results("replica_exact")[0]
+    torch.testing.assert_close(flat(pair[0]["weights"]), flat(unscaled["weights"]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(flat(pair[0]["eigenvector"]), flat(unscaled["eigenvector"]), rtol=1e-12, atol=1e-12)
 
 
 def test_per_replica_perturbation_needs_a_ddp_model():

@@ -27,10 +27,11 @@ from xsam import SAM, XSAM, ops
 from xsam.amp import SAMGradScaler
 from xsam.hessian import exact_hvp, random_vectors
 
-from helpers import flat
+from helpers import error_of, flat
 
 WORLD, STEPS, SEED = 2, 5, 3
 SKIPPED_STEP, POISONED_RANK, INIT_SCALE = 1, 1, 2.0 ** 10  # step 1 does not refresh (eig_interval=2)
+RESUME_AT = 3  # the DCP checkpoint is taken after step 2; step 4 refreshes from the loaded eigenvector
 XSAM_HYPER = dict(lr=0.1, momentum=0.9, rho=0.05, alpha=0.5, eig_interval=2, power_iters=3)
 SAM_HYPER = dict(lr=0.1, momentum=0.9, rho=0.05)
 CONFIGS = ("xsam", "sam", "asam")
@@ -61,9 +62,9 @@ def loss_of(model, x, y):
     return (model(x) - y).square().mean()
 
 
-def train(model, opt, rank=None):
-    """STEPS steps; with rank, on that rank's half of each batch."""
-    for t in range(STEPS):
+def train(model, opt, rank=None, steps=range(STEPS)):
+    """STEPS steps (or ``steps``); with rank, on that rank's half of each batch."""
+    for t in steps:
         x, y = full_batch(t)
         if rank is not None:
             x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
@@ -88,14 +89,6 @@ def sharded_model():
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
     return fully_shard(model)
-
-
-def error_of(fn):
-    try:
-        fn()
-    except Exception as exc:  # the parent checks type and message
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 def full_vectors():
@@ -160,7 +153,7 @@ def scaled_xsam_run(rank):
             out["skip"] = {
                 "weights_before": before[0], "weights_after": [p.to_local().clone() for p in params],
                 "scale_before": before[1], "scale_after": scaler.get_scale(), "closure_calls": calls[0],
-                "skipped_steps": opt.state_dict()["state"]["xsam"]["skipped_steps"],
+                "skipped_steps": opt.diagnostics()["skipped_steps"],
             }
             calls[0], poison[0] = 0, False  # the same batch again, now finite
         scaler.step(opt, closure)
@@ -169,6 +162,47 @@ def scaled_xsam_run(rank):
     out["eigenvector"] = [v.full_tensor() for v in opt.eigenvector()]
     out["refreshes"] = opt.diagnostics()["refreshes"]
     out["scale"] = scaler.get_scale()
+    return out
+
+
+def dcp_resumed_run(name, rank, checkpoint_dir):
+    """The run of ``name`` saved with DCP after RESUME_AT steps, resumed in a freshly built model and optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = sharded_model()
+    opt = make_optimizer(name, model.parameters(), hvp="auto", model=model)
+    train(model, opt, rank, steps=range(RESUME_AT))
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint_dir)
+    model = sharded_model()
+    opt = make_optimizer(name, model.parameters(), hvp="auto", model=model)
+    model_sd, optim_sd = get_state_dict(model, opt)  # the template DCP loads into, in place
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint_dir)
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    out = {"step": opt.diagnostics()["step"], "momentum": bool(opt.base_optimizer.state)}
+    train(model, opt, rank, steps=range(RESUME_AT, STEPS))
+    out["weights"] = [p.full_tensor() for p in model.parameters()]
+    out["eigenvector"] = [t.full_tensor() for t in opt.eigenvector()] if name == "xsam" else None
+    out["diagnostics"] = opt.diagnostics()
+    return out
+
+
+def single_process_checkpoint_into_sharded(rank):
+    """A single-process run's checkpoint loaded into a sharded optimizer: refused as it is, sharded by DCP."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    plain = make_model()
+    plain_opt = make_optimizer("xsam", plain.parameters())
+    train(plain, plain_opt, steps=range(RESUME_AT))
+    model = sharded_model()
+    opt = make_optimizer("xsam", model.parameters(), hvp="auto", model=model)
+    out = {"direct_error": error_of(lambda: opt.load_state_dict(plain_opt.state_dict()))}
+    set_optimizer_state_dict(model, opt, get_optimizer_state_dict(plain, plain_opt),
+                             options=StateDictOptions(full_state_dict=True))
+    out.update(step=opt.diagnostics()["step"], eigenvector=[t.full_tensor() for t in opt.eigenvector()],
+               expected=plain_opt.eigenvector())
     return out
 
 
@@ -198,6 +232,13 @@ def worker(rank, init_file, out_dir):
         result["exact_hvp_error"] = error_of(lambda: exact_hvp(lambda: loss_of(model, x, y), params))
         result["ops"] = dtensor_op_checks(rank)
         result["amp"] = scaled_xsam_run(rank)
+        result["full_into_sharded"] = single_process_checkpoint_into_sharded(rank)
+        result["dcp"] = {}
+        for name in ("xsam", "sam"):
+            try:  # an error here (raised on every rank alike) leaves the other results to be checked
+                result["dcp"][name] = dcp_resumed_run(name, rank, os.path.join(out_dir, f"dcp_{name}"))
+            except Exception as exc:
+                result["dcp"][name] = f"{type(exc).__name__}: {exc}"
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -302,3 +343,29 @@ def test_scaled_sharded_run_matches_the_unscaled_sharded_run(fsdp_results):
     assert r0["refreshes"] == unscaled["refreshes"] == 3
     torch.testing.assert_close(flat(r0["weights"]), flat(unscaled["weights"]), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(flat(r0["eigenvector"]), flat(unscaled["eigenvector"]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["xsam", "sam"])
+def test_dcp_checkpoint_resumes_a_sharded_run_bit_identically(fsdp_results, name):
+    """Issue 14, item 6: get_state_dict / dcp.save, then dcp.load into a fresh sharded model and optimizer
+    and set_state_dict (failed with KeyError: 'xsam'). The resumed run continues the uninterrupted one
+    bit for bit: sharded eigenvector, momentum buffers, step and refresh counters, generator state."""
+    for rank in range(WORLD):
+        resumed, uninterrupted = fsdp_results[rank]["dcp"][name], fsdp_results[rank][name]
+        assert isinstance(resumed, dict), f"rank {rank}: {resumed}"
+        assert resumed["step"] == RESUME_AT and resumed["momentum"]
+        assert all(torch.equal(a, b) for a, b in zip(resumed["weights"], uninterrupted["weights"]))
+        assert all(resumed["diagnostics"][k] == v for k, v in uninterrupted["diagnostics"].items())
+        if name == "xsam":
+            assert resumed["diagnostics"]["refreshes"] == uninterrupted["refreshes"] == 3
+            assert all(torch.equal(a, b) for a, b in zip(resumed["eigenvector"], uninterrupted["eigenvector"]))
+
+
+def test_a_single_process_checkpoint_loads_into_a_sharded_optimizer_through_dcp(fsdp_results):
+    for rank in range(WORLD):
+        got = fsdp_results[rank]["full_into_sharded"]
+        assert got["direct_error"].startswith("ValueError: state_dict's eigenvector for parameter 0 is a plain "
+                                              "tensor but the parameter is a sharded DTensor")
+        assert "full_state_dict=True" in got["direct_error"]
+        assert got["step"] == RESUME_AT
+        assert all(torch.equal(a, b) for a, b in zip(got["eigenvector"], got["expected"]))

@@ -206,10 +206,11 @@ def test_a_checkpoint_of_another_kind_is_refused(source, target, match):
 
 
 @pytest.mark.parametrize("corrupt, match", [
-    (lambda sd: sd["state"].pop("xsam"), "no 'xsam' entry"),
+    (lambda sd: sd["state"][0].pop("xsam"), "no 'xsam' entry"),
     (lambda sd: sd["state"][0].update(eigenvector=torch.zeros(7, dtype=torch.float64)), "shape"),
     (lambda sd: sd["state"][0]["eigenvector"].fill_(float("nan")), "not finite"),
-    (lambda sd: sd.pop("base_optimizer"), "base_optimizer"),
+    (lambda sd: sd["state"][1].update(xsam=sd["state"][0]["xsam"]), "in the state of 2 parameters"),
+    (lambda sd: sd["state"].update(bogus={}), "not parameters of its 'param_groups'"),
 ])
 def test_a_corrupt_checkpoint_is_refused_and_changes_nothing(corrupt, match):
     ps, opt = trained(XSAM, hvp="finite_difference")
@@ -219,7 +220,7 @@ def test_a_corrupt_checkpoint_is_refused_and_changes_nothing(corrupt, match):
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(sd)
     after = opt.state_dict()
-    assert after["state"]["xsam"]["step"] == before["state"]["xsam"]["step"]
+    assert after["state"][0]["xsam"]["step"] == before["state"][0]["xsam"]["step"]
     assert torch.equal(after["state"][0]["eigenvector"], before["state"][0]["eigenvector"])
 
 

@@ -30,14 +30,24 @@ Usage (the closure scales its own loss, as with the stock scaler)::
     scaler.step(optimizer, closure, loss_fn=loss_fn)
     scaler.update()
 
-Sharded parameters (FSDP2 ``fully_shard``; gradients are DTensors): each rank
-unscales and checks its local shard in place (``to_local()`` is a view of the
-gradient's storage), then the non-finite flag is all-reduced (SUM, > 0 means
-non-finite) over the process groups of the non-replicated mesh dimensions of
-those DTensors, one collective per distinct group per check. Every rank sees the
-same flag, so all ranks skip the same steps and lower the scale together.
-Plain (non-DTensor) tensors are taken to be the same on every rank, as the op
-set assumes.
+Every rank must take the same decision, or the ranks' step counters and
+collectives drift apart (a hang). So the non-finite flag of every check (each
+pass, each HVP) is all-reduced (SUM, > 0 means non-finite) over:
+
+- the data-parallel group: the DDP module's group when ``model=`` is a
+  ``DistributedDataParallel``, else the optimizer's ``process_group`` when it
+  is a group. Needed for DDP's per-replica perturbation, whose first pass is
+  not all-reduced, so one replica can overflow alone; in the other cases it
+  is redundant (DDP's all-reduce spreads an inf to every rank) and cheap;
+- for sharded parameters (FSDP2 ``fully_shard``; gradients are DTensors), the
+  process groups of the non-replicated mesh dimensions of those DTensors (each
+  rank unscales and checks its local shard in place: ``to_local()`` is a view
+  of the gradient's storage).
+
+One collective per distinct group per check. Without a known group (no DDP
+``model=``, no ``process_group``, plain tensors), nothing is reduced: DDP's own
+all-reduce of both passes already makes the gradients, and so the flags, the
+same on every rank.
 
 Host syncs: the flag is read on the host after each pass and once per refresh
 (the stock ``GradScaler.step`` reads it once per step), because skipping needs
@@ -63,8 +73,8 @@ class SAMGradScaler(torch.amp.GradScaler):
 
     def unscale_(self, optimizer) -> None:  # noqa: D102 - the stock one would unscale between passes
         raise RuntimeError("SAMGradScaler unscales every pass itself inside step(optimizer, closure); do not "
-                           "call unscale_(). To clip, clip inside the closure on unscaled values, or see the "
-                           "README section on gradient clipping")
+                           "call unscale_(). To clip, build the optimizer with max_grad_norm=<the norm, in "
+                           "unscaled units> (it clips what the base optimizer sees, after unscaling)")
 
     def step(self, optimizer: SharpnessAware, closure: Callable[[], Tensor] | None = None,  # type: ignore[override]
              loss_fn: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -96,12 +106,15 @@ class SAMGradScaler(torch.amp.GradScaler):
         # In fp64 then fp32, as GradScaler does: 1/scale is exact for power-of-two scales.
         inv_scale = scale.double().reciprocal().float()
         found_any = torch.zeros((), dtype=torch.float32, device=scale.device)
+        data_parallel = _data_parallel_group(optimizer)
 
         def check(tensors: list[Tensor], kind: str) -> Tensor:
             flag = torch.zeros((), dtype=torch.float32, device=scale.device)
             by_group: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
             dtensor = ops.dtensor_type()
-            sharded = _sharded_mesh_dims(tensors, dtensor)
+            groups = _sharded_groups(tensors, dtensor)
+            if data_parallel is not None:
+                groups.setdefault(data_parallel, None)
             for t in tensors:
                 if dtensor is not None and isinstance(t, dtensor):
                     t = t.to_local()  # a view: the unscale below lands in the gradient's storage
@@ -110,8 +123,8 @@ class SAMGradScaler(torch.amp.GradScaler):
                 local = torch.zeros((), dtype=torch.float32, device=device)
                 torch._amp_foreach_non_finite_check_and_unscale_(group, local, inv_scale.to(device))
                 flag += local.to(scale.device)
-            if sharded:
-                _all_reduce_flag(flag, sharded)
+            if groups:
+                _all_reduce_flag(flag, groups)
             found_any.add_(flag)
             return flag
 
@@ -129,8 +142,20 @@ class SAMGradScaler(torch.amp.GradScaler):
         return loss
 
 
-def _sharded_mesh_dims(tensors: list[Tensor], dtensor: type | None) -> dict[tuple, None]:
-    """The ``(mesh, dim)`` pairs, in first-seen order, whose ranks hold different parts of some DTensor.
+def _data_parallel_group(optimizer: SharpnessAware):
+    """The group whose ranks must skip together: the DDP module's, else an explicit ``process_group``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if isinstance(optimizer.model, torch.nn.parallel.DistributedDataParallel):
+        return optimizer.model.process_group
+    group = optimizer.process_group
+    return None if group is None or isinstance(group, str) else group
+
+
+def _sharded_groups(tensors: list[Tensor], dtensor: type | None) -> dict:
+    """The process groups, in first-seen order, whose ranks hold different parts of some DTensor.
 
     Unlike the op set's norms (``ops._reduction_key``), a non-finite check also reduces over
     Partial dimensions: the full tensor is the sum of the local ones, so it is non-finite
@@ -138,28 +163,25 @@ def _sharded_mesh_dims(tensors: list[Tensor], dtensor: type | None) -> dict[tupl
     rank, are left out. The order depends only on global DTensor metadata, so every rank
     issues the same collectives in the same order.
     """
-    dims: dict[tuple, None] = {}
+    groups: dict = {}
     if dtensor is None:
-        return dims
+        return groups
     for t in tensors:
         if isinstance(t, dtensor):
             for dim, placement in enumerate(t.placements):
                 if not placement.is_replicate():
-                    dims.setdefault((t.device_mesh, dim), None)
-    return dims
+                    groups.setdefault(t.device_mesh.get_group(dim), None)
+    return groups
 
 
-def _all_reduce_flag(flag: Tensor, mesh_dims: dict[tuple, None]) -> None:
-    """All-reduce (SUM) the flag in place over each distinct process group of ``mesh_dims``.
+def _all_reduce_flag(flag: Tensor, groups: dict) -> None:
+    """All-reduce (SUM) the flag in place over each of ``groups``.
 
     After the sums, ``flag > 0`` on every rank of these groups iff one of them found a
-    non-finite value (in its shard of some DTensor or in a plain tensor).
-    No host sync: the collective is queued on the device like the op set's reductions.
+    non-finite value. No host sync: the collective is queued on the device like the op
+    set's reductions.
     """
     import torch.distributed as dist
 
-    groups: dict = {}
-    for mesh, dim in mesh_dims:
-        groups.setdefault(mesh.get_group(dim), None)
     for group in groups:
         dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=group)

@@ -21,6 +21,26 @@ The eigenvector is identical on every rank in both modes: exact HVPs
 the closure, whose backward DDP already averages. Write ``loss_fn`` with the
 unwrapped module (``ddp.module``): the HVP forward needs no DDP bookkeeping.
 
+- Exact HVPs under torch.distributed with more than one rank and neither a DDP
+  ``model`` nor a ``process_group`` (``model=ddp.module``, ``model=None``, the
+  manual ``refresh_eigenvector`` path) would silently keep each rank's own
+  products: refused with a ValueError naming what to pass
+  (``EigenvectorTracker.process_group``); ``process_group=None`` keeps them on
+  purpose.
+- ``gradient_as_bucket_view=True``: the finite-difference HVPs copy each
+  closure gradient (``.grad`` is a view into a bucket the next backward
+  overwrites).
+- Mode (b) and parameters unused in one rank's first pass
+  (``find_unused_parameters=True``): their all-reduced second-pass gradient is
+  normalised and corrected with the others (``ParamLists.for_descent``).
+- Mode (b) with forward-difference HVPs: the base gradient is evaluated again,
+  all-reduced (the first pass is each replica's own).
+- Mode (b) and ``DistributedDataParallel(static_graph=True)``: refused at
+  construction (DDP's static graph cannot skip the first pass's all-reduce).
+- ``xsam.amp.SAMGradScaler`` all-reduces its non-finite flag over the DDP
+  module's group, so every rank skips the same steps (mode (b)'s first pass
+  can overflow on one replica only).
+
 FSDP2 (``torch.distributed.fsdp.fully_shard``): supported. Its parameters are
 DTensors sharded on dim 0 (unevenly when the rows do not divide; a rank may hold
 no rows). The op set runs the element-wise passes on each rank's shard and
@@ -47,9 +67,12 @@ step on the concatenated batch (FSDP2 averages the gradients)::
 - Shard and Replicate placements are supported: partial sums are all-reduced
   only over the sharded mesh dimensions, so a replicated dimension (HSDP's
   outer one) does not count an element twice. Tested on 1-D meshes (2 ranks,
-  gloo, CPU); 2-D meshes, NCCL and ``xsam.amp.SAMGradScaler`` with DTensor
-  gradients are untested. Partial placements are refused.
+  gloo, CPU), ``xsam.amp.SAMGradScaler`` included; 2-D meshes and NCCL are
+  untested. Partial placements are refused.
   ``per_replica_perturbation`` is a DDP feature (``no_sync``).
+- Checkpoints: ``torch.distributed.checkpoint`` (``get_state_dict`` /
+  ``dcp.save`` / ``dcp.load`` / ``set_state_dict``) round-trips the sharded
+  eigenvector and the counters (xsam/optim/checkpoint.py has the layout).
 """
 from __future__ import annotations
 

@@ -23,14 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .checkpoint import load_state_dict_atomically
+from .checkpoint import GLOBAL, load_state_dict_atomically, pack_state_dict
 from .lists import GroupLists, ParamLists, structure_key
 from .model_state import BatchNormState, batchnorm_statistics_frozen
 from .validation import check_base_optimizer, check_bool, check_number, check_parameters, split_base_kwargs
 
 __all__ = ["GLOBAL", "GradientCheck", "SharpnessAware", "StepTransaction"]
 
-GLOBAL = "xsam"  # key of the global (not per-parameter) entry in self.state
 Closure = Callable[[], Tensor]
 # ``check(tensors, kind)``: may rescale ``tensors`` in place (AMP unscaling) and returns a 0-d
 # device tensor that is > 0 when any of them is not finite. ``kind`` is "first", "second" or "hvp".
@@ -380,8 +379,9 @@ class SharpnessAware(torch.optim.Optimizer):
 
         ``record`` maps names to the step's scalars as device tensors (no host sync is forced;
         read them when convenient): ``step`` (int, the index of the step just taken),
-        ``refreshed`` (bool, the step ran an eigenvector refresh), ``grad_norm`` (||g||),
-        ``weighted_grad_norm`` (||w * g||, ASAM only), ``clip_coef`` (with ``max_grad_norm``), and
+        ``refreshed`` (bool, the step ran an eigenvector refresh), ``grad_norm`` (||g|| of the first
+        pass; not for SAM with ``adaptive=True``), ``weighted_grad_norm`` (||w * g||, the norm ASAM's
+        perturbation divides by; ``adaptive=True`` only), ``clip_coef`` (with ``max_grad_norm``), and
         for X-SAM ``adv_grad_norm``, ``cos_g_v``, ``cos_gadv_v``, ``correction`` (the ``beta`` of
         algorithm.md: the gradient loses ``alpha * beta * v``), ``eigenvalue`` and
         ``eigen_residual`` of the current v, and ``refresh_rejected`` (bool tensor: the refresh of
@@ -406,19 +406,56 @@ class SharpnessAware(torch.optim.Optimizer):
             out[k] = v.item() if isinstance(v, Tensor) else v
         return out
 
-    # ----- checkpoints -----------------------------------------------------------------------
+    # ----- checkpoints (the layout, and the checked all-or-nothing load: checkpoint.py) -------------------
+    STATE_KEYS: tuple[str, ...] = ()  # the wrapper's own per-parameter state (the rest is the base optimizer's)
+
     def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["base_optimizer"] = self.base_optimizer.state_dict()
-        return sd
+        """One torch.optim state_dict holding the wrapper's and the base optimizer's state.
+
+        Its layout (xsam/optim/checkpoint.py) is what torch.distributed.checkpoint expects:
+        every ``"state"`` key a parameter position, the global state (kind, counters, the
+        eigenvector's generator) in the first trainable parameter's entry, and the same keys
+        from construction on (placeholders until they exist), so that DCP can load into the
+        state_dict of a freshly built optimizer. Per-step diagnostics are not saved.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = pack_state_dict(self)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a checkpoint of the same kind of optimizer; refused (and nothing changed) otherwise."""
         if self._open is not None:
             raise RuntimeError("load_state_dict() between first_step() and second_step(); finish the step first")
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         load_state_dict_atomically(self, state_dict)
         self._lists_key = None  # the group dicts are new objects
         self._after_load()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _checkpoint_global(self) -> dict:
+        """The global state as saved: fixed keys and types (counters as host integers)."""
+        g = self._global
+        return {"kind": self.KIND, "step": int(g["step"]), "skipped_steps": int(g["skipped_steps"])}
+
+    def _checkpoint_per_param(self, params: list[Tensor], trainable: list[int]) -> dict[int, dict]:
+        """The wrapper's own per-parameter entries as saved, by position (subclasses: the eigenvector)."""
+        return {}
+
+    def _restore_global(self, saved: dict, own: dict) -> tuple[dict, dict]:
+        """The live global state from a saved one, and the own per-parameter entries without placeholders."""
+        live = self._initial_global_state()
+        live["step"] = saved["step"]
+        live["skipped_steps"] = saved.get("skipped_steps", 0)
+        return live, own
 
     def _check_checkpoint(self, global_state: dict, per_param: dict, params: list[Tensor], positions: dict) -> None:
         """Subclasses check their own entries of a checkpoint before it is loaded."""

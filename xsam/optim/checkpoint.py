@@ -1,25 +1,120 @@
-"""Loading a checkpoint into a SAM-type optimizer: checked first, then all-or-nothing.
+"""The checkpoint of a SAM-type optimizer: its layout, and a load that is checked first, then all-or-nothing.
 
-A state_dict holds the wrapper's own state (per-parameter entries such as the eigenvector,
-and the global ``"xsam"`` entry: kind, counters, generator) and the base optimizer's under
-``"base_optimizer"``. Everything is checked before anything is loaded, and if a load still
-fails half-way, the previous state and param groups (of both optimizers) are put back, still
-shared, so later learning-rate changes keep reaching the base optimizer.
+Layout: one torch.optim state_dict, as torch.distributed.checkpoint (DCP) expects it::
+
+    {"state": {i: {<the base optimizer's state of parameter i, e.g. "momentum_buffer">,
+                   "eigenvector": v_i (X-SAM, Eigen-SAM)},
+               f: {..., "xsam": {"kind": "XSAM", "step": 12, "skipped_steps": 0, ...}}},
+     "param_groups": [<the groups the wrapper and the base optimizer share>]}
+
+- Every key of ``"state"`` is a parameter position (DCP maps positions to parameter names and
+  back, and drops anything else), and every trainable parameter has an entry (DCP's loader
+  requires one), possibly empty.
+- The global (not per-parameter) state sits in the entry of the first trainable parameter,
+  under ``"xsam"``, as torch's LBFGS keeps its own: kind, step counters, the eigenvector
+  generator and the last refresh's record. Per-step diagnostics are not saved.
+- The entries have the same keys, types and shapes from construction on, because DCP loads
+  in place into the state_dict of a freshly built optimizer (the "template"), and loads only
+  what the template has. Before they exist, the eigenvector is saved as zeros and the refresh
+  record as NaN (both unused while no refresh was attempted), and the base optimizer's
+  entries are placeholders of the right shapes, taken from a throw-away copy of it stepped
+  at lr=0, as DCP does for torch's own optimizers (``base_state_placeholders`` marks them).
+  Loading drops all placeholders again, so a fresh optimizer's checkpoint loads as fresh.
+- ``torch.distributed.checkpoint.state_dict``'s ``flatten_optimizer_state_dict=True`` is not
+  supported: torch refuses the string ``kind`` (NotImplementedError), rather than saving a
+  checkpoint whose entries its loader would drop.
+
+Checkpoints of the earlier layout (global state under ``state["xsam"]``, the base optimizer's
+under ``"base_optimizer"``) load too. Everything is checked before anything is loaded, and if
+a load still fails half-way, the previous state and param groups (of both optimizers) are put
+back, still shared, so later learning-rate changes keep reaching the base optimizer.
 """
 from __future__ import annotations
+
+import collections
+import copy
+import warnings
 
 import torch
 from torch import Tensor
 
-__all__ = ["load_state_dict_atomically", "params_in_order"]
+__all__ = ["load_state_dict_atomically", "pack_state_dict", "params_in_order"]
 
-GLOBAL = "xsam"
+GLOBAL = "xsam"  # the key of the global entry (live: in optimizer.state; saved: in the first trainable entry)
+PLACEHOLDERS = "base_state_placeholders"
 
 
 def params_in_order(param_groups: list[dict]) -> list[Tensor]:
     return [p for g in param_groups for p in g["params"]]
 
 
+# ----- saving ------------------------------------------------------------------------------------
+def pack_state_dict(optimizer) -> dict:
+    """The optimizer's state_dict in the layout above (references to the live tensors, as torch's)."""
+    base = optimizer.base_optimizer
+    params = params_in_order(optimizer.param_groups)
+    base_sd = base.state_dict()  # positions in the shared groups' order: the same as ours
+    state = {i: dict(entry) for i, entry in base_sd["state"].items()}
+    trainable = [i for i, p in enumerate(params) if p.requires_grad]
+    if not trainable:  # refused at construction; a clear error if the parameters were frozen since
+        raise ValueError(f"{type(optimizer).__name__} has no trainable parameter to keep its global state with")
+    saved_global = optimizer._checkpoint_global()
+    # Placeholders while the base optimizer has no state at all (before its first step).
+    saved_global[PLACEHOLDERS] = not any(base.state.values())
+    if saved_global[PLACEHOLDERS]:
+        state.update(_base_state_placeholders(optimizer, params))
+    for i in trainable:
+        state.setdefault(i, {})
+    for i, entry in optimizer._checkpoint_per_param(params, trainable).items():
+        clash = sorted(set(entry) & set(state[i]))
+        if clash:
+            raise ValueError(f"the base optimizer {type(base).__name__} keeps {clash} in its state of parameter "
+                             f"{i}, names {type(optimizer).__name__} uses too; the checkpoint would mix them up")
+        state[i].update(entry)
+    if GLOBAL in state[trainable[0]]:
+        raise ValueError(f"the base optimizer {type(base).__name__} keeps '{GLOBAL}' in its state; the checkpoint "
+                         "needs that name for the wrapper's global state")
+    state[trainable[0]][GLOBAL] = saved_global
+    return {"state": state, "param_groups": base_sd["param_groups"]}
+
+
+def _base_state_placeholders(optimizer, params: list[Tensor]) -> dict:
+    """Entries shaped like the base optimizer's state once it has stepped, without touching it.
+
+    A copy over clones of the parameters steps once with zero gradients at lr=0 (what DCP's
+    ``_init_optim_state`` does to torch's own optimizers, but on the optimizer itself).
+    Transient memory: a copy of the parameters, their gradients and the state. A base optimizer
+    that keeps no state (SGD without momentum) is remembered, for as long as its groups and
+    hyper-parameters other than the learning rate stay the same, so that not every checkpoint
+    pays for the copy.
+    """
+    base = optimizer.base_optimizer
+    key = tuple((id(g), tuple(map(id, g["params"])),
+                 repr(sorted((k, v) for k, v in g.items() if k not in ("params", "lr", "initial_lr"))))
+                for g in base.param_groups)
+    if getattr(optimizer, "_stateless_base_key", None) == key:
+        return {}
+    clones = [p.detach().clone() for p in params]
+    try:
+        twin = copy.deepcopy(base, memo={id(p): c for p, c in zip(params, clones)})
+        for p, c in zip(params, clones):
+            c.grad = torch.zeros_like(c) if p.requires_grad else None
+        for group in twin.param_groups:
+            if "lr" in group:
+                group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], Tensor) else 0.0
+        with torch.no_grad():
+            twin.step()
+        entries = twin.state_dict()["state"]
+    except Exception as exc:  # an optimizer that cannot be copied or stepped this way: say what is lost
+        warnings.warn(f"xsam: could not build placeholders for {type(base).__name__}'s state ({exc}); a DCP "
+                      "load into this optimizer before its first step will not restore the base optimizer's "
+                      "state", stacklevel=3)
+        return {}
+    optimizer._stateless_base_key = None if entries else key
+    return entries
+
+
+# ----- loading -----------------------------------------------------------------------------------
 def _kind_of(global_state: dict) -> str:
     # Checkpoints written before the kind was recorded: X-SAM's global state has refresh counters.
     if "kind" in global_state:
@@ -27,24 +122,46 @@ def _kind_of(global_state: dict) -> str:
     return "XSAM" if "refreshes" in global_state else "SAM"
 
 
-def check_state_dict(optimizer, state_dict: dict) -> None:
+def _split(optimizer, state_dict: dict) -> tuple[dict, dict, dict, list]:
+    """(saved global entry, wrapper's per-parameter state, base optimizer's per-parameter state, groups)."""
     name = type(optimizer).__name__
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError(f"state_dict is not an optimizer state_dict (no 'state' / 'param_groups'); pass what "
                          f"{name}.state_dict() returned")
-    if "base_optimizer" not in state_dict:
-        raise ValueError(f"state_dict has no 'base_optimizer' entry; it was not saved by {name}.state_dict() "
-                         "(a base optimizer's own state_dict cannot be loaded into the wrapper)")
-    global_state = state_dict["state"].get(GLOBAL)
-    if not isinstance(global_state, dict) or "step" not in global_state:
-        raise ValueError(f"state_dict has no '{GLOBAL}' entry with the step counter in its 'state'; it was not "
-                         f"saved by an xsam optimizer's state_dict()")
-    kind = _kind_of(global_state)
+    state, groups = state_dict["state"], state_dict["param_groups"]
+    if "base_optimizer" in state_dict:  # the earlier layout
+        saved_global = state.get(GLOBAL)
+        own = {k: v for k, v in state.items() if k != GLOBAL}
+        base_state = state_dict["base_optimizer"].get("state", {})
+    else:
+        holders = [k for k, entry in state.items() if isinstance(entry, dict) and GLOBAL in entry]
+        if len(holders) > 1:
+            raise ValueError(f"state_dict has the '{GLOBAL}' entry in the state of {len(holders)} parameters; "
+                             f"it was not saved by {name}.state_dict()")
+        saved_global = state[holders[0]][GLOBAL] if holders else None
+        own_keys = optimizer.STATE_KEYS
+        own, base_state = {}, {}
+        for k, entry in state.items():
+            if not isinstance(entry, dict):
+                raise ValueError(f"state_dict['state'][{k!r}] is a {type(entry).__name__}, not a dict; it was not "
+                                 f"saved by {name}.state_dict()")
+            own[k] = {key: v for key, v in entry.items() if key in own_keys}
+            base_state[k] = {key: v for key, v in entry.items() if key not in own_keys and key != GLOBAL}
+    if not isinstance(saved_global, dict) or "step" not in saved_global:
+        raise ValueError(f"state_dict has no '{GLOBAL}' entry with the step counter; it was not saved by an xsam "
+                         f"optimizer's state_dict() (a base optimizer's own state_dict cannot be loaded into "
+                         f"{name}; DCP's flatten_optimizer_state_dict=True is not supported)")
+    if saved_global.get(PLACEHOLDERS, False):
+        base_state = {}
+    return saved_global, own, base_state, groups
+
+
+def check_state_dict(optimizer, saved_global: dict, own: dict, groups: list) -> None:
+    kind = _kind_of(saved_global)
     if kind != optimizer.KIND:
         raise ValueError(f"state_dict was saved by {kind}, but this optimizer is {optimizer.KIND}; load it into "
                          f"a {kind} (the eigenvector state of X-SAM and Eigen-SAM does not carry over to "
                          "another method)")
-    groups = state_dict["param_groups"]
     if len(groups) != len(optimizer.param_groups) or any(
             len(saved["params"]) != len(live["params"]) for saved, live in zip(groups, optimizer.param_groups)):
         raise ValueError(f"state_dict has {len(groups)} param groups of sizes "
@@ -52,12 +169,16 @@ def check_state_dict(optimizer, state_dict: dict) -> None:
                          f"{len(optimizer.param_groups)} of sizes {[len(g['params']) for g in optimizer.param_groups]}; "
                          "build the optimizer over the same parameters in the same groups")
     params = params_in_order(optimizer.param_groups)
-    per_param = {k: v for k, v in state_dict["state"].items() if k != GLOBAL}
-    optimizer._check_checkpoint(global_state, per_param, params, _positions(groups))
+    positions = _positions(groups)
+    stray = [k for k in own if k not in positions]
+    if stray:
+        raise ValueError(f"state_dict's 'state' has entries for {stray[:3]}, which are not parameters of its "
+                         "'param_groups'; it was not saved by this optimizer's state_dict()")
+    optimizer._check_checkpoint(saved_global, own, params, positions)
 
 
 def _positions(groups: list[dict]) -> dict:
-    """Saved parameter id -> position in the flat parameter order."""
+    """Saved parameter id (a position, or a name under DCP) -> position in the flat parameter order."""
     out, i = {}, 0
     for g in groups:
         for pid in g["params"]:
@@ -67,16 +188,26 @@ def _positions(groups: list[dict]) -> dict:
 
 
 def load_state_dict_atomically(optimizer, state_dict: dict) -> None:
-    check_state_dict(optimizer, state_dict)
-    own = dict(state_dict)
-    base_state = own.pop("base_optimizer")
+    saved_global, own, base_state, groups = _split(optimizer, state_dict)
+    check_state_dict(optimizer, saved_global, own, groups)
+    live_global, own = optimizer._restore_global(saved_global, own)
+    params = params_in_order(optimizer.param_groups)
+    positions = _positions(groups)
+    state: collections.defaultdict = collections.defaultdict(dict)
+    for k, entry in own.items():
+        if entry:
+            p = params[positions[k]]
+            # As torch.optim casts loaded state: to the parameter's device and floating dtype.
+            state[p] = {key: v.to(device=p.device, dtype=p.dtype) if p.is_floating_point() else v.to(device=p.device)
+                        for key, v in entry.items()}
+    state[GLOBAL] = live_global
     base = optimizer.base_optimizer
-    before = (optimizer.state, optimizer.param_groups, base.state, base.param_groups)
+    before = (base.state, base.param_groups)
     try:
-        base.load_state_dict(base_state)
-        torch.optim.Optimizer.load_state_dict(optimizer, own)
+        base.load_state_dict({"state": {k: v for k, v in base_state.items() if v}, "param_groups": groups})
     except BaseException:
-        optimizer.state, optimizer.param_groups, base.state, base.param_groups = before
+        base.state, base.param_groups = before
         raise
-    # Both loads built new group dicts: share one list again.
-    base.param_groups = optimizer.param_groups
+    optimizer.state = state
+    # The base optimizer's load built new group dicts: share them again.
+    optimizer.param_groups = base.param_groups

@@ -8,7 +8,8 @@ weights, warm-started from the previous v (a seeded normal draw the first time):
 - ``"forward_difference"``: ``(grad L(w + h v) - grad L(w)) / h`` reusing the first pass's
   gradient (1 evaluation per product), between the first pass and the perturbation; where the
   HVPs run in eval mode but the first pass ran in train mode (``model=`` with
-  ``hvp_eval_mode=True``), ``grad L(w)`` in eval mode costs one more evaluation per refresh;
+  ``hvp_eval_mode=True``), or where the first pass is not all-reduced (DDP's
+  ``per_replica_perturbation``), ``grad L(w)`` costs one more evaluation per refresh;
 - ``"auto"``: exact when a ``loss_fn`` is given (and no parameter is a DTensor), else central
   finite differences.
 
@@ -233,11 +234,16 @@ class EigenvectorTracker:
             accepted=accepted, iterations=result.iterations, generator_state=generator.get_state())
 
     def _base_gradient(self, closure, params: list[Tensor], first_gradients, unscale) -> list[Tensor]:
-        """grad L(w) for forward differences: the first pass's, unless the HVPs run in another model mode."""
+        """grad L(w) for forward differences: the first pass's, unless the HVPs run in another model mode.
+
+        Nor under DDP's per-replica perturbation: that first pass is each replica's own gradient
+        (not all-reduced), while the products' gradients are averaged.
+        """
         opt = self.optimizer
-        if first_gradients is not None and not (opt.model is not None and self.hvp_eval_mode):
+        reusable = not (opt.model is not None and self.hvp_eval_mode) and not opt.per_replica_perturbation
+        if first_gradients is not None and reusable:
             return [first_gradients[id(p)] if id(p) in first_gradients else torch.zeros_like(p) for p in params]
-        # One more evaluation, in the mode of the HVPs (the caller's eval-mode context is active).
+        # One more evaluation, all-reduced, in the mode of the HVPs (the caller's eval-mode context is active).
         user_grads = [p.grad for p in params]
         for p in params:
             p.grad = None

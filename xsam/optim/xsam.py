@@ -124,11 +124,55 @@ class EigenvectorMixin:
             self.tracker.commit(txn.refresh)
         return self._global.get("eigenvalue", torch.full((), float("nan")))
 
+    # ----- checkpoints -------------------------------------------------------------------------
+    STATE_KEYS = ("eigenvector",)
+    COUNTERS = ("refreshes", "rejected_refreshes", "refresh_attempts")  # saved as host integers
+    REFRESH_RECORD = ("eigenvalue", "eigen_residual", "refresh_rejected", "power_iterations")  # the last refresh's
+
+    def _checkpoint_global(self) -> dict:
+        g = self._global
+        out = super()._checkpoint_global()
+        out.update({key: int(g.get(key, 0)) for key in self.COUNTERS})
+        out["retry_refresh"] = bool(g.get("retry_refresh", False))
+        out["generator"] = g["generator"]
+        # Before the first refresh: placeholders of the types a refresh stores (dropped on load).
+        params = [p for group in self.param_groups for p in group["params"]]
+        device = params[0].device if params else torch.device("cpu")
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        out["power_iterations"] = int(g.get("power_iterations", 0))
+        out["eigenvalue"] = g.get("eigenvalue", torch.full((), float("nan"), dtype=dtype, device=device))
+        out["eigen_residual"] = g.get("eigen_residual", torch.full((), float("nan"), dtype=dtype, device=device))
+        out["refresh_rejected"] = g.get("refresh_rejected", torch.zeros((), dtype=torch.bool, device=device))
+        return out
+
+    def _checkpoint_per_param(self, params: list[Tensor], trainable: list[int]) -> dict[int, dict]:
+        out = {}
+        for i in trainable:  # zeros where there is none yet: what vectors() uses for a missing entry
+            v = self.state[params[i]].get("eigenvector") if params[i] in self.state else None
+            out[i] = {"eigenvector": torch.zeros_like(params[i]) if v is None else v}
+        return out
+
+    def _restore_global(self, saved: dict, own: dict) -> tuple[dict, dict]:
+        live, own = super()._restore_global(saved, own)
+        for key in (*self.COUNTERS, "retry_refresh"):
+            if key in saved:
+                live[key] = saved[key]
+        live["generator"] = saved["generator"].cpu()  # torch.Generator's state lives on the CPU
+        if int(live["refresh_attempts"]) > 0 or int(live["refreshes"]) > 0:
+            live.update({key: saved[key] for key in self.REFRESH_RECORD if key in saved})
+        else:  # no refresh yet: the eigenvector and the record were placeholders
+            own = {k: {} for k in own}
+        return live, own
+
     def _check_checkpoint(self, global_state: dict, per_param: dict, params: list[Tensor], positions: dict) -> None:
         for key in ("refreshes", "generator"):
             if key not in global_state:
                 raise ValueError(f"state_dict's 'xsam' entry has no '{key}'; it is not a complete "
                                  f"{type(self).__name__} checkpoint")
+        generator = global_state["generator"]
+        if not (isinstance(generator, Tensor) and generator.dtype == torch.uint8):
+            raise ValueError("state_dict's 'xsam' entry has a 'generator' that is not a uint8 tensor (the state of "
+                             "torch.Generator()); the checkpoint is corrupt")
         for pid, entry in per_param.items():
             v = entry.get("eigenvector") if isinstance(entry, dict) else None
             if v is None:
@@ -139,6 +183,12 @@ class EigenvectorMixin:
             if tuple(v.shape) != tuple(params[i].shape):
                 raise ValueError(f"state_dict's eigenvector for parameter {i} has shape {tuple(v.shape)} but the "
                                  f"parameter has shape {tuple(params[i].shape)}; build the model as it was saved")
+            if _is_dtensor(v) != _is_dtensor(params[i]):
+                kinds = ("a sharded DTensor", "a plain tensor")
+                raise ValueError(f"state_dict's eigenvector for parameter {i} is {kinds[not _is_dtensor(v)]} but the "
+                                 f"parameter is {kinds[not _is_dtensor(params[i])]}; load checkpoints across "
+                                 "sharding layouts with torch.distributed.checkpoint.state_dict."
+                                 "set_optimizer_state_dict (StateDictOptions(full_state_dict=True) for a full one)")
             if not bool(torch.isfinite(v).all()):
                 raise ValueError(f"state_dict's eigenvector for parameter {i} is not finite; the checkpoint is "
                                  "corrupt (load an earlier one, or drop the 'eigenvector' entries to start over)")
