@@ -34,13 +34,15 @@ class BorrowedTensors {
     }
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject** items = PySequence_Fast_ITEMS(seq);
-    tensors_.reserve(n);
+    // Check everything before borrowing anything: a borrowed tensor must never reach an ordinary
+    // destructor, which an exception thrown half-way through this constructor would cause.
     for (Py_ssize_t i = 0; i < n; ++i) {
       if (!THPVariable_Check(items[i])) {
         throw py::type_error(std::string("xsam: ") + name + "[" + std::to_string(i) + "] is not a tensor");
       }
-      tensors_.push_back(Borrow::createBorrow(THPVariable_Unpack(items[i])));
     }
+    tensors_.reserve(n);
+    for (Py_ssize_t i = 0; i < n; ++i) tensors_.push_back(Borrow::createBorrow(THPVariable_Unpack(items[i])));
   }
   ~BorrowedTensors() {
     for (auto& t : tensors_) Borrow::destroyBorrow(t);

@@ -23,12 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .checkpoint import GLOBAL, load_state_dict_atomically, pack_state_dict
+from .checkpoint import GLOBAL, CheckpointMixin
 from .lists import GroupLists, ParamLists, structure_key
 from .model_state import BatchNormState, batchnorm_statistics_frozen
-from .validation import check_base_optimizer, check_bool, check_number, check_parameters, split_base_kwargs
+from .validation import (ARGUMENTS_OF, check_base_optimizer, check_bool, check_number, check_parameters, own_eps,
+                         register_arguments, split_base_kwargs)
 
-__all__ = ["GLOBAL", "GradientCheck", "SharpnessAware", "StepTransaction"]
+__all__ = ["GLOBAL", "GradientCheck", "SharpnessAware", "StepTransaction", "register_arguments"]
 
 Closure = Callable[[], Tensor]
 # ``check(tensors, kind)``: may rescale ``tensors`` in place (AMP unscaling) and returns a 0-d
@@ -56,7 +57,7 @@ class StepTransaction:
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
 
 
-class SharpnessAware(torch.optim.Optimizer):
+class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
     """Base of SAM, XSAM and EigenSAM: param groups shared with a base optimizer, and the step protocol."""
 
     KIND = "SAM"  # recorded in checkpoints, so that one kind's state is not loaded into another
@@ -66,10 +67,10 @@ class SharpnessAware(torch.optim.Optimizer):
                  per_replica_perturbation: bool, process_group, backend: str, eps: float | None,
                  max_grad_norm: float | None, base_kwargs: dict):
         check_base_optimizer(base_optimizer)
-        eps = _own_eps(type(self).__name__, base_optimizer, eps)
+        eps = own_eps(type(self).__name__, base_optimizer, eps)
         if isinstance(base_optimizer, type):
             split_base_kwargs(type(self).__name__, base_optimizer, base_kwargs, self.OWN_ARGUMENTS,
-                              _ARGUMENTS_OF)
+                              ARGUMENTS_OF)
         ops.check_backend_name(backend)
         check_number("eps", eps, 0.0, low_open=True, hint="It keeps 1 / (||g|| + eps) finite; the usual value "
                      "is 1e-12.")
@@ -103,6 +104,7 @@ class SharpnessAware(torch.optim.Optimizer):
         # An OrderedDict: RemovableHandle keeps a weak reference to it.
         self._diagnostics_hooks: collections.OrderedDict[int, Callable] = collections.OrderedDict()
         self._gradient_check: GradientCheck | None = None  # set for one step by xsam.amp.SAMGradScaler
+        self._stateless_base_key: tuple | None = None  # checkpoint.py: a base optimizer known to keep no state
         self.base_optimizer: torch.optim.Optimizer | None = None
         super().__init__(params, defaults)
         check_parameters(self.param_groups, type(self).__name__)
@@ -405,96 +407,3 @@ class SharpnessAware(torch.optim.Optimizer):
                 continue
             out[k] = v.item() if isinstance(v, Tensor) else v
         return out
-
-    # ----- checkpoints (the layout, and the checked all-or-nothing load: checkpoint.py) -------------------
-    STATE_KEYS: tuple[str, ...] = ()  # the wrapper's own per-parameter state (the rest is the base optimizer's)
-
-    def state_dict(self) -> dict:
-        """One torch.optim state_dict holding the wrapper's and the base optimizer's state.
-
-        Its layout (xsam/optim/checkpoint.py) is what torch.distributed.checkpoint expects:
-        every ``"state"`` key a parameter position, the global state (kind, counters, the
-        eigenvector's generator) in the first trainable parameter's entry, and the same keys
-        from construction on (placeholders until they exist), so that DCP can load into the
-        state_dict of a freshly built optimizer. Per-step diagnostics are not saved.
-        """
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        state_dict = pack_state_dict(self)
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a checkpoint of the same kind of optimizer; refused (and nothing changed) otherwise."""
-        if self._open is not None:
-            raise RuntimeError("load_state_dict() between first_step() and second_step(); finish the step first")
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        load_state_dict_atomically(self, state_dict)
-        self._lists_key = None  # the group dicts are new objects
-        self._after_load()
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    def _checkpoint_global(self) -> dict:
-        """The global state as saved: fixed keys and types (counters as host integers)."""
-        g = self._global
-        return {"kind": self.KIND, "step": int(g["step"]), "skipped_steps": int(g["skipped_steps"])}
-
-    def _checkpoint_per_param(self, params: list[Tensor], trainable: list[int]) -> dict[int, dict]:
-        """The wrapper's own per-parameter entries as saved, by position (subclasses: the eigenvector)."""
-        return {}
-
-    def _restore_global(self, saved: dict, own: dict) -> tuple[dict, dict]:
-        """The live global state from a saved one, and the own per-parameter entries without placeholders."""
-        live = self._initial_global_state()
-        live["step"] = saved["step"]
-        live["skipped_steps"] = saved.get("skipped_steps", 0)
-        return live, own
-
-    def _check_checkpoint(self, global_state: dict, per_param: dict, params: list[Tensor], positions: dict) -> None:
-        """Subclasses check their own entries of a checkpoint before it is loaded."""
-
-    def _after_load(self) -> None:
-        """Device placement of loaded global tensors (subclasses add their own checks)."""
-        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-        for k, v in self._global.items():
-            if isinstance(v, Tensor) and k != "generator":
-                self._global[k] = v.to(device)
-
-
-DEFAULT_EPS = 1e-12
-
-
-def _own_eps(owner: str, base_optimizer, eps: float | None) -> float:
-    """The norm guard ``eps``, refusing the ambiguous case of a base optimizer class that takes ``eps`` too."""
-    if eps is None:
-        return DEFAULT_EPS
-    if isinstance(base_optimizer, type):
-        import inspect
-
-        try:
-            takes_eps = "eps" in inspect.signature(base_optimizer.__init__).parameters
-        except (TypeError, ValueError):
-            takes_eps = False
-        if takes_eps:
-            name = base_optimizer.__name__
-            raise ValueError(
-                f"eps={eps!r} is ambiguous: {owner} (the guard in 1 / (||g|| + eps)) and {name} both take eps. To set "
-                f"{name}'s, build it first and pass it: {owner}(params, torch.optim.{name}(params, eps={eps!r}, ...), "
-                f"...); {owner}'s own eps can then be passed too (its default is {DEFAULT_EPS:g})")
-    return eps
-
-
-# Whose argument is whose, for the message when a keyword reaches the wrong class (filled by the subclasses).
-_ARGUMENTS_OF: dict[str, tuple[str, ...]] = {}
-
-
-def register_arguments(cls: type) -> type:
-    _ARGUMENTS_OF[cls.__name__] = cls.OWN_ARGUMENTS
-    return cls

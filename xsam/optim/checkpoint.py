@@ -38,7 +38,7 @@ import warnings
 import torch
 from torch import Tensor
 
-__all__ = ["load_state_dict_atomically", "pack_state_dict", "params_in_order"]
+__all__ = ["CheckpointMixin", "load_state_dict_atomically", "pack_state_dict", "params_in_order"]
 
 GLOBAL = "xsam"  # the key of the global entry (live: in optimizer.state; saved: in the first trainable entry)
 PLACEHOLDERS = "base_state_placeholders"
@@ -92,7 +92,7 @@ def _base_state_placeholders(optimizer, params: list[Tensor]) -> dict:
     key = tuple((id(g), tuple(map(id, g["params"])),
                  repr(sorted((k, v) for k, v in g.items() if k not in ("params", "lr", "initial_lr"))))
                 for g in base.param_groups)
-    if getattr(optimizer, "_stateless_base_key", None) == key:
+    if optimizer._stateless_base_key == key:
         return {}
     clones = [p.detach().clone() for p in params]
     try:
@@ -211,3 +211,69 @@ def load_state_dict_atomically(optimizer, state_dict: dict) -> None:
     optimizer.state = state
     # The base optimizer's load built new group dicts: share them again.
     optimizer.param_groups = base.param_groups
+
+
+class CheckpointMixin:
+    """state_dict / load_state_dict of the SAM-type optimizers, and the hooks subclasses fill in."""
+
+    STATE_KEYS: tuple[str, ...] = ()  # the wrapper's own per-parameter state (the rest is the base optimizer's)
+
+    def state_dict(self) -> dict:
+        """One torch.optim state_dict holding the wrapper's and the base optimizer's state.
+
+        Its layout (xsam/optim/checkpoint.py) is what torch.distributed.checkpoint expects:
+        every ``"state"`` key a parameter position, the global state (kind, counters, the
+        eigenvector's generator) in the first trainable parameter's entry, and the same keys
+        from construction on (placeholders until they exist), so that DCP can load into the
+        state_dict of a freshly built optimizer. Per-step diagnostics are not saved.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = pack_state_dict(self)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a checkpoint of the same kind of optimizer; refused (and nothing changed) otherwise."""
+        if self._open is not None:
+            raise RuntimeError("load_state_dict() between first_step() and second_step(); finish the step first")
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        load_state_dict_atomically(self, state_dict)
+        self._lists_key = None  # the group dicts are new objects
+        self._after_load()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _checkpoint_global(self) -> dict:
+        """The global state as saved: fixed keys and types (counters as host integers)."""
+        g = self._global
+        return {"kind": self.KIND, "step": int(g["step"]), "skipped_steps": int(g["skipped_steps"])}
+
+    def _checkpoint_per_param(self, params: list[Tensor], trainable: list[int]) -> dict[int, dict]:
+        """The wrapper's own per-parameter entries as saved, by position (subclasses: the eigenvector)."""
+        return {}
+
+    def _restore_global(self, saved: dict, own: dict) -> tuple[dict, dict]:
+        """The live global state from a saved one, and the own per-parameter entries without placeholders."""
+        live = self._initial_global_state()
+        live["step"] = saved["step"]
+        live["skipped_steps"] = saved.get("skipped_steps", 0)
+        return live, own
+
+    def _check_checkpoint(self, global_state: dict, per_param: dict, params: list[Tensor], positions: dict) -> None:
+        """Subclasses check their own entries of a checkpoint before it is loaded."""
+
+    def _after_load(self) -> None:
+        """Device placement of loaded global tensors (subclasses add their own checks)."""
+        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        for k, v in self._global.items():
+            if isinstance(v, Tensor) and k != "generator":
+                self._global[k] = v.to(device)
+
+

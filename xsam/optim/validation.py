@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["check_bool", "check_choice", "check_count", "check_number", "check_seed", "check_base_optimizer",
+__all__ = ["ARGUMENTS_OF", "DEFAULT_EPS", "check_bool", "own_eps", "register_arguments", "check_choice", "check_count", "check_number", "check_seed", "check_base_optimizer",
            "check_parameters", "split_base_kwargs"]
 
 
@@ -103,3 +103,33 @@ def split_base_kwargs(owner: str, base: type, base_kwargs: dict, own_names: tupl
         raise ValueError(f"{key}={base_kwargs[key]!r} is not an argument of {owner} nor of its base optimizer "
                          f"{base.__name__}.{belongs} {owner}'s own arguments are {', '.join(own_names)}; "
                          f"{base.__name__} takes {', '.join(k for k in accepted if k not in ('self', 'params'))}.")
+
+
+DEFAULT_EPS = 1e-12
+
+
+def own_eps(owner: str, base_optimizer, eps: float | None) -> float:
+    """The norm guard ``eps``, refusing the ambiguous case of a base optimizer class that takes ``eps`` too."""
+    if eps is None:
+        return DEFAULT_EPS
+    if isinstance(base_optimizer, type):
+        try:
+            takes_eps = "eps" in inspect.signature(base_optimizer.__init__).parameters
+        except (TypeError, ValueError):
+            takes_eps = False
+        if takes_eps:
+            name = base_optimizer.__name__
+            raise ValueError(
+                f"eps={eps!r} is ambiguous: {owner} (the guard in 1 / (||g|| + eps)) and {name} both take eps. To set "
+                f"{name}'s, build it first and pass it: {owner}(params, torch.optim.{name}(params, eps={eps!r}, ...), "
+                f"...); {owner}'s own eps can then be passed too (its default is {DEFAULT_EPS:g})")
+    return eps
+
+
+# Whose argument is whose, for the message when a keyword reaches the wrong class (filled by the subclasses).
+ARGUMENTS_OF: dict[str, tuple[str, ...]] = {}
+
+
+def register_arguments(cls: type) -> type:
+    ARGUMENTS_OF[cls.__name__] = cls.OWN_ARGUMENTS
+    return cls
