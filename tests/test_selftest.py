@@ -63,8 +63,8 @@ def test_every_op_of_the_contract_has_a_case():
 
 
 @needs_native
-def test_selftest_passes_on_this_machine(capsys):
-    assert main(["selftest"]) == 0
+def test_selftest_passes_on_the_cpu(capsys):
+    assert main(["selftest", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "selftest passed" in out and "FAIL" not in out
     for op in OPS:
@@ -76,8 +76,8 @@ def test_selftest_passes_on_this_machine(capsys):
 
 def test_python_dash_m_xsam_selftest_runs_and_exits_0():
     # float64 only: no optimizer steps (they run in float32), which keeps the subprocess short.
-    out = subprocess.run([sys.executable, "-m", "xsam", "selftest", "--quick", "--dtypes", "float64"],
-                         capture_output=True, text=True, timeout=300)
+    argv = ["selftest", "--device", "cpu", "--quick", "--dtypes", "float64"]
+    out = subprocess.run([sys.executable, "-m", "xsam", *argv], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "selftest passed" in out.stdout or "nothing to check" in out.stdout, out.stdout
 
@@ -95,7 +95,7 @@ def test_bad_selftest_arguments_are_one_line_errors(argv, says, capsys):
 @needs_native
 def test_selftest_fails_the_broken_op_and_only_it(monkeypatch, capsys):
     _break_perturb(monkeypatch, _one_ulp_off_on_the_last_element)
-    assert main(["selftest", "--quick", "--dtypes", "float64"]) == 1
+    assert main(["selftest", "--device", "cpu", "--quick", "--dtypes", "float64"]) == 1
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.rstrip().endswith(("PASS", "FAIL"))]
     failed = [line.split()[0] for line in table if line.rstrip().endswith("FAIL")]
@@ -108,10 +108,17 @@ def test_selftest_fails_the_broken_op_and_only_it(monkeypatch, capsys):
 def test_selftest_reports_an_op_it_has_no_case_for(monkeypatch, capsys):
     monkeypatch.delitem(verify.RECIPES, "scale_copy_")  # as for a new op that nobody wrote a case for
     assert verify.missing_recipes() == ["scale_copy_"]
-    assert main(["selftest", "--quick", "--dtypes", "float64", "--backends", "native"]) == 1
+    assert main(["selftest", "--device", "cpu", "--quick", "--dtypes", "float64", "--backends", "native"]) == 1
     out = capsys.readouterr().out
     assert "\nscale_copy_       native   cpu       float64       0          -          -  NO CASE" in out, out
     assert "FAIL scale_copy_ on native, cpu, float64: the self-test has no case for this op" in out
+
+
+@pytest.mark.cuda
+def test_selftest_passes_on_the_gpu(capsys):
+    assert main(["selftest", "--device", "cuda", "--quick", "--dtypes", "float32,bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "\nperturb_          native   cuda      float32 " in out or "native on cuda: not checked" in out, out
 
 
 @pytest.mark.slow

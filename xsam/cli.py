@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, text) in DELEGATED.items():
         sub.add_parser(name, help=f"{text} (`xsam {name} --help` for its options)")
-    sub.add_parser("info", help="which backends run on this machine, and why not")
+    sub.add_parser("info", help="which backends run on this machine, why not, and what backend='auto' uses "
+                   "after checking them")
     parser.parse_args(argv)
     return info()
 

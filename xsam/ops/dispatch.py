@@ -88,7 +88,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> ModuleTyp
 
 
 def clear_cache() -> None:
-    """Forget resolved backends and their checks (after a backend became (un)available or was replaced, e.g. in tests)."""
+    """Forget resolved backends and their checks (after a backend became (un)available or changed, e.g. in tests)."""
     _RESOLVED.clear()
     verify.clear_outcomes()
 

@@ -571,8 +571,11 @@ def _allowed(bound: float) -> str:
     return "no difference is allowed (exact values)" if bound <= 1e-290 else f"at most {bound:.3g} is allowed"
 
 
-def run_case(case: Case, backend: str) -> CaseResult:
-    """Run ``case`` on ``backend`` and compare with a float64 run of the reference (see the module docstring)."""
+def run_case(case: Case, backend: str, *, twice: bool = True) -> CaseResult:
+    """Run ``case`` on ``backend`` and compare with a float64 run of the reference (see the module docstring).
+
+    ``twice``: run a reduction twice and require the same bits (determinism).
+    """
     spec, recipe = OPS[case.op], RECIPES[case.op]
     layout = _Layout.of(case)
     values, scalars, other, absent = _values(case, layout)
@@ -587,7 +590,7 @@ def run_case(case: Case, backend: str) -> CaseResult:
 
     try:
         got = _call(case.op, fused.lists, scalars, other, backend)
-        again = _call(case.op, fused.lists, scalars, other, backend) if spec.is_reduction else None
+        again = _call(case.op, fused.lists, scalars, other, backend) if spec.is_reduction and twice else got
     except Exception as exc:  # a kernel that raises fails its check; the message says why
         return failed(f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     random = case.values == "random"
@@ -666,7 +669,8 @@ class CheckOutcome:
     backend: str
     device: torch.device
     dtype: torch.dtype
-    status: str  # "passed" | "failed" | "skipped" (XSAM_SKIP_KERNEL_CHECK) | "deferred" (first use in a CUDA graph capture)
+    # "passed" | "failed" | "skipped" (XSAM_SKIP_KERNEL_CHECK) | "deferred" (first used in a CUDA graph capture)
+    status: str
     detail: str = ""
     seconds: float = 0.0
 
@@ -746,17 +750,24 @@ def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Che
     """Run ``quick_cases`` on ``backend`` (never "auto": no recursion) and say whether all passed.
 
     The check leaves the caller's state alone: its own generators (not the global RNG), no
-    autograd, no autocast. If the check itself cannot run, the backend counts as failed.
+    autograd, no autocast; it reads its results on the host, so a CUDA sync debug mode is
+    suspended meanwhile. If the check itself cannot run, the backend counts as failed.
     """
     start = time.perf_counter()
+    sync_mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
     try:
+        if sync_mode:
+            torch.cuda.set_sync_debug_mode(0)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             for case in quick_cases(backend, device, dtype):
-                result = run_case(case, backend)
+                result = run_case(case, backend, twice=False)  # wrong results only: keep it short
                 if not result.ok:
                     detail = f"{case.op} ({case.label}): {result.failure}"
                     return CheckOutcome(backend, device, dtype, "failed", detail, time.perf_counter() - start)
     except Exception as exc:
         detail = f"the check itself raised {type(exc).__name__}: {exc}"
         return CheckOutcome(backend, device, dtype, "failed", detail, time.perf_counter() - start)
+    finally:
+        if sync_mode:
+            torch.cuda.set_sync_debug_mode(sync_mode)
     return CheckOutcome(backend, device, dtype, "passed", "", time.perf_counter() - start)
