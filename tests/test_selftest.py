@@ -118,7 +118,7 @@ def test_selftest_reports_an_op_it_has_no_case_for(monkeypatch, capsys):
 def test_selftest_passes_on_the_gpu(capsys):
     assert main(["selftest", "--device", "cuda", "--quick", "--dtypes", "float32,bfloat16"]) == 0
     out = capsys.readouterr().out
-    assert "\nperturb_          native   cuda      float32 " in out or "native on cuda: not checked" in out, out
+    assert "\nperturb_          native   cuda:0    float32 " in out or "native on cuda:0: not checked" in out, out
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """``xsam selftest``: every kernel on this machine against the pure-PyTorch reference, then a few
 optimizer steps; a table of results and exit code 1 on any failure.
 
-For every device (CPU, and each visible GPU's type), every fused backend that can run there
+For every device (the CPU and each visible GPU), every fused backend that can run there
 (native: the compiled ``xsam._C``; Triton on CUDA, or on the CPU in its interpreter with
 ``--triton-interpreter``) and every dtype, each op of the op set runs on small randomised lists
 that hit the edge cases (``xsam.ops.verify``): sizes 0, 1 and odd, each side of the backend's
@@ -160,7 +160,7 @@ def _training_row(method: str, backend: str, device: torch.device, seed: int) ->
     """SAM/ASAM/X-SAM in float32 with ``backend`` against backend="reference", both measured against
     a float64 run: the rule of the op checks, with a few roundings per step."""
     chunk, _ = boundaries(backend, device.type)
-    row = Row(method, backend, device.type, "float32")
+    row = Row(method, backend, str(device), "float32")
     try:
         with launch_context(backend, device):
             got = _train(method, backend, device, torch.float32, chunk + 1, seed)
@@ -196,7 +196,7 @@ def _plan(args) -> tuple[list[tuple[str, torch.device, list[torch.dtype]]], list
     """(backend, device, dtypes it runs) to check, and a line for each backend and device left out."""
     devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
     if args.device in ("cuda", "all") and torch.cuda.is_available():
-        devices.append(torch.device("cuda", torch.cuda.current_device()))
+        devices += [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
     dtypes = [getattr(torch, name) for name in args.dtypes]
     plan, left_out = [], []
     for backend in args.backends:
@@ -209,7 +209,7 @@ def _plan(args) -> tuple[list[tuple[str, torch.device, list[torch.dtype]]], list
                 if why is None:
                     ready.append(dtype)
                 elif dtype == dtypes[0]:
-                    left_out.append(f"{backend} on {device.type}: not checked: {why}")
+                    left_out.append(f"{backend} on {device}: not checked: {why}")
             if ready:
                 plan.append((backend, device, ready))
     return plan, left_out
@@ -223,7 +223,7 @@ def _op_rows(plan, args):
             with launch_context(backend, device):
                 for dtype in ready:
                     for op in OPS:
-                        row = Row(op, backend, device.type, _dtype_name(dtype))
+                        row = Row(op, backend, str(device), _dtype_name(dtype))
                         for case in selftest_cases(op, backend, device, dtype, quick=args.quick, seed=args.seed):
                             row.add_case(run_case(case, backend))
                         yield row
@@ -231,8 +231,8 @@ def _op_rows(plan, args):
         if mixed_devices:
             with launch_context(backend, mixed_devices[0]):
                 for op in OPS:
-                    row = Row(op, backend, "+".join(d.type for d in mixed_devices), "mixed")
-                    for case in mixed_cases(op, backend, mixed_devices, seed=args.seed):
+                    row = Row(op, backend, "+".join(map(str, mixed_devices)), "mixed")
+                    for case in mixed_cases(op, mixed_devices, seed=args.seed):
                         row.add_case(run_case(case, backend))
                     yield row
 

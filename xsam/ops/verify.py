@@ -315,7 +315,7 @@ def selftest_cases(op: str, backend: str, device: torch.device, dtype: torch.dty
     return out
 
 
-def mixed_cases(op: str, backend: str, devices: Sequence[torch.device], *, seed: int = 0) -> list[Case]:
+def mixed_cases(op: str, devices: Sequence[torch.device], *, seed: int = 0) -> list[Case]:
     """Lists mixing every dtype (and the given devices): the op layer's grouping and its partial sums."""
     if op not in RECIPES:
         return []
