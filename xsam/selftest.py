@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import __version__
 from .cli_args import OneLineErrorParser, choices_list, number
 from .ops.contract import OPS
 from .ops.dispatch import unavailable_reason
@@ -257,8 +258,6 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error("argument --device: cuda was asked for, but no CUDA device is available")
     note = _enable_triton_interpreter() if args.triton_interpreter else None
     start = time.perf_counter()
-    from . import __version__
-
     plan, left_out = _plan(args)
     devices = sorted({str(device) for _, device, _ in plan})
     print(f"xsam selftest: xsam {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "

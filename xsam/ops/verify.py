@@ -574,8 +574,17 @@ def _allowed(bound: float) -> str:
 def run_case(case: Case, backend: str, *, twice: bool = True) -> CaseResult:
     """Run ``case`` on ``backend`` and compare with a float64 run of the reference (see the module docstring).
 
-    ``twice``: run a reduction twice and require the same bits (determinism).
+    ``twice``: run a reduction twice and require the same bits (determinism). Anything that raises
+    (the kernel, or the check on what it returned) fails the case, with the exception's first line.
     """
+    try:
+        return _run_case(case, backend, twice)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return CaseResult(case, backend, Comparison(math.inf, 0.0, False), f"raised {type(exc).__name__}: {first}")
+
+
+def _run_case(case: Case, backend: str, twice: bool) -> CaseResult:
     spec, recipe = OPS[case.op], RECIPES[case.op]
     layout = _Layout.of(case)
     values, scalars, other, absent = _values(case, layout)
@@ -588,11 +597,8 @@ def run_case(case: Case, backend: str, *, twice: bool = True) -> CaseResult:
     def failed(message: str, comparison: Comparison = Comparison(math.inf, 0.0, False)) -> CaseResult:
         return CaseResult(case, backend, comparison, message)
 
-    try:
-        got = _call(case.op, fused.lists, scalars, other, backend)
-        again = _call(case.op, fused.lists, scalars, other, backend) if spec.is_reduction and twice else got
-    except Exception as exc:  # a kernel that raises fails its check; the message says why
-        return failed(f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    got = _call(case.op, fused.lists, scalars, other, backend)
+    again = _call(case.op, fused.lists, scalars, other, backend) if spec.is_reduction and twice else got
     random = case.values == "random"
     # Element-wise ops on exact values: every intermediate is representable, so the reference is
     # exact as well and need not run.
