@@ -338,9 +338,10 @@ def quick_cases(backend: str, device: torch.device, dtype: torch.dtype) -> list[
 # ---------------------------------------------------------------- building the inputs of a case
 #
 # Every list of a case lives in one buffer per (device, dtype) group, its tensors at the case's
-# offsets with gaps between them, the rest of the buffer holding a sentinel. So the inputs of a
-# run are built with a few tensor operations per list (not per tensor), and what must not change
-# (lists the op only reads, memory next to the tensors) is checked with one comparison per buffer.
+# offsets with gaps between them, the gaps holding a sentinel. So what must not change (lists the
+# op only reads, memory next to the tensors) is checked with one comparison per buffer. Values are
+# copied tensor by tensor: a scatter or gather would be a parallel region on the CPU, which costs
+# milliseconds on a busy machine.
 
 _SENTINEL = 3.0
 _ALIGN = 64  # elements: "plain" tensors start at multiples of it (128 bytes or more)
@@ -509,8 +510,6 @@ def _materialise(layout: _Layout, values: dict, absent: set[str], outputs: tuple
             else:
                 part = flat[g.begin:g.end].to(device=g.device, dtype=dtype)
                 part = part.abs() if mode == "magnitude" else part
-            # Tensor by tensor: a scatter into the buffer would be one parallel region on the CPU,
-            # which costs milliseconds on a busy machine.
             at = 0
             for i in g.positions:
                 n = tensors[i].numel()
