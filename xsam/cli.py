@@ -1,4 +1,4 @@
-"""The ``xsam`` command line: ``xsam demo``, ``xsam bench``, ``xsam experiment``, ``xsam info``."""
+"""The ``xsam`` command line: ``xsam demo``, ``xsam bench``, ``xsam experiment``, ``xsam selftest``, ``xsam info``."""
 from __future__ import annotations
 
 import importlib
@@ -12,6 +12,8 @@ DELEGATED = {
     "bench": ("xsam.bench", "benchmark the op set, the optimizer step and end-to-end training"),
     "experiment": ("xsam.experiment", "SGD, SAM, ASAM and X-SAM on offline data: accuracy, sharpness, angle, "
                    "wall time (--quick for a short run)"),
+    "selftest": ("xsam.selftest", "check every fused kernel on this machine against the reference: a table, and "
+                 "exit code 1 on any failure"),
 }
 
 
@@ -31,7 +33,36 @@ def info() -> int:
     width = max(len(name) for name, _, _ in rows)
     for name, device, status in rows:
         print(f"  {name:<{width}}  {device:<6}  {status}")
+    print("\n".join(auto_check_lines()))
     return 0
+
+
+def auto_check_lines() -> list[str]:
+    """What backend="auto" uses for each device and dtype, after its check before first use."""
+    import torch
+
+    from xsam.ops import resolve
+    from xsam.ops.contract import SUPPORTED_DTYPES
+    from xsam.ops.verify import SKIP_ENV, outcomes
+
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda", torch.cuda.current_device()))
+    lines = [f"backend='auto' per dtype, after checking the fused kernels against the reference before their first "
+             f"use ({SKIP_ENV}=1 skips the check; `xsam selftest` checks everything):"]
+    for device in devices:
+        for dtype in SUPPORTED_DTYPES:
+            module = resolve("auto", device, dtype)
+            found = [o for (_, d, t), o in outcomes().items() if d == device and t == dtype]
+            if found:
+                status = found[0].describe()
+            elif module.__name__.endswith("reference"):
+                status = "reference (no fused backend runs here)"
+            else:
+                status = f"{module.__name__.rsplit('.', 1)[-1].replace('_backend', '')}: not yet checked"
+            print_dtype = str(dtype).replace("torch.", "")
+            lines.append(f"  {str(device):<6}  {print_dtype:<9} {status}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, text) in DELEGATED.items():
         sub.add_parser(name, help=f"{text} (`xsam {name} --help` for its options)")
-    sub.add_parser("info", help="which backends run on this machine, and why not")
+    sub.add_parser("info", help="which backends run on this machine, why not, and what backend='auto' uses "
+                   "after checking them")
     parser.parse_args(argv)
     return info()
 

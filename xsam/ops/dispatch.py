@@ -5,6 +5,11 @@ and ``"native"`` (the compiled ``xsam._C`` extension). ``"auto"`` picks the fast
 available one per group; naming a backend that cannot serve a group raises
 ``BackendUnavailableError`` with the reason, never a silent fallback.
 
+Before "auto" first uses a fused backend for a (device, dtype) in a process, a few ops run
+on small lists against the reference (``xsam.ops.verify.trusted``, milliseconds); if they
+disagree, "auto" warns once and uses the reference for that (device, dtype). Naming a
+backend skips the check, and so does ``XSAM_SKIP_KERNEL_CHECK=1``.
+
 A backend is a module that provides one function per op of ``xsam.ops.contract``, with
 the schema's argument names (called with keywords, on one non-empty (device, dtype)
 group), plus ``availability(device, dtype) -> str | None`` (None when it can serve the
@@ -18,7 +23,7 @@ from types import ModuleType
 
 import torch
 
-from . import reference
+from . import reference, verify
 
 BACKEND_NAMES = ("auto", "reference", "triton", "native")
 
@@ -83,8 +88,9 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> ModuleTyp
 
 
 def clear_cache() -> None:
-    """Forget resolved backends (after a backend became (un)available, e.g. in tests)."""
+    """Forget resolved backends and their checks (after a backend became (un)available or changed, e.g. in tests)."""
     _RESOLVED.clear()
+    verify.clear_outcomes()
 
 
 def _resolve_uncached(backend: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
@@ -92,7 +98,7 @@ def _resolve_uncached(backend: str, device: torch.device, dtype: torch.dtype) ->
     if backend == "auto":
         for name in _auto_order(device):
             if unavailable_reason(name, device, dtype) is None:
-                return _load(name)[0]
+                return _load(name)[0] if name == "reference" or verify.trusted(name, device, dtype) else reference
         return reference
     why = unavailable_reason(backend, device, dtype)
     if why is not None:

@@ -1,0 +1,240 @@
+"""`xsam selftest` and the check before first use (backend="auto"): both pass on this machine's kernels,
+and both catch a broken kernel, injected by replacing a backend function (one ulp off on the last element,
+or the last chunk skipped)."""
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from xsam import XSAM, ops
+from xsam.cli import auto_check_lines, main
+from xsam.ops import dispatch, native_backend, reference, verify
+from xsam.ops.contract import OPS
+
+from test_cli import _refused
+
+NATIVE_WHY = dispatch.unavailable_reason("native", torch.device("cpu"), torch.float32)
+needs_native = pytest.mark.skipif(NATIVE_WHY is not None, reason=f"native backend unavailable: {NATIVE_WHY}")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_checks():
+    """Every test starts and ends with no resolved backend and no check outcome."""
+    dispatch.clear_cache()
+    yield
+    dispatch.clear_cache()
+
+
+def _one_ulp_off_on_the_last_element(real):
+    def perturb_(**args):
+        real(**args)
+        last = args["params"][-1].view(-1)[-1:]
+        last.copy_(torch.nextafter(last, torch.full_like(last, float("inf"))))
+    return perturb_
+
+
+def _skipping_the_last_chunk(real):
+    def perturb_(**args):
+        old = [t.clone() for t in args["params"]]
+        real(**args)
+        for t, before in zip(args["params"], old):
+            chunk = verify.NATIVE_CHUNK[t.device.type]
+            if t.numel() > chunk:
+                start = (t.numel() - 1) // chunk * chunk
+                t.view(-1)[start:].copy_(before.view(-1)[start:])
+    return perturb_
+
+
+BREAKAGES = [_one_ulp_off_on_the_last_element, _skipping_the_last_chunk]
+
+
+def _break_perturb(monkeypatch, breakage):
+    monkeypatch.setattr(native_backend, "perturb_", breakage(native_backend.perturb_))
+    dispatch.clear_cache()
+
+
+# ---------------------------------------------------------------- the self-test on this machine
+
+def test_every_op_of_the_contract_has_a_case():
+    assert verify.missing_recipes() == []
+
+
+@needs_native
+def test_selftest_passes_on_the_cpu(capsys):
+    assert main(["selftest", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "selftest passed" in out and "FAIL" not in out
+    for op in OPS:
+        assert f"\n{op:<17} native   cpu       float32 " in out
+        assert f"\n{op:<17} native   cpu       mixed " in out
+    for method in ("SAM", "ASAM", "X-SAM"):
+        assert f"\n{method:<17} native   cpu       float32 " in out
+
+
+def test_python_dash_m_xsam_selftest_runs_and_exits_0():
+    # float64 only: no optimizer steps (they run in float32), which keeps the subprocess short.
+    argv = ["selftest", "--device", "cpu", "--quick", "--dtypes", "float64"]
+    out = subprocess.run([sys.executable, "-m", "xsam", *argv], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "selftest passed" in out.stdout or "nothing to check" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["selftest", "--backends", "cuda"], "'cuda'"),
+    (["selftest", "--dtypes", "int8"], "'int8'"),
+    (["selftest", "--device", "tpu"], "--device"),
+    (["selftest", "--seed", "-1"], "--seed"),
+])
+def test_bad_selftest_arguments_are_one_line_errors(argv, says, capsys):
+    assert says in _refused(argv, capsys)
+
+
+@needs_native
+def test_selftest_fails_the_broken_op_and_only_it(monkeypatch, capsys):
+    _break_perturb(monkeypatch, _one_ulp_off_on_the_last_element)
+    assert main(["selftest", "--device", "cpu", "--quick", "--dtypes", "float64"]) == 1
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.rstrip().endswith(("PASS", "FAIL"))]
+    failed = [line.split()[0] for line in table if line.rstrip().endswith("FAIL")]
+    assert failed == ["perturb_"], out
+    assert "FAIL perturb_ on native, cpu, float64: " in out and "selftest FAILED" in out
+    assert "no difference is allowed (exact values)" in out
+
+
+@needs_native
+def test_selftest_reports_an_op_it_has_no_case_for(monkeypatch, capsys):
+    monkeypatch.delitem(verify.RECIPES, "scale_copy_")  # as for a new op that nobody wrote a case for
+    assert verify.missing_recipes() == ["scale_copy_"]
+    assert main(["selftest", "--device", "cpu", "--quick", "--dtypes", "float64", "--backends", "native"]) == 1
+    out = capsys.readouterr().out
+    assert "\nscale_copy_       native   cpu       float64       0          -          -  NO CASE" in out, out
+    assert "FAIL scale_copy_ on native, cpu, float64: the self-test has no case for this op" in out
+
+
+@pytest.mark.cuda
+def test_selftest_passes_on_the_gpu(capsys):
+    assert main(["selftest", "--device", "cuda", "--quick", "--dtypes", "float32,bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "\nperturb_          native   cuda:0    float32 " in out or "native on cuda:0: not checked" in out, out
+
+
+@pytest.mark.slow
+def test_selftest_runs_triton_in_its_interpreter(capsys):
+    assert main(["selftest", "--quick", "--backends", "triton", "--dtypes", "float32", "--triton-interpreter"]) == 0
+    assert "\nperturb_          triton   cpu       float32 " in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the check before first use
+
+@needs_native
+def test_the_check_passes_and_is_cached_once_per_device_and_dtype():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.resolve("auto", torch.device("cpu"), torch.float32) is native_backend
+        assert dispatch.resolve("auto", torch.device("cpu"), torch.float32) is native_backend
+    found = verify.outcomes()
+    assert list(found) == [("native", torch.device("cpu"), torch.float32)]
+    assert found[("native", torch.device("cpu"), torch.float32)].status == "passed"
+    lines = "\n".join(auto_check_lines())
+    assert "cpu     float32   native: checked ok" in lines and "bfloat16  native: checked ok" in lines
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_a_broken_kernel_is_caught_warned_once_and_auto_trains_like_the_reference(breakage, device, monkeypatch):
+    device = torch.device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    _break_perturb(monkeypatch, breakage)
+    with pytest.warns(verify.KernelCheckWarning) as caught:
+        assert dispatch.resolve("auto", device, torch.float32) is reference
+    message = str(caught[0].message)
+    assert len(caught) == 1
+    for part in ("native kernels gave wrong results for torch.float32", "uses the reference", "perturb_",
+                 "differs by", verify.ISSUES_URL, "xsam selftest", verify.SKIP_ENV):
+        assert part in message, message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: no second warning
+        assert dispatch.resolve("auto", device, torch.float32) is reference
+    assert verify.outcomes()[("native", device, torch.float32)].status == "failed"
+    if device.type == "cpu":
+        with pytest.warns(verify.KernelCheckWarning):  # `xsam info` checks the other dtypes too
+            lines = auto_check_lines()
+        assert "cpu     float32   reference: native failed its check, fell back (perturb_ " in "\n".join(lines)
+
+    def train(backend):
+        gen = torch.Generator().manual_seed(0)
+        wide = verify.NATIVE_CHUNK[device.type] + 5  # perturb_ writes more than one chunk
+        params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in ((wide,), (3, 4), (5,))]
+        target = [torch.randn(p.shape, generator=gen).to(device) for p in params]
+
+        def loss_fn():
+            return sum(((p - t) ** 2 * (1 + p.cos())).sum() for p, t in zip(params, target))
+
+        def closure():
+            loss = loss_fn()
+            loss.backward()
+            return loss
+
+        opt = XSAM(params, torch.optim.SGD, rho=0.05, eig_interval=2, power_iters=2, lr=0.01, backend=backend)
+        for _ in range(3):
+            opt.step(closure, loss_fn=loss_fn)
+        return [p.detach() for p in params]
+
+    for got, want in zip(train("auto"), train("reference")):
+        assert torch.equal(got, want)
+
+
+@needs_native
+def test_a_named_backend_is_not_checked(monkeypatch):
+    _break_perturb(monkeypatch, _one_ulp_off_on_the_last_element)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.resolve("native", torch.device("cpu"), torch.float32) is native_backend
+    assert verify.outcomes() == {}
+
+
+@needs_native
+def test_the_environment_variable_turns_the_check_off(monkeypatch):
+    _break_perturb(monkeypatch, _one_ulp_off_on_the_last_element)
+    monkeypatch.setenv(verify.SKIP_ENV, "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.resolve("auto", torch.device("cpu"), torch.float32) is native_backend
+    assert verify.outcomes()[("native", torch.device("cpu"), torch.float32)].status == "skipped"
+    assert any(f"native: not checked ({verify.SKIP_ENV}=1)" in line for line in auto_check_lines())
+
+
+@needs_native
+def test_a_kernel_that_raises_fails_its_check(monkeypatch):
+    def dots(**args):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(native_backend, "dots", dots)
+    dispatch.clear_cache()
+    with pytest.warns(verify.KernelCheckWarning, match="raised RuntimeError: CUDA error: no kernel image"):
+        assert dispatch.resolve("auto", torch.device("cpu"), torch.float64) is reference
+
+
+@needs_native
+def test_the_check_runs_eagerly_when_first_reached_inside_torch_compile():
+    def fused(params, grads, saved):
+        sums = ops.dots([grads], [(0, 0)])
+        ops.perturb_(params, grads, saved, 0.05 / (sums[0].sqrt() + 1e-12))
+        return sums
+
+    def data():
+        gen = torch.Generator().manual_seed(0)
+        return [[torch.randn(s, generator=gen) for s in ((3, 4), (5,))] for _ in range(2)]
+
+    (pe, ge), (pc, gc) = data(), data()
+    se, sc = [torch.empty_like(p) for p in pe], [torch.empty_like(p) for p in pc]
+    want = fused(pe, ge, se)
+    dispatch.clear_cache()
+    got = torch.compile(fused, backend="eager")(pc, gc, sc)
+    assert verify.outcomes()[("native", torch.device("cpu"), torch.float32)].status == "passed"
+    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(pc + sc, pe + se))
