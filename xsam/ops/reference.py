@@ -88,8 +88,13 @@ def residual_sumsq(us: Tensors, vs: Tensors, lam: Tensor) -> Tensor:
     if len(us) == 0:
         return torch.zeros(1)
     acc = accumulation_dtype(us[0].dtype)
-    diff = _upcast(us, acc)
-    diff = torch._foreach_sub(diff, torch._foreach_mul(_upcast(vs, acc), lam))
+    # One temporary: diff = (-lam) * v, then diff += u in place (the same roundings as u - lam * v).
+    if vs[0].dtype == acc:
+        diff = torch._foreach_mul(list(vs), -lam)
+    else:
+        diff = _upcast(vs, acc)  # already a copy
+        torch._foreach_mul_(diff, -lam)
+    torch._foreach_add_(diff, list(us))  # a narrower u is widened exactly
     return _sum_of_squares(diff, acc).reshape(1)
 
 
