@@ -4,8 +4,9 @@ A "step" includes forward and backward passes. XSAM refreshes its eigenvector
 every ``k`` steps with ``p`` power iterations, so steps are timed in whole cycles
 of ``k`` steps and reported per step (the refresh cost is amortised, as in training).
 All configurations run interleaved, one cycle each per round, and their ratios to SAM
-are taken round by round; a ratio or time whose spread (IQR over median) exceeds
-``bench.timing.UNSTABLE_SPREAD`` is flagged ``unstable``: rerun on a quieter machine.
+are taken round by round; a ratio whose spread (IQR over median) exceeds 20%, or a time
+whose spread exceeds 50%, is flagged ``unstable`` (``bench.timing.unstable``): rerun on a
+quieter machine.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from xsam.optimizer import SAM, XSAM
 
 from .models import ResNet18, SmallCNN
 from .ops_bench import available_backends
-from .timing import paired_ratio, time_interleaved
+from .timing import paired_ratio, time_interleaved, unstable
 
 
 @dataclass(frozen=True)
@@ -165,15 +166,16 @@ def _add_sam_ratios(rows: list[dict]) -> None:
     """Round-by-round ratios to SAM with the same backend (SGD: to SAM of the first backend)."""
     sam = {(r["model"], r["impl"]): r["_stats"] for r in rows if r["op"] == "sam"}
     for r in rows:
-        base = sam.get((r["model"], r["impl"]))
-        if base is None and r["impl"] == "-":
-            base = next((v for (m, _), v in sam.items() if m == r["model"]), None)
+        backend = r["impl"]
+        if backend == "-":
+            backend = next((b for m, b in sam if m == r["model"]), None)
+        base = sam.get((r["model"], backend))
         if base is None:
             continue
         ratio = paired_ratio(r["_stats"], base)
         r["ratio"], r["ratio_q1"], r["ratio_q3"] = ratio.median, ratio.q1, ratio.q3
-        r["ratio_to"] = "sam (same backend)" if r["impl"] != "-" else "sam"
-        r["unstable"] = ratio.unstable or r["_stats"].unstable
+        r["ratio_to"] = f"sam ({backend})"
+        r["unstable"] = unstable(r["_stats"], ratio)
 
 
 # ----- memory -------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from xsam.optimizer import SAM, XSAM
 from .baselines import PeerSAM
 from .models import MNIST1DCNN
 from .ops_bench import available_backends
-from .timing import TimingStats, paired_ratio, time_interleaved
+from .timing import TimingStats, paired_ratio, time_interleaved, unstable
 
 HOST_TENSORS, HOST_ELEMENTS = 1000, 1150
 PEER_BATCH = 100
@@ -150,5 +150,5 @@ def _row(model: str, op: str, impl: str, device: torch.device, dtype: torch.dtyp
         "median_s": t.median, "q1_s": t.q1, "q3_s": t.q3, "min_s": t.minimum, "max_s": t.maximum,
         "spread": t.spread, "blocks": t.blocks, "calls_per_block": t.calls_per_block,
         "ratio": ratio.median, "ratio_q1": ratio.q1, "ratio_q3": ratio.q3, "ratio_to": ratio_to,
-        "unstable": ratio.unstable or t.unstable, "note": note,
+        "unstable": unstable(t, ratio), "note": note,
     }

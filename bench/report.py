@@ -1,8 +1,15 @@
-"""Terminal tables, the CSV file and the GB/s plot."""
+"""Terminal tables, the CSV file, the GB/s plot, and the README summary.
+
+``python -m xsam.bench.report results/bench/bench_results.csv`` prints the Markdown tables of
+the README's "Benchmarks" section from a finished run.
+"""
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
+
+from .timing import UNSTABLE_SPREAD, UNSTABLE_TIME_SPREAD
 
 COLUMNS = [
     "section", "model", "op", "impl", "device", "dtype", "n_tensors", "n_elements", "bytes_moved", "footprint_bytes",
@@ -23,6 +30,23 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writeheader()
         for r in rows:
             writer.writerow({k: _csv_value(r.get(k)) for k in COLUMNS})
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of ``write_csv`` back, numbers as numbers and empty cells dropped."""
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row = {}
+            for k, v in raw.items():
+                if v == "":
+                    continue
+                try:
+                    row[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+                except ValueError:
+                    row[k] = {"True": True, "False": False}.get(v, v)
+            rows.append(row)
+    return rows
 
 
 def _csv_value(v):
@@ -57,7 +81,8 @@ def _flag(r: dict) -> str:
 def _ops_table(rows: list[dict]) -> str:
     header = ["model", "op", "impl", "data", "median ms", "spread", "GB/s", "ceiling GB/s", "ceil spread",
               "of ceiling", "x vs ref", "x vs foreach", "x vs loop", "x vs best baseline"]
-    lines = [[r["model"], r["op"], r["impl"], r["memory"], _fmt(r["median_s"] * 1e3, ".3f"), _pct(r["spread"]),
+    lines = [[r["model"], r["op"], r["impl"], r["memory"], _fmt(r["median_s"] * 1e3, ".3f"),
+              _pct(r["spread"]) + ("*" if r["spread"] > UNSTABLE_SPREAD else ""),
               _fmt(r["gb_per_s"], ".1f"), _fmt(r["ceiling_gb_per_s"], ".1f"), _pct(r["ceiling_spread"]),
               _pct(r["fraction_of_ceiling"]), _fmt(r.get("speedup_vs_reference"), ".2f"),
               _fmt(r.get("speedup_vs_foreach"), ".2f"), _fmt(r.get("speedup_vs_loop"), ".2f"),
@@ -68,7 +93,10 @@ def _ops_table(rows: list[dict]) -> str:
              "PyTorch's stream kernels on the same traffic at the same footprint (write-allocate counted); data: "
              "where the footprint fits (cache rows measure cache, not DRAM, bandwidth); spread: IQR over median; "
              "'x vs': speed-up over that implementation, same run (>1 = faster)")
-    return title + "\n" + _table(header, lines) + "\n" + reference_check(rows)
+    noisy = sum(r["spread"] > UNSTABLE_SPREAD for r in rows)
+    note = (f"\n{noisy} of {len(rows)} rows (*) have a spread above {UNSTABLE_SPREAD:.0%}: the machine was busy, "
+            "their medians may not repeat" if noisy else "")
+    return title + "\n" + _table(header, lines) + "\n" + reference_check(rows) + note
 
 
 def reference_check(rows: list[dict]) -> str:
@@ -130,8 +158,9 @@ def format_tables(rows: list[dict]) -> str:
 def _stability_note(rows: list[dict]) -> str:
     if not any(r.get("unstable") for r in rows):
         return ""
-    return ("\nUNSTABLE: a spread (IQR over median, of a time or of the round-by-round ratio) above 20%: the "
-            "machine was busy; these medians may not repeat. Rerun on an idle machine.")
+    return (f"\nUNSTABLE: the round-by-round ratio spreads over more than {UNSTABLE_SPREAD:.0%} of its median, or "
+            f"a time over more than {UNSTABLE_TIME_SPREAD:.0%}: the machine was busy and these numbers may not "
+            "repeat. Rerun on an idle machine.")
 
 
 def plot_bandwidth(rows: list[dict], path: Path) -> str | None:
@@ -170,3 +199,55 @@ def plot_bandwidth(rows: list[dict], path: Path) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+# ----- the README summary ---------------------------------------------------------------------
+SET_NAMES = {"resnet18": "ResNet-18", "vit_b16": "ViT-B/16", "gpt2_small": "GPT-2 small",
+             "many_small": "1,000 small tensors"}
+
+
+def markdown_summary(rows: list[dict]) -> str:
+    """The README tables: the X-SAM step per parameter set, end to end, and the fixed per-step costs."""
+    parts = []
+    steps = [r for r in rows if r["section"] == "ops" and r["op"] == "xsam_step"]
+    if steps:
+        baselines = ["reference", "skilled_foreach", "per_param_loop"]
+        kernels = [i for i in dict.fromkeys(r["impl"] for r in steps) if i not in baselines]
+        impls = baselines + kernels
+        header = (["parameter set", "data"] + [f"{i} ms" for i in impls]
+                  + [f"{k} vs best baseline" for k in kernels] + [f"{k} of ceiling" for k in kernels])
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for model in dict.fromkeys(r["model"] for r in steps):
+            here = {r["impl"]: r for r in steps if r["model"] == model}
+            first = next(iter(here.values()))
+            cells = [f"{SET_NAMES.get(model, model)} ({first['n_tensors']} tensors, {first['n_elements'] / 1e6:.3g}M)",
+                     first["memory"]]
+            cells += [f"{here[i]['median_s'] * 1e3:.3g}" if i in here else "" for i in impls]
+            cells += [f"{here[k]['speedup_vs_best_baseline']:.2f}x ({here[k]['best_baseline']})" if k in here else ""
+                      for k in kernels]
+            cells += [f"{here[k]['fraction_of_ceiling']:.0%}" if k in here else "" for k in kernels]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    ops_rows = [r for r in rows if r["section"] == "ops"]
+    if ops_rows:
+        parts.append(reference_check(ops_rows))
+    e2e = [r for r in rows if r["section"] == "e2e"]
+    if e2e:
+        lines = ["| model | optimizer | backend | ms/step | vs SAM, median [quartiles] |", "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['op']} | {r['impl']} | {r['median_s'] * 1e3:.2f} | "
+                  f"{r['ratio']:.2f} [{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}]{' UNSTABLE' if r.get('unstable') else ''} |"
+                  for r in e2e]
+        parts.append("\n".join(lines))
+    over = [r for r in rows if r["section"] == "overhead"]
+    if over:
+        lines = ["| measurement | implementation | dtype | ms | ratio, median [quartiles] | ratio to |",
+                 "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['op'] if r['impl'] == '-' else r['op'] + ' ' + r['impl']} | {r['dtype']} | "
+                  f"{r['median_s'] * 1e3:.3f} | {r['ratio']:.2f} [{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}]"
+                  f"{' UNSTABLE' if r.get('unstable') else ''} | {r['ratio_to']} |" for r in over]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(markdown_summary(read_csv(Path(sys.argv[1]))))

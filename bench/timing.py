@@ -5,7 +5,7 @@ block of each per round, the starting function rotating), so that a change of lo
 shared machine hits every configuration alike instead of whichever ran during it. A ratio
 of two interleaved configurations is then taken round by round (``paired_ratio``), between
 blocks that ran seconds apart. Every result carries its spread (quartiles, min/max), and
-``unstable`` says when that spread is too wide for the median to be trusted.
+``unstable`` says when a spread is too wide for the median to be trusted.
 """
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ from typing import Callable, Mapping
 
 import torch
 
-# A spread (IQR over median) above this makes a result "unstable". With n >= 10 rounds the
+# A ratio whose spread (IQR over median) exceeds this is "unstable": with n >= 10 rounds the
 # median's standard error is about 0.25 IQR, so two runs under this bound agree on their
 # medians within about 15% (two standard errors of the difference).
 UNSTABLE_SPREAD = 0.2
+# A time whose spread exceeds this is "unstable" too: the load changed so much during the run
+# that its median describes no state of the machine.
+UNSTABLE_TIME_SPREAD = 0.5
 
 
 @dataclass
@@ -44,9 +47,6 @@ class TimingStats:
         """IQR relative to the median (0.1 = the middle half of the blocks lies within 10% of it)."""
         return self.iqr / self.median if self.median else float("inf")
 
-    @property
-    def unstable(self) -> bool:
-        return self.spread > UNSTABLE_SPREAD
 
     def scaled(self, factor: float) -> "TimingStats":
         """The same statistics of ``factor`` times the quantity (e.g. per step instead of per cycle)."""
@@ -64,6 +64,11 @@ def summarize(values: list[float], calls_per_block: int = 1) -> TimingStats:
     q1, q3 = _quartiles(values)
     return TimingStats(median=statistics.median(values), q1=q1, q3=q3, minimum=min(values), maximum=max(values),
                        blocks=len(values), calls_per_block=calls_per_block, samples=tuple(values))
+
+
+def unstable(time: TimingStats, ratio: TimingStats | None = None) -> bool:
+    """Whether a measurement is too noisy to be repeated: a wide ratio, or a time spread close to its median."""
+    return time.spread > UNSTABLE_TIME_SPREAD or (ratio is not None and ratio.spread > UNSTABLE_SPREAD)
 
 
 def paired_ratio(numerator: TimingStats, denominator: TimingStats) -> TimingStats:

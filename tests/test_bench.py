@@ -212,9 +212,20 @@ def test_interleaved_timing_rotates_and_pairs_rounds():
     slow = timing.summarize([2.0, 4.0, 6.0])
     fast = timing.summarize([1.0, 2.0, 3.0])
     ratio = timing.paired_ratio(slow, fast)
-    assert ratio.median == 2.0 and ratio.iqr == 0.0 and not ratio.unstable
-    assert timing.summarize([1.0, 1.0, 2.0, 3.0]).unstable
+    assert ratio.median == 2.0 and ratio.iqr == 0.0 and not timing.unstable(fast, ratio)
+    wide = timing.summarize([1.0, 1.0, 2.0, 3.0])  # IQR 1.25 over median 1.5
+    assert timing.unstable(fast, wide) and timing.unstable(wide) and not timing.unstable(fast)
     assert timing.summarize([2.0, 4.0]).scaled(0.5).median == 1.5
+
+
+def test_timing_synchronises_the_measured_gpu_not_the_current_one(monkeypatch):
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    timing.time_callable(lambda: None, blocks=2, block_seconds=0.0, warmup_calls=1, device="cuda:1")
+    assert synced and all(d == torch.device("cuda:1") for d in synced)
+    synced.clear()
+    timing.time_callable(lambda: None, blocks=2, block_seconds=0.0, warmup_calls=1, device="cpu")
+    assert not synced
 
 
 def test_unstable_rows_are_flagged_in_the_table():
