@@ -115,6 +115,8 @@ def reference_check(rows: list[dict]) -> str:
 def _ratio_cell(r: dict) -> str:
     if r.get("ratio") is None:
         return ""
+    if r["ratio"] == r["ratio_q1"] == r["ratio_q3"] == 1.0:
+        return "(baseline)"  # the row the others are divided by
     return f"{r['ratio']:.2f} [{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}]"
 
 
@@ -235,16 +237,15 @@ def markdown_summary(rows: list[dict]) -> str:
     if e2e:
         lines = ["| model | optimizer | backend | ms/step | vs SAM, median [quartiles] |", "|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['op']} | {r['impl']} | {r['median_s'] * 1e3:.2f} | "
-                  f"{r['ratio']:.2f} [{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}]{' UNSTABLE' if r.get('unstable') else ''} |"
-                  for r in e2e]
+                  f"{_ratio_cell(r)}{' UNSTABLE' if r.get('unstable') else ''} |" for r in e2e]
         parts.append("\n".join(lines))
     over = [r for r in rows if r["section"] == "overhead"]
     if over:
         lines = ["| measurement | implementation | dtype | ms | ratio, median [quartiles] | ratio to |",
                  "|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['op'] if r['impl'] == '-' else r['op'] + ' ' + r['impl']} | {r['dtype']} | "
-                  f"{r['median_s'] * 1e3:.3f} | {r['ratio']:.2f} [{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}]"
-                  f"{' UNSTABLE' if r.get('unstable') else ''} | {r['ratio_to']} |" for r in over]
+                  f"{r['median_s'] * 1e3:.3f} | {_ratio_cell(r)}{' UNSTABLE' if r.get('unstable') else ''} | "
+                  f"{r['ratio_to']} |" for r in over]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

@@ -15,7 +15,7 @@ import torch
 from xsam import ops
 from xsam.bench import CSV_NAME, TABLE_NAME, baselines, main, ops_bench, overhead_bench, timing
 from xsam.bench.models import BANDWIDTH_SETS, PARAMETER_SETS, MNIST1DCNN, dram_scale, parameter_shapes
-from xsam.bench.report import COLUMNS, format_tables
+from xsam.bench.report import COLUMNS, format_tables, markdown_summary, read_csv
 from xsam.ops.dispatch import unavailable_reason
 
 TINY = ["--quick", "--scale", "4096", "--blocks", "1", "--rounds", "1", "--models", "resnet18",
@@ -53,6 +53,8 @@ def test_ops_section_writes_csv_with_expected_columns(tmp_path):
         traffic = ops_bench.TRAFFIC[r["op"]]
         assert int(r["bytes_moved"]) == traffic.passes * int(r["n_elements"]) * 4
         assert int(r["footprint_bytes"]) == traffic.arrays * int(r["n_elements"]) * 4
+    summary = markdown_summary(read_csv(tmp_path / CSV_NAME))
+    assert "| ResNet-18 (62 tensors" in summary and "reference time over skilled_foreach time" in summary
 
 
 def test_e2e_overhead_and_memory_sections_run(tmp_path, monkeypatch):
@@ -66,6 +68,8 @@ def test_e2e_overhead_and_memory_sections_run(tmp_path, monkeypatch):
     assert {r["model"] for r in overhead} >= {"mnist1d_cnn"} and any(r["model"].startswith("host_") for r in overhead)
     assert {r["dtype"] for r in overhead if r["model"] == "mnist1d_cnn"} == {"float32", "float64"}
     assert all(float(r["ratio"]) > 0 for r in overhead)
+    summary = markdown_summary(read_csv(tmp_path / CSV_NAME))
+    assert "| small_cnn | sam | reference |" in summary and "(baseline)" in summary and "mnist1d_cnn" in summary
     memory = {r["op"]: r for r in rows if r["section"] == "memory"}
     # SAM holds the saved weights; X-SAM also the eigenvector: one and two copies of the parameters.
     assert float(memory["sam"]["state_over_params"]) == pytest.approx(1.0)

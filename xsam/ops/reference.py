@@ -31,7 +31,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _upcast(tensors: Tensors, dtype: torch.dtype) -> list[Tensor]:
-    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+    # A call gets one group, of one dtype (the contract): the first tensor says it for all.
+    if not len(tensors) or tensors[0].dtype == dtype:
+        return list(tensors)
+    return [t.to(dtype) for t in tensors]
 
 
 def _sum_of_squares(tensors: Tensors, acc: torch.dtype) -> Tensor:
