@@ -18,18 +18,10 @@ from xsam.bench.models import BANDWIDTH_SETS, PARAMETER_SETS, MNIST1DCNN, dram_s
 from xsam.bench.report import COLUMNS, format_tables, markdown_summary, read_csv
 from xsam.ops.dispatch import unavailable_reason
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # what is checked here does not depend on threads
 TINY = ["--quick", "--scale", "4096", "--blocks", "1", "--rounds", "1", "--models", "resnet18",
         "--backends", "reference", "--no-plot"]
 CPU_BACKENDS = [b for b in ("reference", "native") if unavailable_reason(b, torch.device("cpu"), torch.float64) is None]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: what is checked here does not depend on it, and a busy machine runs it faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _read(path):
