@@ -15,6 +15,8 @@
 
 Every function computes what the op of the same name computes (tests/test_bench.py checks
 it), on the bench's argument conventions: lists aligned, scalars 0-d tensors on the device.
+In fp16/bf16 the foreach baseline accumulates in fp32 as the op set does; the loop reduces in
+the storage dtype, as davda54/sam does.
 """
 from __future__ import annotations
 
@@ -39,13 +41,19 @@ def _scaled_add_(ys: list[Tensor], xs: list[Tensor], scale: Tensor) -> None:
         torch._foreach_add_(ys, torch._foreach_mul(xs, scale))
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32  # as the op set accumulates
+
+
 def _sumsq(xs: list[Tensor]) -> Tensor:
-    acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32  # as the op set accumulates
-    return torch.stack(torch._foreach_norm(xs, 2, dtype=acc)).square().sum()
+    return torch.stack(torch._foreach_norm(xs, 2, dtype=_acc(xs[0].dtype))).square().sum()
 
 
 def _dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
-    return torch.stack([torch.dot(_flat(x), _flat(y)) for x, y in zip(xs, ys)]).sum()
+    acc = _acc(xs[0].dtype)
+    if xs[0].dtype == acc:
+        return torch.stack([torch.dot(_flat(x), _flat(y)) for x, y in zip(xs, ys)]).sum()
+    return torch.stack([torch.dot(_flat(x).to(acc), _flat(y).to(acc)) for x, y in zip(xs, ys)]).sum()
 
 
 # ----- skilled foreach ----------------------------------------------------------------------
@@ -54,6 +62,9 @@ def foreach_dots_gg_gv(gs: list[Tensor], vs: list[Tensor]) -> Tensor:
 
 
 def foreach_weighted_sumsq(ws: list[Tensor], gs: list[Tensor]) -> Tensor:
+    acc = _acc(ws[0].dtype)
+    if ws[0].dtype != acc:  # products in the accumulation dtype, as the op set computes them
+        ws, gs = [w.to(acc) for w in ws], [g.to(acc) for g in gs]
     return _sumsq(torch._foreach_mul(ws, gs))
 
 
