@@ -137,8 +137,7 @@ def run_e2e(model_names: tuple[str, ...], device: torch.device, *, batch: int, c
                 keep.append((work, opt))
                 runs[(cfg, "-" if cfg.kind == "sgd" else backend)] = _cycle(step, cfg.eig_interval)
         # Warm-up covers a refresh and the plain steps; then one whole refresh cycle per block.
-        stats = time_interleaved({key: fn for key, fn in runs.items()}, blocks=rounds, block_seconds=0.0,
-                                 warmup_calls=1, device=device)
+        stats = time_interleaved(runs, blocks=rounds, block_seconds=0.0, warmup_calls=1, device=device)
         n_params = sum(p.numel() for p in keep[0][0].model.parameters())
         n_tensors = len(list(keep[0][0].model.parameters()))
         for (cfg, impl), t in stats.items():

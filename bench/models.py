@@ -84,7 +84,7 @@ class SmallCNN(nn.Module):
 
 
 class MNIST1DCNN(nn.Module):
-    """A 9-tensor 1-D CNN on MNIST-1D-shaped inputs (batch, 1, 40), 10 classes (8,327 parameters).
+    """A 9-tensor 1-D CNN on MNIST-1D-shaped inputs (batch, 1, 40), 10 classes (8,302 parameters).
 
     The convolutional base of the MNIST-1D reference models (three Conv1d of 25 channels,
     stride 2), then a hidden Linear and a bias-free output layer.

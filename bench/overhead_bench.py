@@ -70,18 +70,15 @@ def host_step(opt: XSAM) -> Callable[[], None]:
 
 
 def run_host(device: torch.device, *, rounds: int, block_seconds: float, backends: tuple[str, ...] | None = None,
-             dtype: torch.dtype = torch.float32, n_tensors: int = HOST_TENSORS, numel: int = HOST_ELEMENTS,
+             dtype: torch.dtype = torch.float32, n_tensors: int | None = None, numel: int | None = None,
              log: Callable[[str], None] = print) -> list[dict]:
+    n_tensors, numel = n_tensors or HOST_TENSORS, numel or HOST_ELEMENTS
     chosen, _ = available_backends(device, dtype, backends)
     shapes = {f"{n_tensors}x{numel}": (n_tensors, numel), f"1x{n_tensors * numel}": (1, n_tensors * numel)}
-    fns, opts = {}, []
-    for backend in chosen:
-        for name, (count, size) in shapes.items():
-            opt = host_optimizer(count, size, device, dtype, backend)
-            opts.append(opt)
-            fns[(name, backend)] = host_step(opt)
+    fns = {(name, backend): host_step(host_optimizer(count, size, device, dtype, backend))
+           for backend in chosen for name, (count, size) in shapes.items()}
     stats = time_interleaved(fns, blocks=rounds, block_seconds=block_seconds, warmup_calls=3, device=device)
-    many, flat = shapes
+    flat = list(shapes)[1]
     rows = []
     for (name, backend), t in stats.items():
         ratio = paired_ratio(t, stats[(flat, backend)])
@@ -89,7 +86,6 @@ def run_host(device: torch.device, *, rounds: int, block_seconds: float, backend
                          n_tensors * numel, t, ratio, f"1x{n_tensors * numel} (same backend)",
                          "optimizer side of an X-SAM step (no refresh, base step a no-op); ratio: "
                          f"over one flat tensor of {n_tensors * numel:,} elements, same backend"))
-    del opts
     log(f"  [overhead] host: {n_tensors} x {numel} vs 1 x {n_tensors * numel} done ({rounds} rounds)")
     return rows
 
@@ -136,8 +132,8 @@ def run_peer(*, rounds: int, block_seconds: float, backends: tuple[str, ...] | N
     for (name, backend, dtype), t in stats.items():
         ratio = paired_ratio(t, stats[("davda54_sam", "-", dtype)])
         rows.append(_row("mnist1d_cnn", name, backend, device, dtype, n_tensors, numel, t, ratio,
-                         "davda54_sam (same dtype)", f"whole SAM step (2 forward+backward), batch {PEER_BATCH}, 1 thread; "
-                         "ratio: over davda54/sam's SAM, same dtype (>1: slower)"))
+                         "davda54_sam (same dtype)", f"whole SAM step (2 forward+backward), batch {PEER_BATCH}, "
+                         "1 thread; ratio: over davda54/sam's SAM, same dtype (>1: slower)"))
     log(f"  [overhead] peer: xsam.SAM vs davda54/sam done ({rounds} rounds)")
     return rows
 
