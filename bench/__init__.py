@@ -1,11 +1,14 @@
-"""Benchmark harness (shipped as ``xsam.bench``): ``xsam bench [--quick] [--only ops,e2e,memory] [--out DIR]``.
+"""Benchmark harness (shipped as ``xsam.bench``): ``xsam bench [--quick] [--only ops,e2e,overhead,memory] [--out DIR]``.
 
-Three sections, each measured on one device per run:
+Four sections, each measured on one device per run:
 - ops: every op of the op set and the optimizer-side part of an X-SAM step, on
   parameter sets shaped like ResNet-18, ViT-B/16, GPT-2 small and 1,000 small
-  tensors, per available backend, against a copy of the same bytes, the
-  reference backend and a davda54/sam-style per-parameter loop (bench/ops_bench.py);
-- e2e: seconds per training step of SGD, SAM and XSAM (bench/e2e_bench.py);
+  tensors, per available backend, against a ceiling measured at the same footprint,
+  the reference backend, skilled foreach code and a davda54/sam-style per-parameter
+  loop (bench/ops_bench.py, bench/baselines.py);
+- e2e: seconds per training step of SGD, SAM and XSAM, interleaved (bench/e2e_bench.py);
+- overhead: the fixed per-step cost of the optimizer objects: XSAM on 1,000 small tensors
+  against one flat tensor, xsam.SAM against davda54/sam's SAM (bench/overhead_bench.py);
 - memory: the tensors SAM/XSAM hold besides the model (and the peak on GPU).
 Results: a table on the terminal, ``bench_results.csv``, ``bench_table.txt`` and
 ``bench_gbps.png`` (when matplotlib is installed) in ``--out``.
@@ -17,7 +20,7 @@ import platform
 import time
 from pathlib import Path
 
-SECTIONS = ("ops", "e2e", "memory")
+SECTIONS = ("ops", "e2e", "overhead", "memory")
 CSV_NAME, TABLE_NAME, PLOT_NAME = "bench_results.csv", "bench_table.txt", "bench_gbps.png"
 
 
@@ -31,16 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(
         prog="xsam bench",
         description="Benchmark the xsam op set, the optimizer step end to end, and its memory.",
-        epilog="Defaults fit the machine: full sizes on a GPU; on CPU the parameter sets are divided by "
-               "--scale 16 so a run takes about two minutes on two cores.")
+        epilog="Defaults fit the machine: full sizes on a GPU; on CPU each bandwidth parameter set is divided by "
+               "the largest power of two that keeps its arrays beyond the last-level cache (ResNet-18 1, ViT-B/16 "
+               "and GPT-2 8 with a 32 MiB L3), so a run takes about three minutes on two cores.")
     p.add_argument("--quick", action="store_true", help="a smoke run in seconds (tiny sizes, few repeats)")
     p.add_argument("--only", type=choices_list(SECTIONS, "section"), default=SECTIONS, metavar="SECTIONS",
                    help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: all)")
     p.add_argument("--out", type=output_dir, default=None, help="output folder (default: results/bench)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available, else cpu)")
     p.add_argument("--scale", type=number(float, 0.0, low_open=True), default=None,
-                   help="divide the elements of every parameter tensor by this (default: 1 on GPU, 16 on CPU, "
-                        "256 with --quick)")
+                   help="divide the elements of every parameter tensor by this (default: 1 on GPU; on CPU per "
+                        "set, beyond the last-level cache, many_small unscaled; 256 with --quick)")
     p.add_argument("--size", choices=("full", "small"), default=None,
                    help="shorthand: full = --scale 1, small = --scale 16")
     p.add_argument("--models", type=choices_list(PARAMETER_SETS, "parameter set"), default=None, metavar="SETS",
@@ -57,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=number(int, 2), default=None,
                    help="end-to-end batch size, at least 2 (default 64 on CPU, 128 on GPU)")
     p.add_argument("--blocks", type=number(int, 1), default=None,
-                   help="timed blocks per measurement (default 7 on GPU, 5 on CPU, 3 with --quick)")
+                   help="timed blocks (interleaved rounds) per op measurement (default 7, 3 with --quick)")
+    p.add_argument("--rounds", type=number(int, 1), default=None,
+                   help="interleaved rounds of the e2e and overhead sections (default 15 on CPU, 9 on GPU, 3 with "
+                        "--quick)")
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
     return p
 
@@ -74,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from . import e2e_bench, ops_bench, report
-    from .models import PARAMETER_SETS, parameter_shapes
+    from . import e2e_bench, ops_bench, overhead_bench, report
+    from .models import PARAMETER_SETS, dram_scale, parameter_shapes
 
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -89,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         args.out = output_dir_default()
     on_gpu = device.type == "cuda"
     scale = args.scale or {"full": 1.0, "small": 16.0}.get(args.size or "", None)
-    if scale is None:
-        scale = 256.0 if args.quick else (1.0 if on_gpu else 16.0)
-    blocks = args.blocks or (3 if args.quick else (7 if on_gpu else 5))
-    timing = dict(blocks=blocks, block_seconds=0.005 if args.quick else (0.02 if on_gpu else 0.01),
+    if scale is None and (args.quick or on_gpu):
+        scale = 256.0 if args.quick else 1.0
+    blocks = args.blocks or (3 if args.quick else 7)
+    rounds = args.rounds or (3 if args.quick else (9 if on_gpu else 15))
+    timing = dict(blocks=blocks, block_seconds=0.005 if args.quick else 0.05,
                   warmup_calls=1 if args.quick else 2)
     e2e_models = args.e2e_models or (("small_cnn", "resnet18_cifar") if on_gpu and not args.quick else ("small_cnn",))
     batch = args.batch or (16 if args.quick else (128 if on_gpu else 64))
@@ -100,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
 
     name = torch.cuda.get_device_name(device) if on_gpu else platform.processor() or platform.machine()
+    llc = ops_bench.last_level_cache_bytes(device)
+    scales = {m: scale or dram_scale(m, llc, dtype.itemsize) for m in PARAMETER_SETS}
     print(f"xsam bench on {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"scale 1/{scale:g}, {blocks} blocks per measurement")
+          f"last-level cache {'?' if llc is None else f'{llc / 2**20:g} MiB'}, scale "
+          f"{', '.join(f'{m} 1/{s:g}' for m, s in scales.items())}, {blocks} blocks per op, {rounds} rounds")
     started = time.perf_counter()
     rows: list[dict] = []
 
@@ -114,12 +125,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if "ops" in args.only:
         names = args.models or (("resnet18", "many_small") if args.quick else tuple(PARAMETER_SETS))
-        models = {m: parameter_shapes(m, scale) for m in names}
+        models = {m: parameter_shapes(m, scales[m]) for m in names}
         rows += ops_bench.run_ops(models, device, dtype, timing=timing, ops_to_run=args.ops, backends=args.backends)
         save()
     if "e2e" in args.only:
-        rows += e2e_bench.run_e2e(e2e_models, device, batch=batch, configs=configs, blocks=max(3, blocks - 2),
+        rows += e2e_bench.run_e2e(e2e_models, device, batch=batch, configs=configs, rounds=rounds,
                                   backends=args.backends)
+        save()
+    if "overhead" in args.only:
+        rows += overhead_bench.run_host(device, rounds=rounds, block_seconds=timing["block_seconds"],
+                                        backends=args.backends)
+        rows += overhead_bench.run_peer(rounds=rounds, block_seconds=timing["block_seconds"], backends=args.backends)
         save()
     if "memory" in args.only:
         rows += e2e_bench.run_memory(e2e_models, device, batch=batch, configs=configs)

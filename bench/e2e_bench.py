@@ -3,6 +3,10 @@
 A "step" includes forward and backward passes. XSAM refreshes its eigenvector
 every ``k`` steps with ``p`` power iterations, so steps are timed in whole cycles
 of ``k`` steps and reported per step (the refresh cost is amortised, as in training).
+All configurations run interleaved, one cycle each per round, and their ratios to SAM
+are taken round by round; a ratio whose spread (IQR over median) exceeds 20%, or a time
+whose spread exceeds 50%, is flagged ``unstable`` (``bench.timing.unstable``): rerun on a
+quieter machine.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from xsam.optimizer import SAM, XSAM
 
 from .models import ResNet18, SmallCNN
 from .ops_bench import available_backends
-from .timing import time_callable
+from .timing import paired_ratio, time_interleaved, unstable
 
 
 @dataclass(frozen=True)
@@ -110,48 +114,67 @@ def _cycle(step: Callable[[], None], n: int) -> Callable[[], None]:
 
 
 def run_e2e(model_names: tuple[str, ...], device: torch.device, *, batch: int, configs=DEFAULT_CONFIGS,
-            blocks: int = 5, backends: tuple[str, ...] | None = None,
+            rounds: int = 15, backends: tuple[str, ...] | None = None,
             log: Callable[[str], None] = print) -> list[dict]:
+    """Seconds per step of every (configuration, backend), interleaved: one cycle of each per round.
+
+    A cycle is k steps (k = the refresh interval), so each timed cycle holds one refresh.
+    ``ratio`` is the median over rounds of the ratio to SAM's cycle of the same round
+    (same backend), and its quartiles are reported: the blocks of a ratio ran seconds apart.
+    """
     chosen, skipped = available_backends(device, torch.float32, backends)
     for name, why in skipped.items():
         log(f"  [e2e] skipping backend {name!r} on {device}: {why}")
     rows = []
     for model_name in model_names:
+        runs, keep = {}, []
         for backend in chosen:
             for cfg in configs:
                 if cfg.kind == "sgd" and backend != chosen[0]:
                     continue  # SGD does not use the op set: time it once
                 work = make_workload(model_name, device, batch)
                 opt, step = make_stepper(cfg, work, backend)
-                per_cycle = cfg.eig_interval
-                # Warm-up covers a refresh and a plain step; each timed block is whole refresh cycles.
-                t = time_callable(_cycle(step, per_cycle), blocks=blocks, block_seconds=0.0, warmup_calls=1, device=device)
-                n_params = sum(p.numel() for p in work.model.parameters())
-                rows.append({
-                    "section": "e2e", "model": model_name, "op": cfg.name,
-                    "impl": "-" if cfg.kind == "sgd" else backend, "device": str(device), "dtype": "float32",
-                    "n_tensors": len(list(work.model.parameters())), "n_elements": n_params,
-                    "median_s": t.median / per_cycle, "q1_s": t.q1 / per_cycle, "q3_s": t.q3 / per_cycle,
-                    "min_s": t.minimum / per_cycle, "max_s": t.maximum / per_cycle, "blocks": t.blocks,
-                    "calls_per_block": per_cycle,
-                    "note": f"batch {batch}; per step, averaged over cycles of k steps (k = refresh interval)",
-                })
-                del opt, step, work
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            log(f"  [e2e] {model_name} with backend {backend!r} done")
+                keep.append((work, opt))
+                runs[(cfg, "-" if cfg.kind == "sgd" else backend)] = _cycle(step, cfg.eig_interval)
+        # Warm-up covers a refresh and the plain steps; then one whole refresh cycle per block.
+        stats = time_interleaved(runs, blocks=rounds, block_seconds=0.0, warmup_calls=1, device=device)
+        n_params = sum(p.numel() for p in keep[0][0].model.parameters())
+        n_tensors = len(list(keep[0][0].model.parameters()))
+        for (cfg, impl), t in stats.items():
+            per_step = t.scaled(1.0 / cfg.eig_interval)
+            rows.append({
+                "section": "e2e", "model": model_name, "op": cfg.name, "impl": impl, "device": str(device),
+                "dtype": "float32", "n_tensors": n_tensors, "n_elements": n_params,
+                "median_s": per_step.median, "q1_s": per_step.q1, "q3_s": per_step.q3, "min_s": per_step.minimum,
+                "max_s": per_step.maximum, "spread": per_step.spread, "blocks": t.blocks,
+                "calls_per_block": cfg.eig_interval, "_stats": per_step,
+                "note": f"batch {batch}; per step, over {rounds} interleaved rounds of one cycle of k steps each "
+                        "(k = refresh interval)",
+            })
+        del runs, keep
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        log(f"  [e2e] {model_name} done ({rounds} rounds)")
     _add_sam_ratios(rows)
+    for r in rows:
+        del r["_stats"]
     return rows
 
 
 def _add_sam_ratios(rows: list[dict]) -> None:
-    sam = {(r["model"], r["impl"]): r["median_s"] for r in rows if r["op"] == "sam"}
+    """Round-by-round ratios to SAM with the same backend (SGD: to SAM of the first backend)."""
+    sam = {(r["model"], r["impl"]): r["_stats"] for r in rows if r["op"] == "sam"}
     for r in rows:
-        base = sam.get((r["model"], r["impl"]))
-        if base is None and r["impl"] == "-":  # SGD row: against SAM of the first backend
-            base = next((v for (m, _), v in sam.items() if m == r["model"]), None)
-        if base:
-            r["ratio_vs_sam"] = r["median_s"] / base
+        backend = r["impl"]
+        if backend == "-":
+            backend = next((b for m, b in sam if m == r["model"]), None)
+        base = sam.get((r["model"], backend))
+        if base is None:
+            continue
+        ratio = paired_ratio(r["_stats"], base)
+        r["ratio"], r["ratio_q1"], r["ratio_q3"] = ratio.median, ratio.q1, ratio.q3
+        r["ratio_to"] = f"sam ({backend})"
+        r["unstable"] = unstable(r["_stats"], ratio)
 
 
 # ----- memory -------------------------------------------------------------------------------

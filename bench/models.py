@@ -8,7 +8,11 @@
   per-tensor launch and loop overheads dominate rather than bandwidth.
 
 ``scale`` divides the number of elements of every tensor (never the number of
-tensors, so launch-bound behaviour is kept) to make CPU runs short.
+tensors, so launch-bound behaviour is kept) to make CPU runs short. ``dram_scale``
+picks the largest power-of-two scale that still leaves every array of a set beyond
+the last-level cache, so that the bandwidth sets measure memory, not cache.
+
+``MNIST1DCNN``: the 1-D CNN of the comparison with davda54/sam (``bench/overhead_bench.py``).
 """
 from __future__ import annotations
 
@@ -79,6 +83,30 @@ class SmallCNN(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class MNIST1DCNN(nn.Module):
+    """A 9-tensor 1-D CNN on MNIST-1D-shaped inputs (batch, 1, 40), 10 classes (8,302 parameters).
+
+    The convolutional base of the MNIST-1D reference models (three Conv1d of 25 channels,
+    stride 2), then a hidden Linear and a bias-free output layer.
+    """
+
+    LENGTH = 40
+
+    def __init__(self, channels: int = 25, hidden: int = 32, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.hidden = nn.Linear(channels * 5, hidden)  # 40 -> 19 -> 10 -> 5 positions
+        self.out = nn.Linear(hidden, num_classes, bias=False)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(x))
+        return self.out(torch.relu(self.hidden(x.flatten(1))))
+
+
 # ----- parameter shape sets ----------------------------------------------------------------
 def resnet18_shapes() -> list[Shape]:
     with torch.device("meta"):
@@ -118,6 +146,8 @@ PARAMETER_SETS = {
     "gpt2_small": gpt2_small_shapes,
     "many_small": many_small_shapes,
 }
+# Sets whose point is bandwidth; many_small is about per-tensor overhead and keeps its sizes.
+BANDWIDTH_SETS = ("resnet18", "vit_b16", "gpt2_small")
 
 
 def scale_shape(shape: Shape, scale: float) -> Shape:
@@ -133,6 +163,19 @@ def scale_shape(shape: Shape, scale: float) -> Shape:
         # Strictly smaller each time, so the loop ends even when rounding up would keep the size.
         dims[i] = max(1, min(dims[i] - 1, math.ceil(dims[i] * target / math.prod(dims))))
     return tuple(dims) if shape else shape
+
+
+def dram_scale(name: str, cache_bytes: int | None, itemsize: int = 4) -> float:
+    """The largest power of two that keeps one array of set ``name`` (N elements) beyond ``cache_bytes``.
+
+    Every op reads at least two arrays, so each footprint is then at least twice the cache.
+    1 for sets that are not about bandwidth, or when the cache size is unknown.
+    """
+    if name not in BANDWIDTH_SETS or not cache_bytes:
+        return 1.0
+    array_bytes = sum(math.prod(s) for s in PARAMETER_SETS[name]()) * itemsize
+    ratio = array_bytes / cache_bytes
+    return float(2 ** math.floor(math.log2(ratio))) if ratio >= 2 else 1.0
 
 
 def parameter_shapes(name: str, scale: float = 1.0) -> list[Shape]:

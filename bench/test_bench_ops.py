@@ -24,7 +24,7 @@ MODELS = ("resnet18", "many_small")
 def _cases():
     for device in DEVICES:
         chosen, _ = ops_bench.available_backends(device, torch.float32)
-        for impl in chosen + [ops_bench.LOOP]:
+        for impl in chosen + [ops_bench.FOREACH, ops_bench.LOOP]:
             yield pytest.param(device, impl, id=f"{device.type}-{impl}")
 
 
@@ -32,9 +32,8 @@ def _cases():
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("device,impl", list(_cases()))
 def test_op(benchmark, device, impl, op, model):
-    scale = 1.0 if device.type == "cuda" else 16.0
-    ws = ops_bench.make_workspace(parameter_shapes(model, scale), device, torch.float32)
-    fn = ops_bench.loop_op(op, ws) if impl == ops_bench.LOOP else ops_bench.backend_op(op, ws, impl)
+    ws = ops_bench.make_workspace(parameter_shapes(model), device, torch.float32)
+    fn = ops_bench.implementation_op(impl, op, ws)
 
     def call():
         fn()

@@ -33,3 +33,15 @@ def triton_launch_config(request):
 
     with launch_config_for(params["backend"], params.get("device", "")):
         yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, for tests of tiny tensors: more threads only add waiting on a loaded machine.
+
+    Use it per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

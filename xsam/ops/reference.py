@@ -12,8 +12,8 @@ scalar). Two exceptions, both documented where they occur: CUDA element-wise pas
 scaled temporary (PyTorch's fused multi-tensor kernels take a device scalar only in
 ``_foreach_mul``; the broadcasting ``_foreach_addcmul_`` would launch once per tensor there),
 and the reductions that need an element-wise product first (``weighted_sumsq``,
-``residual_sumsq``, and dot products of fp16/bf16 lists, upcast to fp32 so they accumulate
-in fp32).
+``residual_sumsq``: one temporary each), and dot products of fp16/bf16 lists, widened to fp32
+one tensor pair at a time so they accumulate in fp32.
 """
 from __future__ import annotations
 
@@ -31,7 +31,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _upcast(tensors: Tensors, dtype: torch.dtype) -> list[Tensor]:
-    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+    # A call gets one group, of one dtype (the contract): the first tensor says it for all.
+    if not len(tensors) or tensors[0].dtype == dtype:
+        return list(tensors)
+    return [t.to(dtype) for t in tensors]
 
 
 def _sum_of_squares(tensors: Tensors, acc: torch.dtype) -> Tensor:
@@ -41,8 +44,10 @@ def _sum_of_squares(tensors: Tensors, acc: torch.dtype) -> Tensor:
 
 def _dot(xs: Tensors, ys: Tensors, acc: torch.dtype) -> Tensor:
     # One dot per tensor pair (PyTorch has no multi-tensor dot): no concatenated copies.
-    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1))
-                        for x, y in zip(_upcast(xs, acc), _upcast(ys, acc))]).sum()
+    if xs[0].dtype == acc:
+        return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]).sum()
+    # Narrower storage: widen one pair at a time, so no temporary is larger than one tensor.
+    return torch.stack([torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc)) for x, y in zip(xs, ys)]).sum()
 
 
 def _add_scaled_(ys: list[Tensor], xs: Tensors, scale: Tensor) -> None:
@@ -88,8 +93,13 @@ def residual_sumsq(us: Tensors, vs: Tensors, lam: Tensor) -> Tensor:
     if len(us) == 0:
         return torch.zeros(1)
     acc = accumulation_dtype(us[0].dtype)
-    diff = _upcast(us, acc)
-    diff = torch._foreach_sub(diff, torch._foreach_mul(_upcast(vs, acc), lam))
+    # One temporary: diff = (-lam) * v, then diff += u in place (the same roundings as u - lam * v).
+    if vs[0].dtype == acc:
+        diff = torch._foreach_mul(list(vs), -lam)
+    else:
+        diff = _upcast(vs, acc)  # already a copy
+        torch._foreach_mul_(diff, -lam)
+    torch._foreach_add_(diff, list(us))  # a narrower u is widened exactly
     return _sum_of_squares(diff, acc).reshape(1)
 
 
