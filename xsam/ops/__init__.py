@@ -15,6 +15,7 @@ Sharded parameters (DTensors: FSDP2 ``fully_shard``, tensor parallelism) are han
 """
 from __future__ import annotations
 
+import itertools
 import sys
 from dataclasses import dataclass
 from typing import Sequence
@@ -147,7 +148,7 @@ def _group_args(spec: OpSpec, group: Group, lists: dict, scalars: dict, other: d
     args.update(other)
     if spec.name == "dots":
         picked = [group.pick(lst) for lst in lists.values()]
-        args["tensors"] = [t for lst in picked for t in lst]
+        args["tensors"] = list(itertools.chain.from_iterable(picked))
         args["num_lists"] = len(picked)
     else:
         for name, lst in lists.items():

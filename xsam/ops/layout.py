@@ -45,8 +45,9 @@ class Group:
     dtype: torch.dtype
     index: tuple[int, ...] | None
 
-    def pick(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        return list(tensors) if self.index is None else [tensors[i] for i in self.index]
+    def pick(self, tensors: Sequence[Tensor]) -> Sequence[Tensor]:
+        """The group's tensors of an aligned list (the list itself, not a copy, for a whole-list group)."""
+        return tensors if self.index is None else [tensors[i] for i in self.index]
 
 
 _device_and_dtype = attrgetter("device", "dtype")

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .checkpoint import GLOBAL, CheckpointMixin
+from .functional import inverse_norm
 from .lists import GroupLists, ParamLists, structure_key
 from .model_state import BatchNormState, batchnorm_statistics_frozen
 from .validation import (ARGUMENTS_OF, check_base_optimizer, check_bool, check_number, check_parameters, own_eps,
@@ -292,14 +293,17 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
             txn.perturbed.append(g)  # after the op: now its weights are in `saved`
 
     def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> dict:
-        """The global sums the ascent needs, in one fused reduction; records the norm it used."""
+        """The global sums the ascent needs, in one fused reduction; records the norm it used.
+
+        ``inv_norm`` is ``1 / (||g|| + eps)`` (ASAM: of ``||w * g||``): the ascent is ``rho * inv_norm * g``.
+        """
         if self.adaptive:
             wg = ops.weighted_sumsq(active.params, grads, backend=self.backend, layout=active.layout)
             txn.diagnostics["weighted_grad_norm"] = wg.sqrt()
-            return {"scale_sq": wg}
+            return {"scale_sq": wg, "inv_norm": inverse_norm(wg, self.eps)}
         gg = ops.dots([grads], [(0, 0)], backend=self.backend, layout=active.layout)[0]
         txn.diagnostics["grad_norm"] = gg.sqrt()
-        return {"scale_sq": gg}
+        return {"scale_sq": gg, "inv_norm": inverse_norm(gg, self.eps)}
 
     @torch.no_grad()
     def _descend(self, txn: StepTransaction) -> None:
@@ -331,7 +335,7 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
 
     def _perturb_group(self, txn: StepTransaction, active: ParamLists, group: GroupLists, grads: list[Tensor],
                        sums: dict) -> None:
-        scale = group.group["rho"] / (sums["scale_sq"].sqrt() + self.eps)
+        scale = group.group["rho"] * sums["inv_norm"]
         ops.perturb_(group.of(active.params), grads, group.of(active.saved), scale, adaptive=self.adaptive,
                      backend=self.backend, layout=group.layout)
 

@@ -11,19 +11,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["CORRECTIONS", "Correction", "Tilt", "cosine", "eigensam_tilt", "perturbation_scale", "xsam_correction"]
+__all__ = ["CORRECTIONS", "Correction", "Tilt", "eigensam_tilt", "inverse_norm", "xsam_correction"]
 
 CORRECTIONS = ("signed", "symmetric", "acute")
 
 
-def perturbation_scale(rho: float, sq_norm: Tensor, eps: float) -> Tensor:
-    """The factor of g in SAM's ascent ``e = rho * g / (||g|| + eps)`` (ASAM: ``sq_norm = ||w * g||^2``)."""
-    return rho / (sq_norm.sqrt() + eps)
-
-
-def cosine(dot: Tensor, sq_norm: Tensor, eps: float) -> Tensor:
-    """``<x, v> / (||x|| + eps)`` for a unit v."""
-    return dot / (sq_norm.sqrt() + eps)
+def inverse_norm(sq_norm: Tensor, eps: float) -> Tensor:
+    """``1 / (||x|| + eps)`` from ``||x||^2``: SAM's ascent is ``e = rho * inverse_norm(||g||^2) * g``
+    (ASAM: ``||w * g||^2``), and ``<x, v> * inverse_norm(||x||^2)`` is the cosine with a unit v."""
+    return (sq_norm.sqrt() + eps).reciprocal()
 
 
 @dataclass
@@ -43,8 +39,9 @@ def xsam_correction(gg: Tensor, gv: Tensor, *, normalize: bool, rule: str, eps: 
     the authors' rule), ``c`` ("symmetric") or ``max(c, 0)`` ("acute").
     """
     norm = gg.sqrt()
-    a = 1.0 / (norm + eps) if normalize else torch.ones_like(norm)
-    c = a * gv
+    inv = (norm + eps).reciprocal()
+    cos = gv * inv
+    a, c = (inv, cos) if normalize else (torch.ones_like(norm), gv)
     if rule == "signed":
         beta = c.abs()  # sign(<g_adv, v>) * c, and a > 0
     elif rule == "symmetric":
@@ -53,7 +50,7 @@ def xsam_correction(gg: Tensor, gv: Tensor, *, normalize: bool, rule: str, eps: 
         beta = c.clamp_min(0)
     else:
         raise ValueError(f"correction={rule!r} is not supported; use one of {', '.join(map(repr, CORRECTIONS))}")
-    return Correction(a=a, beta=beta, adv_grad_norm=norm, cos_gadv_v=gv / (norm + eps))
+    return Correction(a=a, beta=beta, adv_grad_norm=norm, cos_gadv_v=cos)
 
 
 @dataclass
@@ -71,7 +68,7 @@ def eigensam_tilt(gg: Tensor, gv: Tensor, rho: float, alpha: float, eps: float) 
     ``s * c = |c|``, so ``a = rho * (1 - alpha * |c|) / (||g|| + eps)`` and ``b = rho * alpha * s``.
     ``s * v`` does not depend on the sign of v, nor does the step.
     """
-    inv = 1.0 / (gg.sqrt() + eps)
+    inv = inverse_norm(gg, eps)
     c = gv * inv
     s = torch.sign(gv)
     return Tilt(a=rho * (1.0 - alpha * c.abs()) * inv, b=rho * alpha * s)

@@ -10,7 +10,7 @@ from .. import ops
 from ..hessian import _is_dtensor
 from .base import StepTransaction, SharpnessAware, register_arguments
 from .eigenvector import HVP_MODES, EigenvectorTracker
-from .functional import CORRECTIONS, cosine, xsam_correction
+from .functional import CORRECTIONS, inverse_norm, xsam_correction
 from .lists import ParamLists
 from .validation import check_bool, check_choice, check_count, check_number, check_seed
 
@@ -262,27 +262,29 @@ class XSAM(EigenvectorMixin, SharpnessAware):
         vecs = self._vectors(txn, active)
         if vecs is None:
             return super()._first_pass_sums(txn, active, grads)
-        sums = ops.dots([grads, vecs], [(0, 0), (0, 1)], backend=self.backend, layout=active.layout)
-        txn.diagnostics["grad_norm"] = sums[0].sqrt()
-        txn.diagnostics["cos_g_v"] = cosine(sums[1], sums[0], self.eps)
+        gg, gv = ops.dots([grads, vecs], [(0, 0), (0, 1)], backend=self.backend, layout=active.layout).unbind()
+        norm = gg.sqrt()
+        inv = (norm + self.eps).reciprocal()
+        txn.diagnostics["grad_norm"] = norm
+        txn.diagnostics["cos_g_v"] = gv * inv
         if self.adaptive:
             wg = ops.weighted_sumsq(active.params, grads, backend=self.backend, layout=active.layout)
             txn.diagnostics["weighted_grad_norm"] = wg.sqrt()
-            return {"scale_sq": wg}
-        return {"scale_sq": sums[0]}
+            return {"scale_sq": wg, "inv_norm": inverse_norm(wg, self.eps)}
+        return {"scale_sq": gg, "inv_norm": inv}
 
     def _descent(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> None:
         vecs = self._vectors(txn, active)
         if vecs is None:  # before the first v: the normalised (or raw) g_adv
             gg = ops.dots([grads], [(0, 0)], backend=self.backend, layout=active.layout)[0]
-            a = 1.0 / (gg.sqrt() + self.eps) if self.normalize else 1.0
+            a = inverse_norm(gg, self.eps) if self.normalize else 1.0
             txn.diagnostics["adv_grad_norm"] = gg.sqrt()
             for g in active.groups:
                 ops.correct_restore_(g.of(active.params), g.of(grads), g.of(active.saved), None, a, 0.0,
                                      backend=self.backend, layout=g.layout)
             return
-        sums = ops.dots([grads, vecs], [(0, 0), (0, 1)], backend=self.backend, layout=active.layout)
-        corr = xsam_correction(sums[0], sums[1], normalize=self.normalize, rule=self.correction, eps=self.eps)
+        gg, gv = ops.dots([grads, vecs], [(0, 0), (0, 1)], backend=self.backend, layout=active.layout).unbind()
+        corr = xsam_correction(gg, gv, normalize=self.normalize, rule=self.correction, eps=self.eps)
         txn.diagnostics.update(adv_grad_norm=corr.adv_grad_norm, cos_gadv_v=corr.cos_gadv_v, correction=corr.beta)
         for g in active.groups:
             ops.correct_restore_(g.of(active.params), g.of(grads), g.of(active.saved), g.of(vecs), corr.a,
