@@ -578,8 +578,10 @@ def dist_worker(rank, init_file, out_dir):
         out = {}
         for name, (hvp, per_replica) in DDP_CONFIGS.items():
             ddp = nn.parallel.DistributedDataParallel(dist_model())
+            # hvp_eval_mode=False: the products reuse the first pass's gradient (with a model in eval
+            # mode they would evaluate grad L(w) once more instead).
             opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp=hvp, model=ddp, per_replica_perturbation=per_replica,
-                       seed=SEED, **HYPER)
+                       hvp_eval_mode=False, seed=SEED, **HYPER)
             first_v = dist_train(ddp, opt, rank)
             out[name] = {"weights": [p.detach().clone() for p in ddp.parameters()], "eigenvector": opt.eigenvector(),
                          "first_v": first_v}
@@ -589,7 +591,8 @@ def dist_worker(rank, init_file, out_dir):
                 if isinstance(layer, nn.Linear):
                     fully_shard(layer)
             fully_shard(model)
-            opt = XSAM(model.parameters(), torch.optim.SGD, hvp=hvp, model=model, seed=SEED, **HYPER)
+            opt = XSAM(model.parameters(), torch.optim.SGD, hvp=hvp, model=model, hvp_eval_mode=False, seed=SEED,
+                       **HYPER)
             dist_train(model, opt, rank)
             out[f"fsdp_{hvp}"] = {"weights": [p.full_tensor() for p in model.parameters()],
                                   "eigenvector": [v.full_tensor() for v in opt.eigenvector()]}
