@@ -1,12 +1,14 @@
-"""Benchmark harness (shipped as ``xsam.bench``): ``xsam bench [--quick] [--only ops,e2e,memory] [--out DIR]``.
+"""Benchmark harness (shipped as ``xsam.bench``): ``xsam bench [--quick] [--only ops,e2e,memory,tracking] [--out DIR]``.
 
-Three sections, each measured on one device per run:
+Sections, each measured on one device per run:
 - ops: every op of the op set and the optimizer-side part of an X-SAM step, on
   parameter sets shaped like ResNet-18, ViT-B/16, GPT-2 small and 1,000 small
   tensors, per available backend, against a copy of the same bytes, the
   reference backend and a davda54/sam-style per-parameter loop (bench/ops_bench.py);
 - e2e: seconds per training step of SGD, SAM and XSAM (bench/e2e_bench.py);
-- memory: the tensors SAM/XSAM hold besides the model (and the peak on GPU).
+- memory: the tensors SAM/XSAM hold besides the model (and the peak on GPU);
+- tracking (only when asked for, it trains for about an hour on two cores): the eigenvector's
+  cost against its quality per HVP mode, power iterations and refresh interval (bench/tracking_bench.py).
 Results: a table on the terminal, ``bench_results.csv``, ``bench_table.txt`` and
 ``bench_gbps.png`` (when matplotlib is installed) in ``--out``.
 """
@@ -17,7 +19,8 @@ import platform
 import time
 from pathlib import Path
 
-SECTIONS = ("ops", "e2e", "memory")
+SECTIONS = ("ops", "e2e", "memory", "tracking")
+DEFAULT_SECTIONS = ("ops", "e2e", "memory")
 CSV_NAME, TABLE_NAME, PLOT_NAME = "bench_results.csv", "bench_table.txt", "bench_gbps.png"
 
 
@@ -34,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Defaults fit the machine: full sizes on a GPU; on CPU the parameter sets are divided by "
                "--scale 16 so a run takes about two minutes on two cores.")
     p.add_argument("--quick", action="store_true", help="a smoke run in seconds (tiny sizes, few repeats)")
-    p.add_argument("--only", type=choices_list(SECTIONS, "section"), default=SECTIONS, metavar="SECTIONS",
-                   help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: all)")
+    p.add_argument("--only", type=choices_list(SECTIONS, "section"), default=DEFAULT_SECTIONS, metavar="SECTIONS",
+                   help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: "
+                        f"{','.join(DEFAULT_SECTIONS)})")
     p.add_argument("--out", type=output_dir, default=None, help="output folder (default: results/bench)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available, else cpu)")
     p.add_argument("--scale", type=number(float, 0.0, low_open=True), default=None,
@@ -59,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=number(int, 1), default=None,
                    help="timed blocks per measurement (default 7 on GPU, 5 on CPU, 3 with --quick)")
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
+    from .tracking_bench import TASKS as TRACKING_TASKS
+
+    p.add_argument("--seeds", type=number(int, 1), default=None, help="tracking: seeds per configuration (default 3)")
+    p.add_argument("--steps", type=number(int, 1), default=None, help="tracking: training steps per run (default 300)")
+    p.add_argument("--workers", type=number(int, 1), default=2, help="tracking: processes for the quality runs")
+    p.add_argument("--tracking-tasks", type=choices_list(TRACKING_TASKS, "task"), default=None, metavar="TASKS",
+                   help=f"tracking: tasks, of {','.join(TRACKING_TASKS)} (default: both)")
     return p
 
 
@@ -74,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from . import e2e_bench, ops_bench, report
+    from . import e2e_bench, ops_bench, report, tracking_bench
     from .models import PARAMETER_SETS, parameter_shapes
 
     try:
@@ -123,10 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if "memory" in args.only:
         rows += e2e_bench.run_memory(e2e_models, device, batch=batch, configs=configs)
+    written = []
+    if "tracking" in args.only:  # its own files (CPU, whatever --device says)
+        written += tracking_bench.main_section(args, no_plot=args.no_plot)
+        if args.only == ("tracking",):
+            print(f"\nwrote {', '.join(str(args.out / w) for w in written)} in {time.perf_counter() - started:.0f} s")
+            return 0
     table = save()
     print()
     print(table)
-    written = [CSV_NAME, TABLE_NAME]
+    written = [CSV_NAME, TABLE_NAME] + written
     if not args.no_plot and "ops" in args.only:
         why_not = report.plot_bandwidth(rows, args.out / PLOT_NAME)
         if why_not:

@@ -637,3 +637,28 @@ def test_per_replica_forward_differences_use_the_averaged_first_pass_gradient(di
     _, _, first_v = single_process("forward_difference", steps=1)
     for a, b in zip(dist_results[0]["fwd_replica"]["first_v"], first_v):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
+
+
+# ----- the frontier harness (xsam bench --only tracking) --------------------------------------------
+def test_a_frontier_run_counts_evaluations_and_scores_v_against_the_large_batch():
+    from xsam.bench.tracking_bench import TrackConfig, quality_run
+
+    cfg = TrackConfig("forward_p1_k5", "forward_difference", 1, 5)
+    result = quality_run("mlp", cfg, seed=0, steps=10, eval_every=5)
+    assert result["closure_per_step"] == pytest.approx(2.2) and result["products_per_step"] == 0
+    assert [p["step"] for p in result["points"]] == [5, 10]
+    for p in result["points"]:
+        assert p["lambda_max"] > 0 and p["top_converged"]
+        assert -1.0 <= p["quality"] <= 1.0 + 1e-3 and 0.0 <= p["cos"] <= 1.0  # lambda_max bounds the quotient
+
+
+@pytest.mark.slow
+def test_the_tracking_section_writes_its_table_csvs_and_plot(tmp_path):
+    from xsam.bench import main
+    from xsam.bench.tracking_bench import CSV_NAME, CURVES_NAME, PLOT_NAME, PRODUCTS_NAME, TABLE_NAME
+
+    assert main(["--only", "tracking", "--quick", "--workers", "1", "--out", str(tmp_path)]) == 0
+    for name in (CSV_NAME, CURVES_NAME, PRODUCTS_NAME, TABLE_NAME, PLOT_NAME):
+        assert (tmp_path / name).stat().st_size > 0
+    table = (tmp_path / TABLE_NAME).read_text()
+    assert "xsam bench --only tracking" in table and "| streaming |" in table

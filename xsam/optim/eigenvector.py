@@ -302,6 +302,10 @@ class EigenvectorTracker:
         return getattr(self.optimizer.model, "process_group", None)
 
     # ----- streaming (hvp="streaming") ---------------------------------------------------------
+    def scratch_tensors(self) -> list[Tensor]:
+        """The buffer streaming keeps the first pass's gradient in (memory, not state)."""
+        return list(self._stream_buffer or [])
+
     def capture_first_pass(self, txn, active: ParamLists, grads: list[Tensor]) -> None:
         """Keep the first pass's g for the streaming update (a copy: the second pass overwrites .grad).
 

@@ -153,6 +153,9 @@ class EigenvectorMixin:
         super()._after_load()
         self.tracker.forget_pending_retry()
 
+    def scratch_tensors(self) -> list[Tensor]:
+        return super().scratch_tensors() + self.tracker.scratch_tensors()
+
 
 @register_arguments
 class XSAM(EigenvectorMixin, SharpnessAware):
