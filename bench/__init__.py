@@ -63,13 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=number(int, 1), default=None,
                    help="timed blocks per measurement (default 7 on GPU, 5 on CPU, 3 with --quick)")
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
-    from .tracking_bench import TASKS as TRACKING_TASKS
+    from .tracking_bench import EXTRA_TASKS, TASKS as TRACKING_TASKS
 
     p.add_argument("--seeds", type=number(int, 1), default=None, help="tracking: seeds per configuration (default 3)")
     p.add_argument("--steps", type=number(int, 1), default=None, help="tracking: training steps per run (default 300)")
     p.add_argument("--workers", type=number(int, 1), default=2, help="tracking: processes for the quality runs")
-    p.add_argument("--tracking-tasks", type=choices_list(TRACKING_TASKS, "task"), default=None, metavar="TASKS",
-                   help=f"tracking: tasks, of {','.join(TRACKING_TASKS)} (default: both)")
+    p.add_argument("--tracking-tasks", type=choices_list(TRACKING_TASKS + EXTRA_TASKS, "task"), default=None,
+                   metavar="TASKS", help=f"tracking: tasks, of {','.join(TRACKING_TASKS + EXTRA_TASKS)} (default: "
+                                        f"{','.join(TRACKING_TASKS)})")
     return p
 
 
