@@ -1,6 +1,6 @@
-"""Benchmark harness (shipped as ``xsam.bench``): ``xsam bench [--quick] [--only ops,e2e,overhead,memory] [--out DIR]``.
+"""Benchmark harness (shipped as ``xsam.bench``): ``xsam bench [--quick] [--only ops,e2e,overhead,memory,tracking] [--out DIR]``.
 
-Four sections, each measured on one device per run:
+Sections, each measured on one device per run:
 - ops: every op of the op set and the optimizer-side part of an X-SAM step, on
   parameter sets shaped like ResNet-18, ViT-B/16, GPT-2 small and 1,000 small
   tensors, per available backend, against a ceiling measured at the same footprint,
@@ -9,7 +9,9 @@ Four sections, each measured on one device per run:
 - e2e: seconds per training step of SGD, SAM and XSAM, interleaved (bench/e2e_bench.py);
 - overhead: the fixed per-step cost of the optimizer objects: XSAM on 1,000 small tensors
   against one flat tensor, xsam.SAM against davda54/sam's SAM (bench/overhead_bench.py);
-- memory: the tensors SAM/XSAM hold besides the model (and the peak on GPU).
+- memory: the tensors SAM/XSAM hold besides the model (and the peak on GPU);
+- tracking (only when asked for, it trains for about an hour on two cores): the eigenvector's
+  cost against its quality per HVP mode, power iterations and refresh interval (bench/tracking_bench.py).
 Results: a table on the terminal, ``bench_results.csv``, ``bench_table.txt`` and
 ``bench_gbps.png`` (when matplotlib is installed) in ``--out``.
 """
@@ -20,7 +22,8 @@ import platform
 import time
 from pathlib import Path
 
-SECTIONS = ("ops", "e2e", "overhead", "memory")
+SECTIONS = ("ops", "e2e", "overhead", "memory", "tracking")
+DEFAULT_SECTIONS = ("ops", "e2e", "overhead", "memory")
 CSV_NAME, TABLE_NAME, PLOT_NAME = "bench_results.csv", "bench_table.txt", "bench_gbps.png"
 
 
@@ -38,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                "the largest power of two that keeps its arrays beyond the last-level cache (ResNet-18 1, ViT-B/16 "
                "and GPT-2 8 with a 32 MiB L3), so a run takes about three minutes on two cores.")
     p.add_argument("--quick", action="store_true", help="a smoke run in seconds (tiny sizes, few repeats)")
-    p.add_argument("--only", type=choices_list(SECTIONS, "section"), default=SECTIONS, metavar="SECTIONS",
-                   help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: all)")
+    p.add_argument("--only", type=choices_list(SECTIONS, "section"), default=DEFAULT_SECTIONS, metavar="SECTIONS",
+                   help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: "
+                        f"{','.join(DEFAULT_SECTIONS)})")
     p.add_argument("--out", type=output_dir, default=None, help="output folder (default: results/bench)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available, else cpu)")
     p.add_argument("--scale", type=number(float, 0.0, low_open=True), default=None,
@@ -66,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved rounds of the e2e and overhead sections (default 15 on CPU, 9 on GPU, 3 with "
                         "--quick)")
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
+    from .tracking_bench import EXTRA_TASKS, TASKS as TRACKING_TASKS
+
+    p.add_argument("--seeds", type=number(int, 1), default=None, help="tracking: seeds per configuration (default 3)")
+    p.add_argument("--steps", type=number(int, 1), default=None, help="tracking: training steps per run (default 300)")
+    p.add_argument("--workers", type=number(int, 1), default=2, help="tracking: processes for the quality runs")
+    p.add_argument("--tracking-tasks", type=choices_list(TRACKING_TASKS + EXTRA_TASKS, "task"), default=None,
+                   metavar="TASKS", help=f"tracking: tasks, of {','.join(TRACKING_TASKS + EXTRA_TASKS)} (default: "
+                                        f"{','.join(TRACKING_TASKS)})")
     return p
 
 
@@ -81,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from . import e2e_bench, ops_bench, overhead_bench, report
+    from . import e2e_bench, ops_bench, overhead_bench, report, tracking_bench
     from .models import PARAMETER_SETS, dram_scale, parameter_shapes
 
     try:
@@ -139,10 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if "memory" in args.only:
         rows += e2e_bench.run_memory(e2e_models, device, batch=batch, configs=configs)
+    written = []
+    if "tracking" in args.only:  # its own files (CPU, whatever --device says)
+        written += tracking_bench.main_section(args, no_plot=args.no_plot)
+        if args.only == ("tracking",):
+            print(f"\nwrote {', '.join(str(args.out / w) for w in written)} in {time.perf_counter() - started:.0f} s")
+            return 0
     table = save()
     print()
     print(table)
-    written = [CSV_NAME, TABLE_NAME]
+    written = [CSV_NAME, TABLE_NAME] + written
     if not args.no_plot and "ops" in args.only:
         why_not = report.plot_bandwidth(rows, args.out / PLOT_NAME)
         if why_not:

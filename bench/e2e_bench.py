@@ -30,6 +30,7 @@ class OptimizerConfig:
     hvp: str = "exact"
     eig_interval: int = 5
     power_iters: int = 5
+    hvp_eval_mode: bool = True
 
 
 # eig_interval of SGD and SAM is only the number of steps per timed cycle.
@@ -38,6 +39,10 @@ DEFAULT_CONFIGS = (
     OptimizerConfig("sam", "sam"),
     OptimizerConfig("xsam_exact_k5_p5", "xsam", "exact", 5, 5),
     OptimizerConfig("xsam_fd_k5_p5", "xsam", "finite_difference", 5, 5),
+    # The fast settings of docs/tracking: one forward-difference product per refresh reusing the
+    # first pass (train-mode HVPs), and the streaming estimator (no extra evaluation).
+    OptimizerConfig("xsam_fwd_k5_p1", "xsam", "forward_difference", 5, 1, hvp_eval_mode=False),
+    OptimizerConfig("xsam_stream", "xsam", "streaming"),
 )
 # A rarer refresh shows how the overhead amortises; 20-step cycles are too long for CPU defaults.
 GPU_CONFIGS = DEFAULT_CONFIGS + (OptimizerConfig("xsam_exact_k20_p5", "xsam", "exact", 20, 5),)
@@ -100,7 +105,8 @@ def make_stepper(cfg: OptimizerConfig, work: Workload, backend: str) -> tuple[to
         opt = SAM(params, torch.optim.SGD, rho=0.05, model=model, backend=backend, **sgd_args)
         return opt, lambda: opt.step(closure)
     opt = XSAM(params, torch.optim.SGD, rho=0.05, alpha=0.2, eig_interval=cfg.eig_interval,
-               power_iters=cfg.power_iters, hvp=cfg.hvp, model=model, backend=backend, **sgd_args)
+               power_iters=cfg.power_iters, hvp=cfg.hvp, hvp_eval_mode=cfg.hvp_eval_mode, model=model,
+               backend=backend, **sgd_args)
     if cfg.hvp == "exact":
         return opt, lambda: opt.step(closure, loss_fn=loss_fn)
     return opt, lambda: opt.step(closure)

@@ -8,10 +8,15 @@ weights, warm-started from the previous v (a seeded normal draw the first time):
 - ``"forward_difference"``: ``(grad L(w + h v) - grad L(w)) / h`` reusing the first pass's
   gradient (1 evaluation per product), between the first pass and the perturbation; where the
   HVPs run in eval mode but the first pass ran in train mode (``model=`` with
-  ``hvp_eval_mode=True``), or where the first pass is not all-reduced (DDP's
-  ``per_replica_perturbation``), ``grad L(w)`` costs one more evaluation per refresh;
+  ``hvp_eval_mode=True``), ``grad L(w)`` costs one more evaluation per refresh (under DDP's
+  ``per_replica_perturbation`` the first pass's gradient is averaged over the replicas first: one
+  collective, no evaluation);
 - ``"auto"``: exact when a ``loss_fn`` is given (and no parameter is a DTensor), else central
-  finite differences.
+  finite differences;
+- ``"streaming"``: no product of its own. Every step feeds the product SAM's two passes already
+  contain, ``z = g - g_adv ~ -H e`` (e the perturbation), to Oja's rule
+  ``v <- (v + gamma <z^, v> z^) / ||...||`` with ``z^ = z / ||z||``: zero extra gradient
+  evaluations (docs/tracking/). Only optimizers that wire it (X-SAM) accept it.
 
 A refresh whose vector is zero or not finite (a zero Hessian on the batch, a NaN product, an
 AMP overflow) is rejected on the device: ``torch.where`` keeps the previous v (or the
@@ -28,14 +33,18 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..hessian import (_is_dtensor, exact_hvp, finite_difference_hvp, forward_difference_hvp, orthonormalize_,
-                       power_iteration, random_vectors)
+from ..hessian import (_is_dtensor, all_reduce_mean_, exact_hvp, finite_difference_hvp, forward_difference_hvp,
+                       orthonormalize_, power_iteration, random_vectors)
 from .lists import ParamLists
 from .model_state import batchnorm_statistics_frozen, eval_mode
 
-__all__ = ["HVP_MODES", "EigenvectorTracker", "PendingRefresh"]
+__all__ = ["HVP_MODES", "STREAMING_RATE", "EigenvectorTracker", "PendingRefresh", "StreamedDescent"]
 
-HVP_MODES = ("auto", "exact", "finite_difference", "forward_difference")
+HVP_MODES = ("auto", "exact", "finite_difference", "forward_difference", "streaming")
+# gamma of the streaming (Oja) update: each step adds gamma times v's projection on z^. Chosen in a
+# prototype on the MLP regression of docs/tracking at three learning rates: 2 tracked better than 0.5
+# and 1, and 4, 8 or infinity (v = z^, no memory) were within 0.01 of it.
+STREAMING_RATE = 2.0
 
 
 @dataclass
@@ -49,6 +58,18 @@ class PendingRefresh:
     accepted: Tensor  # 0-d bool on the device
     iterations: int
     generator_state: Tensor
+    # Streaming: ``vectors`` are scratch and may be unusable where not accepted; the v stored at
+    # commit is ``vectors`` where accepted, else these (the previous v or the normalised start).
+    fallback: list[Tensor] | None = None
+
+
+@dataclass
+class StreamedDescent:
+    """What X-SAM's descent needs from a streaming update: the new v and the sums of g_adv with it."""
+
+    vectors: list[Tensor]  # the new v, aligned with the descent's parameters (scratch until commit)
+    gg: Tensor  # ||g_adv||^2
+    gv: Tensor  # <g_adv, new v>
 
 
 class _DeviceFlag:
@@ -85,6 +106,10 @@ class EigenvectorTracker:
         self._pending_retry: _DeviceFlag | None = None  # the rejection flag of the last refresh
         self._cache_key: tuple | None = None
         self._cache: list[Tensor] | None = None
+        # Streaming: the first pass's gradient of the open step, in a buffer reused across steps.
+        self._stream_lists: ParamLists | None = None
+        self._stream_buffer: list[Tensor] | None = None
+        self._stream_step: object | None = None  # the transaction the buffer was filled in
 
     def initial_state(self) -> dict:
         generator = torch.Generator().manual_seed(self.seed)
@@ -104,13 +129,26 @@ class EigenvectorTracker:
                 self._global["retry_refresh"] = value
                 self._pending_retry = None
 
+    @property
+    def streaming(self) -> bool:
+        return self.hvp == "streaming"
+
     def due(self) -> bool:
-        """True when ``step % eig_interval == 0``, or when the last refresh was rejected (a retry)."""
+        """True when ``step % eig_interval == 0``, or when the last refresh was rejected (a retry).
+
+        Never with ``hvp="streaming"``: v is updated inside every step, with no refresh of its own.
+        """
+        if self.streaming:
+            return False
         self.poll_retry()
         return self._global["step"] % self.eig_interval == 0 or bool(self._global.get("retry_refresh", False))
 
     def mode(self, loss_fn, params: list[Tensor]) -> str:
         mode = self.hvp
+        if mode == "streaming":
+            raise ValueError("hvp='streaming' updates v inside every step from the two SAM passes; it has no "
+                             "refresh of its own (refresh_due is always False). Use another hvp to refresh v "
+                             "with power iterations")
         if mode == "auto":
             # FSDP2 parameters are out of autograd's reach from the loss (see exact_hvp): only
             # finite differences, whose closure backward FSDP2 reduce-scatters, work there.
@@ -236,14 +274,18 @@ class EigenvectorTracker:
     def _base_gradient(self, closure, params: list[Tensor], first_gradients, unscale) -> list[Tensor]:
         """grad L(w) for forward differences: the first pass's, unless the HVPs run in another model mode.
 
-        Nor under DDP's per-replica perturbation: that first pass is each replica's own gradient
-        (not all-reduced), while the products' gradients are averaged.
+        With ``per_replica_perturbation`` the first pass skipped DDP's all-reduce, but the HVP
+        passes do not: the first pass's gradient is averaged here (one collective, no evaluation).
         """
         opt = self.optimizer
-        reusable = not (opt.model is not None and self.hvp_eval_mode) and not opt.per_replica_perturbation
-        if first_gradients is not None and reusable:
-            return [first_gradients[id(p)] if id(p) in first_gradients else torch.zeros_like(p) for p in params]
-        # One more evaluation, all-reduced, in the mode of the HVPs (the caller's eval-mode context is active).
+        if first_gradients is not None and not (opt.model is not None and self.hvp_eval_mode):
+            base = [first_gradients[id(p)] if id(p) in first_gradients else torch.zeros_like(p) for p in params]
+            if opt.per_replica_perturbation:
+                base = [t.clone() for t in base]  # the caller restores the first-pass .grad from the originals
+                with torch.no_grad():
+                    all_reduce_mean_(base, self._replica_group())
+            return base
+        # One more evaluation, in the mode of the HVPs (the caller's eval-mode context is active).
         user_grads = [p.grad for p in params]
         for p in params:
             p.grad = None
@@ -258,11 +300,94 @@ class EigenvectorTracker:
             unscale(grads)
         return grads
 
+    def _replica_group(self):
+        """The group DDP averages over (per-replica perturbation: the model is the DDP module)."""
+        return getattr(self.optimizer.model, "process_group", None)
+
+    # ----- streaming (hvp="streaming") ---------------------------------------------------------
+    def scratch_tensors(self) -> list[Tensor]:
+        """The buffer streaming keeps the first pass's gradient in (memory, not state)."""
+        return list(self._stream_buffer or [])
+
+    def capture_first_pass(self, txn, active: ParamLists, grads: list[Tensor]) -> None:
+        """Keep the first pass's g for the streaming update (a copy: the second pass overwrites .grad).
+
+        Aligned with ``txn.lists`` (zeros where a parameter has no first-pass gradient: it was not
+        moved). With ``per_replica_perturbation`` the copy is averaged over the DDP group, like the
+        second pass's gradient, so every replica computes the same v.
+        """
+        lists = txn.lists
+        if lists is not self._stream_lists:
+            self._stream_buffer = [torch.empty_like(p, memory_format=torch.preserve_format) for p in lists.params]
+            self._stream_lists = lists
+        buffer = self._stream_buffer
+        with torch.no_grad():
+            if active is lists:
+                ops.copy_(buffer, grads)
+            else:
+                by_id = dict(zip(map(id, active.params), grads))
+                for p, b in zip(lists.params, buffer):
+                    g = by_id.get(id(p))
+                    b.copy_(g) if g is not None else b.zero_()
+            if self.optimizer.per_replica_perturbation:
+                all_reduce_mean_(buffer, self._replica_group())
+        self._stream_step = txn
+
+    def stream(self, txn, active: ParamLists, grads: list[Tensor], vecs: list[Tensor] | None
+               ) -> StreamedDescent | None:
+        """Oja's update of v from ``z = g - g_adv``, before the correction uses it (no evaluation).
+
+        ``grads`` is g_adv aligned with ``active``; ``vecs`` the stored v (None before the first).
+        Returns the new v (to correct with and, at commit, to store) with the sums the correction
+        needs, all from one fused reduction; sets ``txn.refresh``. None when the first pass was not
+        captured in this step (nothing to update from).
+        """
+        if self._stream_step is not txn:
+            return None
+        self._stream_step = None
+        opt, lists = self.optimizer, txn.lists
+        if active is lists:
+            z = self._stream_buffer
+        else:
+            by_id = dict(zip(map(id, lists.params), self._stream_buffer))
+            z = [by_id[id(p)] for p in active.params]
+        generator = torch.Generator()
+        generator.set_state(self._global["generator"])
+        start = vecs
+        if start is None:  # the first v: z^ itself (one power step from the perturbation), else the seeded draw
+            start = random_vectors(active.params, 1, generator)[0]
+        layout, backend = active.layout, opt.backend
+        with torch.no_grad():
+            ops.axpy_(z, grads, -1.0, backend=backend, layout=layout)  # z = g - g_adv ~ -H e
+            s = ops.dots([grads, start, z], [(0, 0), (0, 1), (2, 2), (2, 1), (0, 2), (1, 1)], backend=backend,
+                         layout=layout)
+            gg, gv, zz, zv, gz, vv = s.unbind()
+            accepted = torch.isfinite(zz) & (zz > 0) & torch.isfinite(zv) & torch.isfinite(gz)
+            safe_zz = torch.where(accepted, zz, torch.ones_like(zz))
+            if vecs is None:  # v = z^
+                cv, cz = torch.zeros_like(zz), safe_zz.rsqrt()
+            else:  # v + gamma <z^, v> z^, normalised (||v|| = 1 up to rounding, kept exact with vv)
+                proj = STREAMING_RATE * zv / safe_zz
+                norm = (vv + (2.0 + STREAMING_RATE) * STREAMING_RATE * zv * zv / safe_zz).sqrt()
+                cv, cz = 1.0 / norm, proj / norm
+            keep = 1.0 / vv.sqrt()  # a rejected update keeps v (or the normalised start vector)
+            cv, cz = torch.where(accepted, cv, keep), torch.where(accepted, cz, torch.zeros_like(cz))
+            ops.scale_copy_(z, z, cz, backend=backend, layout=layout)
+            ops.axpy_(z, start, cv, backend=backend, layout=layout)  # z now holds the new v
+            fallback = vecs if vecs is not None else [t * keep for t in start]
+        nan = torch.full_like(zz, float("nan"))  # Oja's rule estimates no eigenvalue
+        txn.refresh = PendingRefresh(params=list(active.params), vectors=z, eigenvalue=nan, residual=nan,
+                                     accepted=accepted, iterations=0, generator_state=generator.get_state(),
+                                     fallback=fallback)
+        return StreamedDescent(vectors=z, gg=gg, gv=torch.where(accepted, cv * gv + cz * gz, keep * gv))
+
     def commit(self, pending: PendingRefresh) -> None:
         state, g = self.optimizer.state, self._global
         with torch.no_grad():
-            for p, v in zip(pending.params, pending.vectors):
+            for i, (p, v) in enumerate(zip(pending.params, pending.vectors)):
                 entry = state[p]
+                if pending.fallback is not None:  # scratch vectors: a new tensor, the fallback where rejected
+                    v = torch.where(pending.accepted.to(v.device), v, pending.fallback[i])
                 if "eigenvector" in entry and entry["eigenvector"].shape == v.shape:
                     entry["eigenvector"].copy_(v)  # in place: the cached list stays valid
                 else:

@@ -21,6 +21,7 @@ class EigenvectorMixin:
     """What X-SAM and Eigen-SAM share around the eigenvector: schedule, refresh, state, checkpoints."""
 
     tracker: EigenvectorTracker
+    STREAMING = False  # whether the class feeds hvp="streaming" from its passes (X-SAM does)
 
     def _setup_tracker(self, *, eig_interval, power_iters, eig_tol, hvp, hvp_eval_mode, seed) -> None:
         check_count("eig_interval", eig_interval, "It is the number of steps between eigenvector refreshes.")
@@ -29,6 +30,9 @@ class EigenvectorMixin:
             check_number("eig_tol", eig_tol, 0.0, low_open=True,
                          hint="Pass a positive tolerance, or None for fixed iterations.")
         check_choice("hvp", hvp, HVP_MODES)
+        if hvp == "streaming" and not self.STREAMING:
+            raise ValueError(f"hvp='streaming' is not available for {type(self).__name__}; use 'exact', "
+                             "'finite_difference', 'forward_difference' or 'auto'")
         check_bool("hvp_eval_mode", hvp_eval_mode, "run the HVPs with the model in eval mode")
         check_seed(seed)
         self.tracker = EigenvectorTracker(self, eig_interval=eig_interval, power_iters=power_iters, eig_tol=eig_tol,
@@ -111,6 +115,8 @@ class EigenvectorMixin:
         if self._open is not None:
             raise RuntimeError("refresh_eigenvector() must run at the unperturbed weights: call it before "
                                "first_step() (or after second_step())")
+        if self.tracker.streaming:
+            self.tracker.mode(loss_fn, [])  # raises: streaming has no refresh of its own
         closure = None if closure is None else torch.enable_grad()(closure)
         if closure is None and self.tracker.mode(loss_fn, []) != "exact":
             raise ValueError(f"hvp={self.tracker.hvp!r} needs the closure: refresh_eigenvector(closure) where "
@@ -197,6 +203,9 @@ class EigenvectorMixin:
         super()._after_load()
         self.tracker.forget_pending_retry()
 
+    def scratch_tensors(self) -> list[Tensor]:
+        return super().scratch_tensors() + self.tracker.scratch_tensors()
+
 
 @register_arguments
 class XSAM(EigenvectorMixin, SharpnessAware):
@@ -223,12 +232,19 @@ class XSAM(EigenvectorMixin, SharpnessAware):
             settle to this relative tolerance (reads them on the host each iteration).
         hvp (str, default "auto"): "exact" (needs ``step(closure, loss_fn)``), "finite_difference"
             (2 evaluations per product), "forward_difference" (1 per product, reusing the first
-            pass), or "auto" (exact with a ``loss_fn``, else finite differences).
-        hvp_eval_mode (bool, default True): run the HVPs with ``model`` in eval mode.
+            pass), "auto" (exact with a ``loss_fn``, else finite differences), or "streaming"
+            (no evaluation: every step updates v from the product its two passes contain, by
+            Oja's rule; ``eig_interval``, ``power_iters`` and ``eig_tol`` are not used, and the
+            eigenvalue is not estimated: NaN in the diagnostics).
+        hvp_eval_mode (bool, default True): run the HVPs with ``model`` in eval mode. With
+            "forward_difference" this costs one more evaluation per refresh (grad L(w) in eval
+            mode); False reuses the first pass's gradient (train-mode Hessian, BatchNorm
+            statistics still frozen; needs a model without dropout or other randomness).
         seed (int, default 0): seed of the first start vector, in [0, 2**64).
     """
 
     KIND = "XSAM"
+    STREAMING = True
     OWN_ARGUMENTS = ("rho", "alpha", "correction", "normalize", "adaptive", "eig_interval", "power_iters",
                      "eig_tol", "hvp", "model", "hvp_eval_mode", "seed", "per_replica_perturbation",
                      "process_group", "backend", "eps", "max_grad_norm")
@@ -259,6 +275,8 @@ class XSAM(EigenvectorMixin, SharpnessAware):
                      hint="alpha=0 is SAM, 1 removes the component along v.")
 
     def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> dict:
+        if self.tracker.streaming:
+            self.tracker.capture_first_pass(txn, active, grads)
         vecs = self._vectors(txn, active)
         if vecs is None:
             return super()._first_pass_sums(txn, active, grads)
@@ -275,7 +293,10 @@ class XSAM(EigenvectorMixin, SharpnessAware):
 
     def _descent(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> None:
         vecs = self._vectors(txn, active)
-        if vecs is None:  # before the first v: the normalised (or raw) g_adv
+        streamed = self.tracker.stream(txn, active, grads, vecs) if self.tracker.streaming else None
+        if streamed is not None:  # this step's v, updated from g - g_adv, corrects this step
+            vecs, gg, gv = streamed.vectors, streamed.gg, streamed.gv
+        elif vecs is None:  # before the first v: the normalised (or raw) g_adv
             gg = ops.dots([grads], [(0, 0)], backend=self.backend, layout=active.layout)[0]
             a = inverse_norm(gg, self.eps) if self.normalize else 1.0
             txn.diagnostics["adv_grad_norm"] = gg.sqrt()
@@ -283,7 +304,8 @@ class XSAM(EigenvectorMixin, SharpnessAware):
                 ops.correct_restore_(g.of(active.params), g.of(grads), g.of(active.saved), None, a, 0.0,
                                      backend=self.backend, layout=g.layout)
             return
-        gg, gv = ops.dots([grads, vecs], [(0, 0), (0, 1)], backend=self.backend, layout=active.layout).unbind()
+        else:
+            gg, gv = ops.dots([grads, vecs], [(0, 0), (0, 1)], backend=self.backend, layout=active.layout).unbind()
         corr = xsam_correction(gg, gv, normalize=self.normalize, rule=self.correction, eps=self.eps)
         txn.diagnostics.update(adv_grad_norm=corr.adv_grad_norm, cos_gadv_v=corr.cos_gadv_v, correction=corr.beta)
         for g in active.groups:

@@ -1,0 +1,664 @@
+"""Eigenvector tracking (issue 11): forward-difference refreshes, their step size, and streaming.
+
+Oracles: closed forms on quadratics (A is known, so H v, the top eigenvector and every pass are
+known exactly), double-backward HVPs computed here with torch.autograd, a flat fp64 re-derivation
+of the streaming step, and single-process runs on the full batch for DDP and FSDP2. Evaluations
+are counted by closure calls.
+"""
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from xsam import XSAM
+from xsam.amp import SAMGradScaler
+from xsam.hessian import default_fd_step, forward_difference_hvp, random_vectors
+from xsam.optim.eigenvector import STREAMING_RATE
+
+from helpers import Quadratic, flat, spawn_and_wait, unflat
+
+
+class Counted:
+    """A closure that counts its calls and records the weights and the model mode of each."""
+
+    def __init__(self, closure, params, model=None):
+        self.closure, self.params, self.model = closure, params, model
+        self.weights, self.training = [], []
+
+    def __call__(self):
+        self.weights.append(flat(self.params))
+        self.training.append(None if self.model is None else self.model.training)
+        return self.closure()
+
+    @property
+    def calls(self) -> int:
+        return len(self.weights)
+
+
+def xsam_on(params, **kw):
+    kw = {"lr": 0.01, "rho": 0.05, "alpha": 0.2, "power_iters": 1, "eig_interval": 5, **kw}
+    return XSAM(params, torch.optim.SGD, **kw)
+
+
+# ----- cost: gradient evaluations per step, counted ---------------------------------------------
+@pytest.mark.parametrize("hvp, p, k, per_step", [
+    ("forward_difference", 1, 5, 2.2),  # the issue's bound: 2 + p/k
+    ("forward_difference", 3, 2, 3.5),
+    ("finite_difference", 1, 5, 2.4),  # 2 + 2p/k
+    ("streaming", 5, 5, 2.0),  # SAM's two passes only (p and k are not used)
+])
+def test_evaluations_per_step_follow_the_cost_model(hvp, p, k, per_step):
+    q = Quadratic()
+    closure = Counted(q.closure, q.params)
+    opt = xsam_on(q.params, hvp=hvp, power_iters=p, eig_interval=k)
+    steps = 20
+    for _ in range(steps):
+        opt.step(closure)
+    assert closure.calls == round(per_step * steps)
+
+
+def bn_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).double()
+
+
+def bn_batch(seed=1, n=16):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=gen, dtype=torch.float64), torch.randn(n, 1, generator=gen, dtype=torch.float64)
+
+
+def bn_closure(model, x, y):
+    def closure():
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("eval_mode", [True, False])
+def test_forward_differences_with_a_batchnorm_model_reuse_the_first_pass_only_in_its_mode(eval_mode):
+    """In eval mode grad L(w) is evaluated once more per refresh (2 + (p+1)/k); else the first pass is reused."""
+    model = bn_model()
+    x, y = bn_batch()
+    closure = Counted(bn_closure(model, x, y), list(model.parameters()), model)
+    opt = xsam_on(model.parameters(), hvp="forward_difference", power_iters=2, eig_interval=5, model=model,
+                  hvp_eval_mode=eval_mode)
+    for _ in range(10):
+        opt.step(closure)
+    refresh = closure.training[:5] if eval_mode else closure.training[:4]
+    if eval_mode:  # first pass (train), grad L(w) and one product per iteration (eval), second pass (train)
+        assert closure.calls == 10 * 2 + 2 * 3 and refresh == [True, False, False, False, True]
+    else:
+        assert closure.calls == 10 * 2 + 2 * 2 and refresh == [True, True, True, True]
+    assert model.training
+
+
+# ----- order: where the refresh runs ------------------------------------------------------------
+def test_forward_differences_run_between_the_first_pass_and_the_perturbation():
+    q = Quadratic()
+    closure = Counted(q.closure, q.params)
+    opt = xsam_on(q.params, hvp="forward_difference", power_iters=2, rho=0.05)
+    w = flat(q.params)
+    start = random_vectors(q.params, 1, torch.Generator().manual_seed(0))[0]
+    v0 = flat(start) / flat(start).norm()
+    with torch.no_grad():
+        h = float(default_fd_step(q.params, unflat(v0, q.params), order=1))
+    opt.step(closure)
+    assert closure.calls == 4
+    assert torch.equal(closure.weights[0], w)  # the first pass, at w
+    torch.testing.assert_close(closure.weights[1] - w, h * v0, rtol=1e-9, atol=1e-15)  # w + h v
+    v1 = q.A @ v0
+    v1 = v1 / v1.norm()
+    torch.testing.assert_close((closure.weights[2] - w) / (closure.weights[2] - w).norm(), v1, rtol=1e-6, atol=1e-8)
+    g = q.grad(w)
+    torch.testing.assert_close(closure.weights[3] - w, 0.05 * g / g.norm(), rtol=1e-9, atol=1e-12)  # w + e
+
+
+def test_central_differences_keep_their_place_before_the_first_pass():
+    q = Quadratic()
+    closure = Counted(q.closure, q.params)
+    opt = xsam_on(q.params, hvp="finite_difference")
+    w = flat(q.params)
+    opt.step(closure)
+    assert closure.calls == 4
+    plus, minus = closure.weights[0] - w, closure.weights[1] - w
+    torch.testing.assert_close(plus, -minus, rtol=1e-12, atol=1e-15)
+    assert torch.equal(closure.weights[2], w)  # then the first pass
+
+
+# ----- quality: v against known top eigenvectors ---------------------------------------------------
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-7), (torch.float32, 1e-3)])
+def test_forward_difference_v_converges_to_the_closed_form_top_eigenvector(dtype, tol):
+    """One warm-started product every 5 steps: after 20 refreshes |cos| is 1 - O((4/7)^40)."""
+    q = Quadratic(dtype=dtype)
+    opt = xsam_on(q.params, hvp="forward_difference", power_iters=1, eig_interval=5)
+    for _ in range(100):
+        opt.step(q.closure)
+    v = flat(opt.eigenvector())
+    assert abs(float(v @ q.eigenvectors[:, 0])) > 1 - tol
+    assert opt.diagnostics()["eigenvalue"] == pytest.approx(-7.0, rel=tol)
+
+
+class MiniBatchQuadratic:
+    """L_B(w) = 0.5 w^T A_B w + b_B^T w over 8 batches whose Hessians average to A exactly.
+
+    A = Q diag(lam) Q^T with lam_1 = 10 well above the rest (the full-data top eigenvector is
+    Q[:, 0]); each A_B = A + N_B with symmetric noise N_B summing to zero over the batches, of
+    about the size of the gap, so a batch's own top eigenvector is not the full-data one.
+    """
+
+    def __init__(self, seed=0, n=12, batches=8, noise=2.0):
+        gen = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+        lam = torch.linspace(3.0, 0.1, n, dtype=torch.float64)
+        lam[0] = 10.0
+        self.A, self.top = q @ torch.diag(lam) @ q.T, q[:, 0]
+        noise_mats = [torch.randn(n, n, generator=gen, dtype=torch.float64) for _ in range(batches)]
+        noise_mats = [(m + m.T) / 2 for m in noise_mats]
+        mean = sum(noise_mats) / batches
+        scale = noise / max(float(torch.linalg.matrix_norm(m - mean, 2)) for m in noise_mats)
+        self.As = [self.A + scale * (m - mean) for m in noise_mats]
+        self.bs = [torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(batches)]
+        self.w = nn.Parameter(torch.randn(n, generator=gen, dtype=torch.float64))
+        self.order = torch.randint(0, batches, (1000,), generator=gen).tolist()
+
+    def closure_for(self, step):
+        A, b = self.As[self.order[step]], self.bs[self.order[step]]
+
+        def closure():
+            loss = 0.5 * self.w @ A @ self.w + b @ self.w
+            loss.backward()
+            return loss
+        return closure
+
+    def quality(self, v):
+        """Rayleigh quotient of v on the full-data Hessian over its top eigenvalue, and |cos(v, top)|."""
+        v = flat(v)
+        return float(v @ self.A @ v / (v @ v)) / 10.0, abs(float(v @ self.top)) / float(v.norm())
+
+
+@pytest.mark.parametrize("hvp, mean_rq, min_rq, mean_cos", [
+    ("forward_difference", 0.97, 0.9, 0.97),  # measured 0.994, 0.986, 0.997
+    ("streaming", 0.75, 0.2, 0.8),  # measured 0.844, 0.268, 0.892: weaker, with dips
+])
+def test_v_tracks_the_full_data_top_eigenvector_over_mini_batches(hvp, mean_rq, min_rq, mean_cos):
+    """Each batch's Hessian is off by noise the size of the gap; the tracked v follows their mean's top."""
+    prob = MiniBatchQuadratic()
+    opt = XSAM([prob.w], torch.optim.SGD, lr=0.05, momentum=0.9, rho=0.05, alpha=0.2, hvp=hvp, power_iters=1,
+               eig_interval=5)
+    rq, cos = [], []
+    for t in range(300):
+        opt.step(prob.closure_for(t))
+        if t >= 100:
+            r, c = prob.quality(opt.eigenvector())
+            rq.append(r)
+            cos.append(c)
+    assert sum(rq) / len(rq) > mean_rq and min(rq) > min_rq
+    assert sum(cos) / len(cos) > mean_cos
+
+
+# ----- the forward-difference step size h ~ sqrt(eps) (item 2) -------------------------------------
+def mlp_problem(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)).to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 6, generator=gen).to(dtype), torch.randn(64, 1, generator=gen).to(dtype)
+    params = list(model.parameters())
+
+    def closure():
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        return loss
+
+    def exact(v):  # double backward in fp64 on an fp64 copy: the oracle
+        m64 = copy.deepcopy(model).double()
+        p64 = list(m64.parameters())
+        grads = torch.autograd.grad((m64(x.double()) - y.double()).square().mean(), p64, create_graph=True)
+        return flat(torch.autograd.grad(grads, p64, [t.double() for t in v]))
+    return params, closure, exact
+
+
+def quadratic_problem(dtype):
+    q = Quadratic(dtype=dtype)
+    return q.params, q.closure, lambda v: q.A @ flat(v)
+
+
+def forward_error(params, closure, exact, v, step):
+    for p in params:
+        p.grad = None
+    closure()
+    base = [p.grad.clone() for p in params]
+    product = forward_difference_hvp(closure, params, base, step=step)([v])[0]
+    reference = exact(v)
+    return float((flat(product) - reference).norm() / reference.norm())
+
+
+def probe(params, dtype):
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype) for p in params]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_difference_error_on_a_quadratic_is_rounding_only(dtype):
+    """No truncation error on a quadratic: the error is O(eps / h) = O(sqrt(eps)) at the default h."""
+    params, closure, exact = quadratic_problem(dtype)
+    v = probe(params, dtype)
+    h = default_fd_step(params, v, order=1)
+    errors = [forward_error(params, closure, exact, v, h * m) for m in (0.01, 1.0, 100.0)]
+    assert errors[1] < 20 * math.sqrt(torch.finfo(dtype).eps)
+    assert errors[0] > errors[1] > errors[2]  # rounding shrinks as h grows: nothing else is there
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_difference_step_balances_truncation_and_rounding_on_an_mlp(dtype):
+    """The error is V-shaped in h; the default h = sqrt(eps) (1 + rms(w)) / ||v|| sits near the bottom."""
+    params, closure, exact = mlp_problem(dtype)
+    v = probe(params, dtype)
+    h = default_fd_step(params, v, order=1)
+    sweep = {m: forward_error(params, closure, exact, v, h * m) for m in (1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 1e2)}
+    best = min(sweep.values())
+    assert sweep[1.0] <= 4 * best  # near the optimum of the V
+    assert sweep[1e-2] > 5 * sweep[1.0] and sweep[1e2] > 5 * sweep[1.0]  # rounding left, truncation right
+    assert sweep[1.0] < 30 * math.sqrt(torch.finfo(dtype).eps)
+    # The central-difference step eps^(1/3) is too long for an O(h) formula.
+    central_h = default_fd_step(params, v, order=2)
+    assert forward_error(params, closure, exact, v, central_h) > sweep[1.0]
+    if dtype == torch.float64:
+        assert forward_error(params, closure, exact, v, central_h) > 10 * sweep[1.0]
+
+
+def test_default_fd_step_is_sqrt_eps_for_order_1_and_cube_root_for_order_2():
+    params = [torch.full((3,), 2.0), torch.full((1,), 2.0)]  # rms(w) = 2
+    v = [torch.full((3,), 0.5), torch.full((1,), 0.5)]  # ||v|| = 1
+    eps = torch.finfo(torch.float32).eps
+    assert float(default_fd_step(params, v, order=1)) == pytest.approx(3 * eps ** 0.5, rel=1e-6)
+    assert float(default_fd_step(params, v, order=2)) == pytest.approx(3 * eps ** (1 / 3), rel=1e-6)
+    with pytest.raises(ValueError, match="order=3"):
+        default_fd_step(params, v, order=3)
+
+
+# ----- BatchNorm: the products are those of the mode they claim ------------------------------------
+@pytest.mark.parametrize("eval_mode", [True, False])
+def test_forward_difference_products_with_batchnorm_match_exact_hvps_of_their_mode(eval_mode):
+    model = bn_model()
+    x, y = bn_batch()
+    reference = copy.deepcopy(model)
+    opt = xsam_on(model.parameters(), hvp="forward_difference", power_iters=1, model=model,
+                  hvp_eval_mode=eval_mode, lr=0.0, momentum=0.0)
+    opt.step(bn_closure(model, x, y))
+    # Only the first pass updated the running statistics: one train-mode forward on the batch.
+    with torch.no_grad():
+        reference(x)
+    for a, b in zip(model.buffers(), reference.buffers()):
+        assert torch.equal(a, b)
+    # The refresh ran after that pass, at the same weights: its product is H v0 of that mode.
+    params = list(reference.parameters())
+    start = random_vectors(params, 1, torch.Generator().manual_seed(0))[0]
+    v0 = flat(start) / flat(start).norm()
+    reference.train(not eval_mode)
+    if not eval_mode:
+        for m in reference.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.track_running_stats = False  # batch statistics, running ones left alone
+    grads = torch.autograd.grad((reference(x) - y).square().mean(), params, create_graph=True)
+    hv = flat(torch.autograd.grad(grads, params, unflat(v0, params)))
+    torch.testing.assert_close(flat(opt.eigenvector()), hv / hv.norm(), rtol=1e-6, atol=1e-6)
+
+
+# ----- AMP, transactions, checkpoints ------------------------------------------------------------
+def amp_problem(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    return model, torch.randn(16, 6, generator=gen, dtype=dtype), torch.randint(0, 3, (16,), generator=gen)
+
+
+@pytest.mark.parametrize("hvp", ["forward_difference", "streaming"])
+def test_scaled_run_equals_the_unscaled_run(hvp):
+    """Power-of-two scales: every pass and product is unscaled exactly (the step h is relative)."""
+    runs = []
+    for use_scaler in (False, True):
+        model, x, y = amp_problem()
+        opt = xsam_on(model.parameters(), hvp=hvp, power_iters=2, eig_interval=2, normalize=False, lr=0.1)
+        scaler = SAMGradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1000)
+
+        def closure():
+            loss = nn.functional.cross_entropy(model(x), y)
+            (scaler.scale(loss) if use_scaler else loss).backward()
+            return loss
+
+        for _ in range(4):
+            if use_scaler:
+                scaler.step(opt, closure)
+                scaler.update()
+            else:
+                opt.step(closure)
+        runs.append([p.detach().clone() for p in model.parameters()] + opt.eigenvector())
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_a_non_finite_forward_difference_product_rejects_the_refresh_and_keeps_the_step():
+    model, x, y = amp_problem(torch.float32)
+    opt = xsam_on(model.parameters(), hvp="forward_difference", power_iters=1, eig_interval=2, lr=0.1)
+    scaler = SAMGradScaler("cpu", init_scale=2.0 ** 10)
+    calls, poison = [0], [None]
+
+    def closure():
+        calls[0] += 1
+        loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        if calls[0] == poison[0]:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        return loss
+
+    for _ in range(2):
+        scaler.step(opt, closure)
+        scaler.update()
+    v_before, weights_before = opt.eigenvector(), [p.detach().clone() for p in model.parameters()]
+    calls[0], poison[0] = 0, 2  # this step refreshes: call 1 first pass, call 2 the product, call 3 second pass
+    scaler.step(opt, closure)
+    scaler.update()
+    d = opt.diagnostics()
+    assert calls[0] == 3 and d["step"] == 3 and d["rejected_refreshes"] == 1 and d["refresh_rejected"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(v_before, opt.eigenvector()))
+    assert not all(torch.equal(a, b) for a, b in zip(weights_before, model.parameters()))  # the step was taken
+    assert scaler.get_scale() == 2.0 ** 9 and opt.refresh_due  # retried at the next step
+    poison[0] = None
+    scaler.step(opt, closure)
+    assert opt.diagnostics()["refreshes"] == 2  # steps 0 and 3
+
+
+@pytest.mark.parametrize("hvp, failing_call", [("forward_difference", 3), ("forward_difference", 2),
+                                               ("streaming", 2)])
+def test_a_failure_after_the_update_was_computed_changes_nothing(hvp, failing_call):
+    """The refresh (or streaming update) of a step that fails is not committed."""
+    model = bn_model()
+    x, y = bn_batch()
+    opt = xsam_on(model.parameters(), hvp=hvp, power_iters=1, eig_interval=1, model=model, hvp_eval_mode=False)
+    inner = bn_closure(model, x, y)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        if calls[0] == failing_call:
+            raise RuntimeError("boom")
+        return inner()
+
+    opt.step(inner)
+    before = ([p.detach().clone() for p in model.parameters()], [b.clone() for b in model.buffers()],
+              copy.deepcopy(opt.state_dict()))
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(closure)
+    assert all(torch.equal(a, p) for a, p in zip(before[0], model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before[1], model.buffers()))
+    after = opt.state_dict()
+    assert after["state"][0]["xsam"]["step"] == before[2]["state"][0]["xsam"]["step"]
+    assert all(torch.equal(after["state"][i]["eigenvector"], before[2]["state"][i]["eigenvector"])
+               for i in range(len(before[0])))
+
+
+@pytest.mark.parametrize("hvp", ["forward_difference", "streaming"])
+def test_a_resumed_run_continues_bit_identically(hvp):
+    model, x, y = amp_problem()
+
+    def closure():
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt = xsam_on(model.parameters(), hvp=hvp, power_iters=2, eig_interval=3, lr=0.1, momentum=0.9)
+    for _ in range(4):
+        opt.step(closure)
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    for _ in range(4):
+        opt.step(closure)
+    straight = [p.detach().clone() for p in model.parameters()] + opt.eigenvector()
+    model.load_state_dict(saved[0])
+    opt2 = xsam_on(model.parameters(), hvp=hvp, power_iters=2, eig_interval=3, lr=0.1, momentum=0.9)
+    opt2.load_state_dict(saved[1])
+    for _ in range(4):
+        opt2.step(closure)
+    resumed = [p.detach().clone() for p in model.parameters()] + opt2.eigenvector()
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+# ----- streaming: the arithmetic, the first v, rejection, the manual path ---------------------------
+def streaming_oracle(q, steps, rho=(0.05, 0.2), alpha=(0.3, 1.5), lr=(0.1, 0.05), eps=1e-12):
+    """Flat fp64 re-derivation: z = g - g_adv, v <- normalise(v + gamma <z^, v> z^) (first v: z^), then the
+    signed correction with that v; plain SGD. Group 0 is params[0], group 1 the rest."""
+    n0 = q.params[0].numel()
+    w = flat(q.params)
+
+    def per_group(values):
+        out = torch.full_like(w, values[1])
+        out[:n0] = values[0]
+        return out
+
+    rho_v, alpha_v, lr_v = per_group(rho), per_group(alpha), per_group(lr)
+    v = None
+    for _ in range(steps):
+        g = q.grad(w)
+        e = rho_v * g / (g.norm() + eps)
+        g_adv = q.grad(w + e)
+        z = g - g_adv
+        zh = z / z.norm()
+        v = zh if v is None else v + STREAMING_RATE * (zh @ v) * zh
+        v = v / v.norm()
+        gh = g_adv / (g_adv.norm() + eps)
+        g_corr = gh - alpha_v * (gh @ v).abs() * v
+        w = w - lr_v * g_corr
+    return w, v
+
+
+def test_streaming_step_matches_the_flat_oracle_with_two_param_groups():
+    q = Quadratic()
+    groups = [{"params": q.params[:1], "rho": 0.05, "alpha": 0.3, "lr": 0.1},
+              {"params": q.params[1:], "rho": 0.2, "alpha": 1.5, "lr": 0.05}]
+    w, v = streaming_oracle(Quadratic(), 5)  # the same problem, before the optimizer moves it
+    opt = XSAM(groups, torch.optim.SGD, hvp="streaming")
+    for _ in range(5):
+        opt.step(q.closure)
+    torch.testing.assert_close(flat(q.params), w, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(flat(opt.eigenvector()), v, rtol=1e-10, atol=1e-12)
+    d = opt.diagnostics()
+    assert d["refreshes"] == 5 and math.isnan(d["eigenvalue"]) and not opt.refresh_due
+
+
+def test_streaming_tracks_the_closed_form_top_eigenvector_at_no_extra_cost():
+    q = Quadratic()
+    closure = Counted(q.closure, q.params)
+    opt = xsam_on(q.params, hvp="streaming")
+    for _ in range(100):
+        opt.step(closure)
+    assert closure.calls == 200
+    assert abs(float(flat(opt.eigenvector()) @ q.eigenvectors[:, 0])) > 0.99
+
+
+def test_streaming_through_first_step_and_second_step_equals_step():
+    runs = []
+    for manual in (False, True):
+        q = Quadratic()
+        opt = xsam_on(q.params, hvp="streaming", lr=0.1)
+        for _ in range(3):
+            if manual:
+                opt.zero_grad()
+                q.closure()
+                opt.first_step(zero_grad=True)
+                q.closure()
+                opt.second_step(zero_grad=True)
+            else:
+                opt.step(q.closure)
+        runs.append((flat(q.params), flat(opt.eigenvector())))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_a_zero_streaming_product_is_rejected_and_v_stays_a_unit_vector():
+    w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = xsam_on([w], hvp="streaming")
+
+    def linear():  # zero Hessian: g_adv = g, so z = 0
+        loss = (w * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum()
+        loss.backward()
+        return loss
+
+    opt.step(linear)
+    v = flat(opt.eigenvector())
+    d = opt.diagnostics()
+    assert d["rejected_refreshes"] == 1 and d["refresh_rejected"] == 1
+    assert torch.isfinite(v).all() and float(v.norm()) == pytest.approx(1.0)
+    start = flat(random_vectors([w], 1, torch.Generator().manual_seed(0))[0])
+    torch.testing.assert_close(v, start / start.norm())  # the normalised start vector
+    opt.step(linear)
+    assert torch.equal(flat(opt.eigenvector()), v)
+
+
+def test_streaming_is_refused_where_it_has_no_meaning():
+    q = Quadratic()
+    opt = xsam_on(q.params, hvp="streaming")
+    with pytest.raises(ValueError, match="no refresh of its own"):
+        opt.refresh_eigenvector(q.closure)
+
+    class NotWired(XSAM):
+        STREAMING = False
+
+    with pytest.raises(ValueError, match="hvp='streaming' is not available for NotWired"):
+        NotWired(q.params, torch.optim.SGD, lr=0.1, hvp="streaming")
+
+
+# ----- DDP and FSDP2 (gloo, 2 processes) ------------------------------------------------------------
+WORLD, STEPS, SEED = 2, 4, 5
+HYPER = dict(lr=0.1, momentum=0.9, rho=0.05, alpha=0.5, eig_interval=2, power_iters=2)
+DDP_CONFIGS = {  # name: (hvp, per_replica_perturbation)
+    "fwd": ("forward_difference", False),
+    "fwd_replica": ("forward_difference", True),
+    "stream": ("streaming", False),
+    "stream_replica": ("streaming", True),
+}
+FSDP_CONFIGS = ("forward_difference", "streaming")
+
+
+def dist_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+
+
+def dist_batch(step):
+    gen = torch.Generator().manual_seed(300 + step)
+    return torch.randn(8, 4, generator=gen, dtype=torch.float64), torch.randn(8, 1, generator=gen, dtype=torch.float64)
+
+
+def dist_train(model, opt, rank=None, steps=STEPS):
+    first_v = None
+    for t in range(steps):
+        x, y = dist_batch(t)
+        if rank is not None:
+            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+
+        def closure():
+            loss = (model(x) - y).square().mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        if t == 0:
+            first_v = [t.full_tensor() if hasattr(t, "full_tensor") else t.clone() for t in opt.eigenvector()]
+    return first_v
+
+
+def dist_worker(rank, init_file, out_dir):
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        out = {}
+        for name, (hvp, per_replica) in DDP_CONFIGS.items():
+            ddp = nn.parallel.DistributedDataParallel(dist_model())
+            # hvp_eval_mode=False: the products reuse the first pass's gradient (with a model in eval
+            # mode they would evaluate grad L(w) once more instead).
+            opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp=hvp, model=ddp, per_replica_perturbation=per_replica,
+                       hvp_eval_mode=False, seed=SEED, **HYPER)
+            first_v = dist_train(ddp, opt, rank)
+            out[name] = {"weights": [p.detach().clone() for p in ddp.parameters()], "eigenvector": opt.eigenvector(),
+                         "first_v": first_v}
+        for hvp in FSDP_CONFIGS:
+            model = dist_model()
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer)
+            fully_shard(model)
+            opt = XSAM(model.parameters(), torch.optim.SGD, hvp=hvp, model=model, hvp_eval_mode=False, seed=SEED,
+                       **HYPER)
+            dist_train(model, opt, rank)
+            out[f"fsdp_{hvp}"] = {"weights": [p.full_tensor() for p in model.parameters()],
+                                  "eigenvector": [v.full_tensor() for v in opt.eigenvector()]}
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tracking_dist")
+    spawn_and_wait(dist_worker, (str(tmp / "init"), str(tmp)), WORLD, timeout=120)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def single_process(hvp, steps=STEPS):
+    model = dist_model()
+    opt = XSAM(model.parameters(), torch.optim.SGD, hvp=hvp, seed=SEED, **HYPER)
+    first_v = dist_train(model, opt, steps=steps)
+    return list(model.parameters()), opt.eigenvector(), first_v
+
+
+@pytest.mark.parametrize("name", list(DDP_CONFIGS) + [f"fsdp_{h}" for h in FSDP_CONFIGS])
+def test_every_rank_holds_identical_weights_and_eigenvectors(dist_results, name):
+    r0, r1 = dist_results
+    for key in ("weights", "eigenvector"):
+        assert all(torch.equal(a, b) for a, b in zip(r0[name][key], r1[name][key]))
+
+
+@pytest.mark.parametrize("name, hvp", [("fwd", "forward_difference"), ("stream", "streaming"),
+                                       ("fsdp_forward_difference", "forward_difference"),
+                                       ("fsdp_streaming", "streaming")])
+def test_data_parallel_runs_match_the_single_process_full_batch(dist_results, name, hvp):
+    weights, v, _ = single_process(hvp)
+    got = dist_results[0][name]
+    for a, b in zip(got["weights"] + got["eigenvector"], list(weights) + v):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-7, atol=1e-7)  # differences round per batch split
+
+
+def test_per_replica_forward_differences_use_the_averaged_first_pass_gradient(dist_results):
+    """Before any update the replicas' products are the full batch's: the first v is the single-process one."""
+    _, _, first_v = single_process("forward_difference", steps=1)
+    for a, b in zip(dist_results[0]["fwd_replica"]["first_v"], first_v):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
+
+
+# ----- the frontier harness (xsam bench --only tracking) --------------------------------------------
+def test_a_frontier_run_counts_evaluations_and_scores_v_against_the_large_batch():
+    from xsam.bench.tracking_bench import TrackConfig, quality_run
+
+    cfg = TrackConfig("forward_p1_k5", "forward_difference", 1, 5)
+    result = quality_run("mlp", cfg, seed=0, steps=10, eval_every=5)
+    assert result["closure_per_step"] == pytest.approx(2.2) and result["products_per_step"] == 0
+    assert [p["step"] for p in result["points"]] == [5, 10]
+    for p in result["points"]:
+        assert p["lambda_max"] > 0 and p["top_converged"]
+        assert -1.0 <= p["quality"] <= 1.0 + 1e-3 and 0.0 <= p["cos"] <= 1.0  # lambda_max bounds the quotient
+
+
+@pytest.mark.slow
+def test_the_tracking_section_writes_its_table_csvs_and_plot(tmp_path):
+    from xsam.bench import main
+    from xsam.bench.tracking_bench import CSV_NAME, CURVES_NAME, PLOT_NAME, PRODUCTS_NAME, TABLE_NAME
+
+    assert main(["--only", "tracking", "--quick", "--workers", "1", "--out", str(tmp_path)]) == 0
+    for name in (CSV_NAME, CURVES_NAME, PRODUCTS_NAME, TABLE_NAME, PLOT_NAME):
+        assert (tmp_path / name).stat().st_size > 0
+    table = (tmp_path / TABLE_NAME).read_text()
+    assert "xsam bench --only tracking" in table and "| streaming |" in table
