@@ -89,6 +89,30 @@ class EigenvectorMixin:
         by_id = dict(zip(map(id, pending.params), pending.vectors))
         return [by_id[id(p)] if id(p) in by_id else torch.zeros_like(p) for p in lists.params]
 
+    def _gradient_and_v_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> dict | None:
+        """``{scale_sq: ||g||^2, gv: <g, v>, vecs: v}`` in one fused reduction (None before the first v);
+        records ``grad_norm`` and ``cos_g_v``."""
+        vecs = self._vectors(txn, active)
+        if vecs is None:
+            return None
+        sums = ops.dots([grads, vecs], [(0, 0), (0, 1)], backend=self.backend, layout=active.layout)
+        txn.diagnostics["grad_norm"] = sums[0].sqrt()
+        txn.diagnostics["cos_g_v"] = cosine(sums[1], sums[0], self.eps)
+        return {"scale_sq": sums[0], "gv": sums[1], "vecs": vecs}
+
+    def step(self, closure=None, loss_fn=None) -> Tensor | None:
+        """One step: refresh v when due, first pass, perturb, second pass, descent direction and restore,
+        base step.
+
+        Returns the loss of the first pass. ``loss_fn`` (forward only, returns the loss) is needed
+        by exact HVPs. If anything raises (the closure included), the weights and the optimizer
+        state are left as they were.
+        """
+        txn = self._begin(self._require_closure(closure), loss_fn)
+        if self._execute(txn, self._run):
+            self._finish(txn)
+        return txn.loss
+
     def _commit_extra(self, txn: StepTransaction) -> None:
         if txn.refresh is not None:
             self.tracker.commit(txn.refresh)
@@ -209,17 +233,14 @@ class XSAM(EigenvectorMixin, SharpnessAware):
                      hint="alpha=0 is SAM, 1 removes the component along v.")
 
     def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> dict:
-        vecs = self._vectors(txn, active)
-        if vecs is None:
+        sums = self._gradient_and_v_sums(txn, active, grads)
+        if sums is None:
             return super()._first_pass_sums(txn, active, grads)
-        sums = ops.dots([grads, vecs], [(0, 0), (0, 1)], backend=self.backend, layout=active.layout)
-        txn.diagnostics["grad_norm"] = sums[0].sqrt()
-        txn.diagnostics["cos_g_v"] = cosine(sums[1], sums[0], self.eps)
         if self.adaptive:
             wg = ops.weighted_sumsq(active.params, grads, backend=self.backend, layout=active.layout)
             txn.diagnostics["weighted_grad_norm"] = wg.sqrt()
             return {"scale_sq": wg}
-        return {"scale_sq": sums[0]}
+        return sums
 
     def _descent(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> None:
         vecs = self._vectors(txn, active)
@@ -237,15 +258,3 @@ class XSAM(EigenvectorMixin, SharpnessAware):
         for g in active.groups:
             ops.correct_restore_(g.of(active.params), g.of(grads), g.of(active.saved), g.of(vecs), corr.a,
                                  g.group["alpha"] * corr.beta, backend=self.backend, layout=g.layout)
-
-    def step(self, closure=None, loss_fn=None) -> Tensor | None:
-        """One X-SAM step: refresh v when due, first pass, perturb, second pass, correct, restore, base step.
-
-        Returns the loss of the first pass. ``loss_fn`` (forward only, returns the loss) is needed
-        by exact HVPs. If anything raises (the closure included), the weights and the optimizer
-        state are left as they were.
-        """
-        txn = self._begin(self._require_closure(closure), loss_fn)
-        if self._execute(txn, self._run):
-            self._finish(txn)
-        return txn.loss
