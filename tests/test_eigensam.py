@@ -268,3 +268,45 @@ def test_exports_and_kind():
     assert xsam.EigenSAM is EigenSAM and xsam.optim.EigenSAM is EigenSAM
     q = Quadratic()
     assert EigenSAM(q.params, torch.optim.SGD, lr=0.1).state_dict()["state"]["xsam"]["kind"] == "EigenSAM"
+
+
+def test_amp_scaler_run_equals_the_unscaled_run_and_skips_a_non_finite_pass():
+    """Power-of-two scales make scaling and unscaling exact; an inf in the perturbed pass skips the step."""
+    from xsam.amp import SAMGradScaler
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)
+    runs = []
+    for use_scaler in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, alpha=0.5, eig_interval=2,
+                       power_iters=2, hvp="exact")
+        scaler = SAMGradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1000)
+        calls, poison = [], []
+        loss_fn = lambda: nn.functional.cross_entropy(model(x), y)
+
+        def closure():
+            calls.append(1)
+            loss = loss_fn()
+            (scaler.scale(loss) if use_scaler else loss).backward()
+            if poison and len(calls) == 2:
+                next(model.parameters()).grad.view(-1)[0] = float("inf")
+            return loss
+
+        for _ in range(3):
+            if use_scaler:
+                scaler.step(opt, closure, loss_fn=loss_fn)
+                scaler.update()
+            else:
+                opt.step(closure, loss_fn=loss_fn)
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.eigenvector()))
+        if use_scaler:
+            before = ([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()))
+            calls.clear()
+            poison.append(True)
+            scaler.step(opt, closure, loss_fn=loss_fn)
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before[0]))
+            assert opt.diagnostics()["step"] == 3 and opt.diagnostics()["skipped_steps"] == 1
+    (w0, v0), (w1, v1) = runs
+    assert all(torch.equal(a, b) for a, b in zip(w0 + v0, w1 + v1))

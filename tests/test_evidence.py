@@ -322,7 +322,8 @@ def test_matched_loss_level_is_the_lowest_every_reference_run_reached():
     runs = [run(m, s, LOSS_LEVELS[n - 1]) for (m, s), n in reached.items()]
     matched = [dict(task="t", method=m, seed=s, v_sign=0, level=LOSS_LEVELS[k], epoch=k, eigenvalue=10.0 - k)
                for (m, s), n in reached.items() for k in range(n)]
-    assert common_levels(runs, matched) == {"t": LOSS_LEVELS[2]}  # sam seed 1 stops there; the X-SAM run is not a reference
+    # sam seed 1 stops at level 2; the X-SAM run is not a reference run.
+    assert common_levels(runs, matched) == {"t": LOSS_LEVELS[2]}
     rows = {r["method"]: r for r in summarize(runs, matched, [], ["sgd", "sam", "xsam-signed-0.2"])}
     assert rows["sam"]["matched_eigenvalue_mean"] == 8.0 and rows["sam"]["reached_level"] == 2
     assert rows["xsam-signed-0.2"]["reached_level"] == 0 and rows["sgd"]["lower_than_sam"] == "0/1"

@@ -20,7 +20,8 @@ from .. import ops
 from ..optim import SAM, XSAM, EigenSAM
 from ..optim.functional import CORRECTIONS
 
-__all__ = ["DEFAULT_ARMS", "Arm", "ScaledXSAM", "make_optimizer", "parse_arm", "seed_with_start_sign"]
+__all__ = ["DEFAULT_ARMS", "Arm", "ScaledXSAM", "make_optimizer", "parse_arm", "seed_with_start_sign",
+           "take_step"]
 
 DEFAULT_ARMS = (
     "sgd", "sam", "xsam-alpha0",
@@ -77,22 +78,34 @@ class ScaledXSAM(XSAM):
         ops.scale_copy_(grads, grads, scale, backend=self.backend, layout=active.layout)
 
 
-def make_optimizer(arm: Arm, model: nn.Module, *, lr: float, momentum: float, weight_decay: float, rho: float,
-                   asam_rho: float, eig_interval: int, power_iters: int, seed: int, backend: str = "auto"):
-    base = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+def make_optimizer(arm: Arm, model: nn.Module, s, seed: int):
+    """The arm's optimizer over ``model`` with the settings ``s`` (``xsam.experiment.Settings``)."""
+    base = dict(lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     params = list(model.parameters())
     if arm.kind == "sgd":
         return torch.optim.SGD(params, **base)
     if arm.kind in ("sam", "asam"):
         adaptive = arm.kind == "asam"
-        return SAM(params, torch.optim.SGD, rho=asam_rho if adaptive else rho, adaptive=adaptive, model=model,
-                   backend=backend, **base)
-    eig = dict(eig_interval=eig_interval, power_iters=power_iters, hvp="exact", model=model, seed=seed,
-               backend=backend)
+        return SAM(params, torch.optim.SGD, rho=s.asam_rho if adaptive else s.rho, adaptive=adaptive, model=model,
+                   backend=s.backend, **base)
+    eig = dict(eig_interval=s.eig_interval, power_iters=s.power_iters, hvp="exact", model=model, seed=seed,
+               backend=s.backend)
     if arm.kind == "eigensam":
-        return EigenSAM(params, torch.optim.SGD, rho=rho, alpha=arm.alpha, **eig, **base)
+        return EigenSAM(params, torch.optim.SGD, rho=s.rho, alpha=arm.alpha, **eig, **base)
     cls = ScaledXSAM if arm.scaled else XSAM
-    return cls(params, torch.optim.SGD, rho=rho, alpha=arm.alpha, correction=arm.rule, **eig, **base)
+    return cls(params, torch.optim.SGD, rho=s.rho, alpha=arm.alpha, correction=arm.rule, **eig, **base)
+
+
+def take_step(arm: Arm, opt, closure, loss_fn) -> None:
+    """One training step: SGD evaluates the closure once; the others run their own step protocol."""
+    if arm.kind == "sgd":
+        opt.zero_grad(set_to_none=True)
+        closure()
+        opt.step()
+    elif arm.uses_eigenvector:
+        opt.step(closure, loss_fn=loss_fn)
+    else:
+        opt.step(closure)
 
 
 def seed_with_start_sign(params: list[Tensor], direction: list[Tensor], sign: int, seed: int) -> int:

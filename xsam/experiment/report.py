@@ -122,7 +122,8 @@ def format_table(summary: list[dict]) -> str:
             reached = "" if r["reached_level"] == ok else f" ({r['reached_level']}/{ok} reached L)"
             lines.append(
                 f"| {r['method']} |{sign} {seeds} | {metric} | {_pm(r['eigenvalue_mean'], r['eigenvalue_std'])} "
-                f"| {_pm(r['matched_eigenvalue_mean'], r['matched_eigenvalue_std'])}{reached} | {r['lower_than_control']} "
+                f"| {_pm(r['matched_eigenvalue_mean'], r['matched_eigenvalue_std'])}{reached} "
+                f"| {r['lower_than_control']} "
                 f"| {r['lower_than_sam']} | {_pm(r['grad_angle_deg_mean'], r['grad_angle_deg_std'], '{:.1f}')} "
                 f"| {r['evals_per_step_mean']:.2f} | {r['hvps_per_step_mean']:.2f} | {timing} |")
         lines.append("")
@@ -141,10 +142,11 @@ def baselines_table(summary: list[dict]) -> str:
 
 
 def write_csv(path, rows: list[dict]) -> None:
-    if not rows:
-        return
+    """The rows as CSV (an empty file when there are none, e.g. no loss level was reached)."""
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:
+        if not rows:
+            return
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in rows:

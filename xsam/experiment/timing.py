@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .arms import make_optimizer, parse_arm
+from .arms import make_optimizer, parse_arm, take_step
 from .run import Settings
 from .tasks import load_task, make_model, task_loss
 
@@ -29,9 +29,7 @@ def _stepper(task: str, arm_name: str, s: Settings, seed: int):
     arm = parse_arm(arm_name)
     torch.manual_seed(seed)
     model = make_model(task)
-    opt = make_optimizer(arm, model, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, rho=s.rho,
-                         asam_rho=s.asam_rho, eig_interval=s.eig_interval, power_iters=s.power_iters, seed=seed,
-                         backend=s.backend)
+    opt = make_optimizer(arm, model, s, seed)
 
     def step(xb, yb):
         loss_fn = lambda: task_loss(task, model, xb, yb)
@@ -41,19 +39,13 @@ def _stepper(task: str, arm_name: str, s: Settings, seed: int):
             loss.backward()
             return loss
 
-        if arm.kind == "sgd":
-            opt.zero_grad(set_to_none=True)
-            closure()
-            opt.step()
-        elif arm.uses_eigenvector:
-            opt.step(closure, loss_fn=loss_fn)
-        else:
-            opt.step(closure)
+        take_step(arm, opt, closure, loss_fn)
 
     return step
 
 
-def time_arms(task: str, arms: list[str], s: Settings, *, cycles: int = 7, steps: int = 10, seed: int = 0) -> list[dict]:
+def time_arms(task: str, arms: list[str], s: Settings, *, cycles: int = 7, steps: int = 10,
+              seed: int = 0) -> list[dict]:
     """One row per arm: median and spread of the time per step, and the median ratio to SAM."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

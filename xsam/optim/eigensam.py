@@ -30,6 +30,9 @@ class EigenSAM(EigenvectorMixin, SharpnessAware):
     all-or-nothing, as for ``SAM``.
 
     There is no ``adaptive`` (ASAM) option: Eigen-SAM's tilt is defined for SAM's ascent only.
+    Diagnostics (``diagnostics()``, ``register_diagnostics_hook``): those of ``XSAM`` that concern
+    the first pass and v (``grad_norm``, ``cos_g_v``, ``eigenvalue``, ``eigen_residual``,
+    ``refresh_rejected``), and ``tilt_a``, ``tilt_b``: the ``a`` and ``b`` of the first param group.
 
     Args:
         params, base_optimizer, rho, model, per_replica_perturbation, process_group, backend, eps,
