@@ -5,7 +5,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .base import StepTransaction, SharpnessAware, register_arguments
-from .functional import cosine, eigensam_tilt
+from .functional import eigensam_tilt
 from .lists import GroupLists, ParamLists
 from .validation import check_number
 from .xsam import EigenvectorMixin
@@ -72,13 +72,7 @@ class EigenSAM(EigenvectorMixin, SharpnessAware):
 
     def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> dict:
         """``||g||^2`` and ``<g, v>`` in one fused reduction (just ``||g||^2`` before the first v)."""
-        vecs = self._vectors(txn, active)
-        if vecs is None:
-            return super()._first_pass_sums(txn, active, grads)
-        sums = ops.dots([grads, vecs], [(0, 0), (0, 1)], backend=self.backend, layout=active.layout)
-        txn.diagnostics["grad_norm"] = sums[0].sqrt()
-        txn.diagnostics["cos_g_v"] = cosine(sums[1], sums[0], self.eps)
-        return {"scale_sq": sums[0], "gv": sums[1], "vecs": vecs}
+        return self._gradient_and_v_sums(txn, active, grads) or super()._first_pass_sums(txn, active, grads)
 
     def _perturb_group(self, txn: StepTransaction, active: ParamLists, group: GroupLists, grads: list[Tensor],
                        sums: dict) -> None:
@@ -90,18 +84,6 @@ class EigenSAM(EigenvectorMixin, SharpnessAware):
             txn.diagnostics.update(tilt_a=tilt.a, tilt_b=tilt.b)
         ops.tilted_perturb_(group.of(active.params), grads, group.of(active.saved), group.of(sums["vecs"]), tilt.a,
                             tilt.b, backend=self.backend, layout=group.layout)
-
-    def step(self, closure=None, loss_fn=None) -> Tensor | None:
-        """One Eigen-SAM step: refresh v when due, first pass, tilted ascent, second pass, restore, base step.
-
-        Returns the loss of the first pass. ``loss_fn`` (forward only, returns the loss) is needed
-        by exact HVPs. If anything raises (the closure included), the weights and the optimizer
-        state are left as they were.
-        """
-        txn = self._begin(self._require_closure(closure), loss_fn)
-        if self._execute(txn, self._run):
-            self._finish(txn)
-        return txn.loss
 
 
 ALPHA_HINT = "alpha=0 is SAM; the authors used 0.05-0.2."
