@@ -21,7 +21,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..optimizer import SAM, XSAM
+from ..optim import SharpnessAware
+from ..optim.xsam import EigenvectorMixin
 
 # Per-step diagnostics written to the trainer's logs, under "xsam/<name>".
 LOGGED_DIAGNOSTICS = ("eigenvalue", "cos_gadv_v", "cos_g_v", "grad_norm", "adv_grad_norm")
@@ -30,7 +31,7 @@ _UNKNOWN = object()
 
 def check_sam_optimizer(optimizer, integration: str, ddp_hint: str) -> None:
     """Refuse the optimizer settings the trainer-driven step cannot run correctly."""
-    if getattr(optimizer, "hvp", None) == "finite_difference":
+    if getattr(getattr(optimizer, "tracker", None), "hvp", None) in ("finite_difference", "forward_difference"):
         raise ValueError(f"{integration} needs exact Hessian-vector products: build XSAM with hvp='auto' (the "
                          "default) or hvp='exact'. It supplies a forward-only loss built from your training step; "
                          "finite-difference HVPs would re-run the whole training step (logging, hooks, gradient "
@@ -39,7 +40,7 @@ def check_sam_optimizer(optimizer, integration: str, ddp_hint: str) -> None:
         raise ValueError(f"{integration} does not support per_replica_perturbation=True: the trainer's own loop "
                          "runs the first pass with DDP's gradient all-reduce. Build the optimizer without it")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if (isinstance(optimizer, XSAM) and distributed and torch.distributed.get_world_size() > 1
+    if (isinstance(optimizer, EigenvectorMixin) and distributed and torch.distributed.get_world_size() > 1
             and getattr(optimizer, "process_group", _UNKNOWN) is None):
         raise ValueError("XSAM's exact Hessian-vector products bypass DDP's gradient all-reduce, so each rank "
                          f"would compute its own eigenvector and the replicas would drift apart. {ddp_hint}")
@@ -103,16 +104,16 @@ class TwoPassClosure:
                            "optimizer was built with hvp='finite_difference', use hvp='auto' or 'exact'")
 
 
-def run_sam_step(optimizer: SAM, closure: Callable[[], Tensor], loss_fn: Callable[[], Tensor] | None,
+def run_sam_step(optimizer: SharpnessAware, closure: Callable[[], Tensor], loss_fn: Callable[[], Tensor] | None,
                  scaler=None) -> Tensor | None:
     """One SAM/X-SAM step, through ``xsam.amp.SAMGradScaler`` when given (fp16); returns the first-pass loss."""
-    if not isinstance(optimizer, XSAM):
+    if not isinstance(optimizer, EigenvectorMixin):
         loss_fn = None  # plain SAM has no HVPs
     if scaler is not None:
         loss = scaler.step(optimizer, closure, loss_fn=loss_fn)
         scaler.update()
         return loss
-    if isinstance(optimizer, XSAM):
+    if isinstance(optimizer, EigenvectorMixin):
         return optimizer.step(closure, loss_fn=loss_fn)
     return optimizer.step(closure)
 

@@ -49,7 +49,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor
 
 from ..amp import SAMGradScaler
-from ..optimizer import SAM
+from ..optim import SharpnessAware
 from ._common import (TwoPassClosure, check_sam_optimizer, logged_diagnostics, run_sam_step,
                       running_statistics_untouched, stash_gradients)
 
@@ -120,7 +120,7 @@ class XSAMCallback(Callback):
         self._micro_batches = []
 
     def on_train_start(self, trainer, pl_module) -> None:
-        sam = [optimizer for optimizer in trainer.optimizers if isinstance(optimizer, SAM)]
+        sam = [optimizer for optimizer in trainer.optimizers if isinstance(optimizer, SharpnessAware)]
         for optimizer in sam:
             check_sam_optimizer(optimizer, "XSAMCallback", _DDP_HINT)
             if self.log_diagnostics:
@@ -154,7 +154,7 @@ class XSAMCallback(Callback):
     # ----- the step ----------------------------------------------------------------------
     def _optimizer_step(self, plugin: Precision, optimizer, model, closure, **kwargs):
         """Replaces ``plugin.optimizer_step``: Lightning calls it with the closure of the last micro-batch."""
-        if not isinstance(optimizer, SAM):
+        if not isinstance(optimizer, SharpnessAware):
             return type(plugin).optimizer_step(plugin, optimizer, model=model, closure=closure, **kwargs)
         trainer = model.trainer
         micro_batches, self._micro_batches = self._micro_batches, []

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from transformers import Trainer
 
+from ..optim import SharpnessAware
 from ..optimizer import SAM, XSAM
 from ._common import (TwoPassClosure, check_sam_optimizer, logged_diagnostics, run_sam_step,
                       running_statistics_untouched, stash_gradients)
@@ -64,7 +65,7 @@ class XSAMTrainer(Trainer):
 
     def __init__(self, *args, sam_class: type = XSAM, sam_kwargs: dict | None = None,
                  log_diagnostics: bool = True, **kwargs):
-        if not (isinstance(sam_class, type) and issubclass(sam_class, SAM)):
+        if not (isinstance(sam_class, type) and issubclass(sam_class, SharpnessAware)):
             raise ValueError(f"sam_class={sam_class!r} is invalid: pass xsam.XSAM or xsam.SAM (the class)")
         sam_kwargs = dict(sam_kwargs or {})
         reserved = sorted(set(sam_kwargs) & set(_SET_BY_THE_TRAINER))
