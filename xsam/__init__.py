@@ -2,13 +2,14 @@
 from . import amp, distributed, hessian, ops
 from .hessian import exact_hvp, finite_difference_hvp, power_iteration
 from .ops import BackendUnavailableError
-from .optim import SAM, XSAM, batchnorm_statistics_frozen
+from .optim import SAM, XSAM, EigenSAM, batchnorm_statistics_frozen
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SAM",
     "XSAM",
+    "EigenSAM",
     "BackendUnavailableError",
     "amp",
     "distributed",

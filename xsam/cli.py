@@ -10,8 +10,8 @@ from .cli_args import OneLineErrorParser
 DELEGATED = {
     "demo": ("xsam.demo", "train SGD, SAM and X-SAM on the bundled digits data (CPU, about 2 min)"),
     "bench": ("xsam.bench", "benchmark the op set, the optimizer step and end-to-end training"),
-    "experiment": ("xsam.experiment", "SGD, SAM, ASAM and X-SAM on offline data: accuracy, sharpness, angle, "
-                   "wall time (--quick for a short run)"),
+    "experiment": ("xsam.experiment", "SGD, SAM, X-SAM and Eigen-SAM on offline data (MNIST-1D, digits, a "
+                   "synthetic valley): accuracy, sharpness at matched loss, angle, cost (--quick for a short run)"),
     "selftest": ("xsam.selftest", "check every fused kernel on this machine against the reference: a table, and "
                  "exit code 1 on any failure"),
 }

@@ -93,6 +93,32 @@ class EigenvectorMixin:
         by_id = dict(zip(map(id, pending.params), pending.vectors))
         return [by_id[id(p)] if id(p) in by_id else torch.zeros_like(p) for p in lists.params]
 
+    def _gradient_and_v_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> dict | None:
+        """``{scale_sq: ||g||^2, inv_norm: 1 / (||g|| + eps), gv: <g, v>, vecs: v}`` from one fused
+        reduction (None before the first v); records ``grad_norm`` and ``cos_g_v``."""
+        vecs = self._vectors(txn, active)
+        if vecs is None:
+            return None
+        gg, gv = ops.dots([grads, vecs], [(0, 0), (0, 1)], backend=self.backend, layout=active.layout).unbind()
+        norm = gg.sqrt()
+        inv = (norm + self.eps).reciprocal()
+        txn.diagnostics["grad_norm"] = norm
+        txn.diagnostics["cos_g_v"] = gv * inv
+        return {"scale_sq": gg, "inv_norm": inv, "gv": gv, "vecs": vecs}
+
+    def step(self, closure=None, loss_fn=None) -> Tensor | None:
+        """One step: refresh v when due, first pass, perturb, second pass, descent direction and restore,
+        base step.
+
+        Returns the loss of the first pass. ``loss_fn`` (forward only, returns the loss) is needed
+        by exact HVPs. If anything raises (the closure included), the weights and the optimizer
+        state are left as they were.
+        """
+        txn = self._begin(self._require_closure(closure), loss_fn)
+        if self._execute(txn, self._run):
+            self._finish(txn)
+        return txn.loss
+
     def _commit_extra(self, txn: StepTransaction) -> None:
         if txn.refresh is not None:
             self.tracker.commit(txn.refresh)
@@ -277,19 +303,14 @@ class XSAM(EigenvectorMixin, SharpnessAware):
     def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> dict:
         if self.tracker.streaming:
             self.tracker.capture_first_pass(txn, active, grads)
-        vecs = self._vectors(txn, active)
-        if vecs is None:
+        sums = self._gradient_and_v_sums(txn, active, grads)
+        if sums is None:
             return super()._first_pass_sums(txn, active, grads)
-        gg, gv = ops.dots([grads, vecs], [(0, 0), (0, 1)], backend=self.backend, layout=active.layout).unbind()
-        norm = gg.sqrt()
-        inv = (norm + self.eps).reciprocal()
-        txn.diagnostics["grad_norm"] = norm
-        txn.diagnostics["cos_g_v"] = gv * inv
         if self.adaptive:
             wg = ops.weighted_sumsq(active.params, grads, backend=self.backend, layout=active.layout)
             txn.diagnostics["weighted_grad_norm"] = wg.sqrt()
             return {"scale_sq": wg, "inv_norm": inverse_norm(wg, self.eps)}
-        return {"scale_sq": gg, "inv_norm": inv}
+        return sums
 
     def _descent(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> None:
         vecs = self._vectors(txn, active)
@@ -311,15 +332,3 @@ class XSAM(EigenvectorMixin, SharpnessAware):
         for g in active.groups:
             ops.correct_restore_(g.of(active.params), g.of(grads), g.of(active.saved), g.of(vecs), corr.a,
                                  g.group["alpha"] * corr.beta, backend=self.backend, layout=g.layout)
-
-    def step(self, closure=None, loss_fn=None) -> Tensor | None:
-        """One X-SAM step: refresh v when due, first pass, perturb, second pass, correct, restore, base step.
-
-        Returns the loss of the first pass. ``loss_fn`` (forward only, returns the loss) is needed
-        by exact HVPs. If anything raises (the closure included), the weights and the optimizer
-        state are left as they were.
-        """
-        txn = self._begin(self._require_closure(closure), loss_fn)
-        if self._execute(txn, self._run):
-            self._finish(txn)
-        return txn.loss

@@ -1,0 +1,312 @@
+"""Eigen-SAM steps against a flat float64 oracle written here, on every available backend, plus what it
+shares with X-SAM (HVP modes, checkpoints, the step protocol)."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import xsam
+from xsam import SAM, XSAM, EigenSAM
+from xsam.hessian import random_vectors
+
+from helpers import Quadratic, flat
+from op_cases import backend_params
+
+EPS = 1e-12
+RHO, ALPHA, LR = (0.05, 0.2), (0.1, 0.5), (0.1, 0.05)  # per param group: group 0 = p0, group 1 = p1, p2
+
+
+def groups(q, **extra):
+    g0 = {"params": q.params[:1], "rho": RHO[0], "alpha": ALPHA[0], "lr": LR[0]}
+    g1 = {"params": q.params[1:], "rho": RHO[1], "alpha": ALPHA[1], "lr": LR[1]}
+    return [dict(g0, **extra), dict(g1, **extra)]
+
+
+def per_element(q, values):
+    n0 = q.params[0].numel()
+    out = torch.full((sum(p.numel() for p in q.params),), float(values[1]), dtype=torch.float64)
+    out[:n0] = values[0]
+    return out
+
+
+def tilted_ascent(g, v, rho, alpha):
+    """docs/algorithm.md, literally: e = rho * (gh + alpha * s * v_perp), not renormalised."""
+    gh = g / (g.norm() + EPS)
+    c = gh @ v
+    s = torch.sign(g @ v)
+    return rho * (gh + alpha * s * (v - c * gh))
+
+
+def oracle(q, steps, *, eig_interval=2, power_iters=5, seed=0, alpha=ALPHA):
+    """Eigen-SAM with plain SGD on flat float64 vectors; also the diagnostics of each step."""
+    w = flat(q.params)
+    rho, lr, alpha = per_element(q, RHO), per_element(q, LR), per_element(q, alpha)
+    gen = torch.Generator().manual_seed(seed)
+    v, history = None, []
+    for t in range(steps):
+        if t % eig_interval == 0:
+            v = flat(random_vectors(q.params, 1, gen)[0]) if v is None else v
+            v = v / (v.norm() + EPS)
+            for _ in range(power_iters):
+                u = q.A @ v
+                lam = v @ u
+                v = u / (u.norm() + EPS)
+        g = q.grad(w)
+        e = tilted_ascent(g, v, rho, alpha)
+        w = w - lr * q.grad(w + e)
+        c = (g @ v) / (g.norm() + EPS)
+        history.append({"eigenvalue": lam, "cos_g_v": c,
+                        "tilt_a": RHO[0] * (1 - ALPHA[0] * c.abs()) / (g.norm() + EPS),
+                        "tilt_b": RHO[0] * ALPHA[0] * torch.sign(g @ v)})
+    return w, history
+
+
+@pytest.mark.parametrize("backend, device", backend_params(devices=("cpu", "cuda")))
+def test_eigensam_equals_flat_oracle_on_every_backend(backend, device):
+    q = Quadratic()
+    if device == "cuda":
+        for p in q.params:
+            p.data = p.data.cuda()
+    opt = EigenSAM(groups(q), torch.optim.SGD, eig_interval=2, power_iters=5, hvp="exact", seed=3, backend=backend)
+    want, history = oracle(q, 5, seed=3)
+    records = []
+    opt.register_diagnostics_hook(lambda o, r: records.append({k: v for k, v in r.items()}))
+    A = q.A.to(device)
+
+    def closure():
+        loss = q.loss() if device == "cpu" else _loss_on(q, A)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure, loss_fn=(q.loss if device == "cpu" else lambda: _loss_on(q, A)))
+    torch.testing.assert_close(flat(q.params).cpu(), want, rtol=1e-12, atol=1e-12)
+    d = opt.diagnostics()
+    assert d["step"] == 5 and d["refreshes"] == 3
+    for key in ("eigenvalue", "cos_g_v", "tilt_a", "tilt_b"):
+        assert abs(d[key] - history[-1][key].item()) < 1e-10, key
+    assert [bool(r["refreshed"]) for r in records] == [True, False, True, False, True]
+    for r, h in zip(records, history):
+        assert abs(float(r["tilt_a"]) - h["tilt_a"].item()) < 1e-10
+
+
+def _loss_on(q, A):
+    w = torch.cat([p.reshape(-1) for p in q.params])
+    return 0.5 * w @ A @ w + q.b.to(A.device) @ w
+
+
+@pytest.mark.parametrize("hvp, tol", [("finite_difference", 1e-7), ("forward_difference", 1e-5)])
+def test_difference_hvps_match_the_exact_oracle_closely(hvp, tol):
+    q = Quadratic()
+    opt = EigenSAM(groups(q), torch.optim.SGD, hvp=hvp, eig_interval=2, seed=1)
+    want, _ = oracle(q, 4, seed=1)
+    for _ in range(4):
+        opt.step(q.closure)
+    torch.testing.assert_close(flat(q.params), want, rtol=tol, atol=tol)
+
+
+def test_alpha_zero_is_sam_to_rounding():
+    q1, q2 = Quadratic(), Quadratic()
+    e = EigenSAM(groups(q1, alpha=0.0), torch.optim.SGD, momentum=0.9, eig_interval=2, hvp="exact")
+    s = SAM(groups(q2), torch.optim.SGD, momentum=0.9)
+    for _ in range(6):
+        e.step(q1.closure, loss_fn=q1.loss)
+        s.step(q2.closure)
+    torch.testing.assert_close(flat(q1.params), flat(q2.params), rtol=1e-14, atol=1e-15)
+
+
+def step_with_given_eigenvector(v, backend="reference"):
+    """One step (no refresh) from the same weights with the stored eigenvector set to v; returns the weights."""
+    q = Quadratic()
+    opt = EigenSAM(groups(q), torch.optim.SGD, eig_interval=1000, backend=backend)
+    opt.state["xsam"].update(step=1, refreshes=1)
+    for p, piece in zip(q.params, torch.split(v, [p.numel() for p in q.params])):
+        opt.state[p]["eigenvector"] = piece.reshape(p.shape).clone()
+    w = flat(q.params)
+    opt.step(q.closure)
+    return flat(q.params), w, q, opt
+
+
+@pytest.mark.parametrize("backend, device", backend_params(devices=("cpu",)))
+def test_the_update_does_not_depend_on_the_sign_of_v(backend, device):
+    q = Quadratic()
+    v = q.eigenvectors[:, 1] + 0.3 * q.eigenvectors[:, 0]
+    v = v / v.norm()
+    plus, w, q, opt = step_with_given_eigenvector(v, backend)
+    minus, _, _, opt_minus = step_with_given_eigenvector(-v, backend)
+    assert torch.equal(plus, minus)  # s * v and |c| are the same bits for v and -v
+    # ... and it is the oracle's step with that v.
+    rho, alpha, lr = per_element(q, RHO), per_element(q, ALPHA), per_element(q, LR)
+    g = q.grad(w)
+    torch.testing.assert_close(plus, w - lr * q.grad(w + tilted_ascent(g, v, rho, alpha)), rtol=1e-12, atol=1e-12)
+    assert opt.diagnostics()["tilt_b"] == -opt_minus.diagnostics()["tilt_b"]
+
+
+def test_the_tilt_leans_toward_v_by_alpha_times_the_orthogonal_part():
+    q = Quadratic()
+    v = q.eigenvectors[:, 0]
+    opt = EigenSAM(q.params, torch.optim.SGD, lr=0.0, rho=0.1, alpha=0.5, eig_interval=1000)
+    opt.state["xsam"].update(step=1, refreshes=1)
+    for p, piece in zip(q.params, torch.split(v, [p.numel() for p in q.params])):
+        opt.state[p]["eigenvector"] = piece.reshape(p.shape).clone()
+    w = flat(q.params)
+    q.closure()
+    opt.first_step(zero_grad=True)
+    e = flat(q.params) - w
+    g = q.grad(w)
+    gh = g / g.norm()
+    s = torch.sign(g @ v)
+    # The component along gh is rho (not renormalised), the one orthogonal to it is rho * alpha * |v_perp|.
+    assert (e @ gh).item() == pytest.approx(0.1, rel=1e-12)
+    v_perp = v - (gh @ v) * gh
+    torch.testing.assert_close(e - (e @ gh) * gh, 0.1 * 0.5 * s * v_perp, rtol=1e-10, atol=1e-14)
+    q.closure()
+    opt.second_step()
+    assert torch.equal(flat(q.params), w)  # lr 0: the restore is exact
+
+
+def make_run(cls=EigenSAM, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    opt = cls(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4, eig_interval=3,
+              power_iters=2, hvp="finite_difference", model=model)
+    return model, opt
+
+
+def train(model, opt, steps, start=0):
+    for t in range(start, start + steps):
+        gen = torch.Generator().manual_seed(100 + t)
+        x, y = torch.randn(8, 1, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+
+        def closure():
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+
+def test_checkpoint_resume_is_bit_identical_and_other_kinds_are_refused():
+    n = 4
+    model_a, opt_a = make_run()
+    train(model_a, opt_a, 2 * n)
+    model_b, opt_b = make_run()
+    train(model_b, opt_b, n)
+    buf = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model_c, opt_c = make_run(seed=123)
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    train(model_c, opt_c, n, start=n)
+    assert all(torch.equal(a, c) for a, c in zip(model_a.state_dict().values(), model_c.state_dict().values()))
+    assert all(torch.equal(a, c) for a, c in zip(opt_a.eigenvector(), opt_c.eigenvector()))
+    assert opt_a.diagnostics() == opt_c.diagnostics()
+    # An X-SAM checkpoint is not an Eigen-SAM one, and the other way round; nothing changes on refusal.
+    _, xsam_opt = make_run(XSAM)
+    before = copy.deepcopy(opt_c.state_dict())
+    with pytest.raises(ValueError, match="XSAM"):
+        opt_c.load_state_dict(xsam_opt.state_dict())
+    with pytest.raises(ValueError, match="EigenSAM"):
+        xsam_opt.load_state_dict(before)
+    assert_same(opt_c.state_dict(), before)
+
+
+def assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b) and all(assert_same(x, y) is None for x, y in zip(a, b))
+    else:
+        assert a == b
+
+
+def test_closure_raising_mid_step_leaves_everything_unchanged():
+    model, opt = make_run()
+    train(model, opt, 3)  # the next step refreshes (2 finite-difference HVPs), then two passes
+    before = ([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()))
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 4:  # the second (perturbed) pass
+            raise RuntimeError("user error")
+        loss = model(torch.ones(2, 1, 6, 6)).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="user error"):
+        opt.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before[0]))
+    after = opt.state_dict()
+    assert all(torch.equal(after["state"][k]["eigenvector"], before[1]["state"][k]["eigenvector"])
+               for k in before[1]["state"] if "eigenvector" in before[1]["state"][k])
+    assert opt.diagnostics()["step"] == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"alpha": -0.1}, "alpha"), ({"rho": -1.0}, "rho"), ({"eig_interval": 0}, "eig_interval"),
+    ({"hvp": "jvp"}, "hvp"), ({"adaptive": True}, "It is an argument of (XSAM and SAM|SAM and XSAM), not of EigenSAM"),
+    ({"correction": "signed"}, "argument of XSAM, not of EigenSAM"),
+])
+def test_bad_arguments_say_whose_they_are(kwargs, match):
+    q = Quadratic()
+    with pytest.raises(ValueError, match=match):
+        EigenSAM(q.params, torch.optim.SGD, lr=0.1, **kwargs)
+    with pytest.raises(ValueError, match="alpha"):
+        EigenSAM([{"params": q.params, "alpha": -1.0}], torch.optim.SGD, lr=0.1)
+
+
+def test_exports_and_kind():
+    assert xsam.EigenSAM is EigenSAM and xsam.optim.EigenSAM is EigenSAM
+    q = Quadratic()
+    assert EigenSAM(q.params, torch.optim.SGD, lr=0.1).state_dict()["state"][0]["xsam"]["kind"] == "EigenSAM"
+
+
+def test_amp_scaler_run_equals_the_unscaled_run_and_skips_a_non_finite_pass():
+    """Power-of-two scales make scaling and unscaling exact; an inf in the perturbed pass skips the step."""
+    from xsam.amp import SAMGradScaler
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)
+    runs = []
+    for use_scaler in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, alpha=0.5, eig_interval=2,
+                       power_iters=2, hvp="exact")
+        scaler = SAMGradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1000)
+        calls, poison = [], []
+        loss_fn = lambda: nn.functional.cross_entropy(model(x), y)
+
+        def closure():
+            calls.append(1)
+            loss = loss_fn()
+            (scaler.scale(loss) if use_scaler else loss).backward()
+            if poison and len(calls) == 2:
+                next(model.parameters()).grad.view(-1)[0] = float("inf")
+            return loss
+
+        for _ in range(3):
+            if use_scaler:
+                scaler.step(opt, closure, loss_fn=loss_fn)
+                scaler.update()
+            else:
+                opt.step(closure, loss_fn=loss_fn)
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.eigenvector()))
+        if use_scaler:
+            before = ([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()))
+            calls.clear()
+            poison.append(True)
+            scaler.step(opt, closure, loss_fn=loss_fn)
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before[0]))
+            assert opt.diagnostics()["step"] == 3 and opt.diagnostics()["skipped_steps"] == 1
+    (w0, v0), (w1, v1) = runs
+    assert all(torch.equal(a, b) for a, b in zip(w0 + v0, w1 + v1))

@@ -1,0 +1,182 @@
+"""One training run of one (task, arm, seed): curves, sharpness at the end and at matched training loss.
+
+Every arm of a task gets the same initial weights per seed, the same batches, epochs,
+learning-rate schedule (SGD with momentum, cosine to 0) and weight decay. After every epoch
+the training loss on the whole training set (eval mode) and the test metric are computed. The
+top Hessian eigenvalue (with its sign) and the angle between the gradient and its eigenvector
+are measured by ``xsam.diagnostics.top_eigenvalue`` on a fixed batch of training examples, in
+eval mode, the same way for every arm: every ``eval_every`` epochs and at the end (the curves),
+and at the first epoch at which the training loss falls below each level of ``LOSS_LEVELS``
+(the matched-loss measurements; levels crossed in the same epoch share one measurement).
+Gradient evaluations are counted exactly: calls of the closure (a forward and a backward each)
+and Hessian-vector products (power iterations).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from .arms import make_optimizer, parse_arm, seed_with_start_sign, take_step
+from .tasks import load_task, make_model, task_loss
+
+__all__ = ["LOSS_LEVELS", "QUICK", "Settings", "TASK_SETTINGS", "run_one", "settings_for"]
+
+# Training-loss levels for the matched-loss sharpness: 10^(k/3), from 1 down to 1e-4.
+LOSS_LEVELS = tuple(10 ** (k / 3) for k in range(0, -13, -1))
+
+
+@dataclass(frozen=True)
+class Settings:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    rho: float = 0.05
+    asam_rho: float = 0.5
+    eig_interval: int = 5
+    power_iters: int = 5
+    eval_every: int = 5  # epochs between curve points (the last epoch always)
+    eig_batch: int = 256  # fixed training examples for the independent eigenvalue
+    eig_tol: float = 1e-3
+    eig_max_iters: int = 30
+    backend: str = "auto"
+
+
+TASK_SETTINGS = {
+    # lr 0.1: SGD then comes close to the published accuracies (20 epochs = 800 steps; the MLP needs 80).
+    "mnist1d": dict(epochs=20, batch_size=100, lr=0.1, eval_every=5),
+    "mnist1d-mlp": dict(epochs=80, batch_size=100, lr=0.1, eval_every=20),
+    "digits": dict(epochs=10, batch_size=64, lr=0.05),
+    "cancer": dict(epochs=10, batch_size=64, lr=0.05),
+    # Plain SGD (no momentum, no weight decay) on the synthetic valley: the edge of stability is 2 / lr.
+    "cubic": dict(epochs=40, batch_size=32, lr=0.015, momentum=0.0, weight_decay=0.0, eval_every=10,
+                  eig_tol=1e-4, eig_max_iters=200),
+}
+QUICK = dict(epochs=3, eval_every=3, eig_batch=128, eig_max_iters=30)
+
+
+def settings_for(task: str, quick: bool = False, **overrides) -> Settings:
+    values = dict(TASK_SETTINGS.get(task, {}))
+    if quick:
+        values.update(QUICK)
+        if task == "cubic":
+            values["epochs"] = 10
+            values["eval_every"] = 10
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return replace(Settings(), **values)
+
+
+@torch.no_grad()
+def _evaluate_loss_and_accuracy(task, model, x, y):
+    was = model.training
+    model.eval()
+    if task == "cubic":
+        loss, acc = float(task_loss(task, model, x, y)), math.nan
+    else:
+        out = model(x)
+        loss = float(torch.nn.functional.cross_entropy(out, y))
+        acc = float((out.argmax(1) == y).float().mean())
+    model.train(was)
+    return loss, acc
+
+
+def run_one(task: str, arm_name: str, seed: int, s: Settings, v_sign: int = 0) -> dict:
+    """Train one run; returns ``{"run": summary row, "curve": [rows], "matched": [rows]}``.
+
+    ``v_sign`` (+1 or -1, arms with an eigenvector on the ``cubic`` task): the optimizer seed is
+    chosen so that its first start vector points along (+1) or against (-1) the sharp direction.
+    """
+    from ..diagnostics import top_eigenvalue
+
+    arm = parse_arm(arm_name)
+    xtr, ytr, xte, yte = load_task(task)
+    torch.manual_seed(seed)
+    model = make_model(task)  # the same initial weights for every arm at this seed
+    opt_seed = seed
+    if v_sign and arm.uses_eigenvector:
+        opt_seed = seed_with_start_sign(list(model.parameters()), model.sharp_direction(), v_sign, seed)
+    opt = make_optimizer(arm, model, s, opt_seed)
+    steps_per_epoch = len(xtr) // s.batch_size  # the ragged last batch is dropped (BatchNorm)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.epochs * steps_per_epoch)
+    order = torch.Generator().manual_seed(10_000 + seed)  # the same batches for every arm
+    eig_idx = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(20_000 + seed))[: s.eig_batch]
+    xe, ye = xtr[eig_idx], ytr[eig_idx]
+    counts = {"closure": 0, "loss_fn": 0}
+    state = {"vector": None, "train_time": 0.0}
+    curve, matched, pending = [], [], list(LOSS_LEVELS)
+    ident = dict(task=task, method=arm_name, seed=seed, v_sign=v_sign)
+
+    def sharpness():
+        est = top_eigenvalue(model, lambda: task_loss(task, model, xe, ye), tol=s.eig_tol,
+                             max_iters=s.eig_max_iters, init=state["vector"], seed=seed)
+        state["vector"] = est.vector  # warm start: the next measurement needs few iterations
+        return est
+
+    def observe(epoch: int) -> dict:
+        train_loss, _ = _evaluate_loss_and_accuracy(task, model, xtr, ytr)
+        test_loss, test_acc = _evaluate_loss_and_accuracy(task, model, xte, yte)
+        row = dict(ident, epoch=epoch, train_loss=train_loss, test_loss=test_loss, test_acc=test_acc)
+        crossed = [lv for lv in pending if train_loss < lv]
+        if epoch == 0:  # levels the initial weights are already below are not reached by training
+            pending[:] = [lv for lv in pending if lv not in crossed]
+            crossed = []
+        last = epoch == s.epochs
+        est = sharpness() if (crossed or epoch % s.eval_every == 0 or last) else None
+        for level in crossed:
+            pending.remove(level)
+            matched.append(dict(ident, level=level, epoch=epoch, train_loss=train_loss, eigenvalue=est.eigenvalue,
+                                grad_angle_deg=est.angle_degrees))
+        if est is not None and (epoch % s.eval_every == 0 or last):
+            curve.append(dict(row, eigenvalue=est.eigenvalue, rel_residual=est.relative_residual,
+                              eig_converged=est.converged, grad_angle_deg=est.angle_degrees,
+                              train_time_s=state["train_time"]))
+        row.update(eigenvalue=math.nan if est is None else est.eigenvalue,
+                   grad_angle_deg=math.nan if est is None else est.angle_degrees, converged=est is None or
+                   est.converged)
+        return row
+
+    first = observe(0)
+    for epoch in range(1, s.epochs + 1):
+        perm = torch.randperm(len(xtr), generator=order)
+        start = time.perf_counter()
+        for b in range(steps_per_epoch):
+            idx = perm[b * s.batch_size:(b + 1) * s.batch_size]
+            xb, yb = xtr[idx], ytr[idx]
+
+            def loss_fn():
+                counts["loss_fn"] += 1
+                return task_loss(task, model, xb, yb)
+
+            def closure():
+                counts["closure"] += 1
+                loss = task_loss(task, model, xb, yb)
+                loss.backward()
+                return loss
+
+            take_step(arm, opt, closure, loss_fn)
+            sched.step()
+        state["train_time"] += time.perf_counter() - start
+        last = observe(epoch)
+        if not math.isfinite(last["train_loss"]):
+            break  # diverged: the summary says so
+    steps = epoch * steps_per_epoch
+    hvps = 0
+    if arm.uses_eigenvector:
+        d = opt.diagnostics()
+        hvps = d["refresh_attempts"] * s.power_iters
+    run = dict(ident, epochs=epoch, steps=steps, train_loss=last["train_loss"], test_loss=last["test_loss"],
+               test_acc=last["test_acc"], eigenvalue=last["eigenvalue"], grad_angle_deg=last["grad_angle_deg"],
+               eig_converged=last["converged"], initial_eigenvalue=first["eigenvalue"],
+               evals_per_step=counts["closure"] / steps, hvps_per_step=hvps / steps,
+               train_time_s=state["train_time"])
+    if task == "cubic":
+        run.update(u0=model.u[0].item(), w0=model.w[0].item(), min_sharpness=model.min_sharpness())
+        if arm.uses_eigenvector:
+            v = opt.eigenvector()
+            run["v_sign_end"] = int(math.copysign(1, sum(float((a * b).sum())
+                                                         for a, b in zip(v, model.sharp_direction()))))
+    return {"run": run, "curve": curve, "matched": matched}
