@@ -39,9 +39,13 @@ DEFAULT_CONFIGS = (
     OptimizerConfig("sam", "sam"),
     OptimizerConfig("xsam_exact_k5_p5", "xsam", "exact", 5, 5),
     OptimizerConfig("xsam_fd_k5_p5", "xsam", "finite_difference", 5, 5),
-    # The fast settings of docs/tracking: one forward-difference product per refresh reusing the
-    # first pass (train-mode HVPs), and the streaming estimator (no extra evaluation).
-    OptimizerConfig("xsam_fwd_k5_p1", "xsam", "forward_difference", 5, 1, hvp_eval_mode=False),
+    # The fast settings of docs/tracking: one power iteration per refresh (the recommended setting,
+    # exact products), one forward-difference product reusing the first pass (eval-mode HVPs, as
+    # the authors', and train-mode ones, which need no extra evaluation), and the streaming
+    # estimator (no extra evaluation).
+    OptimizerConfig("xsam_exact_k5_p1", "xsam", "exact", 5, 1),
+    OptimizerConfig("xsam_fwd_k5_p1", "xsam", "forward_difference", 5, 1),
+    OptimizerConfig("xsam_fwd_k5_p1_train", "xsam", "forward_difference", 5, 1, hvp_eval_mode=False),
     OptimizerConfig("xsam_stream", "xsam", "streaming"),
 )
 # A rarer refresh shows how the overhead amortises; 20-step cycles are too long for CPU defaults.
