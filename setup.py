@@ -23,7 +23,7 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["xsam", "xsam.ops", "xsam.optim", "xsam.integrations", "xsam.experiment", "xsam.kernels", "xsam.bench"]
+PACKAGES = ["xsam", "xsam.ops", "xsam.ops.verify", "xsam.optim", "xsam.integrations", "xsam.experiment", "xsam.kernels", "xsam.bench"]
 # The Triton kernels (kernels/) and the benchmark harness (bench/) live at the top of the
 # repository and ship as xsam.kernels and xsam.bench.
 PACKAGE_DIR = {"xsam": "xsam", "xsam.kernels": "kernels", "xsam.bench": "bench"}

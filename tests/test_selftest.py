@@ -1,6 +1,7 @@
 """`xsam selftest` and the check before first use (backend="auto"): both pass on this machine's kernels,
 and both catch a broken kernel, injected by replacing a backend function (one ulp off on the last element,
 or the last chunk skipped)."""
+import re
 import subprocess
 import sys
 import warnings
@@ -63,6 +64,24 @@ def test_every_op_of_the_contract_has_a_case():
 
 
 @needs_native
+def test_the_cuda_size_cases_cross_the_launch_limits_of_the_cuda_kernels():
+    """The self-test mirrors max_tensors_per_launch of the CUDA multi-tensor apply (read from the header
+    here): its GPU cases must cross every op's launch limit, with a multi-chunk tensor closing one."""
+    from pathlib import Path
+
+    from xsam.ops.verify.cases import native_cuda_tensors_per_launch, size_cases
+
+    header = (Path(__file__).parents[1] / "csrc" / "cuda" / "multi_tensor_apply.cuh").read_text()
+    documented = re.search(r"32 KiB: (\d+), (\d+), (\d+), (\d+)", header).groups()
+    assert [native_cuda_tensors_per_launch(n) for n in range(1, 5)] == [int(d) for d in documented]
+    assert "constexpr int kKernelParamBytes = 32764;" in header and "constexpr int kOtherParamBytes = 256;" in header
+    cases = size_cases("native", "cuda")
+    assert len(cases["many"]) > native_cuda_tensors_per_launch(1)
+    launches = cases["launches"]
+    closing = native_cuda_tensors_per_launch(4) - 1
+    assert launches[closing][0] > 2 * verify.NATIVE_CHUNK["cuda"] and len(launches) > native_cuda_tensors_per_launch(1)
+
+
 def test_selftest_passes_on_the_cpu(capsys):
     assert main(["selftest", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
