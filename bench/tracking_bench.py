@@ -530,8 +530,11 @@ def plot_frontier(rows: list[dict], path: Path) -> str | None:
         ax.set_title(f"{task}: mean over training and seeds")
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=h) for h, c in colors.items()]
-    handles += [plt.Line2D([], [], color="k", marker=m, ls="", mfc="none", label=f"k = {k}")
-                for k, m in markers.items() if k != ""]
+    present = {r["eig_interval"] for r in rows}
+    handles += [plt.Line2D([], [], color="k", marker=m, ls="", label=f"k = {k}")
+                for k, m in markers.items() if k != "" and k in present]
+    if any(r.get("hvp_eval_mode") is False for r in rows):
+        handles.append(plt.Line2D([], [], color="k", marker="^", ls="", mfc="none", label="train-mode HVPs"))
     handles.append(plt.Line2D([], [], color="gray", ls="--", label="1.15x SAM"))
     axes[0][-1].legend(handles=handles, fontsize=8, loc="lower right")
     fig.tight_layout()
