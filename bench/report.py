@@ -251,4 +251,8 @@ def markdown_summary(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print("usage: python -m xsam.bench.report BENCH_RESULTS_CSV\n\nPrints the README's markdown tables "
+              "from the bench_results.csv that `xsam bench` wrote.", file=sys.stderr if len(sys.argv) != 2 else sys.stdout)
+        sys.exit(0 if len(sys.argv) == 2 else 2)
     print(markdown_summary(read_csv(Path(sys.argv[1]))))

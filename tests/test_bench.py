@@ -8,6 +8,8 @@ timing helpers interleave and pair as they say.
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -247,3 +249,11 @@ def test_traffic_model_adds_up():
         ops_bench.TENSOR_PASSES[o] for o in ("dots_gg_gv", "perturb_", "dots_gg_gv", "correct_restore_",
                                              "power_update_"))
     assert ops_bench.TRAFFIC["xsam_step"].fresh_writes == 2 and ops_bench.TRAFFIC["xsam_step"].arrays == 5
+
+
+def test_the_report_command_explains_itself():
+    """``python -m xsam.bench.report`` prints its usage for --help (exit 0) and without a CSV (exit 2)."""
+    helped = subprocess.run([sys.executable, "-m", "xsam.bench.report", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "usage: python -m xsam.bench.report BENCH_RESULTS_CSV" in helped.stdout
+    missing = subprocess.run([sys.executable, "-m", "xsam.bench.report"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "usage:" in missing.stderr
