@@ -98,13 +98,12 @@ def size_cases(backend: str, device: str, *, quick: bool = False) -> dict[str, l
     if interpreted:
         cases["many"] = [(i % 5,) for i in range(40)]  # empty ones included; every program costs ~2 ms
     else:
-        # More tiny tensors than one CUDA launch of the native kernels takes, for every op (whatever
-        # its number of lists), and one tensor of exactly one chunk.
-        many = native_cuda_tensors_per_launch(1) + 7 if device == "cuda" else 71
-        cases["many"] = [(1 + (7 * i) % 23,) for i in range(many)] + [(chunk,)]
+        # Many tiny tensors of odd sizes, and one of exactly one chunk.
+        cases["many"] = [(1 + (7 * i) % 23,) for i in range(71)] + [(chunk,)]
     if backend == "native" and device == "cuda":
-        # A tensor of several chunks closes a full launch of the 4-list ops (the next launch's
-        # reduction slots start after its chunks); tiny tensors then cross the other ops' limits.
+        # More tensors than one CUDA launch of the native kernels takes, for every op (whatever its
+        # number of lists): a tensor of several chunks closes a full launch of the 4-list ops (the
+        # next launch's reduction slots start after its chunks), tiny ones cross the other limits.
         last = native_cuda_tensors_per_launch(4) - 1
         cases["launches"] = ([(1 + (7 * i) % 23,) for i in range(last)] + [(2 * chunk + 5,)]
                              + [(3,)] * (native_cuda_tensors_per_launch(1) - last))
