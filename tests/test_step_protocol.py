@@ -314,3 +314,33 @@ def test_the_eigen_residual_is_right_to_fp32_precision():
     true = (q.A @ v - lam * v).norm().item()
     assert opt.diagnostics()["eigen_residual"] == pytest.approx(true, abs=5e-6)
     assert opt.diagnostics()["eigen_residual"] > 0
+
+
+def test_saved_weights_share_bucketed_allocations_without_overlap(monkeypatch):
+    """Contiguous parameters of one device and dtype get their saved copies from shared allocations of
+    at most SCRATCH_BUCKET_BYTES; other layouts and dtypes get their own, in their layout."""
+    from xsam.optim import lists
+
+    monkeypatch.setattr(lists, "SCRATCH_BUCKET_BYTES", 64 * 4)  # 64 float32
+    params = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(20)),
+              nn.Parameter(torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)),
+              nn.Parameter(torch.randn(40)), nn.Parameter(torch.randn(5, dtype=torch.float64)),
+              nn.Parameter(torch.randn(40)), nn.Parameter(torch.randn(0))]
+    saved = lists.scratch_like(params)
+    assert [(s.shape, s.stride(), s.dtype) for s in saved] == [(p.shape, p.stride(), p.dtype) for p in params]
+    storage = [s.untyped_storage().data_ptr() for s in saved]
+    assert storage[0] == storage[1] != storage[3]  # 12 + 20 elements fit in 64; 40 more do not
+    assert storage[2] not in storage[:2] + storage[3:] and storage[4] not in storage[:4] + storage[5:]
+    spans = sorted((s.data_ptr(), s.data_ptr() + s.numel() * s.element_size()) for s in saved if s.numel())
+    assert all(end <= begin for (_, end), (begin, _) in zip(spans, spans[1:]))  # no two copies overlap
+    # And a step restores every parameter bit-exactly through them.
+    opt = XSAM(params, torch.optim.SGD, lr=0.0, hvp="finite_difference")
+    before = [p.detach().clone() for p in params]
+
+    def closure():
+        loss = sum((p.double() ** 2).sum() for p in params)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert all(torch.equal(a, p) for a, p in zip(before, params))

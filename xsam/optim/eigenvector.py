@@ -35,7 +35,7 @@ from torch import Tensor
 from .. import ops
 from ..hessian import (_is_dtensor, all_reduce_mean_, exact_hvp, finite_difference_hvp, forward_difference_hvp,
                        orthonormalize_, power_iteration, random_vectors)
-from .lists import ParamLists
+from .lists import ParamLists, scratch_like
 from .model_state import batchnorm_statistics_frozen, eval_mode
 
 __all__ = ["HVP_MODES", "STREAMING_RATE", "EigenvectorTracker", "PendingRefresh", "StreamedDescent"]
@@ -318,7 +318,7 @@ class EigenvectorTracker:
         """
         lists = txn.lists
         if lists is not self._stream_lists:
-            self._stream_buffer = [torch.empty_like(p, memory_format=torch.preserve_format) for p in lists.params]
+            self._stream_buffer = scratch_like(lists.params)
             self._stream_lists = lists
         buffer = self._stream_buffer
         with torch.no_grad():
