@@ -333,6 +333,7 @@ def test_saved_weights_share_bucketed_allocations_without_overlap(monkeypatch):
     assert storage[2] not in storage[:2] + storage[3:] and storage[4] not in storage[:4] + storage[5:]
     spans = sorted((s.data_ptr(), s.data_ptr() + s.numel() * s.element_size()) for s in saved if s.numel())
     assert all(end <= begin for (_, end), (begin, _) in zip(spans, spans[1:]))  # no two copies overlap
+    assert all(s.data_ptr() % lists.SCRATCH_ALIGN_BYTES == 0 for s in saved)  # each starts as aligned as its own
     # And a step restores every parameter bit-exactly through them.
     opt = XSAM(params, torch.optim.SGD, lr=0.0, hvp="finite_difference")
     before = [p.detach().clone() for p in params]
