@@ -67,6 +67,7 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
     def __init__(self, params, base_optimizer, defaults: dict, *, model: nn.Module | None,
                  per_replica_perturbation: bool, process_group, backend: str, eps: float | None,
                  max_grad_norm: float | None, base_kwargs: dict):
+        self._check_hyperparameters(defaults, "")
         check_base_optimizer(base_optimizer)
         eps = own_eps(type(self).__name__, base_optimizer, eps)
         if isinstance(base_optimizer, type):
@@ -154,8 +155,13 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
         """Fill this class's keys a group lacks (a group added to the base optimizer) and check them."""
         for key, value in self._own_defaults.items():
             group.setdefault(key, value)
-        check_number("rho", group["rho"], 0.0, where=f"param_groups[{index}]: ",
-                     hint="It is the perturbation radius; the usual value is 0.05.")
+        self._check_hyperparameters(group, f"param_groups[{index}]: ")
+
+    def _check_hyperparameters(self, values: dict, where: str) -> None:
+        """The per-group hyper-parameters (the constructor's defaults, where="", or a group's): one
+        place for both, extended by each class for its own keys."""
+        check_number("rho", values["rho"], 0.0, where=where, hint="It is the perturbation radius; the usual value "
+                     "is 0.05.")
 
     def _step_lists(self) -> ParamLists:
         key = structure_key(self.param_groups)

@@ -58,17 +58,15 @@ class EigenSAM(EigenvectorMixin, SharpnessAware):
                  model: nn.Module | None = None, hvp_eval_mode: bool = True, seed: int = 0,
                  per_replica_perturbation: bool = False, process_group="auto", backend: str = "auto",
                  eps: float | None = None, max_grad_norm: float | None = None, **base_kwargs):
-        check_number("rho", rho, 0.0, hint="It is the perturbation radius; the usual value is 0.05.")
-        check_number("alpha", alpha, 0.0, hint=ALPHA_HINT)
         self._setup_tracker(eig_interval=eig_interval, power_iters=power_iters, eig_tol=eig_tol, hvp=hvp,
                             hvp_eval_mode=hvp_eval_mode, seed=seed)
         super().__init__(params, base_optimizer, {"rho": rho, "alpha": alpha}, model=model,
                          per_replica_perturbation=per_replica_perturbation, process_group=process_group,
                          backend=backend, eps=eps, max_grad_norm=max_grad_norm, base_kwargs=base_kwargs)
 
-    def _validate_group(self, index: int, group: dict) -> None:
-        super()._validate_group(index, group)
-        check_number("alpha", group["alpha"], 0.0, where=f"param_groups[{index}]: ", hint=ALPHA_HINT)
+    def _check_hyperparameters(self, values: dict, where: str) -> None:
+        super()._check_hyperparameters(values, where)
+        check_number("alpha", values["alpha"], 0.0, where=where, hint=ALPHA_HINT)
 
     def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> dict:
         """``||g||^2`` and ``<g, v>`` in one fused reduction (just ``||g||^2`` before the first v)."""

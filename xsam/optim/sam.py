@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import SharpnessAware, register_arguments
-from .validation import check_bool, check_number
+from .validation import check_bool
 
 __all__ = ["SAM"]
 
@@ -51,7 +51,6 @@ class SAM(SharpnessAware):
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, adaptive: bool = False,
                  model: nn.Module | None = None, per_replica_perturbation: bool = False, process_group="auto",
                  backend: str = "auto", eps: float | None = None, max_grad_norm: float | None = None, **base_kwargs):
-        check_number("rho", rho, 0.0, hint="It is the perturbation radius; the usual value is 0.05.")
         check_bool("adaptive", adaptive, "True: ASAM, False: SAM")
         self.adaptive = adaptive
         super().__init__(params, base_optimizer, {"rho": rho}, model=model,

@@ -281,8 +281,6 @@ class XSAM(EigenvectorMixin, SharpnessAware):
                  model: nn.Module | None = None, hvp_eval_mode: bool = True, seed: int = 0,
                  per_replica_perturbation: bool = False, process_group="auto", backend: str = "auto",
                  eps: float | None = None, max_grad_norm: float | None = None, **base_kwargs):
-        check_number("rho", rho, 0.0, hint="It is the perturbation radius; the usual value is 0.05.")
-        check_number("alpha", alpha, 0.0, 2.0, hint="alpha=0 is SAM, 1 removes the component along v.")
         check_choice("correction", correction, CORRECTIONS)
         check_bool("normalize", normalize)
         check_bool("adaptive", adaptive, "True: ASAM's perturbation")
@@ -295,9 +293,9 @@ class XSAM(EigenvectorMixin, SharpnessAware):
                          per_replica_perturbation=per_replica_perturbation, process_group=process_group,
                          backend=backend, eps=eps, max_grad_norm=max_grad_norm, base_kwargs=base_kwargs)
 
-    def _validate_group(self, index: int, group: dict) -> None:
-        super()._validate_group(index, group)
-        check_number("alpha", group["alpha"], 0.0, 2.0, where=f"param_groups[{index}]: ",
+    def _check_hyperparameters(self, values: dict, where: str) -> None:
+        super()._check_hyperparameters(values, where)
+        check_number("alpha", values["alpha"], 0.0, 2.0, where=where,
                      hint="alpha=0 is SAM, 1 removes the component along v.")
 
     def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> dict:
