@@ -1,7 +1,12 @@
-"""Shared test fixtures: flat-vector views and a quadratic with a known Hessian."""
+"""Shared test fixtures: flat-vector views, a quadratic with a known Hessian, state comparisons and a
+small BatchNorm run that repeats bit for bit."""
 from __future__ import annotations
 
+import copy
+import io
+
 import torch
+from torch import nn
 
 
 def flat(tensors) -> torch.Tensor:
@@ -84,3 +89,70 @@ def spawn_and_wait(worker, args: tuple, nprocs: int, timeout: float) -> None:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the {nprocs}-process run did not finish within {timeout:.0f} s")
+
+
+def snapshot(model, opt) -> tuple[list[torch.Tensor], dict]:
+    """The weights and a deep copy of the optimizer's state_dict, to compare after a step."""
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+
+
+def assert_same_state(a, b) -> None:
+    """Nested state (dicts, lists, tensors, numbers) equal leaf by leaf; tensors in bits and dtype."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_state(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_state(x, y)
+    else:
+        assert a == b
+
+
+def make_bn_run(cls, seed: int = 0):
+    """A small CNN with BatchNorm and an eigenvector optimizer (`cls`: XSAM or EigenSAM) over it, for
+    runs that must repeat bit for bit (checkpoints, BatchNorm statistics)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    opt = cls(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4, eig_interval=3,
+              power_iters=2, hvp="finite_difference", model=model)
+    return model, opt
+
+
+def bn_batch(t: int):
+    """Batch t of a make_bn_run run: the same inputs whatever ran before."""
+    gen = torch.Generator().manual_seed(100 + t)
+    return torch.randn(8, 1, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+
+
+def train_bn_run(model, opt, steps: int, start: int = 0) -> None:
+    for t in range(start, start + steps):
+        x, y = bn_batch(t)
+
+        def closure():
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+
+def resumed_halfway(cls, steps: int):
+    """Two make_bn_run runs of 2 * steps: (model, opt) trained straight through, and (model, opt) of a
+    fresh run (other initial weights) that loaded a checkpoint saved after `steps` steps and went on."""
+    model_a, opt_a = make_bn_run(cls)
+    train_bn_run(model_a, opt_a, 2 * steps)
+    model_b, opt_b = make_bn_run(cls)
+    train_bn_run(model_b, opt_b, steps)
+    buf = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model_c, opt_c = make_bn_run(cls, seed=123)  # different initial weights, overwritten by the load
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    train_bn_run(model_c, opt_c, steps, start=steps)
+    return (model_a, opt_a), (model_c, opt_c)

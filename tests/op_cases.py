@@ -120,6 +120,17 @@ def scalar(value, dtype, device):
     return torch.full((), value, dtype=reference.accumulation_dtype(dtype), device=device)
 
 
+def near_eigenvector(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, v) in float64: v a unit vector and u = 3 v + a 1.4e-4 step orthogonal to it, so that
+    ||u - lam v|| is 1.4e-4 next to ||u|| = 3, where the one-pass formula uu - lam * vu cancels in fp32."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(n, generator=gen, dtype=torch.float64)
+    v /= v.norm()
+    off = torch.randn(n, generator=gen, dtype=torch.float64)
+    off -= (off @ v) * v
+    return 3.0 * v + 1.4e-4 * off / off.norm(), v
+
+
 def assert_close_to_exact(got, exact, magnitude, dtype, *, ref=None, roundings=2.0):
     """``got`` is within ``roundings`` roundings in ``dtype`` (relative to the terms' size) of the
     float64 answer; with ``ref`` (the reference backend's result), also up to twice the

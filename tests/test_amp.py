@@ -4,7 +4,6 @@ Oracles: the same run without a scaler (power-of-two scales make scaling and
 unscaling exact, so the runs must agree bit for bit), snapshots taken before the
 step (a skipped step must change nothing), and an fp32 twin for bf16 weights.
 """
-import copy
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ from torch import nn
 from xsam import SAM, XSAM
 from xsam.amp import SAMGradScaler
 from xsam.ops.dispatch import unavailable_reason
+
+from helpers import assert_same_state, snapshot
 
 # Triton runs in its (slow) interpreter here: one test covers it by default, the rest under -m slow.
 BACKENDS = [b if b != "triton" else pytest.param(b, marks=pytest.mark.slow)
@@ -34,20 +35,6 @@ def data(seed=1, n=16):
 def make_xsam(model, backend="reference", **kw):
     kw = {"lr": 0.1, "momentum": 0.9, "eig_interval": 2, "power_iters": 2, "hvp": "exact", **kw}
     return XSAM(model.parameters(), torch.optim.SGD, backend=backend, **kw)
-
-
-def snapshot(model, opt):
-    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
-
-
-def same(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 class Injector:
@@ -102,7 +89,7 @@ def test_non_finite_pass_skips_the_whole_step(backend, poisoned_pass):
         state_before, state_after = before[1], after[1]
         skipped_after, skipped_before = (s["state"][0]["xsam"].pop("skipped_steps") for s in (state_after, state_before))
         assert skipped_after == skipped_before + 1
-        assert same(state_before, state_after), "eigenvector, base optimizer or counters changed"
+        assert_same_state(state_before, state_after)  # eigenvector, base optimizer and counters
         assert scaler.get_scale() == scale_before * 0.5
         assert inj.closure_calls == poisoned_pass  # a poisoned first pass stops before the second
     assert len(records) == 1  # only the completed step reported

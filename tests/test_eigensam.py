@@ -1,7 +1,6 @@
 """Eigen-SAM steps against a flat float64 oracle written here, on every available backend, plus what it
 shares with X-SAM (HVP modes, checkpoints, the step protocol)."""
 import copy
-import io
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import xsam
 from xsam import SAM, XSAM, EigenSAM
 from xsam.hessian import random_vectors
 
-from helpers import Quadratic, flat
+from helpers import Quadratic, assert_same_state, flat, make_bn_run, resumed_halfway, snapshot, train_bn_run
 from op_cases import backend_params
 
 EPS = 1e-12
@@ -167,71 +166,25 @@ def test_the_tilt_leans_toward_v_by_alpha_times_the_orthogonal_part():
     assert torch.equal(flat(q.params), w)  # lr 0: the restore is exact
 
 
-def make_run(cls=EigenSAM, seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
-    opt = cls(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4, eig_interval=3,
-              power_iters=2, hvp="finite_difference", model=model)
-    return model, opt
-
-
-def train(model, opt, steps, start=0):
-    for t in range(start, start + steps):
-        gen = torch.Generator().manual_seed(100 + t)
-        x, y = torch.randn(8, 1, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
-
-        def closure():
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-
-
 def test_checkpoint_resume_is_bit_identical_and_other_kinds_are_refused():
-    n = 4
-    model_a, opt_a = make_run()
-    train(model_a, opt_a, 2 * n)
-    model_b, opt_b = make_run()
-    train(model_b, opt_b, n)
-    buf = io.BytesIO()
-    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    model_c, opt_c = make_run(seed=123)
-    model_c.load_state_dict(ckpt["model"])
-    opt_c.load_state_dict(ckpt["opt"])
-    train(model_c, opt_c, n, start=n)
+    (model_a, opt_a), (model_c, opt_c) = resumed_halfway(EigenSAM, 4)
     assert all(torch.equal(a, c) for a, c in zip(model_a.state_dict().values(), model_c.state_dict().values()))
     assert all(torch.equal(a, c) for a, c in zip(opt_a.eigenvector(), opt_c.eigenvector()))
     assert opt_a.diagnostics() == opt_c.diagnostics()
     # An X-SAM checkpoint is not an Eigen-SAM one, and the other way round; nothing changes on refusal.
-    _, xsam_opt = make_run(XSAM)
+    _, xsam_opt = make_bn_run(XSAM)
     before = copy.deepcopy(opt_c.state_dict())
     with pytest.raises(ValueError, match="XSAM"):
         opt_c.load_state_dict(xsam_opt.state_dict())
     with pytest.raises(ValueError, match="EigenSAM"):
         xsam_opt.load_state_dict(before)
-    assert_same(opt_c.state_dict(), before)
-
-
-def assert_same(a, b):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b) and all(assert_same(x, y) is None for x, y in zip(a, b))
-    else:
-        assert a == b
+    assert_same_state(opt_c.state_dict(), before)
 
 
 def test_closure_raising_mid_step_leaves_everything_unchanged():
-    model, opt = make_run()
-    train(model, opt, 3)  # the next step refreshes (2 finite-difference HVPs), then two passes
-    before = ([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()))
+    model, opt = make_bn_run(EigenSAM)
+    train_bn_run(model, opt, 3)  # the next step refreshes (2 finite-difference HVPs), then two passes
+    before = snapshot(model, opt)
     calls = []
 
     def closure():

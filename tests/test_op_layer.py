@@ -7,6 +7,7 @@ from xsam import ops
 from xsam.ops import dispatch
 
 from helpers import flat
+from op_cases import near_eigenvector
 
 SHAPES = [(0,), (1,), (7,), (3, 5), (2, 1, 4)]
 
@@ -136,12 +137,7 @@ def test_a_layout_of_one_group_passes_the_lists_through():
 
 def test_power_update_residual_is_accurate_in_fp32():
     # ||u - lam v|| = 1.4e-4 next to ||u|| = 3: the one-pass formula uu - lam * vu reads 0 in fp32.
-    gen = torch.Generator().manual_seed(1)
-    v = torch.randn(3000, generator=gen, dtype=torch.float64)
-    v /= v.norm()
-    off = torch.randn(3000, generator=gen, dtype=torch.float64)
-    off -= (off @ v) * v
-    u = 3.0 * v + 1.4e-4 * off / off.norm()
+    u, v = near_eigenvector(3000, seed=1)
     u32, v32 = u.float(), v.float()
     lam = (u32.double() @ v32.double()) / (v32.double() @ v32.double())
     want = (u32.double() - lam * v32.double()).norm().item()

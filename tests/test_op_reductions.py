@@ -5,7 +5,8 @@ import torch
 from xsam import ops
 from xsam.ops import accumulation_dtype
 
-from op_cases import assert_close_to_exact, f64, make, op_params, reference_result, scalar, size_cases
+from op_cases import (assert_close_to_exact, f64, make, near_eigenvector, op_params, reference_result, scalar,
+                      size_cases)
 
 PAIRS = [(0, 0), (0, 1), (2, 1), (1, 2), (2, 2)]
 
@@ -66,12 +67,7 @@ def test_residual_sumsq(backend, device, dtype, case):
 
 def test_residual_sumsq_is_exact_where_the_one_pass_formula_cancels():
     # fp32, ||u|| ~ 1 and ||u - lam v|| ~ 1.4e-4: uu - lam*vu loses everything below 1e-7 * uu.
-    gen = torch.Generator().manual_seed(0)
-    v = torch.randn(4000, generator=gen, dtype=torch.float64)
-    v /= v.norm()
-    off = torch.randn(4000, generator=gen, dtype=torch.float64)
-    off -= (off @ v) * v
-    u = 3.0 * v + 1.4e-4 * off / off.norm()
+    u, v = near_eigenvector(4000, seed=0)
     lam = (u @ v).item()
     got = ops.residual_sumsq([u.float()], [v.float()], lam, backend="reference").sqrt().item()
     want = (u.float().double() - lam * v.float().double()).norm().item()

@@ -1,6 +1,5 @@
 """SAM, ASAM and X-SAM steps against flat-vector oracles written here, plus the step protocol."""
 import copy
-import io
 import itertools
 
 import pytest
@@ -11,7 +10,7 @@ import xsam
 from xsam import SAM, XSAM
 from xsam.hessian import random_vectors
 
-from helpers import Quadratic, flat
+from helpers import Quadratic, assert_same_state, bn_batch, flat, make_bn_run, resumed_halfway, snapshot
 
 EPS = 1e-12
 RHO, ALPHA, LR = (0.05, 0.2), (0.3, 1.5), (0.1, 0.05)  # per param group: group 0 = p0, group 1 = p1, p2
@@ -180,29 +179,10 @@ def test_restore_is_bit_exact():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
-def snapshot(model, opt):
-    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
-
-
 def assert_same_snapshot(a, b):
     (wa, sa), (wb, sb) = a, b
     assert all(torch.equal(x, y) for x, y in zip(wa, wb))
     assert_same_state(sa, sb)
-
-
-def assert_same_state(a, b):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_same_state(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same_state(x, y)
-    else:
-        assert a == b
 
 
 @pytest.mark.parametrize("fail_on_call", [1, 2, 3, 4])
@@ -235,47 +215,8 @@ def test_closure_raising_mid_step_leaves_weights_and_state_unchanged(fail_on_cal
     opt.step(closure)  # and it carries on normally
 
 
-def make_run(seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
-    opt = XSAM(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4, eig_interval=3,
-               power_iters=2, hvp="finite_difference", model=model)
-    return model, opt
-
-
-def batch(t):
-    gen = torch.Generator().manual_seed(100 + t)
-    return torch.randn(8, 1, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
-
-
-def train(model, opt, steps, start=0):
-    for t in range(start, start + steps):
-        x, y = batch(t)
-
-        def closure():
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-
-
 def test_checkpoint_resume_is_bit_identical():
-    n = 4
-    model_a, opt_a = make_run()
-    train(model_a, opt_a, 2 * n)
-
-    model_b, opt_b = make_run()
-    train(model_b, opt_b, n)
-    buf = io.BytesIO()
-    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
-    buf.seek(0)
-    model_c, opt_c = make_run(seed=123)  # different initial weights, overwritten by the load
-    ckpt = torch.load(buf, weights_only=True)
-    model_c.load_state_dict(ckpt["model"])
-    opt_c.load_state_dict(ckpt["opt"])
-    train(model_c, opt_c, n, start=n)
-
+    (model_a, opt_a), (model_c, opt_c) = resumed_halfway(XSAM, 4)
     assert all(torch.equal(a, c) for a, c in zip(model_a.state_dict().values(), model_c.state_dict().values()))
     va, vc = opt_a.eigenvector(), opt_c.eigenvector()
     assert all(torch.equal(a, c) for a, c in zip(va, vc))
@@ -286,10 +227,10 @@ def test_checkpoint_resume_is_bit_identical():
 
 def test_batchnorm_statistics_come_from_the_first_pass_only():
     for hvp_eval_mode in (True, False):
-        model, opt = make_run()
+        model, opt = make_bn_run(XSAM)
         opt.hvp_eval_mode = hvp_eval_mode
         twin = copy.deepcopy(model)
-        x, y = batch(0)
+        x, y = bn_batch(0)
 
         def closure():
             loss = nn.functional.cross_entropy(model(x), y)
