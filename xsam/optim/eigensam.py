@@ -77,7 +77,7 @@ class EigenSAM(EigenvectorMixin, SharpnessAware):
         if "vecs" not in sums:  # before the first v: SAM's ascent
             super()._perturb_group(txn, active, group, grads, sums)
             return
-        tilt = eigensam_tilt(sums["scale_sq"], sums["gv"], group.group["rho"], group.group["alpha"], self.eps)
+        tilt = eigensam_tilt(sums["inv_norm"], sums["gv"], group.group["rho"], group.group["alpha"])
         if group is active.groups[0]:  # the coefficients of the first group (the others differ by rho, alpha)
             txn.diagnostics.update(tilt_a=tilt.a, tilt_b=tilt.b)
         ops.tilted_perturb_(group.of(active.params), grads, group.of(active.saved), group.of(sums["vecs"]), tilt.a,

@@ -61,14 +61,14 @@ class Tilt:
     b: Tensor
 
 
-def eigensam_tilt(gg: Tensor, gv: Tensor, rho: float, alpha: float, eps: float) -> Tilt:
-    """``gh = g / (||g|| + eps)``, ``c = <gh, v>``, ``s = sign(<g, v>)``, ``v_perp = v - c * gh``.
+def eigensam_tilt(inv_norm: Tensor, gv: Tensor, rho: float, alpha: float) -> Tilt:
+    """``gh = g / (||g|| + eps)``, ``c = <gh, v>``, ``s = sign(<g, v>)``, ``v_perp = v - c * gh``,
+    from ``inv_norm = 1 / (||g|| + eps)`` (``inverse_norm``) and ``gv = <g, v>``.
 
     ``e = rho * (gh + alpha * s * v_perp) = rho * (1 - alpha * s * c) * gh + rho * alpha * s * v``;
     ``s * c = |c|``, so ``a = rho * (1 - alpha * |c|) / (||g|| + eps)`` and ``b = rho * alpha * s``.
     ``s * v`` does not depend on the sign of v, nor does the step.
     """
-    inv = inverse_norm(gg, eps)
-    c = gv * inv
+    c = gv * inv_norm
     s = torch.sign(gv)
-    return Tilt(a=rho * (1.0 - alpha * c.abs()) * inv, b=rho * alpha * s)
+    return Tilt(a=rho * (1.0 - alpha * c.abs()) * inv_norm, b=rho * alpha * s)
