@@ -42,7 +42,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -57,7 +57,6 @@ EXTRA_TASKS = ("digits_silu",)  # the digits CNN with SiLU: smooth, so finite di
 SILU_CONFIGS = ("sam", "exact_p5_k5", "exact_p1_k5", "central_p5_k5", "forward_p1_k5", "forward_p5_k5",
                 "forward_p1_k5_trainmode", "streaming")
 HVPS = ("exact", "finite_difference", "forward_difference")
-AUTHORS = "exact_p5_k5"  # the authors' setting: 5 power iterations every 5 steps
 TIMING_STEPS = 20  # steps per timed block: a whole refresh cycle of k = 1, 5 and 20
 UNSTABLE_RANGE = 0.2  # (max - min) / median of the per-cycle ratios above which a timing is flagged
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-import xsam
 from xsam import SAM, XSAM, batchnorm_statistics_frozen
 
 from helpers import Quadratic, flat

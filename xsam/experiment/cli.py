@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in Settings.__dataclass_fields__:
         if name in SETTING_TYPES:
             p.add_argument("--" + name.replace("_", "-"), type=SETTING_TYPES[name], default=None,
-                           help=f"for every task (default: per task, xsam.experiment.TASK_SETTINGS)")
+                           help="for every task (default: per task, xsam.experiment.TASK_SETTINGS)")
     return p
 
 

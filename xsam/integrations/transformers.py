@@ -82,7 +82,7 @@ class XSAMTrainer(Trainer):
         self.sam_class = sam_class
         self.sam_kwargs = sam_kwargs
         # The SAM/X-SAM optimizer itself (self.optimizer becomes accelerate's wrapper around it).
-        self.sam_optimizer: SAM | None = None
+        self.sam_optimizer: SharpnessAware | None = None
         self.log_diagnostics = log_diagnostics
         # (model, inputs, num_items_in_batch) of each micro-batch since the last optimizer step.
         self._micro_batches: list[tuple] = []
@@ -126,7 +126,7 @@ class XSAMTrainer(Trainer):
         self._first_pass_loss = loss if self._first_pass_loss is None else self._first_pass_loss + loss
         return loss
 
-    def _sam_step(self, optimizer: SAM) -> Tensor | None:
+    def _sam_step(self, optimizer: SharpnessAware) -> Tensor | None:
         """``optimizer.step()`` as the Trainer calls it: the whole SAM/X-SAM step on the accumulated batch."""
         micro_batches, self._micro_batches = self._micro_batches, []
         first_loss, self._first_pass_loss = self._first_pass_loss, None
