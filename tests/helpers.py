@@ -56,6 +56,20 @@ class Quadratic:
     def grad(self, w: torch.Tensor) -> torch.Tensor:
         return self.A @ w + self.b
 
+    def two_groups(self, rho, alpha, lr, /, **extra) -> list[dict]:
+        """Param groups {p0} and {p1, p2} with per-group (rho, alpha, lr) pairs; ``extra`` (any key, alpha
+        included) overrides them in both."""
+        g0 = {"params": self.params[:1], "rho": rho[0], "alpha": alpha[0], "lr": lr[0]}
+        g1 = {"params": self.params[1:], "rho": rho[1], "alpha": alpha[1], "lr": lr[1]}
+        return [dict(g0, **extra), dict(g1, **extra)]
+
+    def per_element(self, values) -> torch.Tensor:
+        """A flat float64 vector holding values[0] on p0's elements and values[1] on the others."""
+        n0 = self.params[0].numel()
+        out = torch.full((sum(p.numel() for p in self.params),), float(values[1]), dtype=torch.float64)
+        out[:n0] = values[0]
+        return out
+
 
 def error_of(fn) -> str | None:
     """``"Type: message"`` of what ``fn()`` raised, or None: a spawned worker reports refusals this way."""

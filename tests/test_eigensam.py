@@ -18,16 +18,7 @@ RHO, ALPHA, LR = (0.05, 0.2), (0.1, 0.5), (0.1, 0.05)  # per param group: group 
 
 
 def groups(q, **extra):
-    g0 = {"params": q.params[:1], "rho": RHO[0], "alpha": ALPHA[0], "lr": LR[0]}
-    g1 = {"params": q.params[1:], "rho": RHO[1], "alpha": ALPHA[1], "lr": LR[1]}
-    return [dict(g0, **extra), dict(g1, **extra)]
-
-
-def per_element(q, values):
-    n0 = q.params[0].numel()
-    out = torch.full((sum(p.numel() for p in q.params),), float(values[1]), dtype=torch.float64)
-    out[:n0] = values[0]
-    return out
+    return q.two_groups(RHO, ALPHA, LR, **extra)
 
 
 def tilted_ascent(g, v, rho, alpha):
@@ -41,7 +32,7 @@ def tilted_ascent(g, v, rho, alpha):
 def oracle(q, steps, *, eig_interval=2, power_iters=5, seed=0, alpha=ALPHA):
     """Eigen-SAM with plain SGD on flat float64 vectors; also the diagnostics of each step."""
     w = flat(q.params)
-    rho, lr, alpha = per_element(q, RHO), per_element(q, LR), per_element(q, alpha)
+    rho, lr, alpha = q.per_element(RHO), q.per_element(LR), q.per_element(alpha)
     gen = torch.Generator().manual_seed(seed)
     v, history = None, []
     for t in range(steps):
@@ -137,7 +128,7 @@ def test_the_update_does_not_depend_on_the_sign_of_v(backend, device):
     minus, _, _, opt_minus = step_with_given_eigenvector(-v, backend)
     assert torch.equal(plus, minus)  # s * v and |c| are the same bits for v and -v
     # ... and it is the oracle's step with that v.
-    rho, alpha, lr = per_element(q, RHO), per_element(q, ALPHA), per_element(q, LR)
+    rho, alpha, lr = q.per_element(RHO), q.per_element(ALPHA), q.per_element(LR)
     g = q.grad(w)
     torch.testing.assert_close(plus, w - lr * q.grad(w + tilted_ascent(g, v, rho, alpha)), rtol=1e-12, atol=1e-12)
     assert opt.diagnostics()["tilt_b"] == -opt_minus.diagnostics()["tilt_b"]

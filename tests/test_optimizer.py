@@ -17,25 +17,15 @@ RHO, ALPHA, LR = (0.05, 0.2), (0.3, 1.5), (0.1, 0.05)  # per param group: group 
 
 
 def groups(q, **extra):
-    g0 = {"params": q.params[:1], "rho": RHO[0], "alpha": ALPHA[0], "lr": LR[0]}
-    g1 = {"params": q.params[1:], "rho": RHO[1], "alpha": ALPHA[1], "lr": LR[1]}
-    return [dict(g0, **extra), dict(g1, **extra)]
-
-
-def per_element(q, values):
-    n0 = q.params[0].numel()
-    n = sum(p.numel() for p in q.params)
-    out = torch.full((n,), values[1], dtype=torch.float64)
-    out[:n0] = values[0]
-    return out
+    return q.two_groups(RHO, ALPHA, LR, **extra)
 
 
 def oracle(q, steps, *, correction="signed", normalize=True, adaptive=False, eig_interval=2, power_iters=5,
            seed=0, use_eigenvector=True, alpha=None):
     """X-SAM (or SAM with use_eigenvector=False) with plain SGD, on flat float64 vectors."""
     w = flat(q.params)
-    rho, lr = per_element(q, RHO), per_element(q, LR)
-    alpha = per_element(q, ALPHA if alpha is None else alpha)
+    rho, lr = q.per_element(RHO), q.per_element(LR)
+    alpha = q.per_element(ALPHA if alpha is None else alpha)
     gen = torch.Generator().manual_seed(seed)
     v, history = None, []
     for t in range(steps):
@@ -117,7 +107,7 @@ def step_with_given_eigenvector(v, correction):
         opt.state[p]["eigenvector"] = piece.reshape(p.shape).clone()
     w = flat(q.params)
     opt.step(q.closure)
-    rho = per_element(q, RHO)
+    rho = q.per_element(RHO)
     g = q.grad(w)
     ga = q.grad(w + rho * g / (g.norm() + EPS))
     return flat([p.grad for p in q.params]), ga / (ga.norm() + EPS)
@@ -127,7 +117,7 @@ def test_sign_of_v_matters_for_signed_and_not_for_symmetric():
     q = Quadratic()
     v = q.eigenvectors[:, 1] + 0.3 * q.eigenvectors[:, 0]
     v = v / v.norm()
-    alpha = per_element(q, ALPHA)
+    alpha = q.per_element(ALPHA)
     plus, gh = step_with_given_eigenvector(v, "signed")
     minus, _ = step_with_given_eigenvector(-v, "signed")
     c = gh @ v
