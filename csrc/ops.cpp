@@ -12,8 +12,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <string>
 #include <tuple>
+#include <utility>
 
 namespace xsam {
 namespace {
@@ -38,11 +40,27 @@ bool same_memory_order(const c10::TensorImpl& a, const c10::TensorImpl& b) {
   return true;
 }
 
-// Tensor `t` may stand at the position of `ref` (ref already validated): the fast path.
-bool compatible(const c10::TensorImpl& t, const c10::TensorImpl& ref) {
+// Sizes compared in line: std::equal calls memcmp, a library call per tensor for one to four
+// values.
+bool same_sizes(c10::IntArrayRef a, c10::IntArrayRef b) {
+  if (a.size() != b.size()) return false;
+  for (size_t d = 0; d < a.size(); ++d) {
+    if (a[d] != b[d]) return false;
+  }
+  return true;
+}
+
+// What every tensor of a group shares, read once from its first tensor.
+struct GroupKind {
+  caffe2::TypeMeta dtype;
+  c10::Device device;
+};
+
+// Tensor `t` may stand at the position of `ref` (ref already validated against `kind`): the fast path.
+bool compatible(const c10::TensorImpl& t, const c10::TensorImpl& ref, const GroupKind& kind) {
   if (&t == &ref) return true;
-  if (t.dtype() != ref.dtype() || t.device() != ref.device()) return false;
-  if (!t.sizes().equals(ref.sizes())) return false;
+  if (t.dtype() != kind.dtype || t.device() != kind.device) return false;
+  if (!same_sizes(t.sizes(), ref.sizes())) return false;
   if (t.is_contiguous() && ref.is_contiguous()) return true;  // same sizes: same order
   return t.is_non_overlapping_and_dense() && same_memory_order(t, ref);
 }
@@ -53,16 +71,17 @@ bool valid_group(c10::ArrayRef<NamedList> lists, size_t n) {
   }
   if (!lists[0].tensors[0].defined() || !supported_dtype(lists[0].tensors[0].scalar_type())) return false;
   const c10::TensorImpl* first = lists[0].tensors[0].unsafeGetTensorImpl();
+  const GroupKind kind{first->dtype(), first->device()};
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& ref_tensor = lists[0].tensors[i];
     if (!ref_tensor.defined()) return false;
     const c10::TensorImpl& ref = *ref_tensor.unsafeGetTensorImpl();
-    if (ref.dtype() != first->dtype() || ref.device() != first->device() || !ref.is_non_overlapping_and_dense()) {
+    if (ref.dtype() != kind.dtype || ref.device() != kind.device || !ref.is_non_overlapping_and_dense()) {
       return false;
     }
     for (size_t l = 1; l < lists.size(); ++l) {
       const at::Tensor& t = lists[l].tensors[i];
-      if (!t.defined() || !compatible(*t.unsafeGetTensorImpl(), ref)) return false;
+      if (!t.defined() || !compatible(*t.unsafeGetTensorImpl(), ref, kind)) return false;
     }
   }
   return true;
@@ -107,8 +126,8 @@ bool valid_group(c10::ArrayRef<NamedList> lists, size_t n) {
 // Two writers of one element race on a GPU (two blocks store to it) and overwrite each other in
 // an order-dependent way on a CPU, so written tensors must not share memory. Checked on address
 // ranges (dense tensors occupy [data, data + numel * itemsize)) sorted by start: O(n log n), and
-// O(n) when the tensors come in address order, as parameters allocated in order usually do.
-void check_writes_do_not_overlap(const char* op, c10::ArrayRef<NamedList> lists, const Group& group) {
+// O(n) when the tensors come in address order. Throws, naming the two tensors, on an overlap.
+void find_overlapping_writes(const char* op, c10::ArrayRef<NamedList> lists, const Group& group) {
   struct Extent {
     uintptr_t begin, end;
     int list;
@@ -143,6 +162,48 @@ void check_writes_do_not_overlap(const char* op, c10::ArrayRef<NamedList> lists,
     }
     if (extents[k].end > extents[reach].end) reach = k;
   }
+}
+
+// The written address ranges of a call, in call order: what the overlap verdict depends on.
+struct Range {
+  uintptr_t begin, end;
+  bool operator==(const Range&) const = default;
+};
+
+// Written sets already found free of overlaps. A training step applies several ops to the same
+// written lists (the parameters and their saved copies), so the sort mostly repeats a verdict
+// (about 8 ns per written tensor): a call whose ranges equal, one for one, those of a checked
+// call has its verdict, at the cost of one comparison per tensor. Per thread: no locking.
+class CheckedWrites {
+ public:
+  bool contains(const std::vector<Range>& ranges) const {
+    return std::find(entries_.begin(), entries_.end(), ranges) != entries_.end();
+  }
+  void add(std::vector<Range> ranges) {
+    entries_[next_] = std::move(ranges);
+    next_ = (next_ + 1) % entries_.size();
+  }
+
+ private:
+  std::array<std::vector<Range>, 4> entries_;  // a step's distinct written sets, with room to spare
+  size_t next_ = 0;
+};
+
+void check_writes_do_not_overlap(const char* op, c10::ArrayRef<NamedList> lists, const Group& group) {
+  static thread_local CheckedWrites checked;
+  std::vector<Range> ranges;
+  const size_t itemsize = c10::elementSize(group.dtype);
+  for (size_t l = 0; l < lists.size(); ++l) {
+    if (lists[l].access != Access::kWrite) continue;
+    void* const* addr = group.list(static_cast<int>(l));
+    for (int64_t t = 0; t < group.num_tensors; ++t) {
+      const auto begin = reinterpret_cast<uintptr_t>(addr[t]);
+      if (group.numel[t] != 0) ranges.push_back({begin, begin + group.numel[t] * itemsize});
+    }
+  }
+  if (ranges.size() < 2 || checked.contains(ranges)) return;
+  find_overlapping_writes(op, lists, group);
+  checked.add(std::move(ranges));
 }
 
 }  // namespace

@@ -59,6 +59,22 @@ def test_written_tensors_that_share_memory_are_refused(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_checked_written_set_vouches_only_for_the_same_address_ranges(device):
+    # Verdicts on written sets are remembered (a step reuses its lists): a new set with the same
+    # count, the same first tensor and the same sizes, one of them overlapping, is still refused.
+    s = scalar(0.5, torch.float32, device)
+    base = torch.zeros(30, device=device)
+    srcs = [torch.ones(10, device=device)] * 2
+    for _ in range(2):
+        torch.ops.xsam.scale_copy_([base[:10], base[10:20]], srcs, s)
+        torch.ops.xsam.scale_copy_([base[:10], base[20:]], srcs, s)
+    for overlapping in ([base[:10], base[9:19]], [base[:10], base[:10]], [base[10:20], base[:10], base[19:29]]):
+        with pytest.raises(RuntimeError, match="shares memory with"):
+            torch.ops.xsam.scale_copy_(overlapping, srcs + srcs[:1] if len(overlapping) == 3 else srcs, s)
+    assert torch.equal(base, torch.full((30,), 0.5, device=device)), "a refused call must not write"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_written_lists_may_alias_read_lists_at_the_same_index_and_views_may_touch(device):
     s = scalar(0.5, torch.float32, device)
     y = make([(5,), (7,)], torch.float32, device, 0)

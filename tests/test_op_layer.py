@@ -165,3 +165,47 @@ def test_the_fakes_follow_the_contract_on_empty_lists():
     x = [torch.zeros(3, dtype=torch.float64)]
     assert _fake_for(OPS["residual_sumsq"])(x, x, torch.zeros((), dtype=torch.float64)).dtype == torch.float64
     assert _fake_for(OPS["perturb_"])(x, x, x, torch.zeros(()), False) is None
+
+
+_GRAD_GETTER = torch._C.TensorBase.grad.__get__  # what __torch_function__ receives for `.grad`
+
+
+class _Recorded(torch.Tensor):
+    """A subclass with __torch_function__: its ``.grad`` must be read through Python."""
+
+    reads = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func == _GRAD_GETTER:
+            cls.reads += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class _CountGradReads(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func == _GRAD_GETTER:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_gradients_reads_what_dot_grad_reads():
+    params = [torch.nn.Parameter(torch.randn(3)), torch.randn(2, requires_grad=True), torch.nn.Parameter(torch.randn(4)),
+              torch.randn(2).as_subclass(_Recorded).requires_grad_()]
+    for i in (0, 1, 3):
+        params[i].grad = torch.randn(params[i].shape)
+    expected = [p.grad for p in params]
+    _Recorded.reads = 0
+    grads, missing = ops.gradients(params)
+    assert missing == 1 and grads[2] is None
+    assert all(g is e for g, e in zip(grads, expected))
+    assert _Recorded.reads == 1, "a subclass's .grad goes through its __torch_function__"
+    with _CountGradReads() as mode:
+        grads, missing = ops.gradients(params)
+    assert mode.reads == len(params), "under a torch function mode every read is seen by the mode"
+    assert missing == 1 and all(g is e for g, e in zip(grads, expected))
+    assert ops.gradients([]) == ([], 0)

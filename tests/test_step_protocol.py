@@ -345,3 +345,13 @@ def test_saved_weights_share_bucketed_allocations_without_overlap(monkeypatch):
 
     opt.step(closure)
     assert all(torch.equal(a, p) for a, p in zip(before, params))
+    # The eigenvectors, created by that step's refresh, share allocations the same way, and later
+    # refreshes write into them.
+    def where_stored():
+        return [opt.state[p]["eigenvector"].untyped_storage().data_ptr() for p in params]
+
+    stored = where_stored()
+    assert stored[0] == stored[1] != stored[3] and stored[2] not in stored[:2] + stored[3:]
+    assert not set(stored) & set(storage)
+    opt.refresh_eigenvector(closure)
+    assert where_stored() == stored

@@ -15,7 +15,6 @@ Sharded parameters (DTensors: FSDP2 ``fully_shard``, tensor parallelism) are han
 """
 from __future__ import annotations
 
-import itertools
 import sys
 from dataclasses import dataclass
 from typing import Sequence
@@ -42,6 +41,7 @@ __all__ = [
     "describe",
     "dots",
     "dtensor_type",
+    "gradients",
     "perturb_",
     "power_update_",
     "residual_sumsq",
@@ -147,9 +147,11 @@ def _group_args(spec: OpSpec, group: Group, lists: dict, scalars: dict, other: d
     args = {name: _scalar(value, group.device, acc) for name, value in scalars.items()}
     args.update(other)
     if spec.name == "dots":
-        picked = [group.pick(lst) for lst in lists.values()]
-        args["tensors"] = list(itertools.chain.from_iterable(picked))
-        args["num_lists"] = len(picked)
+        tensors: list[Tensor] = []
+        for lst in lists.values():
+            tensors += group.pick(lst)  # extends in C: no per-tensor Python work
+        args["tensors"] = tensors
+        args["num_lists"] = len(lists)
     else:
         for name, lst in lists.items():
             args[name] = None if lst is None else group.pick(lst)
@@ -212,6 +214,24 @@ def axpy_(ys: Tensors, xs: Tensors, alpha, *, backend: str = "auto", layout: Lay
 def scale_copy_(dsts: Tensors, srcs: Tensors, scale, *, backend: str = "auto", layout: Layout | None = None) -> None:
     """``dst = scale * src``."""
     run("scale_copy_", {"dsts": dsts, "srcs": srcs}, {"scale": scale}, {}, backend, layout)
+
+
+_gather_gradients = None  # xsam._C.gradients, or the same in Python without the extension
+
+
+def gradients(tensors: Tensors) -> tuple[list[Tensor | None], int]:
+    """``([t.grad for t in tensors], how many of them are None)``: host work, no op.
+
+    An optimizer gathers every parameter's gradient after each pass; with the extension the
+    loop runs in C++ (about 15 ns a tensor instead of 50-75 in Python), for plain tensors and
+    ``nn.Parameter`` (anything else reads ``.grad`` in Python, as the comprehension would).
+    """
+    global _gather_gradients
+    if _gather_gradients is None:
+        from . import native_backend
+
+        _gather_gradients = native_backend.gradients
+    return _gather_gradients(tensors)
 
 
 def copy_(dsts: Tensors, srcs: Tensors) -> None:

@@ -96,6 +96,14 @@ def _backend_function(spec):
     return run
 
 
+def gradients(tensors) -> tuple[list, int]:
+    """``xsam.ops.gradients``: in C++ when the extension is built (and not while torch.compile traces)."""
+    if UNAVAILABLE_REASON or torch.compiler.is_compiling():
+        grads = [t.grad for t in tensors]
+        return grads, sum(g is None for g in grads)
+    return _C.gradients(tensors)
+
+
 if not UNAVAILABLE_REASON:
     for _spec in OPS.values():
         globals()[_spec.name] = _backend_function(_spec)

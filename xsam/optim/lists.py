@@ -8,13 +8,12 @@ and when every parameter has one, the cached lists and layouts are used as they 
 """
 from __future__ import annotations
 
-import itertools
-import operator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..ops import Layout
 
 __all__ = ["GroupLists", "ParamLists", "scratch_like", "structure_key"]
@@ -93,6 +92,9 @@ class GroupLists:
     layout: Layout
 
     def of(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The group's slice of an aligned list (the list itself when the group is all of it: no copy)."""
+        if self.start == 0 and self.stop == len(tensors):
+            return tensors
         return tensors[self.start:self.stop]
 
 
@@ -135,8 +137,8 @@ class ParamLists:
 
     def gradients(self) -> tuple["ParamLists", list[Tensor], list[bool] | None]:
         """(lists of the parameters that have a gradient, their gradients, the mask or None when all do)."""
-        grads = [p.grad for p in self.params]
-        if not any(map(operator.is_, grads, itertools.repeat(None))):
+        grads, missing = ops.gradients(self.params)
+        if not missing:
             return self, grads, None
         keep = [g is not None for g in grads]
         return self.subset(keep), [g for g in grads if g is not None], keep
