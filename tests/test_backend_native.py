@@ -37,6 +37,25 @@ def test_mismatched_lists_raise_a_clear_error():
         torch.ops.xsam.dots(x, 3, [0, 0])
 
 
+def test_a_mismatch_among_many_tensors_is_found_and_named():
+    # Long lists are checked on several threads; the message still names the first bad position.
+    n = 600
+    xs = [torch.randn(3) for _ in range(n)]
+    s = scalar(1.0, torch.float32, "cpu")
+    for bad, pattern in ((599, r"xs\[599\] has shape \[4\]"), (300, r"xs\[300\] is Double"),
+                         (257, r"xs\[257\] must be dense")):
+        ys = [torch.randn(3) for _ in range(n)]
+        before = [y.clone() for y in ys]
+        wrong = list(xs)
+        wrong[bad] = {599: torch.randn(4), 300: torch.randn(3, dtype=torch.float64),
+                      257: torch.randn(6)[::2]}[bad]
+        with pytest.raises(RuntimeError, match=pattern):
+            torch.ops.xsam.axpy_(ys, wrong, s)
+        assert all(torch.equal(a, b) for a, b in zip(ys, before)), "a refused call must not write"
+    torch.ops.xsam.axpy_(ys, xs, s)  # and the same lists, all well formed, pass
+    torch.testing.assert_close(ys, [b + x for b, x in zip(before, xs)])
+
+
 # --- written tensors that share memory --------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
