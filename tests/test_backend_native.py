@@ -56,6 +56,19 @@ def test_a_mismatch_among_many_tensors_is_found_and_named():
     torch.testing.assert_close(ys, [b + x for b, x in zip(before, xs)])
 
 
+@pytest.mark.parametrize("n", [3, 300])  # serial, and with the checks on several threads
+def test_copy_on_write_tensors_are_materialised_before_anything_is_written(n):
+    base = [torch.randn(5) for _ in range(n)]
+    ys = [torch._lazy_clone(b) for b in base]  # share base's storage until written
+    xs = [torch._lazy_clone(b) for b in base]  # read only: may keep sharing it
+    before = [b.clone() for b in base]
+    torch.ops.xsam.axpy_(ys, ys, scalar(0.5, torch.float32, "cpu"))
+    torch.ops.xsam.axpy_(ys, xs, scalar(1.0, torch.float32, "cpu"))
+    assert all(torch.equal(b, b0) for b, b0 in zip(base, before)), "a lazy clone's source must not change"
+    torch.testing.assert_close(ys, [2.5 * b for b in before])
+    assert all(torch.equal(x, b) for x, b in zip(xs, before))
+
+
 # --- written tensors that share memory --------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
