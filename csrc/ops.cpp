@@ -140,16 +140,17 @@ bool valid_group(c10::ArrayRef<NamedList> lists, size_t n) {
   TORCH_INTERNAL_ASSERT(false, "xsam::", op, ": the fast check refused lists the detailed check accepts");
 }
 
-// Two writers of one element race on a GPU (two blocks store to it) and overwrite each other in
-// an order-dependent way on a CPU, so written tensors must not share memory. Checked on address
-// ranges (dense tensors occupy [data, data + numel * itemsize)) sorted by start: O(n log n), and
-// O(n) when the tensors come in address order. Throws, naming the two tensors, on an overlap.
-void find_overlapping_writes(const char* op, c10::ArrayRef<NamedList> lists, const Group& group) {
-  struct Extent {
-    uintptr_t begin, end;
-    int list;
-    int64_t index;
-  };
+// A written tensor's address range (dense tensors occupy [data, data + numel * itemsize)) and
+// where it stands in the call.
+struct Extent {
+  uintptr_t begin, end;
+  int list;
+  int64_t index;
+  bool operator==(const Extent&) const = default;
+};
+
+// The written extents of a call, in call order (empty tensors occupy nothing).
+std::vector<Extent> written_extents(c10::ArrayRef<NamedList> lists, const Group& group) {
   std::vector<Extent> extents;
   const size_t itemsize = c10::elementSize(group.dtype);
   for (size_t l = 0; l < lists.size(); ++l) {
@@ -161,7 +162,14 @@ void find_overlapping_writes(const char* op, c10::ArrayRef<NamedList> lists, con
       extents.push_back({begin, begin + group.numel[t] * itemsize, static_cast<int>(l), t});
     }
   }
-  if (extents.size() < 2) return;
+  return extents;
+}
+
+// Two writers of one element race on a GPU (two blocks store to it) and overwrite each other in
+// an order-dependent way on a CPU, so written tensors must not share memory. Checked on the
+// extents sorted by start: O(n log n), and O(n) when the tensors come in address order. Throws,
+// naming the two tensors, on an overlap.
+void find_overlapping_writes(const char* op, c10::ArrayRef<NamedList> lists, std::vector<Extent> extents) {
   const auto by_begin = [](const Extent& a, const Extent& b) { return a.begin < b.begin; };
   if (!std::is_sorted(extents.begin(), extents.end(), by_begin)) {
     std::sort(extents.begin(), extents.end(), by_begin);
@@ -181,46 +189,31 @@ void find_overlapping_writes(const char* op, c10::ArrayRef<NamedList> lists, con
   }
 }
 
-// The written address ranges of a call, in call order: what the overlap verdict depends on.
-struct Range {
-  uintptr_t begin, end;
-  bool operator==(const Range&) const = default;
-};
-
 // Written sets already found free of overlaps. A training step applies several ops to the same
 // written lists (the parameters and their saved copies), so the sort mostly repeats a verdict
-// (about 8 ns per written tensor): a call whose ranges equal, one for one, those of a checked
+// (about 8 ns per written tensor): a call whose extents equal, one for one, those of a checked
 // call has its verdict, at the cost of one comparison per tensor. Per thread: no locking.
 class CheckedWrites {
  public:
-  bool contains(const std::vector<Range>& ranges) const {
-    return std::find(entries_.begin(), entries_.end(), ranges) != entries_.end();
+  bool contains(const std::vector<Extent>& extents) const {
+    return std::find(entries_.begin(), entries_.end(), extents) != entries_.end();
   }
-  void add(std::vector<Range> ranges) {
-    entries_[next_] = std::move(ranges);
+  void add(std::vector<Extent> extents) {
+    entries_[next_] = std::move(extents);
     next_ = (next_ + 1) % entries_.size();
   }
 
  private:
-  std::array<std::vector<Range>, 4> entries_;  // a step's distinct written sets, with room to spare
+  std::array<std::vector<Extent>, 4> entries_;  // a step's distinct written sets, with room to spare
   size_t next_ = 0;
 };
 
 void check_writes_do_not_overlap(const char* op, c10::ArrayRef<NamedList> lists, const Group& group) {
   static thread_local CheckedWrites checked;
-  std::vector<Range> ranges;
-  const size_t itemsize = c10::elementSize(group.dtype);
-  for (size_t l = 0; l < lists.size(); ++l) {
-    if (lists[l].access != Access::kWrite) continue;
-    void* const* addr = group.list(static_cast<int>(l));
-    for (int64_t t = 0; t < group.num_tensors; ++t) {
-      const auto begin = reinterpret_cast<uintptr_t>(addr[t]);
-      if (group.numel[t] != 0) ranges.push_back({begin, begin + group.numel[t] * itemsize});
-    }
-  }
-  if (ranges.size() < 2 || checked.contains(ranges)) return;
-  find_overlapping_writes(op, lists, group);
-  checked.add(std::move(ranges));
+  std::vector<Extent> extents = written_extents(lists, group);
+  if (extents.size() < 2 || checked.contains(extents)) return;
+  find_overlapping_writes(op, lists, extents);  // a copy: the cache keeps the call order
+  checked.add(std::move(extents));
 }
 
 }  // namespace
