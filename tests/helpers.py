@@ -170,3 +170,14 @@ def resumed_halfway(cls, steps: int):
     opt_c.load_state_dict(ckpt["opt"])
     train_bn_run(model_c, opt_c, steps, start=steps)
     return (model_a, opt_a), (model_c, opt_c)
+
+
+def scaled_or_plain_steps(opt, scaler, closure, steps: int, use_scaler: bool) -> None:
+    """``steps`` optimizer steps, through ``scaler.step`` / ``scaler.update`` or plainly: the two runs
+    a scaled-against-unscaled comparison makes (the closure scales its loss when ``use_scaler``)."""
+    for _ in range(steps):
+        if use_scaler:
+            scaler.step(opt, closure)
+            scaler.update()
+        else:
+            opt.step(closure)

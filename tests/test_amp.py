@@ -13,7 +13,7 @@ from xsam import SAM, XSAM
 from xsam.amp import SAMGradScaler
 from xsam.ops.dispatch import unavailable_reason
 
-from helpers import assert_same_state, snapshot
+from helpers import assert_same_state, scaled_or_plain_steps, snapshot
 
 # Triton runs in its (slow) interpreter here: one test covers it by default, the rest under -m slow.
 BACKENDS = [b if b != "triton" else pytest.param(b, marks=pytest.mark.slow)
@@ -188,12 +188,7 @@ def test_max_grad_norm_clips_unscaled_gradients_under_the_scaler():
             (scaler.scale(loss) if use_scaler else loss).backward()
             return loss
 
-        for _ in range(3):
-            if use_scaler:
-                scaler.step(opt, closure)
-                scaler.update()
-            else:
-                opt.step(closure)
+        scaled_or_plain_steps(opt, scaler, closure, 3, use_scaler)
         runs.append(([p.detach().clone() for p in model.parameters()], records))
     (w0, clip0), (w1, clip1) = runs
     assert max(clip0) < 0.5  # the clip acted on every step

@@ -19,7 +19,7 @@ from xsam.amp import SAMGradScaler
 from xsam.hessian import default_fd_step, forward_difference_hvp, random_vectors
 from xsam.optim.eigenvector import STREAMING_RATE
 
-from helpers import Quadratic, flat, spawn_and_wait, unflat
+from helpers import Quadratic, flat, scaled_or_plain_steps, spawn_and_wait, unflat
 
 
 class Counted:
@@ -331,12 +331,7 @@ def test_scaled_run_equals_the_unscaled_run(hvp):
             (scaler.scale(loss) if use_scaler else loss).backward()
             return loss
 
-        for _ in range(4):
-            if use_scaler:
-                scaler.step(opt, closure)
-                scaler.update()
-            else:
-                opt.step(closure)
+        scaled_or_plain_steps(opt, scaler, closure, 4, use_scaler)
         runs.append([p.detach().clone() for p in model.parameters()] + opt.eigenvector())
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
