@@ -216,9 +216,6 @@ def scale_copy_(dsts: Tensors, srcs: Tensors, scale, *, backend: str = "auto", l
     run("scale_copy_", {"dsts": dsts, "srcs": srcs}, {"scale": scale}, {}, backend, layout)
 
 
-_gather_gradients = None  # xsam._C.gradients, or the same in Python without the extension
-
-
 def gradients(tensors: Tensors) -> tuple[list[Tensor | None], int]:
     """``([t.grad for t in tensors], how many of them are None)``: host work, no op.
 
@@ -226,12 +223,9 @@ def gradients(tensors: Tensors) -> tuple[list[Tensor | None], int]:
     loop runs in C++ (about 15 ns a tensor instead of 50-75 in Python), for plain tensors and
     ``nn.Parameter`` (anything else reads ``.grad`` in Python, as the comprehension would).
     """
-    global _gather_gradients
-    if _gather_gradients is None:
-        from . import native_backend
+    from . import native_backend  # loads the extension on first use, as the backends do
 
-        _gather_gradients = native_backend.gradients
-    return _gather_gradients(tensors)
+    return native_backend.gradients(tensors)
 
 
 def copy_(dsts: Tensors, srcs: Tensors) -> None:
