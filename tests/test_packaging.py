@@ -23,7 +23,9 @@ from xsam import build_info
 from xsam.build_info import RECORD_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
-SDIST_ROOT = f"xsam-{xsam.__version__}"
+# The distribution is torch-xsam (the name xsam is taken on PyPI); the import name and command are xsam.
+DIST = f"torch_xsam-{xsam.__version__}"
+SDIST_ROOT = DIST
 
 # Runs inside the fresh environment: one X-SAM step on the reference backend, then what
 # backend="native" and `xsam info` say.
@@ -31,6 +33,8 @@ SMOKE = textwrap.dedent("""
     import sys, torch, xsam
     from xsam import cli
     assert xsam.__file__.startswith(sys.argv[1]), xsam.__file__
+    import xsam.bench, xsam.kernels  # their sources lie beside them in an installed wheel
+    assert xsam.kernels.__path__[0].startswith(sys.argv[1]) and callable(xsam.bench.main)
     model = torch.nn.Linear(4, 1)
     opt = xsam.XSAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="reference")
     x, y = torch.randn(8, 4), torch.randn(8, 1)
@@ -125,11 +129,13 @@ def test_wheel_installs_and_imports_in_a_fresh_environment(unpacked, fresh_env, 
     run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", dist, unpacked],
         env=build_env(XSAM_NO_EXTENSION="1"))
     (wheel,) = dist.glob("*.whl")
-    assert wheel.name == f"xsam-{xsam.__version__}-py3-none-any.whl"  # no extension: a pure wheel
+    assert wheel.name == f"{DIST}-py3-none-any.whl"  # no extension: a pure wheel
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-        metadata = zf.read(f"xsam-{xsam.__version__}.dist-info/METADATA").decode()
-    assert {"xsam/kernels/plans.py", "xsam/bench/ops_bench.py", "xsam/ops/native_backend.py"} <= names
+        metadata = zf.read(f"{DIST}.dist-info/METADATA").decode()
+    assert {"xsam/kernels.py", "xsam/kernels/plans.py", "xsam/bench.py", "xsam/bench/ops_bench.py",
+            "xsam/ops/native_backend.py"} <= names
+    assert not [n for n in names if n.startswith(("kernels/", "bench/"))], "top-level packages in the wheel"
     for line in ("License-Expression: MIT", "Requires-Python: >=3.10", "Requires-Dist: torch>=2.4",
                  "Classifier: Programming Language :: Python :: 3.11", f"Version: {xsam.__version__}"):
         assert line in metadata
@@ -138,6 +144,7 @@ def test_wheel_installs_and_imports_in_a_fresh_environment(unpacked, fresh_env, 
     out = smoke(fresh_env, tmp_path)
     assert "xsam._C build: no build record" in out
     assert "NATIVE: backend='native' cannot run" in out and "xsam._C is not built" in out
+    assert "xsam._C build: no build record" in run([fresh_env / "bin" / "xsam", "info"], cwd=tmp_path).stdout
 
 
 def test_a_failed_compile_installs_the_pure_python_package(unpacked, fresh_env, tmp_path):
@@ -193,3 +200,23 @@ def test_wheel_with_the_compiled_extension(unpacked, fresh_env, tmp_path, arch_l
     pip_install(fresh_env, wheel)
     out = smoke(fresh_env, tmp_path)
     assert "NATIVE: available" in out and "native     cpu     available" in out
+
+
+# What each shadowed name's xsam subpackage must still do from the checkout's root.
+STILL_RUNS = {
+    "kernels": "import torch, xsam.kernels.elementwise; from xsam import ops; y = [torch.zeros(5)]; "
+               "ops.axpy_(y, [torch.ones(5)], 2.0, backend='triton'); assert torch.equal(y[0], torch.full((5,), 2.0))",
+    "bench": "from xsam.bench import main; from xsam.bench.models import PARAMETER_SETS; assert main and PARAMETER_SETS",
+}
+
+
+@pytest.mark.parametrize("name", sorted(STILL_RUNS))
+def test_the_checkout_shadows_no_installed_package_of_a_folder_name(tmp_path, name):
+    """From the repository's root, first on sys.path (as with ``python -m pytest``), ``import kernels``
+    gets the installed package of that name (transformers imports Hugging Face's), not the
+    checkout's folder; xsam's subpackage of that folder still imports and runs."""
+    (tmp_path / f"{name}.py").write_text("INSTALLED = True\n")
+    check = f"import {name}; assert getattr({name}, 'INSTALLED', False), {name}; {STILL_RUNS[name]}"
+    env = build_env(PYTHONPATH=str(tmp_path))
+    env["TRITON_INTERPRET"] = "1"  # the kernel runs on CPU tensors, in Triton's interpreter
+    run([sys.executable, "-c", check], cwd=ROOT, env=env)

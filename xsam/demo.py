@@ -25,7 +25,7 @@ def load_digits_tensors(seed: int = 0):
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # the demo extra brings scikit-learn
-        raise SystemExit("xsam demo needs scikit-learn: pip install 'xsam[demo]'") from exc
+        raise SystemExit("xsam demo needs scikit-learn: pip install 'torch-xsam[demo]'") from exc
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)

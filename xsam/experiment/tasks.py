@@ -43,7 +43,7 @@ def _mnist1d():
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise SystemExit("the mnist1d task needs the mnist1d package: pip install 'xsam[experiment]' "
+        raise SystemExit("the mnist1d task needs the mnist1d package: pip install 'torch-xsam[experiment]' "
                          "(or pip install mnist1d)") from e
     args = get_dataset_args()  # the standard set: 5,000 samples, 80% train, seed 42
     data = make_dataset(args)  # built from the templates; get_dataset would try to download a pickle
@@ -58,7 +58,7 @@ def _sklearn(name: str):
         from sklearn.model_selection import train_test_split
     except ImportError as e:  # pragma: no cover - depends on the install
         raise SystemExit("xsam experiment needs scikit-learn for its bundled data sets: "
-                         "pip install 'xsam[experiment]' (or pip install scikit-learn)") from e
+                         "pip install 'torch-xsam[experiment]' (or pip install scikit-learn)") from e
     if name == "digits":
         data = datasets.load_digits()
         x = data.images.reshape(-1, 1, 8, 8) / 16.0

@@ -1,8 +1,8 @@
 """Run SAM and X-SAM inside the trainers people already use.
 
-- ``xsam.integrations.lightning.XSAMCallback``: PyTorch Lightning (``pip install xsam[lightning]``);
+- ``xsam.integrations.lightning.XSAMCallback``: PyTorch Lightning (``pip install torch-xsam[lightning]``);
 - ``xsam.integrations.transformers.XSAMTrainer``: the Hugging Face ``Trainer``
-  (``pip install xsam[transformers]``).
+  (``pip install torch-xsam[transformers]``).
 
 Import the submodule you need: this package imports neither framework itself, so
 ``import xsam`` stays light and works without them.

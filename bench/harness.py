@@ -1,4 +1,4 @@
-"""Benchmark harness (shipped as ``xsam.bench``): ``xsam bench [--quick] [--only ops,e2e,overhead,memory,tracking] [--out DIR]``.
+"""Benchmark harness: ``xsam bench [--quick] [--only ops,e2e,overhead,memory,tracking] [--out DIR]``.
 
 Sections, each measured on one device per run:
 - ops: every op of the op set and the optimizer-side part of an X-SAM step, on

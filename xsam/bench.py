@@ -1,0 +1,17 @@
+"""Benchmark harness: ``xsam bench`` (or ``python -m xsam.bench``); its sections in ``harness``.
+
+The sources are the repository's ``bench/`` folder (``xsam/_source_folders.py`` says why it is not
+a package).
+"""
+import sys
+
+from xsam._source_folders import source_folder
+
+__path__ = source_folder("bench")
+
+from xsam.bench.harness import CSV_NAME, PLOT_NAME, TABLE_NAME, build_parser, main  # noqa: E402
+
+__all__ = ["CSV_NAME", "PLOT_NAME", "TABLE_NAME", "build_parser", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
