@@ -25,7 +25,9 @@ from setuptools import setup
 
 PACKAGES = ["xsam", "xsam.ops", "xsam.ops.verify", "xsam.optim", "xsam.integrations", "xsam.experiment", "xsam.kernels", "xsam.bench"]
 # The Triton kernels (kernels/) and the benchmark harness (bench/) live at the top of the
-# repository and ship as xsam.kernels and xsam.bench.
+# repository and ship as xsam.kernels and xsam.bench: their sources, in xsam/kernels/ and
+# xsam/bench/ of a wheel, beside the modules xsam/kernels.py and xsam/bench.py that make them
+# packages (xsam/_source_folders.py says why the folders have no __init__.py).
 PACKAGE_DIR = {"xsam": "xsam", "xsam.kernels": "kernels", "xsam.bench": "bench"}
 
 HERE = os.path.dirname(os.path.abspath(__file__))
