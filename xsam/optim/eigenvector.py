@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..hessian import (_is_dtensor, all_reduce_mean_, exact_hvp, finite_difference_hvp, forward_difference_hvp,
-                       orthonormalize_, power_iteration, random_vectors)
+from ..distributed import all_reduce_mean_, is_dtensor
+from ..hessian import (exact_hvp, finite_difference_hvp, forward_difference_hvp, orthonormalize_, power_iteration,
+                       random_vectors)
 from .lists import ParamLists, scratch_like
 from .model_state import batchnorm_statistics_frozen, eval_mode
 
@@ -152,7 +153,7 @@ class EigenvectorTracker:
         if mode == "auto":
             # FSDP2 parameters are out of autograd's reach from the loss (see exact_hvp): only
             # finite differences, whose closure backward FSDP2 reduce-scatters, work there.
-            sharded = any(_is_dtensor(p) for p in params)
+            sharded = any(is_dtensor(p) for p in params)
             mode = "exact" if loss_fn is not None and not sharded else "finite_difference"
         if mode == "exact" and loss_fn is None:
             raise ValueError("hvp='exact' needs loss_fn: pass step(closure, loss_fn=f) where f() runs the "

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..hessian import _is_dtensor
+from ..distributed import is_dtensor
 from .base import StepTransaction, SharpnessAware, register_arguments
 from .eigenvector import HVP_MODES, EigenvectorTracker
 from .functional import CORRECTIONS, inverse_norm, xsam_correction
@@ -52,7 +52,7 @@ class EigenvectorMixin:
 
     def _validate_group(self, index: int, group: dict) -> None:
         super()._validate_group(index, group)
-        if self.tracker.hvp == "exact" and any(_is_dtensor(p) for p in group["params"]):
+        if self.tracker.hvp == "exact" and any(is_dtensor(p) for p in group["params"]):
             raise ValueError("hvp='exact' does not work with sharded DTensor parameters (FSDP2 fully_shard): the "
                              "forward computes with unsharded copies, so autograd cannot differentiate the loss "
                              "with respect to the sharded parameters twice. Use hvp='finite_difference' (or "
@@ -215,10 +215,10 @@ class EigenvectorMixin:
             if tuple(v.shape) != tuple(params[i].shape):
                 raise ValueError(f"state_dict's eigenvector for parameter {i} has shape {tuple(v.shape)} but the "
                                  f"parameter has shape {tuple(params[i].shape)}; build the model as it was saved")
-            if _is_dtensor(v) != _is_dtensor(params[i]):
+            if is_dtensor(v) != is_dtensor(params[i]):
                 kinds = ("a sharded DTensor", "a plain tensor")
-                raise ValueError(f"state_dict's eigenvector for parameter {i} is {kinds[not _is_dtensor(v)]} but the "
-                                 f"parameter is {kinds[not _is_dtensor(params[i])]}; load checkpoints across "
+                raise ValueError(f"state_dict's eigenvector for parameter {i} is {kinds[not is_dtensor(v)]} but the "
+                                 f"parameter is {kinds[not is_dtensor(params[i])]}; load checkpoints across "
                                  "sharding layouts with torch.distributed.checkpoint.state_dict."
                                  "set_optimizer_state_dict (StateDictOptions(full_state_dict=True) for a full one)")
             if not bool(torch.isfinite(v).all()):
