@@ -45,8 +45,6 @@ class SAM(SharpnessAware):
     """
 
     KIND = "SAM"
-    OWN_ARGUMENTS = ("rho", "adaptive", "model", "per_replica_perturbation", "process_group", "backend", "eps",
-                     "max_grad_norm")
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, adaptive: bool = False,
                  model: nn.Module | None = None, per_replica_perturbation: bool = False, process_group="auto",
