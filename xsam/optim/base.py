@@ -72,6 +72,7 @@ class StepTransaction:
     perturbed_lists: ParamLists | None = None
     refresh: Any = None  # the eigenvector computed in this step (X-SAM, Eigen-SAM)
     first_pass_gradient: list[Tensor] | None = None  # hvp="streaming": a copy of g, aligned with `lists`
+    base_step_started: bool = False  # the base optimizer may have changed its state: no full rollback
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -128,6 +129,7 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
         self._lists: ParamLists | None = None
         self._lists_key: tuple | None = None
         self._open: StepTransaction | None = None  # between a manual first_step() and second_step()
+        self._broken: str | None = None  # why steps are refused until a checkpoint is loaded
         # An OrderedDict: RemovableHandle keeps a weak reference to it.
         self._diagnostics_hooks: collections.OrderedDict[int, Callable] = collections.OrderedDict()
         self._gradient_check: GradientCheck | None = None  # see gradient_check()
@@ -150,12 +152,19 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
                 raise ValueError("base_optimizer was built over other parameters than `params`; "
                                  "build it over the same parameters, or pass its class instead")
             # Their groups are kept (they may split the parameters differently); each gets our
-            # keys from the group of ours its first parameter was in, else our defaults.
-            ours = {id(p): g for g in self.param_groups for p in g["params"]}
-            for group in base_optimizer.param_groups:
-                source = ours.get(id(group["params"][0]), self._own_defaults) if group["params"] else {}
-                for key, value in self._own_defaults.items():
-                    group.setdefault(key, source.get(key, value))
+            # keys from the groups of ours its parameters were in, which must agree on them.
+            ours = {id(p): (i, g) for i, g in enumerate(self.param_groups) for p in g["params"]}
+            for index, group in enumerate(base_optimizer.param_groups):
+                sources = dict(ours[id(p)] for p in group["params"])
+                values = {key: {j: g.get(key, default) for j, g in sources.items()}
+                          for key, default in self._own_defaults.items() if key not in group}
+                for key, by_group in values.items():
+                    if len(set(map(repr, by_group.values()))) > 1:
+                        raise ValueError(f"base_optimizer's param_groups[{index}] holds parameters of param_groups "
+                                         f"{' and '.join(map(str, by_group))}, which set different {key} "
+                                         f"({', '.join(map(repr, by_group.values()))}); build the base optimizer "
+                                         "with the same groups, or pass its class instead")
+                    group[key] = next(iter(by_group.values()), self._own_defaults[key])
             self.base_optimizer = base_optimizer
         else:
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -209,9 +218,13 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
             raise RuntimeError("the weights are still perturbed by a manual first_step(): finish that step with "
                                "second_step() before calling step(closure) or first_step() again (or use "
                                "step(closure) alone, which runs both passes)")
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
         for index, group in enumerate(self.param_groups):
             self._validate_group(index, group)
         lists = self._step_lists()
+        if not any(p.requires_grad for p in lists.params):  # frozen since: the constructor's message
+            check_parameters(self.param_groups, type(self).__name__)
         return StepTransaction(lists=lists, counters=dict(self._global), batchnorm=BatchNormState.capture(self.model),
                                closure=closure, loss_fn=loss_fn)
 
@@ -246,8 +259,19 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
 
     @torch.no_grad()
     def _rollback(self, txn: StepTransaction) -> None:
-        """Undo a step: exact weights back, BatchNorm statistics back, counters back, no gradients."""
+        """Undo a step: exact weights back, BatchNorm statistics back, counters back, no gradients.
+
+        The base optimizer's state has no copy (one would cost its size every step): when its own
+        step raised, the weights moved in this step go back, and further steps are refused until
+        a checkpoint is loaded, so that a retry cannot apply part of the update twice.
+        """
         self._open = None
+        if txn.base_step_started:
+            txn.perturbed = txn.perturbed_lists.groups
+            self._broken = (f"the base optimizer {type(self.base_optimizer).__name__} raised inside its step (or "
+                            "one of its step hooks), so its state (momentum, ...) may be partly updated; the weights "
+                            "were put back, but a retry could apply part of the update twice. Load a checkpoint "
+                            f"with load_state_dict() before stepping this {type(self).__name__} again")
         for g in txn.perturbed:
             ops.copy_(g.of(txn.perturbed_lists.params), g.of(txn.perturbed_lists.saved))
         txn.perturbed = []
@@ -341,6 +365,7 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
         txn.perturbed = []  # the weights are w again
         if self.max_grad_norm is not None:
             self._clip(txn, active, grads)
+        txn.base_step_started = True
         self.base_optimizer.step()
 
     def _clip(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> None:

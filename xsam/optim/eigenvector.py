@@ -415,9 +415,9 @@ class EigenvectorTracker:
         self._retry = False
         self._pending_retry = _DeviceFlag(rejected)
 
-    def after_load(self, global_state: dict) -> None:
-        """The rejection flag of the loaded state decides whether the next step retries."""
-        self._retry = False
+    def after_load(self, global_state: dict, retry: bool = False) -> None:
+        """The rejection flag of the loaded state decides whether the next step retries (or ``retry``)."""
+        self._retry = retry
         flag = global_state.get("refresh_rejected")
         self._pending_retry = _DeviceFlag(flag) if isinstance(flag, Tensor) else None
 

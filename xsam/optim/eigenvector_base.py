@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 from torch import Tensor
@@ -35,10 +36,10 @@ class EigenvectorBase(SharpnessAware):
         if eig_tol is not None:
             check_number("eig_tol", eig_tol, 0.0, low_open=True,
                          hint="Pass a positive tolerance, or None for fixed iterations.")
-        check_choice("hvp", hvp, HVP_MODES)
         if hvp == "streaming" and not self.STREAMING:
             raise ValueError(f"hvp='streaming' is not available for {type(self).__name__}; use 'exact', "
                              "'finite_difference', 'forward_difference' or 'auto'")
+        check_choice("hvp", hvp, HVP_MODES if self.STREAMING else tuple(m for m in HVP_MODES if m != "streaming"))
         check_bool("hvp_eval_mode", hvp_eval_mode, "run the HVPs with the model in eval mode")
         check_seed(seed)
         self.tracker = EigenvectorTracker(eig_interval=eig_interval, power_iters=power_iters, eig_tol=eig_tol,
@@ -70,13 +71,15 @@ class EigenvectorBase(SharpnessAware):
                              "hvp='auto', which picks it for DTensor parameters)")
 
     def eigenvector(self) -> list[Tensor] | None:
-        """The current v as a list aligned with the trainable parameters (None before the first refresh)."""
+        """A copy of the current v, one tensor per trainable parameter in param-group order (the order
+        of ``[p for g in param_groups for p in g["params"] if p.requires_grad]``); None before the
+        first refresh. A copy: the next refresh overwrites the state in place."""
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         vecs = self.tracker.vectors(self._tracker_inputs, self._step_lists().params)
         if vecs is None:
             return None
         by_id = dict(zip(map(id, self._step_lists().params), vecs))
-        return [by_id[id(p)] for p in params]
+        return [by_id[id(p)].detach().clone() for p in params]
 
     def _refresh(self, txn: StepTransaction, after_first_pass: bool) -> None:
         if txn.closure is None or not self.tracker.due(self._global["step"]):
@@ -236,7 +239,20 @@ class EigenvectorBase(SharpnessAware):
 
     def _after_load(self) -> None:
         super()._after_load()
-        self.tracker.after_load(self._global)
+        vectors = [entry["eigenvector"] for entry in self.state.values() if "eigenvector" in entry]
+        # One fused reduction: under FSDP2 every rank sees the same sum, so every rank decides alike.
+        restart = self.tracker.exists(self._global) and not bool(
+            ops.dots([vectors], [(0, 0)], backend=self.backend)[0] > 0)
+        if restart:  # a zero v would stay zero: each refresh warm-starts from it and is rejected
+            warnings.warn(f"{type(self).__name__}: the checkpoint has no eigenvector (its entries are missing or all "
+                          "zero), so v starts over: the next step refreshes it from a fresh start vector",
+                          stacklevel=3)
+            for entry in self.state.values():
+                entry.pop("eigenvector", None)
+            for key in self.REFRESH_RECORD:
+                self._global.pop(key, None)
+            self._global.update({key: 0 for key in self.COUNTERS})
+        self.tracker.after_load(self._global, retry=restart)
 
     def scratch_tensors(self) -> list[Tensor]:
         return super().scratch_tensors() + self.tracker.scratch_tensors()
