@@ -215,14 +215,6 @@ class EigenvectorTracker:
             self._cache_key = key
         return self._cache
 
-    def vectors_for(self, inputs: TrackerInputs, lists: ParamLists, full: ParamLists) -> list[Tensor] | None:
-        """v aligned with ``lists``, a subset of ``full`` (the slow path when some gradients are missing)."""
-        vecs = self.vectors(inputs, full.params)
-        if vecs is None or lists is full:
-            return vecs
-        by_id = {id(p): v for p, v in zip(full.params, vecs)}
-        return [by_id[id(p)] for p in lists.params]
-
     # ----- a refresh ---------------------------------------------------------------------------
     def compute(self, inputs: TrackerInputs, lists: ParamLists, closure, loss_fn,
                 first_gradients: dict[int, Tensor] | None = None) -> PendingRefresh:

@@ -74,12 +74,9 @@ class EigenvectorBase(SharpnessAware):
         """A copy of the current v, one tensor per trainable parameter in param-group order (the order
         of ``[p for g in param_groups for p in g["params"] if p.requires_grad]``); None before the
         first refresh. A copy: the next refresh overwrites the state in place."""
-        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        vecs = self.tracker.vectors(self._tracker_inputs, self._step_lists().params)
-        if vecs is None:
-            return None
-        by_id = dict(zip(map(id, self._step_lists().params), vecs))
-        return [by_id[id(p)].detach().clone() for p in params]
+        params = self._step_lists().params
+        vecs = self.tracker.vectors(self._tracker_inputs, params)
+        return None if vecs is None else [v.detach().clone() for p, v in zip(params, vecs) if p.requires_grad]
 
     def _refresh(self, txn: StepTransaction, after_first_pass: bool) -> None:
         if txn.closure is None or not self.tracker.due(self._global["step"]):
@@ -102,10 +99,13 @@ class EigenvectorBase(SharpnessAware):
         """v aligned with ``lists``: the one computed in this step, else the stored one."""
         pending = txn.refresh
         if pending is None:
-            return self.tracker.vectors_for(self._tracker_inputs, lists, txn.lists)
-        if len(pending.params) == len(lists.params) and all(map(operator.is_, pending.params, lists.params)):
-            return pending.vectors
-        by_id = dict(zip(map(id, pending.params), pending.vectors))
+            params, vecs = txn.lists.params, self.tracker.vectors(self._tracker_inputs, txn.lists.params)
+        else:
+            params, vecs = pending.params, pending.vectors
+        if vecs is None or params is lists.params or (
+                len(params) == len(lists.params) and all(map(operator.is_, params, lists.params))):
+            return vecs
+        by_id = dict(zip(map(id, params), vecs))  # the slow path: some parameters have no gradient
         return [by_id[id(p)] if id(p) in by_id else torch.zeros_like(p) for p in lists.params]
 
     def _gradient_and_v_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]
