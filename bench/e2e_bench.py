@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from xsam.optimizer import SAM, XSAM
+from xsam import SAM, XSAM
 
 from .models import ResNet18, SmallCNN
 from .ops_bench import available_backends
@@ -204,7 +204,7 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
     if base is None:  # plain SGD: everything it holds is "base" state (the momentum)
         return {"own": 0, "base": _tensor_bytes([opt.state[p] for p in opt.state])}
     own = sum(_tensor_bytes(opt.state[p]) for g in opt.param_groups for p in g["params"] if p in opt.state)
-    # The saved-weights buffers are scratch outside state_dict (xsam/optimizer.py keeps them in
+    # The saved-weights buffers are scratch outside state_dict (xsam/optim/base.py keeps them in
     # scratch_tensors()); they are memory the wrapper holds all the same.
     own += _tensor_bytes(opt.scratch_tensors() if hasattr(opt, "scratch_tensors") else [])
     return {"own": own, "base": _tensor_bytes([base.state[p] for p in base.state])}

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from xsam.optimizer import SAM, XSAM
+from xsam import SAM, XSAM
 
 from .baselines import PeerSAM
 from .models import MNIST1DCNN

@@ -355,3 +355,75 @@ def test_saved_weights_share_bucketed_allocations_without_overlap(monkeypatch):
     assert not set(stored) & set(storage)
     opt.refresh_eigenvector(closure)
     assert where_stored() == stored
+
+
+# ----- failures the step cannot undo, and refusals at construction ---------------------------------------
+def test_a_base_step_that_raises_refuses_further_steps_until_a_checkpoint_is_loaded():
+    ps = four_params()
+    opt = XSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, hvp="finite_difference", eig_interval=1)
+    opt.step(quadratic_closure(ps))
+    checkpoint, before = copy.deepcopy(opt.state_dict()), weights(ps)
+    momentum = [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in ps]
+
+    def raising(optimizer, args, kwargs):  # after SGD has updated the weights and momenta
+        raise KeyError("post-hook bug")
+
+    handle = opt.base_optimizer.register_step_post_hook(raising)
+    with pytest.raises(KeyError, match="post-hook bug"):
+        opt.step(quadratic_closure(ps))
+    handle.remove()
+    assert same(ps, before) and opt.diagnostics()["step"] == 1
+    assert not same([opt.base_optimizer.state[p]["momentum_buffer"] for p in ps], momentum)  # cannot be undone
+    with pytest.raises(RuntimeError, match="raised inside its step.*load_state_dict"):
+        opt.step(quadratic_closure(ps))  # a retry would add the momentum update twice
+    assert same(ps, before)
+    opt.load_state_dict(copy.deepcopy(checkpoint))  # a load may alias the tensors it is given
+    opt.step(quadratic_closure(ps))
+    # The oracle: the same step from the checkpoint in a fresh optimizer.
+    qs = [nn.Parameter(w.clone()) for w in before]
+    fresh = XSAM(qs, torch.optim.SGD, lr=0.1, momentum=0.9, hvp="finite_difference", eig_interval=1)
+    fresh.load_state_dict(checkpoint)
+    fresh.step(quadratic_closure(qs))
+    assert same(ps, qs)
+
+
+def test_a_prebuilt_base_optimizer_whose_group_spans_groups_with_other_rho_is_refused():
+    ps = four_params()
+    with pytest.raises(ValueError, match=r"base_optimizer's param_groups\[0\] holds parameters of param_groups 0 "
+                                         r"and 1.*rho"):
+        XSAM([{"params": ps[:2], "rho": 0.1}, {"params": ps[2:], "rho": 0.5}], torch.optim.SGD(ps, lr=0.1))
+    # Groups that cut across ours with the same values mean the same thing: accepted.
+    XSAM([{"params": ps[:2]}, {"params": ps[2:]}], torch.optim.SGD([{"params": ps[:3]}, {"params": ps[3:]}],
+                                                                   lr=0.1))
+
+
+def test_freezing_every_parameter_after_construction_gives_the_constructors_message():
+    q = Quadratic()
+    opt = XSAM(q.params, torch.optim.SGD, lr=0.1, eig_interval=1, hvp="exact")
+    opt.step(q.closure, loss_fn=q.loss)
+    for p in q.params:
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="none of the 3 parameters given to XSAM requires a gradient"):
+        opt.step(q.closure, loss_fn=q.loss)
+
+
+def test_eigenvector_returns_a_copy_in_param_group_order_that_a_refresh_does_not_overwrite():
+    q = Quadratic()
+    opt = XSAM([{"params": q.params[2:]}, {"params": q.params[:2]}], torch.optim.SGD, lr=0.1, eig_interval=1,
+               hvp="exact")
+    opt.step(q.closure, loss_fn=q.loss)
+    kept = opt.eigenvector()
+    assert [v.shape for v in kept] == [p.shape for p in q.params[2:] + q.params[:2]]
+    copy_of_kept = [v.clone() for v in kept]
+    opt.step(q.closure, loss_fn=q.loss)
+    assert same(kept, copy_of_kept) and not same(opt.eigenvector(), kept)
+    kept[0].fill_(7.0)
+    assert not torch.equal(opt.eigenvector()[0], kept[0])  # writing the copy leaves v alone
+
+
+def test_a_bad_hvp_for_eigensam_does_not_offer_streaming():
+    from xsam import EigenSAM
+
+    with pytest.raises(ValueError, match="hvp='jvp'") as info:
+        EigenSAM(four_params(), torch.optim.SGD, lr=0.1, hvp="jvp")
+    assert "streaming" not in str(info.value) and "'finite_difference'" in str(info.value)

@@ -62,8 +62,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .optim import SharpnessAware
-from .optim.xsam import EigenvectorMixin
+from .optim import EigenvectorBase, SharpnessAware
 
 __all__ = ["SAMGradScaler"]
 
@@ -85,14 +84,12 @@ class SAMGradScaler(torch.amp.GradScaler):
         if closure is None:
             raise ValueError("SAMGradScaler.step needs a closure: step(optimizer, closure) where closure() runs "
                              "forward and scaler.scale(loss).backward() and returns the loss")
-        with_eigenvector = isinstance(optimizer, EigenvectorMixin)
+        with_eigenvector = isinstance(optimizer, EigenvectorBase)
         if loss_fn is not None and not with_eigenvector:
             raise ValueError("loss_fn is only used by optimizers with an eigenvector (exact HVPs); SAM takes the "
                              "closure only")
         if not self._enabled:
             return optimizer.step(closure, loss_fn=loss_fn) if with_eigenvector else optimizer.step(closure)
-        if optimizer._gradient_check is not None:
-            raise RuntimeError("this optimizer already has a gradient check attached (nested scaler.step?)")
 
         from torch.amp.grad_scaler import OptState  # the stage bookkeeping update() relies on
 
@@ -129,14 +126,11 @@ class SAMGradScaler(torch.amp.GradScaler):
             return flag
 
         scaled_loss_fn = None if loss_fn is None else (lambda: self.scale(loss_fn()))
-        optimizer._gradient_check = check
-        try:
+        with optimizer.gradient_check(check):
             if with_eigenvector:
                 loss = optimizer.step(closure, loss_fn=scaled_loss_fn)
             else:
                 loss = optimizer.step(closure)
-        finally:
-            optimizer._gradient_check = None
         state["found_inf_per_device"] = {scale.device: found_any}
         state["stage"] = OptState.STEPPED
         return loss

@@ -22,13 +22,13 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .distributed import all_reduce_mean_, is_dtensor
 
 Vector = list[Tensor]
 HvpFn = Callable[[Sequence[Vector]], list[Vector]]
 
 __all__ = [
     "PowerIterationResult",
-    "all_reduce_mean_",
     "default_fd_step",
     "exact_hvp",
     "finite_difference_hvp",
@@ -47,41 +47,10 @@ def _zeros_for_missing(results: Sequence[Tensor | None], params: Sequence[Tensor
     return [torch.zeros_like(p) if r is None else r for r, p in zip(results, params)]
 
 
-def all_reduce_mean_(tensors: Sequence[Tensor], process_group=None) -> None:
-    """Average ``tensors`` in place over the ranks of ``process_group`` (one all-reduce per dtype).
-
-    SUM then divide (gloo has no AVG); every rank receives the same reduced bits, so the
-    result is identical on all ranks.
-    """
-    import torch.distributed as dist
-
-    world = dist.get_world_size(process_group)
-    if world == 1:
-        return
-    by_dtype: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault((t.device, t.dtype), []).append(t)
-    for group in by_dtype.values():
-        # One flat buffer: a single collective instead of one per parameter.
-        buffer = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=process_group)
-        buffer.div_(world)
-        offset = 0
-        for t in group:
-            t.copy_(buffer[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    """Whether t is a DTensor (FSDP2 / tensor-parallel parameter, or a buffer shaped like one)."""
-    cls = ops.dtensor_type()
-    return cls is not None and isinstance(t, cls)
-
-
 def _check_sharded_parameters_reached(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> None:
     """Refuse to turn an unreachable sharded parameter into silent zero rows of H."""
     for i, (g, p) in enumerate(zip(grads, params)):
-        if g is None and _is_dtensor(p):
+        if g is None and is_dtensor(p):
             raise RuntimeError(
                 f"exact HVPs cannot differentiate the loss with respect to params[{i}] (a DTensor of shape "
                 f"{tuple(p.shape)}): autograd does not reach it from the loss. This is what FSDP2 (fully_shard) "
@@ -289,7 +258,7 @@ def random_vectors(params: Sequence[Tensor], m: int = 1, generator: torch.Genera
 
 def _draw_like(p: Tensor, generator: torch.Generator | None) -> Tensor:
     full = torch.randn(p.shape, generator=generator, dtype=torch.float32)
-    if not _is_dtensor(p):
+    if not is_dtensor(p):
         return full.to(device=p.device, dtype=p.dtype)
     from torch.distributed.tensor import distribute_tensor
 

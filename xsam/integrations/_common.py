@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..optim import SharpnessAware
-from ..optim.xsam import EigenvectorMixin
+from ..optim import EigenvectorBase
 
 # Per-step diagnostics written to the trainer's logs, under "xsam/<name>".
 LOGGED_DIAGNOSTICS = ("eigenvalue", "cos_gadv_v", "cos_g_v", "grad_norm", "adv_grad_norm")
@@ -41,7 +41,7 @@ def check_sam_optimizer(optimizer, integration: str, ddp_hint: str) -> None:
         raise ValueError(f"{integration} does not support per_replica_perturbation=True: the trainer's own loop "
                          "runs the first pass with DDP's gradient all-reduce. Build the optimizer without it")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if (isinstance(optimizer, EigenvectorMixin) and distributed and torch.distributed.get_world_size() > 1
+    if (isinstance(optimizer, EigenvectorBase) and distributed and torch.distributed.get_world_size() > 1
             and getattr(optimizer, "process_group", _UNKNOWN) is None):
         raise ValueError("XSAM's exact Hessian-vector products bypass DDP's gradient all-reduce, so each rank "
                          f"would compute its own eigenvector and the replicas would drift apart. {ddp_hint}")
@@ -108,13 +108,13 @@ class TwoPassClosure:
 def run_sam_step(optimizer: SharpnessAware, closure: Callable[[], Tensor], loss_fn: Callable[[], Tensor] | None,
                  scaler=None) -> Tensor | None:
     """One SAM/X-SAM step, through ``xsam.amp.SAMGradScaler`` when given (fp16); returns the first-pass loss."""
-    if not isinstance(optimizer, EigenvectorMixin):
+    if not isinstance(optimizer, EigenvectorBase):
         loss_fn = None  # plain SAM has no HVPs
     if scaler is not None:
         loss = scaler.step(optimizer, closure, loss_fn=loss_fn)
         scaler.update()
         return loss
-    if isinstance(optimizer, EigenvectorMixin):
+    if isinstance(optimizer, EigenvectorBase):
         return optimizer.step(closure, loss_fn=loss_fn)
     return optimizer.step(closure)
 

@@ -9,8 +9,25 @@ put back and the counters reset if anything raises (the closure included) or a p
 finite (AMP); the optimizer's own state changes only in ``_commit``. Diagnostics hooks run
 after the commit: an exception in a hook propagates, but the step it reports stays whole.
 
-Subclasses fill in the algorithm: ``_refresh`` (X-SAM, Eigen-SAM), ``_perturb_group`` (the
-ascent), ``_descent`` (the direction handed to the base optimizer) and ``_commit_extra``.
+Every hook a subclass may override (``EigenvectorBase`` overrides them for the eigenvector).
+A step calls, in this order:
+
+- ``_check_hyperparameters(values, where)``: the per-group keys (the defaults, and every group
+  at construction and before every step);
+- ``_initial_global_state()``: the global state of a fresh optimizer;
+- ``_refresh(txn, after_first_pass)``: the eigenvector, before or after the first pass;
+- ``_first_pass_sums(txn, active, grads)``: the ``FirstPassSums`` the ascent needs;
+- ``_perturb_group(txn, active, group, grads, sums)``: the ascent of one param group;
+- ``_descent(txn, active, grads)``: the direction the base optimizer steps with, and the
+  exact restore of w;
+- ``_commit(txn)``: store what the step computed (call ``super()._commit``);
+- ``_record(txn)``: the record the diagnostics hooks receive.
+
+Checkpoints (``xsam.optim.checkpoint``): ``STATE_KEYS`` (the wrapper's own per-parameter
+keys), ``_checkpoint_global()`` and ``_checkpoint_per_param(params, trainable)`` (what is
+saved), ``_check_checkpoint(global_state, per_param, params, positions)`` (refuse before
+anything is loaded), ``_restore_global(saved, own)`` (the live state from the saved) and
+``_after_load()``.
 """
 from __future__ import annotations
 
@@ -27,14 +44,13 @@ from .checkpoint import GLOBAL, CheckpointMixin
 from .functional import inverse_norm
 from .lists import GroupLists, ParamLists, structure_key
 from .model_state import BatchNormState, batchnorm_statistics_frozen
-from .validation import (ARGUMENTS_OF, check_base_optimizer, check_bool, check_number, check_parameters, own_eps,
-                         register_arguments, split_base_kwargs)
+from .validation import (ARGUMENTS_OF, check_base_optimizer, check_bool, check_number, check_parameters,
+                         own_arguments, own_eps, register_arguments, split_base_kwargs)
 
-__all__ = ["GLOBAL", "GradientCheck", "SharpnessAware", "StepTransaction", "register_arguments"]
+__all__ = ["GLOBAL", "FirstPassSums", "GradientCheck", "SharpnessAware", "StepTransaction", "register_arguments"]
 
 Closure = Callable[[], Tensor]
-# ``check(tensors, kind)``: may rescale ``tensors`` in place (AMP unscaling) and returns a 0-d
-# device tensor that is > 0 when any of them is not finite. ``kind`` is "first", "second" or "hvp".
+# ``check(tensors, kind)``: see ``SharpnessAware.gradient_check``.
 GradientCheck = Callable[[list[Tensor], str], Tensor]
 
 
@@ -55,14 +71,24 @@ class StepTransaction:
     perturbed: list[GroupLists] = field(default_factory=list)  # groups whose weights are in `saved`
     perturbed_lists: ParamLists | None = None
     refresh: Any = None  # the eigenvector computed in this step (X-SAM, Eigen-SAM)
+    first_pass_gradient: list[Tensor] | None = None  # hvp="streaming": a copy of g, aligned with `lists`
+    base_step_started: bool = False  # the base optimizer may have changed its state: no full rollback
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class FirstPassSums:
+    """The global sums of the first pass that the ascent needs, from one fused reduction."""
+
+    inv_norm: Tensor  # 1 / (||g|| + eps) (ASAM: of ||w * g||): the ascent is rho * inv_norm * g
+    gv: Tensor | None = None  # <g, v>, once there is a v (X-SAM, Eigen-SAM)
+    vecs: list[Tensor] | None = None  # v, aligned with the first pass's gradients
 
 
 class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
     """Base of SAM, XSAM and EigenSAM: param groups shared with a base optimizer, and the step protocol."""
 
     KIND = "SAM"  # recorded in checkpoints, so that one kind's state is not loaded into another
-    OWN_ARGUMENTS: tuple[str, ...] = ()
 
     def __init__(self, params, base_optimizer, defaults: dict, *, model: nn.Module | None,
                  per_replica_perturbation: bool, process_group, backend: str, eps: float | None,
@@ -71,7 +97,7 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
         check_base_optimizer(base_optimizer)
         eps = own_eps(type(self).__name__, base_optimizer, eps)
         if isinstance(base_optimizer, type):
-            split_base_kwargs(type(self).__name__, base_optimizer, base_kwargs, self.OWN_ARGUMENTS,
+            split_base_kwargs(type(self).__name__, base_optimizer, base_kwargs, own_arguments(type(self)),
                               ARGUMENTS_OF)
         ops.check_backend_name(backend)
         check_number("eps", eps, 0.0, low_open=True, hint="It keeps 1 / (||g|| + eps) finite; the usual value "
@@ -103,9 +129,10 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
         self._lists: ParamLists | None = None
         self._lists_key: tuple | None = None
         self._open: StepTransaction | None = None  # between a manual first_step() and second_step()
+        self._broken: str | None = None  # why steps are refused until a checkpoint is loaded
         # An OrderedDict: RemovableHandle keeps a weak reference to it.
         self._diagnostics_hooks: collections.OrderedDict[int, Callable] = collections.OrderedDict()
-        self._gradient_check: GradientCheck | None = None  # set for one step by xsam.amp.SAMGradScaler
+        self._gradient_check: GradientCheck | None = None  # see gradient_check()
         self._stateless_base_key: tuple | None = None  # checkpoint.py: a base optimizer known to keep no state
         self.base_optimizer: torch.optim.Optimizer | None = None
         super().__init__(params, defaults)
@@ -125,12 +152,19 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
                 raise ValueError("base_optimizer was built over other parameters than `params`; "
                                  "build it over the same parameters, or pass its class instead")
             # Their groups are kept (they may split the parameters differently); each gets our
-            # keys from the group of ours its first parameter was in, else our defaults.
-            ours = {id(p): g for g in self.param_groups for p in g["params"]}
-            for group in base_optimizer.param_groups:
-                source = ours.get(id(group["params"][0]), self._own_defaults) if group["params"] else {}
-                for key, value in self._own_defaults.items():
-                    group.setdefault(key, source.get(key, value))
+            # keys from the groups of ours its parameters were in, which must agree on them.
+            ours = {id(p): (i, g) for i, g in enumerate(self.param_groups) for p in g["params"]}
+            for index, group in enumerate(base_optimizer.param_groups):
+                sources = dict(ours[id(p)] for p in group["params"])
+                values = {key: {j: g.get(key, default) for j, g in sources.items()}
+                          for key, default in self._own_defaults.items() if key not in group}
+                for key, by_group in values.items():
+                    if len(set(map(repr, by_group.values()))) > 1:
+                        raise ValueError(f"base_optimizer's param_groups[{index}] holds parameters of param_groups "
+                                         f"{' and '.join(map(str, by_group))}, which set different {key} "
+                                         f"({', '.join(map(repr, by_group.values()))}); build the base optimizer "
+                                         "with the same groups, or pass its class instead")
+                    group[key] = next(iter(by_group.values()), self._own_defaults[key])
             self.base_optimizer = base_optimizer
         else:
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -158,8 +192,8 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
         self._check_hyperparameters(group, f"param_groups[{index}]: ")
 
     def _check_hyperparameters(self, values: dict, where: str) -> None:
-        """The per-group hyper-parameters (the constructor's defaults, where="", or a group's): one
-        place for both, extended by each class for its own keys."""
+        """The per-group hyper-parameters (the constructor's defaults, where="", or a group's, with its
+        "params"): one place for both, extended by each class for its own keys."""
         check_number("rho", values["rho"], 0.0, where=where, hint="It is the perturbation radius; the usual value "
                      "is 0.05.")
 
@@ -184,10 +218,13 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
             raise RuntimeError("the weights are still perturbed by a manual first_step(): finish that step with "
                                "second_step() before calling step(closure) or first_step() again (or use "
                                "step(closure) alone, which runs both passes)")
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
         for index, group in enumerate(self.param_groups):
             self._validate_group(index, group)
-        self._before_step()
         lists = self._step_lists()
+        if not any(p.requires_grad for p in lists.params):  # frozen since: the constructor's message
+            check_parameters(self.param_groups, type(self).__name__)
         return StepTransaction(lists=lists, counters=dict(self._global), batchnorm=BatchNormState.capture(self.model),
                                closure=closure, loss_fn=loss_fn)
 
@@ -222,8 +259,19 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
 
     @torch.no_grad()
     def _rollback(self, txn: StepTransaction) -> None:
-        """Undo a step: exact weights back, BatchNorm statistics back, counters back, no gradients."""
+        """Undo a step: exact weights back, BatchNorm statistics back, counters back, no gradients.
+
+        The base optimizer's state has no copy (one would cost its size every step): when its own
+        step raised, the weights moved in this step go back, and further steps are refused until
+        a checkpoint is loaded, so that a retry cannot apply part of the update twice.
+        """
         self._open = None
+        if txn.base_step_started:
+            txn.perturbed = txn.perturbed_lists.groups
+            self._broken = (f"the base optimizer {type(self.base_optimizer).__name__} raised inside its step (or "
+                            "one of its step hooks), so its state (momentum, ...) may be partly updated; the weights "
+                            "were put back, but a retry could apply part of the update twice. Load a checkpoint "
+                            f"with load_state_dict() before stepping this {type(self).__name__} again")
         for g in txn.perturbed:
             ops.copy_(g.of(txn.perturbed_lists.params), g.of(txn.perturbed_lists.saved))
         txn.perturbed = []
@@ -242,7 +290,6 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
                 hook(self, record)
 
     def _commit(self, txn: StepTransaction) -> None:
-        self._commit_extra(txn)
         self._global.update(txn.diagnostics)
         self._global["step"] += 1
 
@@ -298,18 +345,15 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
             self._perturb_group(txn, active, g, g.of(grads), sums)
             txn.perturbed.append(g)  # after the op: now its weights are in `saved`
 
-    def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> dict:
-        """The global sums the ascent needs, in one fused reduction; records the norm it used.
-
-        ``inv_norm`` is ``1 / (||g|| + eps)`` (ASAM: of ``||w * g||``): the ascent is ``rho * inv_norm * g``.
-        """
+    def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> FirstPassSums:
+        """SAM's (and ASAM's) norm of the first pass, in one fused reduction; records it."""
         if self.adaptive:
             wg = ops.weighted_sumsq(active.params, grads, backend=self.backend, layout=active.layout)
             txn.diagnostics["weighted_grad_norm"] = wg.sqrt()
-            return {"scale_sq": wg, "inv_norm": inverse_norm(wg, self.eps)}
+            return FirstPassSums(inverse_norm(wg, self.eps))
         gg = ops.dots([grads], [(0, 0)], backend=self.backend, layout=active.layout)[0]
         txn.diagnostics["grad_norm"] = gg.sqrt()
-        return {"scale_sq": gg, "inv_norm": inverse_norm(gg, self.eps)}
+        return FirstPassSums(inverse_norm(gg, self.eps))
 
     @torch.no_grad()
     def _descend(self, txn: StepTransaction) -> None:
@@ -321,6 +365,7 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
         txn.perturbed = []  # the weights are w again
         if self.max_grad_norm is not None:
             self._clip(txn, active, grads)
+        txn.base_step_started = True
         self.base_optimizer.step()
 
     def _clip(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> None:
@@ -333,15 +378,12 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
     # ----- hooks for subclasses --------------------------------------------------------------
     adaptive = False
 
-    def _before_step(self) -> None:
-        """Host bookkeeping before a step's rollback point is taken (X-SAM: read the retry flag)."""
-
     def _refresh(self, txn: StepTransaction, after_first_pass: bool) -> None:
         """X-SAM, Eigen-SAM: compute the eigenvector when due (before or after the first pass)."""
 
     def _perturb_group(self, txn: StepTransaction, active: ParamLists, group: GroupLists, grads: list[Tensor],
-                       sums: dict) -> None:
-        scale = group.group["rho"] * sums["inv_norm"]
+                       sums: FirstPassSums) -> None:
+        scale = group.group["rho"] * sums.inv_norm
         ops.perturb_(group.of(active.params), grads, group.of(active.saved), scale, adaptive=self.adaptive,
                      backend=self.backend, layout=group.layout)
 
@@ -350,9 +392,6 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
         for g in active.groups:
             ops.correct_restore_(g.of(active.params), g.of(grads), g.of(active.saved), None, 1.0, 0.0,
                                  backend=self.backend, layout=g.layout)
-
-    def _commit_extra(self, txn: StepTransaction) -> None:
-        """X-SAM, Eigen-SAM: store the eigenvector computed in this step."""
 
     # ----- public API --------------------------------------------------------------------------
     def step(self, closure: Closure | None = None) -> Tensor | None:
@@ -404,6 +443,23 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
         handle = torch.utils.hooks.RemovableHandle(self._diagnostics_hooks)
         self._diagnostics_hooks[handle.id] = hook
         return handle
+
+    @contextlib.contextmanager
+    def gradient_check(self, check: GradientCheck):
+        """Attach ``check`` to every pass of the steps taken inside the block (``xsam.amp.SAMGradScaler``).
+
+        ``check(tensors, kind)`` sees each pass's gradients (``kind`` "first", "second") and every
+        HVP product ("hvp"); it may rescale them in place (AMP's unscaling) and returns a 0-d
+        device tensor > 0 when one is not finite: a non-finite pass skips the step (counted in
+        ``skipped_steps``), a non-finite product rejects the refresh.
+        """
+        if self._gradient_check is not None:
+            raise RuntimeError("this optimizer already has a gradient check attached (nested scaler.step?)")
+        self._gradient_check = check
+        try:
+            yield
+        finally:
+            self._gradient_check = None
 
     def scratch_tensors(self) -> list[Tensor]:
         """Buffers kept between steps that are not state (the saved weights): memory, not checkpoints."""

@@ -94,17 +94,8 @@ def _base_state_placeholders(optimizer, params: list[Tensor]) -> dict:
                 for g in base.param_groups)
     if optimizer._stateless_base_key == key:
         return {}
-    clones = [p.detach().clone() for p in params]
     try:
-        twin = copy.deepcopy(base, memo={id(p): c for p, c in zip(params, clones)})
-        for p, c in zip(params, clones):
-            c.grad = torch.zeros_like(c) if p.requires_grad else None
-        for group in twin.param_groups:
-            if "lr" in group:
-                group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], Tensor) else 0.0
-        with torch.no_grad():
-            twin.step()
-        entries = twin.state_dict()["state"]
+        entries = _state_after_one_step(base, params, [p.detach().clone() for p in params])
     except Exception as exc:  # an optimizer that cannot be copied or stepped this way: say what is lost
         warnings.warn(f"xsam: could not build placeholders for {type(base).__name__}'s state ({exc}); a DCP "
                       "load into this optimizer before its first step will not restore the base optimizer's "
@@ -112,6 +103,52 @@ def _base_state_placeholders(optimizer, params: list[Tensor]) -> dict:
         return {}
     optimizer._stateless_base_key = None if entries else key
     return entries
+
+
+def _state_after_one_step(base, params: list[Tensor], clones: list[Tensor]) -> dict:
+    """The state_dict entries of a copy of ``base`` over ``clones`` stepped once at lr=0 with zero gradients."""
+    twin = copy.deepcopy(base, memo={id(p): c for p, c in zip(params, clones)})
+    for p, c in zip(params, clones):
+        c.grad = torch.zeros_like(c) if p.requires_grad else None
+    for group in twin.param_groups:
+        if "lr" in group:
+            group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], Tensor) else 0.0
+    with torch.no_grad():
+        twin.step()
+    return twin.state_dict()["state"]
+
+
+def _expected_base_state(optimizer, params: list[Tensor]) -> dict:
+    """The base optimizer's state entries as they are (or would be after a step), for their shapes.
+
+    Before its first step, a copy steps on meta tensors: shapes without memory. An optimizer
+    that cannot step there (one that reads values on the host) is not checked: {}.
+    """
+    base = optimizer.base_optimizer
+    if any(base.state.values()):
+        return base.state_dict()["state"]
+    try:
+        return _state_after_one_step(base, params, [torch.empty_like(p, device="meta") for p in params])
+    except Exception:
+        return {}
+
+
+def _check_base_state_shapes(optimizer, base_state: dict, params: list[Tensor], positions: dict) -> None:
+    """Refuse base-optimizer state whose tensors are shaped otherwise than the base optimizer keeps them."""
+    expected = None
+    for k, entry in base_state.items():
+        i = positions.get(k)
+        if i is None or not entry:
+            continue
+        if expected is None:
+            expected = _expected_base_state(optimizer, params)
+        for key, value in entry.items():
+            ref = expected.get(i, {}).get(key)
+            if isinstance(value, Tensor) and isinstance(ref, Tensor) and value.shape != ref.shape:
+                raise ValueError(f"state_dict's base-optimizer state of parameter {i} has {key!r} of shape "
+                                 f"{tuple(value.shape)}, but {type(optimizer.base_optimizer).__name__} keeps one of "
+                                 f"shape {tuple(ref.shape)} for it (the parameter's shape is "
+                                 f"{tuple(params[i].shape)}); build the model and optimizer as they were saved")
 
 
 # ----- loading -----------------------------------------------------------------------------------
@@ -156,7 +193,7 @@ def _split(optimizer, state_dict: dict) -> tuple[dict, dict, dict, list]:
     return saved_global, own, base_state, groups
 
 
-def check_state_dict(optimizer, saved_global: dict, own: dict, groups: list) -> None:
+def check_state_dict(optimizer, saved_global: dict, own: dict, base_state: dict, groups: list) -> None:
     kind = _kind_of(saved_global)
     if kind != optimizer.KIND:
         raise ValueError(f"state_dict was saved by {kind}, but this optimizer is {optimizer.KIND}; load it into "
@@ -174,6 +211,11 @@ def check_state_dict(optimizer, saved_global: dict, own: dict, groups: list) -> 
     if stray:
         raise ValueError(f"state_dict's 'state' has entries for {stray[:3]}, which are not parameters of its "
                          "'param_groups'; it was not saved by this optimizer's state_dict()")
+    for i, group in enumerate(groups):
+        values = dict(optimizer._own_defaults)
+        values.update((key, group[key]) for key in optimizer._own_defaults if key in group)
+        optimizer._check_hyperparameters(values, f"state_dict's param_groups[{i}]: ")
+    _check_base_state_shapes(optimizer, base_state, params, positions)
     optimizer._check_checkpoint(saved_global, own, params, positions)
 
 
@@ -189,7 +231,7 @@ def _positions(groups: list[dict]) -> dict:
 
 def load_state_dict_atomically(optimizer, state_dict: dict) -> None:
     saved_global, own, base_state, groups = _split(optimizer, state_dict)
-    check_state_dict(optimizer, saved_global, own, groups)
+    check_state_dict(optimizer, saved_global, own, base_state, groups)
     live_global, own = optimizer._restore_global(saved_global, own)
     params = params_in_order(optimizer.param_groups)
     positions = _positions(groups)
@@ -245,6 +287,7 @@ class CheckpointMixin:
             if result is not None:
                 state_dict = result
         load_state_dict_atomically(self, state_dict)
+        self._broken = None
         self._lists_key = None  # the group dicts are new objects
         self._after_load()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():

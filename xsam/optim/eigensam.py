@@ -4,17 +4,17 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import ops
-from .base import StepTransaction, SharpnessAware, register_arguments
+from .base import FirstPassSums, StepTransaction, register_arguments
+from .eigenvector_base import EigenvectorBase
 from .functional import eigensam_tilt
 from .lists import GroupLists, ParamLists
 from .validation import check_number
-from .xsam import EigenvectorMixin
 
 __all__ = ["EigenSAM"]
 
 
 @register_arguments
-class EigenSAM(EigenvectorMixin, SharpnessAware):
+class EigenSAM(EigenvectorBase):
     r"""Eigen-SAM: the perturbation leans toward the top Hessian eigenvector v (docs/algorithm.md).
 
     Every ``eig_interval`` steps (step 0 included) v is refreshed exactly as for ``XSAM`` (same
@@ -50,37 +50,34 @@ class EigenSAM(EigenvectorMixin, SharpnessAware):
     """
 
     KIND = "EigenSAM"
-    OWN_ARGUMENTS = ("rho", "alpha", "eig_interval", "power_iters", "eig_tol", "hvp", "model", "hvp_eval_mode",
-                     "seed", "per_replica_perturbation", "process_group", "backend", "eps", "max_grad_norm")
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, alpha: float = 0.2, eig_interval: int = 5,
                  power_iters: int = 5, eig_tol: float | None = None, hvp: str = "auto",
                  model: nn.Module | None = None, hvp_eval_mode: bool = True, seed: int = 0,
                  per_replica_perturbation: bool = False, process_group="auto", backend: str = "auto",
                  eps: float | None = None, max_grad_norm: float | None = None, **base_kwargs):
-        self._setup_tracker(eig_interval=eig_interval, power_iters=power_iters, eig_tol=eig_tol, hvp=hvp,
-                            hvp_eval_mode=hvp_eval_mode, seed=seed)
-        super().__init__(params, base_optimizer, {"rho": rho, "alpha": alpha}, model=model,
-                         per_replica_perturbation=per_replica_perturbation, process_group=process_group,
+        super().__init__(params, base_optimizer, {"rho": rho, "alpha": alpha}, eig_interval=eig_interval,
+                         power_iters=power_iters, eig_tol=eig_tol, hvp=hvp, hvp_eval_mode=hvp_eval_mode, seed=seed,
+                         model=model, per_replica_perturbation=per_replica_perturbation, process_group=process_group,
                          backend=backend, eps=eps, max_grad_norm=max_grad_norm, base_kwargs=base_kwargs)
 
     def _check_hyperparameters(self, values: dict, where: str) -> None:
         super()._check_hyperparameters(values, where)
         check_number("alpha", values["alpha"], 0.0, where=where, hint=ALPHA_HINT)
 
-    def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> dict:
+    def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> FirstPassSums:
         """``||g||^2`` and ``<g, v>`` in one fused reduction (just ``||g||^2`` before the first v)."""
         return self._gradient_and_v_sums(txn, active, grads) or super()._first_pass_sums(txn, active, grads)
 
     def _perturb_group(self, txn: StepTransaction, active: ParamLists, group: GroupLists, grads: list[Tensor],
-                       sums: dict) -> None:
-        if "vecs" not in sums:  # before the first v: SAM's ascent
+                       sums: FirstPassSums) -> None:
+        if sums.vecs is None:  # before the first v: SAM's ascent
             super()._perturb_group(txn, active, group, grads, sums)
             return
-        tilt = eigensam_tilt(sums["inv_norm"], sums["gv"], group.group["rho"], group.group["alpha"])
+        tilt = eigensam_tilt(sums.inv_norm, sums.gv, group.group["rho"], group.group["alpha"])
         if group is active.groups[0]:  # the coefficients of the first group (the others differ by rho, alpha)
             txn.diagnostics.update(tilt_a=tilt.a, tilt_b=tilt.b)
-        ops.tilted_perturb_(group.of(active.params), grads, group.of(active.saved), group.of(sums["vecs"]), tilt.a,
+        ops.tilted_perturb_(group.of(active.params), grads, group.of(active.saved), group.of(sums.vecs), tilt.a,
                             tilt.b, backend=self.backend, layout=group.layout)
 
 

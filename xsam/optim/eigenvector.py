@@ -28,23 +28,40 @@ produced it). So v is never zero or non-finite after a completed step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import ops
-from ..hessian import (_is_dtensor, all_reduce_mean_, exact_hvp, finite_difference_hvp, forward_difference_hvp,
-                       orthonormalize_, power_iteration, random_vectors)
+from ..distributed import all_reduce_mean_, is_dtensor
+from ..hessian import (exact_hvp, finite_difference_hvp, forward_difference_hvp, orthonormalize_, power_iteration,
+                       random_vectors)
+from .base import GradientCheck
 from .lists import ParamLists, scratch_like
 from .model_state import batchnorm_statistics_frozen, eval_mode
 
-__all__ = ["HVP_MODES", "STREAMING_RATE", "EigenvectorTracker", "PendingRefresh", "StreamedDescent"]
+__all__ = ["HVP_MODES", "STREAMING_RATE", "EigenvectorTracker", "PendingRefresh", "StreamedDescent", "TrackerInputs"]
 
 HVP_MODES = ("auto", "exact", "finite_difference", "forward_difference", "streaming")
 # gamma of the streaming (Oja) update: each step adds gamma times v's projection on z^. Chosen in a
 # prototype on the MLP regression of docs/tracking at three learning rates: 2 tracked better than 0.5
 # and 1, and 4, 8 or infinity (v = z^, no memory) were within 0.01 of it.
 STREAMING_RATE = 2.0
+
+
+@dataclass
+class TrackerInputs:
+    """What the tracker reads of its optimizer, handed in with every call (it keeps no reference to it)."""
+
+    state: dict  # the per-parameter state: the "eigenvector" entries
+    global_state: dict  # counters, the start vector's generator, the last refresh's record
+    model: nn.Module | None
+    backend: str
+    eps: float
+    process_group: Any  # "auto", None or a torch.distributed group
+    per_replica_perturbation: bool
+    gradient_check: GradientCheck | None
 
 
 @dataclass
@@ -70,6 +87,7 @@ class StreamedDescent:
     vectors: list[Tensor]  # the new v, aligned with the descent's parameters (scratch until commit)
     gg: Tensor  # ||g_adv||^2
     gv: Tensor  # <g_adv, new v>
+    refresh: PendingRefresh  # the new v as it is committed with the step
 
 
 class _DeviceFlag:
@@ -92,56 +110,51 @@ class _DeviceFlag:
 
 
 class EigenvectorTracker:
-    """Refresh schedule, HVP mode, power iteration and rejection rule, over an optimizer's state."""
+    """Refresh schedule, HVP mode, power iteration and rejection rule, over the state it is handed."""
 
-    def __init__(self, optimizer, *, eig_interval: int, power_iters: int, eig_tol: float | None, hvp: str,
+    def __init__(self, *, eig_interval: int, power_iters: int, eig_tol: float | None, hvp: str,
                  hvp_eval_mode: bool, seed: int):
-        self.optimizer = optimizer
         self.eig_interval = eig_interval
         self.power_iters = power_iters
         self.eig_tol = eig_tol
         self.hvp = hvp
         self.hvp_eval_mode = hvp_eval_mode
         self.seed = seed
-        self._pending_retry: _DeviceFlag | None = None  # the rejection flag of the last refresh
+        # The last committed refresh was rejected: retry at the next step. Read from the device
+        # flag once it is produced (a fact about a committed step: no rollback undoes it).
+        self._retry = False
+        self._pending_retry: _DeviceFlag | None = None
         self._cache_key: tuple | None = None
         self._cache: list[Tensor] | None = None
-        # Streaming: the first pass's gradient of the open step, in a buffer reused across steps.
+        # Streaming: a buffer for the first pass's gradient, reused across steps with the same lists.
         self._stream_lists: ParamLists | None = None
         self._stream_buffer: list[Tensor] | None = None
-        self._stream_step: object | None = None  # the transaction the buffer was filled in
 
     def initial_state(self) -> dict:
         generator = torch.Generator().manual_seed(self.seed)
-        return {"refreshes": 0, "rejected_refreshes": 0, "refresh_attempts": 0, "retry_refresh": False,
-                "generator": generator.get_state()}
-
-    @property
-    def _global(self) -> dict:
-        return self.optimizer._global
+        return {"refreshes": 0, "rejected_refreshes": 0, "refresh_attempts": 0, "generator": generator.get_state()}
 
     # ----- schedule ------------------------------------------------------------------------
-    def poll_retry(self) -> None:
-        """Read the last refresh's rejection flag into ``retry_refresh`` once the device has produced it."""
+    def _poll_retry(self) -> None:
         if self._pending_retry is not None:
             value = self._pending_retry.poll()
             if value is not None:
-                self._global["retry_refresh"] = value
+                self._retry = value
                 self._pending_retry = None
 
     @property
     def streaming(self) -> bool:
         return self.hvp == "streaming"
 
-    def due(self) -> bool:
+    def due(self, step: int) -> bool:
         """True when ``step % eig_interval == 0``, or when the last refresh was rejected (a retry).
 
         Never with ``hvp="streaming"``: v is updated inside every step, with no refresh of its own.
         """
         if self.streaming:
             return False
-        self.poll_retry()
-        return self._global["step"] % self.eig_interval == 0 or bool(self._global.get("retry_refresh", False))
+        self._poll_retry()
+        return step % self.eig_interval == 0 or self._retry
 
     def mode(self, loss_fn, params: list[Tensor]) -> str:
         mode = self.hvp
@@ -152,7 +165,7 @@ class EigenvectorTracker:
         if mode == "auto":
             # FSDP2 parameters are out of autograd's reach from the loss (see exact_hvp): only
             # finite differences, whose closure backward FSDP2 reduce-scatters, work there.
-            sharded = any(_is_dtensor(p) for p in params)
+            sharded = any(is_dtensor(p) for p in params)
             mode = "exact" if loss_fn is not None and not sharded else "finite_difference"
         if mode == "exact" and loss_fn is None:
             raise ValueError("hvp='exact' needs loss_fn: pass step(closure, loss_fn=f) where f() runs the "
@@ -160,17 +173,17 @@ class EigenvectorTracker:
                              "or hvp='forward_difference'")
         return mode
 
-    def process_group(self):
+    @staticmethod
+    def process_group(inputs: TrackerInputs):
         """The group over which exact HVPs are averaged (``torch.autograd.grad`` bypasses DDP's reducer).
 
         "auto": the DDP model's group. Under torch.distributed with more than one rank and no DDP
         ``model``, each rank would silently keep the HVPs of its own batch: refused, with what to pass.
         """
-        opt = self.optimizer
-        if not isinstance(opt.process_group, str):
-            return opt.process_group
-        if isinstance(opt.model, torch.nn.parallel.DistributedDataParallel):
-            return opt.model.process_group
+        if not isinstance(inputs.process_group, str):
+            return inputs.process_group
+        if isinstance(inputs.model, torch.nn.parallel.DistributedDataParallel):
+            return inputs.model.process_group
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -181,61 +194,53 @@ class EigenvectorTracker:
         return None
 
     # ----- the vector --------------------------------------------------------------------
-    def exists(self) -> bool:
-        refreshes = self._global.get("refreshes", 0)
-        return isinstance(refreshes, Tensor) or refreshes > 0 or self._global.get("refresh_attempts", 0) > 0
+    @staticmethod
+    def exists(global_state: dict) -> bool:
+        refreshes = global_state.get("refreshes", 0)
+        return isinstance(refreshes, Tensor) or refreshes > 0 or global_state.get("refresh_attempts", 0) > 0
 
-    def vectors(self, params: list[Tensor]) -> list[Tensor] | None:
+    def vectors(self, inputs: TrackerInputs, params: list[Tensor]) -> list[Tensor] | None:
         """v aligned with ``params`` (zeros where a parameter has none), or None before the first refresh.
 
         The list is rebuilt from the optimizer state only when the state may have changed (a
         refresh, a load, new param groups), so a step does no per-parameter lookups.
         """
-        if not self.exists():
+        if not self.exists(inputs.global_state):
             return None
-        key = (id(params), id(self._global.get("refreshes")), id(self.optimizer.state))
+        key = (id(params), id(inputs.global_state.get("refreshes")), id(inputs.state))
         if key != self._cache_key:
-            state = self.optimizer.state
+            state = inputs.state
             self._cache = [state[p]["eigenvector"] if "eigenvector" in state[p] else torch.zeros_like(p)
                            for p in params]
             self._cache_key = key
         return self._cache
 
-    def vectors_for(self, lists: ParamLists, full: ParamLists) -> list[Tensor] | None:
-        """v aligned with ``lists``, a subset of ``full`` (the slow path when some gradients are missing)."""
-        vecs = self.vectors(full.params)
-        if vecs is None or lists is full:
-            return vecs
-        by_id = {id(p): v for p, v in zip(full.params, vecs)}
-        return [by_id[id(p)] for p in lists.params]
-
     # ----- a refresh ---------------------------------------------------------------------------
-    def compute(self, lists: ParamLists, closure, loss_fn, first_gradients: dict[int, Tensor] | None = None
-                ) -> PendingRefresh:
+    def compute(self, inputs: TrackerInputs, lists: ParamLists, closure, loss_fn,
+                first_gradients: dict[int, Tensor] | None = None) -> PendingRefresh:
         """Power iteration at the current weights; the state is not touched until ``commit``."""
-        opt = self.optimizer
         params = [p for p in lists.params if p.requires_grad]
         layout = ops.Layout.of(params)
         mode = self.mode(loss_fn, params)
         generator = torch.Generator()
-        generator.set_state(self._global["generator"])
-        previous = self.vectors(lists.params) if self.exists() else None
+        generator.set_state(inputs.global_state["generator"])
+        previous = self.vectors(inputs, lists.params)
         if previous is not None:
             previous = [v for p, v in zip(lists.params, previous) if p.requires_grad]
             start = previous
         else:
             start = random_vectors(params, 1, generator)[0]
         flags: list[Tensor] = []
-        check = opt._gradient_check
+        check = inputs.gradient_check
 
         def unscale(tensors: list[Tensor]) -> None:  # AMP: unscale and flag non-finite values
             if check is not None:
                 flags.append(check(tensors, "hvp").reshape(()))
 
-        with eval_mode(opt.model, self.hvp_eval_mode), batchnorm_statistics_frozen(opt.model):
+        with eval_mode(inputs.model, self.hvp_eval_mode), batchnorm_statistics_frozen(inputs.model):
             if mode == "exact":
                 # autograd.grad bypasses DDP's reducer: the products are averaged over the group here.
-                raw, _ = exact_hvp(torch.enable_grad()(loss_fn), params, process_group=self.process_group())
+                raw, _ = exact_hvp(torch.enable_grad()(loss_fn), params, process_group=self.process_group(inputs))
 
                 def hvp(vectors):
                     products = raw(vectors)
@@ -245,14 +250,14 @@ class EigenvectorTracker:
                     return products
             elif mode == "finite_difference":
                 # The closure's backward goes through DDP (when used), which already averages.
-                hvp = finite_difference_hvp(closure, params, backend=opt.backend, on_gradients=unscale,
+                hvp = finite_difference_hvp(closure, params, backend=inputs.backend, on_gradients=unscale,
                                             layout=layout)
             else:
-                base = self._base_gradient(closure, params, first_gradients, unscale)
-                hvp = forward_difference_hvp(closure, params, base, backend=opt.backend, on_gradients=unscale,
+                base = self._base_gradient(inputs, closure, params, first_gradients, unscale)
+                hvp = forward_difference_hvp(closure, params, base, backend=inputs.backend, on_gradients=unscale,
                                              layout=layout)
-            result = power_iteration(hvp, [start], iters=self.power_iters, tol=self.eig_tol, eps=opt.eps,
-                                     backend=opt.backend, layout=layout)
+            result = power_iteration(hvp, [start], iters=self.power_iters, tol=self.eig_tol, eps=inputs.eps,
+                                     backend=inputs.backend, layout=layout)
         lam, residual, norm = result.eigenvalues[0], result.residuals[0], result.norms[0]
         accepted = torch.isfinite(lam) & torch.isfinite(norm) & (norm > 0) & torch.isfinite(residual)
         for flag in flags:
@@ -260,10 +265,10 @@ class EigenvectorTracker:
         with torch.no_grad():
             if previous is None:  # the fallback: the normalised start vector
                 previous = [t.clone() for t in start]
-                orthonormalize_([previous], eps=opt.eps, backend=opt.backend)
+                orthonormalize_([previous], eps=inputs.eps, backend=inputs.backend)
             vectors = [torch.where(accepted.to(v.device), v, f) for v, f in zip(result.vectors[0], previous)]
-        old_lam = self._global.get("eigenvalue")
-        old_res = self._global.get("eigen_residual")
+        old_lam = inputs.global_state.get("eigenvalue")
+        old_res = inputs.global_state.get("eigen_residual")
         nan = torch.full_like(lam, float("nan"))
         return PendingRefresh(
             params=params, vectors=vectors,
@@ -271,19 +276,19 @@ class EigenvectorTracker:
             residual=torch.where(accepted, residual, nan if old_res is None else old_res.to(residual)),
             accepted=accepted, iterations=result.iterations, generator_state=generator.get_state())
 
-    def _base_gradient(self, closure, params: list[Tensor], first_gradients, unscale) -> list[Tensor]:
+    def _base_gradient(self, inputs: TrackerInputs, closure, params: list[Tensor], first_gradients, unscale
+                       ) -> list[Tensor]:
         """grad L(w) for forward differences: the first pass's, unless the HVPs run in another model mode.
 
         With ``per_replica_perturbation`` the first pass skipped DDP's all-reduce, but the HVP
         passes do not: the first pass's gradient is averaged here (one collective, no evaluation).
         """
-        opt = self.optimizer
-        if first_gradients is not None and not (opt.model is not None and self.hvp_eval_mode):
+        if first_gradients is not None and not (inputs.model is not None and self.hvp_eval_mode):
             base = [first_gradients[id(p)] if id(p) in first_gradients else torch.zeros_like(p) for p in params]
-            if opt.per_replica_perturbation:
+            if inputs.per_replica_perturbation:
                 base = [t.clone() for t in base]  # the caller restores the first-pass .grad from the originals
                 with torch.no_grad():
-                    all_reduce_mean_(base, self._replica_group())
+                    all_reduce_mean_(base, _replica_group(inputs))
             return base
         # One more evaluation, in the mode of the HVPs (the caller's eval-mode context is active).
         user_grads = [p.grad for p in params]
@@ -300,23 +305,19 @@ class EigenvectorTracker:
             unscale(grads)
         return grads
 
-    def _replica_group(self):
-        """The group DDP averages over (per-replica perturbation: the model is the DDP module)."""
-        return getattr(self.optimizer.model, "process_group", None)
-
     # ----- streaming (hvp="streaming") ---------------------------------------------------------
     def scratch_tensors(self) -> list[Tensor]:
         """The buffer streaming keeps the first pass's gradient in (memory, not state)."""
         return list(self._stream_buffer or [])
 
-    def capture_first_pass(self, txn, active: ParamLists, grads: list[Tensor]) -> None:
-        """Keep the first pass's g for the streaming update (a copy: the second pass overwrites .grad).
+    def capture_first_pass(self, inputs: TrackerInputs, lists: ParamLists, active: ParamLists,
+                           grads: list[Tensor]) -> list[Tensor]:
+        """A copy of the first pass's g for the streaming update (the second pass overwrites .grad).
 
-        Aligned with ``txn.lists`` (zeros where a parameter has no first-pass gradient: it was not
+        The step transaction holds it until ``stream``. Aligned with ``lists`` (zeros where a parameter has no first-pass gradient: it was not
         moved). With ``per_replica_perturbation`` the copy is averaged over the DDP group, like the
         second pass's gradient, so every replica computes the same v.
         """
-        lists = txn.lists
         if lists is not self._stream_lists:
             self._stream_buffer = scratch_like(lists.params)
             self._stream_lists = lists
@@ -329,34 +330,30 @@ class EigenvectorTracker:
                 for p, b in zip(lists.params, buffer):
                     g = by_id.get(id(p))
                     b.copy_(g) if g is not None else b.zero_()
-            if self.optimizer.per_replica_perturbation:
-                all_reduce_mean_(buffer, self._replica_group())
-        self._stream_step = txn
+            if inputs.per_replica_perturbation:
+                all_reduce_mean_(buffer, _replica_group(inputs))
+        return buffer
 
-    def stream(self, txn, active: ParamLists, grads: list[Tensor], vecs: list[Tensor] | None
-               ) -> StreamedDescent | None:
+    def stream(self, inputs: TrackerInputs, lists: ParamLists, first_pass: list[Tensor], active: ParamLists,
+               grads: list[Tensor], vecs: list[Tensor] | None) -> StreamedDescent:
         """Oja's update of v from ``z = g - g_adv``, before the correction uses it (no evaluation).
 
-        ``grads`` is g_adv aligned with ``active``; ``vecs`` the stored v (None before the first).
-        Returns the new v (to correct with and, at commit, to store) with the sums the correction
-        needs, all from one fused reduction; sets ``txn.refresh``. None when the first pass was not
-        captured in this step (nothing to update from).
+        ``first_pass`` is what ``capture_first_pass`` returned for ``lists``; ``grads`` is g_adv
+        aligned with ``active``; ``vecs`` the stored v (None before the first). Returns the new v
+        (to correct with and, at commit, to store) with the sums the correction needs, all from
+        one fused reduction.
         """
-        if self._stream_step is not txn:
-            return None
-        self._stream_step = None
-        opt, lists = self.optimizer, txn.lists
         if active is lists:
-            z = self._stream_buffer
+            z = first_pass
         else:
-            by_id = dict(zip(map(id, lists.params), self._stream_buffer))
+            by_id = dict(zip(map(id, lists.params), first_pass))
             z = [by_id[id(p)] for p in active.params]
         generator = torch.Generator()
-        generator.set_state(self._global["generator"])
+        generator.set_state(inputs.global_state["generator"])
         start = vecs
         if start is None:  # the first v: z^ itself (one power step from the perturbation), else the seeded draw
             start = random_vectors(active.params, 1, generator)[0]
-        layout, backend = active.layout, opt.backend
+        layout, backend = active.layout, inputs.backend
         with torch.no_grad():
             ops.axpy_(z, grads, -1.0, backend=backend, layout=layout)  # z = g - g_adv ~ -H e
             s = ops.dots([grads, start, z], [(0, 0), (0, 1), (2, 2), (2, 1), (0, 2), (1, 1)], backend=backend,
@@ -376,13 +373,14 @@ class EigenvectorTracker:
             ops.axpy_(z, start, cv, backend=backend, layout=layout)  # z now holds the new v
             fallback = vecs if vecs is not None else [t * keep for t in start]
         nan = torch.full_like(zz, float("nan"))  # Oja's rule estimates no eigenvalue
-        txn.refresh = PendingRefresh(params=list(active.params), vectors=z, eigenvalue=nan, residual=nan,
-                                     accepted=accepted, iterations=0, generator_state=generator.get_state(),
-                                     fallback=fallback)
-        return StreamedDescent(vectors=z, gg=gg, gv=torch.where(accepted, cv * gv + cz * gz, keep * gv))
+        refresh = PendingRefresh(params=list(active.params), vectors=z, eigenvalue=nan, residual=nan,
+                                 accepted=accepted, iterations=0, generator_state=generator.get_state(),
+                                 fallback=fallback)
+        return StreamedDescent(vectors=z, gg=gg, gv=torch.where(accepted, cv * gv + cz * gz, keep * gv),
+                               refresh=refresh)
 
-    def commit(self, pending: PendingRefresh) -> None:
-        state, g = self.optimizer.state, self._global
+    def commit(self, inputs: TrackerInputs, pending: PendingRefresh) -> None:
+        state, g = inputs.state, inputs.global_state
         with torch.no_grad():
             fresh = []  # positions without a stored vector of this shape yet
             for i, (p, v) in enumerate(zip(pending.params, pending.vectors)):
@@ -406,12 +404,16 @@ class EigenvectorTracker:
         g["refresh_attempts"] = g.get("refresh_attempts", 0) + 1
         g["refresh_rejected"] = rejected
         g["generator"] = pending.generator_state
-        g["retry_refresh"] = False
+        self._retry = False
         self._pending_retry = _DeviceFlag(rejected)
 
-    def forget_pending_retry(self) -> None:
-        """After a load: the flag in the loaded state decides."""
-        self._pending_retry = None
-        flag = self._global.get("refresh_rejected")
-        if isinstance(flag, Tensor):
-            self._pending_retry = _DeviceFlag(flag)
+    def after_load(self, global_state: dict, retry: bool = False) -> None:
+        """The rejection flag of the loaded state decides whether the next step retries (or ``retry``)."""
+        self._retry = retry
+        flag = global_state.get("refresh_rejected")
+        self._pending_retry = _DeviceFlag(flag) if isinstance(flag, Tensor) else None
+
+
+def _replica_group(inputs: TrackerInputs):
+    """The group DDP averages over (per-replica perturbation: the model is the DDP module)."""
+    return getattr(inputs.model, "process_group", None)

@@ -33,7 +33,7 @@ class SAM(SharpnessAware):
             are then updated by the first pass only, and restored if a step fails. Required for
             ``per_replica_perturbation`` (the DDP module).
         per_replica_perturbation (bool, default False): under DDP, run the first pass under
-            ``model.no_sync()`` so each replica perturbs by its own gradient (see ``xsam.distributed``).
+            ``model.no_sync()`` so each replica perturbs by its own gradient (docs/distributed.md).
         process_group (default "auto"): where Hessian-vector products are averaged (X-SAM,
             Eigen-SAM; unused by SAM): "auto" takes a DDP model's group, or a group, or None.
         backend (str, default "auto"): op-set backend, "auto" | "reference" | "triton" | "native".
@@ -45,8 +45,6 @@ class SAM(SharpnessAware):
     """
 
     KIND = "SAM"
-    OWN_ARGUMENTS = ("rho", "adaptive", "model", "per_replica_perturbation", "process_group", "backend", "eps",
-                     "max_grad_norm")
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, adaptive: bool = False,
                  model: nn.Module | None = None, per_replica_perturbation: bool = False, process_group="auto",

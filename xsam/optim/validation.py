@@ -12,7 +12,7 @@ import math
 import torch
 
 __all__ = ["ARGUMENTS_OF", "DEFAULT_EPS", "check_bool", "own_eps", "register_arguments", "check_choice", "check_count", "check_number", "check_seed", "check_base_optimizer",
-           "check_parameters", "split_base_kwargs"]
+           "check_parameters", "own_arguments", "split_base_kwargs"]
 
 
 def check_number(name: str, value, low: float, high: float = math.inf, *, low_open: bool = False, hint: str = "",
@@ -126,10 +126,16 @@ def own_eps(owner: str, base_optimizer, eps: float | None) -> float:
     return eps
 
 
-# Whose argument is whose, for the message when a keyword reaches the wrong class (filled by the subclasses).
+def own_arguments(cls: type) -> tuple[str, ...]:
+    """The keyword-only arguments of ``cls``'s constructor: its own (the base optimizer's come as ``**kwargs``)."""
+    return tuple(name for name, p in inspect.signature(cls.__init__).parameters.items()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+# Whose argument is whose, for the message when a keyword reaches the wrong class.
 ARGUMENTS_OF: dict[str, tuple[str, ...]] = {}
 
 
 def register_arguments(cls: type) -> type:
-    ARGUMENTS_OF[cls.__name__] = cls.OWN_ARGUMENTS
+    ARGUMENTS_OF[cls.__name__] = own_arguments(cls)
     return cls
