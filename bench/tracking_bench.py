@@ -1,4 +1,4 @@
-"""Tracking frontier (issue 11): what X-SAM's eigenvector costs against how well it tracks.
+"""Tracking frontier: what X-SAM's eigenvector costs against how well it tracks.
 
 ``xsam bench --only tracking [--quick] [--seeds N] [--steps N] [--out DIR]``
 

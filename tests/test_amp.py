@@ -173,7 +173,7 @@ def test_scaled_run_equals_unscaled_run_bit_for_bit(backend, hvp):
 
 def test_max_grad_norm_clips_unscaled_gradients_under_the_scaler():
     """max_grad_norm is in the units of the unscaled loss: the scaled run clips exactly like the unscaled one
-    (issue 14, item 3: the closure, which sees scaled gradients, is no place to clip)."""
+    (the closure, which sees scaled gradients, is no place to clip)."""
     x, y = data()
     runs = []
     for use_scaler in (False, True):

@@ -1,4 +1,4 @@
-"""Checkpoints through torch.distributed.checkpoint (DCP), single process (issue 14, item 6).
+"""Checkpoints through torch.distributed.checkpoint (DCP), single process.
 
 The oracle is the uninterrupted run: a run saved after n steps and resumed in a freshly built
 model and optimizer must continue bit for bit (weights, eigenvector, step counter). The

@@ -5,7 +5,7 @@ saw per scenario (weights, eigenvector, error messages), and the parent compares
 with each other (bit for bit) and with oracles computed here in one process:
 - mode (a), synchronised perturbation: the single-process XSAM run on the concatenated
   batch (float64, tight tolerance), also with DDP's gradient_as_bucket_view=True, whose
-  .grad tensors are views into buckets that every backward overwrites (issue 14, item 1);
+  .grad tensors are views into buckets that every backward overwrites;
 - mode (b), per-replica perturbation: a flat float64 computation of the step in which each
   replica perturbs by its own half-batch gradient, also with a layer that one rank's first
   pass does not use (find_unused_parameters=True; item 2);

@@ -347,7 +347,7 @@ def test_scaled_sharded_run_matches_the_unscaled_sharded_run(fsdp_results):
 
 @pytest.mark.parametrize("name", ["xsam", "sam"])
 def test_dcp_checkpoint_resumes_a_sharded_run_bit_identically(fsdp_results, name):
-    """Issue 14, item 6: get_state_dict / dcp.save, then dcp.load into a fresh sharded model and optimizer
+    """get_state_dict / dcp.save, then dcp.load into a fresh sharded model and optimizer
     and set_state_dict (failed with KeyError: 'xsam'). The resumed run continues the uninterrupted one
     bit for bit: sharded eigenvector, momentum buffers, step and refresh counters, generator state."""
     for rank in range(WORLD):

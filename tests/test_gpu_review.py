@@ -1,4 +1,4 @@
-"""The checks of the GPU code review (issue 18) that only a GPU can run; bench/device_check.sh runs them.
+"""Checks of the CUDA kernels that only a GPU can run (launch boundaries, offsets, sanitizers); bench/device_check.sh runs them.
 
 - `test_sanitize_*`: every native op on calls that cross the CUDA launch boundaries: more tensors than
   one launch's table holds (MANY > the 1,624 of one list; 738 with four), a tensor of more than 320

@@ -1,4 +1,4 @@
-"""Every step all-or-nothing: what a demanding user and an adversarial tester tried (issue 10).
+"""Every step all-or-nothing: what a demanding user tries.
 
 Each test failed on the code before the step protocol was rewritten; the oracle tests in
 test_optimizer.py check the mathematics of completed steps.

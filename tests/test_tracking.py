@@ -1,4 +1,4 @@
-"""Eigenvector tracking (issue 11): forward-difference refreshes, their step size, and streaming.
+"""Eigenvector tracking: forward-difference refreshes, their step size, and streaming.
 
 Oracles: closed forms on quadratics (A is known, so H v, the top eigenvector and every pass are
 known exactly), double-backward HVPs computed here with torch.autograd, a flat fp64 re-derivation

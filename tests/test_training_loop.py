@@ -1,4 +1,4 @@
-"""Training-loop recipes against float64 references (issue 14, items 3, 8 and 9).
+"""Training-loop recipes against float64 references.
 
 - Clipping: clipping inside the closure makes finite-difference HVPs differentiate the
   clipped gradient; ``max_grad_norm`` clips only what the base optimizer sees. Oracle: the
