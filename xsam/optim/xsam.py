@@ -24,17 +24,18 @@ class EigenvectorMixin:
     STREAMING = False  # whether the class feeds hvp="streaming" from its passes (X-SAM does)
 
     def _setup_tracker(self, *, eig_interval, power_iters, eig_tol, hvp, hvp_eval_mode, seed) -> None:
-        check_count("eig_interval", eig_interval, "It is the number of steps between eigenvector refreshes.")
-        check_count("power_iters", power_iters, "It is the number of power iterations per refresh.")
+        eig_interval = check_count("eig_interval", eig_interval,
+                                   "It is the number of steps between eigenvector refreshes.")
+        power_iters = check_count("power_iters", power_iters, "It is the number of power iterations per refresh.")
         if eig_tol is not None:
-            check_number("eig_tol", eig_tol, 0.0, low_open=True,
-                         hint="Pass a positive tolerance, or None for fixed iterations.")
+            eig_tol = check_number("eig_tol", eig_tol, 0.0, low_open=True,
+                                   hint="Pass a positive tolerance, or None for fixed iterations.")
         check_choice("hvp", hvp, HVP_MODES)
         if hvp == "streaming" and not self.STREAMING:
             raise ValueError(f"hvp='streaming' is not available for {type(self).__name__}; use 'exact', "
                              "'finite_difference', 'forward_difference' or 'auto'")
         check_bool("hvp_eval_mode", hvp_eval_mode, "run the HVPs with the model in eval mode")
-        check_seed(seed)
+        seed = check_seed(seed)
         self.tracker = EigenvectorTracker(self, eig_interval=eig_interval, power_iters=power_iters, eig_tol=eig_tol,
                                           hvp=hvp, hvp_eval_mode=hvp_eval_mode, seed=seed)
 
@@ -295,8 +296,8 @@ class XSAM(EigenvectorMixin, SharpnessAware):
 
     def _check_hyperparameters(self, values: dict, where: str) -> None:
         super()._check_hyperparameters(values, where)
-        check_number("alpha", values["alpha"], 0.0, 2.0, where=where,
-                     hint="alpha=0 is SAM, 1 removes the component along v.")
+        values["alpha"] = check_number("alpha", values["alpha"], 0.0, 2.0, where=where,
+                                       hint="alpha=0 is SAM, 1 removes the component along v.")
 
     def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> dict:
         if self.tracker.streaming:
