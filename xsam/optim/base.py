@@ -55,6 +55,7 @@ class StepTransaction:
     perturbed: list[GroupLists] = field(default_factory=list)  # groups whose weights are in `saved`
     perturbed_lists: ParamLists | None = None
     refresh: Any = None  # the eigenvector computed in this step (X-SAM, Eigen-SAM)
+    first_pass_randomness: Any = None  # the random generators' states before the first pass (forward differences)
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
 
 

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..hessian import (_is_dtensor, all_reduce_mean_, exact_hvp, finite_difference_hvp, forward_difference_hvp,
-                       orthonormalize_, power_iteration, random_vectors)
+from ..hessian import (RandomState, _is_dtensor, all_reduce_mean_, exact_hvp, finite_difference_hvp,
+                       forward_difference_hvp, orthonormalize_, power_iteration, random_vectors)
 from .lists import ParamLists, scratch_like
 from .model_state import batchnorm_statistics_frozen, eval_mode
 
@@ -210,9 +210,13 @@ class EigenvectorTracker:
         return [by_id[id(p)] for p in lists.params]
 
     # ----- a refresh ---------------------------------------------------------------------------
-    def compute(self, lists: ParamLists, closure, loss_fn, first_gradients: dict[int, Tensor] | None = None
-                ) -> PendingRefresh:
-        """Power iteration at the current weights; the state is not touched until ``commit``."""
+    def compute(self, lists: ParamLists, closure, loss_fn, first_gradients: dict[int, Tensor] | None = None,
+                first_pass_randomness: RandomState | None = None) -> PendingRefresh:
+        """Power iteration at the current weights; the state is not touched until ``commit``.
+
+        ``first_gradients`` and ``first_pass_randomness``: the first pass's gradient and the random
+        generators' states it started from, which forward differences reuse (the same dropout masks).
+        """
         opt = self.optimizer
         params = [p for p in lists.params if p.requires_grad]
         layout = ops.Layout.of(params)
@@ -248,9 +252,10 @@ class EigenvectorTracker:
                 hvp = finite_difference_hvp(closure, params, backend=opt.backend, on_gradients=unscale,
                                             layout=layout)
             else:
-                base = self._base_gradient(closure, params, first_gradients, unscale)
+                base, randomness = self._base_gradient(closure, params, first_gradients, first_pass_randomness,
+                                                       unscale)
                 hvp = forward_difference_hvp(closure, params, base, backend=opt.backend, on_gradients=unscale,
-                                             layout=layout)
+                                             layout=layout, randomness=randomness)
             result = power_iteration(hvp, [start], iters=self.power_iters, tol=self.eig_tol, eps=opt.eps,
                                      backend=opt.backend, layout=layout)
         lam, residual, norm = result.eigenvalues[0], result.residuals[0], result.norms[0]
@@ -271,8 +276,10 @@ class EigenvectorTracker:
             residual=torch.where(accepted, residual, nan if old_res is None else old_res.to(residual)),
             accepted=accepted, iterations=result.iterations, generator_state=generator.get_state())
 
-    def _base_gradient(self, closure, params: list[Tensor], first_gradients, unscale) -> list[Tensor]:
-        """grad L(w) for forward differences: the first pass's, unless the HVPs run in another model mode.
+    def _base_gradient(self, closure, params: list[Tensor], first_gradients, first_pass_randomness, unscale
+                       ) -> tuple[list[Tensor], RandomState | None]:
+        """grad L(w) for forward differences and the random generators' states it was computed from:
+        the first pass's, unless the HVPs run in another model mode.
 
         With ``per_replica_perturbation`` the first pass skipped DDP's all-reduce, but the HVP
         passes do not: the first pass's gradient is averaged here (one collective, no evaluation).
@@ -284,13 +291,14 @@ class EigenvectorTracker:
                 base = [t.clone() for t in base]  # the caller restores the first-pass .grad from the originals
                 with torch.no_grad():
                     all_reduce_mean_(base, self._replica_group())
-            return base
+            return base, first_pass_randomness
         # One more evaluation, in the mode of the HVPs (the caller's eval-mode context is active).
+        randomness = RandomState.capture()
         user_grads = [p.grad for p in params]
         for p in params:
             p.grad = None
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), randomness.replayed():
                 closure()
             grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
         finally:
@@ -298,7 +306,7 @@ class EigenvectorTracker:
                 p.grad = g
         with torch.no_grad():
             unscale(grads)
-        return grads
+        return grads, randomness
 
     def _replica_group(self):
         """The group DDP averages over (per-replica perturbation: the model is the DDP module)."""

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..hessian import _is_dtensor
+from ..hessian import RandomState, _is_dtensor
 from .base import StepTransaction, SharpnessAware, register_arguments
 from .eigenvector import HVP_MODES, EigenvectorTracker
 from .functional import CORRECTIONS, inverse_norm, xsam_correction
@@ -69,6 +69,9 @@ class EigenvectorMixin:
         return [by_id[id(p)] for p in params]
 
     def _refresh(self, txn: StepTransaction, after_first_pass: bool) -> None:
+        if not after_first_pass and self.tracker.hvp == "forward_difference":
+            # Its products reuse the first pass's gradient, so they replay its random numbers (dropout).
+            txn.first_pass_randomness = RandomState.capture()
         if txn.closure is None or not self.tracker.due():
             return
         mode = self.tracker.mode(txn.loss_fn, txn.lists.params)
@@ -79,7 +82,8 @@ class EigenvectorMixin:
             # Owned copies of the first pass's gradients: the HVP backward passes overwrite .grad (and
             # with DDP's gradient_as_bucket_view, the buckets they are views of); they go back afterwards.
             first = {id(p): p.grad.detach().clone() for p in txn.lists.params if p.grad is not None}
-        txn.refresh = self.tracker.compute(txn.lists, txn.closure, txn.loss_fn, first_gradients=first)
+        txn.refresh = self.tracker.compute(txn.lists, txn.closure, txn.loss_fn, first_gradients=first,
+                                           first_pass_randomness=txn.first_pass_randomness)
         if first is not None:
             for p in txn.lists.params:
                 p.grad = first.get(id(p))
