@@ -1,8 +1,13 @@
-"""HVPs and power iteration on a quadratic whose Hessian A is known exactly."""
+"""HVPs and power iteration on a quadratic whose Hessian A is known exactly, and finite differences of a
+model with dropout against exact products with the same mask."""
+import warnings
+
 import pytest
 import torch
 
-from xsam.hessian import exact_hvp, finite_difference_hvp, power_iteration, random_vectors
+from xsam import XSAM
+from xsam.hessian import (RandomState, exact_hvp, finite_difference_hvp, forward_difference_hvp, power_iteration,
+                          random_vectors)
 
 from helpers import Quadratic, flat, unflat
 
@@ -111,3 +116,103 @@ def test_power_iteration_rejects_bad_arguments():
         power_iteration(hvp, [random_vector(q, 0)], iters=0)
     with pytest.raises(ValueError, match="tol=-1"):
         power_iteration(hvp, [random_vector(q, 0)], tol=-1)
+
+
+# ----- dropout in train mode: every closure call of the products replays the same random numbers -------
+class DropoutNet:
+    """A float64 MLP with dropout in train mode on a fixed batch: each forward pass draws a new mask."""
+
+    def __init__(self):
+        gen = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Dropout(0.5),
+                                       torch.nn.Linear(5, 1)).double()
+        self.params = list(self.net.parameters())
+        self.x = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+        self.y = torch.randn(8, 1, generator=gen, dtype=torch.float64)
+
+    def loss(self) -> torch.Tensor:
+        return (self.net(self.x) - self.y).square().mean()
+
+    def closure(self) -> torch.Tensor:
+        loss = self.loss()
+        loss.backward()
+        return loss
+
+    def exact_product(self, v, seed):
+        """The oracle: the double-backward product of the loss with the mask that ``seed`` draws."""
+        torch.manual_seed(seed)
+        hvp, _ = exact_hvp(self.loss, self.params)
+        return flat(hvp([v])[0])
+
+    def hessian(self, seed):
+        n = sum(p.numel() for p in self.params)
+        torch.manual_seed(seed)
+        hvp, _ = exact_hvp(self.loss, self.params)
+        return torch.stack([flat(hvp([unflat(e, self.params)])[0]) for e in torch.eye(n, dtype=torch.float64)])
+
+    def vector(self, seed=3):
+        n = sum(p.numel() for p in self.params)
+        return unflat(torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), self.params)
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_central_differences_see_the_mask_of_an_exact_product_built_at_the_same_generator_state():
+    model, v = DropoutNet(), None
+    v = model.vector()
+    exact = model.exact_product(v, seed=11)
+    assert relative_error(model.exact_product(v, seed=12), exact) > 0.1  # the mask matters
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
+    (fd,) = finite_difference_hvp(model.closure, model.params)([v])
+    assert relative_error(flat(fd), exact) < 1e-6
+    assert torch.equal(torch.get_rng_state(), state)  # the products leave the generator as they found it
+
+
+def test_forward_differences_replay_the_randomness_of_the_base_gradient():
+    model = DropoutNet()
+    v = model.vector()
+    exact = model.exact_product(v, seed=11)
+    torch.manual_seed(11)
+    randomness = RandomState.capture()
+    model.closure()  # the base gradient, from the generator state captured just before
+    base = [p.grad.clone() for p in model.params]
+    for p in model.params:
+        p.grad = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (fd,) = forward_difference_hvp(model.closure, model.params, base, randomness=randomness)([v])
+    assert relative_error(flat(fd), exact) < 1e-4  # forward differences: O(h) with h ~ sqrt(eps)
+
+
+def test_forward_differences_without_the_base_gradients_randomness_warn_when_the_closure_draws_random_numbers():
+    model = DropoutNet()
+    v = model.vector()
+    model.closure()
+    base = [p.grad.clone() for p in model.params]
+    with pytest.warns(UserWarning, match="the closure draws random numbers.*randomness=RandomState.capture"):
+        forward_difference_hvp(model.closure, model.params, base)([v])
+    model.net.eval()  # no dropout: nothing to replay, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forward_difference_hvp(model.closure, model.params, base)([v])
+
+
+@pytest.mark.parametrize("hvp", ["finite_difference", "forward_difference"])
+def test_xsam_eigenvalue_with_dropout_in_train_mode_is_the_one_of_the_first_pass_mask(hvp):
+    """No model= (the HVPs run in train mode): the refresh sees the mask of the step's first pass."""
+    model = DropoutNet()
+    eigenvalues = torch.linalg.eigvalsh(model.hessian(seed=5))
+    top = eigenvalues[eigenvalues.abs().argmax()]
+    opt = XSAM(model.params, torch.optim.SGD, lr=0.0, hvp=hvp, power_iters=150, eig_interval=1)
+    torch.manual_seed(5)
+    opt.step(model.closure)
+    torch.testing.assert_close(torch.tensor(opt.diagnostics()["eigenvalue"], dtype=torch.float64), top,
+                               rtol=1e-4, atol=0)
+    after_step = torch.get_rng_state()
+    torch.manual_seed(5)
+    model.closure(), model.closure()  # the step's two passes alone
+    assert torch.equal(after_step, torch.get_rng_state())  # the refresh drew no random numbers of its own

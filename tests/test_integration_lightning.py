@@ -39,12 +39,12 @@ def make_net(batchnorm=True):
                          nn.Linear(6, 3))
 
 
-def make_optimizer(kind, params, model):
+def make_optimizer(kind, params, model, **extra):
     # hvp_eval_mode=False: eval-mode HVPs would read BatchNorm running statistics, which the trainer's first
     # pass has already updated when the step refreshes, and a hand-written opt.step has not (see README).
     if kind == "xsam":
-        return XSAM(params, torch.optim.SGD, model=model, hvp_eval_mode=False, **XSAM_HYPER, **HYPER)
-    return SAM(params, torch.optim.SGD, model=model, **SAM_HYPER, **HYPER)
+        return XSAM(params, torch.optim.SGD, model=model, hvp_eval_mode=False, **XSAM_HYPER, **HYPER, **extra)
+    return SAM(params, torch.optim.SGD, model=model, **SAM_HYPER, **HYPER, **extra)
 
 
 def make_batches(count, size=8, seed=1):
@@ -53,9 +53,10 @@ def make_batches(count, size=8, seed=1):
 
 
 class TinyModule(pl.LightningModule):
-    def __init__(self, kind="xsam", batchnorm=True):
+    def __init__(self, kind="xsam", batchnorm=True, **optimizer_kwargs):
         super().__init__()
         self.kind = kind
+        self.optimizer_kwargs = optimizer_kwargs
         self.net = make_net(batchnorm)
 
     def training_step(self, batch, batch_idx):
@@ -66,7 +67,7 @@ class TinyModule(pl.LightningModule):
 
     def configure_optimizers(self):
         # The strategy's model: the DDP module under DDP (its process group averages exact HVPs).
-        return make_optimizer(self.kind, self.parameters(), self.trainer.strategy.model)
+        return make_optimizer(self.kind, self.parameters(), self.trainer.strategy.model, **self.optimizer_kwargs)
 
 
 def fit(module, batches, *, precision="64-true", epochs=1, callback=True, ckpt_path=None, **trainer_kwargs):
@@ -85,11 +86,18 @@ def fit(module, batches, *, precision="64-true", epochs=1, callback=True, ckpt_p
     return trainer
 
 
-def hand_loop(kind, batches, *, k=1, precision="64-true", epochs=1, clip=None, batchnorm=True, micro_batches=None):
-    """The same steps written by hand: each step's closure runs all k micro-batches (loss / k each)."""
+def hand_loop(kind, batches, *, k=1, precision="64-true", epochs=1, clip=None, batchnorm=True, micro_batches=None,
+              **optimizer_kwargs):
+    """The same steps written by hand: each step's closure runs all k micro-batches (loss / k each).
+
+    ``clip``: Trainer(gradient_clip_val=clip) by hand: SAM clips the second pass's gradient (the closure clips
+    both; the first pass's scale does not matter), X-SAM passes it to the optimizer as max_grad_norm.
+    """
     dtype = PRECISION_DTYPE[precision]
     net = make_net(batchnorm).to(dtype)
-    opt = make_optimizer(kind, net.parameters(), net)
+    if kind == "xsam" and clip:
+        optimizer_kwargs, clip = dict(optimizer_kwargs, max_grad_norm=clip), None
+    opt = make_optimizer(kind, net.parameters(), net, **optimizer_kwargs)
     scaler = SAMGradScaler("cpu") if precision == "16-mixed" else None
     # cache_enabled=False as in Lightning: a cached cast weight shared by the micro-batches of loss_fn would
     # sum their gradients in the low precision.
@@ -189,14 +197,42 @@ def test_logged_loss_is_the_first_pass_loss_and_diagnostics_are_logged():
     assert metrics["xsam/angle_gadv_v"].item() == pytest.approx(torch.tensor(cos).acos().rad2deg().item(), rel=1e-4)
 
 
-def test_gradient_clipping_acts_on_the_second_pass():
+@pytest.mark.parametrize("kind", ["xsam", "sam"])
+def test_gradient_clipping_clips_the_direction_the_base_optimizer_applies(kind):
+    """SAM: the second pass's gradient. X-SAM normalises it before correcting it (clipping it would be a
+    no-op), so the clipping is X-SAM's own max_grad_norm, after the correction."""
     batches = make_batches(4)
-    module = TinyModule("sam")
-    fit(module, batches, gradient_clip_val=0.05)
-    clipped, _, _ = hand_loop("sam", batches, clip=0.05)
-    unclipped, _, _ = hand_loop("sam", batches)
+    module = TinyModule(kind)
+    trainer = fit(module, batches, gradient_clip_val=0.05)
+    clipped, opt, _ = hand_loop(kind, batches, clip=0.05)
+    unclipped, _, _ = hand_loop(kind, batches)
     assert_same_weights(module, clipped, 1e-12)
     assert (clipped[0].weight - unclipped[0].weight).abs().max() > 1e-3  # the clipping was active
+    assert trainer.optimizers[0].max_grad_norm is None  # routed for each step, not kept
+
+
+def test_streaming_with_gradient_clipping_sees_the_unclipped_gradients_of_both_passes():
+    batches = make_batches(6)
+    module = TinyModule("xsam", hvp="streaming")
+    trainer = fit(module, batches, accumulate_grad_batches=2, gradient_clip_val=0.05)
+    net, opt, _ = hand_loop("xsam", batches, k=2, clip=0.05, hvp="streaming")
+    assert_same_weights(module, net, 1e-12)
+    for a, b in zip(trainer.optimizers[0].eigenvector(), opt.eigenvector()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("optimizer_kwargs, trainer_kwargs, match", [
+    ({}, dict(gradient_clip_val=0.05, gradient_clip_algorithm="value"),
+     "gradient_clip_algorithm='value' is not supported with XSAM.*Use gradient_clip_algorithm='norm'"),
+    (dict(max_grad_norm=1.0), dict(gradient_clip_val=0.05),
+     r"both Trainer\(gradient_clip_val=0.05\) and XSAM\(max_grad_norm=1.0\).*set one of them"),
+], ids=["value-clipping", "clipping-set-twice"])
+def test_clipping_xsam_cannot_do_is_refused_before_any_weight_moves(optimizer_kwargs, trainer_kwargs, match):
+    module = TinyModule("xsam", **optimizer_kwargs)
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match=match):
+        fit(module, make_batches(2), **trainer_kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(module.parameters(), before))
 
 
 @pytest.mark.parametrize("kind", ["xsam", "sam"])

@@ -51,7 +51,7 @@ def make_data(count=16, seed=1):
     return out
 
 
-def train(output_dir, *, kind="xsam", k=1, steps=3, dtype=torch.float64, resume=None, **arguments):
+def train(output_dir, *, kind="xsam", k=1, steps=3, dtype=torch.float64, resume=None, sam_kwargs=None, **arguments):
     settings = dict(output_dir=str(output_dir), use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
                     per_device_train_batch_size=BATCH, gradient_accumulation_steps=k, max_steps=steps,
                     learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=0.0,
@@ -59,15 +59,19 @@ def train(output_dir, *, kind="xsam", k=1, steps=3, dtype=torch.float64, resume=
     settings.update(arguments)
     trainer = XSAMTrainer(model=make_model(dtype), args=TrainingArguments(**settings), train_dataset=make_data(),
                           sam_class=XSAM if kind == "xsam" else SAM,
-                          sam_kwargs=XSAM_KWARGS if kind == "xsam" else SAM_KWARGS)
+                          sam_kwargs=dict(XSAM_KWARGS if kind == "xsam" else SAM_KWARGS, **(sam_kwargs or {})))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
-def hand_loop(trainer, *, kind="xsam", k=1, steps=3, dtype=torch.float64, clip=0.0, autocast_dtype=None, batch=BATCH):
-    """The same steps with opt.step(closure, loss_fn); param groups (``trainer``'s rule) and order as the Trainer's."""
+def hand_loop(trainer, *, kind="xsam", k=1, steps=3, dtype=torch.float64, autocast_dtype=None, batch=BATCH,
+              **sam_kwargs):
+    """The same steps with opt.step(closure, loss_fn); param groups (``trainer``'s rule) and order as the Trainer's.
+
+    ``sam_kwargs`` are added to the optimizer's (``max_grad_norm``: what TrainingArguments(max_grad_norm=...) sets).
+    """
     model = make_model(dtype)
     model.train()
     decay = set(trainer.get_decay_parameter_names(model))
@@ -75,9 +79,9 @@ def hand_loop(trainer, *, kind="xsam", k=1, steps=3, dtype=torch.float64, clip=0
     groups = [{"params": [p for n, p in named if n in decay], "weight_decay": 0.01},
               {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
     if kind == "xsam":
-        opt = XSAM(groups, torch.optim.SGD, model=model, lr=0.1, **XSAM_KWARGS)
+        opt = XSAM(groups, torch.optim.SGD, model=model, lr=0.1, **XSAM_KWARGS, **sam_kwargs)
     else:
-        opt = SAM(groups, torch.optim.SGD, model=model, lr=0.1, **SAM_KWARGS)
+        opt = SAM(groups, torch.optim.SGD, model=model, lr=0.1, **SAM_KWARGS, **sam_kwargs)
     autocast = torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
     data, losses = make_data(), []
     for step in range(steps):
@@ -95,8 +99,6 @@ def hand_loop(trainer, *, kind="xsam", k=1, steps=3, dtype=torch.float64, clip=0
                 loss = loss_of(mb)
                 loss.backward()
                 total += loss.detach()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             return total
 
         def loss_fn():
@@ -138,12 +140,25 @@ def test_logs_keep_the_first_pass_loss_and_add_the_diagnostics(tmp_path):
     assert {"xsam/grad_norm", "xsam/adv_grad_norm", "xsam/cos_g_v"} <= set(last)
 
 
-def test_max_grad_norm_clips_the_second_pass(tmp_path):
-    trainer = train(tmp_path, kind="sam", k=2, max_grad_norm=0.05)
-    clipped, _, _ = hand_loop(trainer, kind="sam", k=2, clip=0.05)
-    unclipped, _, _ = hand_loop(trainer, kind="sam", k=2)
+@pytest.mark.parametrize("kind", ["xsam", "sam"])
+def test_max_grad_norm_is_the_optimizers_clipping_of_the_direction_it_applies(tmp_path, kind):
+    """X-SAM normalises the second pass's gradient before correcting it: clipping that gradient would be a no-op."""
+    trainer = train(tmp_path, kind=kind, k=2, max_grad_norm=0.05)
+    clipped, opt, _ = hand_loop(trainer, kind=kind, k=2, max_grad_norm=0.05)
+    unclipped, _, _ = hand_loop(trainer, kind=kind, k=2)
     assert_same_weights(trainer.model, clipped, 1e-12)
     assert max((a - b).abs().max() for a, b in zip(clipped.parameters(), unclipped.parameters())) > 1e-3
+    # The Trainer still logs the first pass's gradient norm (unclipped), as with any optimizer.
+    logged = [entry for entry in trainer.state.log_history if "grad_norm" in entry]
+    assert logged[-1]["grad_norm"] == pytest.approx(opt.diagnostics()["grad_norm"], rel=1e-9)
+
+
+def test_streaming_with_max_grad_norm_sees_the_unclipped_gradients_of_both_passes(tmp_path):
+    trainer = train(tmp_path, k=2, max_grad_norm=0.05, sam_kwargs={"hvp": "streaming"})
+    model, opt, _ = hand_loop(trainer, k=2, max_grad_norm=0.05, hvp="streaming")
+    assert_same_weights(trainer.model, model, 1e-12)
+    for a, b in zip(trainer.sam_optimizer.eigenvector(), opt.eigenvector()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["xsam", "sam"])
@@ -167,6 +182,9 @@ def test_refusals_name_the_argument_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match="sets \\['model'\\]"):
         XSAMTrainer(model=make_model(), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
                     train_dataset=make_data(), sam_kwargs={"model": None})
+    with pytest.raises(ValueError, match=r"sets \['max_grad_norm'\].*from TrainingArguments\(max_grad_norm=...\)"):
+        XSAMTrainer(model=make_model(), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
+                    train_dataset=make_data(), sam_kwargs={"max_grad_norm": 1.0})
     with pytest.raises(ValueError, match="needs exact Hessian-vector products"):
         XSAMTrainer(model=make_model(), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
                     train_dataset=make_data(), sam_kwargs={"hvp": "finite_difference"}).create_optimizer()

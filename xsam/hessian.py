@@ -9,14 +9,18 @@ into parameter-shaped pieces. All vector arithmetic goes through the op set
   create-graph backward serves any number of products. Nothing is written to
   ``.grad``.
 - ``finite_difference_hvp``: central differences of gradients from an ordinary
-  closure (forward + backward); weights and ``.grad`` are restored bit-exactly.
+  closure (forward + backward); weights and ``.grad`` are restored bit-exactly, and
+  every closure call replays the same random numbers (``RandomState``), so dropout
+  in train mode is one fixed function during the products.
 - ``power_iteration``: top-|lambda| eigenpairs, m >= 1 vectors at once (block
   power iteration with Gram-Schmidt re-orthonormalisation when m > 1).
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -29,6 +33,7 @@ HvpFn = Callable[[Sequence[Vector]], list[Vector]]
 
 __all__ = [
     "PowerIterationResult",
+    "RandomState",
     "default_fd_step",
     "exact_hvp",
     "finite_difference_hvp",
@@ -135,12 +140,57 @@ def _step_tensor(h, like: Tensor) -> Tensor:
     return torch.full((), float(h), dtype=ops.accumulation_dtype(like.dtype), device=like.device)
 
 
-class _ClosureGradients:
-    """Gradients of the closure at ``w + h v``, with the weights put back bit-exactly afterwards."""
+@dataclass
+class RandomState:
+    """The states of the generators dropout draws from: the CPU's and every initialised CUDA device's.
 
-    def __init__(self, closure, params: list[Tensor], backend: str, layout, on_gradients: GradientHook | None):
+    Finite-difference products replay one such state in every closure call, so that the loss is
+    one function of the weights during the products (the same dropout masks at ``w + h v`` and
+    ``w - h v``), as for exact products, whose single forward pass draws one set of masks.
+    Generators of one's own (``torch.Generator`` objects, numpy, other device types) are not covered.
+    """
+
+    cpu: Tensor
+    cuda: list[Tensor]
+
+    @classmethod
+    def capture(cls) -> RandomState:
+        return cls(torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+    def is_current(self) -> bool:
+        now = RandomState.capture()
+        return (torch.equal(now.cpu, self.cpu) and len(now.cuda) == len(self.cuda)
+                and all(map(torch.equal, now.cuda, self.cuda)))
+
+    @contextlib.contextmanager
+    def replayed(self) -> Iterator[None]:
+        """Run the block from these states; afterwards the generators are as they were before the block."""
+        before = RandomState.capture()
+        self.restore()
+        try:
+            yield
+        finally:
+            before.restore()
+
+
+class _ClosureGradients:
+    """Gradients of the closure at ``w + h v``, with the weights put back bit-exactly afterwards.
+
+    Every call replays ``randomness``; ``draws_random_numbers`` says, after the first call,
+    whether the closure drew from the generators it covers.
+    """
+
+    def __init__(self, closure, params: list[Tensor], backend: str, layout, on_gradients: GradientHook | None,
+                 randomness: RandomState):
         self.closure, self.params, self.backend, self.layout = closure, params, backend, layout
         self.on_gradients = on_gradients
+        self.randomness = randomness
+        self.draws_random_numbers: bool | None = None
 
     def at(self, offset: Vector, h: Tensor, saved: Vector) -> Vector:
         params = self.params
@@ -149,8 +199,10 @@ class _ClosureGradients:
         for p in params:
             p.grad = None
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), self.randomness.replayed():
                 self.closure()
+                if self.draws_random_numbers is None:
+                    self.draws_random_numbers = not self.randomness.is_current()
         finally:
             with torch.no_grad():
                 ops.copy_(params, saved)
@@ -173,10 +225,13 @@ def finite_difference_hvp(
     ``closure`` runs forward and backward (accumulating into ``.grad``) like a
     torch.optim closure. Each product costs two closure calls. Weights are put
     back from a saved copy (bit-exact) and the caller's ``.grad`` tensors are
-    reinstated afterwards, also when the closure raises.
+    reinstated afterwards, also when the closure raises. Every closure call starts
+    from the random generators' states of this call (``RandomState``): with dropout
+    in train mode, every product sees the masks the next draw from these states gives,
+    as an ``exact_hvp`` built now would; the generators are left as they were.
     """
     params = list(params)
-    gradients = _ClosureGradients(closure, params, backend, layout, on_gradients)
+    gradients = _ClosureGradients(closure, params, backend, layout, on_gradients, RandomState.capture())
 
     def hvp(vectors: Sequence[Vector]) -> list[Vector]:
         user_grads = [p.grad for p in params]
@@ -200,10 +255,17 @@ def finite_difference_hvp(
     return hvp
 
 
+_UNKNOWN_BASE_RANDOMNESS = (
+    "forward_difference_hvp: the closure draws random numbers (dropout in train mode?), and without randomness= "
+    "the products cannot replay the ones base_gradient was computed with, so they difference two different "
+    "functions. Pass randomness=RandomState.capture() taken right before base_gradient's closure call, run the "
+    "model in eval mode, or use finite_difference_hvp")
+
+
 def forward_difference_hvp(
     closure: Callable[[], Tensor], params: Sequence[Tensor], base_gradient: Vector, *,
     step: float | Tensor | None = None, backend: str = "auto", on_gradients: GradientHook | None = None,
-    layout: ops.Layout | None = None,
+    layout: ops.Layout | None = None, randomness: RandomState | None = None,
 ) -> HvpFn:
     """``H v ~ (grad L(w + h v) - grad L(w)) / h`` with ``grad L(w)`` given (``base_gradient``).
 
@@ -212,13 +274,19 @@ def forward_difference_hvp(
     ``~ sqrt(eps)`` (``default_fd_step(order=1)``). ``base_gradient`` must be the gradient of
     the same loss in the same model mode (and already unscaled when ``on_gradients`` unscales
     the closure's). Weights and ``.grad`` are put back as by ``finite_difference_hvp``.
+
+    ``randomness``: the random generators' states ``base_gradient``'s closure call started from
+    (``RandomState.capture()`` right before it); every closure call replays them, so dropout
+    draws the masks of ``base_gradient``. None: the states of this call, with a warning when
+    the closure draws random numbers (``base_gradient`` then came from other ones).
     """
     params = list(params)
     base = list(base_gradient)
     if len(base) != len(params):
         raise ValueError(f"base_gradient has {len(base)} tensors for {len(params)} parameters; pass the "
                          "gradient at the current weights, one tensor per parameter")
-    gradients = _ClosureGradients(closure, params, backend, layout, on_gradients)
+    gradients = _ClosureGradients(closure, params, backend, layout, on_gradients,
+                                  RandomState.capture() if randomness is None else randomness)
 
     def hvp(vectors: Sequence[Vector]) -> list[Vector]:
         user_grads = [p.grad for p in params]
@@ -229,6 +297,8 @@ def forward_difference_hvp(
                 h = default_fd_step(params, v, order=1, backend=backend, layout=layout) if step is None else step
                 h = _step_tensor(h, saved[0])
                 g_plus = gradients.at(v, h, saved)
+                if randomness is None and gradients.draws_random_numbers:
+                    warnings.warn(_UNKNOWN_BASE_RANDOMNESS, stacklevel=2)
                 with torch.no_grad():
                     ops.axpy_(g_plus, base, -1.0, backend=backend, layout=layout)
                     ops.scale_copy_(g_plus, g_plus, 1.0 / h, backend=backend, layout=layout)

@@ -19,13 +19,19 @@ With the callback (``Trainer(callbacks=[XSAMCallback()])``, any of the precision
 - second pass: the step replays every micro-batch of the accumulated batch at the perturbed
   weights, with ``self.log`` muted, DDP synchronising on the last micro-batch only, and BatchNorm
   running statistics left as the first pass set them. Then ``on_before_optimizer_step`` and
-  gradient clipping (``Trainer(gradient_clip_val=...)``) act on this pass's gradient, the one
-  the optimizer corrects and applies. Norm clipping of the first pass would change nothing: the
-  perturbation is normalised.
+  Lightning's gradient clipping run on this pass's gradient (see clipping). Norm clipping of the
+  first pass would change nothing: the perturbation is normalised.
+- clipping: for ``SAM`` and ``EigenSAM`` the second pass's gradient is what the base optimizer
+  applies, and Lightning clips it (norm or value). ``XSAM`` corrects that gradient first, and
+  normalises it (``normalize=True``), so clipping it would change nothing: Lightning's norm
+  clipping becomes the optimizer's own ``max_grad_norm`` for the step, applied to the corrected
+  direction (the Hessian-vector products, and ``hvp="streaming"``'s two gradients, stay
+  unclipped). Value clipping, and clipping in both the Trainer and ``XSAM(max_grad_norm=...)``,
+  are refused.
 - 16-mixed: Lightning's GradScaler is replaced by ``xsam.amp.SAMGradScaler`` (same settings),
   which unscales and checks each pass and skips the whole step on inf/nan; clipping (and the
   ``on_before_optimizer_step`` hook) see still-scaled gradients there, so the clipping threshold
-  is scaled to match.
+  is scaled to match (X-SAM's ``max_grad_norm`` acts after unscaling).
 - exact HVPs: X-SAM gets a forward-only ``loss_fn`` that runs ``training_step`` on the same
   micro-batches (logging muted, same autocast). ``hvp='finite_difference'`` is refused.
 - diagnostics (eigenvalue, cos and angle between g_adv and v, gradient norms) go to
@@ -45,11 +51,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 
 from ..amp import SAMGradScaler
-from ..optim import SharpnessAware
+from ..optim import XSAM, SharpnessAware
 from ._common import (TwoPassClosure, check_sam_optimizer, logged_diagnostics, run_sam_step,
                       running_statistics_untouched, stash_gradients)
 
@@ -71,7 +78,8 @@ class XSAMCallback(Callback):
     compared). Strategies: single device and ``ddp`` (tested with 2 gloo processes;
     ``ddp_spawn``/``ddp_fork`` take the same path). Supports ``accumulate_grad_batches`` (both passes see
     every micro-batch) and ``gradient_clip_val``/``gradient_clip_algorithm`` (applied to the
-    second pass). See the module docstring for what happens in each pass.
+    direction the base optimizer steps along; X-SAM: norm clipping only). See the module
+    docstring for what happens in each pass.
 
     Args:
         log_diagnostics (bool, optional): log the optimizer's per-step diagnostics
@@ -105,8 +113,9 @@ class XSAMCallback(Callback):
         if type(plugin) not in _SUPPORTED_PRECISION:
             raise ValueError(f"XSAMCallback does not support the {type(plugin).__name__} precision plugin; use "
                              "precision='32-true', '64-true', 'bf16-mixed', '16-mixed', '16-true' or 'bf16-true'")
-        # An instance attribute shadows the plugin's method for this fit only (removed in teardown).
+        # Instance attributes shadow the plugin's methods for this fit only (removed in teardown).
         plugin.optimizer_step = functools.partial(self._optimizer_step, plugin)
+        plugin.clip_gradients = functools.partial(_clip_gradients, plugin)
         self._plugin = plugin
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
@@ -133,7 +142,6 @@ class XSAMCallback(Callback):
                 # state (a resumed run's scale has been restored by now).
                 plugin.scaler = SAMGradScaler(plugin.device)
                 plugin.scaler.load_state_dict(scaler.state_dict())
-            plugin.clip_gradients = functools.partial(_clip_scaled_gradients, plugin)
 
     # ----- the micro-batches of the current accumulated batch ----------------------------
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -166,8 +174,12 @@ class XSAMCallback(Callback):
         first_pass = stash_gradients(optimizer)
         replay = functools.partial(_second_pass, trainer, plugin, optimizer, micro_batches)
         loss_fn = functools.partial(_forward_loss, trainer, plugin, micro_batches)
-        return run_sam_step(optimizer, TwoPassClosure(first_loss, first_pass, replay), loss_fn,
-                            scaler=getattr(plugin, "scaler", None))
+        own_clipping = optimizer.max_grad_norm
+        try:
+            return run_sam_step(optimizer, TwoPassClosure(first_loss, first_pass, replay), loss_fn,
+                                scaler=getattr(plugin, "scaler", None))
+        finally:
+            optimizer.max_grad_norm = own_clipping  # the clipping _clip_gradients routed lasts one step
 
 
 def _second_pass(trainer, plugin: Precision, optimizer, micro_batches: list) -> Tensor:
@@ -199,16 +211,40 @@ def _forward_loss(trainer, plugin: Precision, micro_batches: list) -> Tensor:
     return sum(losses) / trainer.accumulate_grad_batches
 
 
-def _clip_scaled_gradients(plugin: MixedPrecision, optimizer, clip_val=0.0, gradient_clip_algorithm=None, **kw):
-    """Replaces ``plugin.clip_gradients`` under 16-mixed: inside the step the gradients are still scaled.
+def _clip_gradients(plugin: Precision, optimizer, clip_val=0.0,
+                    gradient_clip_algorithm=GradClipAlgorithmType.NORM) -> None:
+    """Replaces ``plugin.clip_gradients``, which Lightning calls on the second pass's gradient, inside the step.
 
-    ``SAMGradScaler`` unscales each pass after the closure returns, and Lightning clips inside
-    it, so the threshold is multiplied by the scale (the same clipping on unscaled values).
+    X-SAM: the clipping is routed to the optimizer (``_route_clipping``). Under 16-mixed the
+    gradients are still scaled there (``SAMGradScaler`` unscales each pass after the closure
+    returns), so the threshold is multiplied by the scale: the same clipping on unscaled values.
     """
-    if clip_val:
+    if isinstance(optimizer, XSAM):
+        if clip_val and clip_val > 0:
+            _route_clipping(optimizer, clip_val, gradient_clip_algorithm)
+        return
+    if clip_val and isinstance(getattr(plugin, "scaler", None), SAMGradScaler):
         clip_val = clip_val * plugin.scaler.get_scale()
-    kwargs = {} if gradient_clip_algorithm is None else {"gradient_clip_algorithm": gradient_clip_algorithm}
-    return type(plugin).clip_gradients(plugin, optimizer, clip_val, **kwargs, **kw)
+    type(plugin).clip_gradients(plugin, optimizer, clip_val, gradient_clip_algorithm)
+
+
+def _route_clipping(optimizer: XSAM, clip_val: float, algorithm) -> None:
+    """Lightning's clipping of X-SAM's second pass becomes the optimizer's ``max_grad_norm`` for this step.
+
+    X-SAM corrects the second pass's gradient (normalised by default) before the base step, so
+    clipping that gradient would change nothing; ``max_grad_norm`` clips the corrected direction.
+    """
+    algorithm = GradClipAlgorithmType(algorithm)
+    if algorithm != GradClipAlgorithmType.NORM:
+        raise ValueError(f"gradient_clip_algorithm={algorithm.value!r} is not supported with XSAM: it would clip the "
+                         "second pass's gradient element by element before X-SAM corrects and normalises it. Use "
+                         "gradient_clip_algorithm='norm': XSAMCallback then clips the corrected direction, as "
+                         "XSAM(max_grad_norm=...) does")
+    if optimizer.max_grad_norm is not None:
+        raise ValueError(f"both Trainer(gradient_clip_val={clip_val!r}) and XSAM(max_grad_norm="
+                         f"{optimizer.max_grad_norm!r}) ask for clipping; set one of them (they do the same: clip the "
+                         "corrected direction)")
+    optimizer.max_grad_norm = float(clip_val)
 
 
 def _step_args(module, batch, batch_idx: int) -> tuple:

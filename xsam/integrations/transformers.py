@@ -2,17 +2,21 @@
 
 The Trainer runs forward and backward for each micro-batch of an accumulated batch (under
 accelerate's autocast, without DDP synchronisation until the last one), clips, and calls
-``optimizer.step()`` with no closure. ``XSAMTrainer`` keeps that loop and fills in the rest:
+``optimizer.step()`` with no closure. ``XSAMTrainer`` keeps that loop (without its clipping,
+see below) and fills in the rest:
 
 - first pass: the Trainer's own ``training_step`` for every micro-batch, unchanged, so the
   logged ``loss`` is the unperturbed training loss, as with any optimizer. The step reuses
   the accumulated gradient (no recomputation).
 - second pass: inside ``optimizer.step()``, ``Trainer.training_step`` replays every
   micro-batch at the perturbed weights (same loss scaling for gradient accumulation, DDP
-  all-reduce on the last micro-batch only, BatchNorm running statistics untouched), then
-  ``max_grad_norm`` clips this pass's gradient: the one X-SAM corrects and the base optimizer
-  applies. (The Trainer's own clipping of the first pass only rescales g, which the
-  normalised perturbation ignores.)
+  all-reduce on the last micro-batch only, BatchNorm running statistics untouched).
+- clipping: ``TrainingArguments(max_grad_norm=...)`` becomes the optimizer's own
+  ``max_grad_norm``, which clips the direction the base optimizer applies (for X-SAM, after
+  the correction; the Hessian-vector products never see it). Neither pass's gradient is
+  clipped: X-SAM normalises the second pass's gradient before correcting it (clipping it would
+  change nothing), and ``hvp="streaming"`` builds its product from the two unclipped gradients.
+  The logged ``grad_norm`` is the first pass's, as the Trainer measures it.
 - exact HVPs: X-SAM gets a forward-only loss: ``compute_loss`` over the same micro-batches.
 - the optimizer: ``XSAM`` around the base optimizer ``TrainingArguments`` describe (``optim``,
   ``learning_rate``, ``weight_decay`` without decay on biases and norms, Adam's betas and
@@ -40,7 +44,12 @@ from ._common import (TwoPassClosure, check_sam_optimizer, logged_diagnostics, r
 
 __all__ = ["XSAMTrainer"]
 
-_SET_BY_THE_TRAINER = ("model", "process_group", "per_replica_perturbation")
+# sam_kwargs the trainer sets itself, and from what.
+_SET_BY_THE_TRAINER = {
+    "model": "the model being trained", "process_group": "the world group under DDP",
+    "per_replica_perturbation": "False: the Trainer's first pass all-reduces",
+    "max_grad_norm": "from TrainingArguments(max_grad_norm=...); set the clipping there",
+}
 
 
 class XSAMTrainer(Trainer):
@@ -57,8 +66,9 @@ class XSAMTrainer(Trainer):
             optimizer built from it is ``trainer.sam_optimizer`` (``diagnostics()``, ``eigenvector()``)
         sam_kwargs (dict, optional): its own arguments, e.g. ``rho``, ``alpha``, ``correction``,
             ``eig_interval``, ``power_iters``, ``hvp_eval_mode``, ``backend`` (default: None,
-            the class defaults). ``model`` and ``process_group`` are set by the trainer (the
-            model being trained; the world group under DDP, which averages the HVPs).
+            the class defaults). ``model``, ``process_group`` and ``max_grad_norm`` are set by the
+            trainer (the model being trained; the world group under DDP, which averages the HVPs;
+            ``TrainingArguments.max_grad_norm``, 0 for none).
         log_diagnostics (bool, optional): add the per-step diagnostics to the logs (default: True)
     """
 
@@ -69,7 +79,8 @@ class XSAMTrainer(Trainer):
         sam_kwargs = dict(sam_kwargs or {})
         reserved = sorted(set(sam_kwargs) & set(_SET_BY_THE_TRAINER))
         if reserved:
-            raise ValueError(f"sam_kwargs sets {reserved}, which XSAMTrainer sets itself; remove them")
+            whence = "; ".join(f"{key}: {_SET_BY_THE_TRAINER[key]}" for key in reserved)
+            raise ValueError(f"sam_kwargs sets {reserved}, which XSAMTrainer sets itself ({whence}); remove them")
         if not isinstance(log_diagnostics, bool):
             raise ValueError(f"log_diagnostics={log_diagnostics!r} is invalid: pass True or False")
         super().__init__(*args, **kwargs)
@@ -109,8 +120,10 @@ class XSAMTrainer(Trainer):
         base = base_class([dict(g) for g in groups], **base_kwargs)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         group = torch.distributed.group.WORLD if distributed and torch.distributed.get_world_size() > 1 else None
+        clip = self.args.max_grad_norm if self.args.max_grad_norm > 0 else None
         optimizer = _driven_by_trainer(self.sam_class)(
-            [dict(g) for g in groups], base, model=opt_model, process_group=group, **self.sam_kwargs)
+            [dict(g) for g in groups], base, model=opt_model, process_group=group, max_grad_norm=clip,
+            **self.sam_kwargs)
         check_sam_optimizer(optimizer, "XSAMTrainer", "")
         optimizer.trainer_step = functools.partial(self._sam_step, optimizer)
         if self.log_diagnostics:
@@ -146,9 +159,12 @@ class XSAMTrainer(Trainer):
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
                     loss = super().training_step(model, inputs, num_items_in_batch)
                 total = loss if total is None else total + loss
-        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
         return total
+
+    def _clip_grad_norm(self, model) -> None:
+        """The Trainer's clipping of the first pass, before ``optimizer.step()``: not done (the optimizer's own
+        ``max_grad_norm`` clips the step's direction). None makes the Trainer measure the norm it logs."""
+        return None
 
     def _forward_loss(self, micro_batches: list) -> Tensor:
         """X-SAM's forward-only loss for exact HVPs: the accumulated batch's loss, scaled as training_step scales it."""

@@ -44,8 +44,9 @@ from .checkpoint import GLOBAL, CheckpointMixin
 from .functional import inverse_norm
 from .lists import GroupLists, ParamLists, structure_key
 from .model_state import BatchNormState, batchnorm_statistics_frozen
-from .validation import (ARGUMENTS_OF, check_base_optimizer, check_bool, check_number, check_parameters,
-                         own_arguments, own_eps, register_arguments, split_base_kwargs)
+from .validation import (ARGUMENTS_OF, check_base_optimizer, check_bool, check_eps, check_number, check_parameters,
+                         check_process_group, check_rho, own_arguments, own_eps, register_arguments,
+                         split_base_kwargs)
 
 __all__ = ["GLOBAL", "FirstPassSums", "GradientCheck", "SharpnessAware", "StepTransaction", "register_arguments"]
 
@@ -72,6 +73,7 @@ class StepTransaction:
     perturbed_lists: ParamLists | None = None
     refresh: Any = None  # the eigenvector computed in this step (X-SAM, Eigen-SAM)
     first_pass_gradient: list[Tensor] | None = None  # hvp="streaming": a copy of g, aligned with `lists`
+    first_pass_randomness: Any = None  # the random generators' states before the first pass (forward differences)
     base_step_started: bool = False  # the base optimizer may have changed its state: no full rollback
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
 
@@ -95,25 +97,21 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
                  max_grad_norm: float | None, base_kwargs: dict):
         self._check_hyperparameters(defaults, "")
         check_base_optimizer(base_optimizer)
-        eps = own_eps(type(self).__name__, base_optimizer, eps)
+        eps = check_eps(own_eps(type(self).__name__, base_optimizer, eps))
         if isinstance(base_optimizer, type):
             split_base_kwargs(type(self).__name__, base_optimizer, base_kwargs, own_arguments(type(self)),
                               ARGUMENTS_OF)
         ops.check_backend_name(backend)
-        check_number("eps", eps, 0.0, low_open=True, hint="It keeps 1 / (||g|| + eps) finite; the usual value "
-                     "is 1e-12.")
         if max_grad_norm is not None:
-            check_number("max_grad_norm", max_grad_norm, 0.0, low_open=True,
-                         hint="Pass None for no clipping.")
+            max_grad_norm = check_number("max_grad_norm", max_grad_norm, 0.0, low_open=True,
+                                         hint="Pass None for no clipping.")
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"model={type(model).__name__} is invalid: pass the nn.Module being trained, or None")
         check_bool("per_replica_perturbation", per_replica_perturbation)
         if per_replica_perturbation and not hasattr(model, "no_sync"):
             raise ValueError("per_replica_perturbation=True needs model=<the DistributedDataParallel module>: the "
                              "first pass runs under model.no_sync() so each replica perturbs by its own gradient")
-        if isinstance(process_group, str) and process_group != "auto":
-            raise ValueError(f"process_group={process_group!r} is invalid: pass 'auto', None, or a "
-                             "torch.distributed ProcessGroup")
+        check_process_group(process_group)
         if per_replica_perturbation and getattr(model, "static_graph", False):
             raise ValueError("per_replica_perturbation=True does not work with DistributedDataParallel("
                              "static_graph=True): DDP's static graph cannot skip the gradient all-reduce of the "
@@ -194,8 +192,7 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
     def _check_hyperparameters(self, values: dict, where: str) -> None:
         """The per-group hyper-parameters (the constructor's defaults, where="", or a group's, with its
         "params"): one place for both, extended by each class for its own keys."""
-        check_number("rho", values["rho"], 0.0, where=where, hint="It is the perturbation radius; the usual value "
-                     "is 0.05.")
+        values["rho"] = check_rho(values["rho"], where)
 
     def _step_lists(self) -> ParamLists:
         key = structure_key(self.param_groups)

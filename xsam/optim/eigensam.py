@@ -63,7 +63,7 @@ class EigenSAM(EigenvectorBase):
 
     def _check_hyperparameters(self, values: dict, where: str) -> None:
         super()._check_hyperparameters(values, where)
-        check_number("alpha", values["alpha"], 0.0, where=where, hint=ALPHA_HINT)
+        values["alpha"] = check_number("alpha", values["alpha"], 0.0, where=where, hint=ALPHA_HINT)
 
     def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> FirstPassSums:
         """``||g||^2`` and ``<g, v>`` in one fused reduction (just ``||g||^2`` before the first v)."""

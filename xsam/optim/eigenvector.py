@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..distributed import all_reduce_mean_, is_dtensor
-from ..hessian import (exact_hvp, finite_difference_hvp, forward_difference_hvp, orthonormalize_, power_iteration,
-                       random_vectors)
+from ..hessian import (RandomState, exact_hvp, finite_difference_hvp, forward_difference_hvp, orthonormalize_,
+                       power_iteration, random_vectors)
 from .base import GradientCheck
 from .lists import ParamLists, scratch_like
 from .model_state import batchnorm_statistics_frozen, eval_mode
@@ -217,8 +217,13 @@ class EigenvectorTracker:
 
     # ----- a refresh ---------------------------------------------------------------------------
     def compute(self, inputs: TrackerInputs, lists: ParamLists, closure, loss_fn,
-                first_gradients: dict[int, Tensor] | None = None) -> PendingRefresh:
-        """Power iteration at the current weights; the state is not touched until ``commit``."""
+                first_gradients: dict[int, Tensor] | None = None,
+                first_pass_randomness: RandomState | None = None) -> PendingRefresh:
+        """Power iteration at the current weights; the state is not touched until ``commit``.
+
+        ``first_gradients`` and ``first_pass_randomness``: the first pass's gradient and the random
+        generators' states it started from, which forward differences reuse (the same dropout masks).
+        """
         params = [p for p in lists.params if p.requires_grad]
         layout = ops.Layout.of(params)
         mode = self.mode(loss_fn, params)
@@ -253,9 +258,10 @@ class EigenvectorTracker:
                 hvp = finite_difference_hvp(closure, params, backend=inputs.backend, on_gradients=unscale,
                                             layout=layout)
             else:
-                base = self._base_gradient(inputs, closure, params, first_gradients, unscale)
+                base, randomness = self._base_gradient(inputs, closure, params, first_gradients,
+                                                       first_pass_randomness, unscale)
                 hvp = forward_difference_hvp(closure, params, base, backend=inputs.backend, on_gradients=unscale,
-                                             layout=layout)
+                                             layout=layout, randomness=randomness)
             result = power_iteration(hvp, [start], iters=self.power_iters, tol=self.eig_tol, eps=inputs.eps,
                                      backend=inputs.backend, layout=layout)
         lam, residual, norm = result.eigenvalues[0], result.residuals[0], result.norms[0]
@@ -276,9 +282,10 @@ class EigenvectorTracker:
             residual=torch.where(accepted, residual, nan if old_res is None else old_res.to(residual)),
             accepted=accepted, iterations=result.iterations, generator_state=generator.get_state())
 
-    def _base_gradient(self, inputs: TrackerInputs, closure, params: list[Tensor], first_gradients, unscale
-                       ) -> list[Tensor]:
-        """grad L(w) for forward differences: the first pass's, unless the HVPs run in another model mode.
+    def _base_gradient(self, inputs: TrackerInputs, closure, params: list[Tensor], first_gradients,
+                       first_pass_randomness, unscale) -> tuple[list[Tensor], RandomState | None]:
+        """grad L(w) for forward differences and the random generators' states it was computed from:
+        the first pass's, unless the HVPs run in another model mode.
 
         With ``per_replica_perturbation`` the first pass skipped DDP's all-reduce, but the HVP
         passes do not: the first pass's gradient is averaged here (one collective, no evaluation).
@@ -289,13 +296,14 @@ class EigenvectorTracker:
                 base = [t.clone() for t in base]  # the caller restores the first-pass .grad from the originals
                 with torch.no_grad():
                     all_reduce_mean_(base, _replica_group(inputs))
-            return base
+            return base, first_pass_randomness
         # One more evaluation, in the mode of the HVPs (the caller's eval-mode context is active).
+        randomness = RandomState.capture()
         user_grads = [p.grad for p in params]
         for p in params:
             p.grad = None
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), randomness.replayed():
                 closure()
             grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
         finally:
@@ -303,7 +311,7 @@ class EigenvectorTracker:
                 p.grad = g
         with torch.no_grad():
             unscale(grads)
-        return grads
+        return grads, randomness
 
     # ----- streaming (hvp="streaming") ---------------------------------------------------------
     def scratch_tensors(self) -> list[Tensor]:

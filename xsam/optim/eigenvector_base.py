@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import ops
 from ..distributed import is_dtensor
+from ..hessian import RandomState
 from .base import FirstPassSums, SharpnessAware, StepTransaction
 from .eigenvector import HVP_MODES, EigenvectorTracker, TrackerInputs
 from .lists import ParamLists
@@ -31,17 +32,18 @@ class EigenvectorBase(SharpnessAware):
 
     def __init__(self, params, base_optimizer, defaults: dict, *, eig_interval, power_iters, eig_tol, hvp,
                  hvp_eval_mode, seed, **common):
-        check_count("eig_interval", eig_interval, "It is the number of steps between eigenvector refreshes.")
-        check_count("power_iters", power_iters, "It is the number of power iterations per refresh.")
+        eig_interval = check_count("eig_interval", eig_interval,
+                                   "It is the number of steps between eigenvector refreshes.")
+        power_iters = check_count("power_iters", power_iters, "It is the number of power iterations per refresh.")
         if eig_tol is not None:
-            check_number("eig_tol", eig_tol, 0.0, low_open=True,
-                         hint="Pass a positive tolerance, or None for fixed iterations.")
+            eig_tol = check_number("eig_tol", eig_tol, 0.0, low_open=True,
+                                   hint="Pass a positive tolerance, or None for fixed iterations.")
         if hvp == "streaming" and not self.STREAMING:
             raise ValueError(f"hvp='streaming' is not available for {type(self).__name__}; use 'exact', "
                              "'finite_difference', 'forward_difference' or 'auto'")
         check_choice("hvp", hvp, HVP_MODES if self.STREAMING else tuple(m for m in HVP_MODES if m != "streaming"))
         check_bool("hvp_eval_mode", hvp_eval_mode, "run the HVPs with the model in eval mode")
-        check_seed(seed)
+        seed = check_seed(seed)
         self.tracker = EigenvectorTracker(eig_interval=eig_interval, power_iters=power_iters, eig_tol=eig_tol,
                                           hvp=hvp, hvp_eval_mode=hvp_eval_mode, seed=seed)
         super().__init__(params, base_optimizer, defaults, **common)
@@ -79,6 +81,9 @@ class EigenvectorBase(SharpnessAware):
         return None if vecs is None else [v.detach().clone() for p, v in zip(params, vecs) if p.requires_grad]
 
     def _refresh(self, txn: StepTransaction, after_first_pass: bool) -> None:
+        if not after_first_pass and self.tracker.hvp == "forward_difference":
+            # Its products reuse the first pass's gradient, so they replay its random numbers (dropout).
+            txn.first_pass_randomness = RandomState.capture()
         if txn.closure is None or not self.tracker.due(self._global["step"]):
             return
         mode = self.tracker.mode(txn.loss_fn, txn.lists.params)
@@ -90,7 +95,7 @@ class EigenvectorBase(SharpnessAware):
             # with DDP's gradient_as_bucket_view, the buckets they are views of); they go back afterwards.
             first = {id(p): p.grad.detach().clone() for p in txn.lists.params if p.grad is not None}
         txn.refresh = self.tracker.compute(self._tracker_inputs, txn.lists, txn.closure, txn.loss_fn,
-                                           first_gradients=first)
+                                           first_gradients=first, first_pass_randomness=txn.first_pass_randomness)
         if first is not None:
             for p in txn.lists.params:
                 p.grad = first.get(id(p))

@@ -2,36 +2,79 @@
 
 Construction arguments are checked once; per-group values (``rho``, ``alpha``) are checked
 again at the start of every step, before any weight moves, because users and schedulers may
-edit ``param_groups`` between steps (host-side numbers: cheap).
+edit ``param_groups`` between steps (host-side numbers: cheap). The number checks accept
+numpy scalars as well as Python numbers and return the value as a Python number, which is
+what the caller stores: a numpy scalar in ``param_groups`` would make ``state_dict()`` fail
+to load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
 import inspect
 import math
+import numbers
 
 import torch
 
-__all__ = ["ARGUMENTS_OF", "DEFAULT_EPS", "check_bool", "own_eps", "register_arguments", "check_choice", "check_count", "check_number", "check_seed", "check_base_optimizer",
-           "check_parameters", "own_arguments", "split_base_kwargs"]
+__all__ = ["ARGUMENTS_OF", "DEFAULT_EPS", "FLOAT32_MAX", "check_bool", "own_eps", "register_arguments", "check_choice",
+           "check_count", "check_eps", "check_number", "check_process_group", "check_rho", "check_seed",
+           "check_base_optimizer", "check_parameters", "own_arguments", "split_base_kwargs"]
+
+# The step's scalars are float32 device tensors for all but float64 weights: a hyper-parameter that
+# scales them (rho, eps) must be finite in float32.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _as_float(value) -> float | None:
+    """``value`` as a finite Python float, or None when it is not a finite real number (bools are not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numbers.Real includes numpy's
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _as_int(value) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numbers.Integral includes numpy's
+        return None
+    return int(value)
 
 
 def check_number(name: str, value, low: float, high: float = math.inf, *, low_open: bool = False, hint: str = "",
-                 where: str = "") -> None:
-    """``value`` is a finite real number in [low, high] (or (low, high] with ``low_open``)."""
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and (value > low if low_open else value >= low) and value <= high)
-    if not ok:
+                 where: str = "") -> float:
+    """``value`` is a finite real number in [low, high] (or (low, high] with ``low_open``); returns it as a float."""
+    number = _as_float(value)
+    if number is None or not (number > low if low_open else number >= low) or number > high:
         if high == math.inf:
             bounds = f"> {low}" if low_open else f">= {low}"
         else:
-            bounds = f"in ({low}, {high}]" if low_open else f"in [{low}, {high}]"
+            bounds = f"in ({low}, {high:g}]" if low_open else f"in [{low}, {high:g}]"
         raise ValueError(f"{where}{name}={value!r} is invalid: {name} must be a finite number {bounds}. "
                          f"{hint}".rstrip())
+    return number
 
 
-def check_count(name: str, value, hint: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+def check_rho(value, where: str = "") -> float:
+    return check_number("rho", value, 0.0, FLOAT32_MAX, where=where, hint=(
+        "It is the perturbation radius; the usual value is 0.05. The bound is float32's largest value: the "
+        "ascent's scale rho / ||g|| is a float32 on the device (for all but float64 weights), which a larger rho "
+        "makes inf: NaN weights."))
+
+
+def check_eps(value) -> float:
+    return check_number("eps", value, 0.0, FLOAT32_MAX, low_open=True, hint=(
+        "It keeps 1 / (||g|| + eps) finite; the usual value is 1e-12. The bound is float32's largest value: "
+        "1 / (||g|| + eps) is a float32 on the device (for all but float64 weights), which a larger eps makes 0: "
+        "no perturbation, and with X-SAM's normalize=True every update exactly zero."))
+
+
+def check_count(name: str, value, hint: str) -> int:
+    """``value`` is an integer >= 1; returns it as a Python int."""
+    count = _as_int(value)
+    if count is None or count < 1:
         raise ValueError(f"{name}={value!r} is invalid: {name} must be an integer >= 1. {hint}")
+    return count
 
 
 def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
@@ -44,10 +87,28 @@ def check_bool(name: str, value, meaning: str = "") -> None:
         raise ValueError(f"{name}={value!r} is invalid: pass True or False{f' ({meaning})' if meaning else ''}")
 
 
-def check_seed(seed) -> None:
-    # torch.Generator.manual_seed takes 64-bit seeds; larger ones fail deep inside it.
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
+def check_seed(seed) -> int:
+    """Returns the seed as a Python int: torch.Generator.manual_seed refuses numpy integers."""
+    # manual_seed takes 64-bit seeds; larger ones fail deep inside it.
+    value = _as_int(seed)
+    if value is None or not 0 <= value < 2 ** 64:
         raise ValueError(f"seed={seed!r} is invalid: pass an integer in [0, 2**64)")
+    return value
+
+
+def check_process_group(process_group) -> None:
+    """'auto', None or a torch.distributed ProcessGroup (anything else would fail inside the first collective)."""
+    if process_group is None or isinstance(process_group, str) and process_group == "auto":
+        return
+    if isinstance(process_group, str):
+        raise ValueError(f"process_group={process_group!r} is invalid: pass 'auto', None, or a "
+                         "torch.distributed ProcessGroup")
+    group_type = getattr(torch.distributed, "ProcessGroup", None) if torch.distributed.is_available() else None
+    if group_type is None or not isinstance(process_group, group_type):
+        raise TypeError(f"process_group={process_group!r} (type {type(process_group).__name__}) is not a "
+                        "torch.distributed ProcessGroup: pass 'auto' (the group of model=<the "
+                        "DistributedDataParallel module>), None (each rank keeps its own Hessian-vector products) "
+                        "or a group such as torch.distributed.group.WORLD or torch.distributed.new_group(ranks)")
 
 
 def check_parameters(param_groups: list[dict], owner: str) -> None:

@@ -71,8 +71,8 @@ class XSAM(EigenvectorBase):
 
     def _check_hyperparameters(self, values: dict, where: str) -> None:
         super()._check_hyperparameters(values, where)
-        check_number("alpha", values["alpha"], 0.0, 2.0, where=where,
-                     hint="alpha=0 is SAM, 1 removes the component along v.")
+        values["alpha"] = check_number("alpha", values["alpha"], 0.0, 2.0, where=where,
+                                       hint="alpha=0 is SAM, 1 removes the component along v.")
 
     def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> FirstPassSums:
         if self.tracker.streaming:

@@ -1,0 +1,119 @@
+"""Hyper-parameter checks: numpy scalars taken like Python numbers, values with no finite step refused,
+process_group's type checked at construction. Every refusal leaves the weights and the state as they were."""
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from xsam import SAM, XSAM, EigenSAM
+from xsam.optim.validation import FLOAT32_MAX
+
+from helpers import Quadratic, flat, free_port
+
+PYTHON = dict(rho=0.05, alpha=0.5, eig_interval=2, power_iters=3, eig_tol=1e-3, seed=7, eps=1e-10,
+              max_grad_norm=2.0)
+NUMPY = dict(rho=np.float32(0.05), alpha=np.float64(0.5), eig_interval=np.int64(2), power_iters=np.int32(3),
+             eig_tol=np.float16(1e-3), seed=np.uint64(7), eps=np.float32(1e-10), max_grad_norm=np.int8(2))
+
+
+def run(cls, settings, steps=3):
+    q = Quadratic()
+    opt = cls(q.params, torch.optim.SGD, lr=0.1, momentum=0.9, **settings)
+    for _ in range(steps):
+        opt.step(q.closure, loss_fn=q.loss) if cls is not SAM else opt.step(q.closure)
+    return q, opt
+
+
+def reloaded(opt):
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("cls, keys", [
+    (XSAM, tuple(PYTHON)), (EigenSAM, tuple(PYTHON)),
+    (SAM, ("rho", "eps", "max_grad_norm")),
+])
+def test_numpy_scalars_give_the_steps_of_the_same_python_numbers_and_a_loadable_checkpoint(cls, keys):
+    # The oracle: the same values as Python numbers (np.float32(0.05) is not 0.05, so they are converted first).
+    q, opt = run(cls, {k: NUMPY[k] for k in keys})
+    oracle_q, oracle = run(cls, {k: NUMPY[k].item() for k in keys})
+    assert torch.equal(flat(q.params), flat(oracle_q.params))
+    for group in opt.param_groups:
+        assert all(type(group[k]) is float for k in ("rho", "alpha") if k in group)
+    state = reloaded(opt)  # numpy scalars in param_groups would fail weights_only=True
+    assert state["param_groups"] == oracle.state_dict()["param_groups"]
+
+
+def test_a_numpy_value_set_by_a_scheduler_between_steps_is_used_and_stored_as_a_python_number():
+    q, opt = run(XSAM, dict(rho=0.05))
+    oracle_q, oracle = run(XSAM, dict(rho=0.05))
+    opt.param_groups[0]["rho"] = np.float64(0.125)
+    oracle.param_groups[0]["rho"] = 0.125
+    opt.step(q.closure, loss_fn=q.loss)
+    oracle.step(oracle_q.closure, loss_fn=oracle_q.loss)
+    assert torch.equal(flat(q.params), flat(oracle_q.params))
+    assert type(opt.param_groups[0]["rho"]) is float
+    reloaded(opt)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("rho", True), ("alpha", np.True_), ("eig_interval", True), ("power_iters", np.True_), ("seed", False),
+    ("seed", np.False_), ("eps", True), ("eig_interval", np.float64(2.0)), ("seed", np.int64(-1)),
+])
+def test_bools_and_wrong_kinds_of_numbers_are_still_refused(name, value):
+    q = Quadratic()
+    with pytest.raises(ValueError, match=f"{name}="):
+        XSAM(q.params, torch.optim.SGD, lr=0.1, **{name: value})
+
+
+@pytest.mark.parametrize("cls", [SAM, XSAM, EigenSAM])
+@pytest.mark.parametrize("name, value, why", [
+    ("rho", 1e300, "NaN weights"), ("rho", np.float64(1e39), "NaN weights"),
+    pytest.param("rho", 10 ** 400, "NaN weights", id="rho-int-beyond-float64"), ("eps", 1e300, "exactly zero"),
+])
+def test_values_beyond_float32_are_refused_saying_the_bound_and_why(cls, name, value, why):
+    q = Quadratic()
+    with pytest.raises(ValueError, match=rf"{name}=.* is invalid: {name} must be a finite number in .*"
+                                         rf"3\.40282e\+38\]\..*float32.*{why}"):
+        cls(q.params, torch.optim.SGD, lr=0.1, **{name: value})
+
+
+def test_the_bound_is_float32s_largest_value_and_is_itself_accepted():
+    assert FLOAT32_MAX == torch.finfo(torch.float32).max
+    assert torch.isinf(torch.tensor(FLOAT32_MAX * (1 + 1e-7), dtype=torch.float32))  # what a larger rho becomes
+    q = Quadratic()
+    XSAM(q.params, torch.optim.SGD, lr=0.1, rho=FLOAT32_MAX, eps=FLOAT32_MAX)
+
+
+def test_a_huge_rho_set_between_steps_is_refused_before_any_weight_moves():
+    q, opt = run(XSAM, dict(rho=0.05), steps=1)
+    before, state = flat(q.params), opt.diagnostics()
+    opt.param_groups[0]["rho"] = 1e300
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: rho=1e\+300 is invalid"):
+        opt.step(q.closure, loss_fn=q.loss)
+    assert torch.equal(flat(q.params), before) and opt.diagnostics()["step"] == state["step"]
+
+
+@pytest.mark.parametrize("group", [5, [0, 1], object(), 0.5, torch.tensor(0)])
+@pytest.mark.parametrize("cls", [SAM, XSAM])
+def test_a_process_group_that_is_not_one_is_a_type_error_at_construction(cls, group):
+    q = Quadratic()
+    with pytest.raises(TypeError, match=r"process_group=.* \(type .*\) is not a torch.distributed ProcessGroup: pass "
+                                        r"'auto'.*None.*torch.distributed.group.WORLD"):
+        cls(q.params, torch.optim.SGD, lr=0.1, process_group=group)
+
+
+def test_a_real_process_group_none_and_auto_are_accepted():
+    q = Quadratic()
+    for group in (None, "auto"):
+        XSAM(q.params, torch.optim.SGD, lr=0.1, process_group=group)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        opt = XSAM(q.params, torch.optim.SGD, lr=0.1, process_group=dist.new_group([0]))
+        opt.step(q.closure, loss_fn=q.loss)
+    finally:
+        dist.destroy_process_group()
