@@ -141,7 +141,6 @@ _LIBRARY: torch.library.Library | None = None
 
 def _register() -> None:
     global _LIBRARY
-    define_schemas(NAMESPACE)
     register_fakes(NAMESPACE)
     device_key = "CPU" if INTERPRETING else "CUDA"
     library = torch.library.Library(NAMESPACE, "IMPL")
@@ -153,19 +152,31 @@ def _register() -> None:
 
 # ---------------------------------------------------------------- the backend functions
 
-def _backend_function(spec: OpSpec):
-    op = getattr(getattr(torch.ops, NAMESPACE), spec.name).default
+def _adapter(name: str):
+    """The backend function of op ``name``: the registered op, called with the schema's arguments."""
+    spec = OPS[name]
+    op = getattr(getattr(torch.ops, NAMESPACE), name).default
     names = spec.argument_names()
 
     def run(**args):
         return op(*[args[name] for name in names])
 
-    run.__name__ = spec.name
+    run.__name__ = name
     run.__doc__ = spec.doc
     return run
 
 
+define_schemas(NAMESPACE)  # the adapters below look their ops up; the kernels register only with Triton
 if not UNAVAILABLE_REASON:
     _register()
-    for _spec in OPS.values():
-        globals()[_spec.name] = _backend_function(_spec)
+
+# One adapter per op of the contract (tests/test_backend_triton.py checks that none is missing). Only
+# called when UNAVAILABLE_REASON is None.
+dots = _adapter("dots")
+weighted_sumsq = _adapter("weighted_sumsq")
+residual_sumsq = _adapter("residual_sumsq")
+perturb_ = _adapter("perturb_")
+tilted_perturb_ = _adapter("tilted_perturb_")
+correct_restore_ = _adapter("correct_restore_")
+axpy_ = _adapter("axpy_")
+scale_copy_ = _adapter("scale_copy_")

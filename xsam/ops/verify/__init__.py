@@ -140,7 +140,7 @@ def _check_and_record(backend: str, device: torch.device, dtype: torch.dtype) ->
         outcome = CheckOutcome(backend, device, dtype, "deferred", "first used inside a CUDA graph capture, where "
                                "nothing may wait for the GPU; run `xsam selftest` to check it")
         warnings.warn(f"xsam could not check the {backend} kernels for {dtype} on {device} before first use: "
-                      f"{outcome.detail}", KernelCheckWarning, stacklevel=_caller_level())
+                      f"{outcome.detail}", KernelCheckWarning, stacklevel=caller_level())
     else:
         outcome = check_backend(backend, device, dtype)
         if outcome.status == "failed":
@@ -149,12 +149,12 @@ def _check_and_record(backend: str, device: torch.device, dtype: torch.dtype) ->
                 f"before first use, so backend='auto' uses the reference implementation for them in this process "
                 f"(slower; backend='reference' gives the same results). {outcome.detail}. Please report this, with "
                 f"the output of `xsam selftest` and `xsam info`, at {ISSUES_URL}. ({SKIP_ENV}=1 skips this check.)",
-                KernelCheckWarning, stacklevel=_caller_level())
+                KernelCheckWarning, stacklevel=caller_level())
     _OUTCOMES[(backend, device, dtype)] = outcome
     return outcome
 
 
-def _caller_level() -> int:
+def caller_level() -> int:
     """The stack level of the first frame outside xsam and torch (the user's call)."""
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_globals.get("__name__", "").startswith(("xsam.", "torch.")):

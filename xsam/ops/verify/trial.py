@@ -14,7 +14,7 @@ from .cases import Case, _Inputs, _Layout, _materialise, _values
 from .rule import RECIPES, Comparison, _alias_pair, compare, unit_roundoff
 
 def _call(op: str, lists: dict, scalars: dict, other: dict, backend: str):
-    from .. import run  # the op layer (which imports this package through dispatch)
+    from ..runner import run  # late: the runner imports this package (through dispatch)
 
     return run(op, lists, scalars, other, backend, None)
 
