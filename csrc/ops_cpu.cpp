@@ -13,11 +13,6 @@ namespace {
 
 // ----- the work split -----------------------------------------------------------------------
 
-// A parallel region costs microseconds to start, and far more when another process holds one of
-// the cores (a static schedule then waits for the descheduled thread), while an item takes about
-// 2 us (perturb_, float32): calls of fewer items run on the calling thread.
-constexpr int64_t kMinParallelItems = 4;
-
 // The group's tensors laid end to end, cut into items of kCpuChunk elements: a large tensor
 // spans several items and small ones share one, so the number of items (parallel tasks,
 // reduction slots) depends on the total size only, and 1,000 tiny tensors cost one task, not
@@ -52,7 +47,7 @@ class FlatWork {
 
 template <typename F>
 void for_each_item(int64_t items, const F& body) {
-#pragma omp parallel for schedule(static) if (items >= kMinParallelItems)
+#pragma omp parallel for schedule(static) if (items >= kCpuMinParallelItems)
   for (int64_t k = 0; k < items; ++k) body(k);
 }
 

@@ -3,17 +3,13 @@
 // (xsam/ops/contract.py).
 #pragma once
 
+#include "kernel_constants.h"
+
 #include <ATen/ATen.h>
 
 #include <vector>
 
 namespace xsam {
-
-// CPU work is cut into items of this many consecutive elements of the group's tensors laid end
-// to end (see FlatWork in ops_cpu.cpp). Every item reduces into its own slot and the slots are
-// summed in item order, so the bits of a reduction depend only on the inputs, never on how
-// many threads took part.
-constexpr int64_t kCpuChunk = 16384;
 
 enum class Access { kRead, kWrite };
 

@@ -18,6 +18,8 @@ When the extension is not built, or lacks part of the contract (``extension_gaps
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import build_info
@@ -67,6 +69,26 @@ def _load_extension() -> str | None:
 
 
 UNAVAILABLE_REASON = _load_extension()
+
+
+@dataclass(frozen=True)
+class KernelConstants:
+    """Where the compiled kernels cut their work (csrc/kernel_constants.h), as xsam._C exports it."""
+
+    cpu_chunk: int  # elements per CPU work item (one reduction slot each)
+    cpu_min_parallel_items: int  # the CPU kernels run items on several threads from this many items on
+    cuda_chunk: int  # elements of one tensor per CUDA block
+
+    def chunk(self, device_type: str) -> int:
+        return self.cuda_chunk if device_type == "cuda" else self.cpu_chunk
+
+    @property
+    def cpu_parallel_elements(self) -> int:
+        """The fewest elements per list in one call (its tensors together) that the CPU kernels split across threads."""
+        return (self.cpu_min_parallel_items - 1) * self.cpu_chunk + 1
+
+
+CONSTANTS = None if UNAVAILABLE_REASON else KernelConstants(_C.CPU_CHUNK, _C.CPU_MIN_PARALLEL_ITEMS, _C.CUDA_CHUNK)
 
 if not UNAVAILABLE_REASON:
     register_fakes(NAMESPACE)
