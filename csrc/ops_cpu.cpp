@@ -122,7 +122,7 @@ at::Tensor dots_cpu(at::TensorList tensors, int64_t num_lists, at::IntArrayRef p
 }
 
 at::Tensor weighted_sumsq_cpu(at::TensorList weights, at::TensorList xs) {
-  const Group g = check_group("weighted_sumsq", {{"weights", weights}, {"xs", xs}});
+  const Group g = check_lists("weighted_sumsq", {weights, xs});
   if (g.empty()) return sums_of_nothing(1);
   at::Tensor out = at::empty({1}, at::dtype(accumulation_type(g.dtype)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::weighted_sumsq", [&] {
@@ -140,7 +140,7 @@ at::Tensor weighted_sumsq_cpu(at::TensorList weights, at::TensorList xs) {
 }
 
 at::Tensor residual_sumsq_cpu(at::TensorList us, at::TensorList vs, const at::Tensor& lam) {
-  const Group g = check_group("residual_sumsq", {{"us", us}, {"vs", vs}});
+  const Group g = check_lists("residual_sumsq", {us, vs});
   if (g.empty()) return sums_of_nothing(1);
   at::Tensor out = at::empty({1}, at::dtype(accumulation_type(g.dtype)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::residual_sumsq", [&] {
@@ -165,8 +165,7 @@ at::Tensor residual_sumsq_cpu(at::TensorList us, at::TensorList vs, const at::Te
 
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved, const at::Tensor& scale,
                  bool adaptive) {
-  const Group g = check_group(
-      "perturb_", {{"params", params, Access::kWrite}, {"grads", grads}, {"saved", saved, Access::kWrite}});
+  const Group g = check_lists("perturb_", {params, grads, saved});
   if (g.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::perturb_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -196,10 +195,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList sav
 
 void tilted_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved, at::TensorList vecs,
                         const at::Tensor& a, const at::Tensor& b) {
-  const Group g = check_group("tilted_perturb_", {{"params", params, Access::kWrite},
-                                                  {"grads", grads},
-                                                  {"saved", saved, Access::kWrite},
-                                                  {"vecs", vecs}});
+  const Group g = check_lists("tilted_perturb_", {params, grads, saved, vecs});
   if (g.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::tilted_perturb_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -222,11 +218,8 @@ void tilted_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorL
 
 void correct_restore_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved,
                          const std::optional<at::TensorList>& vecs, const at::Tensor& a, const at::Tensor& b) {
-  const NamedList lists[] = {{"params", params, Access::kWrite},
-                             {"grads", grads, Access::kWrite},
-                             {"saved", saved},
-                             {"vecs", vecs.value_or(at::TensorList())}};
-  const Group g = check_group("correct_restore_", c10::ArrayRef<NamedList>(lists, vecs.has_value() ? 4 : 3));
+  const at::TensorList lists[] = {params, grads, saved, vecs.value_or(at::TensorList())};
+  const Group g = check_lists("correct_restore_", c10::ArrayRef<at::TensorList>(lists, vecs.has_value() ? 4 : 3));
   if (g.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::correct_restore_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -255,7 +248,7 @@ void correct_restore_cpu(at::TensorList params, at::TensorList grads, at::Tensor
 }
 
 void axpy_cpu(at::TensorList ys, at::TensorList xs, const at::Tensor& alpha) {
-  const Group g = check_group("axpy_", {{"ys", ys, Access::kWrite}, {"xs", xs}});
+  const Group g = check_lists("axpy_", {ys, xs});
   if (g.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::axpy_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -271,7 +264,7 @@ void axpy_cpu(at::TensorList ys, at::TensorList xs, const at::Tensor& alpha) {
 }
 
 void scale_copy_cpu(at::TensorList dsts, at::TensorList srcs, const at::Tensor& scale) {
-  const Group g = check_group("scale_copy_", {{"dsts", dsts, Access::kWrite}, {"srcs", srcs}});
+  const Group g = check_lists("scale_copy_", {dsts, srcs});
   if (g.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::scale_copy_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
