@@ -11,6 +11,8 @@
 // calls them under no_grad; autograd has nothing to do). Anything unusual (no tensor, a tensor
 // subclass with __torch_dispatch__, another device) takes the full dispatcher path, so the
 // result is always the registered op's. torch.compile traces torch.ops.xsam instead.
+#include "kernel_constants.h"
+
 #include <torch/extension.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -192,4 +194,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("axpy_", &axpy_);
   m.def("scale_copy_", &scale_copy_);
   m.def("gradients", &gradients);
+  // Where the kernels cut their work (kernel_constants.h): the checks size their cases from these.
+  m.attr("CPU_CHUNK") = xsam::kCpuChunk;
+  m.attr("CPU_MIN_PARALLEL_ITEMS") = xsam::kCpuMinParallelItems;
+  m.attr("CUDA_CHUNK") = xsam::kCudaChunk;
 }

@@ -9,16 +9,59 @@
 // and only a failing call runs them again to build the message.
 #include "xsam_ops.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
+#include <deque>
 #include <string>
 #include <tuple>
 #include <utility>
 
 namespace xsam {
 namespace {
+
+enum class Access { kRead, kWrite };
+
+// One list argument of a call. `index` >= 0 names a list of `dots` ("lists[index]").
+struct NamedList {
+  const char* name;
+  at::TensorList tensors;
+  Access access = Access::kRead;
+  int index = -1;
+};
+
+// The Tensor[] arguments of an op's registered schema, in order: their names, and whether the op
+// writes them (Tensor(a!)[]).
+struct ListArguments {
+  std::vector<std::string> names;
+  std::vector<Access> access;
+};
+
+ListArguments read_schema(const char* op) {
+  const auto& schema = c10::Dispatcher::singleton().findSchemaOrThrow((std::string("xsam::") + op).c_str(), "");
+  ListArguments out;
+  for (const auto& arg : schema.schema().arguments()) {
+    c10::TypePtr type = arg.type();
+    if (const auto optional = type->cast<c10::OptionalType>()) type = optional->getElementType();
+    if (*type != *c10::ListType::ofTensors()) continue;
+    out.names.push_back(arg.name());
+    out.access.push_back(arg.alias_info() && arg.alias_info()->isWrite() ? Access::kWrite : Access::kRead);
+  }
+  return out;
+}
+
+// Read once per op and thread, found by the address of the op's name (callers pass literals): no
+// lock on the hot path. A deque keeps the entries in place as it grows.
+const ListArguments& list_arguments(const char* op) {
+  static thread_local std::deque<std::pair<const char*, ListArguments>> known;
+  for (const auto& [name, args] : known) {
+    if (name == op) return args;
+  }
+  return known.emplace_back(op, read_schema(op)).second;
+}
 
 bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
@@ -216,8 +259,6 @@ void check_writes_do_not_overlap(const char* op, c10::ArrayRef<NamedList> lists,
   checked.add(std::move(extents));
 }
 
-}  // namespace
-
 Group check_group(const char* op, c10::ArrayRef<NamedList> lists) {
   TORCH_CHECK(!lists.empty(), "xsam::", op, ": no tensor lists given");
   const size_t n = lists[0].tensors.size();
@@ -250,6 +291,17 @@ Group check_group(const char* op, c10::ArrayRef<NamedList> lists) {
   }
   check_writes_do_not_overlap(op, lists, group);
   return group;
+}
+
+}  // namespace
+
+Group check_lists(const char* op, c10::ArrayRef<at::TensorList> lists) {
+  const ListArguments& args = list_arguments(op);
+  TORCH_INTERNAL_ASSERT(lists.size() <= args.names.size(), "xsam::", op, ": ", lists.size(),
+                        " lists passed, but its schema has ", args.names.size());
+  c10::SmallVector<NamedList, 4> named;
+  for (size_t l = 0; l < lists.size(); ++l) named.push_back({args.names[l].c_str(), lists[l], args.access[l]});
+  return check_group(op, named);
 }
 
 DotsCall check_dots(at::TensorList tensors, int64_t num_lists, at::IntArrayRef pairs) {

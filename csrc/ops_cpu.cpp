@@ -13,11 +13,6 @@ namespace {
 
 // ----- the work split -----------------------------------------------------------------------
 
-// A parallel region costs microseconds to start, and far more when another process holds one of
-// the cores (a static schedule then waits for the descheduled thread), while an item takes about
-// 2 us (perturb_, float32): calls of fewer items run on the calling thread.
-constexpr int64_t kMinParallelItems = 4;
-
 // The group's tensors laid end to end, cut into items of kCpuChunk elements: a large tensor
 // spans several items and small ones share one, so the number of items (parallel tasks,
 // reduction slots) depends on the total size only, and 1,000 tiny tensors cost one task, not
@@ -52,7 +47,7 @@ class FlatWork {
 
 template <typename F>
 void for_each_item(int64_t items, const F& body) {
-#pragma omp parallel for schedule(static) if (items >= kMinParallelItems)
+#pragma omp parallel for schedule(static) if (items >= kCpuMinParallelItems)
   for (int64_t k = 0; k < items; ++k) body(k);
 }
 
@@ -127,7 +122,7 @@ at::Tensor dots_cpu(at::TensorList tensors, int64_t num_lists, at::IntArrayRef p
 }
 
 at::Tensor weighted_sumsq_cpu(at::TensorList weights, at::TensorList xs) {
-  const Group g = check_group("weighted_sumsq", {{"weights", weights}, {"xs", xs}});
+  const Group g = check_lists("weighted_sumsq", {weights, xs});
   if (g.empty()) return sums_of_nothing(1);
   at::Tensor out = at::empty({1}, at::dtype(accumulation_type(g.dtype)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::weighted_sumsq", [&] {
@@ -145,7 +140,7 @@ at::Tensor weighted_sumsq_cpu(at::TensorList weights, at::TensorList xs) {
 }
 
 at::Tensor residual_sumsq_cpu(at::TensorList us, at::TensorList vs, const at::Tensor& lam) {
-  const Group g = check_group("residual_sumsq", {{"us", us}, {"vs", vs}});
+  const Group g = check_lists("residual_sumsq", {us, vs});
   if (g.empty()) return sums_of_nothing(1);
   at::Tensor out = at::empty({1}, at::dtype(accumulation_type(g.dtype)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::residual_sumsq", [&] {
@@ -170,8 +165,7 @@ at::Tensor residual_sumsq_cpu(at::TensorList us, at::TensorList vs, const at::Te
 
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved, const at::Tensor& scale,
                  bool adaptive) {
-  const Group g = check_group(
-      "perturb_", {{"params", params, Access::kWrite}, {"grads", grads}, {"saved", saved, Access::kWrite}});
+  const Group g = check_lists("perturb_", {params, grads, saved});
   if (g.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::perturb_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -201,10 +195,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList sav
 
 void tilted_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved, at::TensorList vecs,
                         const at::Tensor& a, const at::Tensor& b) {
-  const Group g = check_group("tilted_perturb_", {{"params", params, Access::kWrite},
-                                                  {"grads", grads},
-                                                  {"saved", saved, Access::kWrite},
-                                                  {"vecs", vecs}});
+  const Group g = check_lists("tilted_perturb_", {params, grads, saved, vecs});
   if (g.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::tilted_perturb_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -227,11 +218,8 @@ void tilted_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorL
 
 void correct_restore_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved,
                          const std::optional<at::TensorList>& vecs, const at::Tensor& a, const at::Tensor& b) {
-  const NamedList lists[] = {{"params", params, Access::kWrite},
-                             {"grads", grads, Access::kWrite},
-                             {"saved", saved},
-                             {"vecs", vecs.value_or(at::TensorList())}};
-  const Group g = check_group("correct_restore_", c10::ArrayRef<NamedList>(lists, vecs.has_value() ? 4 : 3));
+  const at::TensorList lists[] = {params, grads, saved, vecs.value_or(at::TensorList())};
+  const Group g = check_lists("correct_restore_", c10::ArrayRef<at::TensorList>(lists, vecs.has_value() ? 4 : 3));
   if (g.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::correct_restore_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -260,7 +248,7 @@ void correct_restore_cpu(at::TensorList params, at::TensorList grads, at::Tensor
 }
 
 void axpy_cpu(at::TensorList ys, at::TensorList xs, const at::Tensor& alpha) {
-  const Group g = check_group("axpy_", {{"ys", ys, Access::kWrite}, {"xs", xs}});
+  const Group g = check_lists("axpy_", {ys, xs});
   if (g.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::axpy_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -276,7 +264,7 @@ void axpy_cpu(at::TensorList ys, at::TensorList xs, const at::Tensor& alpha) {
 }
 
 void scale_copy_cpu(at::TensorList dsts, at::TensorList srcs, const at::Tensor& scale) {
-  const Group g = check_group("scale_copy_", {{"dsts", dsts, Access::kWrite}, {"srcs", srcs}});
+  const Group g = check_lists("scale_copy_", {dsts, srcs});
   if (g.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::scale_copy_", [&] {
     using acc_t = at::opmath_type<scalar_t>;

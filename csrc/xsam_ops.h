@@ -3,27 +3,13 @@
 // (xsam/ops/contract.py).
 #pragma once
 
+#include "kernel_constants.h"
+
 #include <ATen/ATen.h>
 
 #include <vector>
 
 namespace xsam {
-
-// CPU work is cut into items of this many consecutive elements of the group's tensors laid end
-// to end (see FlatWork in ops_cpu.cpp). Every item reduces into its own slot and the slots are
-// summed in item order, so the bits of a reduction depend only on the inputs, never on how
-// many threads took part.
-constexpr int64_t kCpuChunk = 16384;
-
-enum class Access { kRead, kWrite };
-
-// One list argument of a call. `index` >= 0 names a list of `dots` ("lists[index]").
-struct NamedList {
-  const char* name;
-  at::TensorList tensors;
-  Access access = Access::kRead;
-  int index = -1;
-};
 
 // A checked group of aligned lists, as the kernels address it: list(l)[t] is the address of
 // tensor t of list l (taken with mutable_data_ptr for written lists, so copy-on-write storage is
@@ -39,16 +25,19 @@ struct Group {
   void* const* list(int l) const { return addr.data() + l * num_tensors; }
 };
 
-// Validates one call's lists and returns their addresses. Every list has as many tensors as
-// lists[0]; tensor i of every list has the device, dtype and shape of lists[0][i], is dense and
-// walks its elements in the same order, so the kernels may treat all of them as flat arrays with
-// one index; and no two written tensors share memory (a written list may still be a read list
-// at the same index: axpy_(y, y)). The common case costs a few comparisons per tensor; the
-// message (which names the op, the argument, the index and the fix) is built only on failure.
-Group check_group(const char* op, c10::ArrayRef<NamedList> lists);
+// Validates one call's lists, the op's Tensor[] arguments in schema order (an absent optional list
+// left out at the end), and returns their addresses. Every list has as many tensors as lists[0];
+// tensor i of every list has the device, dtype and shape of lists[0][i], is dense and walks its
+// elements in the same order, so the kernels may treat all of them as flat arrays with one index;
+// and no two written tensors share memory (a written list may still be a read list at the same
+// index: axpy_(y, y)). Which lists are written (Tensor(a!)[]) and their names in messages come
+// from the op's registered schema (xsam/ops/contract.py). The common case costs a few comparisons
+// per tensor; the message (which names the op, the argument, the index and the fix) is built only
+// on failure.
+Group check_lists(const char* op, c10::ArrayRef<at::TensorList> lists);
 
 // `dots` gets its lists concatenated: checks the layout and the pairs, and returns the group
-// with one NamedList per list.
+// with one list per list of the call.
 struct DotsCall {
   Group group;
   int num_lists = 0;

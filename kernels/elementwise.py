@@ -12,12 +12,15 @@ of the tensors it writes, as PyTorch's own in-place ops do: after every check, b
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from xsam.ops.contract import OPS
 
 from .plans import call_facts, check_scalars, get_launch_config, launch_guard, num_warps, plan_for
 from .primitives import INTERPRETING, TL_DTYPES, accumulation, list_pointers, load_block, program_chunk, round_to, \
@@ -83,8 +86,19 @@ def _elementwise_kernel(
                            OP, NL, DTYPE, ACC, MANUAL_BF16, True)
 
 
-def _run(op: int, lists: list[Tensors], names: tuple[str, ...], written: tuple[int, ...],
-         scalars: dict[str, Tensor]) -> None:
+@functools.lru_cache(maxsize=None)
+def _list_access(name: str, present: tuple[bool, ...]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The names of op ``name``'s present lists, and the positions among them of those it writes."""
+    spec = OPS[name]
+    names = tuple(n for n, here in zip(spec.list_args, present) if here)
+    return names, tuple(k for k, n in enumerate(names) if n in spec.written)
+
+
+def _run(op: int, name: str, lists: list[Tensors | None], scalars: dict[str, Tensor]) -> None:
+    """Pass ``op`` of contract op ``name`` over its list arguments in schema order (None: an absent
+    optional list); which lists it writes, and their names in messages, come from the schema."""
+    names, written = _list_access(name, tuple(lst is not None for lst in lists))
+    lists = [lst for lst in lists if lst is not None]
     facts = call_facts(lists, names)
     if facts is None:  # empty lists: nothing to do
         return
@@ -108,30 +122,25 @@ def _run(op: int, lists: list[Tensors], names: tuple[str, ...], written: tuple[i
 
 def perturb_(params: Tensors, grads: Tensors, saved: Tensors, scale: Tensor, adaptive: bool) -> None:
     """``saved = w``; ``w += scale * g`` (``scale * w * w * g`` when adaptive), one pass."""
-    _run(_PERTURB_ADAPTIVE if adaptive else _PERTURB, [params, grads, saved], ("params", "grads", "saved"), (0, 2),
-         {"scale": scale})
+    _run(_PERTURB_ADAPTIVE if adaptive else _PERTURB, "perturb_", [params, grads, saved], {"scale": scale})
 
 
 def tilted_perturb_(params: Tensors, grads: Tensors, saved: Tensors, vecs: Tensors, a: Tensor, b: Tensor) -> None:
     """``saved = w``; ``w += a * g + b * v``, one pass."""
-    _run(_TILTED_PERTURB, [params, grads, saved, vecs], ("params", "grads", "saved", "vecs"), (0, 2),
-         {"a": a, "b": b})
+    _run(_TILTED_PERTURB, "tilted_perturb_", [params, grads, saved, vecs], {"a": a, "b": b})
 
 
 def correct_restore_(params: Tensors, grads: Tensors, saved: Tensors, vecs: Tensors | None, a: Tensor,
                      b: Tensor) -> None:
     """``g = a * g - b * v`` (``a * g`` when ``vecs`` is None) and ``w = saved``, one pass."""
-    lists, names = [params, grads, saved], ("params", "grads", "saved")
-    if vecs is not None:
-        lists, names = lists + [vecs], names + ("vecs",)
-    _run(_CORRECT_RESTORE, lists, names, (0, 1), {"a": a, "b": b})
+    _run(_CORRECT_RESTORE, "correct_restore_", [params, grads, saved, vecs], {"a": a, "b": b})
 
 
 def axpy_(ys: Tensors, xs: Tensors, alpha: Tensor) -> None:
     """``y += alpha * x``."""
-    _run(_AXPY, [ys, xs], ("ys", "xs"), (0,), {"alpha": alpha})
+    _run(_AXPY, "axpy_", [ys, xs], {"alpha": alpha})
 
 
 def scale_copy_(dsts: Tensors, srcs: Tensors, scale: Tensor) -> None:
     """``dst = scale * src``."""
-    _run(_SCALE_COPY, [dsts, srcs], ("dsts", "srcs"), (0,), {"scale": scale})
+    _run(_SCALE_COPY, "scale_copy_", [dsts, srcs], {"scale": scale})

@@ -17,11 +17,13 @@ import torch
 
 from xsam.ops import reference
 from xsam.ops.dispatch import unavailable_reason
+from xsam.ops.native_backend import CONSTANTS as NATIVE  # None without xsam._C: its cases skip
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 BACKENDS = ("reference", "native", "triton")
 DEVICES = ("cpu", "cuda")
-NATIVE_CHUNK = {"cpu": 16384, "cuda": 32768}  # kCpuChunk in csrc/xsam_ops.h, kChunk in csrc/cuda/kernels.cuh
+# The compiled kernels' chunk by device type, as xsam._C exports it (1 without the extension).
+NATIVE_CHUNK = {device: NATIVE.chunk(device) if NATIVE else 1 for device in DEVICES}
 TRITON_CPU_CHUNK, TRITON_CPU_BLOCK = 64, 16  # the interpreter's test launch config
 TRITON_CUDA_CHUNK = 65536
 

@@ -8,12 +8,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
 
 from xsam import XSAM, ops
 from xsam.ops import native_backend as native
+from xsam.ops.contract import OPS
 
 from op_cases import NATIVE_CHUNK, make, scalar, why_not
 
@@ -333,6 +335,49 @@ def test_missing_extension_makes_native_raise_with_the_reason():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "xsam._C is not built" in proc.stdout and "pip install --no-build-isolation" in proc.stdout
+
+
+def test_auto_warns_once_with_the_import_error_when_the_extension_does_not_load():
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["xsam._C"] = None  # `import xsam._C` now fails as if the .so did not load
+        import torch, xsam
+        from xsam import ops
+        from xsam.cli import info
+        x = [torch.ones(3)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert ops.dots([x], [(0, 0)]).item() == 3.0  # auto still works, on the reference
+            assert ops.dots([x], [(0, 0)], layout=None).item() == 3.0
+            ops.axpy_(x, x, 1.0, backend="auto")
+        loads = [w for w in caught if issubclass(w.category, ops.BackendLoadWarning)]
+        assert len(loads) == 1, [str(w.message) for w in caught]
+        print("WARNING:", loads[0].message, "AT:", loads[0].filename)
+        info()
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    warning = proc.stdout.split("WARNING:")[1].splitlines()[0]
+    assert "the native backend failed to load" in warning and "xsam._C is not built or cannot be loaded" in warning
+    assert "import of xsam._C halted; None in sys.modules" in warning  # the import error itself
+    assert "AT: <string>" in warning  # points at the user's call
+    rows = [" ".join(line.split()) for line in proc.stdout.splitlines()]
+    assert "auto cpu uses xsam.ops.reference (native failed to load: see above)" in rows, proc.stdout
+    assert any(row.startswith("native cpu unavailable: the compiled extension xsam._C is not built") for row in rows)
+
+
+def test_every_op_of_the_contract_has_a_fast_entry_a_cpu_kernel_and_an_adapter():
+    assert native.extension_gaps(native._C) is None
+    for op in OPS:
+        assert callable(getattr(native._C, op)) and native.has_kernel("cpu", op), op
+        assert getattr(native, op).__name__ == op and getattr(native, op).__doc__ == OPS[op].doc
+
+
+def test_an_extension_without_an_ops_fast_entry_is_unavailable_with_the_reason():
+    stale = types.SimpleNamespace(**{op: getattr(native._C, op) for op in OPS if op != "scale_copy_"})
+    why = native.extension_gaps(stale)
+    assert why.startswith("xsam._C has no fast entry (csrc/module.cpp) for scale_copy_ "), why
+    assert "pip install --no-build-isolation" in why
 
 
 def test_availability_reasons():

@@ -90,6 +90,14 @@ def assert_as_good_as_reference(got, want_ref, truth, dtype):
 
 # ------------------------------------------------------------------------- the registered ops
 
+def test_every_op_of_the_contract_has_a_kernel_and_an_adapter():
+    from xsam.ops.contract import OPS
+
+    for op in OPS:
+        assert callable(getattr(elementwise, op, None) or getattr(reductions, op)), op
+        assert getattr(tb, op).__name__ == op and getattr(tb, op).__doc__ == OPS[op].doc, op
+
+
 def _opcheck_cases(dtype):
     shapes = [5, 12, 0]
     w, g, s, v = (make(shapes, dtype, seed) for seed in range(4))

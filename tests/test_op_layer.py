@@ -1,10 +1,12 @@
 """The op layer (xsam.ops): grouping by device and dtype, Layouts, scalars, dispatch and its errors,
 and power_update_, against flat-vector computations (reference backend)."""
+import warnings
+
 import pytest
 import torch
 
 from xsam import ops
-from xsam.ops import dispatch
+from xsam.ops import dispatch, verify
 
 from helpers import flat
 from op_cases import near_eigenvector
@@ -101,13 +103,18 @@ def test_unknown_backend_name_is_a_clear_error():
 
 
 def test_unavailable_backend_raises_with_reason(monkeypatch):
-    monkeypatch.setattr(dispatch, "unavailable_reason", lambda name, device, dtype: "not built here")
+    from xsam.ops import native_backend
+
+    monkeypatch.setattr(native_backend, "availability", lambda device, dtype: "not built here")
     dispatch.clear_cache()
     try:
         with pytest.raises(ops.BackendUnavailableError, match="backend='native'.*not built here"):
             ops.dots([make(SHAPES, torch.float32, 0)], [(0, 0)], backend="native")
-        # auto never fails: it falls back to the reference.
-        assert dispatch.resolve("auto", torch.device("cpu"), torch.float32) is ops.reference
+        # auto never fails: it uses the next backend that can serve the tensors.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a backend that loaded but cannot serve a device is no fault
+            assert dispatch.resolve("auto", torch.device("cpu"), torch.float32) is ops.reference
+        assert verify.outcomes() == {}
     finally:
         dispatch.clear_cache()
 

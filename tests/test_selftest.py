@@ -1,6 +1,7 @@
 """`xsam selftest` and the check before first use (backend="auto"): both pass on this machine's kernels,
 and both catch a broken kernel, injected by replacing a backend function (one ulp off on the last element,
 or the last chunk skipped)."""
+import math
 import re
 import subprocess
 import sys
@@ -42,14 +43,32 @@ def _skipping_the_last_chunk(real):
         old = [t.clone() for t in args["params"]]
         real(**args)
         for t, before in zip(args["params"], old):
-            chunk = verify.NATIVE_CHUNK[t.device.type]
+            chunk = native_backend.CONSTANTS.chunk(t.device.type)
             if t.numel() > chunk:
                 start = (t.numel() - 1) // chunk * chunk
                 t.view(-1)[start:].copy_(before.view(-1)[start:])
     return perturb_
 
 
+def _wrong_only_on_several_threads(real):
+    """One ulp off where the CPU kernels run their items in parallel (the threshold read from xsam._C)."""
+    off = _one_ulp_off_on_the_last_element(real)
+
+    def perturb_(**args):
+        total = sum(t.numel() for t in args["params"])
+        parallel = args["params"][0].device.type == "cpu" and total >= native_backend.CONSTANTS.cpu_parallel_elements
+        return off(**args) if parallel else real(**args)
+    return perturb_
+
+
+def _wrong_only_on_more_than_four_tensors(real):
+    off = _one_ulp_off_on_the_last_element(real)
+    return lambda **args: off(**args) if len(args["params"]) > 4 else real(**args)
+
+
 BREAKAGES = [_one_ulp_off_on_the_last_element, _skipping_the_last_chunk]
+# Caught by `xsam selftest` and by the check before first use alike.
+HIDDEN_BREAKAGES = [_wrong_only_on_several_threads, _wrong_only_on_more_than_four_tensors]
 
 
 def _break_perturb(monkeypatch, breakage):
@@ -77,7 +96,8 @@ def test_the_cuda_size_cases_cross_the_launch_limits_of_the_cuda_kernels():
     assert "constexpr int kKernelParamBytes = 32764;" in header and "constexpr int kOtherParamBytes = 256;" in header
     launches = size_cases("native", "cuda")["launches"]
     closing = native_cuda_tensors_per_launch(4) - 1
-    assert launches[closing][0] > 2 * verify.NATIVE_CHUNK["cuda"] and len(launches) > native_cuda_tensors_per_launch(1)
+    assert launches[closing][0] > 2 * native_backend.CONSTANTS.cuda_chunk
+    assert len(launches) > native_cuda_tensors_per_launch(1)
 
 
 def test_selftest_passes_on_the_cpu(capsys):
@@ -91,12 +111,39 @@ def test_selftest_passes_on_the_cpu(capsys):
         assert f"\n{method:<17} native   cpu       float32 " in out
 
 
+@needs_native
 def test_python_dash_m_xsam_selftest_runs_and_exits_0():
     # float64 only: no optimizer steps (they run in float32), which keeps the subprocess short.
     argv = ["selftest", "--device", "cpu", "--quick", "--dtypes", "float64"]
     out = subprocess.run([sys.executable, "-m", "xsam", *argv], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "selftest passed" in out.stdout or "nothing to check" in out.stdout, out.stdout
+    assert "selftest passed" in out.stdout, out.stdout
+    for op in OPS:
+        assert re.search(rf"\n{op} +native +cpu +float64 +[1-9]\d* .* PASS\n", out.stdout), out.stdout
+
+
+def test_selftest_of_a_backend_that_cannot_run_here_is_skipped_not_failed(capsys):
+    # Triton runs on the CPU only in its interpreter, which the self-test uses only when asked.
+    assert main(["selftest", "--device", "cpu", "--backends", "triton"]) == 5
+    out = capsys.readouterr().out
+    assert "triton on cpu: not checked: " in out and "--triton-interpreter" in out
+    assert "selftest skipped: triton cannot run here (see above), so nothing was checked (exit code 5)" in out
+    assert "FAIL" not in out
+
+
+def test_selftest_checks_the_cpu_kernels_on_several_threads_and_long_lists():
+    """The sizes come from the extension: past the parallel threshold, and more tensors than the old check's 4."""
+    from xsam.ops.verify.cases import size_cases
+
+    constants = native_backend.CONSTANTS
+    threads = size_cases("native", "cpu", quick=True)["threads"]
+    total = sum(math.prod(s) for s in threads)
+    assert total >= (constants.cpu_min_parallel_items - 1) * constants.cpu_chunk + 1
+    assert max(math.prod(s) for s in threads) > constants.cpu_chunk  # one tensor spans several items
+    check = verify.quick_cases("native", torch.device("cpu"), torch.float32)
+    assert {c.op for c in check} == set(OPS)
+    for case in check:
+        assert sum(math.prod(s) for s in case.shapes) > total and len(case.shapes) > 12
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -104,6 +151,7 @@ def test_python_dash_m_xsam_selftest_runs_and_exits_0():
     (["selftest", "--dtypes", "int8"], "'int8'"),
     (["selftest", "--device", "tpu"], "--device"),
     (["selftest", "--seed", "-1"], "--seed"),
+    (["selftest", "--seed", "2147483648"], "it must be >= 0 and <= 2147483647 "),
 ])
 def test_bad_selftest_arguments_are_one_line_errors(argv, says, capsys):
     assert says in _refused(argv, capsys)
@@ -135,7 +183,12 @@ def test_selftest_reports_an_op_it_has_no_case_for(monkeypatch, capsys):
 def test_selftest_passes_on_the_gpu(capsys):
     assert main(["selftest", "--device", "cuda", "--quick", "--dtypes", "float32,bfloat16"]) == 0
     out = capsys.readouterr().out
-    assert "\nperturb_          native   cuda:0    float32 " in out or "native on cuda:0: not checked" in out, out
+    checked = [backend for backend in ("native", "triton")
+               if dispatch.unavailable_reason(backend, torch.device("cuda"), torch.float32) is None]
+    assert checked, out  # a GPU without any fused backend is a broken installation
+    for backend in checked:
+        for dtype in ("float32", "bfloat16"):
+            assert re.search(rf"\nperturb_ +{backend} +cuda:0 +{dtype} +[1-9]\d* .* PASS\n", out), out
 
 
 @pytest.mark.slow
@@ -185,7 +238,7 @@ def test_a_broken_kernel_is_caught_warned_once_and_auto_trains_like_the_referenc
 
     def train(backend):
         gen = torch.Generator().manual_seed(0)
-        wide = verify.NATIVE_CHUNK[device.type] + 5  # perturb_ writes more than one chunk
+        wide = native_backend.CONSTANTS.chunk(device.type) + 5  # perturb_ writes more than one chunk
         params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in ((wide,), (3, 4), (5,))]
         target = [torch.randn(p.shape, generator=gen).to(device) for p in params]
 
@@ -207,6 +260,24 @@ def test_a_broken_kernel_is_caught_warned_once_and_auto_trains_like_the_referenc
 
 
 @needs_native
+@pytest.mark.parametrize("breakage", HIDDEN_BREAKAGES)
+def test_the_check_before_first_use_catches_a_kernel_wrong_only_on_threads_or_long_lists(breakage, monkeypatch):
+    _break_perturb(monkeypatch, breakage)
+    with pytest.warns(verify.KernelCheckWarning, match="perturb_"):
+        assert dispatch.resolve("auto", torch.device("cpu"), torch.float32) is reference
+    assert verify.outcomes()[("native", torch.device("cpu"), torch.float32)].status == "failed"
+
+
+@needs_native
+@pytest.mark.parametrize("breakage", HIDDEN_BREAKAGES)
+def test_selftest_catches_a_kernel_wrong_only_on_threads_or_long_lists(breakage, monkeypatch, capsys):
+    _break_perturb(monkeypatch, breakage)
+    assert main(["selftest", "--device", "cpu", "--quick", "--dtypes", "float64", "--backends", "native"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL perturb_ on native, cpu, float64: " in out, out
+
+
+@needs_native
 def test_a_named_backend_is_not_checked(monkeypatch):
     _break_perturb(monkeypatch, _one_ulp_off_on_the_last_element)
     with warnings.catch_warnings():
@@ -216,14 +287,35 @@ def test_a_named_backend_is_not_checked(monkeypatch):
 
 
 @needs_native
-def test_the_environment_variable_turns_the_check_off(monkeypatch):
+@needs_native
+@pytest.mark.parametrize("value", ["1", "true", "Yes", " on "])
+def test_the_environment_variable_turns_the_check_off(monkeypatch, value):
     _break_perturb(monkeypatch, _one_ulp_off_on_the_last_element)
-    monkeypatch.setenv(verify.SKIP_ENV, "1")
+    monkeypatch.setenv(verify.SKIP_ENV, value)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert dispatch.resolve("auto", torch.device("cpu"), torch.float32) is native_backend
     assert verify.outcomes()[("native", torch.device("cpu"), torch.float32)].status == "skipped"
-    assert any(f"native: not checked ({verify.SKIP_ENV}=1)" in line for line in auto_check_lines())
+    assert any(f"native: not checked ({verify.SKIP_ENV}={value.strip()})" in line for line in auto_check_lines())
+
+
+@needs_native
+@pytest.mark.parametrize("value", ["", "0", "false", "no", "off", "OFF", "disabled", "none"])
+def test_false_values_of_the_environment_variable_keep_the_check(monkeypatch, value):
+    _break_perturb(monkeypatch, _one_ulp_off_on_the_last_element)
+    monkeypatch.setenv(verify.SKIP_ENV, value)
+    with pytest.warns(verify.KernelCheckWarning, match="perturb_"):
+        assert dispatch.resolve("auto", torch.device("cpu"), torch.float32) is reference
+    assert verify.outcomes()[("native", torch.device("cpu"), torch.float32)].status == "failed"
+
+
+@needs_native
+@pytest.mark.parametrize("value", ["skip", "2", "enabled"])
+def test_an_unclear_value_of_the_environment_variable_is_an_error_naming_it(monkeypatch, value):
+    monkeypatch.setenv(verify.SKIP_ENV, value)
+    with pytest.raises(ValueError, match=rf"XSAM_SKIP_KERNEL_CHECK='{value}' is neither true nor false: set it to 1"):
+        dispatch.resolve("auto", torch.device("cpu"), torch.float32)
+    assert verify.outcomes() == {}
 
 
 @needs_native

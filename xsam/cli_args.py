@@ -35,8 +35,9 @@ def number(kind: type, low: float | None = None, high: float | None = None, *, l
             raise argparse.ArgumentTypeError(f"{text!r} is not finite")
         too_low = low is not None and (value <= low if low_open else value < low)
         if too_low or (high is not None and value > high):
-            lo = "" if low is None else (f"> {low:g}" if low_open else f">= {low:g}")
-            hi = "" if high is None else f"<= {high:g}"
+            text_of = str if kind is int else "{:g}".format
+            lo = "" if low is None else (f"> {text_of(low)}" if low_open else f">= {text_of(low)}")
+            hi = "" if high is None else f"<= {text_of(high)}"
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {' and '.join(filter(None, (lo, hi)))}")
         return value
 

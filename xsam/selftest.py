@@ -1,5 +1,5 @@
 """``xsam selftest``: every kernel on this machine against the pure-PyTorch reference, then a few
-optimizer steps; a table of results and exit code 1 on any failure.
+optimizer steps; a table of results and exit code 1 on any failure (``EXIT_*`` below).
 
 For every device (the CPU and each visible GPU), every fused backend that can run there
 (native: the compiled ``xsam._C``; Triton on CUDA, or on the CPU in its interpreter with
@@ -35,6 +35,12 @@ from .ops.verify import (ISSUES_URL, CaseResult, boundaries, compare, launch_con
 from .optim import SAM, XSAM
 
 FUSED_BACKENDS = ("native", "triton")
+EXIT_PASSED = 0  # also when no fused backend runs here at all: "auto" then uses the reference, which needs no check
+EXIT_FAILED = 1  # a kernel or an optimizer step disagreed with the reference
+# The backends named with --backends cannot run here (e.g. Triton without a GPU or its interpreter): nothing
+# failed, but nothing was checked either, which a script asking for them must be able to tell apart from a
+# pass (the code pytest gives when it collects no test).
+EXIT_NOTHING_CHECKED = 5
 DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
 TRAINING_STEPS = 3
 
@@ -43,10 +49,11 @@ def _parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(
         prog="xsam selftest",
         description="Check every fused kernel on this machine against the pure-PyTorch reference (every op, "
-                    "device, dtype and backend), then a few SAM/ASAM/X-SAM steps. Exit code 1 on any failure.")
+                    "device, dtype and backend), then a few SAM/ASAM/X-SAM steps. Exit code 1 on any failure, "
+                    f"{EXIT_NOTHING_CHECKED} when none of the backends named with --backends can run here.")
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
                         help="devices to check (default: all: the CPU and CUDA when available)")
-    parser.add_argument("--backends", type=choices_list(FUSED_BACKENDS, "backend"), default=FUSED_BACKENDS,
+    parser.add_argument("--backends", type=choices_list(FUSED_BACKENDS, "backend"), default=None,
                         help="comma-separated fused backends to check (default: native,triton, those available)")
     parser.add_argument("--dtypes", type=choices_list(DTYPE_NAMES, "dtype"), default=DTYPE_NAMES,
                         help="comma-separated dtypes (default: all four; the optimizer steps run in float32)")
@@ -254,6 +261,8 @@ def _failure_lines(rows: list[Row]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    named = args.backends is not None
+    args.backends = args.backends or FUSED_BACKENDS
     if args.device == "cuda" and not torch.cuda.is_available():
         _parser().error("argument --device: cuda was asked for, but no CUDA device is available")
     note = _enable_triton_interpreter() if args.triton_interpreter else None
@@ -264,9 +273,13 @@ def main(argv: list[str] | None = None) -> int:
           f"devices: {', '.join(devices) or 'none'}" + (" (quick)" if args.quick else ""))
     for line in ([f"note: {note}"] if note else []) + left_out:
         print(line)
+    if not plan and named:
+        print(f"selftest skipped: {', '.join(args.backends)} cannot run here (see above), so nothing was checked "
+              f"(exit code {EXIT_NOTHING_CHECKED})")
+        return EXIT_NOTHING_CHECKED
     if not plan:
         print("nothing to check: no fused backend runs here (backend='auto' uses the reference, which needs no check)")
-        return 0 if args.backends == FUSED_BACKENDS else 1
+        return EXIT_PASSED
 
     rows: list[Row] = []
     print(f"\n{HEADER}")
@@ -293,9 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selftest FAILED: {failed} of {len(rows)} rows ({cases} cases, {seconds:.1f} s). backend='auto' "
               f"checks a few cases itself and falls back to the reference when they fail; backend='native' or "
               f"'triton' do not. Please report this output, with `xsam info`, at {ISSUES_URL}")
-        return 1
+        return EXIT_FAILED
     print(f"selftest passed: {len(rows)} rows, {cases} cases, {seconds:.1f} s")
-    return 0
+    return EXIT_PASSED
 
 
 if __name__ == "__main__":

@@ -52,24 +52,17 @@ struct TiltedPerturb : TwoScalars<T> {
   }
 };
 
-template <typename T>
+template <typename T, bool kWithVecs>
 struct CorrectRestore : TwoScalars<T> {
   using storage_t = T;
-  static constexpr int kLists = 4;  // params (w), grads (rw), saved (r), vecs (r)
-  static constexpr unsigned kLoads = 0b1110, kStores = 0b0011;
+  static constexpr int kLists = kWithVecs ? 4 : 3;  // params (w), grads (rw), saved (r)[, vecs (r)]
+  static constexpr unsigned kLoads = kWithVecs ? 0b1110 : 0b110, kStores = 0b0011;
   __device__ void operator()(T (&v)[kLists]) const {
-    v[1] = from_acc<T>(this->a * to_acc(v[1]) - this->b * to_acc(v[3]));
-    v[0] = v[2];
-  }
-};
-
-template <typename T>
-struct CorrectRestoreNoVecs : OneScalar<T> {
-  using storage_t = T;
-  static constexpr int kLists = 3;  // params (w), grads (rw), saved (r)
-  static constexpr unsigned kLoads = 0b110, kStores = 0b011;
-  __device__ void operator()(T (&v)[kLists]) const {
-    v[1] = from_acc<T>(this->a * to_acc(v[1]));
+    if constexpr (kWithVecs) {
+      v[1] = from_acc<T>(this->a * to_acc(v[1]) - this->b * to_acc(v[3]));
+    } else {
+      v[1] = from_acc<T>(this->a * to_acc(v[1]));
+    }
     v[0] = v[2];
   }
 };
@@ -115,8 +108,9 @@ cudaError_t correct_restore(DType dtype, const Lists& lists, bool with_vecs, con
                             cudaStream_t stream) {
   return with_storage_type(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
-    if (with_vecs) return launch_elementwise(lists, CorrectRestore<T>{{scalar<T>(a), scalar<T>(b)}}, stream);
-    return launch_elementwise(lists, CorrectRestoreNoVecs<T>{{scalar<T>(a)}}, stream);
+    const TwoScalars<T> scalars{scalar<T>(a), scalar<T>(b)};
+    if (with_vecs) return launch_elementwise(lists, CorrectRestore<T, true>{scalars}, stream);
+    return launch_elementwise(lists, CorrectRestore<T, false>{scalars}, stream);
   });
 }
 

@@ -4,6 +4,8 @@
 // of them waits for the device.
 #pragma once
 
+#include "../kernel_constants.h"
+
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -11,9 +13,7 @@
 namespace xsam {
 namespace cuda {
 
-// Elements of one tensor handled by one block; every reduction partial covers exactly one such
-// chunk (tests/op_cases.py crosses this boundary).
-constexpr int64_t kChunk = 32768;
+constexpr int64_t kChunk = kCudaChunk;  // elements of one tensor per block (kernel_constants.h)
 
 enum class DType { kFloat, kDouble, kHalf, kBFloat16 };
 

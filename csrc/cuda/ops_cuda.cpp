@@ -79,14 +79,14 @@ at::Tensor dots_cuda(at::TensorList tensors, int64_t num_lists, at::IntArrayRef 
 }
 
 at::Tensor weighted_sumsq_cuda(at::TensorList weights, at::TensorList xs) {
-  const Call call("weighted_sumsq", check_group("weighted_sumsq", {{"weights", weights}, {"xs", xs}}));
+  const Call call("weighted_sumsq", check_lists("weighted_sumsq", {weights, xs}));
   return call.reduce(1, [&](void* scratch, void* out) {
     return cuda::weighted_sumsq(call.dtype(), call.lists(), scratch, out, call.stream());
   });
 }
 
 at::Tensor residual_sumsq_cuda(at::TensorList us, at::TensorList vs, const at::Tensor& lam) {
-  const Call call("residual_sumsq", check_group("residual_sumsq", {{"us", us}, {"vs", vs}}));
+  const Call call("residual_sumsq", check_lists("residual_sumsq", {us, vs}));
   if (call.empty()) return sums_of_nothing(1);
   const at::Tensor l = call.scalar("lam", lam);
   return call.reduce(1, [&](void* scratch, void* out) {
@@ -96,9 +96,7 @@ at::Tensor residual_sumsq_cuda(at::TensorList us, at::TensorList vs, const at::T
 
 void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList saved, const at::Tensor& scale,
                   bool adaptive) {
-  const Call call("perturb_", check_group("perturb_", {{"params", params, Access::kWrite},
-                                                        {"grads", grads},
-                                                        {"saved", saved, Access::kWrite}}));
+  const Call call("perturb_", check_lists("perturb_", {params, grads, saved}));
   if (call.empty()) return;
   const at::Tensor s = call.scalar("scale", scale);
   C10_CUDA_CHECK(cuda::perturb(call.dtype(), call.lists(), s.data_ptr(), adaptive, call.stream()));
@@ -106,10 +104,7 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList sa
 
 void tilted_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList saved, at::TensorList vecs,
                          const at::Tensor& a, const at::Tensor& b) {
-  const Call call("tilted_perturb_", check_group("tilted_perturb_", {{"params", params, Access::kWrite},
-                                                                      {"grads", grads},
-                                                                      {"saved", saved, Access::kWrite},
-                                                                      {"vecs", vecs}}));
+  const Call call("tilted_perturb_", check_lists("tilted_perturb_", {params, grads, saved, vecs}));
   if (call.empty()) return;
   const at::Tensor av = call.scalar("a", a), bv = call.scalar("b", b);
   C10_CUDA_CHECK(cuda::tilted_perturb(call.dtype(), call.lists(), av.data_ptr(), bv.data_ptr(), call.stream()));
@@ -117,12 +112,9 @@ void tilted_perturb_cuda(at::TensorList params, at::TensorList grads, at::Tensor
 
 void correct_restore_cuda(at::TensorList params, at::TensorList grads, at::TensorList saved,
                           const std::optional<at::TensorList>& vecs, const at::Tensor& a, const at::Tensor& b) {
-  const NamedList lists[] = {{"params", params, Access::kWrite},
-                             {"grads", grads, Access::kWrite},
-                             {"saved", saved},
-                             {"vecs", vecs.value_or(at::TensorList())}};
+  const at::TensorList lists[] = {params, grads, saved, vecs.value_or(at::TensorList())};
   const Call call("correct_restore_",
-                  check_group("correct_restore_", c10::ArrayRef<NamedList>(lists, vecs.has_value() ? 4 : 3)));
+                  check_lists("correct_restore_", c10::ArrayRef<at::TensorList>(lists, vecs.has_value() ? 4 : 3)));
   if (call.empty()) return;
   const at::Tensor av = call.scalar("a", a), bv = call.scalar("b", b);
   C10_CUDA_CHECK(cuda::correct_restore(call.dtype(), call.lists(), vecs.has_value(), av.data_ptr(), bv.data_ptr(),
@@ -130,14 +122,14 @@ void correct_restore_cuda(at::TensorList params, at::TensorList grads, at::Tenso
 }
 
 void axpy_cuda(at::TensorList ys, at::TensorList xs, const at::Tensor& alpha) {
-  const Call call("axpy_", check_group("axpy_", {{"ys", ys, Access::kWrite}, {"xs", xs}}));
+  const Call call("axpy_", check_lists("axpy_", {ys, xs}));
   if (call.empty()) return;
   const at::Tensor al = call.scalar("alpha", alpha);
   C10_CUDA_CHECK(cuda::axpy(call.dtype(), call.lists(), al.data_ptr(), call.stream()));
 }
 
 void scale_copy_cuda(at::TensorList dsts, at::TensorList srcs, const at::Tensor& scale) {
-  const Call call("scale_copy_", check_group("scale_copy_", {{"dsts", dsts, Access::kWrite}, {"srcs", srcs}}));
+  const Call call("scale_copy_", check_lists("scale_copy_", {dsts, srcs}));
   if (call.empty()) return;
   const at::Tensor s = call.scalar("scale", scale);
   C10_CUDA_CHECK(cuda::scale_copy(call.dtype(), call.lists(), s.data_ptr(), call.stream()));

@@ -3,7 +3,7 @@
 Each function takes aligned lists (tensor i of every list has the shape of tensor i of the
 first), splits them into (device, dtype) groups (``Layout``), runs the chosen backend
 (``xsam.ops.dispatch``) on every group, and, for reductions, adds the per-group partial
-results in a fixed order. Scalar arguments may be Python numbers or 0-d tensors; results stay
+results in a fixed order (``xsam.ops.runner``). Scalar arguments may be Python numbers or 0-d tensors; results stay
 on the device, so nothing here synchronises with the host. What each op computes is stated
 once, in ``xsam.ops.contract``.
 
@@ -15,21 +15,21 @@ Sharded parameters (DTensors: FSDP2 ``fully_shard``, tensor parallelism) are han
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from . import reference
-from .contract import OPS, OpSpec
-from .dispatch import BACKEND_NAMES, BackendUnavailableError, check_backend_name, describe, resolve
-from .layout import Group, Layout, LayoutError, dense_copies
+from .dispatch import (BACKEND_NAMES, BackendLoadWarning, BackendUnavailableError, check_backend_name, describe,
+                       resolve)
+from .layout import Layout, dtensor_type
 from .reference import accumulation_dtype
+from .runner import run
 
 __all__ = [
     "BACKEND_NAMES",
+    "BackendLoadWarning",
     "BackendUnavailableError",
     "Layout",
     "PowerStats",
@@ -53,112 +53,6 @@ __all__ = [
 
 Tensors = Sequence[Tensor]
 
-
-def dtensor_type() -> type | None:
-    """The DTensor class, or None while ``torch.distributed.tensor`` is not imported.
-
-    A DTensor cannot exist before its module is imported, so looking it up in sys.modules
-    spares every ``import xsam`` the ~0.7 s that importing torch.distributed.tensor costs.
-    """
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None)
-
-
-# ---------------------------------------------------------------- running one op on one group
-
-def call_backend(impl, spec: OpSpec, args: dict):
-    """Run ``spec`` on one (device, dtype) group; dense copies when the backend asks for them."""
-    fn = getattr(impl, spec.name)
-    try:
-        return fn(**args)
-    except LayoutError as exc:
-        dense, copy_back = dense_copies(spec, args, exc.contiguous_only)
-        out = fn(**dense)
-        for original, copy in copy_back:
-            original.copy_(copy)
-        return out
-
-
-def _scalar(value, device: torch.device, acc: torch.dtype) -> Tensor:
-    """A 0-d tensor of the accumulation dtype on ``device``, with no host sync."""
-    if isinstance(value, Tensor):
-        if value.device == device and value.dtype == acc and value.dim() == 0:
-            return value
-        # Non-blocking only towards an accelerator: a device-to-host copy with non_blocking=True
-        # returns before the data arrives, and the CPU kernels would read it at once.
-        return value.reshape(()).to(device=device, dtype=acc, non_blocking=device.type != "cpu")
-    # torch.full launches a fill; torch.tensor would copy from the host and wait for the device.
-    return torch.full((), float(value), device=device, dtype=acc)
-
-
-def _result_dtype(layout: Layout) -> torch.dtype:
-    return torch.float64 if any(g.dtype == torch.float64 for g in layout.groups) else torch.float32
-
-
-def sum_partials(partials: list[Tensor], n: int, dtype: torch.dtype) -> Tensor:
-    """Add per-group results in order on the first group's device (an empty list gives zeros)."""
-    if not partials:
-        return torch.zeros(n, dtype=dtype)
-    home = partials[0].device
-    total = partials[0].to(dtype)
-    for p in partials[1:]:
-        total = total + p.to(device=home, dtype=dtype, non_blocking=home.type != "cpu")
-    return total
-
-
-def run(name: str, lists: dict[str, Tensors | None], scalars: dict, other: dict, backend: str,
-        layout: Layout | None):
-    """Run op ``name`` over lists of any devices and dtypes (see the module docstring).
-
-    ``lists`` maps the schema's list arguments to aligned lists (None for an absent optional
-    list); for ``dots`` it is the lists to concatenate, under keys ``"0"``, ``"1"``, ...
-    """
-    spec = OPS[name]
-    key = next(iter(lists.values()))
-    if layout is None:
-        layout = Layout.of(key)
-    layout.check_aligned(list(lists.values()), list(lists))
-    if layout.sharded:
-        from . import sharded
-
-        return sharded.run(spec, lists, scalars, other, backend)
-    return run_local(spec, lists, scalars, other, backend, layout)
-
-
-def run_local(spec: OpSpec, lists: dict, scalars: dict, other: dict, backend: str, layout: Layout):
-    """``run`` for plain (local) tensors grouped by ``layout``."""
-    partials = []
-    for group in layout.groups:
-        impl = resolve(backend, group.device, group.dtype)
-        args = _group_args(spec, group, lists, scalars, other)
-        out = call_backend(impl, spec, args)
-        if spec.is_reduction:
-            partials.append(out)
-    if not spec.is_reduction:
-        return None
-    n = spec.result_len(other if spec.name == "dots" else {})
-    if len(partials) == 1:
-        return partials[0]
-    return sum_partials(partials, n, _result_dtype(layout))
-
-
-def _group_args(spec: OpSpec, group: Group, lists: dict, scalars: dict, other: dict) -> dict:
-    acc = accumulation_dtype(group.dtype)
-    args = {name: _scalar(value, group.device, acc) for name, value in scalars.items()}
-    args.update(other)
-    if spec.name == "dots":
-        tensors: list[Tensor] = []
-        for lst in lists.values():
-            tensors += group.pick(lst)  # extends in C: no per-tensor Python work
-        args["tensors"] = tensors
-        args["num_lists"] = len(lists)
-    else:
-        for name, lst in lists.items():
-            args[name] = None if lst is None else group.pick(lst)
-    return args
-
-
-# ---------------------------------------------------------------- the op set
 
 def dots(lists: Sequence[Tensors], pairs: Sequence[tuple[int, int]], *, backend: str = "auto",
          layout: Layout | None = None) -> Tensor:

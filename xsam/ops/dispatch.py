@@ -3,7 +3,9 @@
 Backends: ``"reference"`` (pure PyTorch, always there), ``"triton"`` (``xsam.kernels``)
 and ``"native"`` (the compiled ``xsam._C`` extension). ``"auto"`` picks the fastest
 available one per group; naming a backend that cannot serve a group raises
-``BackendUnavailableError`` with the reason, never a silent fallback.
+``BackendUnavailableError`` with the reason, never a silent fallback. When a backend that
+"auto" would use fails to load (``xsam._C`` does not import, or lacks an op), "auto" warns once
+(``BackendLoadWarning``, with the import error) and uses the next one; ``xsam info`` says so too.
 
 Before "auto" first uses a fused backend for a (device, dtype) in a process, a few ops run
 on small lists against the reference (``xsam.ops.verify.trusted``, milliseconds); if they
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 from types import ModuleType
 
 import torch
@@ -33,6 +36,10 @@ _ADAPTERS = {"triton": "xsam.ops.triton_backend", "native": "xsam.ops.native_bac
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run the given tensors."""
+
+
+class BackendLoadWarning(UserWarning):
+    """A backend that backend="auto" would have used failed to load; "auto" uses a slower one."""
 
 
 def check_backend_name(backend: str) -> str:
@@ -93,12 +100,22 @@ def clear_cache() -> None:
     verify.clear_outcomes()
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_not_loaded(name: str, why: str) -> None:
+    """Once per process and backend: "auto" passes over a backend that should have loaded."""
+    warnings.warn(f"xsam: the {name} backend failed to load, so backend='auto' runs a slower one instead "
+                  f"(`xsam info` shows which): {why}", BackendLoadWarning, stacklevel=verify.caller_level())
+
+
 def _resolve_uncached(backend: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     check_backend_name(backend)
     if backend == "auto":
         for name in _auto_order(device):
-            if unavailable_reason(name, device, dtype) is None:
-                return _load(name)[0] if name == "reference" or verify.trusted(name, device, dtype) else reference
+            module, load_error = _load(name)
+            if load_error is not None:
+                _warn_not_loaded(name, load_error)
+            elif module.availability(device, dtype) is None:
+                return module if name == "reference" or verify.trusted(name, device, dtype) else reference
         return reference
     why = unavailable_reason(backend, device, dtype)
     if why is not None:
@@ -121,7 +138,10 @@ def describe(devices: tuple[torch.device, ...] | None = None) -> list[tuple[str,
             why = unavailable_reason(name, device, torch.float32)
             rows.append((name, str(device), "available" if why is None else f"unavailable: {why}"))
     for device in devices:
-        rows.append(("auto", str(device), f"uses {resolve('auto', device, torch.float32).__name__}"))
+        used = resolve("auto", device, torch.float32).__name__
+        passed_over = [name for name in _auto_order(device) if _load(name)[1] is not None]
+        note = f" ({', '.join(passed_over)} failed to load: see above)" if passed_over else ""
+        rows.append(("auto", str(device), f"uses {used}{note}"))
     return rows
 
 

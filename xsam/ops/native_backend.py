@@ -12,10 +12,13 @@ the lists are borrowed, not converted one by one; see csrc/module.cpp), or throu
 arguments are untouched; only then does Python look for the cause, and a layout the kernels
 cannot address raises ``LayoutError`` so that the op layer retries with dense copies.
 
-When the extension is not built, ``UNAVAILABLE_REASON`` says why (with the import error),
-so ``backend="native"`` raises ``BackendUnavailableError`` with that reason.
+When the extension is not built, or lacks part of the contract (``extension_gaps``),
+``UNAVAILABLE_REASON`` says why (with the import error), so ``backend="native"`` raises
+``BackendUnavailableError`` with that reason and ``backend="auto"`` warns once.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +31,32 @@ NAMESPACE = "xsam"
 _C = None  # the extension module, once loaded
 
 
+def has_kernel(device_type: str, op: str = "dots") -> bool:
+    """Whether xsam._C registered a kernel for this device type ("cpu", "cuda")."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return _C is not None and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"{NAMESPACE}::{op}", key)
+
+
+def extension_gaps(extension) -> str | None:
+    """Why ``extension`` (a loaded xsam._C) cannot serve the whole contract, or None when it can.
+
+    An op without a fast entry (csrc/module.cpp) or a CPU kernel (csrc/ops_cpu.cpp), or with a CUDA
+    kernel missing where the others exist, makes the whole backend unavailable: "auto" then warns
+    instead of quietly running the reference for part of the op set.
+    """
+    no_entry = [op for op in OPS if not hasattr(extension, op)]
+    no_cpu = [op for op in OPS if not has_kernel("cpu", op)]
+    cuda = [op for op in OPS if has_kernel("cuda", op)]
+    no_cuda = [op for op in OPS if op not in cuda] if cuda else []
+    for missing, what in ((no_entry, "fast entry (csrc/module.cpp)"), (no_cpu, "CPU kernel (csrc/ops_cpu.cpp)"),
+                          (no_cuda, "CUDA kernel (csrc/cuda/ops_cuda.cpp)")):
+        if missing:
+            return (f"xsam._C has no {what} for {', '.join(missing)} (an extension built from older sources?); "
+                    f"rebuild it with {build_info.REBUILD_HINT}")
+    return None
+
+
 def _load_extension() -> str | None:
     """Import xsam._C (running its kernel registrations); None on success, else why it failed."""
     global _C
@@ -36,19 +65,30 @@ def _load_extension() -> str | None:
         from xsam import _C  # its import runs the TORCH_LIBRARY_IMPL registrations
     except ImportError as exc:
         return build_info.missing_extension_reason(exc)  # says why the build failed, if it did
-    return None
+    return extension_gaps(_C)
 
 
 UNAVAILABLE_REASON = _load_extension()
 
 
-def has_kernel(device_type: str, op: str = "dots") -> bool:
-    """Whether xsam._C registered a kernel for this device type ("cpu", "cuda")."""
-    if UNAVAILABLE_REASON:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", key)
+@dataclass(frozen=True)
+class KernelConstants:
+    """Where the compiled kernels cut their work (csrc/kernel_constants.h), as xsam._C exports it."""
 
+    cpu_chunk: int  # elements per CPU work item (one reduction slot each)
+    cpu_min_parallel_items: int  # the CPU kernels run items on several threads from this many items on
+    cuda_chunk: int  # elements of one tensor per CUDA block
+
+    def chunk(self, device_type: str) -> int:
+        return self.cuda_chunk if device_type == "cuda" else self.cpu_chunk
+
+    @property
+    def cpu_parallel_elements(self) -> int:
+        """The fewest elements per list in one call (its tensors together) that the CPU kernels split across threads."""
+        return (self.cpu_min_parallel_items - 1) * self.cpu_chunk + 1
+
+
+CONSTANTS = None if UNAVAILABLE_REASON else KernelConstants(_C.CPU_CHUNK, _C.CPU_MIN_PARALLEL_ITEMS, _C.CUDA_CHUNK)
 
 if not UNAVAILABLE_REASON:
     register_fakes(NAMESPACE)
@@ -62,23 +102,20 @@ def availability(device: torch.device, dtype: torch.dtype) -> str | None:
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         return f"xsam._C has kernels for cpu and cuda only, not {device.type}"
-    missing = [op for op in OPS if not has_kernel(device.type, op)]
-    if len(missing) == len(OPS) and device.type == "cuda":
+    if device.type == "cuda" and not has_kernel("cuda"):
         return ("xsam._C was built without CUDA kernels (XSAM_NO_CUDA=1, a CPU-only torch, or no nvcc "
                 "at build time); rebuild with CUDA_HOME pointing at the CUDA toolkit")
-    if missing:
-        return (f"xsam._C has no {device.type} kernel for {', '.join(missing)} (an extension built from older "
-                "sources?); rebuild it with `pip install --no-build-isolation -e .`")
     # A GPU the build compiled no code for would fail at the first launch ("no kernel image").
     return build_info.native_coverage_reason(device)
 
 
-def _backend_function(spec):
-    op = getattr(getattr(torch.ops, NAMESPACE), spec.name).default
-    # The fast eager entry of xsam._C (see csrc/module.cpp): the same kernel without converting
-    # every tensor of every list; torch.compile traces the registered op instead.
-    fast = getattr(_C, spec.name)
+def _adapter(name: str):
+    """The backend function of op ``name``: xsam._C's fast eager entry (see csrc/module.cpp), the same
+    kernel without converting every tensor of every list; torch.compile traces the registered op."""
+    spec = OPS[name]
     names = spec.argument_names()
+    fast = getattr(_C, name, None)
+    op = getattr(getattr(torch.ops, NAMESPACE), name).default
 
     def run(**args):
         ordered = [args[name] for name in names]
@@ -91,7 +128,7 @@ def _backend_function(spec):
                 raise LayoutError(str(exc)) from exc
             raise
 
-    run.__name__ = spec.name
+    run.__name__ = name
     run.__doc__ = spec.doc
     return run
 
@@ -104,6 +141,13 @@ def gradients(tensors) -> tuple[list, int]:
     return _C.gradients(tensors)
 
 
-if not UNAVAILABLE_REASON:
-    for _spec in OPS.values():
-        globals()[_spec.name] = _backend_function(_spec)
+# One adapter per op of the contract (tests/test_backend_native.py checks that none is missing). Only
+# called when UNAVAILABLE_REASON is None.
+dots = _adapter("dots")
+weighted_sumsq = _adapter("weighted_sumsq")
+residual_sumsq = _adapter("residual_sumsq")
+perturb_ = _adapter("perturb_")
+tilted_perturb_ = _adapter("tilted_perturb_")
+correct_restore_ = _adapter("correct_restore_")
+axpy_ = _adapter("axpy_")
+scale_copy_ = _adapter("scale_copy_")

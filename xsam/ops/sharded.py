@@ -15,9 +15,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import dtensor_type, run_local, sum_partials
 from .contract import OpSpec
-from .layout import Group, Layout
+from .layout import Group, Layout, dtensor_type
+from .runner import run_local, sum_partials
 
 
 def local_lists(lists: Sequence[Sequence[Tensor]], names: Sequence[str]) -> list[list[Tensor]]:
@@ -64,7 +64,7 @@ def _reduction_key(t: Tensor) -> tuple:
 
 
 def run(spec: OpSpec, lists: dict, scalars: dict, other: dict, backend: str):
-    """``xsam.ops.run`` for lists holding DTensors."""
+    """``xsam.ops.runner.run`` for lists holding DTensors."""
     import torch.distributed as dist
 
     names = [name for name, lst in lists.items() if lst is not None]

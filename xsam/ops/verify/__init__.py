@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cases import NATIVE_CHUNK, Case, boundaries, launch_context, mixed_cases, quick_cases, selftest_cases
+from .cases import Case, boundaries, launch_context, mixed_cases, quick_cases, selftest_cases
 from .rule import RECIPES, Comparison, compare, missing_recipes, unit_roundoff
 from .trial import CaseResult, run_case
 
@@ -51,7 +51,6 @@ __all__ = [
     "Case",
     "ISSUES_URL",
     "KernelCheckWarning",
-    "NATIVE_CHUNK",
     "RECIPES",
     "SKIP_ENV",
     "boundaries",
@@ -114,8 +113,18 @@ def clear_outcomes() -> None:
     _OUTCOMES.clear()
 
 
+_SKIP_VALUES = {True: ("1", "true", "yes", "on"), False: ("", "0", "false", "no", "off", "disabled", "none")}
+
+
 def skip_requested() -> bool:
-    return os.environ.get(SKIP_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    """Whether XSAM_SKIP_KERNEL_CHECK asks to skip the check: only a clear true value does."""
+    value = os.environ.get(SKIP_ENV, "").strip().lower()
+    for skip, spellings in _SKIP_VALUES.items():
+        if value in spellings:
+            return skip
+    raise ValueError(f"{SKIP_ENV}={os.environ[SKIP_ENV]!r} is neither true nor false: set it to 1 (or "
+                     f"{', '.join(_SKIP_VALUES[True][1:])}) to skip the check of the fused kernels before their "
+                     f"first use, or unset it (or 0, {', '.join(_SKIP_VALUES[False][2:])}) to run the check")
 
 
 def trusted(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
@@ -135,12 +144,12 @@ def trusted(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
 
 def _check_and_record(backend: str, device: torch.device, dtype: torch.dtype) -> CheckOutcome:
     if skip_requested():
-        outcome = CheckOutcome(backend, device, dtype, "skipped", f"{SKIP_ENV}=1")
+        outcome = CheckOutcome(backend, device, dtype, "skipped", f"{SKIP_ENV}={os.environ[SKIP_ENV].strip()}")
     elif device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         outcome = CheckOutcome(backend, device, dtype, "deferred", "first used inside a CUDA graph capture, where "
                                "nothing may wait for the GPU; run `xsam selftest` to check it")
         warnings.warn(f"xsam could not check the {backend} kernels for {dtype} on {device} before first use: "
-                      f"{outcome.detail}", KernelCheckWarning, stacklevel=_caller_level())
+                      f"{outcome.detail}", KernelCheckWarning, stacklevel=caller_level())
     else:
         outcome = check_backend(backend, device, dtype)
         if outcome.status == "failed":
@@ -149,12 +158,12 @@ def _check_and_record(backend: str, device: torch.device, dtype: torch.dtype) ->
                 f"before first use, so backend='auto' uses the reference implementation for them in this process "
                 f"(slower; backend='reference' gives the same results). {outcome.detail}. Please report this, with "
                 f"the output of `xsam selftest` and `xsam info`, at {ISSUES_URL}. ({SKIP_ENV}=1 skips this check.)",
-                KernelCheckWarning, stacklevel=_caller_level())
+                KernelCheckWarning, stacklevel=caller_level())
     _OUTCOMES[(backend, device, dtype)] = outcome
     return outcome
 
 
-def _caller_level() -> int:
+def caller_level() -> int:
     """The stack level of the first frame outside xsam and torch (the user's call)."""
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_globals.get("__name__", "").startswith(("xsam.", "torch.")):

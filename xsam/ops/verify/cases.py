@@ -11,16 +11,13 @@ import torch
 from torch import Tensor
 
 from ..contract import OPS, SUPPORTED_DTYPES
+from ..native_backend import CONSTANTS as NATIVE  # where the compiled kernels cut work; None without xsam._C
 from .rule import RECIPES, _alias_pair, _list_names
 
-# Boundaries of the compiled kernels: kCpuChunk (csrc/xsam_ops.h), kChunk (csrc/cuda/kernels.cuh)
-# and the most tensors one CUDA launch takes, by number of lists (max_tensors_per_launch in
-# csrc/cuda/multi_tensor_apply.cuh: 32 KiB kernel parameters; 4 KiB with a CUDA runtime before
-# 12.1). A launch never splits a tensor and takes any number of chunks. The extension does not
-# expose them.
-NATIVE_CHUNK = {"cpu": 16384, "cuda": 32768}
 
-
+# The most tensors one CUDA launch of the compiled kernels takes, by number of lists
+# (max_tensors_per_launch in csrc/cuda/multi_tensor_apply.cuh: 32 KiB kernel parameters; 4 KiB with a
+# CUDA runtime before 12.1). A launch never splits a tensor and takes any number of chunks.
 def native_cuda_tensors_per_launch(lists: int, param_bytes: int = 32764) -> int:
     """Tensors per CUDA launch of a kernel over ``lists`` lists: 1624, 1160, 902, 738 for 1 to 4."""
     return (param_bytes - 256 - 16) // (lists * 8 + 12)
@@ -62,7 +59,7 @@ class Case:
 def boundaries(backend: str, device: str) -> tuple[int, int | None]:
     """(chunk, block) of a fused backend on a device type: the lengths its kernels split tensors at."""
     if backend == "native":
-        return NATIVE_CHUNK[device], None
+        return NATIVE.chunk(device), None
     if device == "cpu":
         return TRITON_INTERPRETER_LAUNCH
     from xsam.kernels.plans import get_launch_config
@@ -80,6 +77,14 @@ def launch_context(backend: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def threaded_shapes() -> list[tuple[int, ...]]:
+    """Tensors of exactly as many elements together as the CPU kernels split across threads (read from
+    xsam._C): work items cut them mid-tensor, one spans several, and small ones share items."""
+    small, below_a_chunk = (5, 3, 7), NATIVE.cpu_chunk - 1
+    spanning = NATIVE.cpu_parallel_elements - sum(small) - below_a_chunk
+    return [(5,), (spanning,), (3,), (below_a_chunk,), (7,)]
+
+
 def size_cases(backend: str, device: str, *, quick: bool = False) -> dict[str, list[tuple[int, ...]]]:
     """Shape lists that hit the edge cases: empty and 1-element tensors, odd shapes, each side of the
     backend's chunk (and block), many tensors (more than one launch's worth)."""
@@ -92,6 +97,8 @@ def size_cases(backend: str, device: str, *, quick: bool = False) -> dict[str, l
     if block is not None and block < chunk:
         around = [(block - 1,), (block + 1,)] + around
     cases["chunk"] = around
+    if backend == "native" and device == "cpu":
+        cases["threads"] = threaded_shapes()
     if quick:
         return cases
     interpreted = backend == "triton" and device == "cpu"
@@ -115,10 +122,12 @@ _SELFTEST_PLAN = (
     ("edge", "plain", ("random", "exact")),
     ("edge", "strided", ("random",)),  # a view the kernels cannot walk: the op layer's dense copies
     ("chunk", "offset", ("random", "exact")),
+    ("threads", "offset", ("random", "exact")),
     ("many", "plain", ("random", "exact")),
     ("launches", "plain", ("random",)),
 )
-_QUICK_PLAN = (("edge", "plain", ("random", "exact")), ("chunk", "offset", ("random", "exact")))
+_QUICK_PLAN = (("edge", "plain", ("random", "exact")), ("chunk", "offset", ("random", "exact")),
+               ("threads", "offset", ("exact",)))
 
 
 def selftest_cases(op: str, backend: str, device: torch.device, dtype: torch.dtype, *, quick: bool = False,
@@ -153,9 +162,14 @@ def mixed_cases(op: str, devices: Sequence[torch.device], *, seed: int = 0) -> l
 
 
 def quick_cases(backend: str, device: torch.device, dtype: torch.dtype) -> list[Case]:
-    """The check before first use: every op once, exact values, each side of a chunk, odd storage offsets."""
+    """The check before first use: every op once, exact values, odd storage offsets, on one list of sizes 0, 1
+    and odd, each side of a chunk, a dozen small tensors, and past the CPU kernels' parallel threshold."""
     chunk, block = boundaries(backend, device.type)
-    shapes = ((0,), (1,), (7,), (chunk + 1,)) + (((block + 1,),) if block is not None and block < chunk else ())
+    shapes = ((0,), (1,), (7,)) + tuple((1 + (7 * i) % 23,) for i in range(12))
+    if backend == "native" and device.type == "cpu":
+        shapes += tuple(threaded_shapes())  # items cut across tensors: these cross chunk boundaries too
+    else:
+        shapes += ((chunk + 1,),) + (((block + 1,),) if block is not None and block < chunk else ())
     place = ((device, dtype),) * len(shapes)
     return [Case(op, shapes, place, values="exact", layout="offset", variant=variant, sizes="check")
             for op in OPS if op in RECIPES for variant, _ in RECIPES[op].variants]

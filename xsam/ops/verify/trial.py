@@ -2,6 +2,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from .cases import Case, _Inputs, _Layout, _materialise, _values
 from .rule import RECIPES, Comparison, _alias_pair, compare, unit_roundoff
 
 def _call(op: str, lists: dict, scalars: dict, other: dict, backend: str):
-    from .. import run  # the op layer (which imports this package through dispatch)
+    from ..runner import run  # late: the runner imports this package (through dispatch)
 
     return run(op, lists, scalars, other, backend, None)
 
@@ -61,20 +62,34 @@ def _allowed(bound: float) -> str:
     return "no difference is allowed (exact values)" if bound <= 1e-290 else f"at most {bound:.3g} is allowed"
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_case(case: Case, backend: str, *, twice: bool = True) -> CaseResult:
     """Run ``case`` on ``backend`` and compare with a float64 run of the reference (see the module docstring).
 
     ``twice``: run a reduction twice and require the same bits (determinism). Anything that raises
     (the kernel, or the check on what it returned) fails the case, with the exception's first line.
+    The backend runs on the caller's threads; the inputs and the oracle on one (a parallel region costs
+    milliseconds on a busy machine, and the cases that cross the kernels' parallel threshold are large).
     """
+    threads = torch.get_num_threads()
     try:
-        return _run_case(case, backend, twice)
+        with _threads(1):
+            return _run_case(case, backend, twice, threads)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         return CaseResult(case, backend, Comparison(math.inf, 0.0, False), f"raised {type(exc).__name__}: {first}")
 
 
-def _run_case(case: Case, backend: str, twice: bool) -> CaseResult:
+def _run_case(case: Case, backend: str, twice: bool, threads: int) -> CaseResult:
     spec, recipe = OPS[case.op], RECIPES[case.op]
     layout = _Layout.of(case)
     values, scalars, other, absent = _values(case, layout)
@@ -87,8 +102,9 @@ def _run_case(case: Case, backend: str, twice: bool) -> CaseResult:
     def failed(message: str, comparison: Comparison = Comparison(math.inf, 0.0, False)) -> CaseResult:
         return CaseResult(case, backend, comparison, message)
 
-    got = _call(case.op, fused.lists, scalars, other, backend)
-    again = _call(case.op, fused.lists, scalars, other, backend) if spec.is_reduction and twice else got
+    with _threads(threads):
+        got = _call(case.op, fused.lists, scalars, other, backend)
+        again = _call(case.op, fused.lists, scalars, other, backend) if spec.is_reduction and twice else got
     random = case.values == "random"
     # Element-wise ops on exact values: every intermediate is representable, so the reference is
     # exact as well and need not run.

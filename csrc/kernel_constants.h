@@ -1,0 +1,25 @@
+// The lengths the kernels cut their work at, stated once: the CPU and CUDA sources use them and
+// csrc/module.cpp exports them to Python (xsam._C.CPU_CHUNK, ...), whose checks size their cases
+// from them. Plain C++ so the .cu files can include it.
+#pragma once
+
+#include <cstdint>
+
+namespace xsam {
+
+// CPU work is cut into items of this many consecutive elements of the group's tensors laid end
+// to end (see FlatWork in ops_cpu.cpp). Every item reduces into its own slot and the slots are
+// summed in item order, so the bits of a reduction depend only on the inputs, never on how
+// many threads took part.
+constexpr int64_t kCpuChunk = 16384;
+
+// A parallel region costs microseconds to start, and far more when another process holds one of
+// the cores (a static schedule then waits for the descheduled thread), while an item takes about
+// 2 us (perturb_, float32): calls of fewer items run on the calling thread.
+constexpr int64_t kCpuMinParallelItems = 4;
+
+// Elements of one tensor handled by one CUDA block; every reduction partial covers exactly one
+// such chunk.
+constexpr int64_t kCudaChunk = 32768;
+
+}  // namespace xsam
