@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU check: install xsam from this working tree (building the CUDA extension), then, most
 # important first: `xsam selftest` (when the command exists), `xsam info`, the CUDA tests (the GPU
-# review checks of tests/test_gpu_review.py among them: launch boundaries, odd offsets, determinism of
+# review checks of tests/test_cuda_kernels.py among them: launch boundaries, odd offsets, determinism of
 # both GPU backends in four dtypes, mixed CPU/CUDA lists behind queued GPU work, streams, graph
 # capture, Triton's side-stream test), compute-sanitizer memcheck and racecheck over the review cases,
 # bandwidth at 1e9 elements, the benchmarks at full size, and the rest of the normal tests.
@@ -120,7 +120,7 @@ else
 fi
 run_step "xsam info" 30 "$SUMMARY" "$PY" -c "import sys; from xsam.cli import main; sys.exit(main(['info']))"
 
-# ---- CUDA tests: op tests on cuda, tests/test_gpu_review.py, Triton's CUDA tests ----------------------
+# ---- CUDA tests: op tests on cuda, tests/test_cuda_kernels.py, Triton's CUDA tests ----------------------
 run_step "pytest -m cuda (review checks, op tests, triton side stream)" 150 "$TESTS_LOG" \
     "${PYTEST[@]}" -m "cuda and not gpu_bench and not slow" --durations=10 tests
 
@@ -139,14 +139,14 @@ elif ! run_step "compute-sanitizer probe" 40 "$SAN_LOG" env PYTORCH_NO_CUDA_MEMO
 else
     run_step "compute-sanitizer memcheck (review cases, float32 and bfloat16)" 110 "$SAN_LOG" \
         env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 99 --print-limit 20 \
-        "${PYTEST[@]}" -x -m cuda -k "sanitize and (float32 or bfloat16)" tests/test_gpu_review.py
+        "${PYTEST[@]}" -x -m cuda -k "sanitize and (float32 or bfloat16)" tests/test_cuda_kernels.py
     run_step "compute-sanitizer racecheck (reductions, float32)" 70 "$SAN_LOG" \
         "$SANITIZER" --tool racecheck --error-exitcode 99 --print-limit 20 \
-        "${PYTEST[@]}" -x -m cuda -k "sanitize and reductions and float32" tests/test_gpu_review.py
+        "${PYTEST[@]}" -x -m cuda -k "sanitize and reductions and float32" tests/test_cuda_kernels.py
 fi
 
 # ---- bandwidth at 1e9 elements (aligned and odd offset), then the benchmarks at full size ----------------
-run_step "bandwidth at 1e9 elements (native)" 60 "$BENCH_LOG" "${PYTEST[@]}" -s -m gpu_bench tests/test_gpu_review.py
+run_step "bandwidth at 1e9 elements (native)" 60 "$BENCH_LOG" "${PYTEST[@]}" -s -m gpu_bench bench/test_bandwidth.py
 run_step "xsam bench (full size)" 110 "$BENCH_LOG" "$PY" -m xsam.bench --device cuda --blocks 5 --out "$OUT"
 
 # ---- the rest, with what time is left ----------------------------------------------------------------

@@ -43,6 +43,7 @@ def auto_check_lines() -> list[str]:
 
     from xsam.ops import resolve
     from xsam.ops.contract import SUPPORTED_DTYPES
+    from xsam.ops.dispatch import unavailable_reason
     from xsam.ops.verify import SKIP_ENV, outcomes
 
     devices = [torch.device("cpu")]
@@ -57,7 +58,8 @@ def auto_check_lines() -> list[str]:
             if found:
                 status = found[0].describe()
             elif module.__name__.endswith("reference"):
-                status = "reference (no fused backend runs here)"
+                why = unavailable_reason("native", device, dtype)
+                status = f"reference (native: {why})" if why else "reference"
             else:
                 status = f"{module.__name__.rsplit('.', 1)[-1].replace('_backend', '')}: not yet checked"
             print_dtype = str(dtype).replace("torch.", "")

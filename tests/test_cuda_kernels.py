@@ -9,13 +9,11 @@
 - reductions bitwise identical over repeated calls, native and triton, four dtypes;
 - mixed CPU/CUDA lists with GPU work queued ahead (a wrong non_blocking copy would read stale data);
 - the native kernels on the current stream, on two streams, and captured in a CUDA graph;
-- `gpu_bench`: bandwidth at 1e9 elements, aligned and not (prints a table; no timed assertion).
 Every test is marked `cuda` and skips cleanly without a GPU.
 """
 from __future__ import annotations
 
 import functools
-import statistics
 
 import pytest
 import torch
@@ -255,48 +253,3 @@ def test_native_ops_capture_in_a_cuda_graph_and_replay_bit_for_bit():
 
 
 # ----- bandwidth at full size ----------------------------------------------------------------------------
-
-@pytest.mark.gpu_bench
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bandwidth_at_1e9_elements(dtype):
-    """GB/s of the native ops on one tensor of 1e9 elements, 16-byte aligned and starting at an odd
-    element (the element-by-element path), next to a copy of the same bytes. Printed, not asserted."""
-    n = 10**9
-    item = torch.tensor([], dtype=dtype).element_size()
-    acc = accumulation_dtype(dtype)
-    s = torch.full((), 0.5, device=DEVICE, dtype=acc)
-    X = torch.ops.xsam
-    rows = []
-    for aligned in (True, False):
-        bases = [torch.randn(n + 1, device=DEVICE, dtype=dtype) for _ in range(3)]
-        a, b, c = ([base[:n]] if aligned else [base[1:]] for base in bases)
-        passes = {  # bytes moved, in passes over n elements
-            "copy_ (baseline)": (lambda: a[0].copy_(b[0]), 2),
-            "scale_copy_": (lambda: X.scale_copy_(a, b, s), 2),
-            "axpy_": (lambda: X.axpy_(a, b, s), 3),
-            "perturb_": (lambda: X.perturb_(a, b, c, s, False), 4),
-            "dots (g,g),(g,v)": (lambda: X.dots(a + b, 2, [0, 0, 0, 1]), 2),
-            "weighted_sumsq": (lambda: X.weighted_sumsq(a, b), 2),
-            "residual_sumsq": (lambda: X.residual_sumsq(a, b, s), 2),
-        }
-        for name, (fn, npasses) in passes.items():
-            ms = _median_ms(fn)
-            rows.append(f"{name:20s} {str(dtype)[6:]:9s} {'aligned' if aligned else 'odd offset':10s} "
-                        f"{ms:8.3f} ms {npasses * n * item / ms / 1e6:8.1f} GB/s")
-        del a, b, c, bases
-        torch.cuda.empty_cache()
-    print("\n" + "\n".join(rows))
-
-
-def _median_ms(fn, reps=7):
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
