@@ -33,14 +33,15 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..hessian import (_is_dtensor, all_reduce_mean_, exact_hvp, finite_difference_hvp, forward_difference_hvp,
+from ..hessian import (_is_dtensor, all_reduce_mean_, finite_difference_hvp, forward_difference_hvp,
                        orthonormalize_, power_iteration, random_vectors)
+from ..products import PRODUCT_MODES, product_function
 from .lists import ParamLists, scratch_like
 from .model_state import batchnorm_statistics_frozen, eval_mode
 
 __all__ = ["HVP_MODES", "STREAMING_RATE", "EigenvectorTracker", "PendingRefresh", "StreamedDescent"]
 
-HVP_MODES = ("auto", "exact", "finite_difference", "forward_difference", "streaming")
+HVP_MODES = ("auto", "exact", "finite_difference", "forward_difference", "streaming", *PRODUCT_MODES)
 # gamma of the streaming (Oja) update: each step adds gamma times v's projection on z^. Chosen in a
 # prototype on the MLP regression of docs/tracking at three learning rates: 2 tracked better than 0.5
 # and 1, and 4, 8 or infinity (v = z^, no memory) were within 0.01 of it.
@@ -154,8 +155,8 @@ class EigenvectorTracker:
             # finite differences, whose closure backward FSDP2 reduce-scatters, work there.
             sharded = any(_is_dtensor(p) for p in params)
             mode = "exact" if loss_fn is not None and not sharded else "finite_difference"
-        if mode == "exact" and loss_fn is None:
-            raise ValueError("hvp='exact' needs loss_fn: pass step(closure, loss_fn=f) where f() runs the "
+        if mode in ("exact", *PRODUCT_MODES) and loss_fn is None:
+            raise ValueError(f"hvp={mode!r} needs loss_fn: pass step(closure, loss_fn=f) where f() runs the "
                              "forward pass and returns the loss (no backward), or use hvp='finite_difference' "
                              "or hvp='forward_difference'")
         return mode
@@ -233,9 +234,10 @@ class EigenvectorTracker:
                 flags.append(check(tensors, "hvp").reshape(()))
 
         with eval_mode(opt.model, self.hvp_eval_mode), batchnorm_statistics_frozen(opt.model):
-            if mode == "exact":
+            if mode in ("exact", *PRODUCT_MODES):
                 # autograd.grad bypasses DDP's reducer: the products are averaged over the group here.
-                raw, _ = exact_hvp(torch.enable_grad()(loss_fn), params, process_group=self.process_group())
+                raw = product_function(mode, opt.model, torch.enable_grad()(loss_fn), params,
+                                       process_group=self.process_group())
 
                 def hvp(vectors):
                     products = raw(vectors)
