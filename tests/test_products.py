@@ -79,6 +79,25 @@ def test_compiled_products_equal_double_backward_and_are_reused(name):
     assert all(p.grad is None for p in params)
 
 
+def test_a_second_model_of_the_same_layout_reuses_the_graph_with_its_own_weights_and_statistics():
+    x, y = batch("bn_cnn", 1)
+    graphs = []
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        model = bn_cnn().eval()
+        params = list(model.parameters())
+
+        def loss_fn():
+            return nn.functional.cross_entropy(model(x), y)
+
+        vectors = random_vectors(params, 1, torch.Generator().manual_seed(seed))
+        (compiled,) = compiled_hvp(model, loss_fn, params)(vectors)
+        (eager,) = exact_hvp(loss_fn, params)[0](vectors)
+        assert (flat(compiled) - flat(eager)).norm() <= 1e-5 * flat(eager).norm()
+        graphs.append(unique_graphs())
+    assert graphs[1] == graphs[0]
+
+
 class GraphBreak(nn.Module):
     def __init__(self):
         super().__init__()
@@ -99,7 +118,7 @@ def test_a_graph_break_falls_back_to_eager_products_with_one_warning():
         return model(x).square().sum()
 
     vectors = random_vectors(params, 1, torch.Generator().manual_seed(0))
-    with pytest.warns(RuntimeWarning, match="could not compile.*GraphBreak.*eager double backward"):
+    with pytest.warns(RuntimeWarning, match="GraphBreak: torch.compile could not compile.*eager double backward"):
         first = compiled_hvp(model, loss_fn, params)(vectors)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -127,6 +146,35 @@ def test_past_the_recompile_limit_products_warn_instead_of_running_eagerly_unann
             assert [w for w in caught if "could not compile" in str(w.message)] or i == 0
             torch.testing.assert_close(flat(got[0]), flat(exact_hvp(loss_fn, params)[0](vectors)[0]))
     assert "recompile" in str(caught[-1].message).lower()
+
+
+def off_by_one_percent(graph, example_inputs):
+    """A torch.compile backend whose code computes 1.01 times the right outputs."""
+    def run(*args):
+        return [None if t is None else t * 1.01 for t in graph(*args)]
+
+    return run
+
+
+def test_a_compiled_product_that_differs_from_double_backward_falls_back_with_one_warning():
+    torch.manual_seed(0)
+    model = mlp()
+    params = list(model.parameters())
+    x, y = batch("mlp", 6)
+
+    def loss_fn():
+        return nn.functional.cross_entropy(model(x), y)
+
+    vectors = random_vectors(params, 2, torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="differs from double backward's by 1.0e-02 relative"):
+        got = compiled_hvp(model, loss_fn, params, backend=off_by_one_percent)(vectors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = compiled_hvp(model, loss_fn, params, backend=off_by_one_percent)(vectors)
+    expected = exact_hvp(loss_fn, params)[0](vectors)
+    for products in (got, again):
+        for a, b in zip(products, expected):
+            torch.testing.assert_close(flat(a), flat(b), rtol=0, atol=0)
 
 
 def test_an_error_of_loss_fn_itself_is_raised_not_turned_into_a_fallback():

@@ -10,9 +10,11 @@ optimizers do with ``model=`` and ``hvp_eval_mode=True``).
 - ``compiled_hvp``: the exact ``H v`` as forward-over-reverse (``torch.func.jvp`` of
   ``torch.func.grad``) under ``torch.compile(fullgraph=True)``. The compiled function is built once
   per model and parameter layout and reused by every later call (a new ``loss_fn`` closure over a
-  new batch of the same shape reuses the compiled graph). Where compilation fails (a graph break,
-  an unsupported op), products fall back to eager double backward (``exact_hvp``) for that model
-  from then on, with one warning naming the reason.
+  new batch of the same shape reuses the compiled graph). Its first product is compared once with
+  double backward's. Where compilation fails (a graph break, an unsupported op, dynamo's recompile
+  limit) or that first product differs by more than ``VERIFY_RTOL`` relative, products fall back to
+  eager double backward (``exact_hvp``) for that model from then on, with one warning naming the
+  reason.
 - ``ggn_hvp``: the generalised Gauss-Newton product ``J^T H_out J v``, where ``J`` is the Jacobian
   of ``model``'s output with respect to the parameters and ``H_out`` the Hessian of the rest of
   ``loss_fn`` (the loss head) with respect to that output: one forward-mode pass (``J v``), a
@@ -22,6 +24,7 @@ optimizers do with ``model=`` and ``hvp_eval_mode=True``).
 """
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -37,6 +40,9 @@ from .hessian import HvpFn, Vector, _zeros_for_missing, all_reduce_mean_, exact_
 __all__ = ["PRODUCT_MODES", "CompiledProduct", "compiled_hvp", "ggn_hvp", "product_function"]
 
 PRODUCT_MODES = ("compiled", "ggn")  # the optimizers' hvp= values served here
+# The first compiled product of a model is checked against double backward once: fp32 rounding
+# stays near 1e-6 relative; beyond this the compiled code computes something else.
+VERIFY_RTOL = 1e-4
 
 
 class _LossOfModel(nn.Module):
@@ -82,17 +88,18 @@ class _LayoutKey:
     shapes: tuple[torch.Size, ...]
     dtypes: tuple[torch.dtype, ...]
     devices: tuple[torch.device, ...]
-    backend: str
+    backend: str | Callable
 
 
 class CompiledProduct:
     """The compiled forward-over-reverse product for one model and parameter layout (see ``compiled_hvp``)."""
 
-    def __init__(self, model: nn.Module, names: tuple[str, ...], backend: str):
+    def __init__(self, model: nn.Module, names: tuple[str, ...], backend: str | Callable):
         self._holder = _LossOfModel(model)
         self._names = names
         self._compiled = torch.compile(self._product, fullgraph=True, backend=backend)
-        self.fallback_reason: str | None = None  # why products run eagerly, once compilation has failed
+        self.fallback_reason: str | None = None  # why products run eagerly (compilation failed or was inexact)
+        self.verified = False  # whether a compiled product was compared with double backward's
 
     def _product(self, loss_fn, primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         def loss_of(weights):
@@ -100,53 +107,67 @@ class CompiledProduct:
 
         return jvp(grad(loss_of), (primals,), (tangents,))[1]
 
+    def _fall_back(self, reason: str) -> None:
+        self.fallback_reason = reason
+        warnings.warn(f"hvp='compiled' on {type(self._holder.model).__name__}: {reason}; this model's products run "
+                      "as eager double backward from now on", RuntimeWarning, stacklevel=3)
+
     def bind(self, loss_fn: Callable[[], Tensor], params: Sequence[Tensor], process_group=None) -> HvpFn:
         """``hvp(vectors)`` at the current weights and ``loss_fn``'s batch."""
         params = list(params)
-        eager: list[HvpFn] = []  # the double-backward product, built on first need
+        built: list[HvpFn] = []  # the double-backward product, built on first need
 
-        def eager_products(vectors):
-            if not eager:
-                eager.append(exact_hvp(loss_fn, params, process_group=process_group)[0])
-            return eager[0](vectors)
+        def eager(vectors) -> list[Vector]:
+            if not built:
+                built.append(exact_hvp(loss_fn, params)[0])
+            return built[0](vectors)
+
+        def compiled(v: Vector) -> Vector:
+            primals = tuple(p.detach() for p in params)
+            # Past dynamo's recompile limit the frame would run eagerly without a word: make it raise.
+            with torch.enable_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                return list(self._compiled(loss_fn, primals, tuple(v)))
 
         def hvp(vectors: Sequence[Vector]) -> list[Vector]:
-            if self.fallback_reason is not None:
-                return eager_products(vectors)
-            out = []
-            for i, v in enumerate(vectors):
-                primals = tuple(p.detach() for p in params)
-                try:
-                    # Past dynamo's recompile limit the frame would run eagerly without a word: make it raise.
-                    with torch.enable_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-                        product = list(self._compiled(loss_fn, primals, tuple(v)))
-                except Exception as error:  # noqa: BLE001 - decided below by whether eager products work
-                    if i > 0:
-                        raise
-                    # A failure of loss_fn itself fails eagerly too, and is raised from there unchanged.
-                    result = eager_products(vectors)
-                    self.fallback_reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
-                    warnings.warn(f"hvp='compiled': torch.compile could not compile the product for "
-                                  f"{type(self._holder.model).__name__} ({self.fallback_reason}); this model's "
-                                  "products run as eager double backward from now on", RuntimeWarning,
-                                  stacklevel=2)
-                    return result
-                out.append(_averaged(product, process_group))
-            return out
+            if self.fallback_reason is not None or not vectors:
+                return [_averaged(p, process_group) for p in eager(vectors)]
+            try:
+                products = [compiled(v) for v in vectors]
+            except Exception as error:  # noqa: BLE001 - a failure of loss_fn itself is raised by eager()
+                products = eager(vectors)
+                self._fall_back(f"torch.compile could not compile the product ({type(error).__name__}: "
+                                f"{str(error).strip().splitlines()[0]})")
+            else:
+                if not self.verified:
+                    self.verified = True
+                    expected = eager(vectors[:1])[0]
+                    difference = _relative_difference(products[0], expected)
+                    if difference > VERIFY_RTOL:
+                        self._fall_back(f"its first product differs from double backward's by {difference:.1e} "
+                                        f"relative (more than {VERIFY_RTOL:g})")
+                        products = [expected, *eager(vectors[1:])]
+            return [_averaged(p, process_group) for p in products]
 
         return hvp
+
+
+def _relative_difference(a: Vector, b: Vector) -> float:
+    diff = sum(float((x.double() - y.double()).square().sum()) for x, y in zip(a, b))
+    norm = sum(float(y.double().square().sum()) for y in b)
+    return math.sqrt(diff / max(norm, 1e-300))
 
 
 _COMPILED: "weakref.WeakKeyDictionary[nn.Module, dict[_LayoutKey, CompiledProduct]]" = weakref.WeakKeyDictionary()
 
 
 def compiled_hvp(model: nn.Module, loss_fn: Callable[[], Tensor], params: Sequence[Tensor], *,
-                 backend: str = "inductor", process_group=None) -> HvpFn:
+                 backend: str | Callable = "inductor", process_group=None) -> HvpFn:
     """Exact ``H v`` at the current weights by ``torch.func`` forward-over-reverse under ``torch.compile``.
 
     ``loss_fn`` runs ``model``'s forward on a fixed batch and returns the scalar loss; ``params`` are
     parameters of ``model``. The compiled function is cached per model and parameter layout: the
-    first call compiles (seconds to minutes on a CPU), later calls with the same shapes reuse it.
+    first call compiles (seconds to minutes on a CPU) and checks one product against double backward,
+    later calls with the same shapes reuse it.
     ``backend``: the ``torch.compile`` backend. ``process_group``: average every product over its
     ranks (as ``exact_hvp``). Nothing is written to the weights, the buffers or ``.grad``.
     """
