@@ -340,3 +340,15 @@ def test_product_modes_without_model_fail_clearly_and_change_nothing(hvp):
     assert all(torch.equal(a, b) for a, b in zip(state_of(model), before))
     with pytest.raises(ValueError, match=f"hvp='{hvp}' needs loss_fn"):
         XSAM(model.parameters(), torch.optim.SGD, lr=0.1, hvp=hvp, model=model).step(closure)
+
+
+@pytest.mark.slow
+def test_the_product_cost_bench_times_every_method_and_checks_the_exact_ones():
+    from xsam.bench.products_bench import METHODS, measure
+
+    rows = measure("digits_cnn", rounds=1, block_seconds=0.0, log=lambda _: None)
+    assert [r.method for r in rows] == list(METHODS)
+    assert all(r.ratio > 0 and r.milliseconds > 0 for r in rows)
+    by_method = {r.method: r for r in rows}
+    assert by_method["gradient"].ratio == 1.0
+    assert by_method["func_eager"].relative_error < 1e-5 and by_method["compiled"].relative_error < 1e-5
