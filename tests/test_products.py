@@ -253,6 +253,14 @@ def test_ggn_in_eval_mode_uses_the_running_statistics_and_leaves_them_alone():
     assert all(torch.equal(a, b) for a, b in zip(state_of(model), before))
 
 
+def test_a_loss_linear_in_the_output_has_a_zero_gauss_newton_matrix():
+    model = nn.Linear(3, 2)
+    params = list(model.parameters())
+    x = torch.randn(4, 3)
+    (gv,) = ggn_hvp(model, lambda: model(x).sum(), params)(random_vectors(params, 1))
+    assert all(torch.equal(t, torch.zeros_like(p)) for t, p in zip(gv, params))
+
+
 def test_ggn_refuses_a_loss_fn_it_cannot_split():
     model = nn.Linear(3, 2)
     params = list(model.parameters())

@@ -231,13 +231,14 @@ def ggn_hvp(model: nn.Module, loss_fn: Callable[[], Tensor], params: Sequence[Te
             if split.output is None:
                 raise ValueError("hvp='ggn': loss_fn did not call model; pass as model= the module loss_fn calls")
             output, jv = fwAD.unpack_dual(split.output)
-            if jv is None:  # the output does not depend on the weights
-                return [torch.zeros_like(p) for p in params]
-            (head_grad,) = torch.autograd.grad(fwAD.unpack_dual(loss).primal, split.head_input, create_graph=True)
-            if not head_grad.requires_grad:  # a loss linear in the output: H_out = 0
-                return [torch.zeros_like(p) for p in params]
-            (h_jv,) = torch.autograd.grad(head_grad, split.head_input, jv)
-            rows = torch.autograd.grad(output, params, h_jv, allow_unused=True)
+            rows: Sequence[Tensor | None] = [None] * len(params)
+            # Zero rows where the output does not depend on the weights (no J v), or the loss is linear in it.
+            if jv is not None:
+                (head_grad,) = torch.autograd.grad(fwAD.unpack_dual(loss).primal, split.head_input,
+                                                   create_graph=True)
+                if head_grad.requires_grad:
+                    (h_jv,) = torch.autograd.grad(head_grad, split.head_input, jv)
+                    rows = torch.autograd.grad(output, params, h_jv, allow_unused=True)
         return _averaged(_zeros_for_missing([None if r is None else r.detach() for r in rows], params),
                          process_group)
 
