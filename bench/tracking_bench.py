@@ -6,14 +6,15 @@ For every configuration (HVP mode x power iterations p x refresh interval k, plu
 streaming mode and SAM) on two tasks trained with mini-batches:
 
 - ``mlp``: an MLP (10-32-32-1, tanh) regressing a fixed random teacher on 1,024 points built in
-  code, batch 64, no ``model=`` (nothing depends on the mode);
+  code, batch 64, no ``model=`` (nothing depends on the mode) except for the compiled and
+  Gauss-Newton products, which need it;
 - ``digits``: the CNN with BatchNorm of ``xsam demo`` on scikit-learn's digits (1,437 training
   images), batch 64, ``model=`` (HVPs in eval mode unless the configuration says otherwise);
 - ``digits_silu`` (only with ``--tracking-tasks digits_silu``, on a subset of the configurations):
   the same CNN with SiLU instead of ReLU, a smooth loss on which finite differences see no kinks.
 
-Cost, per step: closure calls (gradient evaluations), ``loss_fn`` calls and double-backward
-products (exact HVPs) counted over the quality runs; and wall time per step against SAM
+Cost, per step: closure calls (gradient evaluations), ``loss_fn`` calls and products from
+``loss_fn`` (double backward, compiled or Gauss-Newton) counted over the quality runs; and wall time per step against SAM
 measured in the same process, interleaved: every cycle times 20 steps (a whole refresh cycle
 of every k) of each configuration in turn, SAM included, so each cycle gives one ratio per
 configuration; the median over cycles is reported with its range, and a configuration whose
@@ -57,6 +58,9 @@ EXTRA_TASKS = ("digits_silu",)  # the digits CNN with SiLU: smooth, so finite di
 SILU_CONFIGS = ("sam", "exact_p5_k5", "exact_p1_k5", "central_p5_k5", "forward_p1_k5", "forward_p5_k5",
                 "forward_p1_k5_trainmode", "streaming")
 HVPS = ("exact", "finite_difference", "forward_difference")
+LOSS_FN_HVPS = ("exact", "compiled", "ggn")  # the modes whose products come from loss_fn
+MODEL_HVPS = ("compiled", "ggn")  # the modes that need model= (they swap its parameters)
+EVAL_EVERY = 23  # steps between quality points: prime to every k, so they fall at every phase of the cycle
 TIMING_STEPS = 20  # steps per timed block: a whole refresh cycle of k = 1, 5 and 20
 UNSTABLE_RANGE = 0.2  # (max - min) / median of the per-cycle ratios above which a timing is flagged
 
@@ -79,6 +83,10 @@ def frontier_configs(quick: bool = False) -> list[TrackConfig]:
             for k in ks:
                 configs.append(TrackConfig(f"{_short(hvp)}_p{p}_k{k}", hvp, p, k))
     configs.append(TrackConfig("streaming", "streaming"))
+    # The cheaper products at the authors' interval: compiled exact ones (the same v as exact, in
+    # less time) and Gauss-Newton ones (another matrix, scored against the Hessian's v_top).
+    for hvp in MODEL_HVPS:
+        configs += [TrackConfig(f"{hvp}_p{p}_k5", hvp, p, 5) for p in ((1,) if quick else (1, 5))]
     # The BatchNorm question: forward differences reusing the train-mode first pass instead of
     # spending one eval-mode evaluation per refresh (only the digits CNN has BatchNorm).
     configs.append(TrackConfig("forward_p1_k5_trainmode", "forward_difference", 1, 5, hvp_eval_mode=False,
@@ -89,7 +97,8 @@ def frontier_configs(quick: bool = False) -> list[TrackConfig]:
 
 
 def _short(hvp: str) -> str:
-    return {"exact": "exact", "finite_difference": "central", "forward_difference": "forward"}[hvp]
+    return {"exact": "exact", "finite_difference": "central", "forward_difference": "forward", "compiled": "compiled",
+            "ggn": "ggn"}[hvp]
 
 
 # ----- tasks --------------------------------------------------------------------------------
@@ -137,7 +146,7 @@ def make_optimizer(cfg: TrackConfig, task: Task, seed: int):
     from xsam.optim import SAM, XSAM
 
     base = dict(lr=task.lr, momentum=0.9, weight_decay=task.weight_decay)
-    model = task.model if task.pass_model else None
+    model = task.model if task.pass_model or cfg.hvp in MODEL_HVPS else None
     if cfg.hvp == "sam":
         return SAM(task.model.parameters(), torch.optim.SGD, rho=0.05, model=model, **base)
     return XSAM(task.model.parameters(), torch.optim.SGD, rho=0.05, alpha=0.2, hvp=cfg.hvp,
@@ -177,15 +186,15 @@ class Stepper:
             loss.backward()
             return loss
 
-        if self.cfg.hvp == "exact":
+        if self.cfg.hvp in LOSS_FN_HVPS:
             self.opt.step(closure, loss_fn=loss_fn)
         else:
             self.opt.step(closure)
         self.steps += 1
 
     def products(self) -> int:
-        """Double-backward products (exact HVPs) so far."""
-        if self.cfg.hvp != "exact":
+        """Products from loss_fn (double backward, compiled or Gauss-Newton) so far."""
+        if self.cfg.hvp not in LOSS_FN_HVPS:
             return 0
         return int(self.opt.diagnostics().get("refresh_attempts", 0)) * self.cfg.power_iters
 
@@ -363,7 +372,7 @@ def run_tracking(out: Path, *, quick: bool = False, seeds: int | None = None, st
     """Measure the frontier and write its files into ``out``; returns their names."""
     seeds = seeds or (1 if quick else 3)
     steps = steps or (12 if quick else 300)
-    eval_every = eval_every or (6 if quick else 23)
+    eval_every = eval_every or (6 if quick else EVAL_EVERY)
     cycles = cycles or (1 if quick else 7)
     configs = frontier_configs(quick)
     started = time.perf_counter()
@@ -412,7 +421,7 @@ def run_tracking(out: Path, *, quick: bool = False, seeds: int | None = None, st
 
 
 def _job_weight(cfg: TrackConfig) -> float:
-    per = {"exact": 3, "finite_difference": 2, "forward_difference": 1}.get(cfg.hvp, 0)
+    per = {"exact": 3, "compiled": 3, "ggn": 3, "finite_difference": 2, "forward_difference": 1}.get(cfg.hvp, 0)
     return 2 + per * cfg.power_iters / cfg.eig_interval
 
 
@@ -471,8 +480,8 @@ def format_table(rows: list[dict], command: str, *, seeds: int, steps: int, eval
              f"{seeds} seed(s), {steps} steps, quality measured every {eval_every} steps; time: median over "
              f"{cycles} interleaved cycles of {TIMING_STEPS} steps, [min, max] of the per-cycle ratio to SAM "
              f"(* marks a range over {UNSTABLE_RANGE:.0%} of the median). Evaluations per step: closure "
-             "calls + loss_fn calls + double backwards (each counted as one; exact HVPs cost more per "
-             "product than that, see the time column).", ""]
+             "calls + loss_fn calls + products from loss_fn (each counted as one; a product costs more "
+             "than that, see the time column).", ""]
     for task in dict.fromkeys(r["task"] for r in rows):
         lines += [f"### {task}", "",
                   "| config | hvp | p | k | evals/step | time vs SAM [min, max] | quality (RQ / lambda_max) | "

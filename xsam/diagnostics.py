@@ -7,9 +7,12 @@
   the values reach the host only when asked (``records()``, ``to_csv()``),
   in one transfer. Without a recorder nothing is recorded at all.
 - ``top_eigenvalue(model, loss_fn, ...)``: the top-|lambda| Hessian eigenpair of
-  any model on a fixed batch, by power iteration with exact HVPs until a given
-  relative tolerance; independent of any optimizer, so SGD, SAM and X-SAM runs
+  any model on a fixed batch, by power iteration or Lanczos with exact HVPs until a
+  given relative tolerance; independent of any optimizer, so SGD, SAM and X-SAM runs
   are measured by the same yardstick.
+- ``lanczos(hvp, init, ...)``: the largest-magnitude (or largest-algebraic) eigenpair of
+  any product operator by Lanczos with full reorthogonalisation; it reaches power
+  iteration's tolerance with far fewer products where the top eigenvalues are close.
 """
 from __future__ import annotations
 
@@ -21,10 +24,14 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .hessian import exact_hvp, power_iteration, random_vectors
+from .hessian import HvpFn, exact_hvp, power_iteration, random_vectors
 from .optim import eval_mode as model_eval_mode
 
-__all__ = ["DiagnosticsRecorder", "EigenEstimate", "RECORDED_KEYS", "cosine", "top_eigenvalue"]
+__all__ = ["DiagnosticsRecorder", "EigenEstimate", "LanczosResult", "RECORDED_KEYS", "cosine", "lanczos",
+           "top_eigenvalue"]
+
+LANCZOS_TARGETS = ("magnitude", "algebraic")
+TOP_EIGENVALUE_METHODS = ("power", "lanczos")
 
 # Scalars the optimizer's hook may hand over, in the column order of records() and to_csv().
 RECORDED_KEYS = ("eigenvalue", "eigen_residual", "grad_norm", "adv_grad_norm", "cos_g_v", "cos_gadv_v",
@@ -118,7 +125,7 @@ class DiagnosticsRecorder:
 class EigenEstimate:
     eigenvalue: float  # Rayleigh quotient of the top-|lambda| eigenvector, with its sign
     residual: float  # ||H v - lambda v|| (relative: residual / |eigenvalue|)
-    iterations: int
+    iterations: int  # Hessian-vector products spent (power iterations or Lanczos steps)
     converged: bool  # both relative criteria below tol before max_iters
     vector: list[Tensor]  # unit eigenvector aligned with the parameters (a warm start for the next call)
     grad_cos: float  # cos(grad L, v) on the same batch; its sign is arbitrary (v's sign is)
@@ -141,15 +148,93 @@ def cosine(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
     return dot / max(na * nb, 1e-300)
 
 
+@dataclass
+class LanczosResult:
+    eigenvalue: float  # the Ritz value picked by ``which``, with its sign
+    vector: list[Tensor]  # its unit Ritz vector, aligned with ``init``
+    residual: float  # ||H v - lambda v||, as the Lanczos recurrence gives it (beta_k |s_k|)
+    products: int  # operator applications
+    converged: bool  # both relative criteria below tol (or an invariant subspace was found)
+
+
+def lanczos(hvp: HvpFn, init: Sequence[Tensor], *, max_iters: int = 100, tol: float = 1e-3,
+            which: str = "magnitude") -> LanczosResult:
+    """Largest-magnitude (``which="magnitude"``) or largest-algebraic (``"algebraic"``) eigenpair of ``hvp``.
+
+    Lanczos from ``init`` (not modified) with full reorthogonalisation, one product per step, until
+    the picked Ritz value changes by less than ``tol`` relative and its residual over its magnitude
+    is below ``tol`` (power iteration's criteria), or ``max_iters`` products. The Krylov basis is kept
+    (``max_iters`` parameter-sized vectors at most); the small tridiagonal problem is solved in
+    float64 on the CPU, and every step reads its values on the host.
+    """
+    if which not in LANCZOS_TARGETS:
+        raise ValueError(f"which={which!r} is invalid: use one of {list(LANCZOS_TARGETS)}")
+    if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 2:
+        raise ValueError(f"max_iters={max_iters!r} is invalid: pass an integer >= 2")
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol={tol!r} is invalid: pass a positive relative tolerance such as 1e-3")
+    like = [t.detach() for t in init]
+    sizes = [t.numel() for t in like]
+
+    def unflatten(q: Tensor) -> list[Tensor]:
+        return [piece.view_as(t) for piece, t in zip(q.split(sizes), like)]
+
+    q = torch.cat([t.reshape(-1) for t in like])
+    norm = q.norm()
+    if not (torch.isfinite(norm) and norm > 0):
+        raise ValueError("init is zero or not finite: pass a nonzero start vector")
+    basis = [q / norm]
+    alphas: list[float] = []
+    betas: list[float] = []
+    previous = math.nan
+    theta, ritz, residual, converged = math.nan, None, math.inf, False
+    with torch.no_grad():
+        for _ in range(max_iters):
+            (product,) = hvp([unflatten(basis[-1])])
+            w = torch.cat([t.reshape(-1) for t in product]).to(q.dtype)
+            alphas.append(float(basis[-1] @ w))
+            stacked = torch.stack(basis)
+            for _ in range(2):  # "twice is enough": Gram-Schmidt against the whole basis, repeated
+                w -= stacked.T @ (stacked @ w)
+            beta = float(w.norm())
+            T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+            if betas:
+                off = torch.tensor(betas, dtype=torch.float64)
+                T += torch.diag(off, 1) + torch.diag(off, -1)
+            values, vectors = torch.linalg.eigh(T)
+            pick = int(values.abs().argmax() if which == "magnitude" else values.argmax())
+            theta, ritz = float(values[pick]), vectors[:, pick]
+            residual = beta * abs(float(ritz[-1]))
+            scale = max(abs(theta), 1e-30)
+            # The Krylov space is invariant (exhausted): the Ritz values are eigenvalues.
+            invariant = len(alphas) == q.numel() or beta <= 100 * torch.finfo(q.dtype).eps * float(
+                values.abs().max())
+            if invariant or (residual / scale < tol and abs(theta - previous) / scale < tol):
+                converged = True
+                break
+            previous = theta
+            betas.append(beta)
+            basis.append(w / beta)
+        k = len(alphas)
+        vector = torch.stack(basis[:k]).T @ ritz.to(q.dtype)
+        vector /= vector.norm()
+    return LanczosResult(eigenvalue=theta, vector=[t.clone() for t in unflatten(vector)], residual=residual,
+                         products=k, converged=converged)
+
+
 def top_eigenvalue(model: nn.Module, loss_fn: Callable[[], Tensor], *, tol: float = 1e-3, max_iters: int = 200,
                    init: Sequence[Tensor] | None = None, seed: int = 0, eval_mode: bool = True,
-                   params: Sequence[Tensor] | None = None, backend: str = "reference") -> EigenEstimate:
+                   params: Sequence[Tensor] | None = None, backend: str = "reference", method: str = "power",
+                   which: str = "magnitude") -> EigenEstimate:
     """Top-|lambda| eigenpair of the Hessian of ``loss_fn()`` at ``model``'s current weights.
 
     ``loss_fn`` runs the forward pass on a fixed batch and returns the scalar
-    loss (no backward). Power iteration with exact (double-backward) HVPs runs
-    until the Rayleigh quotient changes by less than ``tol`` relative and the
-    residual ``||Hv - lambda v|| / |lambda|`` is below ``tol``, or ``max_iters``.
+    loss (no backward). Power iteration (``method="power"``) or Lanczos (``"lanczos"``,
+    see ``lanczos``: far fewer products where the top eigenvalues are close) with exact
+    (double-backward) HVPs runs until the eigenvalue estimate changes by less than ``tol``
+    relative and the residual ``||Hv - lambda v|| / |lambda|`` is below ``tol``, or ``max_iters``
+    products. ``which="algebraic"`` (Lanczos only): the largest eigenvalue instead of the
+    largest in magnitude.
     With ``eval_mode`` (default) the model is in eval mode meanwhile (BatchNorm
     uses running statistics, so the loss is a fixed function of the weights and
     no statistic changes); the modules' training flags are put back afterwards.
@@ -165,6 +250,11 @@ def top_eigenvalue(model: nn.Module, loss_fn: Callable[[], Tensor], *, tol: floa
     if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 2:
         raise ValueError(f"max_iters={max_iters!r} is invalid: pass an integer >= 2 (the stopping test "
                          "compares two successive iterations)")
+    if method not in TOP_EIGENVALUE_METHODS:
+        raise ValueError(f"method={method!r} is invalid: use one of {list(TOP_EIGENVALUE_METHODS)}")
+    if which not in LANCZOS_TARGETS or (which != "magnitude" and method != "lanczos"):
+        raise ValueError(f"which={which!r} is invalid: 'magnitude', or 'algebraic' with method='lanczos' "
+                         "(power iteration finds the largest magnitude only)")
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     if not params:
         raise ValueError("model has no parameter with requires_grad=True")
@@ -175,13 +265,17 @@ def top_eigenvalue(model: nn.Module, loss_fn: Callable[[], Tensor], *, tol: floa
                          "(e.g. the .vector of an earlier top_eigenvalue call on the same model)")
     with model_eval_mode(model, eval_mode):
         hvp, _ = exact_hvp(loss_fn, params)
-        result = power_iteration(hvp, [list(init)], iters=max_iters, tol=tol, backend=backend)
+        if method == "lanczos":
+            found = lanczos(hvp, list(init), max_iters=max_iters, tol=tol, which=which)
+            vector, eigenvalue, residual = found.vector, found.eigenvalue, found.residual
+            iterations, converged = found.products, found.converged
+        else:
+            result = power_iteration(hvp, [list(init)], iters=max_iters, tol=tol, backend=backend)
+            vector, iterations = result.vectors[0], result.iterations
+            eigenvalue, residual = float(result.eigenvalues[0]), float(result.residuals[0])
+            converged = iterations < max_iters or residual / max(abs(eigenvalue), 1e-30) < tol
         with torch.enable_grad():
             grads = torch.autograd.grad(loss_fn(), params, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-    vector = result.vectors[0]
-    eigenvalue = float(result.eigenvalues[0])
-    residual = float(result.residuals[0])
-    converged = result.iterations < max_iters or residual / max(abs(eigenvalue), 1e-30) < tol
-    return EigenEstimate(eigenvalue=eigenvalue, residual=residual, iterations=result.iterations,
+    return EigenEstimate(eigenvalue=eigenvalue, residual=residual, iterations=iterations,
                          converged=converged, vector=vector, grad_cos=cosine(grads, vector))

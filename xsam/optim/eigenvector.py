@@ -35,15 +35,16 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..distributed import all_reduce_mean_, is_dtensor
-from ..hessian import (RandomState, exact_hvp, finite_difference_hvp, forward_difference_hvp, orthonormalize_,
-                       power_iteration, random_vectors)
+from ..hessian import (RandomState, finite_difference_hvp, forward_difference_hvp, orthonormalize_, power_iteration,
+                       random_vectors)
+from ..products import PRODUCT_MODES, product_function
 from .base import GradientCheck
 from .lists import ParamLists, scratch_like
 from .model_state import batchnorm_statistics_frozen, eval_mode
 
 __all__ = ["HVP_MODES", "STREAMING_RATE", "EigenvectorTracker", "PendingRefresh", "StreamedDescent", "TrackerInputs"]
 
-HVP_MODES = ("auto", "exact", "finite_difference", "forward_difference", "streaming")
+HVP_MODES = ("auto", "exact", "finite_difference", "forward_difference", "streaming", *PRODUCT_MODES)
 # gamma of the streaming (Oja) update: each step adds gamma times v's projection on z^. Chosen in a
 # prototype on the MLP regression of docs/tracking at three learning rates: 2 tracked better than 0.5
 # and 1, and 4, 8 or infinity (v = z^, no memory) were within 0.01 of it.
@@ -167,8 +168,8 @@ class EigenvectorTracker:
             # finite differences, whose closure backward FSDP2 reduce-scatters, work there.
             sharded = any(is_dtensor(p) for p in params)
             mode = "exact" if loss_fn is not None and not sharded else "finite_difference"
-        if mode == "exact" and loss_fn is None:
-            raise ValueError("hvp='exact' needs loss_fn: pass step(closure, loss_fn=f) where f() runs the "
+        if mode in ("exact", *PRODUCT_MODES) and loss_fn is None:
+            raise ValueError(f"hvp={mode!r} needs loss_fn: pass step(closure, loss_fn=f) where f() runs the "
                              "forward pass and returns the loss (no backward), or use hvp='finite_difference' "
                              "or hvp='forward_difference'")
         return mode
@@ -243,9 +244,10 @@ class EigenvectorTracker:
                 flags.append(check(tensors, "hvp").reshape(()))
 
         with eval_mode(inputs.model, self.hvp_eval_mode), batchnorm_statistics_frozen(inputs.model):
-            if mode == "exact":
+            if mode in ("exact", *PRODUCT_MODES):
                 # autograd.grad bypasses DDP's reducer: the products are averaged over the group here.
-                raw, _ = exact_hvp(torch.enable_grad()(loss_fn), params, process_group=self.process_group(inputs))
+                raw = product_function(mode, inputs.model, torch.enable_grad()(loss_fn), params,
+                                       process_group=self.process_group(inputs))
 
                 def hvp(vectors):
                     products = raw(vectors)
