@@ -156,14 +156,15 @@ def format_table(rows: list[ProductCost], command: str, rounds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def product_frontier(out: Path, *, seeds: int, steps: int, cycles: int, eval_every: int, log=print) -> None:
-    """The tracking frontier's rows of ``FRONTIER_CONFIGS`` on its default tasks, one process, one thread."""
+def product_frontier(out: Path, *, seeds: int, steps: int, cycles: int, eval_every: int,
+                     names: tuple[str, ...] = FRONTIER_CONFIGS, log=print) -> None:
+    """The tracking frontier's rows of ``names`` on its default tasks, one process, one thread."""
     import time
 
     from . import tracking_bench as tb
 
     started = time.perf_counter()
-    configs = [c for c in tb.frontier_configs() if c.name in FRONTIER_CONFIGS]
+    configs = [c for c in tb.frontier_configs() if c.name in names]
     timing = {task: tb.time_configs(task, configs, cycles, log) for task in tb.TASKS}
     results = []
     for task in tb.TASKS:
@@ -176,7 +177,7 @@ def product_frontier(out: Path, *, seeds: int, steps: int, cycles: int, eval_eve
     rows = tb.summarize(configs, tb.TASKS, timing, results)
     tb._write_csv(out / FRONTIER_CSV, tb.FRONTIER_COLUMNS, rows)
     command = (f"python -m xsam.bench.products_bench --tracking --seeds {seeds} --steps {steps} --cycles {cycles} "
-               f"--eval-every {eval_every}")
+               f"--eval-every {eval_every} --configs {','.join(names)}")
     (out / FRONTIER_TABLE).write_text(tb.format_table(rows, command, seeds=seeds, steps=steps,
                                                       eval_every=eval_every, cycles=cycles,
                                                       elapsed=time.perf_counter() - started))
@@ -189,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-seconds", type=float, default=0.3)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {','.join(MODELS)}")
     parser.add_argument("--tracking", action="store_true", help="only the frontier rows of the product methods")
+    parser.add_argument("--configs", default=",".join(FRONTIER_CONFIGS),
+                        help="with --tracking: the frontier configurations to run (sam is the baseline)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--cycles", type=int, default=7)
@@ -197,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.tracking:
-        product_frontier(args.out, seeds=args.seeds, steps=args.steps, cycles=args.cycles, eval_every=args.eval_every)
+        product_frontier(args.out, seeds=args.seeds, steps=args.steps, cycles=args.cycles, eval_every=args.eval_every,
+                         names=tuple(args.configs.split(",")))
         print((args.out / FRONTIER_TABLE).read_text())
         return 0
     rows = [row for name in args.models.split(",") for row in measure(name, args.rounds, args.block_seconds)]

@@ -38,6 +38,7 @@ errors), ``tracking_frontier.md`` (the tables and the command) and ``tracking_fr
 """
 from __future__ import annotations
 
+import dataclasses
 import csv
 import math
 import statistics
@@ -73,6 +74,7 @@ class TrackConfig:
     eig_interval: int = 1
     hvp_eval_mode: bool = True
     tasks: tuple[str, ...] = TASKS
+    eig_interval_max: int | None = None  # the adaptive schedule's longest interval
 
 
 def frontier_configs(quick: bool = False) -> list[TrackConfig]:
@@ -87,13 +89,15 @@ def frontier_configs(quick: bool = False) -> list[TrackConfig]:
     # less time) and Gauss-Newton ones (another matrix, scored against the Hessian's v_top).
     for hvp in MODEL_HVPS:
         configs += [TrackConfig(f"{hvp}_p{p}_k5", hvp, p, 5) for p in ((1,) if quick else (1, 5))]
+    # The adaptive schedule: from every 5 steps up to every 40 while successive refreshes agree.
+    configs += [TrackConfig(f"exact_p{p}_k5_max40", "exact", p, 5, eig_interval_max=40) for p in (1, 5)]
     # The BatchNorm question: forward differences reusing the train-mode first pass instead of
     # spending one eval-mode evaluation per refresh (only the digits CNN has BatchNorm).
     configs.append(TrackConfig("forward_p1_k5_trainmode", "forward_difference", 1, 5, hvp_eval_mode=False,
                                tasks=("digits",)))
     # The smooth twin of the digits CNN gets the configurations that answer its question.
-    return [TrackConfig(c.name, c.hvp, c.power_iters, c.eig_interval, c.hvp_eval_mode,
-                        c.tasks + (EXTRA_TASKS if c.name in SILU_CONFIGS else ())) for c in configs]
+    return [dataclasses.replace(c, tasks=c.tasks + (EXTRA_TASKS if c.name in SILU_CONFIGS else ()))
+            for c in configs]
 
 
 def _short(hvp: str) -> str:
@@ -150,8 +154,8 @@ def make_optimizer(cfg: TrackConfig, task: Task, seed: int):
     if cfg.hvp == "sam":
         return SAM(task.model.parameters(), torch.optim.SGD, rho=0.05, model=model, **base)
     return XSAM(task.model.parameters(), torch.optim.SGD, rho=0.05, alpha=0.2, hvp=cfg.hvp,
-                power_iters=cfg.power_iters, eig_interval=cfg.eig_interval, hvp_eval_mode=cfg.hvp_eval_mode,
-                model=model, seed=seed, **base)
+                power_iters=cfg.power_iters, eig_interval=cfg.eig_interval, eig_interval_max=cfg.eig_interval_max,
+                hvp_eval_mode=cfg.hvp_eval_mode, model=model, seed=seed, **base)
 
 
 class Stepper:

@@ -40,6 +40,7 @@ class EigenSAM(EigenvectorBase):
             ``alpha``.
         alpha (float, default 0.2): tilt toward v, >= 0 (the authors tuned it over 0.05-0.2).
         eig_interval (int, default 5): steps between eigenvector refreshes (the authors used 100).
+        eig_interval_max (int, default None): an adaptive schedule, as for ``XSAM``.
         power_iters (int, default 5): power iterations per refresh.
         eig_tol (float, default None): stop a refresh early once the eigenvalue and the residual
             settle to this relative tolerance.
@@ -51,12 +52,13 @@ class EigenSAM(EigenvectorBase):
 
     KIND = "EigenSAM"
 
-    def __init__(self, params, base_optimizer, *, rho: float = 0.05, alpha: float = 0.2, eig_interval: int = 5,
+    def __init__(self, params, base_optimizer, *, rho: float = 0.05, alpha: float = 0.2, eig_interval: int = 5, eig_interval_max: int | None = None,
                  power_iters: int = 5, eig_tol: float | None = None, hvp: str = "auto",
                  model: nn.Module | None = None, hvp_eval_mode: bool = True, seed: int = 0,
                  per_replica_perturbation: bool = False, process_group="auto", backend: str = "auto",
                  eps: float | None = None, max_grad_norm: float | None = None, **base_kwargs):
         super().__init__(params, base_optimizer, {"rho": rho, "alpha": alpha}, eig_interval=eig_interval,
+                         eig_interval_max=eig_interval_max,
                          power_iters=power_iters, eig_tol=eig_tol, hvp=hvp, hvp_eval_mode=hvp_eval_mode, seed=seed,
                          model=model, per_replica_perturbation=per_replica_perturbation, process_group=process_group,
                          backend=backend, eps=eps, max_grad_norm=max_grad_norm, base_kwargs=base_kwargs)

@@ -49,6 +49,8 @@ HVP_MODES = ("auto", "exact", "finite_difference", "forward_difference", "stream
 # prototype on the MLP regression of docs/tracking at three learning rates: 2 tracked better than 0.5
 # and 1, and 4, 8 or infinity (v = z^, no memory) were within 0.01 of it.
 STREAMING_RATE = 2.0
+# The adaptive schedule lengthens the interval while successive refreshes agree this well.
+ADAPTIVE_AGREEMENT = 0.9
 
 
 @dataclass
@@ -76,6 +78,7 @@ class PendingRefresh:
     accepted: Tensor  # 0-d bool on the device
     iterations: int
     generator_state: Tensor
+    agreed: Tensor | None = None  # adaptive schedule: accepted and |cos(v, previous v)| >= ADAPTIVE_AGREEMENT
     # Streaming: ``vectors`` are scratch and may be unusable where not accepted; the v stored at
     # commit is ``vectors`` where accepted, else these (the previous v or the normalised start).
     fallback: list[Tensor] | None = None
@@ -109,13 +112,20 @@ class _DeviceFlag:
             return None
         return bool(self._host)
 
+    def wait(self) -> bool:
+        """The value, waiting for the device if it has not produced it yet."""
+        if self._event is not None:
+            self._event.synchronize()
+        return bool(self._host)
+
 
 class EigenvectorTracker:
     """Refresh schedule, HVP mode, power iteration and rejection rule, over the state it is handed."""
 
-    def __init__(self, *, eig_interval: int, power_iters: int, eig_tol: float | None, hvp: str,
-                 hvp_eval_mode: bool, seed: int):
+    def __init__(self, *, eig_interval: int, eig_interval_max: int | None, power_iters: int, eig_tol: float | None,
+                 hvp: str, hvp_eval_mode: bool, seed: int):
         self.eig_interval = eig_interval
+        self.eig_interval_max = eig_interval_max
         self.power_iters = power_iters
         self.eig_tol = eig_tol
         self.hvp = hvp
@@ -125,15 +135,24 @@ class EigenvectorTracker:
         # flag once it is produced (a fact about a committed step: no rollback undoes it).
         self._retry = False
         self._pending_retry: _DeviceFlag | None = None
+        # Adaptive schedule: whether the last committed refresh agreed with the one before it.
+        self._agreed: _DeviceFlag | None = None
         self._cache_key: tuple | None = None
         self._cache: list[Tensor] | None = None
         # Streaming: a buffer for the first pass's gradient, reused across steps with the same lists.
         self._stream_lists: ParamLists | None = None
         self._stream_buffer: list[Tensor] | None = None
 
+    SCHEDULE = ("refresh_interval", "next_refresh")  # the adaptive schedule's host integers
+
     def initial_state(self) -> dict:
         generator = torch.Generator().manual_seed(self.seed)
-        return {"refreshes": 0, "rejected_refreshes": 0, "refresh_attempts": 0, "generator": generator.get_state()}
+        return {"refreshes": 0, "rejected_refreshes": 0, "refresh_attempts": 0, "generator": generator.get_state(),
+                **self.initial_schedule()}
+
+    def initial_schedule(self) -> dict:
+        """The adaptive schedule before its first refresh (nothing for a fixed one)."""
+        return dict.fromkeys(self.SCHEDULE, 0) if self.adaptive else {}
 
     # ----- schedule ------------------------------------------------------------------------
     def _poll_retry(self) -> None:
@@ -147,15 +166,38 @@ class EigenvectorTracker:
     def streaming(self) -> bool:
         return self.hvp == "streaming"
 
-    def due(self, step: int) -> bool:
-        """True when ``step % eig_interval == 0``, or when the last refresh was rejected (a retry).
+    @property
+    def adaptive(self) -> bool:
+        return self.eig_interval_max is not None
+
+    def due(self, global_state: dict) -> bool:
+        """True when ``step % eig_interval == 0`` (adaptive: from the step the last refresh scheduled on),
+        or when the last refresh was rejected (a retry).
 
         Never with ``hvp="streaming"``: v is updated inside every step, with no refresh of its own.
         """
         if self.streaming:
             return False
         self._poll_retry()
+        step = global_state["step"]
+        if self.adaptive:
+            return step >= global_state.get("next_refresh", 0) or self._retry
         return step % self.eig_interval == 0 or self._retry
+
+    def _schedule(self, g: dict, agreed: Tensor) -> None:
+        """The adaptive schedule after a refresh: double the interval (up to ``eig_interval_max``) when
+        the refresh before this one agreed with its predecessor, else back to ``eig_interval``.
+
+        A refresh late: that flag was copied to the host one refresh ago, so reading it now waits
+        for nothing in practice, and every device decides alike.
+        """
+        previous = self._agreed.wait() if self._agreed is not None else False
+        interval = g.get("refresh_interval") or self.eig_interval
+        interval = min(2 * interval, self.eig_interval_max) if previous else self.eig_interval
+        g["refresh_interval"] = interval
+        g["next_refresh"] = g["step"] + interval
+        g["refresh_agreed"] = agreed
+        self._agreed = _DeviceFlag(agreed)
 
     def mode(self, loss_fn, params: list[Tensor]) -> str:
         mode = self.hvp
@@ -231,6 +273,7 @@ class EigenvectorTracker:
         generator = torch.Generator()
         generator.set_state(inputs.global_state["generator"])
         previous = self.vectors(inputs, lists.params)
+        has_previous = previous is not None
         if previous is not None:
             previous = [v for p, v in zip(lists.params, previous) if p.requires_grad]
             start = previous
@@ -275,6 +318,14 @@ class EigenvectorTracker:
                 previous = [t.clone() for t in start]
                 orthonormalize_([previous], eps=inputs.eps, backend=inputs.backend)
             vectors = [torch.where(accepted.to(v.device), v, f) for v, f in zip(result.vectors[0], previous)]
+            agreed = None
+            if self.adaptive:
+                if has_previous:
+                    vv, vp, pp = ops.dots([vectors, previous], [(0, 0), (0, 1), (1, 1)], backend=inputs.backend,
+                                          layout=layout).unbind()
+                    agreed = accepted & (vp.abs() >= ADAPTIVE_AGREEMENT * (vv * pp).sqrt())
+                else:
+                    agreed = torch.zeros_like(accepted)
         old_lam = inputs.global_state.get("eigenvalue")
         old_res = inputs.global_state.get("eigen_residual")
         nan = torch.full_like(lam, float("nan"))
@@ -282,7 +333,7 @@ class EigenvectorTracker:
             params=params, vectors=vectors,
             eigenvalue=torch.where(accepted, lam, nan if old_lam is None else old_lam.to(lam)),
             residual=torch.where(accepted, residual, nan if old_res is None else old_res.to(residual)),
-            accepted=accepted, iterations=result.iterations, generator_state=generator.get_state())
+            accepted=accepted, iterations=result.iterations, generator_state=generator.get_state(), agreed=agreed)
 
     def _base_gradient(self, inputs: TrackerInputs, closure, params: list[Tensor], first_gradients,
                        first_pass_randomness, unscale) -> tuple[list[Tensor], RandomState | None]:
@@ -414,6 +465,8 @@ class EigenvectorTracker:
         g["refresh_attempts"] = g.get("refresh_attempts", 0) + 1
         g["refresh_rejected"] = rejected
         g["generator"] = pending.generator_state
+        if self.adaptive and pending.agreed is not None:
+            self._schedule(g, pending.agreed)
         self._retry = False
         self._pending_retry = _DeviceFlag(rejected)
 
@@ -422,6 +475,8 @@ class EigenvectorTracker:
         self._retry = retry
         flag = global_state.get("refresh_rejected")
         self._pending_retry = _DeviceFlag(flag) if isinstance(flag, Tensor) else None
+        agreed = global_state.get("refresh_agreed")
+        self._agreed = _DeviceFlag(agreed) if isinstance(agreed, Tensor) else None
 
 
 def _replica_group(inputs: TrackerInputs):

@@ -28,12 +28,22 @@ class EigenvectorBase(SharpnessAware):
     STREAMING = False  # whether the class feeds hvp="streaming" from its passes (X-SAM does)
     STATE_KEYS = ("eigenvector",)
     COUNTERS = ("refreshes", "rejected_refreshes", "refresh_attempts")  # saved as host integers
-    REFRESH_RECORD = ("eigenvalue", "eigen_residual", "refresh_rejected", "power_iterations")  # the last refresh's
+    REFRESH_RECORD = ("eigenvalue", "eigen_residual", "refresh_rejected", "refresh_agreed",
+                      "power_iterations")  # the last refresh's
 
-    def __init__(self, params, base_optimizer, defaults: dict, *, eig_interval, power_iters, eig_tol, hvp,
-                 hvp_eval_mode, seed, **common):
+    def __init__(self, params, base_optimizer, defaults: dict, *, eig_interval, eig_interval_max, power_iters,
+                 eig_tol, hvp, hvp_eval_mode, seed, **common):
         eig_interval = check_count("eig_interval", eig_interval,
                                    "It is the number of steps between eigenvector refreshes.")
+        if eig_interval_max is not None:
+            eig_interval_max = check_count("eig_interval_max", eig_interval_max, "It is the longest interval of "
+                                           "the adaptive refresh schedule (None: every eig_interval steps).")
+            if eig_interval_max < eig_interval:
+                raise ValueError(f"eig_interval_max={eig_interval_max} is below eig_interval={eig_interval}: pass "
+                                 "at least eig_interval, or None for a fixed schedule")
+            if hvp == "streaming":
+                raise ValueError("eig_interval_max has no effect with hvp='streaming' (v is updated in every "
+                                 "step): leave it None")
         power_iters = check_count("power_iters", power_iters, "It is the number of power iterations per refresh.")
         if eig_tol is not None:
             eig_tol = check_number("eig_tol", eig_tol, 0.0, low_open=True,
@@ -44,8 +54,9 @@ class EigenvectorBase(SharpnessAware):
         check_choice("hvp", hvp, HVP_MODES if self.STREAMING else tuple(m for m in HVP_MODES if m != "streaming"))
         check_bool("hvp_eval_mode", hvp_eval_mode, "run the HVPs with the model in eval mode")
         seed = check_seed(seed)
-        self.tracker = EigenvectorTracker(eig_interval=eig_interval, power_iters=power_iters, eig_tol=eig_tol,
-                                          hvp=hvp, hvp_eval_mode=hvp_eval_mode, seed=seed)
+        self.tracker = EigenvectorTracker(eig_interval=eig_interval, eig_interval_max=eig_interval_max,
+                                          power_iters=power_iters, eig_tol=eig_tol, hvp=hvp,
+                                          hvp_eval_mode=hvp_eval_mode, seed=seed)
         super().__init__(params, base_optimizer, defaults, **common)
 
     @property
@@ -57,9 +68,9 @@ class EigenvectorBase(SharpnessAware):
 
     @property
     def refresh_due(self) -> bool:
-        """Whether the next ``step`` refreshes the eigenvector (every ``eig_interval`` steps, and right
-        after a rejected refresh)."""
-        return self.tracker.due(self._global["step"])
+        """Whether the next ``step`` refreshes the eigenvector (every ``eig_interval`` steps, or as the
+        adaptive schedule says, and right after a rejected refresh)."""
+        return self.tracker.due(self._global)
 
     def _initial_global_state(self) -> dict:
         return dict(super()._initial_global_state(), **self.tracker.initial_state())
@@ -84,7 +95,7 @@ class EigenvectorBase(SharpnessAware):
         if not after_first_pass and self.tracker.hvp == "forward_difference":
             # Its products reuse the first pass's gradient, so they replay its random numbers (dropout).
             txn.first_pass_randomness = RandomState.capture()
-        if txn.closure is None or not self.tracker.due(self._global["step"]):
+        if txn.closure is None or not self.tracker.due(self._global):
             return
         mode = self.tracker.mode(txn.loss_fn, txn.lists.params)
         if (mode == "forward_difference") != after_first_pass:
@@ -192,6 +203,9 @@ class EigenvectorBase(SharpnessAware):
         out["eigenvalue"] = g.get("eigenvalue", torch.full((), float("nan"), dtype=dtype, device=device))
         out["eigen_residual"] = g.get("eigen_residual", torch.full((), float("nan"), dtype=dtype, device=device))
         out["refresh_rejected"] = g.get("refresh_rejected", torch.zeros((), dtype=torch.bool, device=device))
+        if self.tracker.adaptive:
+            out.update({key: int(g[key]) for key in self.tracker.SCHEDULE})
+            out["refresh_agreed"] = g.get("refresh_agreed", torch.zeros((), dtype=torch.bool, device=device))
         return out
 
     def _checkpoint_per_param(self, params: list[Tensor], trainable: list[int]) -> dict[int, dict]:
@@ -203,7 +217,7 @@ class EigenvectorBase(SharpnessAware):
 
     def _restore_global(self, saved: dict, own: dict) -> tuple[dict, dict]:
         live, own = super()._restore_global(saved, own)
-        for key in self.COUNTERS:
+        for key in (*self.COUNTERS, *self.tracker.SCHEDULE):
             if key in saved:
                 live[key] = saved[key]
         live["generator"] = saved["generator"].cpu()  # torch.Generator's state lives on the CPU
@@ -257,6 +271,7 @@ class EigenvectorBase(SharpnessAware):
             for key in self.REFRESH_RECORD:
                 self._global.pop(key, None)
             self._global.update({key: 0 for key in self.COUNTERS})
+            self._global.update(self.tracker.initial_schedule())
         self.tracker.after_load(self._global, retry=restart)
 
     def scratch_tensors(self) -> list[Tensor]:

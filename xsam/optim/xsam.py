@@ -33,6 +33,10 @@ class XSAM(EigenvectorBase):
         correction (str, default "signed"): "signed" | "symmetric" | "acute".
         normalize (bool, default True): correct the normalised g_adv (the authors' rule).
         eig_interval (int, default 5): steps between eigenvector refreshes.
+        eig_interval_max (int, default None): an adaptive schedule: after a refresh, the interval
+            doubles (up to this) while successive refreshes agree (|cos(v_new, v_old)| >= 0.9), and
+            falls back to ``eig_interval`` when they do not; read a refresh late, so no step waits
+            on the device. None: every ``eig_interval`` steps.
         power_iters (int, default 5): power iterations per refresh.
         eig_tol (float, default None): stop a refresh early once the eigenvalue and the residual
             settle to this relative tolerance (reads them on the host each iteration).
@@ -54,7 +58,7 @@ class XSAM(EigenvectorBase):
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, alpha: float = 0.2,
                  correction: str = "signed", normalize: bool = True, adaptive: bool = False,
-                 eig_interval: int = 5, power_iters: int = 5, eig_tol: float | None = None, hvp: str = "auto",
+                 eig_interval: int = 5, eig_interval_max: int | None = None, power_iters: int = 5, eig_tol: float | None = None, hvp: str = "auto",
                  model: nn.Module | None = None, hvp_eval_mode: bool = True, seed: int = 0,
                  per_replica_perturbation: bool = False, process_group="auto", backend: str = "auto",
                  eps: float | None = None, max_grad_norm: float | None = None, **base_kwargs):
@@ -65,6 +69,7 @@ class XSAM(EigenvectorBase):
         self.normalize = normalize
         self.adaptive = adaptive
         super().__init__(params, base_optimizer, {"rho": rho, "alpha": alpha}, eig_interval=eig_interval,
+                         eig_interval_max=eig_interval_max,
                          power_iters=power_iters, eig_tol=eig_tol, hvp=hvp, hvp_eval_mode=hvp_eval_mode, seed=seed,
                          model=model, per_replica_perturbation=per_replica_perturbation, process_group=process_group,
                          backend=backend, eps=eps, max_grad_norm=max_grad_norm, base_kwargs=base_kwargs)
