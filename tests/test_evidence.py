@@ -334,7 +334,7 @@ def test_arm_names_parse_and_bad_ones_are_refused():
     arm = parse_arm("xsam-scaled-acute-0.5")
     assert (arm.kind, arm.rule, arm.alpha, arm.scaled) == ("xsam", "acute", 0.5, True)
     assert parse_arm("eigensam-0.1").kind == "eigensam"
-    assert len(DEFAULT_ARMS) == 16 and "xsam-alpha0" in QUICK_ARMS  # --quick keeps the normalised control
+    assert len(DEFAULT_ARMS) == 18 and "xsam-alpha0" in QUICK_ARMS  # --quick keeps the normalised control
     for bad in ("xsam-flip-0.2", "xsam-signed-3", "adam"):
         with pytest.raises(ValueError, match="arm"):
             parse_arm(bad)

@@ -144,7 +144,7 @@ class _NoProgress:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrorParser(prog="xsam demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=number(int, 1), default=8)
+    parser.add_argument("--epochs", type=number(int, 1), default=7)
     parser.add_argument("--batch-size", type=number(int, 2), default=64, help="at least 2 (BatchNorm)")
     parser.add_argument("--lr", type=number(float, 0.0, low_open=True), default=0.05)
     parser.add_argument("--rho", type=number(float, 0.0), default=0.05)

@@ -31,6 +31,7 @@ DEFAULT_ARMS = (
     *(f"xsam-{rule}-{alpha}" for rule in CORRECTIONS for alpha in ("0.2", "0.5", "1.0")),
     "xsam-scaled-signed-1.0",
     *(f"eigensam-{alpha}" for alpha in ("0.1", "0.2", "0.5")),
+    "layerwise-signed-0", "layerwise-signed-0.2",
 )
 _PATTERN = re.compile(r"^(?:(sgd|sam|asam|xsam-alpha0)"
                       r"|(xsam-scaled|xsam|layerwise)-(signed|symmetric|acute)-([0-9.]+)|eigensam-([0-9.]+))$")

@@ -43,8 +43,9 @@ def _arm(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(prog="xsam experiment",
                            description="SGD, SAM, the normalised control, X-SAM (every correction, several alpha, "
-                                       "and at SAM's scale) and Eigen-SAM on offline data: accuracy, sharpness at "
-                                       "the end and at matched training loss, gradient-eigenvector angle, cost")
+                                       "at SAM's scale, per layer) and Eigen-SAM on offline data: accuracy, "
+                                       "sharpness at the end and at matched training loss, paired over seeds, "
+                                       "gradient-eigenvector angle, cost")
     p.add_argument("--quick", action="store_true",
                    help=f"CI-sized run: digits and cubic, 1 seed, {QUICK['epochs']} epochs, arms "
                         f"{' '.join(QUICK_ARMS)} (under a minute)")
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: " + " ".join(DEFAULT_TASKS) + " (--quick: digits cubic)")
     p.add_argument("--methods", nargs="+", type=_arm, default=None,
                    help="arms (default: " + " ".join(DEFAULT_ARMS) + "); names: sgd, sam, asam, xsam-alpha0, "
-                        "xsam-<rule>-<alpha>, xsam-scaled-<rule>-<alpha>, eigensam-<alpha>")
+                        "xsam-<rule>-<alpha>, xsam-scaled-<rule>-<alpha>, layerwise-<rule>-<alpha>, "
+                        "eigensam-<alpha>")
     p.add_argument("--seeds", type=number(int, 1), default=None, help="number of seeds (default 5; --quick: 1)")
     p.add_argument("--out", type=output_dir, default="xsam-experiment", help="output folder (created)")
     p.add_argument("--workers", type=number(int, 1), default=1, help="parallel runs (processes, one thread each)")
