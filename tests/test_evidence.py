@@ -246,7 +246,7 @@ def _final_sharpness(method: str, seed: int, steps: int = 150) -> float:
                    reason="does not replicate: on this problem X-SAM (any correction, normalised or not, "
                           "alpha 0.2-1) ends SHARPER than SAM on every seed tried; damping the step along v "
                           "lowers the effective learning rate along v, which tolerates a larger eigenvalue. "
-                          "See docs/results/README.md. Strict: if this starts passing, update the docs.")
+                          "See docs/results/800-steps/README.md. Strict: if this starts passing, update the docs.")
 def test_xsam_ends_flatter_than_sam_on_a_problem_with_one_sharp_direction():
     seeds = range(3)
     sam = [_final_sharpness("sam", s) for s in seeds]
@@ -257,7 +257,7 @@ def test_xsam_ends_flatter_than_sam_on_a_problem_with_one_sharp_direction():
 
 
 # ----- the cubic valley: what each arm does to the top eigenvalue (CI-sized version of the experiment) --
-CUBIC_SEEDS = range(2)  # seeds 0-4 of the experiment agree (docs/results)
+CUBIC_SEEDS = range(2)  # seeds 0-4 of the experiment agree (docs/results/800-steps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -318,7 +318,7 @@ def test_the_correction_rescaled_to_sams_step_ends_flatter_than_sam_and_sees_the
                    reason="does not replicate: X-SAM as published (signed, alpha 0.2, normalised step) stays as sharp "
                           "as SGD and the alpha = 0 control on the cubic valley, far above SAM, on every seed and "
                           "for both signs of v: the normalised step, not the correction, sets its dynamics. See "
-                          "docs/results/README.md. Strict: if this starts passing, update the docs.")
+                          "docs/results/800-steps/README.md. Strict: if this starts passing, update the docs.")
 def test_xsam_as_published_ends_flatter_than_sam_on_the_cubic_valley():
     for seed in CUBIC_SEEDS:
         sam = _cubic_end_sharpness("sam", seed)

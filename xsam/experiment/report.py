@@ -303,7 +303,8 @@ def plot(summary: list[dict], curves: list[dict], path) -> bool:
                    ylabel="λmax")
         ax_bar.legend(fontsize=8)
         shown = [m for m in ("sgd", "sam", "xsam-alpha0", "xsam-signed-0.2", "xsam-scaled-signed-1.0",
-                             "eigensam-0.2", "eigensam-0.5") if any(c["method"] == m for c in curves)]
+                             "eigensam-0.2", "eigensam-0.5", "layerwise-signed-0", "layerwise-signed-0.2")
+                 if any(c["method"] == m for c in curves)]
         for m in shown:
             cs = [c for c in curves if c["task"] == task and c["method"] == m and c["v_sign"] in (0, 1)]
             epochs = sorted({c["epoch"] for c in cs})
