@@ -13,7 +13,8 @@
 #   install.log    venv / pip / extension build output
 #   tests.log      selftest, pytest -m cuda, and at the end the fast non-CUDA tests
 #   sanitizer.log  compute-sanitizer memcheck and racecheck
-#   bench.log      bandwidth at 1e9 elements, xsam bench at full size, the pytest-benchmark wrappers
+#   bench.log      bandwidth at 1e9 elements, xsam bench at full size, the curvature products against a
+#                  gradient (ResNet-18, batch 128 and 512), the pytest-benchmark wrappers
 #   bench_results.csv, bench_table.txt, bench_gbps.png   written by xsam bench
 # Every step runs under `timeout` with its own cap and against one deadline (the whole script ends
 # within 9 minutes); a failing step is recorded and the script goes on.
@@ -148,6 +149,9 @@ fi
 # ---- bandwidth at 1e9 elements (aligned and odd offset), then the benchmarks at full size ----------------
 run_step "bandwidth at 1e9 elements (native)" 60 "$BENCH_LOG" "${PYTEST[@]}" -s -m gpu_bench bench/test_bandwidth.py
 run_step "xsam bench (full size)" 110 "$BENCH_LOG" "$PY" -m xsam.bench --device cuda --blocks 5 --out "$OUT"
+run_step "curvature products against a gradient, ResNet-18 at batch 128 and 512" 150 "$BENCH_LOG" \
+    "$PY" -m xsam.bench.products_bench --device cuda --models resnet18_cifar --batches 128,512 --rounds 7 \
+    --out "$(mktemp -d)"  # its table is printed into bench.log
 
 # ---- the rest, with what time is left ----------------------------------------------------------------
 run_step "pytest -m 'not slow and not cuda'" 90 "$TESTS_LOG" "${PYTEST[@]}" -m "not slow and not cuda and not gpu_bench" tests

@@ -62,8 +62,16 @@ def digits_cnn() -> nn.Module:
     return small_cnn()
 
 
+def resnet18_cifar() -> nn.Module:
+    from .models import ResNet18
+
+    return ResNet18(num_classes=10, cifar_stem=True)
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
-    "digits_cnn": (digits_cnn, (1, 8, 8)), "cnn3_32": (cnn3_32, (3, 32, 32))}
+    "digits_cnn": (digits_cnn, (1, 8, 8)), "cnn3_32": (cnn3_32, (3, 32, 32)),
+    "resnet18_cifar": (resnet18_cifar, (3, 32, 32))}
+CPU_MODELS = ("digits_cnn", "cnn3_32")  # the default; ResNet-18 is for GPUs (bench/device_check.sh)
 
 
 @dataclass
@@ -77,12 +85,13 @@ class ProductCost:
     relative_error: float  # ||product - double backward's|| / ||double backward's|| (nan: not an exact product)
 
 
-def _trained_bn_statistics(model: nn.Module, shape: tuple[int, ...], generator: torch.Generator) -> None:
+def _trained_bn_statistics(model: nn.Module, shape: tuple[int, ...], generator: torch.Generator, batch: int,
+                           device: torch.device) -> None:
     """A few train-mode forwards, so eval mode runs on running statistics that are not the initial 0 / 1."""
     model.train()
     with torch.no_grad():
         for _ in range(3):
-            model(torch.randn((BATCH, *shape), generator=generator))
+            model(torch.randn((batch, *shape), generator=generator).to(device))
     model.eval()
 
 
@@ -115,26 +124,28 @@ def method_calls(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[di
     return calls, v
 
 
-def measure(name: str, rounds: int, block_seconds: float, log=print) -> list[ProductCost]:
+def measure(name: str, rounds: int, block_seconds: float, log=print, *, batch: int = BATCH,
+            device: torch.device = torch.device("cpu")) -> list[ProductCost]:
     from xsam.products import _relative_difference
 
     build, shape = MODELS[name]
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = build()
-    _trained_bn_statistics(model, shape, generator)
-    x = torch.randn((BATCH, *shape), generator=generator)
-    y = torch.randint(0, 10, (BATCH,), generator=generator)
+    model = build().to(device)
+    _trained_bn_statistics(model, shape, generator, batch, device)
+    x = torch.randn((batch, *shape), generator=generator).to(device)
+    y = torch.randint(0, 10, (batch,), generator=generator).to(device)
     calls, _ = method_calls(model, x, y)
     log(f"{name}: compiling")
     reference = calls["double_backward"]()
     errors = {m: _relative_difference(calls[m](), reference) for m in ("func_eager", "compiled")}
     log(f"{name}: timing {rounds} rounds")
-    times = time_interleaved(calls, blocks=rounds, block_seconds=block_seconds)
+    times = time_interleaved(calls, blocks=rounds, block_seconds=block_seconds,
+                             device=device if device.type == "cuda" else None)
     rows = []
     for method in METHODS:
         ratio = paired_ratio(times[method], times["gradient"])
-        rows.append(ProductCost(name, method, ratio.median, ratio.q1, ratio.q3, 1e3 * times[method].median,
+        rows.append(ProductCost(f"{name} (batch {batch})" if batch != BATCH else name, method, ratio.median, ratio.q1, ratio.q3, 1e3 * times[method].median,
                                 errors.get(method, 0.0 if method == "double_backward" else float("nan"))))
     return rows
 
@@ -144,7 +155,7 @@ def format_table(rows: list[ProductCost], command: str, rounds: int) -> str:
         "# One curvature product against one gradient",
         "",
         f"`{command}`: {platform.processor() or platform.machine()}, torch {torch.__version__}, one thread, "
-        f"batch {BATCH}, eval mode, {rounds} interleaved rounds; median of the per-round ratios [quartiles].",
+        f"batch {BATCH} (or as named), eval mode, {rounds} interleaved rounds; median of the per-round ratios [quartiles].",
         "",
         "| model | method | time / gradient [q1, q3] | ms per call | rel. error vs double backward |",
         "|---|---|---|---|---|",
@@ -188,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/tracking"))
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--block-seconds", type=float, default=0.3)
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {','.join(MODELS)}")
+    parser.add_argument("--models", default=",".join(CPU_MODELS), help=f"comma-separated, of {','.join(MODELS)}")
+    parser.add_argument("--batches", default=str(BATCH), help="comma-separated batch sizes (default 64)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--tracking", action="store_true", help="only the frontier rows of the product methods")
     parser.add_argument("--configs", default=",".join(FRONTIER_CONFIGS),
                         help="with --tracking: the frontier configurations to run (sam is the baseline)")
@@ -204,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                          names=tuple(args.configs.split(",")))
         print((args.out / FRONTIER_TABLE).read_text())
         return 0
-    rows = [row for name in args.models.split(",") for row in measure(name, args.rounds, args.block_seconds)]
+    device = torch.device(args.device)
+    rows = [row for name in args.models.split(",") for batch in map(int, args.batches.split(","))
+            for row in measure(name, args.rounds, args.block_seconds, batch=batch, device=device)]
     with open(args.out / CSV_NAME, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(ProductCost.__dataclass_fields__))
         writer.writeheader()
