@@ -4,6 +4,7 @@ Oracles: the same run without a scaler (power-of-two scales make scaling and
 unscaling exact, so the runs must agree bit for bit), snapshots taken before the
 step (a skipped step must change nothing), and an fp32 twin for bf16 weights.
 """
+import functools
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from xsam import SAM, XSAM
 from xsam.amp import SAMGradScaler
 from xsam.ops.dispatch import unavailable_reason
 
-from helpers import assert_same_state, scaled_or_plain_steps, snapshot
+import helpers
+from helpers import assert_same_state, closure_of, scaled_or_plain_steps, snapshot
 
 # Triton runs in its (slow) interpreter here: one test covers it by default, the rest under -m slow.
 BACKENDS = [b if b != "triton" else pytest.param(b, marks=pytest.mark.slow)
@@ -22,9 +24,7 @@ ALL_BACKENDS = [b for b in ("reference", "native", "triton")
                 if unavailable_reason(b, torch.device("cpu"), torch.float32) is None]
 
 
-def make_model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+make_model = functools.partial(helpers.make_model, 6, 8, 3, dtype=torch.float32)
 
 
 def data(seed=1, n=16):
@@ -257,11 +257,7 @@ def test_low_precision_parameters_track_an_fp32_twin(backend, dtype):
     for model, mdtype in ((low, dtype), (high, torch.float32)):
         opt = make_xsam(model, backend, hvp="exact", lr=0.05, momentum=0.0)
         for _ in range(2):
-            def closure():
-                loss = nn.functional.cross_entropy(model(x.to(mdtype)).float(), y)
-                loss.backward()
-                return loss
-
+            closure = closure_of(lambda: nn.functional.cross_entropy(model(x.to(mdtype)).float(), y))
             opt.step(closure, loss_fn=lambda: nn.functional.cross_entropy(model(x.to(mdtype)).float(), y))
         outs.append((model, opt))
     (low, opt_low), (high, opt_high) = outs

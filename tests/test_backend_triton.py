@@ -36,6 +36,8 @@ if _WHY_NOT is not None:
 from xsam.kernels import elementwise, plans, reductions  # noqa: E402
 from xsam.ops import triton_backend as tb  # noqa: E402
 
+from op_cases import opcheck_cases  # noqa: E402
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 CHUNK, BLOCK = 64, 16  # small: every boundary below costs only a few programs
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -98,27 +100,10 @@ def test_every_op_of_the_contract_has_a_kernel_and_an_adapter():
         assert getattr(tb, op).__name__ == op and getattr(tb, op).__doc__ == OPS[op].doc, op
 
 
-def _opcheck_cases(dtype):
-    shapes = [5, 12, 0]
-    w, g, s, v = (make(shapes, dtype, seed) for seed in range(4))
-    sc, sb = scalar(0.5, dtype), scalar(0.25, dtype)
-    return {
-        "dots": (w + g + v, 3, [0, 0, 0, 1, 2, 1]),
-        "weighted_sumsq": (w, g),
-        "residual_sumsq": (w, g, sc),
-        "perturb_": (w, g, s, sc, True),
-        "tilted_perturb_": (w, g, s, v, sc, sb),
-        "correct_restore_": (w, g, s, v, sc, sb),
-        "correct_restore_novecs": (w, g, s, None, sc, sc),
-        "axpy_": (w, g, sc),
-        "scale_copy_": (w, g, sc),
-    }
-
-
-@pytest.mark.parametrize("name", list(_opcheck_cases(torch.float32)))
+@pytest.mark.parametrize("name", list(opcheck_cases(DEVICE, torch.float32)))
 def test_opcheck(name):
     op = getattr(torch.ops.xsam_triton, name.removesuffix("novecs"))
-    torch.library.opcheck(op, _opcheck_cases(torch.float32)[name])
+    torch.library.opcheck(op, opcheck_cases(DEVICE, torch.float32)[name])
 
 
 def test_ops_trace_under_torch_compile():

@@ -12,7 +12,7 @@ from torch import nn
 
 from xsam import SAM, XSAM
 
-from helpers import Quadratic, flat
+from helpers import Quadratic, closure_of, flat
 
 EPS = 1e-12
 
@@ -23,10 +23,7 @@ def four_params(seed=0):
 
 
 def quadratic_closure(params):
-    def closure():
-        loss = sum(((i + 1) * p.square()).sum() + p.sum() for i, p in enumerate(params))
-        loss.backward()
-        return loss
+    closure = closure_of(lambda: sum(((i + 1) * p.square()).sum() + p.sum() for i, p in enumerate(params)))
     return closure
 
 
@@ -113,11 +110,7 @@ def test_a_zero_hessian_refresh_is_rejected_and_retried_and_v_never_becomes_zero
     opt.register_diagnostics_hook(lambda o, r: records.append(r))
     loss_fn = lambda: model(batch[0]).square().sum()  # noqa: E731  (zero Hessian on an all-zero batch)
 
-    def closure():
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
+    closure = closure_of(loss_fn)
     opt.step(closure, loss_fn=loss_fn)
     v = flat(opt.eigenvector())
     assert bool(records[-1]["refresh_rejected"]) and torch.isfinite(v).all() and v.norm() == pytest.approx(1.0)
@@ -338,11 +331,7 @@ def test_saved_weights_share_bucketed_allocations_without_overlap(monkeypatch):
     opt = XSAM(params, torch.optim.SGD, lr=0.0, hvp="finite_difference")
     before = [p.detach().clone() for p in params]
 
-    def closure():
-        loss = sum((p.double() ** 2).sum() for p in params)
-        loss.backward()
-        return loss
-
+    closure = closure_of(lambda: sum((p.double() ** 2).sum() for p in params))
     opt.step(closure)
     assert all(torch.equal(a, p) for a, p in zip(before, params))
     # The eigenvectors, created by that step's refresh, share allocations the same way, and later

@@ -19,7 +19,8 @@ from xsam.amp import SAMGradScaler
 from xsam.hessian import default_fd_step, forward_difference_hvp, random_vectors
 from xsam.optim.eigenvector import STREAMING_RATE
 
-from helpers import Quadratic, flat, scaled_or_plain_steps, spawn_and_wait, unflat
+from helpers import (Quadratic, closure_of, flat, make_model, regression_batches, scaled_or_plain_steps,
+                     spawned_results, train, unflat)
 
 
 class Counted:
@@ -72,10 +73,7 @@ def bn_batch(seed=1, n=16):
 
 
 def bn_closure(model, x, y):
-    def closure():
-        loss = (model(x) - y).square().mean()
-        loss.backward()
-        return loss
+    closure = closure_of(lambda: (model(x) - y).square().mean())
     return closure
 
 
@@ -169,10 +167,7 @@ class MiniBatchQuadratic:
     def closure_for(self, step):
         A, b = self.As[self.order[step]], self.bs[self.order[step]]
 
-        def closure():
-            loss = 0.5 * self.w @ A @ self.w + b @ self.w
-            loss.backward()
-            return loss
+        closure = closure_of(lambda: 0.5 * self.w @ A @ self.w + b @ self.w)
         return closure
 
     def quality(self, v):
@@ -201,19 +196,14 @@ def test_v_tracks_the_full_data_top_eigenvector_over_mini_batches(hvp, mean_rq, 
     assert sum(cos) / len(cos) > mean_cos
 
 
-# ----- the forward-difference step size h ~ sqrt(eps) (item 2) -------------------------------------
+# ----- the forward-difference step size h ~ sqrt(eps) --------------------------------------------
 def mlp_problem(dtype):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)).to(dtype)
+    model = make_model(6, 16, 16, 1, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 6, generator=gen).to(dtype), torch.randn(64, 1, generator=gen).to(dtype)
     params = list(model.parameters())
 
-    def closure():
-        loss = (model(x) - y).square().mean()
-        loss.backward()
-        return loss
-
+    closure = closure_of(lambda: (model(x) - y).square().mean())
     def exact(v):  # double backward in fp64 on an fp64 copy: the oracle
         m64 = copy.deepcopy(model).double()
         p64 = list(m64.parameters())
@@ -311,8 +301,7 @@ def test_forward_difference_products_with_batchnorm_match_exact_hvps_of_their_mo
 
 # ----- AMP, transactions, checkpoints ------------------------------------------------------------
 def amp_problem(dtype=torch.float64):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    model = make_model(6, 8, 3, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
     return model, torch.randn(16, 6, generator=gen, dtype=dtype), torch.randint(0, 3, (16,), generator=gen)
 
@@ -401,11 +390,7 @@ def test_a_failure_after_the_update_was_computed_changes_nothing(hvp, failing_ca
 def test_a_resumed_run_continues_bit_identically(hvp):
     model, x, y = amp_problem()
 
-    def closure():
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = closure_of(lambda: nn.functional.cross_entropy(model(x), y))
     opt = xsam_on(model.parameters(), hvp=hvp, power_iters=2, eig_interval=3, lr=0.1, momentum=0.9)
     for _ in range(4):
         opt.step(closure)
@@ -537,31 +522,11 @@ DDP_CONFIGS = {  # name: (hvp, per_replica_perturbation)
 FSDP_CONFIGS = ("forward_difference", "streaming")
 
 
-def dist_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 1)).double()
-
-
-def dist_batch(step):
-    gen = torch.Generator().manual_seed(300 + step)
-    return torch.randn(8, 4, generator=gen, dtype=torch.float64), torch.randn(8, 1, generator=gen, dtype=torch.float64)
-
-
 def dist_train(model, opt, rank=None, steps=STEPS):
-    first_v = None
-    for t in range(steps):
-        x, y = dist_batch(t)
-        if rank is not None:
-            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-
-        def closure():
-            loss = (model(x) - y).square().mean()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        if t == 0:
-            first_v = [t.full_tensor() if hasattr(t, "full_tensor") else t.clone() for t in opt.eigenvector()]
+    """The eigenvector after the first step."""
+    train(model, opt, regression_batches(range(1), 300, 8, 4, 1, rank, WORLD))
+    first_v = [t.full_tensor() if hasattr(t, "full_tensor") else t.clone() for t in opt.eigenvector()]
+    train(model, opt, regression_batches(range(1, steps), 300, 8, 4, 1, rank, WORLD))
     return first_v
 
 
@@ -572,7 +537,7 @@ def dist_worker(rank, init_file, out_dir):
     try:
         out = {}
         for name, (hvp, per_replica) in DDP_CONFIGS.items():
-            ddp = nn.parallel.DistributedDataParallel(dist_model())
+            ddp = nn.parallel.DistributedDataParallel(make_model(4, 7, 5, 1))
             # hvp_eval_mode=False: the products reuse the first pass's gradient (with a model in eval
             # mode they would evaluate grad L(w) once more instead).
             opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp=hvp, model=ddp, per_replica_perturbation=per_replica,
@@ -581,7 +546,7 @@ def dist_worker(rank, init_file, out_dir):
             out[name] = {"weights": [p.detach().clone() for p in ddp.parameters()], "eigenvector": opt.eigenvector(),
                          "first_v": first_v}
         for hvp in FSDP_CONFIGS:
-            model = dist_model()
+            model = make_model(4, 7, 5, 1)
             for layer in model:
                 if isinstance(layer, nn.Linear):
                     fully_shard(layer)
@@ -598,13 +563,11 @@ def dist_worker(rank, init_file, out_dir):
 
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tracking_dist")
-    spawn_and_wait(dist_worker, (str(tmp / "init"), str(tmp)), WORLD, timeout=120)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawned_results(dist_worker, tmp_path_factory.mktemp("tracking_dist"), WORLD, timeout=120)
 
 
 def single_process(hvp, steps=STEPS):
-    model = dist_model()
+    model = make_model(4, 7, 5, 1)
     opt = XSAM(model.parameters(), torch.optim.SGD, hvp=hvp, seed=SEED, **HYPER)
     first_v = dist_train(model, opt, steps=steps)
     return list(model.parameters()), opt.eigenvector(), first_v
