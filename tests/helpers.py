@@ -2,9 +2,11 @@
 training loop, state comparisons, spawned multi-process runs and a small BatchNorm run that repeats bit for bit."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
+from datetime import timedelta
 
 import torch
 from torch import nn
@@ -138,6 +140,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(init_method: str, rank: int, world: int):
+    """The default process group on gloo for the ``with`` block; ranks that disagree (e.g. about skipping
+    a step) issue mismatched collectives, and the 60 s timeout turns that into a failure, not a hang."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def spawn_and_wait(worker, args: tuple, nprocs: int, timeout: float) -> None:

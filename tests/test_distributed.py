@@ -17,7 +17,6 @@ with each other (bit for bit) and with oracles computed here in one process:
   timeout and the spawn deadline turn that into a failure instead of a hang.
 """
 import os
-from datetime import timedelta
 
 import pytest
 import torch
@@ -29,7 +28,7 @@ from xsam import XSAM
 from xsam.amp import SAMGradScaler
 from xsam.hessian import random_vectors
 
-from helpers import closure_of, error_of, flat, make_model, mse, regression_batches, spawn_and_wait
+from helpers import closure_of, error_of, flat, gloo_group, make_model, mse, regression_batches, spawn_and_wait
 
 WORLD, STEPS, SEED = 2, 5, 7
 SIZES = (5, 6, 2)  # the MLP's widths
@@ -203,17 +202,13 @@ SCENARIOS.update(replica_unused=run_replica_unused, group_exact_manual=run_group
 
 
 def worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(f"file://{init_file}", rank, WORLD):
         for name, scenario in SCENARIOS.items():
             try:
                 result = scenario(rank)
             except Exception as exc:  # recorded, so that the other scenarios are still checked
                 result = {"error": f"{type(exc).__name__}: {exc}"}
             torch.save(result, os.path.join(out_dir, f"{name}_{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,9 @@ The layers have output sizes 7, 5 and 1, so dim-0 sharding over 2 ranks is uneve
 (4 + 3, 3 + 2 rows) and the last weight has no rows at all on rank 1.
 """
 import os
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from xsam import SAM, XSAM, ops
@@ -27,7 +25,7 @@ from xsam.amp import SAMGradScaler
 from xsam.hessian import exact_hvp, random_vectors
 
 import helpers
-from helpers import error_of, flat, mse, regression_batches, spawned_results
+from helpers import error_of, flat, gloo_group, mse, regression_batches, spawned_results
 
 WORLD, STEPS, SEED = 2, 5, 3
 SKIPPED_STEP, POISONED_RANK, INIT_SCALE = 1, 1, 2.0 ** 10  # step 1 does not refresh (eig_interval=2)
@@ -186,10 +184,7 @@ def single_process_checkpoint_into_sharded(rank):
 
 
 def worker(rank, init_file, out_dir):
-    # Ranks that disagree (e.g. about skipping a step) issue mismatched collectives: fail, do not hang.
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(f"file://{init_file}", rank, WORLD):
         result = {}
         for name in CONFIGS:
             model = sharded_model()
@@ -219,8 +214,6 @@ def worker(rank, init_file, out_dir):
             except Exception as exc:
                 result["dcp"][name] = f"{type(exc).__name__}: {exc}"
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

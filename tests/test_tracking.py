@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from xsam import XSAM
@@ -19,7 +18,7 @@ from xsam.amp import SAMGradScaler
 from xsam.hessian import default_fd_step, forward_difference_hvp, random_vectors
 from xsam.optim.eigenvector import STREAMING_RATE
 
-from helpers import (Quadratic, closure_of, flat, make_model, regression_batches, scaled_or_plain_steps,
+from helpers import (Quadratic, closure_of, flat, gloo_group, make_model, regression_batches, scaled_or_plain_steps,
                      spawned_results, train, unflat)
 
 
@@ -533,8 +532,7 @@ def dist_train(model, opt, rank=None, steps=STEPS):
 def dist_worker(rank, init_file, out_dir):
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(f"file://{init_file}", rank, WORLD):
         out = {}
         for name, (hvp, per_replica) in DDP_CONFIGS.items():
             ddp = nn.parallel.DistributedDataParallel(make_model(4, 7, 5, 1))
@@ -557,8 +555,6 @@ def dist_worker(rank, init_file, out_dir):
             out[f"fsdp_{hvp}"] = {"weights": [p.full_tensor() for p in model.parameters()],
                                   "eigenvector": [v.full_tensor() for v in opt.eigenvector()]}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from torch import nn
 import xsam
 from xsam import SAM, XSAM, batchnorm_statistics_frozen
 
-from helpers import Quadratic, closure_of, flat, make_model
+from helpers import Quadratic, closure_of, flat, gloo_group, make_model
 
 
 mlp = functools.partial(make_model, 5, 7, 3)
@@ -229,21 +229,17 @@ def test_norm_clipping_is_a_no_op_for_normalised_xsam():
 
 def test_dtensor_parameters_are_accepted_but_exact_hvps_are_refused(tmp_path):
     """Sharded parameters are supported (tests/test_fsdp.py); exact HVPs are not, and say so at construction."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     # A one-rank gloo group in this process is enough to build DTensors; destroyed afterwards.
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
+    with gloo_group(f"file://{tmp_path / 'init'}", 0, 1):
         mesh = init_device_mesh("cpu", (1,))
         p = nn.Parameter(distribute_tensor(torch.zeros(3, 2), mesh, [Shard(0)]))
         SAM([p], torch.optim.SGD, lr=0.1)
         XSAM([p], torch.optim.SGD, lr=0.1, hvp="auto")
         with pytest.raises(ValueError, match="hvp='exact' does not work with sharded DTensor parameters"):
             XSAM([p], torch.optim.SGD, lr=0.1, hvp="exact")
-    finally:
-        dist.destroy_process_group()
 
 
 # ----- the README's recipes and an MLP with a known Hessian --------------------------------
