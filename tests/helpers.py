@@ -85,6 +85,12 @@ class Quadratic:
         return out
 
 
+def assert_each_close(xs, ys, **tolerances) -> None:
+    """``torch.testing.assert_close`` on each pair of the two sequences."""
+    for a, b in zip(xs, ys):
+        torch.testing.assert_close(a, b, **tolerances)
+
+
 def make_model(*sizes, seed=0, dtype=torch.float64) -> nn.Sequential:
     """Linear layers of these widths with Tanh between, initialised after ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)

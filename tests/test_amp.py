@@ -15,7 +15,7 @@ from xsam.amp import SAMGradScaler
 from xsam.ops.dispatch import unavailable_reason
 
 import helpers
-from helpers import assert_same_state, closure_of, scaled_or_plain_steps, snapshot
+from helpers import assert_each_close, assert_same_state, closure_of, scaled_or_plain_steps, snapshot
 
 # Triton runs in its (slow) interpreter here: one test covers it by default, the rest under -m slow.
 BACKENDS = [b if b != "triton" else pytest.param(b, marks=pytest.mark.slow)
@@ -167,8 +167,7 @@ def test_scaled_run_equals_unscaled_run_bit_for_bit(backend, hvp):
         assert all(torch.equal(a, b) for a, b in zip(w0, w1))
         assert all(torch.equal(a, b) for a, b in zip(v0, v1))
     else:  # the finite-difference step size is relative, the differences themselves round
-        for a, b in zip(w0 + v0, w1 + v1):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        assert_each_close(w0 + v0, w1 + v1, rtol=1e-9, atol=1e-9)
 
 
 def test_max_grad_norm_clips_unscaled_gradients_under_the_scaler():
@@ -193,8 +192,7 @@ def test_max_grad_norm_clips_unscaled_gradients_under_the_scaler():
     (w0, clip0), (w1, clip1) = runs
     assert max(clip0) < 0.5  # the clip acted on every step
     assert clip0 == pytest.approx(clip1, rel=1e-9)
-    for a, b in zip(w0, w1):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert_each_close(w0, w1, rtol=1e-9, atol=1e-9)
 
 
 def test_sam_with_the_scaler_skips_and_equals_unscaled_sam():

@@ -17,7 +17,7 @@ from xsam import XSAM, ops
 from xsam.ops import native_backend as native
 from xsam.ops.contract import OPS
 
-from helpers import closure_of
+from helpers import assert_each_close, closure_of
 from op_cases import NATIVE_CHUNK, make, opcheck_cases, scalar, why_not
 
 pytestmark = pytest.mark.skipif(
@@ -258,8 +258,7 @@ def test_ops_trace_under_torch_compile():
 
     eager = run(step)
     compiled = run(torch.compile(step, backend="aot_eager", fullgraph=True))
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b)
+    assert_each_close(eager, compiled)
 
 
 # --- through the optimizer --------------------------------------------------------------------
@@ -288,10 +287,8 @@ def test_xsam_steps_with_native_equal_reference(hvp, dtype):
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
     if hvp == "finite_difference" and dtype == torch.float32:
         tol = dict(rtol=2e-3, atol=2e-4)  # FD steps amplify last-bit differences of the reductions
-    for a, b in zip(w_native, w_ref):
-        torch.testing.assert_close(a, b, **tol)
-    for a, b in zip(v_native, v_ref):
-        torch.testing.assert_close(a, b, **tol)
+    assert_each_close(w_native, w_ref, **tol)
+    assert_each_close(v_native, v_ref, **tol)
 
 
 # --- missing extension --------------------------------------------------------------------------

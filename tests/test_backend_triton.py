@@ -36,6 +36,7 @@ if _WHY_NOT is not None:
 from xsam.kernels import elementwise, plans, reductions  # noqa: E402
 from xsam.ops import triton_backend as tb  # noqa: E402
 
+from helpers import assert_each_close  # noqa: E402
 from op_cases import opcheck_cases  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -121,8 +122,7 @@ def test_ops_trace_under_torch_compile():
 
     eager = run(step)
     compiled = run(torch.compile(step, backend="aot_eager", fullgraph=True))
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b)
+    assert_each_close(eager, compiled)
 
 
 def test_empty_lists_give_the_contract_results_without_a_tensor_to_dispatch_on():

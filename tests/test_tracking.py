@@ -18,8 +18,8 @@ from xsam.amp import SAMGradScaler
 from xsam.hessian import default_fd_step, forward_difference_hvp, random_vectors
 from xsam.optim.eigenvector import STREAMING_RATE
 
-from helpers import (Quadratic, closure_of, flat, gloo_group, make_model, regression_batches, scaled_or_plain_steps,
-                     spawned_results, train, unflat)
+from helpers import (Quadratic, assert_each_close, closure_of, flat, gloo_group, make_model, regression_batches,
+                     scaled_or_plain_steps, spawned_results, train, unflat)
 
 
 class Counted:
@@ -589,8 +589,7 @@ def test_data_parallel_runs_match_the_single_process_full_batch(dist_results, na
 def test_per_replica_forward_differences_use_the_averaged_first_pass_gradient(dist_results):
     """Before any update the replicas' products are the full batch's: the first v is the single-process one."""
     _, _, first_v = single_process("forward_difference", steps=1)
-    for a, b in zip(dist_results[0]["fwd_replica"]["first_v"], first_v):
-        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
+    assert_each_close(dist_results[0]["fwd_replica"]["first_v"], first_v, rtol=1e-7, atol=1e-7)
 
 
 # ----- the frontier harness (xsam bench --only tracking) --------------------------------------------

@@ -20,7 +20,7 @@ from torch import nn
 import xsam
 from xsam import SAM, XSAM, batchnorm_statistics_frozen
 
-from helpers import Quadratic, closure_of, flat, gloo_group, make_model
+from helpers import Quadratic, assert_each_close, closure_of, flat, gloo_group, make_model
 
 
 mlp = functools.partial(make_model, 5, 7, 3)
@@ -188,8 +188,7 @@ def test_op_set_traces_into_one_graph(backend):
     want = fused(pe, ge, se)
     got = torch.compile(fused, backend="aot_eager", fullgraph=True)(pc, gc, sc)
     torch.testing.assert_close(got, want)
-    for a, b in zip(pc + sc, pe + se):
-        torch.testing.assert_close(a, b)
+    assert_each_close(pc + sc, pe + se)
 
 
 # ----- gradient clipping between the passes -----------------------------------------------
