@@ -23,8 +23,7 @@ def four_params(seed=0):
 
 
 def quadratic_closure(params):
-    closure = closure_of(lambda: sum(((i + 1) * p.square()).sum() + p.sum() for i, p in enumerate(params)))
-    return closure
+    return closure_of(lambda: sum(((i + 1) * p.square()).sum() + p.sum() for i, p in enumerate(params)))
 
 
 def weights(params):

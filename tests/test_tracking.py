@@ -72,8 +72,7 @@ def bn_batch(seed=1, n=16):
 
 
 def bn_closure(model, x, y):
-    closure = closure_of(lambda: (model(x) - y).square().mean())
-    return closure
+    return closure_of(lambda: (model(x) - y).square().mean())
 
 
 @pytest.mark.parametrize("eval_mode", [True, False])
@@ -166,8 +165,7 @@ class MiniBatchQuadratic:
     def closure_for(self, step):
         A, b = self.As[self.order[step]], self.bs[self.order[step]]
 
-        closure = closure_of(lambda: 0.5 * self.w @ A @ self.w + b @ self.w)
-        return closure
+        return closure_of(lambda: 0.5 * self.w @ A @ self.w + b @ self.w)
 
     def quality(self, v):
         """Rayleigh quotient of v on the full-data Hessian over its top eigenvalue, and |cos(v, top)|."""

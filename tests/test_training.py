@@ -90,8 +90,7 @@ def test_batchnorm_helper_without_model_equals_the_model_path():
         x = torch.randn(10, 4, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
 
         def closure_for(model):
-            closure = closure_of(lambda: model(x).square().mean())
-            return closure
+            return closure_of(lambda: model(x).square().mean())
 
         opt_a.step(closure_for(with_model))
 
