@@ -189,6 +189,11 @@ def snapshot(model, opt) -> tuple[list[torch.Tensor], dict]:
     return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
 
 
+def same_bits(xs, ys) -> bool:
+    """Each pair of tensors of the two sequences equal, bit for bit."""
+    return all(torch.equal(x, y) for x, y in zip(xs, ys))
+
+
 def assert_same_state(a, b) -> None:
     """Nested state (dicts, lists, tensors, numbers) equal leaf by leaf; tensors in bits and dtype."""
     if isinstance(a, torch.Tensor):
