@@ -46,7 +46,7 @@ def xsam_on(params, **kw):
 
 # ----- cost: gradient evaluations per step, counted ---------------------------------------------
 @pytest.mark.parametrize("hvp, p, k, per_step", [
-    ("forward_difference", 1, 5, 2.2),  # the bound: 2 + p/k
+    ("forward_difference", 1, 5, 2.2),  # the cost model: 2 + p/k
     ("forward_difference", 3, 2, 3.5),
     ("finite_difference", 1, 5, 2.4),  # 2 + 2p/k
     ("streaming", 5, 5, 2.0),  # SAM's two passes only (p and k are not used)
