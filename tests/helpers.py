@@ -1,9 +1,12 @@
-"""Shared test fixtures: flat-vector views, a quadratic with a known Hessian, state comparisons and a
-small BatchNorm run that repeats bit for bit."""
+"""Shared test fixtures: flat-vector views, a quadratic with a known Hessian, a seeded MLP and its regression
+training loop, state comparisons, spawned multi-process runs and a small BatchNorm run that repeats bit for bit."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import io
+from datetime import timedelta
 
 import torch
 from torch import nn
@@ -49,12 +52,23 @@ class Quadratic:
         return (0.5 * w @ self.A @ w + self.b @ w).to(self.dtype)
 
     def closure(self) -> torch.Tensor:
-        loss = self.loss()
-        loss.backward()
-        return loss
+        return closure_of(self.loss)()
 
     def grad(self, w: torch.Tensor) -> torch.Tensor:
         return self.A @ w + self.b
+
+    def power_refresh(self, v, gen, iters: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """An eigenvector refresh in flat float64: the seeded start from ``gen`` when v is None, then ``iters``
+        normalised power iterations; (v, the Rayleigh quotient of the last iteration's input)."""
+        from xsam.hessian import random_vectors
+
+        v = flat(random_vectors(self.params, 1, gen)[0]) if v is None else v
+        v = v / (v.norm() + eps)
+        for _ in range(iters):
+            u = self.A @ v
+            lam = v @ u
+            v = u / (u.norm() + eps)
+        return v, lam
 
     def two_groups(self, rho, alpha, lr, /, **extra) -> list[dict]:
         """Param groups {p0} and {p1, p2} with per-group (rho, alpha, lr) pairs; ``extra`` (any key, alpha
@@ -69,6 +83,51 @@ class Quadratic:
         out = torch.full((sum(p.numel() for p in self.params),), float(values[1]), dtype=torch.float64)
         out[:n0] = values[0]
         return out
+
+
+def assert_each_close(xs, ys, **tolerances) -> None:
+    """``torch.testing.assert_close`` on each pair of the two sequences."""
+    for a, b in zip(xs, ys):
+        torch.testing.assert_close(a, b, **tolerances)
+
+
+def make_model(*sizes, seed=0, dtype=torch.float64) -> nn.Sequential:
+    """Linear layers of these widths with Tanh between, initialised after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    layers = [m for d_in, d_out in zip(sizes, sizes[1:]) for m in (nn.Linear(d_in, d_out), nn.Tanh())]
+    return nn.Sequential(*layers[:-1]).to(dtype)
+
+
+def regression_batches(steps, seed, n, d_in, d_out, rank=None, world=2):
+    """For each t in ``steps``, float64 (x, y) of n rows drawn from ``seed + t``; with ``rank``, that rank's
+    share of the rows out of ``world``."""
+    for t in steps:
+        gen = torch.Generator().manual_seed(seed + t)
+        x = torch.randn(n, d_in, generator=gen, dtype=torch.float64)
+        y = torch.randn(n, d_out, generator=gen, dtype=torch.float64)
+        yield (x, y) if rank is None else (x.chunk(world)[rank], y.chunk(world)[rank])
+
+
+def mse(model, x, y, **kwargs) -> torch.Tensor:
+    return (model(x, **kwargs) - y).square().mean()
+
+
+def closure_of(loss_fn):
+    """The closure ``opt.step`` takes: ``loss_fn()``, backpropagated and returned."""
+    def closure():
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def train(model, opt, batches, offer_loss_fn=False) -> None:
+    """``opt.step`` with a mean-squared-error closure on each (x, y); with ``offer_loss_fn``, ``loss_fn=``
+    gets the same loss, as a user would pass it."""
+    for x, y in batches:
+        loss_fn = functools.partial(mse, model, x, y)
+        opt.step(closure_of(loss_fn), **({"loss_fn": loss_fn} if offer_loss_fn else {}))
 
 
 def error_of(fn) -> str | None:
@@ -89,6 +148,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def gloo_group(init_method: str, rank: int, world: int):
+    """The default process group on gloo for the ``with`` block; ranks that disagree (e.g. about skipping
+    a step) issue mismatched collectives, and the 60 s timeout turns that into a failure, not a hang."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def spawn_and_wait(worker, args: tuple, nprocs: int, timeout: float) -> None:
     """``mp.spawn(worker, args, nprocs)``, failing the test (and killing the processes) after ``timeout`` seconds."""
     import time
@@ -105,9 +178,20 @@ def spawn_and_wait(worker, args: tuple, nprocs: int, timeout: float) -> None:
             pytest.fail(f"the {nprocs}-process run did not finish within {timeout:.0f} s")
 
 
+def spawned_results(worker, tmp_path, nprocs: int, timeout: float) -> list:
+    """Runs ``worker(rank, init_file, out_dir)`` in ``nprocs`` processes and loads the ``rank{r}.pt`` each saved."""
+    spawn_and_wait(worker, (str(tmp_path / "init"), str(tmp_path)), nprocs, timeout)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]
+
+
 def snapshot(model, opt) -> tuple[list[torch.Tensor], dict]:
     """The weights and a deep copy of the optimizer's state_dict, to compare after a step."""
     return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+
+
+def same_bits(xs, ys) -> bool:
+    """Each pair of tensors of the two sequences equal, bit for bit."""
+    return all(torch.equal(x, y) for x, y in zip(xs, ys))
 
 
 def assert_same_state(a, b) -> None:
@@ -145,13 +229,7 @@ def bn_batch(t: int):
 def train_bn_run(model, opt, steps: int, start: int = 0) -> None:
     for t in range(start, start + steps):
         x, y = bn_batch(t)
-
-        def closure():
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(closure_of(lambda: nn.functional.cross_entropy(model(x), y)))
 
 
 def resumed_halfway(cls, steps: int):

@@ -122,6 +122,25 @@ def scalar(value, dtype, device):
     return torch.full((), value, dtype=reference.accumulation_dtype(dtype), device=device)
 
 
+def opcheck_cases(device, dtype) -> dict[str, tuple]:
+    """Arguments of each registered op (``correct_restore_novecs``: correct_restore_ without vectors) for
+    ``torch.library.opcheck``: a matrix and an empty tensor among the lists."""
+    shapes = [(5,), (3, 4), (0,)]
+    w, g, s, v = (make(shapes, dtype, device, seed) for seed in range(4))
+    sc, sb = scalar(0.5, dtype, device), scalar(0.25, dtype, device)
+    return {
+        "dots": (w + g + v, 3, [0, 0, 0, 1, 2, 1]),
+        "weighted_sumsq": (w, g),
+        "residual_sumsq": (w, g, sc),
+        "perturb_": (w, g, s, sc, True),
+        "tilted_perturb_": (w, g, s, v, sc, sb),
+        "correct_restore_": (w, g, s, v, sc, sb),
+        "correct_restore_novecs": (w, g, s, None, sc, sc),
+        "axpy_": (w, g, sc),
+        "scale_copy_": (w, g, sc),
+    }
+
+
 def near_eigenvector(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(u, v) in float64: v a unit vector and u = 3 v + a 1.4e-4 step orthogonal to it, so that
     ||u - lam v|| is 1.4e-4 next to ||u|| = 3, where the one-pass formula uu - lam * vu cancels in fp32."""

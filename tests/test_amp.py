@@ -4,6 +4,7 @@ Oracles: the same run without a scaler (power-of-two scales make scaling and
 unscaling exact, so the runs must agree bit for bit), snapshots taken before the
 step (a skipped step must change nothing), and an fp32 twin for bf16 weights.
 """
+import functools
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from xsam import SAM, XSAM
 from xsam.amp import SAMGradScaler
 from xsam.ops.dispatch import unavailable_reason
 
-from helpers import assert_same_state, scaled_or_plain_steps, snapshot
+import helpers
+from helpers import assert_each_close, assert_same_state, closure_of, scaled_or_plain_steps, snapshot
 
 # Triton runs in its (slow) interpreter here: one test covers it by default, the rest under -m slow.
 BACKENDS = [b if b != "triton" else pytest.param(b, marks=pytest.mark.slow)
@@ -22,9 +24,7 @@ ALL_BACKENDS = [b for b in ("reference", "native", "triton")
                 if unavailable_reason(b, torch.device("cpu"), torch.float32) is None]
 
 
-def make_model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+make_model = functools.partial(helpers.make_model, 6, 8, 3, dtype=torch.float32)
 
 
 def data(seed=1, n=16):
@@ -167,8 +167,7 @@ def test_scaled_run_equals_unscaled_run_bit_for_bit(backend, hvp):
         assert all(torch.equal(a, b) for a, b in zip(w0, w1))
         assert all(torch.equal(a, b) for a, b in zip(v0, v1))
     else:  # the finite-difference step size is relative, the differences themselves round
-        for a, b in zip(w0 + v0, w1 + v1):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        assert_each_close(w0 + v0, w1 + v1, rtol=1e-9, atol=1e-9)
 
 
 def test_max_grad_norm_clips_unscaled_gradients_under_the_scaler():
@@ -193,8 +192,7 @@ def test_max_grad_norm_clips_unscaled_gradients_under_the_scaler():
     (w0, clip0), (w1, clip1) = runs
     assert max(clip0) < 0.5  # the clip acted on every step
     assert clip0 == pytest.approx(clip1, rel=1e-9)
-    for a, b in zip(w0, w1):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert_each_close(w0, w1, rtol=1e-9, atol=1e-9)
 
 
 def test_sam_with_the_scaler_skips_and_equals_unscaled_sam():
@@ -257,11 +255,7 @@ def test_low_precision_parameters_track_an_fp32_twin(backend, dtype):
     for model, mdtype in ((low, dtype), (high, torch.float32)):
         opt = make_xsam(model, backend, hvp="exact", lr=0.05, momentum=0.0)
         for _ in range(2):
-            def closure():
-                loss = nn.functional.cross_entropy(model(x.to(mdtype)).float(), y)
-                loss.backward()
-                return loss
-
+            closure = closure_of(lambda: nn.functional.cross_entropy(model(x.to(mdtype)).float(), y))
             opt.step(closure, loss_fn=lambda: nn.functional.cross_entropy(model(x.to(mdtype)).float(), y))
         outs.append((model, opt))
     (low, opt_low), (high, opt_high) = outs

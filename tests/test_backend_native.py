@@ -17,7 +17,8 @@ from xsam import XSAM, ops
 from xsam.ops import native_backend as native
 from xsam.ops.contract import OPS
 
-from op_cases import NATIVE_CHUNK, make, scalar, why_not
+from helpers import assert_each_close, closure_of
+from op_cases import NATIVE_CHUNK, make, opcheck_cases, scalar, why_not
 
 pytestmark = pytest.mark.skipif(
     bool(native.UNAVAILABLE_REASON), reason=f"xsam._C is not built: {native.UNAVAILABLE_REASON}")
@@ -195,39 +196,22 @@ def test_reductions_are_bitwise_identical_across_omp_num_threads():
 
 # --- the registered ops ---------------------------------------------------------------------
 
-def _opcheck_cases(device, dtype):
-    shapes = [(5,), (3, 4), (0,)]
-    w, g, s, v = (make(shapes, dtype, device, seed) for seed in range(4))
-    sc = scalar(0.5, dtype, device)
-    return {
-        "dots": (w + g + v, 3, [0, 0, 0, 1, 2, 1]),
-        "weighted_sumsq": (w, g),
-        "residual_sumsq": (w, g, sc),
-        "perturb_": (w, g, s, sc, True),
-        "tilted_perturb_": (w, g, s, v, sc, scalar(0.25, dtype, device)),
-        "correct_restore_": (w, g, s, v, sc, scalar(0.25, dtype, device)),
-        "correct_restore_novecs": (w, g, s, None, sc, sc),
-        "axpy_": (w, g, sc),
-        "scale_copy_": (w, g, sc),
-    }
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", list(_opcheck_cases("cpu", torch.float32)))
+@pytest.mark.parametrize("name", list(opcheck_cases("cpu", torch.float32)))
 def test_opcheck(device, dtype, name):
-    args = _opcheck_cases(device, dtype)[name]
+    args = opcheck_cases(device, dtype)[name]
     op = getattr(torch.ops.xsam, "correct_restore_" if name.startswith("correct_restore_") else name)
     torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", list(_opcheck_cases("cpu", torch.float32)))
+@pytest.mark.parametrize("name", list(opcheck_cases("cpu", torch.float32)))
 def test_fast_entries_give_the_registered_ops_results(device, name):
     """xsam._C's eager entries (borrowed tensors, typed dispatcher call) against torch.ops.xsam."""
     from xsam import _C
 
-    args = _opcheck_cases(device, torch.float32)[name]
+    args = opcheck_cases(device, torch.float32)[name]
     op_name = "correct_restore_" if name.startswith("correct_restore_") else name
     tensor_list = lambda a: isinstance(a, list) and all(isinstance(t, torch.Tensor) for t in a)  # noqa: E731
     via_ops = [[t.clone() for t in a] if tensor_list(a) else a for a in args]
@@ -274,8 +258,7 @@ def test_ops_trace_under_torch_compile():
 
     eager = run(step)
     compiled = run(torch.compile(step, backend="aot_eager", fullgraph=True))
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b)
+    assert_each_close(eager, compiled)
 
 
 # --- through the optimizer --------------------------------------------------------------------
@@ -287,11 +270,7 @@ def _xsam_run(backend, hvp, dtype=torch.float64, steps=5):
     y = torch.randint(0, 3, (32,))
     loss_fn = lambda: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
 
-    def closure():
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
+    closure = closure_of(loss_fn)
     opt = XSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.05, alpha=0.5,
                eig_interval=2, power_iters=3, hvp=hvp, backend=backend, seed=3)
     for _ in range(steps):
@@ -308,10 +287,8 @@ def test_xsam_steps_with_native_equal_reference(hvp, dtype):
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
     if hvp == "finite_difference" and dtype == torch.float32:
         tol = dict(rtol=2e-3, atol=2e-4)  # FD steps amplify last-bit differences of the reductions
-    for a, b in zip(w_native, w_ref):
-        torch.testing.assert_close(a, b, **tol)
-    for a, b in zip(v_native, v_ref):
-        torch.testing.assert_close(a, b, **tol)
+    assert_each_close(w_native, w_ref, **tol)
+    assert_each_close(v_native, v_ref, **tol)
 
 
 # --- missing extension --------------------------------------------------------------------------

@@ -36,6 +36,9 @@ if _WHY_NOT is not None:
 from xsam.kernels import elementwise, plans, reductions  # noqa: E402
 from xsam.ops import triton_backend as tb  # noqa: E402
 
+from helpers import assert_each_close  # noqa: E402
+from op_cases import clone, f64, opcheck_cases  # noqa: E402
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 CHUNK, BLOCK = 64, 16  # small: every boundary below costs only a few programs
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -59,23 +62,13 @@ def make(sizes, dtype, seed, scale=1.0, device=DEVICE):
     return out
 
 
-def flat64(tensors):
-    if not tensors:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.cat([t.detach().reshape(-1).double().cpu() for t in tensors])
-
-
-def clones(tensors):
-    return [t.clone() for t in tensors]
-
-
 def scalar(value, dtype, device=DEVICE):
     return torch.full((), value, dtype=ref.accumulation_dtype(dtype), device=device)
 
 
 def assert_as_good_as_reference(got, want_ref, truth, dtype):
     """``got`` is at most ~2x as far from the float64 ``truth`` as the reference's own result."""
-    got, want_ref, truth = flat64(got), flat64(want_ref), truth.double().cpu()
+    got, want_ref, truth = f64(got), f64(want_ref), truth.double().cpu()
     assert got.shape == truth.shape
     if truth.numel() == 0:
         return
@@ -98,27 +91,10 @@ def test_every_op_of_the_contract_has_a_kernel_and_an_adapter():
         assert getattr(tb, op).__name__ == op and getattr(tb, op).__doc__ == OPS[op].doc, op
 
 
-def _opcheck_cases(dtype):
-    shapes = [5, 12, 0]
-    w, g, s, v = (make(shapes, dtype, seed) for seed in range(4))
-    sc, sb = scalar(0.5, dtype), scalar(0.25, dtype)
-    return {
-        "dots": (w + g + v, 3, [0, 0, 0, 1, 2, 1]),
-        "weighted_sumsq": (w, g),
-        "residual_sumsq": (w, g, sc),
-        "perturb_": (w, g, s, sc, True),
-        "tilted_perturb_": (w, g, s, v, sc, sb),
-        "correct_restore_": (w, g, s, v, sc, sb),
-        "correct_restore_novecs": (w, g, s, None, sc, sc),
-        "axpy_": (w, g, sc),
-        "scale_copy_": (w, g, sc),
-    }
-
-
-@pytest.mark.parametrize("name", list(_opcheck_cases(torch.float32)))
+@pytest.mark.parametrize("name", list(opcheck_cases(DEVICE, torch.float32)))
 def test_opcheck(name):
     op = getattr(torch.ops.xsam_triton, name.removesuffix("novecs"))
-    torch.library.opcheck(op, _opcheck_cases(torch.float32)[name])
+    torch.library.opcheck(op, opcheck_cases(DEVICE, torch.float32)[name])
 
 
 def test_ops_trace_under_torch_compile():
@@ -136,8 +112,7 @@ def test_ops_trace_under_torch_compile():
 
     eager = run(step)
     compiled = run(torch.compile(step, backend="aot_eager", fullgraph=True))
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b)
+    assert_each_close(eager, compiled)
 
 
 def test_empty_lists_give_the_contract_results_without_a_tensor_to_dispatch_on():
@@ -152,7 +127,7 @@ def test_in_place_writes_bump_autograd_versions():
     # The dispatcher does not bump versions for Tensor(a!)[] arguments of an op implemented in
     # Python; the kernels do, after their checks and before the launch.
     w = [torch.randn(5, device=DEVICE, requires_grad=True) for _ in range(2)]
-    g, saved = clones([t.detach() for t in w]), [torch.empty(5, device=DEVICE) for _ in w]
+    g, saved = clone([t.detach() for t in w]), [torch.empty(5, device=DEVICE) for _ in w]
     before = [t._version for t in w + saved + g]
     with torch.no_grad():
         torch.ops.xsam_triton.perturb_(w, g, saved, scalar(0.1, torch.float32), False)
@@ -244,7 +219,7 @@ def test_vector_width_is_chosen_per_tensor():
     buf.copy_(torch.arange(300.0))
     want = sum(float(t.double() @ t.double()) for t in lists[0])  # integers: exact in fp32
     assert ops.dots(lists, [(0, 0)], backend="triton").item() == want
-    ops.axpy_(lists[0], clones(lists[0]), -1.0, backend="triton")
+    ops.axpy_(lists[0], clone(lists[0]), -1.0, backend="triton")
     assert not any(t.any() for t in lists[0])
     assert torch.equal(buf[70:80], torch.arange(70.0, 80.0, device=DEVICE))  # between the views: untouched
 
@@ -274,15 +249,15 @@ def test_power_update_through_ops_splits_wide_reductions(m):
     lists = us + vs
     pairs = [p for j in range(m) for p in ((j, j), (m + j, j), (m + j, m + j))]
     got = ops.dots(lists, pairs, backend="triton")
-    truth = torch.stack([flat64(lists[a]) @ flat64(lists[b]) for a, b in pairs])
+    truth = torch.stack([f64(lists[a]) @ f64(lists[b]) for a, b in pairs])
     torch.testing.assert_close(got.double().cpu(), truth, rtol=1e-5, atol=1e-5)
-    vs_t, vs_r = [clones(v) for v in vs], [clones(v) for v in vs]
+    vs_t, vs_r = [clone(v) for v in vs], [clone(v) for v in vs]
     st = ops.power_update_(us, vs_t, backend="triton")
     sr = ops.power_update_(us, vs_r, backend="reference")
     for name in ("eigenvalues", "residuals", "norms"):
         torch.testing.assert_close(getattr(st, name), getattr(sr, name), rtol=1e-5, atol=1e-6)
     for a, b in zip(vs_t, vs_r):
-        torch.testing.assert_close(flat64(a), flat64(b), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(f64(a), f64(b), rtol=1e-5, atol=1e-7)
 
 
 def test_batches_cover_pairs_in_order_within_limits():
@@ -300,7 +275,7 @@ def test_elementwise_is_deterministic():
     w, g = make([1000, 3], torch.bfloat16, 43), make([1000, 3], torch.bfloat16, 44)
     results = []
     for _ in range(2):
-        w_t, saved = clones(w), [torch.empty_like(t) for t in w]
+        w_t, saved = clone(w), [torch.empty_like(t) for t in w]
         ops.perturb_(w_t, g, saved, scalar(0.1, torch.bfloat16), adaptive=True, backend="triton")
         results.append(w_t)
     assert all(torch.equal(a, b) for a, b in zip(*results))
@@ -409,7 +384,7 @@ def test_xsam_steps_match_reference_backend(hvp, adaptive):
                 opt.step(closure, loss_fn=loss_fn)
             else:
                 opt.step(closure)
-        finals[backend] = (flat64(list(model.parameters())), opt.diagnostics())
+        finals[backend] = (f64(list(model.parameters())), opt.diagnostics())
     (w_ref, d_ref), (w_tri, d_tri) = finals["reference"], finals["triton"]
     torch.testing.assert_close(w_tri, w_ref, rtol=1e-5, atol=1e-6)
     assert d_tri.keys() == d_ref.keys()
@@ -431,7 +406,7 @@ def _xsam_sequence(w, g, v, saved):
 
 
 def _expected_sequence(w, g, v):
-    w, g, v, saved = clones(w), clones(g), clones(v), [torch.empty_like(t) for t in w]
+    w, g, v, saved = clone(w), clone(g), clone(v), [torch.empty_like(t) for t in w]
     sums = ops.dots([g, v], [(0, 0), (0, 1)], backend="reference")
     scale = 0.05 / (sums[0].sqrt() + 1e-12)
     ops.tilted_perturb_(w, g, saved, v, scale, 0.5 * scale, backend="reference")
@@ -452,7 +427,7 @@ def test_cuda_side_stream_with_eviction_while_the_kernel_runs():
     # A table built on the default stream, first used on a side stream that is still busy, then evicted
     # and its memory offered to the default stream: record_stream keeps it from being handed out.
     plans.clear_plan_cache()
-    y = clones(y0)
+    y = clone(y0)
     ops.axpy_(y, x, 0.0, backend="triton")
     size = _table_size()
     side.wait_stream(default)
@@ -483,7 +458,7 @@ def test_cuda_side_stream_with_eviction_while_the_kernel_runs():
 def test_cuda_graph_replay_after_clearing_the_cache():
     w, g, v = (make([4096, 17, 70_001], torch.float32, seed) for seed in range(3))
     saved = [torch.empty_like(t) for t in w]
-    w0, g0 = clones(w), clones(g)
+    w0, g0 = clone(w), clone(g)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up: compiles the kernels and caches the plans
@@ -500,8 +475,8 @@ def test_cuda_graph_replay_after_clearing_the_cache():
     graph.replay()
     want_sums, want_w, want_g = _expected_sequence(w0, g0, v)
     torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(flat64(w), flat64(want_w), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(flat64(g), flat64(want_g), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(f64(w), f64(want_w), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(f64(g), f64(want_g), rtol=1e-5, atol=1e-6)
     del graph
     plans.release_graph_plans()
 
@@ -510,9 +485,9 @@ def test_cuda_graph_replay_after_clearing_the_cache():
 @cuda
 def test_cuda_plan_built_during_capture_and_no_host_sync_on_a_miss():
     x = make([1000, 3], torch.float32, 3)
-    ops.axpy_(clones(x), x, 1.0, backend="triton")  # compiles outside capture (no module loads while capturing)
-    ops.scale_copy_(clones(x), x, 2.0, backend="triton")
-    fresh = clones(x)
+    ops.axpy_(clone(x), x, 1.0, backend="triton")  # compiles outside capture (no module loads while capturing)
+    ops.scale_copy_(clone(x), x, 2.0, backend="triton")
+    fresh = clone(x)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -520,14 +495,14 @@ def test_cuda_plan_built_during_capture_and_no_host_sync_on_a_miss():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     graph = torch.cuda.CUDAGraph()
-    y = clones(x)
+    y = clone(x)
     with torch.cuda.graph(graph):
         tmp = [torch.empty_like(t) for t in x]  # new addresses: a plan built during capture
         ops.scale_copy_(tmp, x, 2.0, backend="triton")
         ops.axpy_(y, tmp, 1.0, backend="triton")
     graph.replay()
     graph.replay()
-    torch.testing.assert_close(flat64(y), 5 * flat64(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(f64(y), 5 * f64(x), rtol=1e-6, atol=1e-6)
     del graph
     plans.release_graph_plans()
 
@@ -550,12 +525,12 @@ def test_cuda_large_lists_match_reference_and_repeat_bit_for_bit(dtype):
     s = scalar(0.01, dtype)
     runs = []
     for backend in ("triton", "triton", "reference"):
-        w_b, saved = clones(w), [torch.empty_like(t) for t in w]
+        w_b, saved = clone(w), [torch.empty_like(t) for t in w]
         ops.tilted_perturb_(w_b, g, saved, v, s, s, backend=backend)
         assert all(torch.equal(a, b) for a, b in zip(saved, w))
         runs.append(w_b)
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
-    w64, g64, v64 = flat64(w), flat64(g), flat64(v)
+    w64, g64, v64 = f64(w), f64(g), f64(v)
     assert_as_good_as_reference(runs[0], runs[2], w64 + 0.01 * g64 + 0.01 * v64, dtype)
 
 

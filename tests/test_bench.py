@@ -20,6 +20,8 @@ from xsam.bench.models import BANDWIDTH_SETS, PARAMETER_SETS, MNIST1DCNN, dram_s
 from xsam.bench.report import COLUMNS, format_tables, markdown_summary, read_csv
 from xsam.ops.dispatch import unavailable_reason
 
+from helpers import assert_each_close
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # what is checked here does not depend on threads
 TINY = ["--quick", "--scale", "4096", "--blocks", "1", "--rounds", "1", "--models", "resnet18",
         "--backends", "reference", "--no-plot"]
@@ -181,8 +183,7 @@ def test_peer_sam_and_xsam_sam_take_the_same_steps(backend):
     for _ in range(5):
         peer_step()
         our_step()
-    for a, b in zip(peer_model.parameters(), our_model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_each_close(peer_model.parameters(), our_model.parameters(), rtol=1e-12, atol=1e-12)
     assert not torch.equal(next(our_model.parameters()),
                            next(overhead_bench.peer_stepper("xsam_sam", torch.float64, backend)[0].parameters()))
 

@@ -5,24 +5,25 @@ model and optimizer must continue bit for bit (weights, eigenvector, step counte
 2-process FSDP2 round trip is in test_fsdp.py.
 """
 import copy
+import functools
 import warnings
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, get_state_dict,
                                                      set_optimizer_state_dict, set_state_dict)
 
 from xsam import SAM, XSAM
 
+import helpers
+from helpers import regression_batches
+
 N = 3  # steps before and after the checkpoint
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
-def make_model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+make_model = functools.partial(helpers.make_model, 4, 5, 2)
 
 
 def make_optimizer(kind, model, base="sgd"):
@@ -36,17 +37,7 @@ def make_optimizer(kind, model, base="sgd"):
 
 
 def train(model, opt, steps, start=0):
-    for t in range(start, start + steps):
-        gen = torch.Generator().manual_seed(100 + t)
-        x, y = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(6, 2, generator=gen,
-                                                                                   dtype=torch.float64)
-
-        def closure():
-            loss = (model(x) - y).square().mean()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+    helpers.train(model, opt, regression_batches(range(start, start + steps), 100, 6, 4, 2))
 
 
 def same_run(a, b):

@@ -29,6 +29,11 @@ def _refused(argv, capsys):
     (["bench", "--batch", "0"], "--batch"),
     (["bench", "--only", "ops,nothing"], "'nothing'"),
     (["bench", "--device", "tpu"], "--device"),
+    (["selftest", "--backends", "cuda"], "'cuda'"),
+    (["selftest", "--dtypes", "int8"], "'int8'"),
+    (["selftest", "--device", "tpu"], "--device"),
+    (["selftest", "--seed", "-1"], "--seed"),
+    (["selftest", "--seed", "2147483648"], "it must be >= 0 and <= 2147483647 "),
     (["no-such-command"], "no-such-command"),
 ])
 def test_bad_arguments_are_one_line_errors_with_exit_code_2(argv, says, capsys):

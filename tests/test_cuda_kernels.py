@@ -21,6 +21,7 @@ import torch
 from xsam import ops
 from xsam.ops import accumulation_dtype
 
+from helpers import same_bits
 from op_cases import DTYPES, NATIVE_CHUNK, assert_close_to_exact, f64, scalar, why_not
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(why_not("native", "cuda") is not None,
@@ -66,10 +67,6 @@ def review_lists(shapes, dtype, seed, fill=None) -> list[torch.Tensor]:
 def guards_intact(tensors) -> bool:
     guards = [t._base.reshape(-1)[0] for t in tensors if t._base is not None]
     return not guards or bool((torch.stack(guards) == GUARD).all())
-
-
-def same_bits(xs, ys) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(xs, ys))
 
 
 # ----- every op across the launch boundaries ---------------------------------------------------------

@@ -8,16 +8,15 @@ with each other (bit for bit) and with oracles computed here in one process:
   .grad tensors are views into buckets that every backward overwrites;
 - mode (b), per-replica perturbation: a flat float64 computation of the step in which each
   replica perturbs by its own half-batch gradient, also with a layer that one rank's first
-  pass does not use (find_unused_parameters=True; item 2);
+  pass does not use (find_unused_parameters=True);
 - exact HVPs without a DDP model: refused with what to pass, or averaged over an explicit
-  process_group, in step() and in the manual refresh_eigenvector/first_step/second_step path
-  (item 4); static_graph=True with per-replica perturbation refused (item 7);
+  process_group, in step() and in the manual refresh_eigenvector/first_step/second_step path;
+  static_graph=True with per-replica perturbation refused;
 - SAMGradScaler in mode (b) with an overflow in one rank's first pass only: both ranks skip
-  the step together (item 5). Disagreeing ranks would issue mismatched collectives: the gloo
+  the step together. Disagreeing ranks would issue mismatched collectives: the gloo
   timeout and the spawn deadline turn that into a failure instead of a hang.
 """
 import os
-from datetime import timedelta
 
 import pytest
 import torch
@@ -29,9 +28,10 @@ from xsam import XSAM
 from xsam.amp import SAMGradScaler
 from xsam.hessian import random_vectors
 
-from helpers import error_of, flat, spawn_and_wait
+from helpers import closure_of, error_of, flat, gloo_group, make_model, mse, regression_batches, spawn_and_wait
 
 WORLD, STEPS, SEED = 2, 5, 7
+SIZES = (5, 6, 2)  # the MLP's widths
 HYPER = dict(lr=0.1, momentum=0.9, rho=0.05, alpha=0.5, eig_interval=2, power_iters=3)
 CONFIGS = {  # name: (hvp, per_replica_perturbation, DDP keyword arguments, XSAM keyword arguments)
     "sync_exact": ("exact", False, {}, {}),
@@ -58,17 +58,12 @@ REFERENCES = {  # DDP run: single-process run on the full batch it must equal, a
 SKIPPED_STEP, POISONED_RANK, INIT_SCALE = 1, 1, 2.0 ** 10  # step 1 does not refresh (eig_interval=2)
 
 
-def make_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2)).double()
-
-
 class Branchy(nn.Module):
-    """The model of make_model() plus a branch that a forward may leave out (``use_extra=False``)."""
+    """The model of make_model(*SIZES) plus a branch that a forward may leave out (``use_extra=False``)."""
 
     def __init__(self):
         super().__init__()
-        self.body = make_model()
+        self.body = make_model(*SIZES)
         self.extra = nn.Linear(5, 2).double()
 
     def forward(self, x, use_extra=True):
@@ -76,24 +71,13 @@ class Branchy(nn.Module):
         return out + torch.tanh(self.extra(x)) if use_extra else out
 
 
-def full_batch(step):
-    gen = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(8, 5, generator=gen, dtype=torch.float64), torch.randn(8, 2, generator=gen, dtype=torch.float64)
-
-
 def shard(tensor, rank):
     return tensor.chunk(WORLD)[rank]
 
 
-def loss_of(model, x, y, **kwargs):
-    return (model(x, **kwargs) - y).square().mean()
-
-
-def batches(rank):
+def batches(rank=None):
     """Each step's batch: the full one, or with rank, that rank's half."""
-    for t in range(STEPS):
-        x, y = full_batch(t)
-        yield (x, y) if rank is None else (shard(x, rank), shard(y, rank))
+    return regression_batches(range(STEPS), 1000, 8, SIZES[0], SIZES[-1], rank, WORLD)
 
 
 def train(model, opt, rank=None, forward_model=None, first_pass_kwargs=None):
@@ -105,21 +89,21 @@ def train(model, opt, rank=None, forward_model=None, first_pass_kwargs=None):
         def closure():
             calls[0] += 1
             kwargs = first_pass_kwargs if first_pass_kwargs and calls[0] == 1 else {}
-            loss = loss_of(model, x, y, **kwargs)
+            loss = mse(model, x, y, **kwargs)
             loss.backward()
             return loss
 
-        opt.step(closure, loss_fn=lambda: loss_of(forward_model, x, y))
+        opt.step(closure, loss_fn=lambda: mse(forward_model, x, y))
 
 
 def train_manually(model, opt, rank, forward_model):
     """The same steps through refresh_eigenvector / first_step / second_step."""
     for x, y in batches(rank):
         if opt.refresh_due:
-            opt.refresh_eigenvector(loss_fn=lambda: loss_of(forward_model, x, y))
-        loss_of(model, x, y).backward()
+            opt.refresh_eigenvector(loss_fn=lambda: mse(forward_model, x, y))
+        mse(model, x, y).backward()
         opt.first_step(zero_grad=True)
-        loss_of(model, x, y).backward()
+        mse(model, x, y).backward()
         opt.second_step(zero_grad=True)
 
 
@@ -131,7 +115,7 @@ def outcome(opt, params):
 # ----- the scenarios, each run on every rank ---------------------------------------------------
 def run_config(name, rank):
     hvp, per_replica, ddp_kwargs, xsam_kwargs = CONFIGS[name]
-    ddp = nn.parallel.DistributedDataParallel(make_model(), **ddp_kwargs)
+    ddp = nn.parallel.DistributedDataParallel(make_model(*SIZES), **ddp_kwargs)
     opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp=hvp, model=ddp, per_replica_perturbation=per_replica,
                seed=SEED, **xsam_kwargs, **HYPER)
     train(ddp, opt, rank, forward_model=ddp.module)
@@ -149,7 +133,7 @@ def run_replica_unused(rank):
 
 def run_group_exact_manual(rank):
     """Exact HVPs without a DDP model, averaged over an explicit process_group; the manual path."""
-    ddp = nn.parallel.DistributedDataParallel(make_model())
+    ddp = nn.parallel.DistributedDataParallel(make_model(*SIZES))
     opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp="exact", process_group=dist.group.WORLD, seed=SEED, **HYPER)
     train_manually(ddp, opt, rank, forward_model=ddp.module)
     return outcome(opt, ddp.parameters())
@@ -160,20 +144,16 @@ def run_refusals(rank):
     x, y = next(batches(rank))
     out = {}
     for name, model_arg in (("ddp_module", "module"), ("no_model", None)):
-        ddp = nn.parallel.DistributedDataParallel(make_model())
+        ddp = nn.parallel.DistributedDataParallel(make_model(*SIZES))
         opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp="exact", model=ddp.module if model_arg else None,
                    seed=SEED, **HYPER)
 
-        def closure():
-            loss = loss_of(ddp, x, y)
-            loss.backward()
-            return loss
-
+        closure = closure_of(lambda: mse(ddp, x, y))
         before = [p.detach().clone() for p in ddp.parameters()]
-        out[f"step_{name}"] = error_of(lambda: opt.step(closure, loss_fn=lambda: loss_of(ddp.module, x, y)))
+        out[f"step_{name}"] = error_of(lambda: opt.step(closure, loss_fn=lambda: mse(ddp.module, x, y)))
         out[f"unchanged_{name}"] = all(torch.equal(a, b) for a, b in zip(before, ddp.parameters()))
-        out[f"refresh_{name}"] = error_of(lambda: opt.refresh_eigenvector(loss_fn=lambda: loss_of(ddp.module, x, y)))
-    static = nn.parallel.DistributedDataParallel(make_model(), static_graph=True)
+        out[f"refresh_{name}"] = error_of(lambda: opt.refresh_eigenvector(loss_fn=lambda: mse(ddp.module, x, y)))
+    static = nn.parallel.DistributedDataParallel(make_model(*SIZES), static_graph=True)
     out["static_graph"] = error_of(lambda: XSAM(static.parameters(), torch.optim.SGD, model=static,
                                                 per_replica_perturbation=True, lr=0.1))
     return out
@@ -181,7 +161,7 @@ def run_refusals(rank):
 
 def run_scaled_replica(rank):
     """replica_exact under SAMGradScaler; one attempt of step SKIPPED_STEP overflows in POISONED_RANK's first pass."""
-    ddp = nn.parallel.DistributedDataParallel(make_model())
+    ddp = nn.parallel.DistributedDataParallel(make_model(*SIZES))
     opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp="exact", model=ddp, per_replica_perturbation=True,
                seed=SEED, **HYPER)
     scaler = SAMGradScaler("cpu", init_scale=INIT_SCALE, growth_interval=1000)
@@ -191,7 +171,7 @@ def run_scaled_replica(rank):
         poison = [t == SKIPPED_STEP]
 
         def closure():
-            loss = loss_of(ddp, x, y)
+            loss = mse(ddp, x, y)
             scaler.scale(loss).backward()
             if poison[0] and rank == POISONED_RANK:  # exact HVPs: call 1 is the first pass
                 params[0].grad.view(-1)[0] = float("inf")
@@ -199,7 +179,7 @@ def run_scaled_replica(rank):
             return loss
 
         def loss_fn():
-            return loss_of(ddp.module, x, y)
+            return mse(ddp.module, x, y)
 
         if poison[0]:
             before = [p.detach().clone() for p in params]
@@ -222,17 +202,13 @@ SCENARIOS.update(replica_unused=run_replica_unused, group_exact_manual=run_group
 
 
 def worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(f"file://{init_file}", rank, WORLD):
         for name, scenario in SCENARIOS.items():
             try:
                 result = scenario(rank)
             except Exception as exc:  # recorded, so that the other scenarios are still checked
                 result = {"error": f"{type(exc).__name__}: {exc}"}
             torch.save(result, os.path.join(out_dir, f"{name}_{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +235,7 @@ def results(tmp_path_factory):
 
 def single_process(name):
     """The single-process run on the full batch that a DDP run must equal."""
-    model = make_model()
+    model = make_model(*SIZES)
     if name == "forward_train_mode":
         opt = XSAM(model.parameters(), torch.optim.SGD, hvp="forward_difference", hvp_eval_mode=False, seed=SEED,
                    **HYPER)
@@ -283,8 +259,8 @@ def test_every_rank_holds_bit_identical_weights_and_eigenvectors(results, name):
 
 @pytest.mark.parametrize("name", list(REFERENCES))
 def test_synchronised_perturbation_matches_single_process_full_batch(results, name):
-    """Also: finite-difference HVPs with gradient_as_bucket_view=True (item 1; every HVP was 0 before),
-    and exact HVPs averaged over an explicit process_group in the manual path (item 4)."""
+    """Also: finite-difference HVPs with gradient_as_bucket_view=True (every HVP was 0 before),
+    and exact HVPs averaged over an explicit process_group in the manual path."""
     reference, tol = REFERENCES[name]
     want = single_process(reference)
     got = results(name)[0]
@@ -313,8 +289,7 @@ def per_replica_oracle(model, first_pass_kwargs=lambda r: {}):
     w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gen = torch.Generator().manual_seed(SEED)
     eps, v, buf = 1e-12, None, None
-    for t in range(STEPS):
-        x, y = full_batch(t)
+    for t, (x, y) in enumerate(batches()):
         if t % HYPER["eig_interval"] == 0:
             if v is None:
                 v = torch.cat([r.reshape(-1) for r in random_vectors(list(model.parameters()), 1, gen)[0]])
@@ -336,7 +311,7 @@ def per_replica_oracle(model, first_pass_kwargs=lambda r: {}):
 
 
 def test_per_replica_perturbation_matches_flat_oracle(results):
-    w, v = per_replica_oracle(make_model())
+    w, v = per_replica_oracle(make_model(*SIZES))
     got = results("replica_exact")[0]
     torch.testing.assert_close(flat(got["weights"]), w, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(flat(got["eigenvector"]), v, rtol=1e-10, atol=1e-10)
@@ -399,6 +374,6 @@ def test_scaler_skips_on_every_rank_when_one_ranks_first_pass_overflows(results)
 
 def test_per_replica_perturbation_needs_a_ddp_model():
     with pytest.raises(ValueError, match="per_replica_perturbation=True needs model="):
-        XSAM(make_model().parameters(), torch.optim.SGD, lr=0.1, per_replica_perturbation=True)
+        XSAM(make_model(*SIZES).parameters(), torch.optim.SGD, lr=0.1, per_replica_perturbation=True)
     with pytest.raises(ValueError, match="process_group='everyone' is invalid"):
-        XSAM(make_model().parameters(), torch.optim.SGD, lr=0.1, process_group="everyone")
+        XSAM(make_model(*SIZES).parameters(), torch.optim.SGD, lr=0.1, process_group="everyone")

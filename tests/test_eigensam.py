@@ -8,9 +8,9 @@ from torch import nn
 
 import xsam
 from xsam import SAM, XSAM, EigenSAM
-from xsam.hessian import random_vectors
 
-from helpers import Quadratic, assert_same_state, flat, make_bn_run, resumed_halfway, snapshot, train_bn_run
+from helpers import (Quadratic, assert_same_state, closure_of, flat, make_bn_run, make_model, resumed_halfway,
+                     snapshot, train_bn_run)
 from op_cases import backend_params
 
 EPS = 1e-12
@@ -37,12 +37,7 @@ def oracle(q, steps, *, eig_interval=2, power_iters=5, seed=0, alpha=ALPHA):
     v, history = None, []
     for t in range(steps):
         if t % eig_interval == 0:
-            v = flat(random_vectors(q.params, 1, gen)[0]) if v is None else v
-            v = v / (v.norm() + EPS)
-            for _ in range(power_iters):
-                u = q.A @ v
-                lam = v @ u
-                v = u / (u.norm() + EPS)
+            v, lam = q.power_refresh(v, gen, power_iters, EPS)
         g = q.grad(w)
         e = tilted_ascent(g, v, rho, alpha)
         w = w - lr * q.grad(w + e)
@@ -65,11 +60,7 @@ def test_eigensam_equals_flat_oracle_on_every_backend(backend, device):
     opt.register_diagnostics_hook(lambda o, r: records.append({k: v for k, v in r.items()}))
     A = q.A.to(device)
 
-    def closure():
-        loss = q.loss() if device == "cpu" else _loss_on(q, A)
-        loss.backward()
-        return loss
-
+    closure = closure_of(lambda: q.loss() if device == "cpu" else _loss_on(q, A))
     for _ in range(5):
         opt.step(closure, loss_fn=(q.loss if device == "cpu" else lambda: _loss_on(q, A)))
     torch.testing.assert_close(flat(q.params).cpu(), want, rtol=1e-12, atol=1e-12)
@@ -222,8 +213,7 @@ def test_amp_scaler_run_equals_the_unscaled_run_and_skips_a_non_finite_pass():
     x, y = torch.randn(16, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)
     runs = []
     for use_scaler in (False, True):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        model = make_model(6, 8, 3)
         opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, alpha=0.5, eig_interval=2,
                        power_iters=2, hvp="exact")
         scaler = SAMGradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1000)

@@ -15,19 +15,17 @@ The layers have output sizes 7, 5 and 1, so dim-0 sharding over 2 ranks is uneve
 (4 + 3, 3 + 2 rows) and the last weight has no rows at all on rank 1.
 """
 import os
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from xsam import SAM, XSAM, ops
 from xsam.amp import SAMGradScaler
 from xsam.hessian import exact_hvp, random_vectors
 
-from helpers import error_of, flat
+import helpers
+from helpers import error_of, flat, gloo_group, mse, regression_batches, spawned_results
 
 WORLD, STEPS, SEED = 2, 5, 3
 SKIPPED_STEP, POISONED_RANK, INIT_SCALE = 1, 1, 2.0 ** 10  # step 1 does not refresh (eig_interval=2)
@@ -42,43 +40,24 @@ DIAGNOSTICS = {  # config: scalars of the last step that must match the oracle
 }
 
 
-def make_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 1)).double()
-
-
 def make_optimizer(name, params, hvp="finite_difference", model=None):
     if name == "xsam":
         return XSAM(params, torch.optim.SGD, hvp=hvp, seed=SEED, model=model, **XSAM_HYPER)
     return SAM(params, torch.optim.SGD, adaptive=name == "asam", model=model, **SAM_HYPER)
 
 
-def full_batch(step):
-    gen = torch.Generator().manual_seed(500 + step)
-    return torch.randn(8, 4, generator=gen, dtype=torch.float64), torch.randn(8, 1, generator=gen, dtype=torch.float64)
+def make_model():
+    return helpers.make_model(4, 7, 5, 1)
 
 
-def loss_of(model, x, y):
-    return (model(x) - y).square().mean()
+def batches(rank=None, steps=range(STEPS)):
+    """STEPS batches (or ``steps``); with rank, that rank's half of each."""
+    return regression_batches(steps, 500, 8, 4, 1, rank, WORLD)
 
 
 def train(model, opt, rank=None, steps=range(STEPS)):
-    """STEPS steps (or ``steps``); with rank, on that rank's half of each batch."""
-    for t in steps:
-        x, y = full_batch(t)
-        if rank is not None:
-            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-
-        def closure():
-            loss = loss_of(model, x, y)
-            loss.backward()
-            return loss
-
-        if isinstance(opt, XSAM):
-            # loss_fn is offered, as a user would: hvp="auto" must still pick finite differences.
-            opt.step(closure, loss_fn=lambda: loss_of(model, x, y))
-        else:
-            opt.step(closure)
+    # loss_fn is offered to X-SAM, as a user would: hvp="auto" must still pick finite differences.
+    helpers.train(model, opt, batches(rank, steps), offer_loss_fn=isinstance(opt, XSAM))
 
 
 def sharded_model():
@@ -133,14 +112,12 @@ def scaled_xsam_run(rank):
     opt = make_optimizer("xsam", params, hvp="auto", model=model)
     scaler = SAMGradScaler("cpu", init_scale=INIT_SCALE, growth_interval=1000)
     out = {}
-    for t in range(STEPS):
-        x, y = full_batch(t)
-        x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+    for t, (x, y) in enumerate(batches(rank)):
         calls, poison = [0], [t == SKIPPED_STEP]
 
         def closure():
             calls[0] += 1
-            loss = loss_of(model, x, y)
+            loss = mse(model, x, y)
             scaler.scale(loss).backward()
             if poison[0] and calls[0] == 2 and rank == POISONED_RANK:  # no refresh: call 2 is the second pass
                 params[0].grad.to_local().view(-1)[0] = float("inf")
@@ -207,10 +184,7 @@ def single_process_checkpoint_into_sharded(rank):
 
 
 def worker(rank, init_file, out_dir):
-    # Ranks that disagree (e.g. about skipping a step) issue mismatched collectives: fail, do not hang.
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(f"file://{init_file}", rank, WORLD):
         result = {}
         for name in CONFIGS:
             model = sharded_model()
@@ -228,8 +202,8 @@ def worker(rank, init_file, out_dir):
         result["local_rows"] = [p.to_local().shape[0] for p in params]
         result["start"] = [t.full_tensor() for t in random_vectors(params, 1, torch.Generator().manual_seed(SEED))[0]]
         result["exact_optimizer_error"] = error_of(lambda: make_optimizer("xsam", params, hvp="exact"))
-        x, y = full_batch(0)
-        result["exact_hvp_error"] = error_of(lambda: exact_hvp(lambda: loss_of(model, x, y), params))
+        x, y = next(batches())
+        result["exact_hvp_error"] = error_of(lambda: exact_hvp(lambda: mse(model, x, y), params))
         result["ops"] = dtensor_op_checks(rank)
         result["amp"] = scaled_xsam_run(rank)
         result["full_into_sharded"] = single_process_checkpoint_into_sharded(rank)
@@ -240,15 +214,11 @@ def worker(rank, init_file, out_dir):
             except Exception as exc:
                 result["dcp"][name] = f"{type(exc).__name__}: {exc}"
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawned_results(worker, tmp_path_factory.mktemp("fsdp"), WORLD, timeout=600)
 
 
 def test_parameters_are_sharded_unevenly(fsdp_results):

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import free_port, spawn_and_wait
+from helpers import assert_each_close, free_port, spawn_and_wait
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -121,8 +121,7 @@ def test_steps_match_the_hand_written_loop(tmp_path, kind, k):
     assert_same_weights(trainer.model, model, 1e-12)
     assert trainer.sam_optimizer.diagnostics()["step"] == opt.diagnostics()["step"] == 3
     if kind == "xsam":
-        for a, b in zip(trainer.sam_optimizer.eigenvector(), opt.eigenvector()):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert_each_close(trainer.sam_optimizer.eigenvector(), opt.eigenvector(), rtol=1e-12, atol=1e-12)
 
 
 def test_logs_keep_the_first_pass_loss_and_add_the_diagnostics(tmp_path):
@@ -157,8 +156,7 @@ def test_streaming_with_max_grad_norm_sees_the_unclipped_gradients_of_both_passe
     trainer = train(tmp_path, k=2, max_grad_norm=0.05, sam_kwargs={"hvp": "streaming"})
     model, opt, _ = hand_loop(trainer, k=2, max_grad_norm=0.05, hvp="streaming")
     assert_same_weights(trainer.model, model, 1e-12)
-    for a, b in zip(trainer.sam_optimizer.eigenvector(), opt.eigenvector()):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_each_close(trainer.sam_optimizer.eigenvector(), opt.eigenvector(), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["xsam", "sam"])
@@ -224,5 +222,4 @@ def test_ddp_two_processes_match_the_single_process_loop_on_the_full_batch(tmp_p
     model, opt, _ = hand_loop(grouping, k=2, steps=2, batch=BATCH * WORLD)
     for a, b in zip(ranks[0]["weights"], model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-10)
-    for a, b in zip(ranks[0]["eigenvector"], opt.eigenvector()):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert_each_close(ranks[0]["eigenvector"], opt.eigenvector(), rtol=1e-10, atol=1e-10)

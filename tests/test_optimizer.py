@@ -8,9 +8,9 @@ from torch import nn
 
 import xsam
 from xsam import SAM, XSAM
-from xsam.hessian import random_vectors
 
-from helpers import Quadratic, assert_same_state, bn_batch, flat, make_bn_run, resumed_halfway, snapshot
+from helpers import (Quadratic, assert_same_state, bn_batch, closure_of, flat, make_bn_run, make_model,
+                     resumed_halfway, snapshot)
 
 EPS = 1e-12
 RHO, ALPHA, LR = (0.05, 0.2), (0.3, 1.5), (0.1, 0.05)  # per param group: group 0 = p0, group 1 = p1, p2
@@ -30,12 +30,7 @@ def oracle(q, steps, *, correction="signed", normalize=True, adaptive=False, eig
     v, history = None, []
     for t in range(steps):
         if use_eigenvector and t % eig_interval == 0:
-            v = flat(random_vectors(q.params, 1, gen)[0]) if v is None else v
-            v = v / (v.norm() + EPS)
-            for _ in range(power_iters):
-                u = q.A @ v
-                lam = v @ u
-                v = u / (u.norm() + EPS)
+            v, lam = q.power_refresh(v, gen, power_iters, EPS)
         g = q.grad(w)
         if adaptive:
             e = rho * w * w * g / ((w * g).norm() + EPS)
@@ -155,8 +150,7 @@ def test_step_equals_manual_two_step_path():
 
 
 def test_restore_is_bit_exact():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1))
+    model = make_model(5, 7, 1, dtype=torch.float32)
     opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
     x = torch.randn(16, 5)
@@ -177,8 +171,7 @@ def assert_same_snapshot(a, b):
 
 @pytest.mark.parametrize("fail_on_call", [1, 2, 3, 4])
 def test_closure_raising_mid_step_leaves_weights_and_state_unchanged(fail_on_call):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    model = make_model(4, 6, 1, dtype=torch.float32)
     x, y = torch.randn(8, 4), torch.randn(8, 1)
     opt = XSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, eig_interval=2, power_iters=1,
                hvp="finite_difference")
@@ -222,11 +215,7 @@ def test_batchnorm_statistics_come_from_the_first_pass_only():
         twin = copy.deepcopy(model)
         x, y = bn_batch(0)
 
-        def closure():
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
+        closure = closure_of(lambda: nn.functional.cross_entropy(model(x), y))
         opt.step(closure)  # refreshes (2 finite-difference HVPs), then two passes
         twin(x)  # one training-mode forward at the unperturbed weights: the first pass
         bn, bn_twin = model[1], twin[1]
@@ -309,11 +298,7 @@ def test_sparse_gradients_are_rejected_before_anything_changes():
     opt = XSAM(emb.parameters(), torch.optim.SGD, lr=0.1)
     before = emb.weight.detach().clone()
 
-    def closure():
-        loss = emb(torch.tensor([1, 2])).sum()
-        loss.backward()
-        return loss
-
+    closure = closure_of(lambda: emb(torch.tensor([1, 2])).sum())
     with pytest.raises(ValueError, match="sparse"):
         opt.step(closure)
     assert torch.equal(emb.weight, before)

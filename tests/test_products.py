@@ -10,7 +10,7 @@ from xsam.hessian import exact_hvp, random_vectors
 from xsam.optim import XSAM, eval_mode
 from xsam.products import compiled_hvp, ggn_hvp
 
-from helpers import flat
+from helpers import closure_of, flat, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -290,18 +290,13 @@ def step_functions(model, x, y):
     def loss_fn():
         return nn.functional.cross_entropy(model(x), y)
 
-    def closure():
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
+    closure = closure_of(loss_fn)
     return loss_fn, closure
 
 
 def test_xsam_refreshes_v_from_ggn_products():
     """One power iteration from the seeded start: v = G v0 / ||G v0||, G built densely."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    model = make_model(4, 5, 3)
     x = torch.randn(8, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (8,))
     params = list(model.parameters())

@@ -15,7 +15,7 @@ from xsam.cli import auto_check_lines, main
 from xsam.ops import dispatch, native_backend, reference, verify
 from xsam.ops.contract import OPS
 
-from test_cli import _refused
+from helpers import closure_of
 
 NATIVE_WHY = dispatch.unavailable_reason("native", torch.device("cpu"), torch.float32)
 needs_native = pytest.mark.skipif(NATIVE_WHY is not None, reason=f"native backend unavailable: {NATIVE_WHY}")
@@ -146,17 +146,6 @@ def test_selftest_checks_the_cpu_kernels_on_several_threads_and_long_lists():
         assert sum(math.prod(s) for s in case.shapes) > total and len(case.shapes) > 12
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["selftest", "--backends", "cuda"], "'cuda'"),
-    (["selftest", "--dtypes", "int8"], "'int8'"),
-    (["selftest", "--device", "tpu"], "--device"),
-    (["selftest", "--seed", "-1"], "--seed"),
-    (["selftest", "--seed", "2147483648"], "it must be >= 0 and <= 2147483647 "),
-])
-def test_bad_selftest_arguments_are_one_line_errors(argv, says, capsys):
-    assert says in _refused(argv, capsys)
-
-
 @needs_native
 def test_selftest_fails_the_broken_op_and_only_it(monkeypatch, capsys):
     _break_perturb(monkeypatch, _one_ulp_off_on_the_last_element)
@@ -245,11 +234,7 @@ def test_a_broken_kernel_is_caught_warned_once_and_auto_trains_like_the_referenc
         def loss_fn():
             return sum(((p - t) ** 2 * (1 + p.cos())).sum() for p, t in zip(params, target))
 
-        def closure():
-            loss = loss_fn()
-            loss.backward()
-            return loss
-
+        closure = closure_of(loss_fn)
         opt = XSAM(params, torch.optim.SGD, rho=0.05, eig_interval=2, power_iters=2, lr=0.01, backend=backend)
         for _ in range(3):
             opt.step(closure, loss_fn=loss_fn)

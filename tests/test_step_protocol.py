@@ -12,7 +12,7 @@ from torch import nn
 
 from xsam import SAM, XSAM
 
-from helpers import Quadratic, flat
+from helpers import Quadratic, closure_of, flat, same_bits
 
 EPS = 1e-12
 
@@ -23,19 +23,11 @@ def four_params(seed=0):
 
 
 def quadratic_closure(params):
-    def closure():
-        loss = sum(((i + 1) * p.square()).sum() + p.sum() for i, p in enumerate(params))
-        loss.backward()
-        return loss
-    return closure
+    return closure_of(lambda: sum(((i + 1) * p.square()).sum() + p.sum() for i, p in enumerate(params)))
 
 
 def weights(params):
     return [p.detach().clone() for p in params]
-
-
-def same(a, b):
-    return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 # ----- 1, 2: groups and hyper-parameters checked before any weight moves ----------------------
@@ -49,7 +41,7 @@ def test_prebuilt_base_optimizer_with_two_groups_steps_like_the_same_groups_buil
     for _ in range(3):
         prebuilt.step(quadratic_closure(ps))
         own.step(quadratic_closure(qs))
-    assert same(ps, qs)
+    assert same_bits(ps, qs)
 
 
 def test_a_group_added_to_the_base_optimizer_gets_the_defaults():
@@ -71,7 +63,7 @@ def test_a_bad_value_edited_into_a_group_is_refused_before_any_weight_moves(key,
     opt.param_groups[1][key] = value
     with pytest.raises(ValueError, match=rf"param_groups\[1\]: {key}="):
         opt.step(quadratic_closure(ps))
-    assert same(ps, before)
+    assert same_bits(ps, before)
     assert opt.diagnostics()["step"] == 1
     opt.param_groups[1][key] = 0.05
     assert torch.equal(opt.state_dict()["state"][0]["momentum_buffer"] if "momentum_buffer" in
@@ -113,11 +105,7 @@ def test_a_zero_hessian_refresh_is_rejected_and_retried_and_v_never_becomes_zero
     opt.register_diagnostics_hook(lambda o, r: records.append(r))
     loss_fn = lambda: model(batch[0]).square().sum()  # noqa: E731  (zero Hessian on an all-zero batch)
 
-    def closure():
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
+    closure = closure_of(loss_fn)
     opt.step(closure, loss_fn=loss_fn)
     v = flat(opt.eigenvector())
     assert bool(records[-1]["refresh_rejected"]) and torch.isfinite(v).all() and v.norm() == pytest.approx(1.0)
@@ -139,7 +127,7 @@ def test_a_nan_hvp_without_the_scaler_keeps_the_weights_and_v_finite():
     lam_before = opt.diagnostics()["eigenvalue"]
     opt.step(q.closure, loss_fn=lambda: q.loss() * float("nan"))
     assert all(torch.isfinite(p).all() for p in q.params)
-    assert same(opt.eigenvector(), v_before) and opt.diagnostics()["eigenvalue"] == lam_before
+    assert same_bits(opt.eigenvector(), v_before) and opt.diagnostics()["eigenvalue"] == lam_before
     d = opt.diagnostics()
     assert d["rejected_refreshes"] == 1 and d["refreshes"] == 1 and d["refresh_rejected"] == 1
     opt.step(q.closure, loss_fn=q.loss)  # and the next refresh is taken
@@ -254,7 +242,7 @@ def test_an_exception_in_the_second_pass_puts_the_batchnorm_statistics_back():
     before = [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()]
     with pytest.raises(RuntimeError, match="second pass fails"):
         opt.step(closure)
-    assert same([bn.running_mean, bn.running_var, bn.num_batches_tracked], before)
+    assert same_bits([bn.running_mean, bn.running_var, bn.num_batches_tracked], before)
 
 
 # ----- 8: a parameter with a gradient only in the second pass ----------------------------------------------
@@ -296,7 +284,7 @@ def test_step_after_a_manual_first_step_says_what_to_do_and_keeps_the_perturbati
     perturbed = weights(ps)
     with pytest.raises(RuntimeError, match="second_step"):
         opt.step(quadratic_closure(ps))
-    assert same(ps, perturbed) and not same(ps, w0)
+    assert same_bits(ps, perturbed) and not same_bits(ps, w0)
     quadratic_closure(ps)()
     opt.second_step()
     assert opt.diagnostics()["step"] == 1
@@ -338,11 +326,7 @@ def test_saved_weights_share_bucketed_allocations_without_overlap(monkeypatch):
     opt = XSAM(params, torch.optim.SGD, lr=0.0, hvp="finite_difference")
     before = [p.detach().clone() for p in params]
 
-    def closure():
-        loss = sum((p.double() ** 2).sum() for p in params)
-        loss.backward()
-        return loss
-
+    closure = closure_of(lambda: sum((p.double() ** 2).sum() for p in params))
     opt.step(closure)
     assert all(torch.equal(a, p) for a, p in zip(before, params))
     # The eigenvectors, created by that step's refresh, share allocations the same way, and later
@@ -372,11 +356,11 @@ def test_a_base_step_that_raises_refuses_further_steps_until_a_checkpoint_is_loa
     with pytest.raises(KeyError, match="post-hook bug"):
         opt.step(quadratic_closure(ps))
     handle.remove()
-    assert same(ps, before) and opt.diagnostics()["step"] == 1
-    assert not same([opt.base_optimizer.state[p]["momentum_buffer"] for p in ps], momentum)  # cannot be undone
+    assert same_bits(ps, before) and opt.diagnostics()["step"] == 1
+    assert not same_bits([opt.base_optimizer.state[p]["momentum_buffer"] for p in ps], momentum)  # cannot be undone
     with pytest.raises(RuntimeError, match="raised inside its step.*load_state_dict"):
         opt.step(quadratic_closure(ps))  # a retry would add the momentum update twice
-    assert same(ps, before)
+    assert same_bits(ps, before)
     opt.load_state_dict(copy.deepcopy(checkpoint))  # a load may alias the tensors it is given
     opt.step(quadratic_closure(ps))
     # The oracle: the same step from the checkpoint in a fresh optimizer.
@@ -384,7 +368,7 @@ def test_a_base_step_that_raises_refuses_further_steps_until_a_checkpoint_is_loa
     fresh = XSAM(qs, torch.optim.SGD, lr=0.1, momentum=0.9, hvp="finite_difference", eig_interval=1)
     fresh.load_state_dict(checkpoint)
     fresh.step(quadratic_closure(qs))
-    assert same(ps, qs)
+    assert same_bits(ps, qs)
 
 
 def test_a_prebuilt_base_optimizer_whose_group_spans_groups_with_other_rho_is_refused():
@@ -416,7 +400,7 @@ def test_eigenvector_returns_a_copy_in_param_group_order_that_a_refresh_does_not
     assert [v.shape for v in kept] == [p.shape for p in q.params[2:] + q.params[:2]]
     copy_of_kept = [v.clone() for v in kept]
     opt.step(q.closure, loss_fn=q.loss)
-    assert same(kept, copy_of_kept) and not same(opt.eigenvector(), kept)
+    assert same_bits(kept, copy_of_kept) and not same_bits(opt.eigenvector(), kept)
     kept[0].fill_(7.0)
     assert not torch.equal(opt.eigenvector()[0], kept[0])  # writing the copy leaves v alone
 

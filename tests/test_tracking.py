@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from xsam import XSAM
@@ -19,7 +18,8 @@ from xsam.amp import SAMGradScaler
 from xsam.hessian import default_fd_step, forward_difference_hvp, random_vectors
 from xsam.optim.eigenvector import STREAMING_RATE
 
-from helpers import Quadratic, flat, scaled_or_plain_steps, spawn_and_wait, unflat
+from helpers import (Quadratic, assert_each_close, closure_of, flat, gloo_group, make_model, regression_batches,
+                     scaled_or_plain_steps, spawned_results, train, unflat)
 
 
 class Counted:
@@ -46,7 +46,7 @@ def xsam_on(params, **kw):
 
 # ----- cost: gradient evaluations per step, counted ---------------------------------------------
 @pytest.mark.parametrize("hvp, p, k, per_step", [
-    ("forward_difference", 1, 5, 2.2),  # the issue's bound: 2 + p/k
+    ("forward_difference", 1, 5, 2.2),  # the cost model: 2 + p/k
     ("forward_difference", 3, 2, 3.5),
     ("finite_difference", 1, 5, 2.4),  # 2 + 2p/k
     ("streaming", 5, 5, 2.0),  # SAM's two passes only (p and k are not used)
@@ -72,11 +72,7 @@ def bn_batch(seed=1, n=16):
 
 
 def bn_closure(model, x, y):
-    def closure():
-        loss = (model(x) - y).square().mean()
-        loss.backward()
-        return loss
-    return closure
+    return closure_of(lambda: (model(x) - y).square().mean())
 
 
 @pytest.mark.parametrize("eval_mode", [True, False])
@@ -169,11 +165,7 @@ class MiniBatchQuadratic:
     def closure_for(self, step):
         A, b = self.As[self.order[step]], self.bs[self.order[step]]
 
-        def closure():
-            loss = 0.5 * self.w @ A @ self.w + b @ self.w
-            loss.backward()
-            return loss
-        return closure
+        return closure_of(lambda: 0.5 * self.w @ A @ self.w + b @ self.w)
 
     def quality(self, v):
         """Rayleigh quotient of v on the full-data Hessian over its top eigenvalue, and |cos(v, top)|."""
@@ -201,19 +193,14 @@ def test_v_tracks_the_full_data_top_eigenvector_over_mini_batches(hvp, mean_rq, 
     assert sum(cos) / len(cos) > mean_cos
 
 
-# ----- the forward-difference step size h ~ sqrt(eps) (item 2) -------------------------------------
+# ----- the forward-difference step size h ~ sqrt(eps) --------------------------------------------
 def mlp_problem(dtype):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)).to(dtype)
+    model = make_model(6, 16, 16, 1, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 6, generator=gen).to(dtype), torch.randn(64, 1, generator=gen).to(dtype)
     params = list(model.parameters())
 
-    def closure():
-        loss = (model(x) - y).square().mean()
-        loss.backward()
-        return loss
-
+    closure = closure_of(lambda: (model(x) - y).square().mean())
     def exact(v):  # double backward in fp64 on an fp64 copy: the oracle
         m64 = copy.deepcopy(model).double()
         p64 = list(m64.parameters())
@@ -311,8 +298,7 @@ def test_forward_difference_products_with_batchnorm_match_exact_hvps_of_their_mo
 
 # ----- AMP, transactions, checkpoints ------------------------------------------------------------
 def amp_problem(dtype=torch.float64):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    model = make_model(6, 8, 3, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
     return model, torch.randn(16, 6, generator=gen, dtype=dtype), torch.randint(0, 3, (16,), generator=gen)
 
@@ -401,11 +387,7 @@ def test_a_failure_after_the_update_was_computed_changes_nothing(hvp, failing_ca
 def test_a_resumed_run_continues_bit_identically(hvp):
     model, x, y = amp_problem()
 
-    def closure():
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = closure_of(lambda: nn.functional.cross_entropy(model(x), y))
     opt = xsam_on(model.parameters(), hvp=hvp, power_iters=2, eig_interval=3, lr=0.1, momentum=0.9)
     for _ in range(4):
         opt.step(closure)
@@ -537,42 +519,21 @@ DDP_CONFIGS = {  # name: (hvp, per_replica_perturbation)
 FSDP_CONFIGS = ("forward_difference", "streaming")
 
 
-def dist_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 1)).double()
-
-
-def dist_batch(step):
-    gen = torch.Generator().manual_seed(300 + step)
-    return torch.randn(8, 4, generator=gen, dtype=torch.float64), torch.randn(8, 1, generator=gen, dtype=torch.float64)
-
-
 def dist_train(model, opt, rank=None, steps=STEPS):
-    first_v = None
-    for t in range(steps):
-        x, y = dist_batch(t)
-        if rank is not None:
-            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-
-        def closure():
-            loss = (model(x) - y).square().mean()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        if t == 0:
-            first_v = [t.full_tensor() if hasattr(t, "full_tensor") else t.clone() for t in opt.eigenvector()]
+    """The eigenvector after the first step."""
+    train(model, opt, regression_batches(range(1), 300, 8, 4, 1, rank, WORLD))
+    first_v = [t.full_tensor() if hasattr(t, "full_tensor") else t.clone() for t in opt.eigenvector()]
+    train(model, opt, regression_batches(range(1, steps), 300, 8, 4, 1, rank, WORLD))
     return first_v
 
 
 def dist_worker(rank, init_file, out_dir):
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(f"file://{init_file}", rank, WORLD):
         out = {}
         for name, (hvp, per_replica) in DDP_CONFIGS.items():
-            ddp = nn.parallel.DistributedDataParallel(dist_model())
+            ddp = nn.parallel.DistributedDataParallel(make_model(4, 7, 5, 1))
             # hvp_eval_mode=False: the products reuse the first pass's gradient (with a model in eval
             # mode they would evaluate grad L(w) once more instead).
             opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp=hvp, model=ddp, per_replica_perturbation=per_replica,
@@ -581,7 +542,7 @@ def dist_worker(rank, init_file, out_dir):
             out[name] = {"weights": [p.detach().clone() for p in ddp.parameters()], "eigenvector": opt.eigenvector(),
                          "first_v": first_v}
         for hvp in FSDP_CONFIGS:
-            model = dist_model()
+            model = make_model(4, 7, 5, 1)
             for layer in model:
                 if isinstance(layer, nn.Linear):
                     fully_shard(layer)
@@ -592,19 +553,15 @@ def dist_worker(rank, init_file, out_dir):
             out[f"fsdp_{hvp}"] = {"weights": [p.full_tensor() for p in model.parameters()],
                                   "eigenvector": [v.full_tensor() for v in opt.eigenvector()]}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tracking_dist")
-    spawn_and_wait(dist_worker, (str(tmp / "init"), str(tmp)), WORLD, timeout=120)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawned_results(dist_worker, tmp_path_factory.mktemp("tracking_dist"), WORLD, timeout=120)
 
 
 def single_process(hvp, steps=STEPS):
-    model = dist_model()
+    model = make_model(4, 7, 5, 1)
     opt = XSAM(model.parameters(), torch.optim.SGD, hvp=hvp, seed=SEED, **HYPER)
     first_v = dist_train(model, opt, steps=steps)
     return list(model.parameters()), opt.eigenvector(), first_v
@@ -630,8 +587,7 @@ def test_data_parallel_runs_match_the_single_process_full_batch(dist_results, na
 def test_per_replica_forward_differences_use_the_averaged_first_pass_gradient(dist_results):
     """Before any update the replicas' products are the full batch's: the first v is the single-process one."""
     _, _, first_v = single_process("forward_difference", steps=1)
-    for a, b in zip(dist_results[0]["fwd_replica"]["first_v"], first_v):
-        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
+    assert_each_close(dist_results[0]["fwd_replica"]["first_v"], first_v, rtol=1e-7, atol=1e-7)
 
 
 # ----- the frontier harness (xsam bench --only tracking) --------------------------------------------

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from xsam import SAM, XSAM, EigenSAM
 from xsam.optim.validation import FLOAT32_MAX
 
-from helpers import Quadratic, flat, free_port
+from helpers import Quadratic, flat, free_port, gloo_group
 
 PYTHON = dict(rho=0.05, alpha=0.5, eig_interval=2, power_iters=3, eig_tol=1e-3, seed=7, eps=1e-10,
               max_grad_norm=2.0)
@@ -111,9 +111,7 @@ def test_a_real_process_group_none_and_auto_are_accepted():
     q = Quadratic()
     for group in (None, "auto"):
         XSAM(q.params, torch.optim.SGD, lr=0.1, process_group=group)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
+    with gloo_group(f"tcp://127.0.0.1:{free_port()}", 0, 1):
         opt = XSAM(q.params, torch.optim.SGD, lr=0.1, process_group=dist.new_group([0]))
         opt.step(q.closure, loss_fn=q.loss)
-    finally:
-        dist.destroy_process_group()
+
