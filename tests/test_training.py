@@ -1,13 +1,13 @@
 """Training-loop features: gradient accumulation, BatchNorm without ``model=``, torch.compile, clipping, the
-README's recipes and the names of the reported norms.
+recipes of docs/training-loops.md and the names of the reported norms.
 
-Oracles: the large-batch step (accumulation; the README's recipe too, also when the micro-batches differ in
+Oracles: the large-batch step (accumulation; the documented recipe too, also when the micro-batches differ in
 size), the ``model=`` path and a twin model (BatchNorm), the eager run (compile), flat-vector SAM on a quadratic
 with a known gradient (clipping between the passes), and the eigenpair of the exact Hessian of a small MLP
 (clipping inside the closure makes finite-difference HVPs differentiate the clipped gradient; ``max_grad_norm``
 clips only what the base optimizer sees). ASAM's ||w*g|| is reported under its own name, not as ||g||.
 
-The README recipes are executed as written (from the README next to the imported package).
+The recipes of docs/training-loops.md are executed as written (from the checkout of the imported package).
 """
 import copy
 import functools
@@ -240,13 +240,13 @@ def test_dtensor_parameters_are_accepted_but_exact_hvps_are_refused(tmp_path):
             XSAM([p], torch.optim.SGD, lr=0.1, hvp="exact")
 
 
-# ----- the README's recipes and an MLP with a known Hessian --------------------------------
-README = Path(xsam.__file__).resolve().parents[1] / "README.md"
+# ----- the documented recipes and an MLP with a known Hessian --------------------------------
+RECIPES = Path(xsam.__file__).resolve().parents[1] / "docs" / "training-loops.md"
 
 
 def readme_snippet(heading: str) -> str:
-    """The first python block of the README section ``### heading``."""
-    section = README.read_text().split(f"### {heading}\n", 1)[1].split("\n### ", 1)[0]
+    """The first python block of the section ``### heading`` of docs/training-loops.md."""
+    section = RECIPES.read_text().split(f"### {heading}\n", 1)[1].split("\n### ", 1)[0]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
@@ -339,7 +339,7 @@ def test_max_grad_norm_clips_the_update_and_leaves_the_hvps_alone():
 
 
 def test_the_readme_clipping_recipe_leaves_the_closure_gradient_unclipped():
-    """What the HVPs differentiate: the README's closure must leave the raw gradient in .grad."""
+    """What the HVPs differentiate: the documented closure must leave the raw gradient in .grad."""
     model = steep_mlp()
     x, y = classification_batch(32)
     namespace = {"torch": torch, "XSAM": XSAM, "model": model, "x": x, "y": y}
@@ -375,7 +375,7 @@ def test_asam_reports_the_weighted_norm_under_its_own_name(cls):
         assert "grad_norm" not in diag
 
 
-# ----- the README's gradient accumulation ---------------------------------------------------
+# ----- the documented gradient accumulation ---------------------------------------------------
 def test_the_readme_accumulation_recipe_equals_the_whole_batch_when_k_does_not_divide_it():
     """30 samples in 4 micro-batches (8, 8, 8, 6): dividing each loss by k was 7e-2 off."""
     x, y = classification_batch(30)
@@ -398,7 +398,7 @@ def test_the_readme_accumulation_recipe_equals_the_whole_batch_when_k_does_not_d
 
 
 def test_with_batchnorm_the_readme_accumulation_recipe_updates_the_statistics_once_per_micro_batch():
-    """What the README says about BatchNorm: per-micro-batch statistics, k running updates per step."""
+    """What docs/training-loops.md says about BatchNorm: per-micro-batch statistics, k running updates per step."""
     x, y = classification_batch(30)
     model = make_mlp(batchnorm=True)
     opt = XSAM(model.parameters(), torch.optim.SGD, lr=0.1, model=model)
