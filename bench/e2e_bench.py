@@ -66,13 +66,15 @@ class Workload:
     targets: torch.Tensor
 
 
-E2E_MODELS = ("small_cnn", "resnet18_cifar")
+E2E_MODELS = ("small_cnn", "cnn_32_64_128", "resnet18_cifar")
 
 
 def make_workload(name: str, device: torch.device, batch: int, seed: int = 0) -> Workload:
     torch.manual_seed(seed)
     if name == "small_cnn":
         model, size = SmallCNN(), 32
+    elif name == "cnn_32_64_128":  # the same three convolutions at twice the width: 4x the work per step
+        model, size = SmallCNN(width=32), 32
     elif name == "resnet18_cifar":
         model, size = ResNet18(num_classes=10, cifar_stem=True), 32
     else:

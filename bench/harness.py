@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"),
                    help="storage dtype of the op benchmarks (default float32)")
     p.add_argument("--e2e-models", type=choices_list(E2E_MODELS, "model"), default=None, metavar="MODELS",
-                   help="end-to-end models, of small_cnn,resnet18_cifar (default: small_cnn on CPU, both on GPU)")
+                   help="end-to-end models, of small_cnn,cnn_32_64_128,resnet18_cifar (default: the two CNNs on CPU, "
+                        "small_cnn and resnet18_cifar on GPU)")
     p.add_argument("--batch", type=number(int, 2), default=None,
                    help="end-to-end batch size, at least 2 (default 64 on CPU, 128 on GPU)")
     p.add_argument("--blocks", type=number(int, 1), default=None,
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (3 if args.quick else (9 if on_gpu else 15))
     timing = dict(blocks=blocks, block_seconds=0.005 if args.quick else 0.05,
                   warmup_calls=1 if args.quick else 2)
-    e2e_models = args.e2e_models or (("small_cnn", "resnet18_cifar") if on_gpu and not args.quick else ("small_cnn",))
+    e2e_models = args.e2e_models or (("small_cnn",) if args.quick else ("small_cnn", "resnet18_cifar") if on_gpu
+                                     else ("small_cnn", "cnn_32_64_128"))
     batch = args.batch or (16 if args.quick else (128 if on_gpu else 64))
     configs = e2e_bench.QUICK_CONFIGS if args.quick else (e2e_bench.GPU_CONFIGS if on_gpu else e2e_bench.DEFAULT_CONFIGS)
     dtype = getattr(torch, args.dtype)
