@@ -232,27 +232,7 @@ def finite_difference_hvp(
     """
     params = list(params)
     gradients = _ClosureGradients(closure, params, backend, layout, on_gradients, RandomState.capture())
-
-    def hvp(vectors: Sequence[Vector]) -> list[Vector]:
-        user_grads = [p.grad for p in params]
-        saved = [p.detach().clone() for p in params]
-        out = []
-        try:
-            for v in vectors:
-                h = default_fd_step(params, v, backend=backend, layout=layout) if step is None else step
-                h = _step_tensor(h, saved[0])
-                g_plus = gradients.at(v, h, saved)
-                g_minus = gradients.at(v, -h, saved)
-                with torch.no_grad():
-                    ops.axpy_(g_plus, g_minus, -1.0, backend=backend, layout=layout)
-                    ops.scale_copy_(g_plus, g_plus, 0.5 / h, backend=backend, layout=layout)
-                out.append(g_plus)
-        finally:
-            for p, g in zip(params, user_grads):
-                p.grad = g
-        return out
-
-    return hvp
+    return _difference_hvp(gradients, step, None, backend, layout)
 
 
 _UNKNOWN_BASE_RANDOMNESS = (
@@ -287,6 +267,15 @@ def forward_difference_hvp(
                          "gradient at the current weights, one tensor per parameter")
     gradients = _ClosureGradients(closure, params, backend, layout, on_gradients,
                                   RandomState.capture() if randomness is None else randomness)
+    return _difference_hvp(gradients, step, base, backend, layout, warn_unknown_randomness=randomness is None)
+
+
+def _difference_hvp(gradients: _ClosureGradients, step, base: Vector | None, backend: str, layout, *,
+                    warn_unknown_randomness: bool = False) -> HvpFn:
+    """Central differences when ``base`` is None, else forward differences from ``base = grad L(w)``;
+    the caller's ``.grad`` tensors are reinstated afterwards, also when the closure raises."""
+    params = gradients.params
+    order = 2 if base is None else 1
 
     def hvp(vectors: Sequence[Vector]) -> list[Vector]:
         user_grads = [p.grad for p in params]
@@ -294,14 +283,15 @@ def forward_difference_hvp(
         out = []
         try:
             for v in vectors:
-                h = default_fd_step(params, v, order=1, backend=backend, layout=layout) if step is None else step
+                h = default_fd_step(params, v, order=order, backend=backend, layout=layout) if step is None else step
                 h = _step_tensor(h, saved[0])
                 g_plus = gradients.at(v, h, saved)
-                if randomness is None and gradients.draws_random_numbers:
+                if warn_unknown_randomness and gradients.draws_random_numbers:
                     warnings.warn(_UNKNOWN_BASE_RANDOMNESS, stacklevel=2)
+                other = gradients.at(v, -h, saved) if base is None else base
                 with torch.no_grad():
-                    ops.axpy_(g_plus, base, -1.0, backend=backend, layout=layout)
-                    ops.scale_copy_(g_plus, g_plus, 1.0 / h, backend=backend, layout=layout)
+                    ops.axpy_(g_plus, other, -1.0, backend=backend, layout=layout)
+                    ops.scale_copy_(g_plus, g_plus, (1.0 / order) / h, backend=backend, layout=layout)
                 out.append(g_plus)
         finally:
             for p, g in zip(params, user_grads):
