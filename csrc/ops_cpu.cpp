@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace xsam {
 namespace {
@@ -174,21 +175,20 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList sav
       scalar_t* w = at_offset<scalar_t>(g, 0, t, begin);
       const scalar_t* gr = at_offset<scalar_t>(g, 1, t, begin);
       scalar_t* sv = at_offset<scalar_t>(g, 2, t, begin);
-      if (adaptive) {
+      // One loop per value of `adaptive`, each free of the branch.
+      const auto loop = [&](auto asam) {
         for (int64_t i = 0; i < len; ++i) {
           const scalar_t wi = w[i];
           const acc_t wa = static_cast<acc_t>(wi), ga = static_cast<acc_t>(gr[i]);
           sv[i] = wi;
-          w[i] = static_cast<scalar_t>(wa + s * wa * wa * ga);
+          if constexpr (decltype(asam)::value) {
+            w[i] = static_cast<scalar_t>(wa + s * wa * wa * ga);
+          } else {
+            w[i] = static_cast<scalar_t>(wa + s * ga);
+          }
         }
-      } else {
-        for (int64_t i = 0; i < len; ++i) {
-          const scalar_t wi = w[i];
-          const acc_t ga = static_cast<acc_t>(gr[i]);
-          sv[i] = wi;
-          w[i] = static_cast<scalar_t>(static_cast<acc_t>(wi) + s * ga);
-        }
-      }
+      };
+      adaptive ? loop(std::true_type()) : loop(std::false_type());
     });
   });
 }
@@ -229,20 +229,19 @@ void correct_restore_cpu(at::TensorList params, at::TensorList grads, at::Tensor
       scalar_t* w = at_offset<scalar_t>(g, 0, t, begin);
       scalar_t* gr = at_offset<scalar_t>(g, 1, t, begin);
       const scalar_t* sv = at_offset<scalar_t>(g, 2, t, begin);
-      if (vecs.has_value()) {
-        const scalar_t* v = at_offset<scalar_t>(g, 3, t, begin);
+      const scalar_t* v = vecs.has_value() ? at_offset<scalar_t>(g, 3, t, begin) : nullptr;
+      const auto loop = [&](auto with_vecs) {
         for (int64_t i = 0; i < len; ++i) {
           const scalar_t restored = sv[i];
-          gr[i] = static_cast<scalar_t>(av * static_cast<acc_t>(gr[i]) - bv * static_cast<acc_t>(v[i]));
+          if constexpr (decltype(with_vecs)::value) {
+            gr[i] = static_cast<scalar_t>(av * static_cast<acc_t>(gr[i]) - bv * static_cast<acc_t>(v[i]));
+          } else {
+            gr[i] = static_cast<scalar_t>(av * static_cast<acc_t>(gr[i]));
+          }
           w[i] = restored;
         }
-      } else {
-        for (int64_t i = 0; i < len; ++i) {
-          const scalar_t restored = sv[i];
-          gr[i] = static_cast<scalar_t>(av * static_cast<acc_t>(gr[i]));
-          w[i] = restored;
-        }
-      }
+      };
+      v != nullptr ? loop(std::true_type()) : loop(std::false_type());
     });
   });
 }
