@@ -110,7 +110,6 @@ at::Tensor dots_cpu(at::TensorList tensors, int64_t num_lists, at::IntArrayRef p
     using acc_t = at::opmath_type<scalar_t>;
     // Pair by pair over a segment: a segment (at most kCpuChunk elements, 64 KiB of float32 per
     // list) stays in the core's L2 cache, so a list named by several pairs comes from memory once.
-    // (Computing every pair from one load, in blocks sized for L1, measured no faster.)
     reduce_segments<acc_t>(g, npairs, out.data_ptr<acc_t>(), [&](int64_t t, int64_t begin, int64_t len, acc_t* sums) {
       for (int64_t k = 0; k < npairs; ++k) {
         const scalar_t* x = at_offset<scalar_t>(g, call.pair_a[k], t, begin);

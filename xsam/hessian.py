@@ -1,19 +1,12 @@
 """Hessian-vector products and (block) power iteration over lists of parameter tensors.
 
-A "vector" here is a list of tensors aligned with a list of parameters (one
-tensor per parameter, same shape), i.e. the flat vector of algorithm.md cut
-into parameter-shaped pieces. All vector arithmetic goes through the op set
-(``xsam.ops``), so it runs on whichever backend is chosen.
-
-- ``exact_hvp``: double backward from a forward-only loss function; one
-  create-graph backward serves any number of products. Nothing is written to
-  ``.grad``.
-- ``finite_difference_hvp``: central differences of gradients from an ordinary
-  closure (forward + backward); weights and ``.grad`` are restored bit-exactly, and
-  every closure call replays the same random numbers (``RandomState``), so dropout
-  in train mode is one fixed function during the products.
-- ``power_iteration``: top-|lambda| eigenpairs, m >= 1 vectors at once (block
-  power iteration with Gram-Schmidt re-orthonormalisation when m > 1).
+A "vector" here is a list of tensors aligned with a list of parameters (one tensor per
+parameter, same shape), i.e. the flat vector of algorithm.md cut into parameter-shaped pieces.
+All vector arithmetic goes through the op set (``xsam.ops``), so it runs on whichever backend
+is chosen. Products: ``exact_hvp`` (double backward from a forward-only loss function),
+``finite_difference_hvp`` and ``forward_difference_hvp`` (differences of gradients from an
+ordinary closure, every call replaying the same random numbers); ``power_iteration`` finds
+top-|lambda| eigenpairs from them.
 """
 from __future__ import annotations
 
@@ -31,17 +24,8 @@ from .distributed import all_reduce_mean_, is_dtensor
 Vector = list[Tensor]
 HvpFn = Callable[[Sequence[Vector]], list[Vector]]
 
-__all__ = [
-    "PowerIterationResult",
-    "RandomState",
-    "default_fd_step",
-    "exact_hvp",
-    "finite_difference_hvp",
-    "forward_difference_hvp",
-    "power_iteration",
-    "random_vectors",
-    "orthonormalize_",
-]
+__all__ = ["PowerIterationResult", "RandomState", "default_fd_step", "exact_hvp", "finite_difference_hvp",
+           "forward_difference_hvp", "power_iteration", "random_vectors", "orthonormalize_"]
 
 
 def _zeros_for_missing(results: Sequence[Tensor | None], params: Sequence[Tensor]) -> Vector:
