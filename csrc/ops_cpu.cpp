@@ -121,42 +121,36 @@ at::Tensor dots_cpu(at::TensorList tensors, int64_t num_lists, at::IntArrayRef p
   return out;
 }
 
-at::Tensor weighted_sumsq_cpu(at::TensorList weights, at::TensorList xs) {
-  const Group g = check_lists("weighted_sumsq", {weights, xs});
+// The one-sum reductions: the sum of r^2 with r = x * y (weighted_sumsq) or r = x - lam * y
+// (residual_sumsq: element by element, as the one-pass ||u||^2 - lam^2 ||v||^2 cancels when the
+// residual is small).
+template <bool kResidual>
+at::Tensor sum_of_squares_cpu(const char* op, at::TensorList xs, at::TensorList ys, const at::Tensor* lam) {
+  const Group g = check_lists(op, {xs, ys});
   if (g.empty()) return sums_of_nothing(1);
   at::Tensor out = at::empty({1}, at::dtype(accumulation_type(g.dtype)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::weighted_sumsq", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::sum_of_squares", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const acc_t l = kResidual ? cpu_scalar<acc_t>(op, "lam", *lam) : acc_t(0);
     reduce_segments<acc_t>(g, 1, out.data_ptr<acc_t>(), [&](int64_t t, int64_t begin, int64_t len, acc_t* sums) {
-      const scalar_t* w = at_offset<scalar_t>(g, 0, t, begin);
-      const scalar_t* x = at_offset<scalar_t>(g, 1, t, begin);
+      const scalar_t* x = at_offset<scalar_t>(g, 0, t, begin);
+      const scalar_t* y = at_offset<scalar_t>(g, 1, t, begin);
       sums[0] += sum_of<acc_t>(len, [&](int64_t i) {
-        const acc_t p = static_cast<acc_t>(w[i]) * static_cast<acc_t>(x[i]);
-        return p * p;
+        const acc_t xi = static_cast<acc_t>(x[i]), yi = static_cast<acc_t>(y[i]);
+        const acc_t r = kResidual ? xi - l * yi : xi * yi;
+        return r * r;
       });
     });
   });
   return out;
 }
 
+at::Tensor weighted_sumsq_cpu(at::TensorList weights, at::TensorList xs) {
+  return sum_of_squares_cpu<false>("weighted_sumsq", weights, xs, nullptr);
+}
+
 at::Tensor residual_sumsq_cpu(at::TensorList us, at::TensorList vs, const at::Tensor& lam) {
-  const Group g = check_lists("residual_sumsq", {us, vs});
-  if (g.empty()) return sums_of_nothing(1);
-  at::Tensor out = at::empty({1}, at::dtype(accumulation_type(g.dtype)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::residual_sumsq", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t l = cpu_scalar<acc_t>("residual_sumsq", "lam", lam);
-    reduce_segments<acc_t>(g, 1, out.data_ptr<acc_t>(), [&](int64_t t, int64_t begin, int64_t len, acc_t* sums) {
-      const scalar_t* u = at_offset<scalar_t>(g, 0, t, begin);
-      const scalar_t* v = at_offset<scalar_t>(g, 1, t, begin);
-      // Element by element: the one-pass ||u||^2 - lam^2 ||v||^2 cancels when the residual is small.
-      sums[0] += sum_of<acc_t>(len, [&](int64_t i) {
-        const acc_t r = static_cast<acc_t>(u[i]) - l * static_cast<acc_t>(v[i]);
-        return r * r;
-      });
-    });
-  });
-  return out;
+  return sum_of_squares_cpu<true>("residual_sumsq", us, vs, &lam);
 }
 
 // ----- element-wise ops ---------------------------------------------------------------------
