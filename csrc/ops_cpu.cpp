@@ -239,34 +239,31 @@ void correct_restore_cpu(at::TensorList params, at::TensorList grads, at::Tensor
   });
 }
 
-void axpy_cpu(at::TensorList ys, at::TensorList xs, const at::Tensor& alpha) {
-  const Group g = check_lists("axpy_", {ys, xs});
+// y += alpha * x (axpy_), or y = alpha * x (scale_copy_: kAdd false).
+template <bool kAdd>
+void scaled_add_cpu(const char* op, at::TensorList ys, at::TensorList xs, const char* name, const at::Tensor& alpha) {
+  const Group g = check_lists(op, {ys, xs});
   if (g.empty()) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::axpy_", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::scaled_add", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t al = cpu_scalar<acc_t>("axpy_", "alpha", alpha);
+    const acc_t al = cpu_scalar<acc_t>(op, name, alpha);
     for_each_segment(g, [&](int64_t t, int64_t begin, int64_t len) {
       scalar_t* y = at_offset<scalar_t>(g, 0, t, begin);
       const scalar_t* x = at_offset<scalar_t>(g, 1, t, begin);
       for (int64_t i = 0; i < len; ++i) {
-        y[i] = static_cast<scalar_t>(static_cast<acc_t>(y[i]) + al * static_cast<acc_t>(x[i]));
+        const acc_t ax = al * static_cast<acc_t>(x[i]);
+        y[i] = static_cast<scalar_t>(kAdd ? static_cast<acc_t>(y[i]) + ax : ax);
       }
     });
   });
 }
 
+void axpy_cpu(at::TensorList ys, at::TensorList xs, const at::Tensor& alpha) {
+  scaled_add_cpu<true>("axpy_", ys, xs, "alpha", alpha);
+}
+
 void scale_copy_cpu(at::TensorList dsts, at::TensorList srcs, const at::Tensor& scale) {
-  const Group g = check_lists("scale_copy_", {dsts, srcs});
-  if (g.empty()) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::scale_copy_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t s = cpu_scalar<acc_t>("scale_copy_", "scale", scale);
-    for_each_segment(g, [&](int64_t t, int64_t begin, int64_t len) {
-      scalar_t* d = at_offset<scalar_t>(g, 0, t, begin);
-      const scalar_t* x = at_offset<scalar_t>(g, 1, t, begin);
-      for (int64_t i = 0; i < len; ++i) d[i] = static_cast<scalar_t>(s * static_cast<acc_t>(x[i]));
-    });
-  });
+  scaled_add_cpu<false>("scale_copy_", dsts, srcs, "scale", scale);
 }
 
 }  // namespace
