@@ -13,9 +13,8 @@ namespace xsam {
 // many threads took part.
 constexpr int64_t kCpuChunk = 16384;
 
-// A parallel region costs microseconds to start, and far more when another process holds one of
-// the cores (a static schedule then waits for the descheduled thread), while an item takes about
-// 2 us (perturb_, float32): calls of fewer items run on the calling thread.
+// Starting a parallel region costs more than a few items of work (far more when another process
+// holds a core: a static schedule waits for it), so calls of fewer items run on the calling thread.
 constexpr int64_t kCpuMinParallelItems = 4;
 
 // Elements of one tensor handled by one CUDA block; every reduction partial covers exactly one

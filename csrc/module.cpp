@@ -3,14 +3,14 @@
 // (The CMake build leaves this file out and is loaded with torch.ops.load_library.)
 //
 // Why fast entries: calling torch.ops.xsam.<op> from Python converts every tensor of every list
-// argument to an IValue and back (about 85 ns per tensor per list, measured), and the autograd
-// fallback boxes the call again: for an X-SAM step over 1,000 small tensors that is more host
-// time than the arithmetic of one flat tensor with the same elements. These entries borrow the
-// tensors of the Python lists (no reference-count traffic) and call the same registered kernel
-// through the dispatcher's typed interface, directly at the tensors' backend key (the optimizer
-// calls them under no_grad; autograd has nothing to do). Anything unusual (no tensor, a tensor
-// subclass with __torch_dispatch__, another device) takes the full dispatcher path, so the
-// result is always the registered op's. torch.compile traces torch.ops.xsam instead.
+// argument to an IValue and back, and the autograd fallback boxes the call again: for an X-SAM
+// step over 1,000 small tensors that is more host time than the arithmetic of one flat tensor with
+// the same elements. These entries borrow the tensors of the Python lists (no reference-count
+// traffic) and call the same registered kernel through the dispatcher's typed interface, directly
+// at the tensors' backend key (the optimizer calls them under no_grad; autograd has nothing to
+// do). Anything unusual (no tensor, a tensor subclass with __torch_dispatch__, another device)
+// takes the full dispatcher path, so the result is always the registered op's. torch.compile
+// traces torch.ops.xsam instead.
 #include "kernel_constants.h"
 
 #include <torch/extension.h>

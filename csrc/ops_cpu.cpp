@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace xsam {
 namespace {
@@ -109,7 +110,6 @@ at::Tensor dots_cpu(at::TensorList tensors, int64_t num_lists, at::IntArrayRef p
     using acc_t = at::opmath_type<scalar_t>;
     // Pair by pair over a segment: a segment (at most kCpuChunk elements, 64 KiB of float32 per
     // list) stays in the core's L2 cache, so a list named by several pairs comes from memory once.
-    // (Computing every pair from one load, in blocks sized for L1, measured no faster.)
     reduce_segments<acc_t>(g, npairs, out.data_ptr<acc_t>(), [&](int64_t t, int64_t begin, int64_t len, acc_t* sums) {
       for (int64_t k = 0; k < npairs; ++k) {
         const scalar_t* x = at_offset<scalar_t>(g, call.pair_a[k], t, begin);
@@ -121,42 +121,36 @@ at::Tensor dots_cpu(at::TensorList tensors, int64_t num_lists, at::IntArrayRef p
   return out;
 }
 
-at::Tensor weighted_sumsq_cpu(at::TensorList weights, at::TensorList xs) {
-  const Group g = check_lists("weighted_sumsq", {weights, xs});
+// The one-sum reductions: the sum of r^2 with r = x * y (weighted_sumsq) or r = x - lam * y
+// (residual_sumsq: element by element, as the one-pass ||u||^2 - lam^2 ||v||^2 cancels when the
+// residual is small).
+template <bool kResidual>
+at::Tensor sum_of_squares_cpu(const char* op, at::TensorList xs, at::TensorList ys, const at::Tensor* lam) {
+  const Group g = check_lists(op, {xs, ys});
   if (g.empty()) return sums_of_nothing(1);
   at::Tensor out = at::empty({1}, at::dtype(accumulation_type(g.dtype)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::weighted_sumsq", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::sum_of_squares", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const acc_t l = kResidual ? cpu_scalar<acc_t>(op, "lam", *lam) : acc_t(0);
     reduce_segments<acc_t>(g, 1, out.data_ptr<acc_t>(), [&](int64_t t, int64_t begin, int64_t len, acc_t* sums) {
-      const scalar_t* w = at_offset<scalar_t>(g, 0, t, begin);
-      const scalar_t* x = at_offset<scalar_t>(g, 1, t, begin);
+      const scalar_t* x = at_offset<scalar_t>(g, 0, t, begin);
+      const scalar_t* y = at_offset<scalar_t>(g, 1, t, begin);
       sums[0] += sum_of<acc_t>(len, [&](int64_t i) {
-        const acc_t p = static_cast<acc_t>(w[i]) * static_cast<acc_t>(x[i]);
-        return p * p;
+        const acc_t xi = static_cast<acc_t>(x[i]), yi = static_cast<acc_t>(y[i]);
+        const acc_t r = kResidual ? xi - l * yi : xi * yi;
+        return r * r;
       });
     });
   });
   return out;
 }
 
+at::Tensor weighted_sumsq_cpu(at::TensorList weights, at::TensorList xs) {
+  return sum_of_squares_cpu<false>("weighted_sumsq", weights, xs, nullptr);
+}
+
 at::Tensor residual_sumsq_cpu(at::TensorList us, at::TensorList vs, const at::Tensor& lam) {
-  const Group g = check_lists("residual_sumsq", {us, vs});
-  if (g.empty()) return sums_of_nothing(1);
-  at::Tensor out = at::empty({1}, at::dtype(accumulation_type(g.dtype)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::residual_sumsq", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t l = cpu_scalar<acc_t>("residual_sumsq", "lam", lam);
-    reduce_segments<acc_t>(g, 1, out.data_ptr<acc_t>(), [&](int64_t t, int64_t begin, int64_t len, acc_t* sums) {
-      const scalar_t* u = at_offset<scalar_t>(g, 0, t, begin);
-      const scalar_t* v = at_offset<scalar_t>(g, 1, t, begin);
-      // Element by element: the one-pass ||u||^2 - lam^2 ||v||^2 cancels when the residual is small.
-      sums[0] += sum_of<acc_t>(len, [&](int64_t i) {
-        const acc_t r = static_cast<acc_t>(u[i]) - l * static_cast<acc_t>(v[i]);
-        return r * r;
-      });
-    });
-  });
-  return out;
+  return sum_of_squares_cpu<true>("residual_sumsq", us, vs, &lam);
 }
 
 // ----- element-wise ops ---------------------------------------------------------------------
@@ -174,21 +168,20 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList sav
       scalar_t* w = at_offset<scalar_t>(g, 0, t, begin);
       const scalar_t* gr = at_offset<scalar_t>(g, 1, t, begin);
       scalar_t* sv = at_offset<scalar_t>(g, 2, t, begin);
-      if (adaptive) {
+      // One loop per value of `adaptive`, each free of the branch.
+      const auto loop = [&](auto asam) {
         for (int64_t i = 0; i < len; ++i) {
           const scalar_t wi = w[i];
           const acc_t wa = static_cast<acc_t>(wi), ga = static_cast<acc_t>(gr[i]);
           sv[i] = wi;
-          w[i] = static_cast<scalar_t>(wa + s * wa * wa * ga);
+          if constexpr (decltype(asam)::value) {
+            w[i] = static_cast<scalar_t>(wa + s * wa * wa * ga);
+          } else {
+            w[i] = static_cast<scalar_t>(wa + s * ga);
+          }
         }
-      } else {
-        for (int64_t i = 0; i < len; ++i) {
-          const scalar_t wi = w[i];
-          const acc_t ga = static_cast<acc_t>(gr[i]);
-          sv[i] = wi;
-          w[i] = static_cast<scalar_t>(static_cast<acc_t>(wi) + s * ga);
-        }
-      }
+      };
+      adaptive ? loop(std::true_type()) : loop(std::false_type());
     });
   });
 }
@@ -229,52 +222,48 @@ void correct_restore_cpu(at::TensorList params, at::TensorList grads, at::Tensor
       scalar_t* w = at_offset<scalar_t>(g, 0, t, begin);
       scalar_t* gr = at_offset<scalar_t>(g, 1, t, begin);
       const scalar_t* sv = at_offset<scalar_t>(g, 2, t, begin);
-      if (vecs.has_value()) {
-        const scalar_t* v = at_offset<scalar_t>(g, 3, t, begin);
+      const scalar_t* v = vecs.has_value() ? at_offset<scalar_t>(g, 3, t, begin) : nullptr;
+      const auto loop = [&](auto with_vecs) {
         for (int64_t i = 0; i < len; ++i) {
           const scalar_t restored = sv[i];
-          gr[i] = static_cast<scalar_t>(av * static_cast<acc_t>(gr[i]) - bv * static_cast<acc_t>(v[i]));
+          if constexpr (decltype(with_vecs)::value) {
+            gr[i] = static_cast<scalar_t>(av * static_cast<acc_t>(gr[i]) - bv * static_cast<acc_t>(v[i]));
+          } else {
+            gr[i] = static_cast<scalar_t>(av * static_cast<acc_t>(gr[i]));
+          }
           w[i] = restored;
         }
-      } else {
-        for (int64_t i = 0; i < len; ++i) {
-          const scalar_t restored = sv[i];
-          gr[i] = static_cast<scalar_t>(av * static_cast<acc_t>(gr[i]));
-          w[i] = restored;
-        }
+      };
+      v != nullptr ? loop(std::true_type()) : loop(std::false_type());
+    });
+  });
+}
+
+// y += alpha * x (axpy_), or y = alpha * x (scale_copy_: kAdd false).
+template <bool kAdd>
+void scaled_add_cpu(const char* op, at::TensorList ys, at::TensorList xs, const char* name, const at::Tensor& alpha) {
+  const Group g = check_lists(op, {ys, xs});
+  if (g.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::scaled_add", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t al = cpu_scalar<acc_t>(op, name, alpha);
+    for_each_segment(g, [&](int64_t t, int64_t begin, int64_t len) {
+      scalar_t* y = at_offset<scalar_t>(g, 0, t, begin);
+      const scalar_t* x = at_offset<scalar_t>(g, 1, t, begin);
+      for (int64_t i = 0; i < len; ++i) {
+        const acc_t ax = al * static_cast<acc_t>(x[i]);
+        y[i] = static_cast<scalar_t>(kAdd ? static_cast<acc_t>(y[i]) + ax : ax);
       }
     });
   });
 }
 
 void axpy_cpu(at::TensorList ys, at::TensorList xs, const at::Tensor& alpha) {
-  const Group g = check_lists("axpy_", {ys, xs});
-  if (g.empty()) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::axpy_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t al = cpu_scalar<acc_t>("axpy_", "alpha", alpha);
-    for_each_segment(g, [&](int64_t t, int64_t begin, int64_t len) {
-      scalar_t* y = at_offset<scalar_t>(g, 0, t, begin);
-      const scalar_t* x = at_offset<scalar_t>(g, 1, t, begin);
-      for (int64_t i = 0; i < len; ++i) {
-        y[i] = static_cast<scalar_t>(static_cast<acc_t>(y[i]) + al * static_cast<acc_t>(x[i]));
-      }
-    });
-  });
+  scaled_add_cpu<true>("axpy_", ys, xs, "alpha", alpha);
 }
 
 void scale_copy_cpu(at::TensorList dsts, at::TensorList srcs, const at::Tensor& scale) {
-  const Group g = check_lists("scale_copy_", {dsts, srcs});
-  if (g.empty()) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::scale_copy_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t s = cpu_scalar<acc_t>("scale_copy_", "scale", scale);
-    for_each_segment(g, [&](int64_t t, int64_t begin, int64_t len) {
-      scalar_t* d = at_offset<scalar_t>(g, 0, t, begin);
-      const scalar_t* x = at_offset<scalar_t>(g, 1, t, begin);
-      for (int64_t i = 0; i < len; ++i) d[i] = static_cast<scalar_t>(s * static_cast<acc_t>(x[i]));
-    });
-  });
+  scaled_add_cpu<false>("scale_copy_", dsts, srcs, "scale", scale);
 }
 
 }  // namespace

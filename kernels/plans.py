@@ -45,21 +45,9 @@ from torch import Tensor
 
 from .primitives import INTERPRETING, TL_DTYPES
 
-__all__ = [
-    "CallFacts",
-    "MixedDtypeError",
-    "Plan",
-    "call_facts",
-    "check_scalars",
-    "clear_plan_cache",
-    "get_launch_config",
-    "launch_config",
-    "launch_guard",
-    "num_warps",
-    "plan_cache_info",
-    "plan_for",
-    "release_graph_plans",
-]
+__all__ = ["CallFacts", "MixedDtypeError", "Plan", "call_facts", "check_scalars", "clear_plan_cache",
+           "get_launch_config", "launch_config", "launch_guard", "num_warps", "plan_cache_info", "plan_for",
+           "release_graph_plans"]
 
 
 # ---------------------------------------------------------------- launch configuration

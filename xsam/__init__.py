@@ -6,17 +6,6 @@ from .optim import SAM, XSAM, EigenSAM, batchnorm_statistics_frozen
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SAM",
-    "XSAM",
-    "EigenSAM",
-    "BackendUnavailableError",
-    "amp",
-    "distributed",
-    "batchnorm_statistics_frozen",
-    "exact_hvp",
-    "finite_difference_hvp",
-    "hessian",
-    "ops",
-    "power_iteration",
-]
+__all__ = ["SAM", "XSAM", "EigenSAM", "BackendUnavailableError", "amp", "distributed",
+           "batchnorm_statistics_frozen", "exact_hvp", "finite_difference_hvp", "hessian", "ops",
+           "power_iteration"]

@@ -1,58 +1,28 @@
 """Mixed precision for SAM-type optimizers: a gradient scaler that accepts closures.
 
-``torch.amp.GradScaler.step`` refuses closures, and SAM needs one (two gradient
-passes, plus the HVPs of an X-SAM refresh). ``SAMGradScaler`` is a GradScaler
-(same constructor, ``scale``, ``update``, ``state_dict``) whose ``step`` runs the
-optimizer's whole step with a check attached to every pass:
+``torch.amp.GradScaler.step`` refuses closures, and SAM needs one (two gradient passes, plus
+the HVPs of an X-SAM refresh). ``SAMGradScaler`` is a GradScaler whose ``step`` runs the
+optimizer's whole step with a check attached to every pass: each pass's gradients and every
+HVP product are unscaled with GradScaler's own fused kernel before the optimizer uses them; a
+non-finite pass skips the whole step (the step transaction undoes it), a non-finite product
+rejects that refresh only (``refresh_rejected=True``, retried at the next step); either
+lowers the scale at ``update()``. The recipe: docs/training-loops.md, "Mixed precision".
 
-- each pass's gradients (first pass, perturbed pass) and every HVP product are
-  unscaled (multiplied by 1/scale) before the optimizer uses them, with the
-  same fused kernel GradScaler uses (``torch._amp_foreach_non_finite_check_and_unscale_``);
-- a non-finite gradient in either pass skips the whole step: the weights are
-  restored bit-exactly, the base optimizer does not step, and the eigenvector,
-  the step counter and the rest of the optimizer state stay as they were;
-- a non-finite HVP rejects that refresh only: the old eigenvector is kept, the
-  step goes on with it, the refresh is retried at the next step, and the record
-  passed to diagnostics hooks has ``refresh_rejected=True``;
-- either event lowers the scale at ``update()``, as GradScaler does.
-
-Usage (the closure scales its own loss, as with the stock scaler)::
-
-    scaler = xsam.amp.SAMGradScaler("cuda")
-    def closure():
-        with torch.autocast("cuda", dtype=torch.float16):
-            loss = criterion(model(x), y)
-        scaler.scale(loss).backward()
-        return loss
-    def loss_fn():  # exact HVPs: forward only, unscaled; the scaler scales it
-        with torch.autocast("cuda", dtype=torch.float16):
-            return criterion(model(x), y)
-    scaler.step(optimizer, closure, loss_fn=loss_fn)
-    scaler.update()
-
-Every rank must take the same decision, or the ranks' step counters and
-collectives drift apart (a hang). So the non-finite flag of every check (each
-pass, each HVP) is all-reduced (SUM, > 0 means non-finite) over:
+Every rank must take the same decision, or the ranks' step counters and collectives drift
+apart (a hang). So the non-finite flag of every check is all-reduced (SUM, > 0 means
+non-finite), one collective per distinct group, over:
 
 - the data-parallel group: the DDP module's group when ``model=`` is a
-  ``DistributedDataParallel``, else the optimizer's ``process_group`` when it
-  is a group. Needed for DDP's per-replica perturbation, whose first pass is
-  not all-reduced, so one replica can overflow alone; in the other cases it
-  is redundant (DDP's all-reduce spreads an inf to every rank) and cheap;
-- for sharded parameters (FSDP2 ``fully_shard``; gradients are DTensors), the
-  process groups of the non-replicated mesh dimensions of those DTensors (each
-  rank unscales and checks its local shard in place: ``to_local()`` is a view
-  of the gradient's storage).
+  ``DistributedDataParallel``, else the optimizer's ``process_group`` when it is a group.
+  Needed for DDP's per-replica perturbation, whose first pass is not all-reduced, so one
+  replica can overflow alone; elsewhere redundant and cheap;
+- for sharded parameters (FSDP2; gradients are DTensors), the process groups of the
+  non-replicated mesh dimensions (each rank unscales and checks its local shard in place).
 
-One collective per distinct group per check. Without a known group (no DDP
-``model=``, no ``process_group``, plain tensors), nothing is reduced: DDP's own
-all-reduce of both passes already makes the gradients, and so the flags, the
-same on every rank.
-
-Host syncs: the flag is read on the host after each pass and once per refresh
-(the stock ``GradScaler.step`` reads it once per step), because skipping needs
-a host decision. The all-reduce of the flag adds none. bf16 autocast needs no
-scaler: call ``optimizer.step`` directly.
+Without a known group nothing is reduced: DDP's own all-reduce of both passes already makes
+the gradients, and so the flags, the same on every rank. The flag is read on the host after
+each pass and once per refresh (the stock ``GradScaler.step`` reads it once per step): skipping
+is a host decision.
 """
 from __future__ import annotations
 

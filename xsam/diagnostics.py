@@ -1,18 +1,12 @@
 """Evidence tools: record what X-SAM does during training, and measure sharpness independently.
 
-- ``DiagnosticsRecorder(optimizer)``: registers on the optimizer's diagnostics
-  hook and keeps every step's scalars (eigenvalue with its sign, residual,
-  cos(g, v), cos(g_adv, v), gradient norms, the correction beta) as device
-  tensors. A step costs one small stack (a device-side copy, no host sync);
-  the values reach the host only when asked (``records()``, ``to_csv()``),
-  in one transfer. Without a recorder nothing is recorded at all.
-- ``top_eigenvalue(model, loss_fn, ...)``: the top-|lambda| Hessian eigenpair of
-  any model on a fixed batch, by power iteration or Lanczos with exact HVPs until a
-  given relative tolerance; independent of any optimizer, so SGD, SAM and X-SAM runs
-  are measured by the same yardstick.
-- ``lanczos(hvp, init, ...)``: the largest-magnitude (or largest-algebraic) eigenpair of
-  any product operator by Lanczos with full reorthogonalisation; it reaches power
-  iteration's tolerance with far fewer products where the top eigenvalues are close.
+- ``DiagnosticsRecorder(optimizer)``: every step's scalars (eigenvalue with its sign, residual,
+  cosines, gradient norms, the correction beta), kept on the device (no host sync per step)
+  until asked for; without a recorder nothing is recorded.
+- ``top_eigenvalue(model, loss_fn, ...)``: the top-|lambda| Hessian eigenpair of any model on a
+  fixed batch, independent of any optimizer, so SGD, SAM and X-SAM runs are measured by the
+  same yardstick.
+- ``lanczos(hvp, init, ...)``: the extreme eigenpair of any product operator by Lanczos.
 """
 from __future__ import annotations
 

@@ -1,19 +1,12 @@
 """Hessian-vector products and (block) power iteration over lists of parameter tensors.
 
-A "vector" here is a list of tensors aligned with a list of parameters (one
-tensor per parameter, same shape), i.e. the flat vector of algorithm.md cut
-into parameter-shaped pieces. All vector arithmetic goes through the op set
-(``xsam.ops``), so it runs on whichever backend is chosen.
-
-- ``exact_hvp``: double backward from a forward-only loss function; one
-  create-graph backward serves any number of products. Nothing is written to
-  ``.grad``.
-- ``finite_difference_hvp``: central differences of gradients from an ordinary
-  closure (forward + backward); weights and ``.grad`` are restored bit-exactly, and
-  every closure call replays the same random numbers (``RandomState``), so dropout
-  in train mode is one fixed function during the products.
-- ``power_iteration``: top-|lambda| eigenpairs, m >= 1 vectors at once (block
-  power iteration with Gram-Schmidt re-orthonormalisation when m > 1).
+A "vector" here is a list of tensors aligned with a list of parameters (one tensor per
+parameter, same shape), i.e. the flat vector of algorithm.md cut into parameter-shaped pieces.
+All vector arithmetic goes through the op set (``xsam.ops``), so it runs on whichever backend
+is chosen. Products: ``exact_hvp`` (double backward from a forward-only loss function),
+``finite_difference_hvp`` and ``forward_difference_hvp`` (differences of gradients from an
+ordinary closure, every call replaying the same random numbers); ``power_iteration`` finds
+top-|lambda| eigenpairs from them.
 """
 from __future__ import annotations
 
@@ -31,17 +24,8 @@ from .distributed import all_reduce_mean_, is_dtensor
 Vector = list[Tensor]
 HvpFn = Callable[[Sequence[Vector]], list[Vector]]
 
-__all__ = [
-    "PowerIterationResult",
-    "RandomState",
-    "default_fd_step",
-    "exact_hvp",
-    "finite_difference_hvp",
-    "forward_difference_hvp",
-    "power_iteration",
-    "random_vectors",
-    "orthonormalize_",
-]
+__all__ = ["PowerIterationResult", "RandomState", "default_fd_step", "exact_hvp", "finite_difference_hvp",
+           "forward_difference_hvp", "power_iteration", "random_vectors", "orthonormalize_"]
 
 
 def _zeros_for_missing(results: Sequence[Tensor | None], params: Sequence[Tensor]) -> Vector:
@@ -232,27 +216,7 @@ def finite_difference_hvp(
     """
     params = list(params)
     gradients = _ClosureGradients(closure, params, backend, layout, on_gradients, RandomState.capture())
-
-    def hvp(vectors: Sequence[Vector]) -> list[Vector]:
-        user_grads = [p.grad for p in params]
-        saved = [p.detach().clone() for p in params]
-        out = []
-        try:
-            for v in vectors:
-                h = default_fd_step(params, v, backend=backend, layout=layout) if step is None else step
-                h = _step_tensor(h, saved[0])
-                g_plus = gradients.at(v, h, saved)
-                g_minus = gradients.at(v, -h, saved)
-                with torch.no_grad():
-                    ops.axpy_(g_plus, g_minus, -1.0, backend=backend, layout=layout)
-                    ops.scale_copy_(g_plus, g_plus, 0.5 / h, backend=backend, layout=layout)
-                out.append(g_plus)
-        finally:
-            for p, g in zip(params, user_grads):
-                p.grad = g
-        return out
-
-    return hvp
+    return _difference_hvp(gradients, step, None, backend, layout)
 
 
 _UNKNOWN_BASE_RANDOMNESS = (
@@ -287,6 +251,15 @@ def forward_difference_hvp(
                          "gradient at the current weights, one tensor per parameter")
     gradients = _ClosureGradients(closure, params, backend, layout, on_gradients,
                                   RandomState.capture() if randomness is None else randomness)
+    return _difference_hvp(gradients, step, base, backend, layout, warn_unknown_randomness=randomness is None)
+
+
+def _difference_hvp(gradients: _ClosureGradients, step, base: Vector | None, backend: str, layout, *,
+                    warn_unknown_randomness: bool = False) -> HvpFn:
+    """Central differences when ``base`` is None, else forward differences from ``base = grad L(w)``;
+    the caller's ``.grad`` tensors are reinstated afterwards, also when the closure raises."""
+    params = gradients.params
+    order = 2 if base is None else 1
 
     def hvp(vectors: Sequence[Vector]) -> list[Vector]:
         user_grads = [p.grad for p in params]
@@ -294,14 +267,15 @@ def forward_difference_hvp(
         out = []
         try:
             for v in vectors:
-                h = default_fd_step(params, v, order=1, backend=backend, layout=layout) if step is None else step
+                h = default_fd_step(params, v, order=order, backend=backend, layout=layout) if step is None else step
                 h = _step_tensor(h, saved[0])
                 g_plus = gradients.at(v, h, saved)
-                if randomness is None and gradients.draws_random_numbers:
+                if warn_unknown_randomness and gradients.draws_random_numbers:
                     warnings.warn(_UNKNOWN_BASE_RANDOMNESS, stacklevel=2)
+                other = gradients.at(v, -h, saved) if base is None else base
                 with torch.no_grad():
-                    ops.axpy_(g_plus, base, -1.0, backend=backend, layout=layout)
-                    ops.scale_copy_(g_plus, g_plus, 1.0 / h, backend=backend, layout=layout)
+                    ops.axpy_(g_plus, other, -1.0, backend=backend, layout=layout)
+                    ops.scale_copy_(g_plus, g_plus, (1.0 / order) / h, backend=backend, layout=layout)
                 out.append(g_plus)
         finally:
             for p, g in zip(params, user_grads):

@@ -1,26 +1,18 @@
 """Curvature products that cost less than a double backward: compiled exact products and Gauss-Newton products.
 
-Both take the forward-only ``loss_fn`` as users write it (``loss_fn()`` calls ``model(x)`` on its
-batch and returns the scalar loss) together with the ``model`` whose parameters it reads: the
-parameters are swapped for function inputs with ``torch.func.functional_call`` on a module that
-holds ``model`` and calls ``loss_fn``, so ``loss_fn`` itself needs no change. The model's buffers
-(BatchNorm's running statistics) are read, never written: run the products in eval mode (as the
-optimizers do with ``model=`` and ``hvp_eval_mode=True``).
+Both take the forward-only ``loss_fn`` as users write it, with the ``model`` whose parameters it
+reads: the parameters are swapped for function inputs with ``torch.func.functional_call`` on a
+module that holds ``model`` and calls ``loss_fn``, so ``loss_fn`` itself needs no change. The
+model's buffers (BatchNorm's running statistics) are read, never written: run the products in
+eval mode (as the optimizers do with ``model=`` and ``hvp_eval_mode=True``).
 
-- ``compiled_hvp``: the exact ``H v`` as forward-over-reverse (``torch.func.jvp`` of
-  ``torch.func.grad``) under ``torch.compile(fullgraph=True)``. The compiled function is built once
-  per model and parameter layout and reused by every later call (a new ``loss_fn`` closure over a
-  new batch of the same shape reuses the compiled graph). Its first product is compared once with
-  double backward's. Where compilation fails (a graph break, an unsupported op, dynamo's recompile
-  limit) or that first product differs by more than ``VERIFY_RTOL`` relative, products fall back to
-  eager double backward (``exact_hvp``) for that model from then on, with one warning naming the
-  reason.
-- ``ggn_hvp``: the generalised Gauss-Newton product ``J^T H_out J v``, where ``J`` is the Jacobian
-  of ``model``'s output with respect to the parameters and ``H_out`` the Hessian of the rest of
-  ``loss_fn`` (the loss head) with respect to that output: one forward-mode pass (``J v``), a
-  second derivative through the loss head only, and one backward (``J^T``). No double backward
-  through the network, and positive semi-definite wherever the loss is convex in the model's
-  output (cross-entropy, squared error).
+- ``compiled_hvp``: the exact ``H v``, compiled once per model and parameter layout. Its first
+  product is compared once with double backward's; where compilation fails (a graph break, an
+  unsupported op, dynamo's recompile limit) or that product differs by more than ``VERIFY_RTOL``
+  relative, the model's products are eager double backward (``exact_hvp``) from then on, with
+  one warning naming the reason.
+- ``ggn_hvp``: the generalised Gauss-Newton product ``J^T H_out J v``: no double backward through
+  the network, and positive semi-definite wherever the loss is convex in the model's output.
 """
 from __future__ import annotations
 

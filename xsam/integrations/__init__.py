@@ -7,12 +7,8 @@
 Import the submodule you need: this package imports neither framework itself, so
 ``import xsam`` stays light and works without them.
 
-Both integrations share one design (``xsam.integrations._common``): the trainer's own
-loop runs the first pass (forward and backward of every micro-batch of the
-accumulated batch, with its usual logging, mixed precision and DDP gradient
-synchronisation); the optimizer step then replays the same micro-batches at the
-perturbed weights for the second pass. Hessian-vector products are exact, from a
-forward-only loss built from the same micro-batches.
+Both share one design, described in ``xsam.integrations._common``: the trainer's own loop is
+the first pass, and the optimizer step replays the same micro-batches for the second.
 """
 
 __all__: list[str] = []

@@ -1,45 +1,16 @@
 """PyTorch Lightning: ``XSAMCallback`` makes automatic optimisation run correct SAM / X-SAM steps.
 
-What Lightning does by itself with an ``xsam.SAM``/``xsam.XSAM`` from ``configure_optimizers``
-(measured in ``tests/test_integration_lightning.py``):
+Why a callback: on its own, Lightning gives X-SAM no forward-only loss (finite-difference HVPs
+then re-run the whole training step), logs again in every extra pass, fails with ``16-mixed``
+(its GradScaler steps without a closure), and with ``accumulate_grad_batches=k`` hands the step
+the last micro-batch only (SAM zeroes the gradients before its first pass).
 
-- fp32, fp64 and bf16-mixed run: ``optimizer.step`` gets a closure (training_step, backward,
-  gradient clipping). X-SAM then has no forward-only loss, so it takes finite-difference HVPs,
-  which re-run the whole training step; and every extra pass logs again through ``self.log``.
-- 16-mixed fails: Lightning runs the closure itself, then calls ``GradScaler.step(optimizer)``
-  without one, and SAM refuses to step without a closure.
-- ``accumulate_grad_batches=k`` is silently wrong: Lightning runs micro-batches 1..k-1 outside the
-  step and hands the step a closure for micro-batch k only; SAM zeroes the gradients before its
-  first pass, so both passes see the last micro-batch alone (k-1 of every k batches are wasted).
-
-With the callback (``Trainer(callbacks=[XSAMCallback()])``, any of the precisions above):
-
-- first pass: Lightning's own loop, unchanged (every micro-batch's training_step, with its
-  logging, hooks and DDP gradient synchronisation); the step reuses the accumulated gradient.
-- second pass: the step replays every micro-batch of the accumulated batch at the perturbed
-  weights, with ``self.log`` muted, DDP synchronising on the last micro-batch only, and BatchNorm
-  running statistics left as the first pass set them. Then ``on_before_optimizer_step`` and
-  Lightning's gradient clipping run on this pass's gradient (see clipping). Norm clipping of the
-  first pass would change nothing: the perturbation is normalised.
-- clipping: for ``SAM`` and ``EigenSAM`` the second pass's gradient is what the base optimizer
-  applies, and Lightning clips it (norm or value). ``XSAM`` corrects that gradient first, and
-  normalises it (``normalize=True``), so clipping it would change nothing: Lightning's norm
-  clipping becomes the optimizer's own ``max_grad_norm`` for the step, applied to the corrected
-  direction (the Hessian-vector products, and ``hvp="streaming"``'s two gradients, stay
-  unclipped). Value clipping, and clipping in both the Trainer and ``XSAM(max_grad_norm=...)``,
-  are refused.
-- 16-mixed: Lightning's GradScaler is replaced by ``xsam.amp.SAMGradScaler`` (same settings),
-  which unscales and checks each pass and skips the whole step on inf/nan; clipping (and the
-  ``on_before_optimizer_step`` hook) see still-scaled gradients there, so the clipping threshold
-  is scaled to match (X-SAM's ``max_grad_norm`` acts after unscaling).
-- exact HVPs: X-SAM gets a forward-only ``loss_fn`` that runs ``training_step`` on the same
-  micro-batches (logging muted, same autocast). ``hvp='finite_difference'`` is refused.
-- diagnostics (eigenvalue, cos and angle between g_adv and v, gradient norms) go to
-  ``self.log`` as ``xsam/<name>`` after every step.
-
-Cost per step: 2 forward+backward passes per micro-batch, as in a hand-written SAM loop, plus
-the refresh (one create-graph backward and ``power_iters`` double-backward HVPs over the whole
-accumulated batch, whose graphs it holds at once).
+With the callback, Lightning's own loop is the first pass; the step replays every micro-batch
+of the accumulated batch at the perturbed weights (logging muted, DDP syncing on the last one,
+BatchNorm statistics untouched); clipping acts on the direction the base optimizer applies
+(for ``XSAM``, as its ``max_grad_norm``, since it normalises the gradient it corrects); 16-mixed
+runs through ``xsam.amp.SAMGradScaler``; X-SAM's exact HVPs run ``training_step`` on the same
+micro-batches. The rules in full: docs/training-loops.md, "PyTorch Lightning".
 """
 from __future__ import annotations
 

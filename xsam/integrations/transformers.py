@@ -1,33 +1,15 @@
 """Hugging Face ``Trainer``: ``XSAMTrainer`` trains with ``xsam.XSAM`` (or ``xsam.SAM``).
 
-The Trainer runs forward and backward for each micro-batch of an accumulated batch (under
-accelerate's autocast, without DDP synchronisation until the last one), clips, and calls
-``optimizer.step()`` with no closure. ``XSAMTrainer`` keeps that loop (without its clipping,
-see below) and fills in the rest:
-
-- first pass: the Trainer's own ``training_step`` for every micro-batch, unchanged, so the
-  logged ``loss`` is the unperturbed training loss, as with any optimizer. The step reuses
-  the accumulated gradient (no recomputation).
-- second pass: inside ``optimizer.step()``, ``Trainer.training_step`` replays every
-  micro-batch at the perturbed weights (same loss scaling for gradient accumulation, DDP
-  all-reduce on the last micro-batch only, BatchNorm running statistics untouched).
-- clipping: ``TrainingArguments(max_grad_norm=...)`` becomes the optimizer's own
-  ``max_grad_norm``, which clips the direction the base optimizer applies (for X-SAM, after
-  the correction; the Hessian-vector products never see it). Neither pass's gradient is
-  clipped: X-SAM normalises the second pass's gradient before correcting it (clipping it would
-  change nothing), and ``hvp="streaming"`` builds its product from the two unclipped gradients.
-  The logged ``grad_norm`` is the first pass's, as the Trainer measures it.
-- exact HVPs: X-SAM gets a forward-only loss: ``compute_loss`` over the same micro-batches.
-- the optimizer: ``XSAM`` around the base optimizer ``TrainingArguments`` describe (``optim``,
-  ``learning_rate``, ``weight_decay`` without decay on biases and norms, Adam's betas and
-  epsilon), so the Trainer's LR schedulers and checkpoints work unchanged.
-- logs: every log entry with the training ``loss`` also gets the last step's diagnostics,
-  ``xsam/eigenvalue``, ``xsam/cos_gadv_v``, ``xsam/angle_gadv_v`` (degrees), ``xsam/cos_g_v``,
-  ``xsam/grad_norm``, ``xsam/adv_grad_norm``.
-
-Mixed precision: bf16 works (``bf16=True``). fp16 (``fp16=True``) is refused: accelerate's
-GradScaler refuses closures, and it cannot be tested here (accelerate has no fp16 on CPU);
-for fp16 write the loop by hand with ``xsam.amp.SAMGradScaler``.
+The Trainer runs forward and backward for each micro-batch of an accumulated batch and calls
+``optimizer.step()`` with no closure. ``XSAMTrainer`` keeps that loop as the first pass (so the
+logged ``loss`` is the unperturbed one) and makes the step replay every micro-batch at the
+perturbed weights (same loss scaling, DDP all-reduce on the last one, BatchNorm statistics
+untouched). ``TrainingArguments(max_grad_norm=...)`` becomes the optimizer's own
+``max_grad_norm``: X-SAM normalises the second pass's gradient before correcting it, so only
+the direction the base optimizer applies can be clipped. X-SAM's exact HVPs run
+``compute_loss`` on the same micro-batches. ``fp16=True`` is refused (accelerate's GradScaler
+refuses closures): use bf16, or a loop by hand with ``xsam.amp.SAMGradScaler``. The rules in
+full: docs/training-loops.md, "Hugging Face Trainer".
 """
 from __future__ import annotations
 

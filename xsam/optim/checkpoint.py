@@ -261,14 +261,8 @@ class CheckpointMixin:
     STATE_KEYS: tuple[str, ...] = ()  # the wrapper's own per-parameter state (the rest is the base optimizer's)
 
     def state_dict(self) -> dict:
-        """One torch.optim state_dict holding the wrapper's and the base optimizer's state.
-
-        Its layout (xsam/optim/checkpoint.py) is what torch.distributed.checkpoint expects:
-        every ``"state"`` key a parameter position, the global state (kind, counters, the
-        eigenvector's generator) in the first trainable parameter's entry, and the same keys
-        from construction on (placeholders until they exist), so that DCP can load into the
-        state_dict of a freshly built optimizer. Per-step diagnostics are not saved.
-        """
+        """One torch.optim state_dict holding the wrapper's and the base optimizer's state, in the
+        layout torch.distributed.checkpoint expects (see ``xsam.optim.checkpoint``)."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = pack_state_dict(self)

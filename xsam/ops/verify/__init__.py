@@ -44,29 +44,10 @@ from .cases import Case, boundaries, launch_context, mixed_cases, quick_cases, s
 from .rule import RECIPES, Comparison, compare, missing_recipes, unit_roundoff
 from .trial import CaseResult, run_case
 
-__all__ = [
-    "CaseResult",
-    "CheckOutcome",
-    "Comparison",
-    "Case",
-    "ISSUES_URL",
-    "KernelCheckWarning",
-    "RECIPES",
-    "SKIP_ENV",
-    "boundaries",
-    "check_backend",
-    "clear_outcomes",
-    "compare",
-    "launch_context",
-    "mixed_cases",
-    "missing_recipes",
-    "outcomes",
-    "quick_cases",
-    "run_case",
-    "selftest_cases",
-    "trusted",
-    "unit_roundoff",
-]
+__all__ = ["CaseResult", "CheckOutcome", "Comparison", "Case", "ISSUES_URL", "KernelCheckWarning", "RECIPES",
+           "SKIP_ENV", "boundaries", "check_backend", "clear_outcomes", "compare", "launch_context",
+           "mixed_cases", "missing_recipes", "outcomes", "quick_cases", "run_case", "selftest_cases",
+           "trusted", "unit_roundoff"]
 
 SKIP_ENV = "XSAM_SKIP_KERNEL_CHECK"
 ISSUES_URL = "https://github.com/xsam-project/xsam/issues"  # placeholder until the repository is public

@@ -90,9 +90,8 @@ def size_cases(backend: str, device: str, *, quick: bool = False) -> dict[str, l
     backend's chunk (and block), many tensors (more than one launch's worth)."""
     chunk, block = boundaries(backend, device)
     cases = {"edge": [(0,), (1,), (7,), (3, 5), (2, 1, 4)]}
-    # One past a chunk, and part of one with remainder 3 (mod 4) for the vectorised paths. Fewer than
-    # 32768 elements per list (with the gaps) keeps PyTorch's own CPU work single-threaded: on a
-    # busy machine every parallel region costs milliseconds.
+    # One past a chunk, and part of one with remainder 3 (mod 4) for the vectorised paths; fewer than
+    # 32768 elements per list (gaps included) keep PyTorch's own CPU work single-threaded.
     around = [(chunk + 1,), (chunk // 2 - 1,)]
     if block is not None and block < chunk:
         around = [(block - 1,), (block + 1,)] + around
@@ -103,7 +102,7 @@ def size_cases(backend: str, device: str, *, quick: bool = False) -> dict[str, l
         return cases
     interpreted = backend == "triton" and device == "cpu"
     if interpreted:
-        cases["many"] = [(i % 5,) for i in range(40)]  # empty ones included; every program costs ~2 ms
+        cases["many"] = [(i % 5,) for i in range(40)]  # empty ones included; few: every program is slow
     else:
         # Many tiny tensors of odd sizes, and one of exactly one chunk.
         cases["many"] = [(1 + (7 * i) % 23,) for i in range(71)] + [(chunk,)]
@@ -180,8 +179,7 @@ def quick_cases(backend: str, device: torch.device, dtype: torch.dtype) -> list[
 # Every list of a case lives in one buffer per (device, dtype) group, its tensors at the case's
 # offsets with gaps between them, the gaps holding a sentinel. So what must not change (lists the
 # op only reads, memory next to the tensors) is checked with one comparison per buffer. Values are
-# copied tensor by tensor: a scatter or gather would be a parallel region on the CPU, which costs
-# milliseconds on a busy machine.
+# copied tensor by tensor: a scatter or gather would start a parallel region on the CPU.
 
 _SENTINEL = 3.0
 _ALIGN = 64  # elements: "plain" tensors start at multiples of it (128 bytes or more)
