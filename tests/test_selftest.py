@@ -214,7 +214,7 @@ def test_a_broken_kernel_is_caught_warned_once_and_auto_trains_like_the_referenc
     message = str(caught[0].message)
     assert len(caught) == 1
     for part in ("native kernels gave wrong results for torch.float32", "uses the reference", "perturb_",
-                 "differs by", verify.ISSUES_URL, "xsam selftest", verify.SKIP_ENV):
+                 "differs by", verify.REPORT_TO, "xsam selftest", verify.SKIP_ENV):
         assert part in message, message
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once: no second warning

@@ -20,7 +20,7 @@ from . import __version__
 from .cli_args import OneLineErrorParser, choices_list, number
 from .ops.contract import OPS
 from .ops.dispatch import unavailable_reason
-from .ops.verify import (ISSUES_URL, CaseResult, boundaries, compare, launch_context, mixed_cases, run_case,
+from .ops.verify import (REPORT_TO, CaseResult, boundaries, compare, launch_context, mixed_cases, run_case,
                          selftest_cases, unit_roundoff)
 from .optim import SAM, XSAM
 
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"selftest FAILED: {failed} of {len(rows)} rows ({cases} cases, {seconds:.1f} s). backend='auto' "
               f"checks a few cases itself and falls back to the reference when they fail; backend='native' or "
-              f"'triton' do not. Please report this output, with `xsam info`, at {ISSUES_URL}")
+              f"'triton' do not. Please report this output, with `xsam info`, to {REPORT_TO}")
         return EXIT_FAILED
     print(f"selftest passed: {len(rows)} rows, {cases} cases, {seconds:.1f} s")
     return EXIT_PASSED

@@ -44,13 +44,13 @@ from .cases import Case, boundaries, launch_context, mixed_cases, quick_cases, s
 from .rule import RECIPES, Comparison, compare, missing_recipes, unit_roundoff
 from .trial import CaseResult, run_case
 
-__all__ = ["CaseResult", "CheckOutcome", "Comparison", "Case", "ISSUES_URL", "KernelCheckWarning", "RECIPES",
+__all__ = ["CaseResult", "CheckOutcome", "Comparison", "Case", "REPORT_TO", "KernelCheckWarning", "RECIPES",
            "SKIP_ENV", "boundaries", "check_backend", "clear_outcomes", "compare", "launch_context",
            "mixed_cases", "missing_recipes", "outcomes", "quick_cases", "run_case", "selftest_cases",
            "trusted", "unit_roundoff"]
 
 SKIP_ENV = "XSAM_SKIP_KERNEL_CHECK"
-ISSUES_URL = "https://github.com/xsam-project/xsam/issues"  # placeholder until the repository is public
+REPORT_TO = "the torch-xsam issue tracker"  # where a wrong kernel is to be reported
 
 class KernelCheckWarning(UserWarning):
     """A fused backend failed its check before first use; "auto" uses the reference instead."""
@@ -138,7 +138,7 @@ def _check_and_record(backend: str, device: torch.device, dtype: torch.dtype) ->
                 f"xsam: the {backend} kernels gave wrong results for {dtype} tensors on {device} in their check "
                 f"before first use, so backend='auto' uses the reference implementation for them in this process "
                 f"(slower; backend='reference' gives the same results). {outcome.detail}. Please report this, with "
-                f"the output of `xsam selftest` and `xsam info`, at {ISSUES_URL}. ({SKIP_ENV}=1 skips this check.)",
+                f"the output of `xsam selftest` and `xsam info`, to {REPORT_TO}. ({SKIP_ENV}=1 skips this check.)",
                 KernelCheckWarning, stacklevel=caller_level())
     _OUTCOMES[(backend, device, dtype)] = outcome
     return outcome
