@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import Quadratic, flat
+from helpers import Quadratic, closure_of, flat
 from xsam import SAM, XSAM
 from xsam.diagnostics import RECORDED_KEYS, DiagnosticsRecorder, cosine, top_eigenvalue
 from xsam.experiment import LOSS_LEVELS, parse_arm, run_one, settings_for
@@ -177,18 +177,11 @@ def test_xsam_update_makes_a_larger_angle_with_v_than_sam_at_the_same_weights(co
         loss_x = lambda: ((model_x(x) - y) ** 2).mean()
         loss_s = lambda: ((model_s(x) - y) ** 2).mean()
 
-        def closure(f):
-            def run():
-                loss = f()
-                loss.backward()
-                return loss
-            return run
-
         xsam = XSAM(model_x.parameters(), torch.optim.SGD, lr=0.1, rho=0.05, alpha=alpha, correction=correction,
                     eig_interval=1, power_iters=20, hvp="exact", seed=seed, backend=BACKEND)
         sam = SAM(model_s.parameters(), torch.optim.SGD, lr=0.1, rho=0.05, backend=BACKEND)
-        xsam.step(closure(loss_x), loss_fn=loss_x)
-        sam.step(closure(loss_s))
+        xsam.step(closure_of(loss_x), loss_fn=loss_x)
+        sam.step(closure_of(loss_s))
         v = xsam.eigenvector()
         # After the step .grad holds what the base optimizer received: g_corr for X-SAM, g_adv for SAM.
         cos_x = cosine([p.grad for p in model_x.parameters()], v)
