@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from xsam import BackendUnavailableError, build_info, cli
+from xsam import BackendUnavailableError, build_info
 from xsam.ops.contract import OPS
 from xsam.build_info import ArchCode, BuildRecord
 from xsam.ops import dispatch, native_backend
@@ -48,22 +48,16 @@ def covered(codes, capability) -> bool:
 
 # --- the default list -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("nvcc, expected", [
-    (NVCC_13, "7.5;8.0;8.6;9.0;10.0;12.0+PTX"),
-    (NVCC_12_0, "7.5;8.0;8.6;9.0+PTX"),  # an older nvcc cannot compile Blackwell
-    (None, "7.5;8.0;8.6;9.0;10.0;12.0+PTX"),  # nvcc could not say: nothing filtered
+@pytest.mark.parametrize("torch_codes, nvcc, expected", [
+    (TORCH_CU130, NVCC_13, "7.5;8.0;8.6;9.0;10.0;12.0+PTX"),
+    (TORCH_CU130, NVCC_12_0, "7.5;8.0;8.6;9.0+PTX"),  # an older nvcc cannot compile Blackwell
+    (TORCH_CU130, None, "7.5;8.0;8.6;9.0;10.0;12.0+PTX"),  # nvcc could not say: nothing filtered
+    (["sm_80", "sm_90a", "compute_90"], NVCC_13, "8.0+PTX"),  # PTX and arch-specific entries are ignored
+    ([], NVCC_13, "8.0;8.6;8.9;9.0+PTX"),  # torch cannot say: the common GPUs
+    ([], None, "8.0;8.6;8.9;9.0+PTX"),
 ])
-def test_default_arch_list_is_torchs_list_limited_to_nvcc(nvcc, expected):
-    assert build_info.default_arch_list(TORCH_CU130, nvcc) == expected
-
-
-def test_default_arch_list_ignores_ptx_and_arch_specific_entries():
-    assert build_info.default_arch_list(["sm_80", "sm_90a", "compute_90"], NVCC_13) == "8.0+PTX"
-
-
-def test_default_arch_list_falls_back_to_the_common_gpus_when_torch_cannot_say():
-    assert build_info.default_arch_list([], NVCC_13) == "8.0;8.6;8.9;9.0+PTX"
-    assert build_info.default_arch_list([], None) == "8.0;8.6;8.9;9.0+PTX"
+def test_default_arch_list_is_torchs_list_limited_to_nvcc(torch_codes, nvcc, expected):
+    assert build_info.default_arch_list(torch_codes, nvcc) == expected
 
 
 def test_default_arch_list_names_the_fix_when_nvcc_compiles_none_of_it():
@@ -202,11 +196,6 @@ def test_describe_reports_coverage_of_each_visible_gpu(monkeypatch):
     assert gpu_line.startswith("GPU cuda:0 NVIDIA A100-SXM4-80GB (compute capability 8.0): not covered: ")
     fake_gpu(monkeypatch, (9, 0))
     assert build_info.describe(HOPPER_ONLY)[1].endswith("covered by xsam._C")
-
-
-def test_info_prints_the_build(capsys):
-    assert cli.main(["info"]) == 0
-    assert "xsam._C build: " in capsys.readouterr().out
 
 
 def test_missing_extension_reason_repeats_the_build_failure():

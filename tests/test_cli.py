@@ -28,6 +28,7 @@ def _refused(argv, capsys):
     (["bench", "--scale", "-4"], "--scale"),
     (["bench", "--batch", "0"], "--batch"),
     (["bench", "--only", "ops,nothing"], "'nothing'"),
+    (["bench", "--only", "nothing"], "--only"),
     (["bench", "--device", "tpu"], "--device"),
     (["selftest", "--backends", "cuda"], "'cuda'"),
     (["selftest", "--dtypes", "int8"], "'int8'"),
@@ -49,8 +50,10 @@ def test_an_output_folder_that_cannot_be_created_is_refused_before_any_work(comm
 
 
 def test_python_dash_m_xsam_is_the_command_and_prints_no_build_machinery_warning():
+    outputs = []
     for argv in (["info"], ["bench", "--help"]):
         out = subprocess.run([sys.executable, "-m", "xsam", *argv], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert "No CUDA runtime" not in out.stderr and "cpp_extension" not in out.stderr, out.stderr
-    assert "xsam" in out.stdout
+        outputs.append(out.stdout)
+    assert "xsam._C build: " in outputs[0] and "xsam" in outputs[1]

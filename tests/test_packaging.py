@@ -25,7 +25,6 @@ from xsam.build_info import RECORD_NAME
 ROOT = Path(__file__).resolve().parents[1]
 # The distribution is torch-xsam (the name xsam is taken on PyPI); the import name and command are xsam.
 DIST = f"torch_xsam-{xsam.__version__}"
-SDIST_ROOT = DIST
 
 # Runs inside the fresh environment: one X-SAM step on the reference backend, then what
 # backend="native" and `xsam info` say.
@@ -84,7 +83,7 @@ def sdist(tmp_path_factory) -> Path:
 def unpacked(sdist, tmp_path) -> Path:
     with tarfile.open(sdist) as tar:
         tar.extractall(tmp_path, filter="data")
-    return tmp_path / SDIST_ROOT
+    return tmp_path / DIST
 
 
 @pytest.fixture
@@ -92,8 +91,7 @@ def fresh_env(tmp_path) -> Path:
     """A new venv (python at bin/python) whose site-packages sees this environment's torch."""
     env = tmp_path / "env"
     run([sys.executable, "-m", "venv", "--without-pip", env])
-    (purelib,) = env.glob("lib/python*/site-packages")
-    (purelib / "_parent_site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    (site_packages(env) / "_parent_site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return env
 
 
@@ -114,7 +112,7 @@ def smoke(env: Path, tmp_path: Path) -> str:
 
 def test_sdist_has_everything_a_build_needs(sdist):
     with tarfile.open(sdist) as tar:
-        names = {name.removeprefix(SDIST_ROOT + "/") for name in tar.getnames()}
+        names = {name.removeprefix(DIST + "/") for name in tar.getnames()}
     tracked = run(["git", "ls-files", "csrc", "kernels", "bench", "xsam", "tests"], cwd=ROOT).stdout.split() \
         if (ROOT / ".git").exists() else []
     needed = {"setup.py", "pyproject.toml", "MANIFEST.in", "CMakeLists.txt", "README.md", "LICENSE",

@@ -1,10 +1,8 @@
 """Where the subpackages kept at the top of the repository (``kernels/``, ``bench/``) live.
 
-Those folders have no ``__init__.py``: a checkout on ``sys.path`` (``python -m pytest`` or any
-script run from its root puts it first) would otherwise shadow the PyPI packages ``kernels``
-(imported by transformers) and ``bench``. ``xsam/kernels.py`` and ``xsam/bench.py`` are their
-packages instead (a module with a ``__path__`` is a package): a wheel holds the sources beside
-them (``xsam/kernels/``), an editable install or a checkout at the top of the repository.
+Those folders have no ``__init__.py``, so that a checkout first on ``sys.path`` does not shadow the PyPI
+packages ``kernels`` (imported by transformers) and ``bench``. ``xsam/kernels.py`` and ``xsam/bench.py`` (modules
+with a ``__path__``) are their packages: a wheel holds the sources beside them, a checkout at its top.
 """
 import os
 

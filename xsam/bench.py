@@ -1,8 +1,5 @@
-"""Benchmark harness: ``xsam bench`` (or ``python -m xsam.bench``); its sections in ``harness``.
-
-The sources are the repository's ``bench/`` folder (``xsam/_source_folders.py`` says why it is not
-a package).
-"""
+"""Benchmark harness: ``xsam bench`` (or ``python -m xsam.bench``). The sources are the repository's ``bench/``
+folder (``xsam/_source_folders.py`` says why)."""
 import sys
 
 from xsam._source_folders import source_folder

@@ -1,18 +1,11 @@
 """What the compiled extension xsam._C was built for, and whether it can run on this GPU.
 
-Two halves share the vocabulary of ``torch.cuda.get_arch_list()``: ``sm_XY`` is machine code
-(cubin) for compute capability X.Y, ``compute_XY`` is PTX that the driver compiles on first use.
-
-* Build time (setup.py loads this file by path, before xsam or its extension exist):
-  ``default_arch_list`` picks the architectures to compile when TORCH_CUDA_ARCH_LIST is unset,
-  and setup.py writes a build record (``_build_record.json``, next to the extension) saying what
-  was compiled, or why the compile failed.
-* Run time: ``native_coverage_reason`` says why the current GPU cannot run the built kernels,
-  ``missing_extension_reason`` why xsam._C cannot be imported, ``describe`` feeds ``xsam info``.
-
-Nothing here imports ``torch.utils.cpp_extension``: on a machine without CUDA importing it
-prints a "No CUDA runtime is found" warning, and run time needs none of it. torch itself is
-imported only inside the functions that need it, so setup.py can load this module without it.
+Architecture codes are those of ``torch.cuda.get_arch_list()``: ``sm_XY`` is machine code for compute
+capability X.Y, ``compute_XY`` PTX that the driver compiles on first use. setup.py loads this file by path at
+build time (``default_arch_list``, the build record ``_build_record.json``), so torch is imported only inside
+the functions that need it; run time (``native_coverage_reason``, ``missing_extension_reason``, ``describe``
+for ``xsam info``) never imports ``torch.utils.cpp_extension``, which warns "No CUDA runtime is found" on a
+machine without CUDA.
 """
 from __future__ import annotations
 
@@ -28,8 +21,7 @@ from typing import Sequence
 RECORD_NAME = "_build_record.json"
 RECORD_PATH = Path(__file__).resolve().parent / RECORD_NAME
 
-# Compiled when torch cannot tell which architectures it was built for: Ampere (A100, A10,
-# RTX 30xx), Ada (L4, L40, RTX 40xx) and Hopper (H100, H200), the GPUs most people train on.
+# When torch cannot tell its architectures: Ampere, Ada and Hopper, the GPUs most people train on.
 FALLBACK_CAPABILITIES = ((8, 0), (8, 6), (8, 9), (9, 0))
 
 REBUILD_HINT = "`pip install --no-build-isolation -e .` (or `pip install --no-build-isolation .`)"
@@ -37,8 +29,6 @@ REBUILD_HINT = "`pip install --no-build-isolation -e .` (or `pip install --no-bu
 _CODE = re.compile(r"(sm|compute)_(\d+)(\d)([af]?)")
 _GENCODE = re.compile(r"-gencode=arch=compute_\w+,code=((?:sm|compute)_\w+)")
 
-
-# --- architecture codes ---------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class ArchCode:
@@ -87,8 +77,6 @@ def codes_from_gencode_flags(flags: Sequence[str]) -> list[str]:
     return codes
 
 
-# --- build time -----------------------------------------------------------------------------
-
 def default_arch_list(torch_arch_codes: Sequence[str], nvcc_codes: Sequence[str] | None) -> str:
     """TORCH_CUDA_ARCH_LIST for a build that did not set one: the GPUs the installed torch runs
     on, limited to what the local nvcc can compile, with PTX for the newest so that later GPUs
@@ -120,11 +108,8 @@ def default_arch_list(torch_arch_codes: Sequence[str], nvcc_codes: Sequence[str]
 
 
 def torch_cuda_arch_codes() -> list[str]:
-    """The architectures the installed CUDA torch was compiled for, GPU or not.
-
-    ``torch.cuda.get_arch_list()`` returns [] without a visible GPU (a build machine often has
-    none), so ask the CUDA runtime module for the same flags directly.
-    """
+    """The architectures the installed CUDA torch was compiled for, GPU or not (``torch.cuda.get_arch_list()``
+    is [] without a visible GPU, as on many build machines)."""
     import torch
 
     codes = torch.cuda.get_arch_list() if torch.cuda.is_available() else []
@@ -156,8 +141,6 @@ def check_compilable(codes: Sequence[str], nvcc_codes: Sequence[str] | None, arc
             f"compile (it knows {', '.join(nvcc_codes)}); drop those entries, or unset TORCH_CUDA_ARCH_LIST "
             f"to build for the default list")
 
-
-# --- the build record -----------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class BuildRecord:
@@ -198,8 +181,6 @@ def load_build_record(path: Path = RECORD_PATH) -> BuildRecord | None:
     except (OSError, ValueError, TypeError):
         return None
 
-
-# --- run time -------------------------------------------------------------------------------
 
 def missing_extension_reason(error: BaseException, record: BuildRecord | None = None) -> str:
     """Why backend="native" is unavailable when ``import xsam._C`` raised ``error``."""

@@ -1,7 +1,5 @@
-"""Argument types shared by the ``xsam`` subcommands: every bad value is refused while parsing.
-
-Parsing happens before any work starts, so a bad argument costs nothing, and the error is
-one line (``xsam bench: error: argument --scale: ...``) with exit code 2, never a traceback.
+"""Argument types shared by the ``xsam`` subcommands: every bad value is refused while parsing, before any
+work, in one line (``xsam bench: error: argument --scale: ...``) with exit code 2, never a traceback.
 """
 from __future__ import annotations
 

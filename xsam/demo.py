@@ -1,14 +1,9 @@
 """``xsam demo``: SGD, SAM, X-SAM, its alpha = 0 control and Eigen-SAM on scikit-learn's digits, on the CPU.
 
-A small CNN with BatchNorm, the same data order, initial weights and learning
-rate schedule for every method. ``XSAM-a0`` is X-SAM with alpha = 0: SAM with
-X-SAM's normalised descent step and no correction, so X-SAM against it shows
-what the correction itself does, and the control against SAM what the
-normalisation does. The table at the end reports test accuracy, the top
-Hessian eigenvalue of the final model on one fixed training batch (measured the
-same way for every method), the mean |cos(gradient, v)| seen by the methods
-with an eigenvector (X-SAM: g_adv; Eigen-SAM: the first pass's g; v's sign is
-arbitrary, so signed cosines would cancel), and seconds per optimizer step.
+Every method trains the same small CNN from the same weights, data order and schedule. ``XSAM-a0`` (X-SAM
+with alpha = 0: SAM with X-SAM's normalised step) separates what the correction does from what the
+normalisation does. The top eigenvalue is measured on one fixed training batch; the cosine is |cos| because
+v's sign is arbitrary (X-SAM: g_adv; Eigen-SAM: the first pass's g).
 """
 from __future__ import annotations
 
@@ -106,7 +101,8 @@ def train(method: str, data, epochs: int, batch_size: int, lr: float, rho: float
             seconds += time.perf_counter() - start
             steps += 1
             sched.step()
-            progress.update(1)
+            if progress is not None:
+                progress.update(1)
     fixed_x, fixed_y = xtr[:256], ytr[:256]  # the same batch for every method
     return {
         "method": method,
@@ -134,14 +130,6 @@ def _change(value: float, reference: float) -> str:
     return f"{reference:.3g} -> {value:.3g} ({value / reference:.2f}x)"
 
 
-class _NoProgress:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrorParser(prog="xsam demo", description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=number(int, 1), default=7)
@@ -158,16 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_digits_tensors(args.seed)
     total = len(methods) * args.epochs * ((len(data[0][1]) + args.batch_size - 1) // args.batch_size)
-    if args.no_progress:
-        progress = _NoProgress()
-    else:
+    progress = None
+    if not args.no_progress:
         try:
             from tqdm import tqdm
             progress = tqdm(total=total, unit="step", desc="training " + ", ".join(methods))
         except ImportError:
-            progress = _NoProgress()
+            pass
     rows = [train(m, data, args.epochs, args.batch_size, args.lr, args.rho, args.seed, progress) for m in methods]
-    progress.close()
+    if progress is not None:
+        progress.close()
     print(f"\ndigits (8x8, {len(data[0][1])} train / {len(data[1][1])} test), small CNN with BatchNorm, "
           f"{args.epochs} epochs, batch {args.batch_size}, SGD lr {args.lr} cosine, momentum 0.9, rho {args.rho}, "
           f"X-SAM and Eigen-SAM alpha {ALPHA} (XSAM-a0: alpha 0), refresh every 5 steps, 5 power iterations "

@@ -1,9 +1,6 @@
-"""``xsam selftest``: every kernel on this machine against the pure-PyTorch reference, then a few
-optimizer steps; a table of results and exit code 1 on any failure (``EXIT_*`` below).
-
-The cases are ``xsam.ops.verify``'s, for every device, fused backend that runs there and dtype;
-a fused kernel passes when it is at least about as accurate as the reference (the rule in
-``xsam.ops.verify``). What the table means and how to run it: docs/selftest.md.
+"""``xsam selftest``: every kernel on this machine against the pure-PyTorch reference (``xsam.ops.verify``'s
+cases and rule), then a few optimizer steps; a table, and an exit code (``EXIT_*``). docs/selftest.md says
+what the table means.
 """
 from __future__ import annotations
 
@@ -26,10 +23,9 @@ from .optim import SAM, XSAM
 
 FUSED_BACKENDS = ("native", "triton")
 EXIT_PASSED = 0  # also when no fused backend runs here at all: "auto" then uses the reference, which needs no check
-EXIT_FAILED = 1  # a kernel or an optimizer step disagreed with the reference
-# The backends named with --backends cannot run here (e.g. Triton without a GPU or its interpreter): nothing
-# failed, but nothing was checked either, which a script asking for them must be able to tell apart from a
-# pass (the code pytest gives when it collects no test).
+EXIT_FAILED = 1
+# The backends named with --backends cannot run here: a script asking for them must tell this from a pass
+# (pytest's code when it collects no test).
 EXIT_NOTHING_CHECKED = 5
 DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
 TRAINING_STEPS = 3
@@ -101,57 +97,42 @@ HEADER = f"{'op':<17} {'backend':<8} {'device':<9} {'dtype':<9} {'cases':>5}  {'
 
 
 def _number(x: float) -> str:
-    if x == 0:
-        return "0"
-    return "inf" if math.isinf(x) else f"{x:.2e}"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+    return "0" if x == 0 else f"{x:.2e}"  # inf prints as "inf"
 
 
 # ---------------------------------------------------------------- a few optimizer steps
 
-class _Model:
-    """A small MLP, plus a wide parameter that spans more than one chunk of the backend (its loss
-    term is cheap next to a wide layer)."""
+def _train(method: str, backend: str, device: torch.device, dtype: torch.dtype, width: int, seed: int):
+    """The parameters after TRAINING_STEPS steps of ``method`` with ``backend`` on a small MLP, plus a wide
+    parameter that spans more than one chunk of the backend (its loss term is cheap next to a wide layer)."""
+    gen = torch.Generator().manual_seed(seed)
+    body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    with torch.no_grad():
+        for p in body.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) / 4)
+    body.to(device=device, dtype=dtype)
+    wide = torch.nn.Parameter(torch.randn(width, generator=gen, dtype=torch.float64).to(device, dtype))
+    x = torch.randn(16, 8, generator=gen, dtype=torch.float64).to(device, dtype)
+    y = torch.randint(0, 3, (16,), generator=gen).to(device)
+    params = [*body.parameters(), wide]
 
-    def __init__(self, wide: int, device: torch.device, dtype: torch.dtype, seed: int):
-        gen = torch.Generator().manual_seed(seed)
-        self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-        with torch.no_grad():
-            for p in self.body.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) / 4)
-        self.body.to(device=device, dtype=dtype)
-        self.wide = torch.nn.Parameter(torch.randn(wide, generator=gen, dtype=torch.float64).to(device, dtype))
-        self.x = torch.randn(16, 8, generator=gen, dtype=torch.float64).to(device, dtype)
-        self.y = torch.randint(0, 3, (16,), generator=gen).to(device)
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [*self.body.parameters(), self.wide]
-
-    def loss(self) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(self.body(self.x), self.y) + self.wide.cos().mean()
-
-
-def _train(method: str, backend: str, device: torch.device, dtype: torch.dtype, wide: int, seed: int):
-    """The parameters after TRAINING_STEPS steps of ``method`` with ``backend``."""
-    model = _Model(wide, device, dtype, seed)
+    def loss_fn():
+        return torch.nn.functional.cross_entropy(body(x), y) + wide.cos().mean()
 
     def closure():
-        loss = model.loss()
+        loss = loss_fn()
         loss.backward()
         return loss
 
     kwargs = dict(lr=0.1, momentum=0.9, backend=backend)
     if method == "X-SAM":
-        opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.05, alpha=0.2, eig_interval=2, power_iters=3,
-                   hvp="exact", seed=seed, **kwargs)
+        opt = XSAM(params, torch.optim.SGD, rho=0.05, alpha=0.2, eig_interval=2, power_iters=3, hvp="exact",
+                   seed=seed, **kwargs)
     else:
-        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, adaptive=method == "ASAM", **kwargs)
+        opt = SAM(params, torch.optim.SGD, rho=0.05, adaptive=method == "ASAM", **kwargs)
     for _ in range(TRAINING_STEPS):
-        opt.step(closure, loss_fn=model.loss) if method == "X-SAM" else opt.step(closure)
-    return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+        opt.step(closure, loss_fn=loss_fn) if method == "X-SAM" else opt.step(closure)
+    return torch.cat([p.detach().reshape(-1).double() for p in params])
 
 
 def _training_row(method: str, backend: str, device: torch.device, seed: int) -> Row:
@@ -221,7 +202,7 @@ def _op_rows(plan, args):
             with launch_context(backend, device):
                 for dtype in ready:
                     for op in OPS:
-                        row = Row(op, backend, str(device), _dtype_name(dtype))
+                        row = Row(op, backend, str(device), str(dtype).removeprefix("torch."))
                         for case in selftest_cases(op, backend, device, dtype, quick=args.quick, seed=args.seed):
                             row.add_case(run_case(case, backend))
                         yield row

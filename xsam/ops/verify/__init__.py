@@ -1,34 +1,20 @@
 """Checking a fused backend against the reference: the rule (``rule.py``), the op cases (``cases.py``),
-running one (``trial.py``), and the check before first use (here).
+running one (``trial.py``), and the check before first use (here). ``xsam selftest`` runs every case on
+every backend, device and dtype; ``backend="auto"`` runs ``quick_cases`` once per (device, dtype) through
+``trusted`` and, on a mismatch, warns once and uses the reference there. What users see: docs/selftest.md.
 
-One implementation serves two callers:
-- ``xsam selftest`` (``xsam.selftest``): every op of ``xsam.ops.contract`` on every backend,
-  device and dtype, over size cases that cross each backend's own boundaries;
-- ``backend="auto"`` (``xsam.ops.dispatch``): before a fused backend first runs tensors of a
-  (device, dtype) in a process, ``trusted`` runs a handful of cases (``quick_cases``) and,
-  on a mismatch, warns once and makes "auto" use the reference for that (device, dtype).
+The rule (``compare``): a fused kernel must be at least about as accurate as the reference, both measured
+against the reference run in float64 on the same (rounded) inputs:
+``|got - exact| <= 2 |ref - exact| + roundings * eps * (magnitude + tiny)``, with ``eps`` and ``tiny`` of the
+storage dtype (of the accumulation dtype for reductions), ``magnitude`` the op run on absolute values and a
+few ``roundings`` (sqrt(n) for sums of n terms, whose order may differ).
 
-The rule (``compare``). A fused kernel must be at least about as accurate as the reference,
-both measured against a float64 computation of the same op on the same (rounded) inputs:
-``|got - exact| <= 2 |ref - exact| + roundings * eps * (magnitude + tiny)``, with ``eps`` and
-``tiny`` of the storage dtype (of the accumulation dtype for reductions), ``magnitude`` the
-size of the terms (the op run on absolute values) and a few ``roundings`` (sqrt(n) for sums of
-n terms, whose order may differ). "exact" is the reference run in float64.
-
-Two kinds of values (``Case.values``):
-- "random": normal values, checked with the rule above;
-- "exact": values in {0, +-1/2, +-1} and dyadic scalars, for which every intermediate of every
-  op is representable in every supported dtype (8 significant bits for bfloat16; sums below
-  2**24 units in float32). Any correct implementation, FMA or not and in any summation order,
-  then returns the exact bits, so these cases allow no rounding at all: a kernel that is off
-  by one ulp on one element, or skips a chunk, fails them.
-On top, the contract's exact bits: ``saved`` holds the old weights bit for bit, a restore puts
-``saved`` back bit for bit, lists the op only reads keep their bits, memory around views is
-not written, and reductions give the same bits twice.
-
-Cases are derived from ``contract.OPS``: an op needs only a ``Recipe`` (``rule.py``) (its scalars,
-variants and what its written lists must hold); an op without one is reported as such
-(``missing_recipes``) instead of being silently untested.
+"exact" values (``Case.values``) are in {0, +-1/2, +-1}, with dyadic scalars: every intermediate of every op
+is representable in every supported dtype (8 significant bits for bfloat16; sums below 2**24 units in
+float32), so any correct implementation, FMA or not and in any summation order, returns the exact bits, and
+these cases allow no rounding at all. On top, the contract's exact bits: saved copies and restores, lists
+the op only reads, memory around views, and reductions run twice. An op of ``contract.OPS`` without a
+``Recipe`` is reported (``missing_recipes``) instead of being silently untested.
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -186,11 +187,7 @@ _ALIGN = 64  # elements: "plain" tensors start at multiples of it (128 bytes or 
 
 
 def _strides(shape: tuple[int, ...], step: int) -> tuple[int, ...]:
-    strides, acc = [], step
-    for size in reversed(shape):
-        strides.append(acc)
-        acc *= max(size, 1)
-    return tuple(reversed(strides))
+    return tuple(step * stride for stride in torch.empty(shape, device="meta").stride())
 
 
 @dataclass(frozen=True)
@@ -211,32 +208,20 @@ class _Group:
 class _Layout:
     """The groups of a case, and the order of its flat values: group by group, positions in order."""
 
-    _cache: dict[tuple, "_Layout"] = {}  # the cases of one check share their shapes and layout
-
-    @classmethod
-    def of(cls, case: Case) -> "_Layout":
-        key = (case.shapes, case.placements, case.layout)
-        layout = cls._cache.get(key)
-        if layout is None:
-            if len(cls._cache) > 32:
-                cls._cache.clear()
-            layout = cls._cache[key] = cls(case)
-        return layout
-
-    def __init__(self, case: Case):
-        self.shapes = case.shapes
+    def __init__(self, shapes: tuple[tuple[int, ...], ...], placements: tuple[Placement, ...], layout: str):
+        self.shapes = shapes
         by_place: dict[Placement, list[int]] = {}
-        for i, place in enumerate(case.placements):
+        for i, place in enumerate(placements):
             by_place.setdefault(place, []).append(i)
-        numels = [math.prod(s) for s in case.shapes]
+        numels = [math.prod(s) for s in shapes]
         self.groups: list[_Group] = []
         self.order: list[int] = []  # positions in flat order
         flat_at = 0
         for k, ((device, dtype), positions) in enumerate(by_place.items()):
             starts, steps, end = [], [], 0
             for i in positions:
-                step = 2 if case.layout == "strided" and i == 1 else 1
-                start = -(-(end + 1) // _ALIGN) * _ALIGN + (0 if case.layout == "plain" else 1 + 2 * ((i + k) % 2))
+                step = 2 if layout == "strided" and i == 1 else 1
+                start = -(-(end + 1) // _ALIGN) * _ALIGN + (0 if layout == "plain" else 1 + 2 * ((i + k) % 2))
                 starts.append(start)
                 steps.append(step)
                 end = start + step * numels[i]
@@ -256,19 +241,15 @@ class _Layout:
         """Values in position order (as generated) -> group order."""
         if self.single:
             return flat
-        numels = [math.prod(s) for s in self.shapes]
-        offsets = [0]
-        for n in numels:
-            offsets.append(offsets[-1] + n)
-        return torch.cat([flat[offsets[i]:offsets[i + 1]] for g in self.groups for i in g.positions])
+        pieces = flat.split([math.prod(s) for s in self.shapes])
+        return torch.cat([pieces[i] for g in self.groups for i in g.positions])
 
     def position_of(self, flat_index: int) -> str:
         """Which tensor and element a flat (group-order) index falls in."""
         for i in self.order:
             n = math.prod(self.shapes[i])
             if flat_index < n:
-                return (f"tensor {i} of {len(self.shapes)} (shape {list(self.shapes[i])}), element "
-                        f"{flat_index}")
+                return f"tensor {i} of {len(self.shapes)} (shape {list(self.shapes[i])}), element {flat_index}"
             flat_index -= n
         return f"element {flat_index}"
 
@@ -277,6 +258,9 @@ class _Layout:
         if self.single:
             return flat.to(self.groups[0].dtype).to(torch.float64)
         return torch.cat([flat[g.begin:g.end].to(g.dtype).to(torch.float64) for g in self.groups])
+
+
+_layout_of = functools.lru_cache(maxsize=32)(_Layout)  # the cases of one check share their shapes and layout
 
 
 def _values(case: Case, layout: _Layout) -> tuple[dict[str, Tensor | None], dict[str, float], dict, set[str]]:
@@ -340,19 +324,16 @@ def _materialise(layout: _Layout, values: dict, absent: set[str], outputs: tuple
         for g in layout.groups:
             dtype = g.dtype if mode == "run" else torch.float64
             buffer = torch.full((g.size,), _SENTINEL, dtype=dtype, device=g.device)
-            for i, start, step in zip(g.positions, g.starts, g.steps):
-                shape = layout.shapes[i]
-                tensors[i] = buffer.as_strided(shape, _strides(shape, step), start)
             if flat is None:
                 part = torch.full((g.end - g.begin,), math.nan, dtype=dtype, device=g.device)
             else:
                 part = flat[g.begin:g.end].to(device=g.device, dtype=dtype)
                 part = part.abs() if mode == "magnitude" else part
-            at = 0
-            for i in g.positions:
-                n = tensors[i].numel()
-                tensors[i].copy_(part[at:at + n].view(tensors[i].shape))
-                at += n
+            pieces = part.split([math.prod(layout.shapes[i]) for i in g.positions])
+            for i, start, step, piece in zip(g.positions, g.starts, g.steps, pieces):
+                shape = layout.shapes[i]
+                tensors[i] = buffer.as_strided(shape, _strides(shape, step), start)
+                tensors[i].copy_(piece.view(shape))
             group_buffers.append(buffer)
         lists[name], buffers[name] = tensors, group_buffers
         if flat is not None:

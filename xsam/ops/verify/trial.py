@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..contract import OPS
 from ..reference import accumulation_dtype
-from .cases import Case, _Inputs, _Layout, _materialise, _values
+from .cases import Case, _Inputs, _Layout, _layout_of, _materialise, _values
 from .rule import RECIPES, Comparison, _alias_pair, compare, unit_roundoff
 
 def _call(op: str, lists: dict, scalars: dict, other: dict, backend: str):
@@ -91,7 +91,7 @@ def run_case(case: Case, backend: str, *, twice: bool = True) -> CaseResult:
 
 def _run_case(case: Case, backend: str, twice: bool, threads: int) -> CaseResult:
     spec, recipe = OPS[case.op], RECIPES[case.op]
-    layout = _Layout.of(case)
+    layout = _layout_of(case.shapes, case.placements, case.layout)
     values, scalars, other, absent = _values(case, layout)
     fused = _materialise(layout, values, absent, recipe.outputs, mode="run")
     aliased_read = _alias_pair(case.op)[0] if case.aliased else None
