@@ -1,10 +1,6 @@
-"""Smoke tests of the benchmark harness: it runs, writes its files, and its baselines are fair.
-
-No timing is asserted: speed is reported by `xsam bench`, not tested. What is tested is what
-makes the numbers honest: every baseline computes what the op computes, the peer SAM takes
-the same steps as ours, the ceiling's stand-ins move at least the op's bytes, and the
-timing helpers interleave and pair as they say.
-"""
+"""Smoke tests of the benchmark harness: it runs and writes its files, and what makes its numbers honest holds
+(every baseline computes what the op computes, the peer SAM takes our steps, the ceiling's stand-ins move at
+least the op's bytes, the timing helpers interleave and pair). No timing is asserted."""
 from __future__ import annotations
 
 import csv

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from xsam import XSAM, ops
 from xsam.cli import auto_check_lines, main
 from xsam.ops import dispatch, native_backend, reference, verify
 from xsam.ops.contract import OPS
+from xsam.ops.verify.cases import native_cuda_tensors_per_launch, size_cases
 
 from helpers import closure_of
 
@@ -86,10 +88,6 @@ def test_every_op_of_the_contract_has_a_case():
 def test_the_cuda_size_cases_cross_the_launch_limits_of_the_cuda_kernels():
     """The self-test mirrors max_tensors_per_launch of the CUDA multi-tensor apply (read from the header
     here): its GPU cases must cross every op's launch limit, with a multi-chunk tensor closing one."""
-    from pathlib import Path
-
-    from xsam.ops.verify.cases import native_cuda_tensors_per_launch, size_cases
-
     header = (Path(__file__).parents[1] / "csrc" / "cuda" / "multi_tensor_apply.cuh").read_text()
     documented = re.search(r"32 KiB: (\d+), (\d+), (\d+), (\d+)", header).groups()
     assert [native_cuda_tensors_per_launch(n) for n in range(1, 5)] == [int(d) for d in documented]
@@ -133,8 +131,6 @@ def test_selftest_of_a_backend_that_cannot_run_here_is_skipped_not_failed(capsys
 
 def test_selftest_checks_the_cpu_kernels_on_several_threads_and_long_lists():
     """The sizes come from the extension: past the parallel threshold, and more tensors than the old check's 4."""
-    from xsam.ops.verify.cases import size_cases
-
     constants = native_backend.CONSTANTS
     threads = size_cases("native", "cpu", quick=True)["threads"]
     total = sum(math.prod(s) for s in threads)

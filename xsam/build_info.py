@@ -69,12 +69,7 @@ def capability_text(capability: tuple[int, int]) -> str:
 
 def codes_from_gencode_flags(flags: Sequence[str]) -> list[str]:
     """The codes that nvcc ``-gencode=arch=compute_XY,code=...`` flags compile, in their order."""
-    codes = []
-    for flag in flags:
-        match = _GENCODE.fullmatch(flag)
-        if match and match.group(1) not in codes:
-            codes.append(match.group(1))
-    return codes
+    return list(dict.fromkeys(match.group(1) for match in map(_GENCODE.fullmatch, flags) if match))
 
 
 def default_arch_list(torch_arch_codes: Sequence[str], nvcc_codes: Sequence[str] | None) -> str:

@@ -62,8 +62,7 @@ def auto_check_lines() -> list[str]:
                 status = f"reference (native: {why})" if why else "reference"
             else:
                 status = f"{module.__name__.rsplit('.', 1)[-1].replace('_backend', '')}: not yet checked"
-            print_dtype = str(dtype).replace("torch.", "")
-            lines.append(f"  {str(device):<6}  {print_dtype:<9} {status}")
+            lines.append(f"  {str(device):<6}  {str(dtype).removeprefix('torch.'):<9} {status}")
     return lines
 
 

@@ -92,9 +92,7 @@ def train(method: str, data, epochs: int, batch_size: int, lr: float, rho: float
             start = time.perf_counter()
             if method == "SGD":
                 opt.zero_grad()
-                closure()
-                opt.step()
-            elif method == "SAM":
+            if method in ("SGD", "SAM"):
                 opt.step(closure)
             else:
                 opt.step(closure, loss_fn=loss_fn)

@@ -17,7 +17,7 @@ from . import __version__
 from .cli_args import OneLineErrorParser, choices_list, number
 from .ops.contract import OPS
 from .ops.dispatch import unavailable_reason
-from .ops.verify import (REPORT_TO, CaseResult, boundaries, compare, launch_context, mixed_cases, run_case,
+from .ops.verify import (REPORT_TO, Comparison, boundaries, compare, launch_context, mixed_cases, run_case,
                          selftest_cases, unit_roundoff)
 from .optim import SAM, XSAM
 
@@ -63,31 +63,30 @@ class Row:
     device: str
     dtype: str
     cases: int = 0
-    error: float = 0.0  # where the error came closest to its bound
-    bound: float = 0.0
-    ratio: float = -1.0
+    worst: Comparison | None = None  # where the error came closest to its bound
     failures: list[str] = field(default_factory=list)
 
-    def add(self, error: float, bound: float, ratio: float, failure: str | None) -> None:
+    def add(self, comparison: Comparison, failure: str | None) -> None:
         self.cases += 1
         if failure is not None:
             self.failures.append(failure)
-        if ratio > self.ratio:
-            self.error, self.bound, self.ratio = error, bound, ratio
+        if self.worst is None or comparison.ratio > self.worst.ratio:
+            self.worst = comparison
 
-    def add_case(self, result: CaseResult) -> None:
-        c = result.comparison
-        self.add(c.error, c.bound, c.ratio, None if result.ok else f"{result.case.label}: {result.failure}")
+    def add_cases(self, cases, backend: str) -> Row:
+        for case in cases:
+            result = run_case(case, backend)
+            self.add(result.comparison, None if result.ok else f"{case.label}: {result.failure}")
+        return self
 
     @property
     def ok(self) -> bool:
         return not self.failures and self.cases > 0
 
     def line(self) -> str:
-        if not self.cases:
-            error = bound = "-"
-        else:
-            error, bound = _number(self.error), "exact" if self.bound <= 1e-290 else _number(self.bound)
+        error = bound = "-"
+        if worst := self.worst:
+            error, bound = _number(worst.error), "exact" if worst.bound <= 1e-290 else _number(worst.bound)
         result = "PASS" if self.ok else ("FAIL" if self.cases else "NO CASE")
         return (f"{self.what:<17} {self.backend:<8} {self.device:<9} {self.dtype:<9} {self.cases:>5}  {error:>9}  "
                 f"{bound:>9}  {result}")
@@ -144,7 +143,7 @@ def _training_row(method: str, backend: str, device: torch.device, seed: int) ->
         with launch_context(backend, device):
             got = _train(method, backend, device, torch.float32, chunk + 1, seed)
     except Exception as exc:  # a kernel that raises fails
-        row.add(math.inf, 0.0, math.inf, f"raised {type(exc).__name__}: {exc}")
+        row.add(Comparison(math.inf, 0.0, False), f"raised {type(exc).__name__}: {exc}")
         return row
     ref = _train(method, "reference", device, torch.float32, chunk + 1, seed)
     exact = _train(method, "reference", device, torch.float64, chunk + 1, seed)
@@ -153,7 +152,7 @@ def _training_row(method: str, backend: str, device: torch.device, seed: int) ->
     # those of the largest weights.
     c = compare(got, exact, eps=eps, tiny=tiny, magnitude=exact.abs().max().expand_as(exact), ref=ref,
                 roundings=4.0 * TRAINING_STEPS)
-    row.add(c.error, c.bound, c.ratio, None if c.ok else
+    row.add(c, None if c.ok else
             f"parameter {c.where} is {c.error:.3g} from the float64 run, more than the bound {c.bound:.3g}")
     return row
 
@@ -162,12 +161,11 @@ def _training_row(method: str, backend: str, device: torch.device, seed: int) ->
 
 def _enable_triton_interpreter() -> str | None:
     """Set TRITON_INTERPRET=1 before the kernels are imported; a note when that is too late."""
-    if "xsam.kernels" in sys.modules:
-        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            return ("the Triton kernels were imported before --triton-interpreter took effect; run "
-                    "`python -m xsam selftest --triton-interpreter` in a fresh process")
-        return None
-    os.environ["TRITON_INTERPRET"] = "1"
+    if "xsam.kernels" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return ("the Triton kernels were imported before --triton-interpreter took effect; run "
+                "`python -m xsam selftest --triton-interpreter` in a fresh process")
     return None
 
 
@@ -202,18 +200,14 @@ def _op_rows(plan, args):
             with launch_context(backend, device):
                 for dtype in ready:
                     for op in OPS:
-                        row = Row(op, backend, str(device), str(dtype).removeprefix("torch."))
-                        for case in selftest_cases(op, backend, device, dtype, quick=args.quick, seed=args.seed):
-                            row.add_case(run_case(case, backend))
-                        yield row
+                        cases = selftest_cases(op, backend, device, dtype, quick=args.quick, seed=args.seed)
+                        yield Row(op, backend, str(device), str(dtype).removeprefix("torch.")).add_cases(cases, backend)
         mixed_devices = [device for device, ready in entries if len(ready) == len(DTYPE_NAMES)]
         if mixed_devices:
             with launch_context(backend, mixed_devices[0]):
                 for op in OPS:
-                    row = Row(op, backend, "+".join(map(str, mixed_devices)), "mixed")
-                    for case in mixed_cases(op, mixed_devices, seed=args.seed):
-                        row.add_case(run_case(case, backend))
-                    yield row
+                    cases = mixed_cases(op, mixed_devices, seed=args.seed)
+                    yield Row(op, backend, "+".join(map(str, mixed_devices)), "mixed").add_cases(cases, backend)
 
 
 def _failure_lines(rows: list[Row]) -> list[str]:
