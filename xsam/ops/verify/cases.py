@@ -1,5 +1,4 @@
-"""The op cases: the sizes, layouts and values each backend is tried on, and their inputs.
-"""
+"""The op cases: the sizes, layouts and values each backend is tried on, and their inputs."""
 from __future__ import annotations
 
 import contextlib

@@ -1,6 +1,5 @@
-"""The rule a fused kernel is held to (``compare``), and what each op needs besides its schema
-(``Recipe``). The rule in words: ``xsam.ops.verify``.
-"""
+"""The rule a fused kernel is held to (``compare``), and what each op needs besides its schema (``Recipe``).
+The rule in words: ``xsam.ops.verify``."""
 from __future__ import annotations
 
 import math

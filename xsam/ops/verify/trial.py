@@ -1,5 +1,4 @@
-"""Running one case of an op on a fused backend against the float64 reference, and its verdict.
-"""
+"""Running one case of an op on a fused backend against the float64 reference, and its verdict."""
 from __future__ import annotations
 
 import contextlib
