@@ -89,6 +89,11 @@ def backend_params(devices=DEVICES, backends=BACKENDS):
     return out
 
 
+def registered_ops(backend: str):
+    """The namespace of a fused backend's registered ops: torch.ops.xsam or torch.ops.xsam_triton."""
+    return getattr(torch.ops, {"native": "xsam", "triton": "xsam_triton"}[backend])
+
+
 @contextlib.contextmanager
 def launch_config_for(backend: str, device: str):
     """Tiny Triton launches in the interpreter (every program costs ~2 ms); others unchanged."""

@@ -36,8 +36,7 @@ if _WHY_NOT is not None:
 from xsam.kernels import elementwise, plans, reductions  # noqa: E402
 from xsam.ops import triton_backend as tb  # noqa: E402
 
-from helpers import assert_each_close  # noqa: E402
-from op_cases import clone, f64, opcheck_cases  # noqa: E402
+from op_cases import clone, f64  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 CHUNK, BLOCK = 64, 16  # small: every boundary below costs only a few programs
@@ -89,38 +88,6 @@ def test_every_op_of_the_contract_has_a_kernel_and_an_adapter():
     for op in OPS:
         assert callable(getattr(elementwise, op, None) or getattr(reductions, op)), op
         assert getattr(tb, op).__name__ == op and getattr(tb, op).__doc__ == OPS[op].doc, op
-
-
-@pytest.mark.parametrize("name", list(opcheck_cases(DEVICE, torch.float32)))
-def test_opcheck(name):
-    op = getattr(torch.ops.xsam_triton, name.removesuffix("novecs"))
-    torch.library.opcheck(op, opcheck_cases(DEVICE, torch.float32)[name])
-
-
-def test_ops_trace_under_torch_compile():
-    def step(params, grads, saved, vecs):
-        sums = ops.dots([grads, vecs], [(0, 0), (0, 1)], backend="triton")
-        scale = 0.05 / (sums[0].sqrt() + 1e-12)
-        ops.tilted_perturb_(params, grads, saved, vecs, scale, sums[1], backend="triton")
-        ops.correct_restore_(params, grads, saved, vecs, sums[1], sums[0], backend="triton")
-        return sums
-
-    def run(fn):
-        p, g, v = (make([5, 12], torch.float32, s) for s in range(3))
-        saved = [torch.empty_like(t) for t in p]
-        return [fn(p, g, saved, v)] + p + g + saved
-
-    eager = run(step)
-    compiled = run(torch.compile(step, backend="aot_eager", fullgraph=True))
-    assert_each_close(eager, compiled)
-
-
-def test_empty_lists_give_the_contract_results_without_a_tensor_to_dispatch_on():
-    assert torch.ops.xsam_triton.dots([], 2, [0, 1, 1, 1]).tolist() == [0.0, 0.0]
-    assert torch.ops.xsam_triton.weighted_sumsq([], []).dtype == torch.float32
-    assert torch.ops.xsam_triton.residual_sumsq([], [], scalar(1.0, torch.float32)).tolist() == [0.0]
-    assert torch.ops.xsam_triton.axpy_([], [], scalar(1.0, torch.float32)) is None
-    assert elementwise.perturb_([], [], [], scalar(1.0, torch.float32), False) is None
 
 
 def test_in_place_writes_bump_autograd_versions():

@@ -1,16 +1,12 @@
 """How aligned tensor lists are split into one-device, one-dtype groups, and made flat-addressable.
 
-- ``Layout.of(tensors)`` groups a list by (device, dtype) once; callers that apply many ops
-  to the same tensors (the optimizer, power iteration) keep the Layout and pass it to every
-  op, so no op repeats per-tensor Python work on the hot path. A Layout stays valid for any
-  list aligned with the one it was built from whose tensors keep their devices and dtypes;
-  the kernels re-check device, dtype and shape of every tensor in C++ (or in the Triton plan)
-  and refuse a mismatch, so a stale Layout raises instead of computing garbage.
-- The fused kernels walk tensor i of every list as flat arrays with one index: they need the
-  tensors at each index dense, with the same memory order (``flat_compatible``). Contiguous
-  tensors and matching channels-last pairs qualify; anything else gets dense copies for that
-  index (``dense_copies``), and the written ones are copied back after the op. Backends try
-  the fast path first and raise ``LayoutError`` when a call needs copies.
+- ``Layout.of(tensors)`` groups a list by (device, dtype) once; callers keep it for every op on lists
+  aligned with that one. The kernels re-check every tensor, so a stale Layout raises instead of
+  computing garbage.
+- The fused kernels walk tensor i of every list as flat arrays with one index, so the tensors at
+  each index must be dense with one memory order (``flat_compatible``). Anything else gets dense
+  copies for that index (``dense_copies``; written ones are copied back): backends raise
+  ``LayoutError`` when a call needs them.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .contract import OPS, OpSpec
 from .dispatch import resolve
-from .layout import Group, Layout, LayoutError, dense_copies, dtensor_type
+from .layout import Group, Layout, LayoutError, dense_copies
 from .reference import accumulation_dtype
 
 def call_backend(impl, spec: OpSpec, args: dict):
