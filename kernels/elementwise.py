@@ -1,14 +1,10 @@
 """Fused multi-tensor element-wise passes: perturb, tilted perturb, correct-and-restore, axpy, scale-copy.
 
-One launch per pass covers every tensor of the lists (two when some tensors cannot take
-128-bit accesses; see ``plans.Plan.launches``). Arithmetic runs in the accumulation dtype with
-one rounding on store. Every element is loaded before any is stored, so a written list may be
-a read list at the same position (``axpy_(y, y)``); other overlaps are refused by the plan.
-Tensors are walked as flat arrays: the caller passes tensors that are dense with one memory
-order at each position (``xsam.ops.triton_backend`` checks it; the plan checks the rest).
-
-Writes through raw pointers are invisible to autograd, so each pass bumps the version counters
-of the tensors it writes, as PyTorch's own in-place ops do: after every check, before the launch.
+One launch per pass covers every tensor of the lists (two when some cannot take 128-bit accesses).
+Arithmetic runs in the accumulation dtype with one rounding on store; every element is loaded before
+any is stored, so a written list may be a read list at the same position. Writes through raw pointers
+are invisible to autograd, so each pass bumps the version counters of what it writes, after every
+check and before the launch, as PyTorch's in-place ops do.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Fused multi-tensor reductions: dot products of list pairs, the ASAM norm, the power-iteration residual.
 
-Deterministic: stage 1 writes one partial per (chunk, sum), each summed over a fixed-size block
-in a fixed order; stage 2 sums the partial table along its first axis with one torch reduction
-whose order depends only on the table's shape. No float atomics. Layouts: as in ``xsam.kernels.elementwise``.
+Deterministic, without float atomics: stage 1 writes one partial per (chunk, sum), summed over a
+fixed-size block in a fixed order; stage 2 sums the partials with one torch reduction whose order
+depends only on their shape.
 """
 from __future__ import annotations
 

@@ -245,28 +245,7 @@ def test_xsam_steps_with_native_equal_reference(hvp, dtype):
 
 # --- missing extension --------------------------------------------------------------------------
 
-def test_missing_extension_makes_native_raise_with_the_reason():
-    # sys.modules[name] = None makes `import xsam._C` fail as if the .so were absent.
-    code = textwrap.dedent("""
-        import sys
-        sys.modules["xsam._C"] = None
-        import torch, xsam
-        from xsam import ops
-        x = [torch.ones(3)]
-        assert ops.dots([x], [(0, 0)]).item() == 3.0  # auto still works (reference)
-        try:
-            ops.dots([x], [(0, 0)], backend="native")
-        except ops.BackendUnavailableError as exc:
-            print(exc)
-        else:
-            raise SystemExit("backend='native' did not raise")
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert "xsam._C is not built" in proc.stdout and "pip install --no-build-isolation" in proc.stdout
-
-
-def test_auto_warns_once_with_the_import_error_when_the_extension_does_not_load():
+def test_without_the_extension_auto_warns_once_and_native_raises_with_the_import_error():
     code = textwrap.dedent("""
         import sys, warnings
         sys.modules["xsam._C"] = None  # `import xsam._C` now fails as if the .so did not load
@@ -283,6 +262,12 @@ def test_auto_warns_once_with_the_import_error_when_the_extension_does_not_load(
         assert len(loads) == 1, [str(w.message) for w in caught]
         print("WARNING:", loads[0].message, "AT:", loads[0].filename)
         info()
+        try:
+            ops.dots([x], [(0, 0)], backend="native")
+        except ops.BackendUnavailableError as exc:
+            print("RAISED:", exc)
+        else:
+            raise SystemExit("backend='native' did not raise")
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr + proc.stdout
@@ -293,6 +278,8 @@ def test_auto_warns_once_with_the_import_error_when_the_extension_does_not_load(
     rows = [" ".join(line.split()) for line in proc.stdout.splitlines()]
     assert "auto cpu uses xsam.ops.reference (native failed to load: see above)" in rows, proc.stdout
     assert any(row.startswith("native cpu unavailable: the compiled extension xsam._C is not built") for row in rows)
+    raised = proc.stdout.split("RAISED:")[1]
+    assert "xsam._C is not built" in raised and "pip install --no-build-isolation" in raised
 
 
 def test_every_op_of_the_contract_has_a_fast_entry_a_cpu_kernel_and_an_adapter():

@@ -1,12 +1,8 @@
 """What only the Triton backend has: the registered ops torch.ops.xsam_triton, plans (what their cache
-key vouches for, LRU order, per-tensor vector widths, streams and CUDA graphs), the checks on
-written lists, version counters, compilation for GPUs, and whole X-SAM runs against the
-reference. The ops' results on every backend are checked in tests/test_op_*.py.
-
-On machines without a GPU the kernels run in Triton's interpreter (about 2 ms per program), so
-the CPU cases use a tiny launch configuration (chunk 64, block 16) that crosses every block and
-chunk boundary with a few hundred elements. CUDA cases compile the kernels for real and use
-GPU-sized configs; they are few and short (bench/device_check.sh gives all CUDA tests ~2 min).
+key vouches for, LRU order, per-tensor vector widths, streams and CUDA graphs), the checks on written
+lists, version counters, compilation for GPUs, and whole X-SAM runs against the reference. Without a GPU
+the kernels run in Triton's interpreter (about 2 ms per program), with a tiny launch configuration
+(chunk 64, block 16) that crosses every block and chunk boundary with a few hundred elements.
 """
 import os
 
@@ -362,24 +358,19 @@ def test_xsam_steps_match_reference_backend(hvp, adaptive):
 
 # ------------------------------------------------------------------------- GPU only
 
-def _xsam_sequence(w, g, v, saved):
+def _xsam_sequence(w, g, v, saved, backend="triton"):
     """An X-SAM-like step on fixed tensors: every plan of it is keyed by these addresses."""
-    sums = ops.dots([g, v], [(0, 0), (0, 1)], backend="triton")
+    sums = ops.dots([g, v], [(0, 0), (0, 1)], backend=backend)
     scale = 0.05 / (sums[0].sqrt() + 1e-12)
-    ops.tilted_perturb_(w, g, saved, v, scale, 0.5 * scale, backend="triton")
-    ops.correct_restore_(w, g, saved, v, 1.0, sums[1] * 1e-3, backend="triton")
-    ops.axpy_(w, g, -0.1, backend="triton")
+    ops.tilted_perturb_(w, g, saved, v, scale, 0.5 * scale, backend=backend)
+    ops.correct_restore_(w, g, saved, v, 1.0, sums[1] * 1e-3, backend=backend)
+    ops.axpy_(w, g, -0.1, backend=backend)
     return sums
 
 
 def _expected_sequence(w, g, v):
-    w, g, v, saved = clone(w), clone(g), clone(v), [torch.empty_like(t) for t in w]
-    sums = ops.dots([g, v], [(0, 0), (0, 1)], backend="reference")
-    scale = 0.05 / (sums[0].sqrt() + 1e-12)
-    ops.tilted_perturb_(w, g, saved, v, scale, 0.5 * scale, backend="reference")
-    ops.correct_restore_(w, g, saved, v, 1.0, sums[1] * 1e-3, backend="reference")
-    ops.axpy_(w, g, -0.1, backend="reference")
-    return sums, w, g
+    w, g, v = clone(w), clone(g), clone(v)
+    return _xsam_sequence(w, g, v, [torch.empty_like(t) for t in w], backend="reference"), w, g
 
 
 def _table_size():
