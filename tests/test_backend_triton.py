@@ -565,10 +565,8 @@ _AOT = textwrap.dedent("""
     for name, acc, storage, pairs, block in (
             ("dots", tl.float32, "*fp32", fp32_pairs, 2048),
             ("dots64", tl.float64, "*fp64", fp64_pairs, reductions.reduction_block(2048, torch.float64))):
-        red = dict(NL=max(max(p) for p in pairs) + 1, NP=len(pairs), KIND=0, ACC=acc,
+        red = dict(NL=max(max(p) for p in pairs) + 1, PAIRS=tuple(pairs), KIND=0, ACC=acc,
                    VEC=4 if acc == tl.float32 else 2, CHUNK=65536, BLOCK=block)
-        for k in range(8):
-            red[f"A{k}"], red[f"B{k}"] = pairs[k] if k < len(pairs) else (0, 0)
         sig = {"table": "*i64", "base": storage, "partials": "*fp64" if acc == tl.float64 else "*fp32",
                "lam_ptr": "*fp32", "ntensors": "i32", "first_chunk": "i32"}
         ptx = compile_(reductions._reduce_kernel, sig, red, ["table", "base", "partials"])
