@@ -25,14 +25,7 @@ __all__ = ["Group", "Layout", "LayoutError", "dense_copies", "dtensor_type", "fl
 
 
 class LayoutError(ValueError):
-    """A backend cannot address these strides directly; the caller retries with dense copies.
-
-    ``contiguous_only``: the backend needs contiguous tensors, not just ``flat_compatible`` ones.
-    """
-
-    def __init__(self, message: str, contiguous_only: bool = False):
-        super().__init__(message)
-        self.contiguous_only = contiguous_only
+    """A backend cannot address these strides directly; the caller retries with dense copies."""
 
 
 @dataclass(frozen=True)
@@ -129,9 +122,7 @@ def _lists_of(spec: OpSpec, args: dict) -> tuple[list[Sequence[Tensor]], set[int
     return lists, {id(t) for name in spec.written for t in args[name]}
 
 
-def _positions_needing_copies(lists: list[Sequence[Tensor]], contiguous_only: bool = False) -> list[int]:
-    if contiguous_only:
-        return [i for i in range(len(lists[0])) if not all(lst[i].is_contiguous() for lst in lists)]
+def _positions_needing_copies(lists: list[Sequence[Tensor]]) -> list[int]:
     return [i for i in range(len(lists[0])) if not flat_compatible([lst[i] for lst in lists])]
 
 
@@ -140,14 +131,14 @@ def needs_dense(spec: OpSpec, args: dict) -> bool:
     return bool(_positions_needing_copies(_lists_of(spec, args)[0]))
 
 
-def dense_copies(spec: OpSpec, args: dict, contiguous_only: bool = False) -> tuple[dict, list[tuple[Tensor, Tensor]]]:
+def dense_copies(spec: OpSpec, args: dict) -> tuple[dict, list[tuple[Tensor, Tensor]]]:
     """``args`` with dense copies at every position that is not ``flat_compatible``.
 
     Returns the new arguments and the (original, copy) pairs of written lists to copy back
     after the op. One copy per distinct tensor keeps aliasing intact (``axpy_(y, y)``).
     """
     lists, written = _lists_of(spec, args)
-    bad = _positions_needing_copies(lists, contiguous_only)
+    bad = _positions_needing_copies(lists)
     if not bad:
         return args, []
     copies: dict[int, Tensor] = {}
