@@ -31,35 +31,35 @@ _PERTURB, _PERTURB_ADAPTIVE, _TILTED_PERTURB, _CORRECT_RESTORE, _AXPY, _SCALE_CO
 
 
 @triton.jit
-def _elementwise_block(p0, p1, p2, p3, offs, mask, a, b,
+def _elementwise_block(ps, offs, mask, a, b,
                        OP: tl.constexpr, NL: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
                        MANUAL_BF16: tl.constexpr, MASKED: tl.constexpr):
     if OP <= 2:  # perturb, adaptive perturb, tilted perturb: (w, g, saved[, v])
-        w_raw = load_block(p0, offs, mask, MASKED)
-        g = load_block(p1, offs, mask, MASKED).to(ACC)
+        w_raw = load_block(ps[0], offs, mask, MASKED)
+        g = load_block(ps[1], offs, mask, MASKED).to(ACC)
         w = w_raw.to(ACC)
         if OP == 1:
             step = a * w * w * g  # the ORIGINAL w, as in the reference
         elif OP == 2:
-            step = a * g + b * load_block(p3, offs, mask, MASKED).to(ACC)
+            step = a * g + b * load_block(ps[3], offs, mask, MASKED).to(ACC)
         else:
             step = a * g
-        store_block(p2, offs, w_raw, mask, MASKED)  # the exact bits, so the restore is exact
-        store_block(p0, offs, round_to(w + step, DTYPE, MANUAL_BF16), mask, MASKED)
+        store_block(ps[2], offs, w_raw, mask, MASKED)  # the exact bits, so the restore is exact
+        store_block(ps[0], offs, round_to(w + step, DTYPE, MANUAL_BF16), mask, MASKED)
     elif OP == 3:  # correct and restore: (w, g, saved[, v])
-        g = load_block(p1, offs, mask, MASKED).to(ACC) * a
+        g = load_block(ps[1], offs, mask, MASKED).to(ACC) * a
         if NL > 3:
-            g = g - b * load_block(p3, offs, mask, MASKED).to(ACC)
-        saved = load_block(p2, offs, mask, MASKED)
-        store_block(p1, offs, round_to(g, DTYPE, MANUAL_BF16), mask, MASKED)
-        store_block(p0, offs, saved, mask, MASKED)
+            g = g - b * load_block(ps[3], offs, mask, MASKED).to(ACC)
+        saved = load_block(ps[2], offs, mask, MASKED)
+        store_block(ps[1], offs, round_to(g, DTYPE, MANUAL_BF16), mask, MASKED)
+        store_block(ps[0], offs, saved, mask, MASKED)
     elif OP == 4:  # axpy: (y, x)
-        y = load_block(p0, offs, mask, MASKED).to(ACC)
-        x = load_block(p1, offs, mask, MASKED).to(ACC)
-        store_block(p0, offs, round_to(y + a * x, DTYPE, MANUAL_BF16), mask, MASKED)
+        y = load_block(ps[0], offs, mask, MASKED).to(ACC)
+        x = load_block(ps[1], offs, mask, MASKED).to(ACC)
+        store_block(ps[0], offs, round_to(y + a * x, DTYPE, MANUAL_BF16), mask, MASKED)
     else:  # scale_copy: (dst, src)
-        x = load_block(p1, offs, mask, MASKED).to(ACC)
-        store_block(p0, offs, round_to(a * x, DTYPE, MANUAL_BF16), mask, MASKED)
+        x = load_block(ps[1], offs, mask, MASKED).to(ACC)
+        store_block(ps[0], offs, round_to(a * x, DTYPE, MANUAL_BF16), mask, MASKED)
 
 
 @triton.jit
@@ -69,16 +69,16 @@ def _elementwise_kernel(
     MANUAL_BF16: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, start, count, _ = program_chunk(table, ntensors, first_chunk, NL, CHUNK)
-    p0, p1, p2, p3 = list_pointers(table, base, ntensors, t, NL, VEC)
+    ps = list_pointers(table, base, ntensors, t, NL, VEC)
     a = tl.load(s0).to(ACC)
     b = tl.load(s1).to(ACC)
     lanes = tl.arange(0, BLOCK)
     full = count // BLOCK
     for i in range(0, full):
-        _elementwise_block(p0, p1, p2, p3, start + i * BLOCK + lanes, None, a, b,
+        _elementwise_block(ps, start + i * BLOCK + lanes, None, a, b,
                            OP, NL, DTYPE, ACC, MANUAL_BF16, False)
     if full * BLOCK < count:
-        _elementwise_block(p0, p1, p2, p3, start + full * BLOCK + lanes, full * BLOCK + lanes < count, a, b,
+        _elementwise_block(ps, start + full * BLOCK + lanes, full * BLOCK + lanes < count, a, b,
                            OP, NL, DTYPE, ACC, MANUAL_BF16, True)
 
 

@@ -43,22 +43,15 @@ def _term(xs, lam, A: tl.constexpr, B: tl.constexpr, KIND: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(p0, p1, p2, p3, offs, mask, lam, accs, NL: tl.constexpr, PAIRS: tl.constexpr, KIND: tl.constexpr,
+def _accumulate(ps, offs, mask, lam, accs, NL: tl.constexpr, PAIRS: tl.constexpr, KIND: tl.constexpr,
                 ACC: tl.constexpr, MASKED: tl.constexpr):
-    """``accs[k] + term k`` for every pair k (the ``(a, b)`` of ``PAIRS``, lists past NL never read)."""
-    x0 = load_block(p0, offs, mask, MASKED).to(ACC)
-    x1 = x0
-    x2 = x0
-    x3 = x0
-    if NL > 1:
-        x1 = load_block(p1, offs, mask, MASKED).to(ACC)
-    if NL > 2:
-        x2 = load_block(p2, offs, mask, MASKED).to(ACC)
-    if NL > 3:
-        x3 = load_block(p3, offs, mask, MASKED).to(ACC)
+    """``accs[k] + term k`` for every pair k (the ``(a, b)`` of ``PAIRS``)."""
+    xs = ()
+    for k in tl.static_range(NL):
+        xs = xs + (load_block(ps[k], offs, mask, MASKED).to(ACC),)
     out = ()
     for k in tl.static_range(len(PAIRS)):
-        out = out + (accs[k] + _term((x0, x1, x2, x3), lam, PAIRS[k][0], PAIRS[k][1], KIND),)
+        out = out + (accs[k] + _term(xs, lam, PAIRS[k][0], PAIRS[k][1], KIND),)
     return out
 
 
@@ -67,7 +60,7 @@ def _reduce_kernel(table, base, partials, lam_ptr, ntensors, first_chunk, NL: tl
                    KIND: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr, CHUNK: tl.constexpr,
                    BLOCK: tl.constexpr):
     t, start, count, row = program_chunk(table, ntensors, first_chunk, NL, CHUNK)
-    p0, p1, p2, p3 = list_pointers(table, base, ntensors, t, NL, VEC)
+    ps = list_pointers(table, base, ntensors, t, NL, VEC)
     lam = 0.0
     if KIND == 2:
         lam = tl.load(lam_ptr).to(ACC)
@@ -77,9 +70,9 @@ def _reduce_kernel(table, base, partials, lam_ptr, ntensors, first_chunk, NL: tl
     lanes = tl.arange(0, BLOCK)
     full = count // BLOCK
     for i in range(0, full):
-        accs = _accumulate(p0, p1, p2, p3, start + i * BLOCK + lanes, None, lam, accs, NL, PAIRS, KIND, ACC, False)
+        accs = _accumulate(ps, start + i * BLOCK + lanes, None, lam, accs, NL, PAIRS, KIND, ACC, False)
     if full * BLOCK < count:
-        accs = _accumulate(p0, p1, p2, p3, start + full * BLOCK + lanes, full * BLOCK + lanes < count, lam, accs,
+        accs = _accumulate(ps, start + full * BLOCK + lanes, full * BLOCK + lanes < count, lam, accs,
                            NL, PAIRS, KIND, ACC, True)
     out = partials + tl.load(row) * len(PAIRS)
     for k in tl.static_range(len(PAIRS)):
