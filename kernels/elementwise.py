@@ -31,9 +31,8 @@ _PERTURB, _PERTURB_ADAPTIVE, _TILTED_PERTURB, _CORRECT_RESTORE, _AXPY, _SCALE_CO
 
 
 @triton.jit
-def _elementwise_block(ps, offs, mask, a, b,
-                       OP: tl.constexpr, NL: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
-                       MANUAL_BF16: tl.constexpr, MASKED: tl.constexpr):
+def _elementwise_block(ps, offs, mask, a, b, OP: tl.constexpr, NL: tl.constexpr, DTYPE: tl.constexpr,
+                       ACC: tl.constexpr, MANUAL_BF16: tl.constexpr, MASKED: tl.constexpr):
     if OP <= 2:  # perturb, adaptive perturb, tilted perturb: (w, g, saved[, v])
         w_raw = load_block(ps[0], offs, mask, MASKED)
         g = load_block(ps[1], offs, mask, MASKED).to(ACC)
@@ -75,8 +74,7 @@ def _elementwise_kernel(
     lanes = tl.arange(0, BLOCK)
     full = count // BLOCK
     for i in range(0, full):
-        _elementwise_block(ps, start + i * BLOCK + lanes, None, a, b,
-                           OP, NL, DTYPE, ACC, MANUAL_BF16, False)
+        _elementwise_block(ps, start + i * BLOCK + lanes, None, a, b, OP, NL, DTYPE, ACC, MANUAL_BF16, False)
     if full * BLOCK < count:
         _elementwise_block(ps, start + full * BLOCK + lanes, full * BLOCK + lanes < count, a, b,
                            OP, NL, DTYPE, ACC, MANUAL_BF16, True)

@@ -316,20 +316,14 @@ def test_without_interpreter_cpu_is_refused_with_a_clear_reason():
 
 # ------------------------------------------------------------------------- a whole X-SAM run
 
-def _model_and_data(seed):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3)).to(DEVICE)
-    x = torch.randn(32, 6, device=DEVICE)
-    y = torch.randint(0, 3, (32,), device=DEVICE)
-    return model, x, y
-
-
 @pytest.mark.parametrize("hvp,adaptive", [("finite_difference", False), ("exact", True)],
                          ids=["fd-sam", "exact-asam"])
 def test_xsam_steps_match_reference_backend(hvp, adaptive):
     finals = {}
     for backend in ("reference", "triton"):
-        model, x, y = _model_and_data(0)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3)).to(DEVICE)
+        x, y = torch.randn(32, 6, device=DEVICE), torch.randint(0, 3, (32,), device=DEVICE)
         opt = xsam.XSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.05, alpha=0.5,
                         adaptive=adaptive, eig_interval=2, power_iters=2, hvp=hvp, seed=7, backend=backend)
 
