@@ -1,16 +1,13 @@
 // The Python module `xsam._C`: importing it runs the kernel registrations (TORCH_LIBRARY_IMPL
-// in ops_cpu.cpp and cuda/), and it offers one fast entry per op for eager calls.
-// (The CMake build leaves this file out and is loaded with torch.ops.load_library.)
+// in ops_cpu.cpp and cuda/), and it offers one fast entry per op for eager calls. (The CMake
+// build leaves this file out and is loaded with torch.ops.load_library.)
 //
-// Why fast entries: calling torch.ops.xsam.<op> from Python converts every tensor of every list
-// argument to an IValue and back, and the autograd fallback boxes the call again: for an X-SAM
-// step over 1,000 small tensors that is more host time than the arithmetic of one flat tensor with
-// the same elements. These entries borrow the tensors of the Python lists (no reference-count
-// traffic) and call the same registered kernel through the dispatcher's typed interface, directly
-// at the tensors' backend key (the optimizer calls them under no_grad; autograd has nothing to
-// do). Anything unusual (no tensor, a tensor subclass with __torch_dispatch__, another device)
-// takes the full dispatcher path, so the result is always the registered op's. torch.compile
-// traces torch.ops.xsam instead.
+// Why fast entries: torch.ops.xsam.<op> converts every tensor of every list to an IValue and back,
+// and the autograd fallback boxes the call again: over 1,000 small tensors, more host time than the
+// arithmetic. These entries borrow the tensors of the Python lists and call the same registered
+// kernel through the dispatcher's typed interface at the tensors' backend key (the optimizer calls
+// them under no_grad). Anything unusual (no tensor, a __torch_dispatch__ subclass, another device)
+// takes the full dispatcher path, so the result is always the registered op's.
 #include "kernel_constants.h"
 
 #include <torch/extension.h>

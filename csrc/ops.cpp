@@ -1,12 +1,8 @@
-// The checks both device implementations of the xsam op set share.
-//
-// The schemas are declared once, in xsam/ops/contract.py, and defined from Python before this
-// library is loaded; the C++ side only registers kernels (TORCH_LIBRARY_IMPL), and a kernel
-// whose signature disagrees with its schema fails at registration.
-//
-// Host time per tensor matters (an optimizer step over 1,000 small parameters runs these checks
-// for every tensor of every list): the checks first run as plain comparisons on the TensorImpl,
-// and only a failing call runs them again to build the message.
+// The checks both device implementations of the xsam op set share. The schemas come from
+// xsam/ops/contract.py (defined from Python before this library is loaded); this side only registers
+// kernels. Host time per tensor matters (an optimizer step checks every tensor of every list), so
+// the checks run as plain comparisons on the TensorImpl, and only a failing call runs them again to
+// build the message.
 #include "xsam_ops.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -131,9 +127,8 @@ bool valid_group(c10::ArrayRef<NamedList> lists, size_t n) {
     }
     return true;
   };
-  // The checks wait on memory (every tensor's TensorImpl, scattered over the heap and often pushed
-  // out of cache by the step's data), so long lists are split over the OpenMP threads: 2-6% off a
-  // whole X-SAM step on 1,000 tensors (CPU, two threads, paired in one process).
+  // The checks wait on memory (TensorImpls scattered over the heap), so long lists are split over
+  // the OpenMP threads.
   bool ok = true;
   const int64_t count = static_cast<int64_t>(n);
 #pragma omp parallel for schedule(static) reduction(&& : ok) if (count >= kMinParallelChecks)
@@ -208,10 +203,8 @@ std::vector<Extent> written_extents(c10::ArrayRef<NamedList> lists, const Group&
   return extents;
 }
 
-// Two writers of one element race on a GPU (two blocks store to it) and overwrite each other in
-// an order-dependent way on a CPU, so written tensors must not share memory. Checked on the
-// extents sorted by start: O(n log n), and O(n) when the tensors come in address order. Throws,
-// naming the two tensors, on an overlap.
+// Two writers of one element race, so written tensors must not share memory. Checked on the
+// extents sorted by start (O(n) when they come in address order); throws, naming both, on an overlap.
 void find_overlapping_writes(const char* op, c10::ArrayRef<NamedList> lists, std::vector<Extent> extents) {
   const auto by_begin = [](const Extent& a, const Extent& b) { return a.begin < b.begin; };
   if (!std::is_sorted(extents.begin(), extents.end(), by_begin)) {
@@ -232,10 +225,9 @@ void find_overlapping_writes(const char* op, c10::ArrayRef<NamedList> lists, std
   }
 }
 
-// Written sets already found free of overlaps. A training step applies several ops to the same
-// written lists (the parameters and their saved copies), so the sort mostly repeats a verdict
-// (about 8 ns per written tensor): a call whose extents equal, one for one, those of a checked
-// call has its verdict, at the cost of one comparison per tensor. Per thread: no locking.
+// Written sets already found free of overlaps: a step applies several ops to the same written
+// lists, so a call whose extents equal those of a checked call takes its verdict for one comparison
+// per tensor instead of a sort. Per thread: no locking.
 class CheckedWrites {
  public:
   bool contains(const std::vector<Extent>& extents) const {

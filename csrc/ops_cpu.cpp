@@ -157,27 +157,33 @@ at::Tensor residual_sumsq_cpu(at::TensorList us, at::TensorList vs, const at::Te
 // A written list may be a read list at the same index (axpy_(y, y), scale_copy_(v, v)): every
 // loop reads element i of all its lists before it writes element i of any, as the CUDA kernels do.
 
-void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved, const at::Tensor& scale,
-                 bool adaptive) {
-  const Group g = check_lists("perturb_", {params, grads, saved});
+// saved = w, then w += a * g (a * w * w * g when adaptive), plus b * v when kTilted (tilted_perturb_).
+template <bool kTilted>
+void perturb_cpu_impl(const char* op, c10::ArrayRef<at::TensorList> lists, const char* a_name, const at::Tensor& a,
+                      const at::Tensor* b, bool adaptive) {
+  const Group g = check_lists(op, lists);
   if (g.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::perturb_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t s = cpu_scalar<acc_t>("perturb_", "scale", scale);
+    const acc_t av = cpu_scalar<acc_t>(op, a_name, a);
+    const acc_t bv = kTilted ? cpu_scalar<acc_t>(op, "b", *b) : acc_t(0);
     for_each_segment(g, [&](int64_t t, int64_t begin, int64_t len) {
       scalar_t* w = at_offset<scalar_t>(g, 0, t, begin);
       const scalar_t* gr = at_offset<scalar_t>(g, 1, t, begin);
       scalar_t* sv = at_offset<scalar_t>(g, 2, t, begin);
+      const scalar_t* v = kTilted ? at_offset<scalar_t>(g, 3, t, begin) : nullptr;
       // One loop per value of `adaptive`, each free of the branch.
       const auto loop = [&](auto asam) {
         for (int64_t i = 0; i < len; ++i) {
           const scalar_t wi = w[i];
           const acc_t wa = static_cast<acc_t>(wi), ga = static_cast<acc_t>(gr[i]);
           sv[i] = wi;
-          if constexpr (decltype(asam)::value) {
-            w[i] = static_cast<scalar_t>(wa + s * wa * wa * ga);
+          if constexpr (kTilted) {
+            w[i] = static_cast<scalar_t>(wa + av * ga + bv * static_cast<acc_t>(v[i]));
+          } else if constexpr (decltype(asam)::value) {
+            w[i] = static_cast<scalar_t>(wa + av * wa * wa * ga);
           } else {
-            w[i] = static_cast<scalar_t>(wa + s * ga);
+            w[i] = static_cast<scalar_t>(wa + av * ga);
           }
         }
       };
@@ -186,27 +192,14 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList sav
   });
 }
 
+void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved, const at::Tensor& scale,
+                 bool adaptive) {
+  perturb_cpu_impl<false>("perturb_", {params, grads, saved}, "scale", scale, nullptr, adaptive);
+}
+
 void tilted_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved, at::TensorList vecs,
                         const at::Tensor& a, const at::Tensor& b) {
-  const Group g = check_lists("tilted_perturb_", {params, grads, saved, vecs});
-  if (g.empty()) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::tilted_perturb_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t av = cpu_scalar<acc_t>("tilted_perturb_", "a", a);
-    const acc_t bv = cpu_scalar<acc_t>("tilted_perturb_", "b", b);
-    for_each_segment(g, [&](int64_t t, int64_t begin, int64_t len) {
-      scalar_t* w = at_offset<scalar_t>(g, 0, t, begin);
-      const scalar_t* gr = at_offset<scalar_t>(g, 1, t, begin);
-      scalar_t* sv = at_offset<scalar_t>(g, 2, t, begin);
-      const scalar_t* v = at_offset<scalar_t>(g, 3, t, begin);
-      for (int64_t i = 0; i < len; ++i) {
-        const scalar_t wi = w[i];
-        const acc_t ga = static_cast<acc_t>(gr[i]), va = static_cast<acc_t>(v[i]);
-        sv[i] = wi;
-        w[i] = static_cast<scalar_t>(static_cast<acc_t>(wi) + av * ga + bv * va);
-      }
-    });
-  });
+  perturb_cpu_impl<true>("tilted_perturb_", {params, grads, saved, vecs}, "a", a, &b, false);
 }
 
 void correct_restore_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved,

@@ -26,14 +26,11 @@ struct Group {
 };
 
 // Validates one call's lists, the op's Tensor[] arguments in schema order (an absent optional list
-// left out at the end), and returns their addresses. Every list has as many tensors as lists[0];
-// tensor i of every list has the device, dtype and shape of lists[0][i], is dense and walks its
-// elements in the same order, so the kernels may treat all of them as flat arrays with one index;
-// and no two written tensors share memory (a written list may still be a read list at the same
-// index: axpy_(y, y)). Which lists are written (Tensor(a!)[]) and their names in messages come
-// from the op's registered schema (xsam/ops/contract.py). The common case costs a few comparisons
-// per tensor; the message (which names the op, the argument, the index and the fix) is built only
-// on failure.
+// left out at the end), and returns their addresses: tensor i of every list has the device, dtype
+// and shape of lists[0][i], is dense with the same element order (so the kernels walk all of them
+// as flat arrays with one index), and no two written tensors share memory (a written list may be a
+// read list at the same index: axpy_(y, y)). Which lists are written, and their names in messages,
+// come from the op's registered schema. The message is built only on failure.
 Group check_lists(const char* op, c10::ArrayRef<at::TensorList> lists);
 
 // `dots` gets its lists concatenated: checks the layout and the pairs, and returns the group

@@ -1,14 +1,10 @@
 """Fused multi-tensor element-wise passes: perturb, tilted perturb, correct-and-restore, axpy, scale-copy.
 
-One launch per pass covers every tensor of the lists (two when some tensors cannot take
-128-bit accesses; see ``plans.Plan.launches``). Arithmetic runs in the accumulation dtype with
-one rounding on store. Every element is loaded before any is stored, so a written list may be
-a read list at the same position (``axpy_(y, y)``); other overlaps are refused by the plan.
-Tensors are walked as flat arrays: the caller passes tensors that are dense with one memory
-order at each position (``xsam.ops.triton_backend`` checks it; the plan checks the rest).
-
-Writes through raw pointers are invisible to autograd, so each pass bumps the version counters
-of the tensors it writes, as PyTorch's own in-place ops do: after every check, before the launch.
+One launch per pass covers every tensor of the lists (two when some cannot take 128-bit accesses).
+Arithmetic runs in the accumulation dtype with one rounding on store; every element is loaded before
+any is stored, so a written list may be a read list at the same position. Writes through raw pointers
+are invisible to autograd, so each pass bumps the version counters of what it writes, after every
+check and before the launch, as PyTorch's in-place ops do.
 """
 from __future__ import annotations
 
@@ -35,35 +31,34 @@ _PERTURB, _PERTURB_ADAPTIVE, _TILTED_PERTURB, _CORRECT_RESTORE, _AXPY, _SCALE_CO
 
 
 @triton.jit
-def _elementwise_block(p0, p1, p2, p3, offs, mask, a, b,
-                       OP: tl.constexpr, NL: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
-                       MANUAL_BF16: tl.constexpr, MASKED: tl.constexpr):
+def _elementwise_block(ps, offs, mask, a, b, OP: tl.constexpr, NL: tl.constexpr, DTYPE: tl.constexpr,
+                       ACC: tl.constexpr, MANUAL_BF16: tl.constexpr, MASKED: tl.constexpr):
     if OP <= 2:  # perturb, adaptive perturb, tilted perturb: (w, g, saved[, v])
-        w_raw = load_block(p0, offs, mask, MASKED)
-        g = load_block(p1, offs, mask, MASKED).to(ACC)
+        w_raw = load_block(ps[0], offs, mask, MASKED)
+        g = load_block(ps[1], offs, mask, MASKED).to(ACC)
         w = w_raw.to(ACC)
         if OP == 1:
             step = a * w * w * g  # the ORIGINAL w, as in the reference
         elif OP == 2:
-            step = a * g + b * load_block(p3, offs, mask, MASKED).to(ACC)
+            step = a * g + b * load_block(ps[3], offs, mask, MASKED).to(ACC)
         else:
             step = a * g
-        store_block(p2, offs, w_raw, mask, MASKED)  # the exact bits, so the restore is exact
-        store_block(p0, offs, round_to(w + step, DTYPE, MANUAL_BF16), mask, MASKED)
+        store_block(ps[2], offs, w_raw, mask, MASKED)  # the exact bits, so the restore is exact
+        store_block(ps[0], offs, round_to(w + step, DTYPE, MANUAL_BF16), mask, MASKED)
     elif OP == 3:  # correct and restore: (w, g, saved[, v])
-        g = load_block(p1, offs, mask, MASKED).to(ACC) * a
+        g = load_block(ps[1], offs, mask, MASKED).to(ACC) * a
         if NL > 3:
-            g = g - b * load_block(p3, offs, mask, MASKED).to(ACC)
-        saved = load_block(p2, offs, mask, MASKED)
-        store_block(p1, offs, round_to(g, DTYPE, MANUAL_BF16), mask, MASKED)
-        store_block(p0, offs, saved, mask, MASKED)
+            g = g - b * load_block(ps[3], offs, mask, MASKED).to(ACC)
+        saved = load_block(ps[2], offs, mask, MASKED)
+        store_block(ps[1], offs, round_to(g, DTYPE, MANUAL_BF16), mask, MASKED)
+        store_block(ps[0], offs, saved, mask, MASKED)
     elif OP == 4:  # axpy: (y, x)
-        y = load_block(p0, offs, mask, MASKED).to(ACC)
-        x = load_block(p1, offs, mask, MASKED).to(ACC)
-        store_block(p0, offs, round_to(y + a * x, DTYPE, MANUAL_BF16), mask, MASKED)
+        y = load_block(ps[0], offs, mask, MASKED).to(ACC)
+        x = load_block(ps[1], offs, mask, MASKED).to(ACC)
+        store_block(ps[0], offs, round_to(y + a * x, DTYPE, MANUAL_BF16), mask, MASKED)
     else:  # scale_copy: (dst, src)
-        x = load_block(p1, offs, mask, MASKED).to(ACC)
-        store_block(p0, offs, round_to(a * x, DTYPE, MANUAL_BF16), mask, MASKED)
+        x = load_block(ps[1], offs, mask, MASKED).to(ACC)
+        store_block(ps[0], offs, round_to(a * x, DTYPE, MANUAL_BF16), mask, MASKED)
 
 
 @triton.jit
@@ -73,16 +68,15 @@ def _elementwise_kernel(
     MANUAL_BF16: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, start, count, _ = program_chunk(table, ntensors, first_chunk, NL, CHUNK)
-    p0, p1, p2, p3 = list_pointers(table, base, ntensors, t, NL, VEC)
+    ps = list_pointers(table, base, ntensors, t, NL, VEC)
     a = tl.load(s0).to(ACC)
     b = tl.load(s1).to(ACC)
     lanes = tl.arange(0, BLOCK)
     full = count // BLOCK
     for i in range(0, full):
-        _elementwise_block(p0, p1, p2, p3, start + i * BLOCK + lanes, None, a, b,
-                           OP, NL, DTYPE, ACC, MANUAL_BF16, False)
+        _elementwise_block(ps, start + i * BLOCK + lanes, None, a, b, OP, NL, DTYPE, ACC, MANUAL_BF16, False)
     if full * BLOCK < count:
-        _elementwise_block(p0, p1, p2, p3, start + full * BLOCK + lanes, full * BLOCK + lanes < count, a, b,
+        _elementwise_block(ps, start + full * BLOCK + lanes, full * BLOCK + lanes < count, a, b,
                            OP, NL, DTYPE, ACC, MANUAL_BF16, True)
 
 

@@ -1,35 +1,20 @@
-"""The host side of the Triton kernels: launch configuration and the cached address tables ("plans").
+"""The host side of the Triton kernels: launch configuration and cached address tables ("plans").
 
-One launch covers a whole list of tensors: programs read their tensor's addresses from a table
-(layout in ``xsam.kernels.primitives``). Building a table costs a Python loop over the tensors
-and a host-to-device copy, so tables are cached, keyed by what the kernels rely on.
+One launch covers a whole list of tensors, whose addresses programs read from a table (layout in
+``xsam.kernels.primitives``). Building a table costs a Python loop and a host-to-device copy, so
+tables are cached, keyed by what the kernels rely on: every tensor's address, list 0's element counts
+(every other list must match them, so a shorter view at a cached address gets its own table), the
+dtype (an int32 view is refused, never read as floats), the call's device (an address names one
+allocation on one device), and which lists the op writes (overlaps are refused when a table is
+built; dense tensors of known address, size and dtype cover fixed bytes). Each of these is checked
+on every call with one C-level ``map`` per list, never a per-tensor Python loop. The memory order is
+not in the key: ``xsam.ops.triton_backend`` checks it on every call.
 
-What a cached table vouches for (the key), checked on every call with one C-level ``map`` per
-list and fact, never a per-tensor Python loop:
-- the address of every tensor of every list, and the element counts (list 0's in the key;
-  every other list's must equal them, compared as tuples), so a shorter view at a cached
-  address gets its own table instead of a kernel that reads (or writes) past its end;
-- the dtype: every tensor of every list must have list 0's (``list.count``), so an int32 view is
-  refused, never read as floats;
-- the device of the call (the first tensor's). Other tensors' devices are checked when a table
-  is built; a later call with the same addresses is on the same devices, as an address names
-  one allocation on one device (unified virtual addressing);
-- which lists the op writes: overlapping written tensors (the same tensor twice, or two views
-  sharing elements) and read tensors overlapping a written one elsewhere are refused when a
-  table is built; dense tensors with known addresses, sizes and dtype cover fixed bytes, so
-  the key vouches for that on every later call.
-The memory order (dense, the same at each position) is not in the key: the caller checks it on
-every call (``xsam.ops.triton_backend``, with ``xsam.ops.layout.flat_compatible``).
-
-The cache is least-recently-used. CUDA streams and graphs (see ``_use_on_current_stream``):
-- a table is filled by a non-blocking copy from pinned memory on the stream that built it (no
-  host sync; the caching host allocator keeps the pinned buffer until the copy has run);
-  another stream first waits for that copy, and the table is ``record_stream``-ed there, so
-  evicting it while a kernel on that stream still reads it cannot hand its memory to others;
-- a table used during CUDA graph capture is baked into the graph: it is never freed, whatever
-  is evicted or cleared (``release_graph_plans`` frees them once the graphs are gone). A table
-  built during capture is filled by a copy that runs only on replay, so it serves that capture
-  only and never enters the cache.
+The cache is least-recently-used. A table is filled by a non-blocking copy on the stream that built
+it; another stream waits for that copy and ``record_stream``-s the table, so evicting it while a
+kernel still reads it cannot hand its memory to others. A table used during CUDA graph capture is
+never freed (``release_graph_plans`` frees them once the graphs are gone); one built during capture
+is filled only on replay, so it serves that capture alone and never enters the cache.
 """
 from __future__ import annotations
 
@@ -37,6 +22,7 @@ import contextlib
 import threading
 from bisect import bisect_right
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Iterator, Sequence
 
@@ -83,9 +69,7 @@ def launch_config(chunk: int | None = None, block: int | None = None) -> Iterato
     """Temporarily use other chunk/block sizes (tests use small ones to cross boundaries)."""
     old = get_launch_config()
     new_chunk = old[0] if chunk is None else chunk
-    new_block = old[1] if block is None else block
-    if chunk is not None and block is None:
-        new_block = min(new_block, new_chunk)
+    new_block = min(old[1], new_chunk) if block is None else block  # the current block is <= its chunk
     _check_config(new_chunk, new_block)
     _config.chunk, _config.block = new_chunk, new_block
     try:
@@ -117,17 +101,14 @@ _dtype_of = attrgetter("dtype")
 _device_of = attrgetter("device")
 
 
+@dataclass(slots=True)
 class CallFacts:
     """What the key of a call's plan is made of, gathered with one C-level map per list and fact."""
 
-    __slots__ = ("device", "dtype", "numels", "ptrs")
-
-    def __init__(self, device: torch.device, dtype: torch.dtype, numels: tuple[int, ...],
-                 ptrs: list[tuple[int, ...]]):
-        self.device = device
-        self.dtype = dtype
-        self.numels = numels  # every list's, position by position
-        self.ptrs = ptrs  # one address tuple per list
+    device: torch.device
+    dtype: torch.dtype
+    numels: tuple[int, ...]  # every list's, position by position
+    ptrs: list[tuple[int, ...]]  # one address tuple per list
 
     def subset(self, which: Sequence[int]) -> "CallFacts":
         return CallFacts(self.device, self.dtype, self.numels, [self.ptrs[k] for k in which])
@@ -176,24 +157,25 @@ def check_scalars(device: torch.device, **scalars: Tensor) -> None:
 
 # ---------------------------------------------------------------- plans
 
+@dataclass(slots=True, eq=False)
 class Plan:
     """The device table for one set of storages, and the launches over it."""
 
-    __slots__ = ("table", "base", "ntensors", "nchunks", "launches", "ready", "streams", "staging", "in_graph")
+    table: Tensor | None  # int64: offsets from base per list, sizes, chunk map (see primitives)
+    dtype: torch.dtype
+    ntensors: int
+    nchunks: int
+    # (first chunk, chunks, vector width): positions whose tensors all start on 16 bytes get
+    # 128-bit accesses; the others get a launch of their own instead of slowing everyone.
+    launches: tuple[tuple[int, int, int], ...]
+    base: Tensor | None = field(init=False)  # the table's memory in the storage dtype
+    ready: "torch.cuda.Event | None" = None  # recorded after the copy that fills the table
+    streams: set[int] = field(default_factory=set)  # raw CUDA streams ordered after that copy
+    staging: Tensor | None = None  # host source of a copy that a CUDA graph replays
+    in_graph: bool = False  # used during graph capture: never freed (see _GRAPH_PLANS)
 
-    def __init__(self, table: Tensor | None, dtype: torch.dtype, ntensors: int, nchunks: int,
-                 launches: tuple[tuple[int, int, int], ...]):
-        self.table = table  # int64: offsets from base per list, sizes, chunk map (see primitives)
-        self.base = None if table is None else table.view(dtype)  # the same memory in the storage dtype
-        self.ntensors = ntensors
-        self.nchunks = nchunks
-        # (first chunk, chunks, vector width): positions whose tensors all start on 16 bytes get
-        # 128-bit accesses; the others get a launch of their own instead of slowing everyone.
-        self.launches = launches
-        self.ready: "torch.cuda.Event | None" = None  # recorded after the copy that fills the table
-        self.streams: set[int] = set()  # raw CUDA streams that may use the table (ordered after the copy)
-        self.staging: Tensor | None = None  # host source of a copy that a CUDA graph replays
-        self.in_graph = False  # used during graph capture: never freed (see _GRAPH_PLANS)
+    def __post_init__(self) -> None:
+        self.base = None if self.table is None else self.table.view(self.dtype)
 
 
 _PLANS: "OrderedDict[tuple, Plan]" = OrderedDict()  # least recently used first

@@ -57,18 +57,11 @@ def tensor_pointer(table, base, row, ntensors, t, VEC: tl.constexpr):
 
 @triton.jit
 def list_pointers(table, base, ntensors, t, NL: tl.constexpr, VEC: tl.constexpr):
-    """Tensor t of lists 0..3 (lists past NL alias list 0: never read)."""
-    p0 = tensor_pointer(table, base, 0, ntensors, t, VEC)
-    p1 = p0
-    p2 = p0
-    p3 = p0
-    if NL > 1:
-        p1 = tensor_pointer(table, base, 1, ntensors, t, VEC)
-    if NL > 2:
-        p2 = tensor_pointer(table, base, 2, ntensors, t, VEC)
-    if NL > 3:
-        p3 = tensor_pointer(table, base, 3, ntensors, t, VEC)
-    return p0, p1, p2, p3
+    """Tensor t of lists 0..NL-1, as a tuple."""
+    ps = ()
+    for k in tl.static_range(NL):
+        ps = ps + (tensor_pointer(table, base, k, ntensors, t, VEC),)
+    return ps
 
 
 @triton.jit

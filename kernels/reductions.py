@@ -1,8 +1,8 @@
 """Fused multi-tensor reductions: dot products of list pairs, the ASAM norm, the power-iteration residual.
 
-Deterministic: stage 1 writes one partial per (chunk, sum), each summed over a fixed-size block
-in a fixed order; stage 2 sums the partial table along its first axis with one torch reduction
-whose order depends only on the table's shape. No float atomics. Layouts: as in ``xsam.kernels.elementwise``.
+Deterministic, without float atomics: stage 1 writes one partial per (chunk, sum), summed over a
+fixed-size block in a fixed order; stage 2 sums the partials with one torch reduction whose order
+depends only on their shape.
 """
 from __future__ import annotations
 
@@ -30,120 +30,53 @@ _DOTS, _WEIGHTED, _RESIDUAL = range(3)
 
 
 @triton.jit
-def _pick(x0, x1, x2, x3, I: tl.constexpr):
-    if I == 0:
-        r = x0
-    elif I == 1:
-        r = x1
-    elif I == 2:
-        r = x2
-    else:
-        r = x3
-    return r
-
-
-@triton.jit
-def _term(x0, x1, x2, x3, lam, A: tl.constexpr, B: tl.constexpr, KIND: tl.constexpr):
+def _term(xs, lam, A: tl.constexpr, B: tl.constexpr, KIND: tl.constexpr):
     if KIND == 1:  # weighted: (w * x)^2
-        r = x0 * x1
+        r = xs[0] * xs[1]
         r = r * r
     elif KIND == 2:  # residual: (u - lam * v)^2, element by element
-        r = x0 - lam * x1
+        r = xs[0] - lam * xs[1]
         r = r * r
     else:
-        r = _pick(x0, x1, x2, x3, A) * _pick(x0, x1, x2, x3, B)
+        r = xs[A] * xs[B]
     return r
 
 
 @triton.jit
-def _accumulate(p0, p1, p2, p3, offs, mask, lam,
-                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7,
-                NL: tl.constexpr, NP: tl.constexpr,
-                A0: tl.constexpr, B0: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
-                A2: tl.constexpr, B2: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr,
-                A4: tl.constexpr, B4: tl.constexpr, A5: tl.constexpr, B5: tl.constexpr,
-                A6: tl.constexpr, B6: tl.constexpr, A7: tl.constexpr, B7: tl.constexpr,
-                KIND: tl.constexpr, ACC: tl.constexpr, MASKED: tl.constexpr):
-    x0 = load_block(p0, offs, mask, MASKED).to(ACC)
-    x1 = x0
-    x2 = x0
-    x3 = x0
-    if NL > 1:
-        x1 = load_block(p1, offs, mask, MASKED).to(ACC)
-    if NL > 2:
-        x2 = load_block(p2, offs, mask, MASKED).to(ACC)
-    if NL > 3:
-        x3 = load_block(p3, offs, mask, MASKED).to(ACC)
-    acc0 += _term(x0, x1, x2, x3, lam, A0, B0, KIND)
-    if NP > 1:
-        acc1 += _term(x0, x1, x2, x3, lam, A1, B1, KIND)
-    if NP > 2:
-        acc2 += _term(x0, x1, x2, x3, lam, A2, B2, KIND)
-    if NP > 3:
-        acc3 += _term(x0, x1, x2, x3, lam, A3, B3, KIND)
-    if NP > 4:
-        acc4 += _term(x0, x1, x2, x3, lam, A4, B4, KIND)
-    if NP > 5:
-        acc5 += _term(x0, x1, x2, x3, lam, A5, B5, KIND)
-    if NP > 6:
-        acc6 += _term(x0, x1, x2, x3, lam, A6, B6, KIND)
-    if NP > 7:
-        acc7 += _term(x0, x1, x2, x3, lam, A7, B7, KIND)
-    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
+def _accumulate(ps, offs, mask, lam, accs, NL: tl.constexpr, PAIRS: tl.constexpr, KIND: tl.constexpr,
+                ACC: tl.constexpr, MASKED: tl.constexpr):
+    """``accs[k] + term k`` for every pair k (the ``(a, b)`` of ``PAIRS``)."""
+    xs = ()
+    for k in tl.static_range(NL):
+        xs = xs + (load_block(ps[k], offs, mask, MASKED).to(ACC),)
+    out = ()
+    for k in tl.static_range(len(PAIRS)):
+        out = out + (accs[k] + _term(xs, lam, PAIRS[k][0], PAIRS[k][1], KIND),)
+    return out
 
 
 @triton.jit
-def _reduce_kernel(
-    table, base, partials, lam_ptr, ntensors, first_chunk,
-    NL: tl.constexpr, NP: tl.constexpr,
-    A0: tl.constexpr, B0: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
-    A2: tl.constexpr, B2: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr,
-    A4: tl.constexpr, B4: tl.constexpr, A5: tl.constexpr, B5: tl.constexpr,
-    A6: tl.constexpr, B6: tl.constexpr, A7: tl.constexpr, B7: tl.constexpr,
-    KIND: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-):
+def _reduce_kernel(table, base, partials, lam_ptr, ntensors, first_chunk, NL: tl.constexpr, PAIRS: tl.constexpr,
+                   KIND: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr, CHUNK: tl.constexpr,
+                   BLOCK: tl.constexpr):
     t, start, count, row = program_chunk(table, ntensors, first_chunk, NL, CHUNK)
-    p0, p1, p2, p3 = list_pointers(table, base, ntensors, t, NL, VEC)
+    ps = list_pointers(table, base, ntensors, t, NL, VEC)
     lam = 0.0
     if KIND == 2:
         lam = tl.load(lam_ptr).to(ACC)
-    acc0 = tl.zeros([BLOCK], ACC)
-    acc1 = tl.zeros([BLOCK], ACC)
-    acc2 = tl.zeros([BLOCK], ACC)
-    acc3 = tl.zeros([BLOCK], ACC)
-    acc4 = tl.zeros([BLOCK], ACC)
-    acc5 = tl.zeros([BLOCK], ACC)
-    acc6 = tl.zeros([BLOCK], ACC)
-    acc7 = tl.zeros([BLOCK], ACC)
+    accs = ()
+    for k in tl.static_range(len(PAIRS)):
+        accs = accs + (tl.zeros([BLOCK], ACC),)
     lanes = tl.arange(0, BLOCK)
     full = count // BLOCK
     for i in range(0, full):
-        offs = start + i * BLOCK + lanes
-        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _accumulate(
-            p0, p1, p2, p3, offs, None, lam, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7,
-            NL, NP, A0, B0, A1, B1, A2, B2, A3, B3, A4, B4, A5, B5, A6, B6, A7, B7, KIND, ACC, False)
+        accs = _accumulate(ps, start + i * BLOCK + lanes, None, lam, accs, NL, PAIRS, KIND, ACC, False)
     if full * BLOCK < count:
-        offs = start + full * BLOCK + lanes
-        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _accumulate(
-            p0, p1, p2, p3, offs, full * BLOCK + lanes < count, lam, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7,
-            NL, NP, A0, B0, A1, B1, A2, B2, A3, B3, A4, B4, A5, B5, A6, B6, A7, B7, KIND, ACC, True)
-    out = partials + tl.load(row) * NP
-    tl.store(out, tl.sum(acc0, axis=0))
-    if NP > 1:
-        tl.store(out + 1, tl.sum(acc1, axis=0))
-    if NP > 2:
-        tl.store(out + 2, tl.sum(acc2, axis=0))
-    if NP > 3:
-        tl.store(out + 3, tl.sum(acc3, axis=0))
-    if NP > 4:
-        tl.store(out + 4, tl.sum(acc4, axis=0))
-    if NP > 5:
-        tl.store(out + 5, tl.sum(acc5, axis=0))
-    if NP > 6:
-        tl.store(out + 6, tl.sum(acc6, axis=0))
-    if NP > 7:
-        tl.store(out + 7, tl.sum(acc7, axis=0))
+        accs = _accumulate(ps, start + full * BLOCK + lanes, full * BLOCK + lanes < count, lam, accs,
+                           NL, PAIRS, KIND, ACC, True)
+    out = partials + tl.load(row) * len(PAIRS)
+    for k in tl.static_range(len(PAIRS)):
+        tl.store(out + k, tl.sum(accs[k], axis=0))
 
 
 def reduction_block(block: int, dtype: torch.dtype) -> int:
@@ -162,13 +95,10 @@ def _reduce(facts: CallFacts, lists: list[Tensors], names: Sequence[str], pairs:
         if not plan.launches:
             return torch.zeros(npairs, dtype=acc_dtype, device=facts.device)
         partials = torch.empty((plan.nchunks, npairs), dtype=acc_dtype, device=facts.device)
-        ab = {}
-        for k in range(MAX_PAIRS):
-            ab[f"A{k}"], ab[f"B{k}"] = pairs[k] if k < npairs else (0, 0)
         for first, count, vec in plan.launches:
             _reduce_kernel[(count,)](
                 plan.table, plan.base, partials, partials if lam is None else lam, plan.ntensors, first,
-                NL=len(lists), NP=npairs, **ab, KIND=kind, ACC=acc_tl, VEC=vec, CHUNK=chunk,
+                NL=len(lists), PAIRS=tuple(pairs), KIND=kind, ACC=acc_tl, VEC=vec, CHUNK=chunk,
                 BLOCK=reduction_block(block, facts.dtype), num_warps=num_warps(block),
             )
     return partials.sum(dim=0)

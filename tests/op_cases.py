@@ -1,12 +1,9 @@
 """Shared helpers for the op tests: every op x backend x device x dtype against flat float64 oracles.
 
-Each op test is parametrised by ``op_params()``: (backend, device, dtype, case) combinations,
-where the size cases are chosen per backend to cross that backend's own boundaries (the
-native CPU and CUDA chunk lengths, the Triton block and chunk of the test launch config).
-Tests call the public op layer (``xsam.ops.*(..., backend=name)``), so dispatch, grouping
-and the layout fallback run too. The Triton interpreter costs ~2 ms per program, so Triton
-runs on the CPU with a tiny launch configuration (the ``triton_launch_config`` fixture in
-conftest.py applies ``launch_config_for`` to every test with ``backend`` and ``device`` parameters).
+Op tests are parametrised by ``op_params()``, whose size cases cross each backend's own boundaries
+(the native CPU and CUDA chunks, the Triton block and chunk of the test launch config), and call the
+public op layer, so dispatch, grouping and the layout fallback run too. Triton runs on the CPU in its
+interpreter with tiny launches (conftest.py applies ``launch_config_for``).
 """
 from __future__ import annotations
 
@@ -67,26 +64,26 @@ def op_params(dtypes=DTYPES, cases=None):
                     if backend == "triton" and device == "cpu" and case == "many" and dtype in (torch.float16,
                                                                                               torch.float64):
                         continue  # 300 tensors in the interpreter once per accumulation path is enough
-                    marks = [pytest.mark.cuda] if device == "cuda" else []
-                    why = why_not(backend, device, dtype)
-                    if why:
-                        marks.append(pytest.mark.skip(reason=why))
-                    out.append(pytest.param(backend, device, dtype, case, marks=marks,
-                                            id=f"{backend}-{device}-{str(dtype)[6:]}-{case}"))
+                    out.append(_param(backend, device, dtype, case, id=f"{backend}-{device}-{str(dtype)[6:]}-{case}"))
     return out
 
 
 def backend_params(devices=DEVICES, backends=BACKENDS):
     """(backend, device) pairs, skipped with the reason where unavailable."""
-    out = []
-    for backend in backends:
-        for device in devices:
-            marks = [pytest.mark.cuda] if device == "cuda" else []
-            why = why_not(backend, device)
-            if why:
-                marks.append(pytest.mark.skip(reason=why))
-            out.append(pytest.param(backend, device, marks=marks, id=f"{backend}-{device}"))
-    return out
+    return [_param(backend, device, id=f"{backend}-{device}") for backend in backends for device in devices]
+
+
+def _param(backend, device, *more, id):
+    marks = [pytest.mark.cuda] if device == "cuda" else []
+    why = why_not(backend, device, *more[:1])
+    if why:
+        marks.append(pytest.mark.skip(reason=why))
+    return pytest.param(backend, device, *more, marks=marks, id=id)
+
+
+def registered_ops(backend: str):
+    """The namespace of a fused backend's registered ops: torch.ops.xsam or torch.ops.xsam_triton."""
+    return getattr(torch.ops, {"native": "xsam", "triton": "xsam_triton"}[backend])
 
 
 @contextlib.contextmanager

@@ -1,15 +1,13 @@
-"""Checks of the CUDA kernels that only a GPU can run (launch boundaries, offsets, sanitizers); bench/device_check.sh runs them.
+"""Checks of the CUDA kernels that only a GPU can run; bench/device_check.sh runs them (the sanitize tests
+under compute-sanitizer too).
 
-- `test_sanitize_*`: every native op on calls that cross the CUDA launch boundaries: more tensors than
-  one launch's table holds (MANY > the 1,624 of one list; 738 with four), a tensor of more than 320
-  chunks (the old per-launch limit), empty tensors, and views that start at an odd element (their
-  chunks take the element-by-element path, the others 128-bit accesses), against float64; `dots` with
-  more than 8 pairs (the old per-launch limit) and a list passed twice. The device script also runs
-  these under compute-sanitizer (memcheck, racecheck).
+- `test_sanitize_*`: every native op across the CUDA launch boundaries (MANY tensors: more than one
+  launch's table holds; a tensor of more than 320 chunks; empty tensors; views at an odd element, whose
+  chunks take the element-by-element path) against float64; `dots` with more than 8 pairs and a list
+  passed twice;
 - reductions bitwise identical over repeated calls, native and triton, four dtypes;
 - mixed CPU/CUDA lists with GPU work queued ahead (a wrong non_blocking copy would read stale data);
-- the native kernels on the current stream, on two streams, and captured in a CUDA graph;
-Every test is marked `cuda` and skips cleanly without a GPU.
+- the native kernels on the current stream, on two streams, and captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -247,6 +245,3 @@ def test_native_ops_capture_in_a_cuda_graph_and_replay_bit_for_bit():
         graph.replay()
         assert torch.equal(static_out, want)
         assert same_bits(static_w, w) and same_bits(static_g, g)
-
-
-# ----- bandwidth at full size ----------------------------------------------------------------------------

@@ -16,38 +16,27 @@ def _lists_close(backend, run, exact, magnitude, dtype):
     assert_close_to_exact(got, exact, magnitude, dtype, ref=ref)
 
 
-@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+@pytest.mark.parametrize("kind", ["sam", "asam", "tilted"])
 @pytest.mark.parametrize("backend,device,dtype,case", op_params())
-def test_perturb(backend, device, dtype, case, adaptive):
-    shapes = size_cases(backend, device)[case]
-    w0, g = make(shapes, dtype, device, 1), make(shapes, dtype, device, 2)
-    s = scalar(0.37, dtype, device)
-
-    def run(name):
-        w, saved = clone(w0), [torch.full_like(t, float("nan")) for t in w0]
-        ops.perturb_(w, g, saved, s, adaptive=adaptive, backend=name)
-        assert all(torch.equal(a, b) for a, b in zip(saved, w0)), "saved must hold the exact old weights"
-        return w
-
-    W, G = f64(w0), f64(g)
-    step = 0.37 * W * W * G if adaptive else 0.37 * G
-    _lists_close(backend, run, W + step, W.abs() + step.abs() * (2 if adaptive else 1), dtype)
-
-
-@pytest.mark.parametrize("backend,device,dtype,case", op_params())
-def test_tilted_perturb(backend, device, dtype, case):
+def test_perturb(backend, device, dtype, case, kind):
+    """perturb_ (SAM, ASAM) and tilted_perturb_."""
     shapes = size_cases(backend, device)[case]
     w0, g, v = (make(shapes, dtype, device, seed) for seed in (1, 2, 3))
     a, b = scalar(0.37, dtype, device), scalar(-0.21, dtype, device)
 
     def run(name):
         w, saved = clone(w0), [torch.full_like(t, float("nan")) for t in w0]
-        ops.tilted_perturb_(w, g, saved, v, a, b, backend=name)
+        if kind == "tilted":
+            ops.tilted_perturb_(w, g, saved, v, a, b, backend=name)
+        else:
+            ops.perturb_(w, g, saved, a, adaptive=kind == "asam", backend=name)
         assert all(torch.equal(x, y) for x, y in zip(saved, w0)), "saved must hold the exact old weights"
         return w
 
     W, G, V = f64(w0), f64(g), f64(v)
-    _lists_close(backend, run, W + 0.37 * G - 0.21 * V, W.abs() + 0.37 * G.abs() + 0.21 * V.abs(), dtype)
+    step, size = {"sam": (0.37 * G, 0.37 * G.abs()), "asam": (0.37 * W * W * G, 0.74 * (W * W * G).abs()),
+                  "tilted": (0.37 * G - 0.21 * V, 0.37 * G.abs() + 0.21 * V.abs())}[kind]
+    _lists_close(backend, run, W + step, W.abs() + size, dtype)
 
 
 @pytest.mark.parametrize("with_vecs", [True, False], ids=["vecs", "novecs"])

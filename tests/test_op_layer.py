@@ -1,5 +1,6 @@
 """The op layer (xsam.ops): grouping by device and dtype, Layouts, scalars, dispatch and its errors,
-and power_update_, against flat-vector computations (reference backend)."""
+and power_update_, against flat-vector computations (reference backend); and the registered ops of the
+fused backends (opcheck, torch.compile tracing, empty lists)."""
 import warnings
 
 import pytest
@@ -8,15 +9,10 @@ import torch
 from xsam import ops
 from xsam.ops import dispatch, verify
 
-from helpers import flat
-from op_cases import near_eigenvector
+from helpers import assert_each_close, flat
+from op_cases import backend_params, make, near_eigenvector, opcheck_cases, registered_ops, scalar
 
 SHAPES = [(0,), (1,), (7,), (3, 5), (2, 1, 4)]
-
-
-def make(shapes, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
 
 
 def mixed_lists(seed):
@@ -47,41 +43,10 @@ def test_weighted_sumsq_is_the_asam_norm():
     torch.testing.assert_close(out, ((flat(w) * flat(g)) ** 2).sum(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_perturb_saves_then_moves(adaptive):
-    w, g = make(SHAPES, torch.float64, 5), make(SHAPES, torch.float64, 6)
-    saved = [torch.empty_like(t) for t in w]
-    w0 = flat(w)
-    ops.perturb_(w, g, saved, torch.tensor(0.3, dtype=torch.float64), adaptive=adaptive, backend="reference")
-    step = w0 * w0 * flat(g) if adaptive else flat(g)
-    assert torch.equal(flat(saved), w0)
-    torch.testing.assert_close(flat(w), w0 + 0.3 * step, rtol=1e-14, atol=1e-14)
-
-
-@pytest.mark.parametrize("with_vecs", [False, True])
-def test_correct_restore(with_vecs):
-    w, g, v = make(SHAPES, torch.float64, 7), make(SHAPES, torch.float64, 8), make(SHAPES, torch.float64, 9)
-    saved = make(SHAPES, torch.float64, 10)
-    g0 = flat(g)
-    ops.correct_restore_(w, g, saved, v if with_vecs else None, 0.5, 0.25, backend="reference")
-    want = 0.5 * g0 - (0.25 * flat(v) if with_vecs else 0)
-    torch.testing.assert_close(flat(g), want, rtol=1e-14, atol=1e-14)
-    assert torch.equal(flat(w), flat(saved))
-
-
-def test_axpy_and_scale_copy_allow_aliasing():
-    x, y = make(SHAPES, torch.float32, 11), make(SHAPES, torch.float32, 12)
-    x0, y0 = flat(x), flat(y)
-    ops.axpy_(y, x, -2.0, backend="reference")
-    torch.testing.assert_close(flat(y), y0 - 2 * x0, rtol=1e-6, atol=1e-6)
-    ops.scale_copy_(x, x, 3.0, backend="reference")
-    torch.testing.assert_close(flat(x), 3 * x0, rtol=1e-6, atol=1e-6)
-
-
 def test_power_update_gives_rayleigh_quotient_residual_and_unit_vector():
     a = torch.randn(20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     a = a + a.T
-    vs = [make([(4,), (16,)], torch.float64, s) for s in (13, 14)]
+    vs = [make([(4,), (16,)], torch.float64, "cpu", s) for s in (13, 14)]
     us = [[None, None] for _ in vs]
     for j, v in enumerate(vs):
         u = a @ flat(v)
@@ -99,7 +64,7 @@ def test_power_update_gives_rayleigh_quotient_residual_and_unit_vector():
 
 def test_unknown_backend_name_is_a_clear_error():
     with pytest.raises(ValueError, match="backend='cuda'"):
-        ops.dots([make(SHAPES, torch.float32, 0)], [(0, 0)], backend="cuda")
+        ops.dots([make(SHAPES, torch.float32, "cpu", 0)], [(0, 0)], backend="cuda")
 
 
 def test_unavailable_backend_raises_with_reason(monkeypatch):
@@ -109,7 +74,7 @@ def test_unavailable_backend_raises_with_reason(monkeypatch):
     dispatch.clear_cache()
     try:
         with pytest.raises(ops.BackendUnavailableError, match="backend='native'.*not built here"):
-            ops.dots([make(SHAPES, torch.float32, 0)], [(0, 0)], backend="native")
+            ops.dots([make(SHAPES, torch.float32, "cpu", 0)], [(0, 0)], backend="native")
         # auto never fails: it uses the next backend that can serve the tensors.
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a backend that loaded but cannot serve a device is no fault
@@ -121,7 +86,7 @@ def test_unavailable_backend_raises_with_reason(monkeypatch):
 
 def test_misaligned_lists_are_rejected():
     with pytest.raises(ValueError, match="aligned"):
-        ops.dots([make(SHAPES, torch.float32, 0), make(SHAPES[:2], torch.float32, 1)], [(0, 1)])
+        ops.dots([make(SHAPES, torch.float32, "cpu", 0), make(SHAPES[:2], torch.float32, "cpu", 1)], [(0, 1)])
 
 
 def test_a_kept_layout_gives_the_same_results_as_a_fresh_one():
@@ -136,7 +101,7 @@ def test_a_kept_layout_gives_the_same_results_as_a_fresh_one():
 
 
 def test_a_layout_of_one_group_passes_the_lists_through():
-    w = make(SHAPES, torch.float32, 0)
+    w = make(SHAPES, torch.float32, "cpu", 0)
     layout = ops.Layout.of(w)
     assert len(layout.groups) == 1 and layout.groups[0].index is None
     assert layout.groups[0].pick(w) == w
@@ -153,7 +118,7 @@ def test_power_update_residual_is_accurate_in_fp32():
 
 
 def test_scalars_may_be_numbers_or_tensors_of_any_dtype():
-    w, g = make(SHAPES, torch.float32, 1), make(SHAPES, torch.float32, 2)
+    w, g = make(SHAPES, torch.float32, "cpu", 1), make(SHAPES, torch.float32, "cpu", 2)
     outs = []
     for scale in (0.25, torch.tensor(0.25, dtype=torch.float64), torch.tensor([0.25])):
         y = [t.clone() for t in w]
@@ -216,3 +181,54 @@ def test_gradients_reads_what_dot_grad_reads():
     assert mode.reads == len(params), "under a torch function mode every read is seen by the mode"
     assert missing == 1 and all(g is e for g, e in zip(grads, expected))
     assert ops.gradients([]) == ([], 0)
+
+
+# ---------------------------------------------------------------- the registered ops of the fused backends
+
+FUSED = backend_params(backends=("native", "triton"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,device", FUSED)
+@pytest.mark.parametrize("name", list(opcheck_cases("cpu", torch.float32)))
+def test_opcheck(backend, device, dtype, name):
+    op = getattr(registered_ops(backend), name.removesuffix("novecs"))
+    torch.library.opcheck(op, opcheck_cases(device, dtype)[name])
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_ops_trace_under_torch_compile(backend, device):
+    def step(params, grads, saved, vecs):
+        sums = ops.dots([grads, vecs], [(0, 0), (0, 1)], backend=backend)
+        scale = 0.05 / (sums[0].sqrt() + 1e-12)
+        ops.perturb_(params, grads, saved, scale, backend=backend)
+        ops.tilted_perturb_(params, grads, saved, vecs, scale, sums[1], backend=backend)
+        ops.correct_restore_(params, grads, saved, vecs, sums[1], sums[0], backend=backend)
+        return sums
+
+    def run(fn):
+        p, g, v = (make([(5,), (3, 4)], torch.float32, device, s) for s in range(3))
+        saved = [torch.empty_like(t) for t in p]
+        return [fn(p, g, saved, v)] + p + g + saved
+
+    assert_each_close(run(step), run(torch.compile(step, backend="aot_eager", fullgraph=True)))
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_registered_ops_of_empty_lists_do_nothing_and_give_zeros(backend, device):
+    X = registered_ops(backend)
+    s = scalar(0.5, torch.float32, device)
+    assert X.perturb_([], [], [], s, True) is None
+    X.tilted_perturb_([], [], [], [], s, s)
+    X.correct_restore_([], [], [], None, s, s)
+    assert X.axpy_([], [], s) is None
+    X.scale_copy_([], [], s)
+    # No tensor says where to put the zeros: float32 on the CPU, as the fakes say.
+    for out, n in ((X.dots([], 2, [0, 1, 1, 1]), 2), (X.weighted_sumsq([], []), 1), (X.residual_sumsq([], [], s), 1)):
+        assert out.dtype == torch.float32 and out.device.type == "cpu" and out.tolist() == [0.0] * n
+    empties = [torch.empty(0, device=device), torch.empty(0, 3, device=device)]
+    got = X.dots(empties + [torch.empty(0, device=device), torch.empty(0, 3, device=device)], 2, [0, 1, 1, 1])
+    assert got.device.type == device and got.dtype == torch.float32 and got.tolist() == [0.0, 0.0]
+    assert X.weighted_sumsq(empties, empties).tolist() == [0.0]
+    assert X.residual_sumsq(empties, empties, s).tolist() == [0.0]
+    assert X.dots(empties, 1, []).shape == (0,)

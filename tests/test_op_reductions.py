@@ -16,18 +16,24 @@ def _roundings(n):
     return max(2.0, n ** 0.5)
 
 
-@pytest.mark.parametrize("backend,device,dtype,case", op_params())
-def test_dots(backend, device, dtype, case):
-    lists = [make(size_cases(backend, device)[case], dtype, device, seed) for seed in range(3)]
-    run = lambda name: ops.dots(lists, PAIRS, backend=name)  # noqa: E731
+def _dots_close(backend, device, dtype, lists, pairs):
+    """``dots(lists, pairs)`` of the accumulation dtype on the device, close to the float64 sums."""
+    run = lambda name: ops.dots(lists, pairs, backend=name)  # noqa: E731
     got = run(backend)
     acc = accumulation_dtype(dtype)
-    assert got.dtype == acc and got.shape == (len(PAIRS),) and got.device.type == device
+    assert got.dtype == acc and got.shape == (len(pairs),) and got.device.type == device
     flats = [f64(lst) for lst in lists]
-    exact = torch.stack([flats[a] @ flats[b] for a, b in PAIRS])
-    magnitude = torch.stack([(flats[a] * flats[b]).abs().sum() for a, b in PAIRS])
+    exact = torch.stack([flats[a] @ flats[b] for a, b in pairs])
+    magnitude = torch.stack([(flats[a] * flats[b]).abs().sum() for a, b in pairs])
     assert_close_to_exact(got, exact, magnitude, acc, ref=reference_result(backend, run),
                           roundings=_roundings(len(flats[0])))
+    return got
+
+
+@pytest.mark.parametrize("backend,device,dtype,case", op_params())
+def test_dots(backend, device, dtype, case):
+    _dots_close(backend, device, dtype, [make(size_cases(backend, device)[case], dtype, device, seed)
+                                         for seed in range(3)], PAIRS)
 
 
 @pytest.mark.parametrize("backend,device,dtype,case", op_params())
@@ -104,13 +110,7 @@ MANY_PAIRS = [(a, b) for a in range(5) for b in range(a, 5)] + [(1, 0), (4, 2), 
 def test_dots_of_many_pairs_and_a_repeated_list(backend, device, dtype, case):
     lists = [make(size_cases(backend, device)[case], dtype, device, seed) for seed in range(5)]
     lists.append(lists[0])
-    run = lambda name: ops.dots(lists, MANY_PAIRS, backend=name)  # noqa: E731
-    got = run(backend)
-    flats = [f64(lst) for lst in lists]
-    exact = torch.stack([flats[a] @ flats[b] for a, b in MANY_PAIRS])
-    magnitude = torch.stack([(flats[a] * flats[b]).abs().sum() for a, b in MANY_PAIRS])
-    assert_close_to_exact(got, exact, magnitude, accumulation_dtype(dtype), ref=reference_result(backend, run),
-                          roundings=_roundings(len(flats[0])))
+    got = _dots_close(backend, device, dtype, lists, MANY_PAIRS)
     # A pair named twice, or through the same tensors under two list numbers: the same bits.
     assert torch.equal(got[1], got[15]) and torch.equal(got[0], got[17]) and torch.equal(got[0], got[18])
 

@@ -1,17 +1,11 @@
 """The functional op set of xsam, over lists of tensors of any devices and dtypes.
 
-Each function takes aligned lists (tensor i of every list has the shape of tensor i of the
-first), splits them into (device, dtype) groups (``Layout``), runs the chosen backend
-(``xsam.ops.dispatch``) on every group, and, for reductions, adds the per-group partial
-results in a fixed order (``xsam.ops.runner``). Scalar arguments may be Python numbers or 0-d tensors; results stay
-on the device, so nothing here synchronises with the host. What each op computes is stated
-once, in ``xsam.ops.contract``.
-
-Callers that apply many ops to the same tensors pass ``layout=Layout.of(first_list)`` (kept
-between calls) so that no call repeats per-tensor Python work: the optimizer does.
-
-Sharded parameters (DTensors: FSDP2 ``fully_shard``, tensor parallelism) are handled in
-``xsam.ops.sharded``, above the backends, so every backend serves them unchanged.
+Each function takes aligned lists (tensor i of every list has the shape of tensor i of the first),
+runs the chosen backend on every (device, dtype) group (``xsam.ops.runner``) and, for reductions,
+adds the groups' partial results in a fixed order. Scalars may be Python numbers or 0-d tensors;
+results stay on the device, so nothing here synchronises with the host. What each op computes is
+stated once, in ``xsam.ops.contract``. Callers that apply many ops to the same tensors keep
+``layout=Layout.of(first_list)`` between calls, so no call repeats per-tensor Python work.
 """
 from __future__ import annotations
 

@@ -1,16 +1,9 @@
 """The op set's contract: every op declared once, as a TorchScript schema plus its result size.
 
-Everything else is derived from this table:
-- the schemas of the ``xsam::`` namespace (the compiled extension only registers kernels
-  for them, ``TORCH_LIBRARY_IMPL``; a C++ signature that disagrees fails at load time) and of
-  ``xsam_triton::`` (the Triton backend, registered from Python so it traces too);
-- which lists each op writes (``Tensor(a!)[]`` in the schema), which the layout helpers use
-  to copy non-dense tensors back and the dispatcher uses to localise DTensors;
-- the fake (meta) implementations torch.compile traces with;
-- the op layer's argument handling (``xsam.ops``): lists, scalars, flags, result.
-
-This module imports nothing but torch, so a process that never imports xsam can load it
-to define the schemas (tests/test_cmake.py does, for the CMake-built library).
+Derived from it: the schemas of ``xsam::`` (the compiled extension only registers kernels for them;
+a C++ signature that disagrees fails at load time) and ``xsam_triton::``, which lists each op writes
+(``Tensor(a!)[]``), the fakes torch.compile traces with, and the op layer's argument handling. It
+imports nothing but torch, so a process that never imports xsam can load it (tests/test_cmake.py does).
 
 Rules shared by every op and every backend (reference, Triton, native CPU and CUDA):
 - One call gets aligned lists of one device and one dtype (float32, float64, float16,
@@ -35,11 +28,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["NAMESPACES", "OPS", "OpSpec", "define_schemas", "SUPPORTED_DTYPES"]
+__all__ = ["OPS", "OpSpec", "define_schemas", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# xsam: the compiled extension (csrc/); xsam_triton: the Triton kernels (kernels/).
-NAMESPACES = ("xsam", "xsam_triton")
 
 
 @dataclass(frozen=True)
@@ -53,30 +44,22 @@ class OpSpec:
     name: str = field(init=False)
     list_args: tuple[str, ...] = field(init=False)  # Tensor[] / Tensor[]? arguments, in order
     written: tuple[str, ...] = field(init=False)  # the lists the op writes (alias annotation "!")
-    optional: tuple[str, ...] = field(init=False)  # Tensor[]? arguments
-    scalar_args: tuple[str, ...] = field(init=False)  # 0-d device tensors
     other_args: tuple[str, ...] = field(init=False)  # ints, int lists, bools
 
     def __post_init__(self) -> None:
         parsed = torch._C.parse_schema(self.schema)
-        lists, written, optional, scalars, other = [], [], [], [], []
+        lists, written, other = [], [], []  # scalars (Tensor) are none of these
         for arg in parsed.arguments:
             kind = str(arg.type)
             if kind in ("List[Tensor]", "Optional[List[Tensor]]"):
                 lists.append(arg.name)
                 if arg.alias_info is not None and arg.alias_info.is_write:
                     written.append(arg.name)
-                if kind.startswith("Optional"):
-                    optional.append(arg.name)
-            elif kind == "Tensor":
-                scalars.append(arg.name)
-            else:
+            elif kind != "Tensor":
                 other.append(arg.name)
         object.__setattr__(self, "name", parsed.name)
         object.__setattr__(self, "list_args", tuple(lists))
         object.__setattr__(self, "written", tuple(written))
-        object.__setattr__(self, "optional", tuple(optional))
-        object.__setattr__(self, "scalar_args", tuple(scalars))
         object.__setattr__(self, "other_args", tuple(other))
 
     @property

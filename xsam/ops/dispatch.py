@@ -1,21 +1,17 @@
 """Which implementation of the op set runs for a (device, dtype) group.
 
-Backends: ``"reference"`` (pure PyTorch, always there), ``"triton"`` (``xsam.kernels``)
-and ``"native"`` (the compiled ``xsam._C`` extension). ``"auto"`` picks the fastest
-available one per group; naming a backend that cannot serve a group raises
-``BackendUnavailableError`` with the reason, never a silent fallback. When a backend that
-"auto" would use fails to load (``xsam._C`` does not import, or lacks an op), "auto" warns once
-(``BackendLoadWarning``, with the import error) and uses the next one; ``xsam info`` says so too.
+Backends: ``"reference"`` (pure PyTorch, always there), ``"triton"`` (``xsam.kernels``) and
+``"native"`` (the compiled ``xsam._C``). ``"auto"`` picks the fastest available one per group; naming
+a backend that cannot serve a group raises ``BackendUnavailableError`` with the reason. When a backend
+that "auto" would use fails to load, "auto" warns once (``BackendLoadWarning``, with the import error)
+and uses the next one; ``xsam info`` says so too. Before "auto" first uses a fused backend for a
+(device, dtype), a few ops run against the reference (``xsam.ops.verify.trusted``, milliseconds; skipped
+when a backend is named or ``XSAM_SKIP_KERNEL_CHECK=1``); if they disagree, "auto" warns once and uses
+the reference there.
 
-Before "auto" first uses a fused backend for a (device, dtype) in a process, a few ops run
-on small lists against the reference (``xsam.ops.verify.trusted``, milliseconds); if they
-disagree, "auto" warns once and uses the reference for that (device, dtype). Naming a
-backend skips the check, and so does ``XSAM_SKIP_KERNEL_CHECK=1``.
-
-A backend is a module that provides one function per op of ``xsam.ops.contract``, with
-the schema's argument names (called with keywords, on one non-empty (device, dtype)
-group), plus ``availability(device, dtype) -> str | None`` (None when it can serve the
-group, else the reason it cannot).
+A backend is a module with one function per op of ``xsam.ops.contract`` (the schema's argument names,
+called with keywords on one non-empty group) and ``availability(device, dtype) -> str | None`` (None
+when it can serve the group, else why not).
 """
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Fake (meta) implementations of the op set, derived from ``xsam.ops.contract``.
-
-torch.compile propagates shapes with these: element-wise ops return nothing (the schemas'
-alias annotations say what they write), reductions return a 1-d tensor of the accumulation
-dtype whose length the contract gives.
-"""
+"""Fake (meta) implementations of the op set, derived from ``xsam.ops.contract``: element-wise ops return
+nothing, reductions a 1-d tensor of the accumulation dtype whose length the contract gives."""
 from __future__ import annotations
 
 import torch

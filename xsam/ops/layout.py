@@ -1,16 +1,12 @@
 """How aligned tensor lists are split into one-device, one-dtype groups, and made flat-addressable.
 
-- ``Layout.of(tensors)`` groups a list by (device, dtype) once; callers that apply many ops
-  to the same tensors (the optimizer, power iteration) keep the Layout and pass it to every
-  op, so no op repeats per-tensor Python work on the hot path. A Layout stays valid for any
-  list aligned with the one it was built from whose tensors keep their devices and dtypes;
-  the kernels re-check device, dtype and shape of every tensor in C++ (or in the Triton plan)
-  and refuse a mismatch, so a stale Layout raises instead of computing garbage.
-- The fused kernels walk tensor i of every list as flat arrays with one index: they need the
-  tensors at each index dense, with the same memory order (``flat_compatible``). Contiguous
-  tensors and matching channels-last pairs qualify; anything else gets dense copies for that
-  index (``dense_copies``), and the written ones are copied back after the op. Backends try
-  the fast path first and raise ``LayoutError`` when a call needs copies.
+- ``Layout.of(tensors)`` groups a list by (device, dtype) once; callers keep it for every op on lists
+  aligned with that one. The kernels re-check every tensor, so a stale Layout raises instead of
+  computing garbage.
+- The fused kernels walk tensor i of every list as flat arrays with one index, so the tensors at
+  each index must be dense with one memory order (``flat_compatible``). Anything else gets dense
+  copies for that index (``dense_copies``; written ones are copied back): backends raise
+  ``LayoutError`` when a call needs them.
 """
 from __future__ import annotations
 
@@ -29,14 +25,7 @@ __all__ = ["Group", "Layout", "LayoutError", "dense_copies", "dtensor_type", "fl
 
 
 class LayoutError(ValueError):
-    """A backend cannot address these strides directly; the caller retries with dense copies.
-
-    ``contiguous_only``: the backend needs contiguous tensors, not just ``flat_compatible`` ones.
-    """
-
-    def __init__(self, message: str, contiguous_only: bool = False):
-        super().__init__(message)
-        self.contiguous_only = contiguous_only
+    """A backend cannot address these strides directly; the caller retries with dense copies."""
 
 
 @dataclass(frozen=True)
@@ -133,9 +122,7 @@ def _lists_of(spec: OpSpec, args: dict) -> tuple[list[Sequence[Tensor]], set[int
     return lists, {id(t) for name in spec.written for t in args[name]}
 
 
-def _positions_needing_copies(lists: list[Sequence[Tensor]], contiguous_only: bool = False) -> list[int]:
-    if contiguous_only:
-        return [i for i in range(len(lists[0])) if not all(lst[i].is_contiguous() for lst in lists)]
+def _positions_needing_copies(lists: list[Sequence[Tensor]]) -> list[int]:
     return [i for i in range(len(lists[0])) if not flat_compatible([lst[i] for lst in lists])]
 
 
@@ -144,14 +131,14 @@ def needs_dense(spec: OpSpec, args: dict) -> bool:
     return bool(_positions_needing_copies(_lists_of(spec, args)[0]))
 
 
-def dense_copies(spec: OpSpec, args: dict, contiguous_only: bool = False) -> tuple[dict, list[tuple[Tensor, Tensor]]]:
+def dense_copies(spec: OpSpec, args: dict) -> tuple[dict, list[tuple[Tensor, Tensor]]]:
     """``args`` with dense copies at every position that is not ``flat_compatible``.
 
     Returns the new arguments and the (original, copy) pairs of written lists to copy back
     after the op. One copy per distinct tensor keeps aliasing intact (``axpy_(y, y)``).
     """
     lists, written = _lists_of(spec, args)
-    bad = _positions_needing_copies(lists, contiguous_only)
+    bad = _positions_needing_copies(lists)
     if not bad:
         return args, []
     copies: dict[int, Tensor] = {}

@@ -1,20 +1,13 @@
 """The compiled op set ``xsam._C`` (``torch.ops.xsam.*``) as a backend.
 
-The schemas come from ``xsam.ops.contract`` (defined here, before the extension is
-imported); ``xsam._C`` registers CPU kernels and, when built with nvcc, CUDA kernels for
-them (``TORCH_LIBRARY_IMPL``). This module adds the fake implementations torch.compile
-traces with, and exposes one function per op with the schema's arguments.
-
-Hot path: each function calls the compiled kernel through xsam._C's fast entry (the tensors of
-the lists are borrowed, not converted one by one; see csrc/module.cpp), or through
-``torch.ops.xsam`` while torch.compile traces. The C++ side checks every tensor
-(device, dtype, shape, dense layout) before it writes anything, so when a call fails the
-arguments are untouched; only then does Python look for the cause, and a layout the kernels
-cannot address raises ``LayoutError`` so that the op layer retries with dense copies.
+The schemas come from ``xsam.ops.contract`` (defined here, before the extension is imported, whose
+``TORCH_LIBRARY_IMPL`` registers the CPU and, when built with nvcc, CUDA kernels). Eager calls go
+through xsam._C's fast entries (see csrc/module.cpp); torch.compile traces ``torch.ops.xsam``. The C++
+side checks every tensor before it writes anything, so a failed call leaves its arguments untouched;
+only then does Python look for the cause and raise ``LayoutError`` for a layout needing dense copies.
 
 When the extension is not built, or lacks part of the contract (``extension_gaps``),
-``UNAVAILABLE_REASON`` says why (with the import error), so ``backend="native"`` raises
-``BackendUnavailableError`` with that reason and ``backend="auto"`` warns once.
+``UNAVAILABLE_REASON`` says why, so ``backend="native"`` raises with it and ``backend="auto"`` warns once.
 """
 from __future__ import annotations
 

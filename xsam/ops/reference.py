@@ -1,19 +1,9 @@
 """Pure-PyTorch implementation of the op set: the fallback everywhere and the oracle.
 
-Each function implements one op of ``xsam.ops.contract`` with the schema's arguments,
-on ONE group (lists sharing a device and a dtype; ``xsam.ops`` does the grouping).
-Scalars arrive as 0-d tensors on that device in the accumulation dtype and stay there:
-nothing here calls ``.item()`` or otherwise waits for the device.
-
-Written the way a skilled user writes foreach code, so that "native vs reference" measures
-the kernels and not a handicapped baseline: no full-size temporaries where PyTorch has an
-in-place form (``_foreach_copy_``, ``_foreach_addcmul_``, ``_foreach_mul_`` with a device
-scalar). Two exceptions, both documented where they occur: CUDA element-wise passes build one
-scaled temporary (PyTorch's fused multi-tensor kernels take a device scalar only in
-``_foreach_mul``; the broadcasting ``_foreach_addcmul_`` would launch once per tensor there),
-and the reductions that need an element-wise product first (``weighted_sumsq``,
-``residual_sumsq``: one temporary each), and dot products of fp16/bf16 lists, widened to fp32
-one tensor pair at a time so they accumulate in fp32.
+Each function implements one op of ``xsam.ops.contract`` on ONE (device, dtype) group, with scalars
+as 0-d device tensors that are never read on the host. Written as a skilled user writes foreach code,
+so that "native vs reference" measures the kernels, not a handicapped baseline: in-place forms
+wherever PyTorch has them, and a temporary only where noted below.
 """
 from __future__ import annotations
 
@@ -51,11 +41,13 @@ def _dot(xs: Tensors, ys: Tensors, acc: torch.dtype) -> Tensor:
 
 
 def _add_scaled_(ys: list[Tensor], xs: Tensors, scale: Tensor) -> None:
-    """``y += scale * x`` with ``scale`` a device scalar (see the module docstring)."""
+    """``y += scale * x`` with ``scale`` a device scalar."""
     if ys[0].device.type == "cpu":
         # CPU foreach ops loop over the tensors anyway; a broadcast 0-d factor needs no temporary.
         torch._foreach_addcmul_(ys, list(xs), [scale] * len(ys))
     else:
+        # One scaled temporary: the fused multi-tensor kernels take a device scalar only in
+        # _foreach_mul, and the broadcasting _foreach_addcmul_ would launch once per tensor.
         torch._foreach_add_(ys, torch._foreach_mul(list(xs), scale))
 
 
@@ -84,6 +76,7 @@ def weighted_sumsq(weights: Tensors, xs: Tensors) -> Tensor:
     if len(xs) == 0:
         return torch.zeros(1)
     acc = accumulation_dtype(xs[0].dtype)
+    # One temporary: the products.
     products = torch._foreach_mul(_upcast(weights, acc), _upcast(xs, acc))
     return _sum_of_squares(products, acc).reshape(1)
 

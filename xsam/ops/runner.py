@@ -12,16 +12,17 @@ from torch import Tensor
 
 from .contract import OPS, OpSpec
 from .dispatch import resolve
-from .layout import Group, Layout, LayoutError, dense_copies, dtensor_type
+from .layout import Group, Layout, LayoutError, dense_copies
 from .reference import accumulation_dtype
+
 
 def call_backend(impl, spec: OpSpec, args: dict):
     """Run ``spec`` on one (device, dtype) group; dense copies when the backend asks for them."""
     fn = getattr(impl, spec.name)
     try:
         return fn(**args)
-    except LayoutError as exc:
-        dense, copy_back = dense_copies(spec, args, exc.contiguous_only)
+    except LayoutError:
+        dense, copy_back = dense_copies(spec, args)
         out = fn(**dense)
         for original, copy in copy_back:
             original.copy_(copy)

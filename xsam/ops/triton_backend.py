@@ -1,23 +1,12 @@
 """The Triton kernels (``xsam.kernels``) as a backend: the registered ops ``torch.ops.xsam_triton.*``.
 
-The schemas come from ``xsam.ops.contract`` and the fakes from ``xsam.ops.fakes``, so the
-Triton path traces under torch.compile like the compiled one. The kernels are registered for
-CUDA, or, when ``TRITON_INTERPRET=1`` was set before ``xsam.kernels`` was imported, for the CPU
-(the interpreter executes them with numpy and can only address host memory). A fallback
-registration serves calls without any tensor (empty lists: the contract's results) and
-explains why any other device has no kernel. This module exposes one function per op with
-the schema's arguments, calling ``torch.ops.xsam_triton.<op>``.
-
-The registration is ``torch.library.Library.impl`` for the CPU or CUDA dispatch key, whose
-calls cost less host time than ``register_kernel`` or a CompositeExplicitAutograd kernel.
-
-Layouts: the kernels walk tensor i of every list as flat arrays, so they take contiguous
-tensors and, without copies, any tensors that are dense with one memory order at each position
-(``xsam.ops.layout.flat_compatible``: channels-last weights with channels-last gradients).
-Anything else raises ``LayoutError``, and the op layer retries with dense copies. Everything
-else the kernels rely on is checked by ``xsam.kernels.plans``; the element-wise passes bump the
-version counters of what they write (a registered op with ``Tensor(a!)[]`` arguments does not:
-the dispatcher leaves that to the kernel).
+Schemas and fakes come from the contract, so the Triton path traces under torch.compile like the
+compiled one. The kernels are registered for CUDA, or for the CPU when ``TRITON_INTERPRET=1`` was set
+before ``xsam.kernels`` was imported, with ``Library.impl`` at the device key (less host time per call
+than ``register_kernel``); a fallback registration serves calls without any tensor and explains why
+other devices have no kernel. Positions that are not dense with one memory order
+(``xsam.ops.layout.flat_compatible``) raise ``LayoutError`` and the op layer retries with dense
+copies; ``xsam.kernels.plans`` checks everything else.
 """
 from __future__ import annotations
 
