@@ -15,7 +15,16 @@ from .eigenvector import HVP_MODES, EigenvectorTracker, TrackerInputs
 from .lists import ParamLists
 from .validation import check_bool, check_choice, check_count, check_number, check_seed
 
-__all__ = ["EigenvectorBase"]
+__all__ = ["EigenvectorBase", "passed_on"]
+
+# What XSAM's and EigenSAM's constructors hand on unchanged to EigenvectorBase (and SharpnessAware).
+PASSED_ON = ("eig_interval", "eig_interval_max", "power_iters", "eig_tol", "hvp", "hvp_eval_mode", "seed", "model",
+             "per_replica_perturbation", "process_group", "backend", "eps", "max_grad_norm", "base_kwargs")
+
+
+def passed_on(arguments: dict) -> dict:
+    """The ``PASSED_ON`` entries of a constructor's ``locals()``."""
+    return {name: arguments[name] for name in PASSED_ON}
 
 
 class EigenvectorBase(SharpnessAware):
@@ -146,10 +155,7 @@ class EigenvectorBase(SharpnessAware):
         by exact HVPs. If anything raises (the closure included), the weights and the optimizer
         state are left as they were.
         """
-        txn = self._begin(self._require_closure(closure), loss_fn)
-        if self._execute(txn, self._run):
-            self._finish(txn)
-        return txn.loss
+        return self._step(closure, loss_fn)
 
     def _commit(self, txn: StepTransaction) -> None:
         if txn.refresh is not None:
@@ -273,6 +279,3 @@ class EigenvectorBase(SharpnessAware):
             self._global.update({key: 0 for key in self.COUNTERS})
             self._global.update(self.tracker.initial_schedule())
         self.tracker.after_load(self._global, retry=restart)
-
-    def scratch_tensors(self) -> list[Tensor]:
-        return super().scratch_tensors() + self.tracker.scratch_tensors()

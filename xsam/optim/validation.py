@@ -17,7 +17,7 @@ import torch
 
 __all__ = ["ARGUMENTS_OF", "DEFAULT_EPS", "FLOAT32_MAX", "check_bool", "own_eps", "register_arguments", "check_choice",
            "check_count", "check_eps", "check_number", "check_process_group", "check_rho", "check_seed",
-           "check_base_optimizer", "check_parameters", "own_arguments", "split_base_kwargs"]
+           "check_base_optimizer", "check_model", "check_parameters", "own_arguments", "split_base_kwargs"]
 
 # The step's scalars are float32 device tensors for all but float64 weights: a hyper-parameter that
 # scales them (rho, eps) must be finite in float32.
@@ -109,6 +109,21 @@ def check_process_group(process_group) -> None:
                         "torch.distributed ProcessGroup: pass 'auto' (the group of model=<the "
                         "DistributedDataParallel module>), None (each rank keeps its own Hessian-vector products) "
                         "or a group such as torch.distributed.group.WORLD or torch.distributed.new_group(ranks)")
+
+
+def check_model(model, per_replica_perturbation) -> None:
+    """``model`` is an nn.Module or None; ``per_replica_perturbation`` needs a DDP module without a static graph."""
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model={type(model).__name__} is invalid: pass the nn.Module being trained, or None")
+    check_bool("per_replica_perturbation", per_replica_perturbation)
+    if per_replica_perturbation and not hasattr(model, "no_sync"):
+        raise ValueError("per_replica_perturbation=True needs model=<the DistributedDataParallel module>: the "
+                         "first pass runs under model.no_sync() so each replica perturbs by its own gradient")
+    if per_replica_perturbation and getattr(model, "static_graph", False):
+        raise ValueError("per_replica_perturbation=True does not work with DistributedDataParallel("
+                         "static_graph=True): DDP's static graph cannot skip the gradient all-reduce of the "
+                         "first pass (it fails with an internal assert, with or without xsam). Build the DDP "
+                         "module with static_graph=False, or use per_replica_perturbation=False")
 
 
 def check_parameters(param_groups: list[dict], owner: str) -> None:
