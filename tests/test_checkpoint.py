@@ -60,7 +60,6 @@ KINDS = ["sam", "xsam"]
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_get_and_set_optimizer_state_dict_resume_bit_identically(kind):
-    """Failed with a bare KeyError: 'xsam' (the global entry was not a parameter)."""
     model, opt = uninterrupted(kind, steps=N)
     saved = copy.deepcopy(get_state_dict(model, opt))  # (model, optimizer) state, keyed by parameter names
     assert set(saved[1]["state"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}

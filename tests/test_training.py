@@ -73,15 +73,10 @@ def test_accumulated_micro_batches_equal_the_large_batch_step(optimizer):
 
 
 # ----- BatchNorm --------------------------------------------------------------------------
-def bn_model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2)).double()
-
-
 def test_batchnorm_helper_without_model_equals_the_model_path():
     """Users who run the passes themselves freeze the statistics with ``batchnorm_statistics_frozen``."""
-    with_model, manual = bn_model(), bn_model()
-    twin = bn_model()  # gets only the first-pass forwards: the oracle for the running statistics
+    with_model, manual = make_mlp(batchnorm=True), make_mlp(batchnorm=True)
+    twin = make_mlp(batchnorm=True)  # gets only the first-pass forwards: the oracle for the running statistics
     twin.load_state_dict(manual.state_dict())
     kw = dict(lr=0.1, momentum=0.9, eig_interval=2, power_iters=2, hvp="finite_difference")
     opt_a = XSAM(with_model.parameters(), torch.optim.SGD, model=with_model, hvp_eval_mode=False, **kw)
@@ -119,7 +114,7 @@ def test_batchnorm_helper_without_model_equals_the_model_path():
 
 
 def test_batchnorm_statistics_frozen_restores_every_buffer_exactly():
-    model = bn_model()
+    model = make_mlp(batchnorm=True)
     model(torch.randn(8, 4, dtype=torch.float64))  # non-trivial statistics
     before = {k: v.clone() for k, v in model.state_dict().items()}
     twin = copy.deepcopy(model)
@@ -294,7 +289,8 @@ CLIP = 0.5
 
 
 def refreshed(max_grad_norm=None, clip_in_closure=False):
-    """One X-SAM step with a converged finite-difference refresh; returns (model, optimizer, weights before)."""
+    """One X-SAM step with a converged finite-difference refresh: (optimizer, weights before and after, the
+    true eigenpair, the step's record)."""
     model = steep_mlp()
     x, y = classification_batch(32)  # ||g|| about 1.6 > CLIP: clipping is active
     clip = {} if max_grad_norm is None else {"max_grad_norm": max_grad_norm}

@@ -1,27 +1,12 @@
 """The top Hessian eigenvector v of X-SAM and Eigen-SAM: when to refresh it, how, and when to reject it.
 
 A refresh runs ``power_iters`` power iterations on Hessian-vector products at the unperturbed
-weights, warm-started from the previous v (a seeded normal draw the first time):
-- ``hvp="exact"``: double backward of a forward-only ``loss_fn``, before the first pass;
-- ``"finite_difference"``: central differences of the closure's gradient (2 evaluations per
-  product), before the first pass;
-- ``"forward_difference"``: ``(grad L(w + h v) - grad L(w)) / h`` reusing the first pass's
-  gradient (1 evaluation per product), between the first pass and the perturbation; where the
-  HVPs run in eval mode but the first pass ran in train mode (``model=`` with
-  ``hvp_eval_mode=True``), ``grad L(w)`` costs one more evaluation per refresh (under DDP's
-  ``per_replica_perturbation`` the first pass's gradient is averaged over the replicas first: one
-  collective, no evaluation);
-- ``"auto"``: exact when a ``loss_fn`` is given (and no parameter is a DTensor), else central
-  finite differences;
-- ``"streaming"``: no product of its own: Oja's rule on the product SAM's two passes already
-  contain (``xsam.optim.streaming``). Only optimizers that wire it (X-SAM) accept it.
+weights, warm-started from the previous v (a seeded normal draw the first time), with the HVP
+modes of docs/algorithm.md; ``"streaming"`` has no product of its own (``xsam.optim.streaming``).
 
-A refresh whose vector is zero or not finite (a zero Hessian on the batch, a NaN product, an
-AMP overflow) is rejected on the device: ``torch.where`` keeps the previous v (or the
-normalised start vector when there is none), no host sync. The rejection is counted, reported
-as ``refresh_rejected``, and the refresh is retried at the next step once the host can read
-the flag without waiting (immediately on the CPU; on a GPU as soon as the device has
-produced it). So v is never zero or non-finite after a completed step.
+A refresh whose vector is zero or not finite is rejected on the device (``torch.where`` keeps
+the previous v or the normalised start vector: no host sync), and retried at the next step once
+the host can read the flag without waiting. So v is never zero or non-finite after a completed step.
 """
 from __future__ import annotations
 
