@@ -1,14 +1,6 @@
 """Training-loop features: gradient accumulation, BatchNorm without ``model=``, torch.compile, clipping, the
-recipes of docs/training-loops.md and the names of the reported norms.
-
-Oracles: the large-batch step (accumulation; the documented recipe too, also when the micro-batches differ in
-size), the ``model=`` path and a twin model (BatchNorm), the eager run (compile), flat-vector SAM on a quadratic
-with a known gradient (clipping between the passes), and the eigenpair of the exact Hessian of a small MLP
-(clipping inside the closure makes finite-difference HVPs differentiate the clipped gradient; ``max_grad_norm``
-clips only what the base optimizer sees). ASAM's ||w*g|| is reported under its own name, not as ||g||.
-
-The recipes of docs/training-loops.md are executed as written (from the checkout of the imported package).
-"""
+recipes of docs/training-loops.md (executed as written, from the checkout of the imported package) and the names
+of the reported norms."""
 import copy
 import functools
 from pathlib import Path

@@ -45,7 +45,8 @@ from .functional import inverse_norm
 from .lists import GroupLists, ParamLists, structure_key
 from .model_state import BatchNormState, batchnorm_statistics_frozen
 from .validation import (ARGUMENTS_OF, check_base_optimizer, check_eps, check_model, check_number, check_parameters,
-                         check_process_group, check_rho, own_arguments, own_eps, split_base_kwargs)
+                         check_process_group, check_rho, fill_prebuilt_groups, own_arguments, own_eps,
+                         split_base_kwargs)
 
 __all__ = ["GLOBAL", "FirstPassSums", "GradientCheck", "SharpnessAware", "StepTransaction"]
 
@@ -138,20 +139,7 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
             if len(mine) != len(theirs) or any(a is not b for a, b in zip(mine, theirs)):
                 raise ValueError("base_optimizer was built over other parameters than `params`; "
                                  "build it over the same parameters, or pass its class instead")
-            # Their groups are kept (they may split the parameters differently); each gets our
-            # keys from the groups of ours its parameters were in, which must agree on them.
-            ours = {id(p): (i, g) for i, g in enumerate(self.param_groups) for p in g["params"]}
-            for index, group in enumerate(base_optimizer.param_groups):
-                sources = dict(ours[id(p)] for p in group["params"])
-                values = {key: {j: g.get(key, default) for j, g in sources.items()}
-                          for key, default in self._own_defaults.items() if key not in group}
-                for key, by_group in values.items():
-                    if len(set(map(repr, by_group.values()))) > 1:
-                        raise ValueError(f"base_optimizer's param_groups[{index}] holds parameters of param_groups "
-                                         f"{' and '.join(map(str, by_group))}, which set different {key} "
-                                         f"({', '.join(map(repr, by_group.values()))}); build the base optimizer "
-                                         "with the same groups, or pass its class instead")
-                    group[key] = next(iter(by_group.values()), self._own_defaults[key])
+            fill_prebuilt_groups(base_optimizer.param_groups, self.param_groups, self._own_defaults)
             self.base_optimizer = base_optimizer
         else:
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)

@@ -206,8 +206,8 @@ class EigenvectorBase(SharpnessAware):
         device = params[0].device if params else torch.device("cpu")
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         out["power_iterations"] = int(g.get("power_iterations", 0))
-        out["eigenvalue"] = g.get("eigenvalue", torch.full((), float("nan"), dtype=dtype, device=device))
-        out["eigen_residual"] = g.get("eigen_residual", torch.full((), float("nan"), dtype=dtype, device=device))
+        for key in ("eigenvalue", "eigen_residual"):
+            out[key] = g.get(key, torch.full((), float("nan"), dtype=dtype, device=device))
         out["refresh_rejected"] = g.get("refresh_rejected", torch.zeros((), dtype=torch.bool, device=device))
         if self.tracker.adaptive:
             out.update({key: int(g[key]) for key in self.tracker.SCHEDULE})
@@ -244,10 +244,8 @@ class EigenvectorBase(SharpnessAware):
                              "torch.Generator()); the checkpoint is corrupt")
         for pid, entry in per_param.items():
             v = entry.get("eigenvector") if isinstance(entry, dict) else None
-            if v is None:
-                continue
             i = positions.get(pid)
-            if i is None:
+            if v is None or i is None:
                 continue
             if tuple(v.shape) != tuple(params[i].shape):
                 raise ValueError(f"state_dict's eigenvector for parameter {i} has shape {tuple(v.shape)} but the "
