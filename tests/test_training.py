@@ -18,11 +18,6 @@ from helpers import Quadratic, assert_each_close, closure_of, flat, gloo_group, 
 mlp = functools.partial(make_model, 5, 7, 3)
 
 
-def batch(t, n=12, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(50 + t)
-    return torch.randn(n, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
-
-
 # ----- gradient accumulation ----------------------------------------------------------------
 def accumulating_closures(model, x, y, micro_batches):
     """The documented pattern: each pass (and each HVP) runs every micro-batch; losses / k."""
@@ -53,7 +48,7 @@ def test_accumulated_micro_batches_equal_the_large_batch_step(optimizer):
             opt = XSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, alpha=0.5, eig_interval=2,
                        power_iters=3, hvp="exact" if optimizer == "xsam_exact" else "finite_difference")
         for t in range(4):
-            closure, loss_fn = accumulating_closures(model, *batch(t), micro_batches)
+            closure, loss_fn = accumulating_closures(model, *classification_batch(12, seed=50 + t, width=5), micro_batches)
             loss = opt.step(closure, loss_fn=loss_fn) if optimizer == "xsam_exact" else opt.step(closure)
         runs.append((flat(model.parameters()), loss, opt))
     (w1, loss1, opt1), (w3, loss3, opt3) = runs
@@ -129,7 +124,7 @@ def test_compiled_model_trains_like_eager_without_recompiling_every_step(compile
 
     torch._dynamo.reset()
     counters.clear()
-    x, y = batch(0, n=32, dtype=torch.float32)
+    x, y = classification_batch(32, seed=50, width=5, dtype=torch.float32)
     results = []
     graphs_after = []
     for compiled in (False, True):
@@ -251,9 +246,9 @@ def steep_mlp():
     return make_mlp(last_layer_scale=5.0)
 
 
-def classification_batch(n, seed=1):
+def classification_batch(n, seed=1, width=4, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+    return torch.randn(n, width, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
 
 
 def loss_of(model, x, y):
