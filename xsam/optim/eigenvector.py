@@ -242,9 +242,8 @@ class EigenvectorTracker:
         generator.set_state(inputs.global_state["generator"])
         previous = self.vectors(inputs, lists.params)
         has_previous = previous is not None
-        if previous is not None:
-            previous = [v for p, v in zip(lists.params, previous) if p.requires_grad]
-            start = previous
+        if has_previous:
+            start = previous = [v for p, v in zip(lists.params, previous) if p.requires_grad]
         else:
             start = random_vectors(params, 1, generator)[0]
         flags: list[Tensor] = []
@@ -294,14 +293,13 @@ class EigenvectorTracker:
                     agreed = accepted & (vp.abs() >= ADAPTIVE_AGREEMENT * (vv * pp).sqrt())
                 else:
                     agreed = torch.zeros_like(accepted)
-        old_lam = inputs.global_state.get("eigenvalue")
-        old_res = inputs.global_state.get("eigen_residual")
-        nan = torch.full_like(lam, float("nan"))
-        return PendingRefresh(
-            params=params, vectors=vectors,
-            eigenvalue=torch.where(accepted, lam, nan if old_lam is None else old_lam.to(lam)),
-            residual=torch.where(accepted, residual, nan if old_res is None else old_res.to(residual)),
-            accepted=accepted, iterations=result.iterations, generator_state=generator.get_state(), agreed=agreed)
+        def kept(new: Tensor, key: str) -> Tensor:  # where rejected: the last refresh's value (NaN before one)
+            old = inputs.global_state.get(key)
+            return torch.where(accepted, new, torch.full_like(new, float("nan")) if old is None else old.to(new))
+
+        return PendingRefresh(params=params, vectors=vectors, eigenvalue=kept(lam, "eigenvalue"),
+                              residual=kept(residual, "eigen_residual"), accepted=accepted,
+                              iterations=result.iterations, generator_state=generator.get_state(), agreed=agreed)
 
     def _base_gradient(self, inputs: TrackerInputs, closure, params: list[Tensor], first_gradients,
                        first_pass_randomness, unscale) -> tuple[list[Tensor], RandomState | None]:
