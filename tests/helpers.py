@@ -70,6 +70,20 @@ class Quadratic:
             v = u / (u.norm() + eps)
         return v, lam
 
+    def sgd_oracle(self, steps: int, seed: int, lr, ascent, descent, refresh: bool = True, eps: float = 1e-12):
+        """Plain SGD steps of a SAM-type method on flat float64 vectors: v refreshed at every second step
+        (5 ``power_refresh`` iterations), ``e = ascent(g, v)``, ``w -= lr * descent(g_adv, v)``. Returns w
+        and each step's {"g", "ga", "v", "eigenvalue"}."""
+        w, gen, v, lam, history = flat(self.params), torch.Generator().manual_seed(seed), None, None, []
+        for t in range(steps):
+            if refresh and t % 2 == 0:
+                v, lam = self.power_refresh(v, gen, 5, eps)
+            g = self.grad(w)
+            ga = self.grad(w + ascent(w, g, v))
+            w = w - lr * descent(ga, v)
+            history.append({"g": g, "ga": ga, "v": v, "eigenvalue": lam})
+        return w, history
+
     def two_groups(self, rho, alpha, lr, /, **extra) -> list[dict]:
         """Param groups {p0} and {p1, p2} with per-group (rho, alpha, lr) pairs; ``extra`` (any key, alpha
         included) overrides them in both."""
@@ -259,3 +273,10 @@ def scaled_or_plain_steps(opt, scaler, closure, steps: int, use_scaler: bool) ->
             scaler.update()
         else:
             opt.step(closure)
+
+
+def set_eigenvector(opt, params, v) -> None:
+    """Store the flat vector ``v`` as ``opt``'s eigenvector of ``params``, as a refresh at step 0 would."""
+    opt.state["xsam"].update(step=1, refreshes=1)
+    for p, piece in zip(params, torch.split(v, [p.numel() for p in params])):
+        opt.state[p]["eigenvector"] = piece.reshape(p.shape).clone()

@@ -55,12 +55,23 @@ def uninterrupted(kind, base="sgd", steps=2 * N):
     return model, opt
 
 
+def dcp_round_trip(model, opt, kind, base, tmp_path, seed):
+    """``dcp.save`` of (model, opt), then ``dcp.load`` into a freshly built pair (initialised with ``seed``)."""
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path))
+    model2 = make_model(seed=seed)
+    opt2 = make_optimizer(kind, model2, base)
+    model_sd, optim_sd = get_state_dict(model2, opt2)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path))
+    set_state_dict(model2, opt2, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    return model2, opt2
+
+
 KINDS = ["sam", "xsam"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_get_and_set_optimizer_state_dict_resume_bit_identically(kind):
-    """Failed with a bare KeyError: 'xsam' (the global entry was not a parameter)."""
     model, opt = uninterrupted(kind, steps=N)
     saved = copy.deepcopy(get_state_dict(model, opt))  # (model, optimizer) state, keyed by parameter names
     assert set(saved[1]["state"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
@@ -80,14 +91,7 @@ def test_dcp_save_and_load_into_a_fresh_optimizer_resume_bit_identically(kind, b
     That state_dict must already have every entry the checkpoint has, or DCP leaves it out
     silently: the eigenvector, the refresh record and the base optimizer's state.
     """
-    model, opt = uninterrupted(kind, base, steps=N)
-    model_sd, optim_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path))
-    model2 = make_model(seed=1)
-    opt2 = make_optimizer(kind, model2, base)
-    model_sd, optim_sd = get_state_dict(model2, opt2)
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path))
-    set_state_dict(model2, opt2, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    model2, opt2 = dcp_round_trip(*uninterrupted(kind, base, steps=N), kind, base, tmp_path, seed=1)
     assert opt2.diagnostics()["step"] == N
     assert opt2.base_optimizer.state  # momentum buffers / Adam moments arrived
     train(model2, opt2, N, start=N)
@@ -100,14 +104,8 @@ def test_a_checkpoint_of_a_fresh_optimizer_loads_as_fresh(kind, tmp_path):
     eigenvector), so the loaded optimizer then trains exactly like a fresh one."""
     model = make_model()
     opt = make_optimizer(kind, model, "adam")
-    model_sd, optim_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path))
+    model2, opt2 = dcp_round_trip(model, opt, kind, "adam", tmp_path, seed=0)
     assert not opt.base_optimizer.state  # taking the state_dict did not step the base optimizer
-    model2 = make_model()
-    opt2 = make_optimizer(kind, model2, "adam")
-    model_sd, optim_sd = get_state_dict(model2, opt2)
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path))
-    set_state_dict(model2, opt2, model_state_dict=model_sd, optim_state_dict=optim_sd)
     assert not opt2.base_optimizer.state and not any(opt2.state[p] for p in model2.parameters())
     train(model2, opt2, N)
     same_run(uninterrupted(kind, "adam", steps=N), (model2, opt2))

@@ -1,16 +1,17 @@
 """SAM, ASAM and X-SAM steps against flat-vector oracles written here, plus the step protocol."""
 import copy
 import itertools
+import math
 
 import pytest
 import torch
 from torch import nn
 
 import xsam
-from xsam import SAM, XSAM
+from xsam import SAM, XSAM, EigenSAM
 
 from helpers import (Quadratic, assert_same_state, bn_batch, closure_of, flat, make_bn_run, make_model,
-                     resumed_halfway, snapshot)
+                     resumed_halfway, set_eigenvector, snapshot)
 
 EPS = 1e-12
 RHO, ALPHA, LR = (0.05, 0.2), (0.3, 1.5), (0.1, 0.05)  # per param group: group 0 = p0, group 1 = p1, p2
@@ -20,32 +21,24 @@ def groups(q, **extra):
     return q.two_groups(RHO, ALPHA, LR, **extra)
 
 
-def oracle(q, steps, *, correction="signed", normalize=True, adaptive=False, eig_interval=2, power_iters=5,
-           seed=0, use_eigenvector=True, alpha=None):
+def oracle(q, steps, *, correction="signed", normalize=True, adaptive=False, seed=0, use_eigenvector=True):
     """X-SAM (or SAM with use_eigenvector=False) with plain SGD, on flat float64 vectors."""
-    w = flat(q.params)
-    rho, lr = q.per_element(RHO), q.per_element(LR)
-    alpha = q.per_element(ALPHA if alpha is None else alpha)
-    gen = torch.Generator().manual_seed(seed)
-    v, history = None, []
-    for t in range(steps):
-        if use_eigenvector and t % eig_interval == 0:
-            v, lam = q.power_refresh(v, gen, power_iters, EPS)
-        g = q.grad(w)
-        if adaptive:
-            e = rho * w * w * g / ((w * g).norm() + EPS)
-        else:
-            e = rho * g / (g.norm() + EPS)
-        ga = q.grad(w + e)
+    rho, alpha = q.per_element(RHO), q.per_element(ALPHA)
+
+    def ascent(w, g, v):
+        return rho * w * w * g / ((w * g).norm() + EPS) if adaptive else rho * g / (g.norm() + EPS)
+
+    def descent(ga, v):
         if not use_eigenvector:
-            w = w - lr * ga
-            continue
+            return ga
         gh = ga / (ga.norm() + EPS) if normalize else ga
         c = gh @ v
         beta = {"signed": torch.sign(ga @ v) * c, "symmetric": c, "acute": c.clamp_min(0)}[correction]
-        w = w - lr * (gh - alpha * beta * v)
-        history.append({"eigenvalue": lam, "cos_gadv_v": (ga @ v) / (ga.norm() + EPS), "cos_g_v": (g @ v) / (g.norm() + EPS)})
-    return w, history
+        return gh - alpha * beta * v
+
+    w, steps = q.sgd_oracle(steps, seed, q.per_element(LR), ascent, descent, refresh=use_eigenvector)
+    return w, [dict(s, cos_gadv_v=(s["ga"] @ s["v"]) / (s["ga"].norm() + EPS),
+                    cos_g_v=(s["g"] @ s["v"]) / (s["g"].norm() + EPS)) for s in steps if use_eigenvector]
 
 
 @pytest.mark.parametrize("correction, normalize, adaptive",
@@ -97,9 +90,7 @@ def step_with_given_eigenvector(v, correction):
     """One step (no refresh) from the same weights with the stored eigenvector set to v; returns .grad."""
     q = Quadratic()
     opt = XSAM(groups(q), torch.optim.SGD, correction=correction, eig_interval=1000)
-    opt.state["xsam"].update(step=1, refreshes=1)
-    for p, piece in zip(q.params, torch.split(v, [p.numel() for p in q.params])):
-        opt.state[p]["eigenvector"] = piece.reshape(p.shape).clone()
+    set_eigenvector(opt, q.params, v)
     w = flat(q.params)
     opt.step(q.closure)
     rho = q.per_element(RHO)
@@ -163,18 +154,13 @@ def test_restore_is_bit_exact():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
-def assert_same_snapshot(a, b):
-    (wa, sa), (wb, sb) = a, b
-    assert all(torch.equal(x, y) for x, y in zip(wa, wb))
-    assert_same_state(sa, sb)
-
-
+@pytest.mark.parametrize("cls", [XSAM, EigenSAM])
 @pytest.mark.parametrize("fail_on_call", [1, 2, 3, 4])
-def test_closure_raising_mid_step_leaves_weights_and_state_unchanged(fail_on_call):
+def test_closure_raising_mid_step_leaves_weights_and_state_unchanged(cls, fail_on_call):
     model = make_model(4, 6, 1, dtype=torch.float32)
     x, y = torch.randn(8, 4), torch.randn(8, 1)
-    opt = XSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, eig_interval=2, power_iters=1,
-               hvp="finite_difference")
+    opt = cls(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, eig_interval=2, power_iters=1,
+              hvp="finite_difference")
     calls, armed = [], []
 
     def closure():
@@ -193,25 +179,26 @@ def test_closure_raising_mid_step_leaves_weights_and_state_unchanged(fail_on_cal
     # Calls 1-2: finite-difference HVP of the refresh, 3: first pass, 4: second (perturbed) pass.
     with pytest.raises(RuntimeError, match="user error"):
         opt.step(closure)
-    assert_same_snapshot(snapshot(model, opt), before)
+    assert_same_state(snapshot(model, opt), before)
     armed.clear()
     opt.step(closure)  # and it carries on normally
 
 
-def test_checkpoint_resume_is_bit_identical():
-    (model_a, opt_a), (model_c, opt_c) = resumed_halfway(XSAM, 4)
+@pytest.mark.parametrize("cls", [XSAM, EigenSAM])
+def test_checkpoint_resume_is_bit_identical(cls):
+    (model_a, opt_a), (model_c, opt_c) = resumed_halfway(cls, 4)
     assert all(torch.equal(a, c) for a, c in zip(model_a.state_dict().values(), model_c.state_dict().values()))
     va, vc = opt_a.eigenvector(), opt_c.eigenvector()
     assert all(torch.equal(a, c) for a, c in zip(va, vc))
     assert opt_a.diagnostics() == opt_c.diagnostics()
-    # The base optimizer and XSAM still share their param groups after loading.
+    # The base optimizer and the wrapper still share their param groups after loading.
     assert opt_c.base_optimizer.param_groups is opt_c.param_groups
 
 
 def test_batchnorm_statistics_come_from_the_first_pass_only():
     for hvp_eval_mode in (True, False):
         model, opt = make_bn_run(XSAM)
-        opt.hvp_eval_mode = hvp_eval_mode
+        opt.tracker.hvp_eval_mode = hvp_eval_mode
         twin = copy.deepcopy(model)
         x, y = bn_batch(0)
 
@@ -255,18 +242,22 @@ def test_parameters_without_gradient_are_skipped():
     assert torch.equal(unused, torch.ones(3, dtype=torch.float64)) and unused.grad is None
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"rho": -0.1}, "rho"), ({"alpha": 2.5}, "alpha"), ({"alpha": -1}, "alpha"), ({"eig_interval": 0}, "eig_interval"),
-    ({"power_iters": 0}, "power_iters"), ({"correction": "flip"}, "correction"), ({"hvp": "jvp"}, "hvp"),
-    ({"backend": "cuda"}, "backend"), ({"eig_tol": 0}, "eig_tol"), ({"base_optimizer": "SGD"}, "base_optimizer"),
+@pytest.mark.parametrize("cls, kwargs, name", [
+    (XSAM, {"rho": -0.1}, "rho"), (XSAM, {"alpha": 2.5}, "alpha"), (XSAM, {"alpha": -1}, "alpha"),
+    (XSAM, {"eig_interval": 0}, "eig_interval"), (XSAM, {"power_iters": 0}, "power_iters"),
+    (XSAM, {"correction": "flip"}, "correction"), (XSAM, {"hvp": "jvp"}, "hvp"), (XSAM, {"backend": "cuda"}, "backend"),
+    (XSAM, {"eig_tol": 0}, "eig_tol"), (XSAM, {"base_optimizer": "SGD"}, "base_optimizer"),
+    (XSAM, dict(rho=math.inf), "rho=inf"), (XSAM, dict(eps=math.inf), "eps=inf"), (XSAM, dict(eps=0.0), "eps=0.0"),
+    (SAM, dict(eps=0.0), "eps=0"), (XSAM, dict(hvp_eval_mode="yes"), "hvp_eval_mode='yes'"),
+    (XSAM, dict(seed=2 ** 70), "seed="), (XSAM, dict(max_grad_norm=0.0), "max_grad_norm=0.0"),
 ])
-def test_bad_arguments_are_clear_errors(kwargs, name):
+def test_bad_arguments_are_clear_errors(cls, kwargs, name):
     q = Quadratic()
     before = flat(q.params)
     kwargs = dict(kwargs)
     base = kwargs.pop("base_optimizer", torch.optim.SGD)
     with pytest.raises(ValueError, match=name):
-        XSAM(q.params, base, lr=0.1, **kwargs)
+        cls(q.params, base, lr=0.1, **kwargs)
     assert torch.equal(flat(q.params), before)
 
 
@@ -315,8 +306,10 @@ def test_built_base_optimizer_instance_is_accepted():
         XSAM(q.params[:1], torch.optim.SGD(q.params, lr=0.1))
 
 
-def test_package_exports():
-    assert xsam.XSAM is XSAM and xsam.SAM is SAM
+def test_package_exports_and_kinds():
+    assert xsam.XSAM is XSAM and xsam.SAM is SAM and xsam.EigenSAM is EigenSAM and xsam.optim.EigenSAM is EigenSAM
+    q = Quadratic()
+    assert EigenSAM(q.params, torch.optim.SGD, lr=0.1).state_dict()["state"][0]["xsam"]["kind"] == "EigenSAM"
 
 
 def test_diagnostics_hook_receives_each_step_and_can_be_removed():

@@ -5,6 +5,8 @@ import torch
 
 import xsam
 
+from helpers import closure_of
+
 EIGENVALUES = [10.0, 2.0, 1.0, 0.5, 0.2, 0.1]  # a wide gap: five power iterations converge
 
 
@@ -37,9 +39,7 @@ class MovingQuadratic:
         return 0.5 * self.w @ (q @ self.d @ q.T) @ self.w
 
     def closure(self) -> torch.Tensor:
-        loss = self.loss()
-        loss.backward()
-        return loss
+        return closure_of(self.loss)()
 
 
 def run(problem: MovingQuadratic, opt, steps: range) -> list[int]:

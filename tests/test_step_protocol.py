@@ -1,18 +1,16 @@
-"""Every step all-or-nothing: what a demanding user tries.
-
-Each test failed on the code before the step protocol was rewritten; the oracle tests in
-test_optimizer.py check the mathematics of completed steps.
-"""
+"""Every step all-or-nothing: what a demanding user tries (test_optimizer.py checks the mathematics of
+completed steps)."""
 import copy
 import math
+import re
 
 import pytest
 import torch
 from torch import nn
 
-from xsam import SAM, XSAM
+from xsam import SAM, XSAM, EigenSAM
 
-from helpers import Quadratic, closure_of, flat, same_bits
+from helpers import Quadratic, assert_same_state, closure_of, flat, same_bits
 
 EPS = 1e-12
 
@@ -30,7 +28,7 @@ def weights(params):
     return [p.detach().clone() for p in params]
 
 
-# ----- 1, 2: groups and hyper-parameters checked before any weight moves ----------------------
+# ----- groups and hyper-parameters checked before any weight moves ----------------------
 def test_prebuilt_base_optimizer_with_two_groups_steps_like_the_same_groups_built_by_the_wrapper():
     ps, qs = four_params(), four_params()
     prebuilt = XSAM(ps, torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:]}], lr=0.1), eig_interval=2,
@@ -52,23 +50,21 @@ def test_a_group_added_to_the_base_optimizer_gets_the_defaults():
     assert opt.param_groups[1]["rho"] == 0.07 and opt.diagnostics()["step"] == 1
 
 
-@pytest.mark.parametrize("key, value", [("rho", None), ("rho", -1.0), ("rho", math.inf), ("alpha", 50.0),
-                                        ("alpha", float("nan"))])
+@pytest.mark.parametrize("key, value", [("rho", None), ("rho", -1.0), ("rho", math.inf), ("rho", 1e300),
+                                        ("alpha", 50.0), ("alpha", float("nan"))])
 def test_a_bad_value_edited_into_a_group_is_refused_before_any_weight_moves(key, value):
     ps = four_params()
     opt = XSAM([{"params": ps[:2]}, {"params": ps[2:]}], torch.optim.SGD, lr=0.1, momentum=0.9,
                hvp="finite_difference")
     opt.step(quadratic_closure(ps))
-    before, state = weights(ps), copy.deepcopy(opt.state_dict())
+    before, state, valid = weights(ps), copy.deepcopy(opt.state_dict()), opt.param_groups[1][key]
     opt.param_groups[1][key] = value
-    with pytest.raises(ValueError, match=rf"param_groups\[1\]: {key}="):
+    with pytest.raises(ValueError, match=rf"param_groups\[1\]: {key}={re.escape(repr(value))} is invalid"):
         opt.step(quadratic_closure(ps))
     assert same_bits(ps, before)
     assert opt.diagnostics()["step"] == 1
-    opt.param_groups[1][key] = 0.05
-    assert torch.equal(opt.state_dict()["state"][0]["momentum_buffer"] if "momentum_buffer" in
-                       opt.state_dict()["state"][0] else torch.zeros(1), state["state"][0].get(
-                           "momentum_buffer", torch.zeros(1)))
+    opt.param_groups[1][key] = valid
+    assert_same_state(opt.state_dict(), state)
 
 
 def test_bad_values_in_a_prebuilt_base_optimizers_groups_are_refused_at_construction():
@@ -77,7 +73,7 @@ def test_bad_values_in_a_prebuilt_base_optimizers_groups_are_refused_at_construc
         SAM(ps, torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:], "rho": -1}], lr=0.1))
 
 
-# ----- 3: a raising diagnostics hook -------------------------------------------------------------
+# ----- a raising diagnostics hook -------------------------------------------------------------
 def test_a_raising_hook_propagates_but_the_step_stays_whole_and_counted():
     q = Quadratic()
     opt = XSAM(q.params, torch.optim.SGD, lr=0.1, eig_interval=1, hvp="exact")
@@ -94,7 +90,7 @@ def test_a_raising_hook_propagates_but_the_step_stays_whole_and_counted():
     assert not torch.equal(flat(q.params), w0) and opt.eigenvector() is not None
 
 
-# ----- 4: the eigenvector cannot die --------------------------------------------------------------
+# ----- the eigenvector cannot die --------------------------------------------------------------
 def test_a_zero_hessian_refresh_is_rejected_and_retried_and_v_never_becomes_zero():
     torch.manual_seed(0)
     model = nn.Linear(3, 2, bias=False).double()
@@ -134,22 +130,7 @@ def test_a_nan_hvp_without_the_scaler_keeps_the_weights_and_v_finite():
     assert opt.diagnostics()["refreshes"] == 2
 
 
-# ----- 5: validation at construction ------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(rho=math.inf), "rho=inf"), (dict(eps=math.inf), "eps=inf"), (dict(eps=0.0), "eps=0.0"),
-    (dict(hvp_eval_mode="yes"), "hvp_eval_mode='yes'"), (dict(seed=2 ** 70), "seed="),
-    (dict(max_grad_norm=0.0), "max_grad_norm=0.0"),
-])
-def test_invalid_arguments_are_named(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        XSAM(four_params(), torch.optim.SGD, lr=0.1, **kwargs)
-
-
-def test_eps_zero_is_refused_for_sam_too():
-    with pytest.raises(ValueError, match="eps=0"):
-        SAM(four_params(), torch.optim.SGD, lr=0.1, eps=0.0)
-
-
+# ----- validation at construction ---------------------------------------------------------------
 def test_complex_and_all_frozen_parameters_and_lbfgs_are_refused_at_construction():
     with pytest.raises(ValueError, match="complex"):
         SAM([nn.Parameter(torch.randn(3, dtype=torch.complex64))], torch.optim.SGD, lr=0.1)
@@ -174,7 +155,7 @@ def test_eps_with_a_base_optimizer_that_takes_eps_too_is_refused_as_ambiguous():
     assert opt.base_optimizer.defaults["eps"] == 1e-6 and opt.eps == 1e-10
 
 
-# ----- 6: checkpoints ---------------------------------------------------------------------------------
+# ----- checkpoints ---------------------------------------------------------------------------------
 def trained(cls, **kwargs):
     ps = four_params()
     opt = cls(ps, torch.optim.SGD, lr=0.1, momentum=0.9, **kwargs)
@@ -182,15 +163,14 @@ def trained(cls, **kwargs):
     return ps, opt
 
 
-@pytest.mark.parametrize("source, target, match", [
-    (SAM, XSAM, "saved by SAM, but this optimizer is XSAM"),
-    (XSAM, SAM, "saved by XSAM, but this optimizer is SAM"),
-])
-def test_a_checkpoint_of_another_kind_is_refused(source, target, match):
+@pytest.mark.parametrize("source, target", [(SAM, XSAM), (XSAM, SAM), (XSAM, EigenSAM), (EigenSAM, XSAM)])
+def test_a_checkpoint_of_another_kind_is_refused_and_changes_nothing(source, target):
     _, src = trained(source)
     _, dst = trained(target)
-    with pytest.raises(ValueError, match=match):
+    before = copy.deepcopy(dst.state_dict())
+    with pytest.raises(ValueError, match=f"saved by {source.__name__}, but this optimizer is {target.__name__}"):
         dst.load_state_dict(src.state_dict())
+    assert_same_state(dst.state_dict(), before)
 
 
 @pytest.mark.parametrize("corrupt, match", [
@@ -207,9 +187,7 @@ def test_a_corrupt_checkpoint_is_refused_and_changes_nothing(corrupt, match):
     before = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(sd)
-    after = opt.state_dict()
-    assert after["state"][0]["xsam"]["step"] == before["state"][0]["xsam"]["step"]
-    assert torch.equal(after["state"][0]["eigenvector"], before["state"][0]["eigenvector"])
+    assert_same_state(opt.state_dict(), before)
 
 
 def test_a_load_that_fails_half_way_leaves_the_groups_shared():
@@ -222,7 +200,7 @@ def test_a_load_that_fails_half_way_leaves_the_groups_shared():
     assert opt.base_optimizer.param_groups[0]["lr"] == 0.5 and opt.base_optimizer.param_groups is opt.param_groups
 
 
-# ----- 7: BatchNorm statistics on failure ----------------------------------------------------------------
+# ----- BatchNorm statistics on failure ----------------------------------------------------------------
 def test_an_exception_in_the_second_pass_puts_the_batchnorm_statistics_back():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
@@ -245,7 +223,7 @@ def test_an_exception_in_the_second_pass_puts_the_batchnorm_statistics_back():
     assert same_bits([bn.running_mean, bn.running_var, bn.num_batches_tracked], before)
 
 
-# ----- 8: a parameter with a gradient only in the second pass ----------------------------------------------
+# ----- a parameter with a gradient only in the second pass ----------------------------------------------
 def test_a_parameter_with_a_gradient_only_in_the_second_pass_is_normalised_and_corrected():
     q = Quadratic()
     extra = nn.Parameter(torch.tensor([0.3, -0.2], dtype=torch.float64))
@@ -274,7 +252,7 @@ def test_a_parameter_with_a_gradient_only_in_the_second_pass_is_normalised_and_c
     torch.testing.assert_close(extra.detach(), e0 - 0.1 * want[-2:], rtol=1e-10, atol=1e-12)
 
 
-# ----- 9: step() after a manual first_step() ------------------------------------------------------
+# ----- step() after a manual first_step() ------------------------------------------------------
 def test_step_after_a_manual_first_step_says_what_to_do_and_keeps_the_perturbation():
     ps = four_params()
     opt = SAM(ps, torch.optim.SGD, lr=0.1)
@@ -290,7 +268,7 @@ def test_step_after_a_manual_first_step_says_what_to_do_and_keeps_the_perturbati
     assert opt.diagnostics()["step"] == 1
 
 
-# ----- 11: the residual in fp32 -----------------------------------------------------------------------------
+# ----- the residual in fp32 -----------------------------------------------------------------------------
 def test_the_eigen_residual_is_right_to_fp32_precision():
     q = Quadratic(dtype=torch.float32)
     opt = XSAM(q.params, torch.optim.SGD, lr=1e-9, eig_interval=1, power_iters=60, hvp="exact")
@@ -406,8 +384,6 @@ def test_eigenvector_returns_a_copy_in_param_group_order_that_a_refresh_does_not
 
 
 def test_a_bad_hvp_for_eigensam_does_not_offer_streaming():
-    from xsam import EigenSAM
-
     with pytest.raises(ValueError, match="hvp='jvp'") as info:
         EigenSAM(four_params(), torch.optim.SGD, lr=0.1, hvp="jvp")
     assert "streaming" not in str(info.value) and "'finite_difference'" in str(info.value)

@@ -1,14 +1,6 @@
 """Training-loop features: gradient accumulation, BatchNorm without ``model=``, torch.compile, clipping, the
-recipes of docs/training-loops.md and the names of the reported norms.
-
-Oracles: the large-batch step (accumulation; the documented recipe too, also when the micro-batches differ in
-size), the ``model=`` path and a twin model (BatchNorm), the eager run (compile), flat-vector SAM on a quadratic
-with a known gradient (clipping between the passes), and the eigenpair of the exact Hessian of a small MLP
-(clipping inside the closure makes finite-difference HVPs differentiate the clipped gradient; ``max_grad_norm``
-clips only what the base optimizer sees). ASAM's ||w*g|| is reported under its own name, not as ||g||.
-
-The recipes of docs/training-loops.md are executed as written (from the checkout of the imported package).
-"""
+recipes of docs/training-loops.md (executed as written, from the checkout of the imported package) and the names
+of the reported norms."""
 import copy
 import functools
 from pathlib import Path
@@ -24,11 +16,6 @@ from helpers import Quadratic, assert_each_close, closure_of, flat, gloo_group, 
 
 
 mlp = functools.partial(make_model, 5, 7, 3)
-
-
-def batch(t, n=12, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(50 + t)
-    return torch.randn(n, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
 
 
 # ----- gradient accumulation ----------------------------------------------------------------
@@ -61,7 +48,7 @@ def test_accumulated_micro_batches_equal_the_large_batch_step(optimizer):
             opt = XSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, alpha=0.5, eig_interval=2,
                        power_iters=3, hvp="exact" if optimizer == "xsam_exact" else "finite_difference")
         for t in range(4):
-            closure, loss_fn = accumulating_closures(model, *batch(t), micro_batches)
+            closure, loss_fn = accumulating_closures(model, *classification_batch(12, seed=50 + t, width=5), micro_batches)
             loss = opt.step(closure, loss_fn=loss_fn) if optimizer == "xsam_exact" else opt.step(closure)
         runs.append((flat(model.parameters()), loss, opt))
     (w1, loss1, opt1), (w3, loss3, opt3) = runs
@@ -73,15 +60,10 @@ def test_accumulated_micro_batches_equal_the_large_batch_step(optimizer):
 
 
 # ----- BatchNorm --------------------------------------------------------------------------
-def bn_model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2)).double()
-
-
 def test_batchnorm_helper_without_model_equals_the_model_path():
     """Users who run the passes themselves freeze the statistics with ``batchnorm_statistics_frozen``."""
-    with_model, manual = bn_model(), bn_model()
-    twin = bn_model()  # gets only the first-pass forwards: the oracle for the running statistics
+    with_model, manual = make_mlp(batchnorm=True), make_mlp(batchnorm=True)
+    twin = make_mlp(batchnorm=True)  # gets only the first-pass forwards: the oracle for the running statistics
     twin.load_state_dict(manual.state_dict())
     kw = dict(lr=0.1, momentum=0.9, eig_interval=2, power_iters=2, hvp="finite_difference")
     opt_a = XSAM(with_model.parameters(), torch.optim.SGD, model=with_model, hvp_eval_mode=False, **kw)
@@ -119,7 +101,7 @@ def test_batchnorm_helper_without_model_equals_the_model_path():
 
 
 def test_batchnorm_statistics_frozen_restores_every_buffer_exactly():
-    model = bn_model()
+    model = make_mlp(batchnorm=True)
     model(torch.randn(8, 4, dtype=torch.float64))  # non-trivial statistics
     before = {k: v.clone() for k, v in model.state_dict().items()}
     twin = copy.deepcopy(model)
@@ -142,7 +124,7 @@ def test_compiled_model_trains_like_eager_without_recompiling_every_step(compile
 
     torch._dynamo.reset()
     counters.clear()
-    x, y = batch(0, n=32, dtype=torch.float32)
+    x, y = classification_batch(32, seed=50, width=5, dtype=torch.float32)
     results = []
     graphs_after = []
     for compiled in (False, True):
@@ -264,9 +246,9 @@ def steep_mlp():
     return make_mlp(last_layer_scale=5.0)
 
 
-def classification_batch(n, seed=1):
+def classification_batch(n, seed=1, width=4, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+    return torch.randn(n, width, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
 
 
 def loss_of(model, x, y):
@@ -294,7 +276,8 @@ CLIP = 0.5
 
 
 def refreshed(max_grad_norm=None, clip_in_closure=False):
-    """One X-SAM step with a converged finite-difference refresh; returns (model, optimizer, weights before)."""
+    """One X-SAM step with a converged finite-difference refresh: (optimizer, weights before and after, the
+    true eigenpair, the step's record)."""
     model = steep_mlp()
     x, y = classification_batch(32)  # ||g|| about 1.6 > CLIP: clipping is active
     clip = {} if max_grad_norm is None else {"max_grad_norm": max_grad_norm}

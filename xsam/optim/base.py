@@ -44,11 +44,11 @@ from .checkpoint import GLOBAL, CheckpointMixin
 from .functional import inverse_norm
 from .lists import GroupLists, ParamLists, structure_key
 from .model_state import BatchNormState, batchnorm_statistics_frozen
-from .validation import (ARGUMENTS_OF, check_base_optimizer, check_bool, check_eps, check_number, check_parameters,
-                         check_process_group, check_rho, own_arguments, own_eps, register_arguments,
+from .validation import (ARGUMENTS_OF, check_base_optimizer, check_eps, check_model, check_number, check_parameters,
+                         check_process_group, check_rho, fill_prebuilt_groups, own_arguments, own_eps,
                          split_base_kwargs)
 
-__all__ = ["GLOBAL", "FirstPassSums", "GradientCheck", "SharpnessAware", "StepTransaction", "register_arguments"]
+__all__ = ["GLOBAL", "FirstPassSums", "GradientCheck", "SharpnessAware", "StepTransaction"]
 
 Closure = Callable[[], Tensor]
 # ``check(tensors, kind)``: see ``SharpnessAware.gradient_check``.
@@ -105,18 +105,8 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
         if max_grad_norm is not None:
             max_grad_norm = check_number("max_grad_norm", max_grad_norm, 0.0, low_open=True,
                                          hint="Pass None for no clipping.")
-        if model is not None and not isinstance(model, nn.Module):
-            raise ValueError(f"model={type(model).__name__} is invalid: pass the nn.Module being trained, or None")
-        check_bool("per_replica_perturbation", per_replica_perturbation)
-        if per_replica_perturbation and not hasattr(model, "no_sync"):
-            raise ValueError("per_replica_perturbation=True needs model=<the DistributedDataParallel module>: the "
-                             "first pass runs under model.no_sync() so each replica perturbs by its own gradient")
+        check_model(model, per_replica_perturbation)
         check_process_group(process_group)
-        if per_replica_perturbation and getattr(model, "static_graph", False):
-            raise ValueError("per_replica_perturbation=True does not work with DistributedDataParallel("
-                             "static_graph=True): DDP's static graph cannot skip the gradient all-reduce of the "
-                             "first pass (it fails with an internal assert, with or without xsam). Build the DDP "
-                             "module with static_graph=False, or use per_replica_perturbation=False")
         self.model = model
         self.per_replica_perturbation = per_replica_perturbation
         self.process_group = process_group
@@ -149,20 +139,7 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
             if len(mine) != len(theirs) or any(a is not b for a, b in zip(mine, theirs)):
                 raise ValueError("base_optimizer was built over other parameters than `params`; "
                                  "build it over the same parameters, or pass its class instead")
-            # Their groups are kept (they may split the parameters differently); each gets our
-            # keys from the groups of ours its parameters were in, which must agree on them.
-            ours = {id(p): (i, g) for i, g in enumerate(self.param_groups) for p in g["params"]}
-            for index, group in enumerate(base_optimizer.param_groups):
-                sources = dict(ours[id(p)] for p in group["params"])
-                values = {key: {j: g.get(key, default) for j, g in sources.items()}
-                          for key, default in self._own_defaults.items() if key not in group}
-                for key, by_group in values.items():
-                    if len(set(map(repr, by_group.values()))) > 1:
-                        raise ValueError(f"base_optimizer's param_groups[{index}] holds parameters of param_groups "
-                                         f"{' and '.join(map(str, by_group))}, which set different {key} "
-                                         f"({', '.join(map(repr, by_group.values()))}); build the base optimizer "
-                                         "with the same groups, or pass its class instead")
-                    group[key] = next(iter(by_group.values()), self._own_defaults[key])
+            fill_prebuilt_groups(base_optimizer.param_groups, self.param_groups, self._own_defaults)
             self.base_optimizer = base_optimizer
         else:
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -178,8 +155,6 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
             self._validate_group(len(self.param_groups) - 1, self.param_groups[-1])
             return
         group = dict(param_group)
-        for key, value in self._own_defaults.items():
-            group.setdefault(key, value)
         self._validate_group(len(self.param_groups), group)
         self.base_optimizer.add_param_group(group)
 
@@ -190,8 +165,7 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
         self._check_hyperparameters(group, f"param_groups[{index}]: ")
 
     def _check_hyperparameters(self, values: dict, where: str) -> None:
-        """The per-group hyper-parameters (the constructor's defaults, where="", or a group's, with its
-        "params"): one place for both, extended by each class for its own keys."""
+        """The per-group keys of the defaults (where="") or of a group; each class extends it for its own."""
         values["rho"] = check_rho(values["rho"], where)
 
     def _step_lists(self) -> ParamLists:
@@ -309,8 +283,7 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
     def _check_gradients(self, lists: ParamLists, kind: str) -> None:
         """Let the attached check (AMP) unscale this pass's gradients; skip the step on inf/nan.
 
-        Reading the flag waits for the device: one host sync per pass, only while a check
-        is attached (the stock GradScaler.step reads its flag once per step too).
+        Reading the flag is one host sync per pass, only while a check is attached (as GradScaler.step's).
         """
         if self._gradient_check is None:
             return
@@ -345,12 +318,12 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
     def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> FirstPassSums:
         """SAM's (and ASAM's) norm of the first pass, in one fused reduction; records it."""
         if self.adaptive:
-            wg = ops.weighted_sumsq(active.params, grads, backend=self.backend, layout=active.layout)
-            txn.diagnostics["weighted_grad_norm"] = wg.sqrt()
-            return FirstPassSums(inverse_norm(wg, self.eps))
-        gg = ops.dots([grads], [(0, 0)], backend=self.backend, layout=active.layout)[0]
-        txn.diagnostics["grad_norm"] = gg.sqrt()
-        return FirstPassSums(inverse_norm(gg, self.eps))
+            name, sq = "weighted_grad_norm", ops.weighted_sumsq(active.params, grads, backend=self.backend,
+                                                                layout=active.layout)
+        else:
+            name, sq = "grad_norm", ops.dots([grads], [(0, 0)], backend=self.backend, layout=active.layout)[0]
+        txn.diagnostics[name] = sq.sqrt()
+        return FirstPassSums(inverse_norm(sq, self.eps))
 
     @torch.no_grad()
     def _descend(self, txn: StepTransaction) -> None:
@@ -397,7 +370,10 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
         If anything raises (the closure included), the weights are restored bit-exactly and the
         optimizer state is left as it was.
         """
-        txn = self._begin(self._require_closure(closure), None)
+        return self._step(closure, None)
+
+    def _step(self, closure: Closure | None, loss_fn: Closure | None) -> Tensor | None:
+        txn = self._begin(self._require_closure(closure), loss_fn)
         if self._execute(txn, self._run):
             self._finish(txn)
         return txn.loss
@@ -464,9 +440,5 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
 
     def diagnostics(self) -> dict[str, float | int]:
         """The last step's scalars as Python numbers (reading them waits for the device)."""
-        out = {}
-        for k, v in self._global.items():
-            if k in ("generator", "kind"):
-                continue
-            out[k] = v.item() if isinstance(v, Tensor) else v
-        return out
+        return {k: v.item() if isinstance(v, Tensor) else v for k, v in self._global.items()
+                if k not in ("generator", "kind")}

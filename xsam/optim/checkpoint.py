@@ -1,33 +1,19 @@
 """The checkpoint of a SAM-type optimizer: its layout, and a load that is checked first, then all-or-nothing.
 
-Layout: one torch.optim state_dict, as torch.distributed.checkpoint (DCP) expects it::
+Layout (docs/training-loops.md#checkpoints): one torch.optim state_dict, as torch.distributed.checkpoint
+(DCP) expects it::
 
-    {"state": {i: {<the base optimizer's state of parameter i, e.g. "momentum_buffer">,
-                   "eigenvector": v_i (X-SAM, Eigen-SAM)},
+    {"state": {i: {<the base optimizer's state of parameter i>, "eigenvector": v_i (X-SAM, Eigen-SAM)},
                f: {..., "xsam": {"kind": "XSAM", "step": 12, "skipped_steps": 0, ...}}},
      "param_groups": [<the groups the wrapper and the base optimizer share>]}
 
-- Every key of ``"state"`` is a parameter position (DCP maps positions to parameter names and
-  back, and drops anything else), and every trainable parameter has an entry (DCP's loader
-  requires one), possibly empty.
-- The global (not per-parameter) state sits in the entry of the first trainable parameter,
-  under ``"xsam"``, as torch's LBFGS keeps its own: kind, step counters, the eigenvector
-  generator and the last refresh's record. Per-step diagnostics are not saved.
-- The entries have the same keys, types and shapes from construction on, because DCP loads
-  in place into the state_dict of a freshly built optimizer (the "template"), and loads only
-  what the template has. Before they exist, the eigenvector is saved as zeros and the refresh
-  record as NaN (both unused while no refresh was attempted), and the base optimizer's
-  entries are placeholders of the right shapes, taken from a throw-away copy of it stepped
-  at lr=0, as DCP does for torch's own optimizers (``base_state_placeholders`` marks them).
-  Loading drops all placeholders again, so a fresh optimizer's checkpoint loads as fresh.
-- ``torch.distributed.checkpoint.state_dict``'s ``flatten_optimizer_state_dict=True`` is not
-  supported: torch refuses the string ``kind`` (NotImplementedError), rather than saving a
-  checkpoint whose entries its loader would drop.
-
-Checkpoints of the earlier layout (global state under ``state["xsam"]``, the base optimizer's
-under ``"base_optimizer"``) load too. Everything is checked before anything is loaded, and if
-a load still fails half-way, the previous state and param groups (of both optimizers) are put
-back, still shared, so later learning-rate changes keep reaching the base optimizer.
+Every key of ``"state"`` is a parameter position and every trainable parameter has an entry (DCP
+maps positions to names and drops anything else); the global state sits in the entry ``f`` of the
+first trainable parameter, as LBFGS keeps its own. The entries have the same keys, types and shapes
+from construction on, because DCP loads in place into a fresh optimizer's state_dict and only what
+it has: before they exist they are placeholders (``base_state_placeholders``), dropped on load.
+Everything is checked before anything is loaded, and if a load still fails half-way, the previous
+state and param groups (of both optimizers) are put back, still shared.
 """
 from __future__ import annotations
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import ops
-from .base import FirstPassSums, StepTransaction, register_arguments
-from .eigenvector_base import EigenvectorBase
+from .base import FirstPassSums, StepTransaction
+from .eigenvector_base import EigenvectorBase, passed_on
 from .functional import eigensam_tilt
 from .lists import GroupLists, ParamLists
-from .validation import check_number
+from .validation import check_number, register_arguments
 
 __all__ = ["EigenSAM"]
 
@@ -52,16 +52,13 @@ class EigenSAM(EigenvectorBase):
 
     KIND = "EigenSAM"
 
-    def __init__(self, params, base_optimizer, *, rho: float = 0.05, alpha: float = 0.2, eig_interval: int = 5, eig_interval_max: int | None = None,
-                 power_iters: int = 5, eig_tol: float | None = None, hvp: str = "auto",
+    def __init__(self, params, base_optimizer, *, rho: float = 0.05, alpha: float = 0.2, eig_interval: int = 5,
+                 eig_interval_max: int | None = None, power_iters: int = 5, eig_tol: float | None = None,
+                 hvp: str = "auto",
                  model: nn.Module | None = None, hvp_eval_mode: bool = True, seed: int = 0,
                  per_replica_perturbation: bool = False, process_group="auto", backend: str = "auto",
                  eps: float | None = None, max_grad_norm: float | None = None, **base_kwargs):
-        super().__init__(params, base_optimizer, {"rho": rho, "alpha": alpha}, eig_interval=eig_interval,
-                         eig_interval_max=eig_interval_max,
-                         power_iters=power_iters, eig_tol=eig_tol, hvp=hvp, hvp_eval_mode=hvp_eval_mode, seed=seed,
-                         model=model, per_replica_perturbation=per_replica_perturbation, process_group=process_group,
-                         backend=backend, eps=eps, max_grad_norm=max_grad_norm, base_kwargs=base_kwargs)
+        super().__init__(params, base_optimizer, {"rho": rho, "alpha": alpha}, **passed_on(locals()))
 
     def _check_hyperparameters(self, values: dict, where: str) -> None:
         super()._check_hyperparameters(values, where)

@@ -1,29 +1,12 @@
 """The top Hessian eigenvector v of X-SAM and Eigen-SAM: when to refresh it, how, and when to reject it.
 
 A refresh runs ``power_iters`` power iterations on Hessian-vector products at the unperturbed
-weights, warm-started from the previous v (a seeded normal draw the first time):
-- ``hvp="exact"``: double backward of a forward-only ``loss_fn``, before the first pass;
-- ``"finite_difference"``: central differences of the closure's gradient (2 evaluations per
-  product), before the first pass;
-- ``"forward_difference"``: ``(grad L(w + h v) - grad L(w)) / h`` reusing the first pass's
-  gradient (1 evaluation per product), between the first pass and the perturbation; where the
-  HVPs run in eval mode but the first pass ran in train mode (``model=`` with
-  ``hvp_eval_mode=True``), ``grad L(w)`` costs one more evaluation per refresh (under DDP's
-  ``per_replica_perturbation`` the first pass's gradient is averaged over the replicas first: one
-  collective, no evaluation);
-- ``"auto"``: exact when a ``loss_fn`` is given (and no parameter is a DTensor), else central
-  finite differences;
-- ``"streaming"``: no product of its own. Every step feeds the product SAM's two passes already
-  contain, ``z = g - g_adv ~ -H e`` (e the perturbation), to Oja's rule
-  ``v <- (v + gamma <z^, v> z^) / ||...||`` with ``z^ = z / ||z||``: zero extra gradient
-  evaluations (docs/tracking/). Only optimizers that wire it (X-SAM) accept it.
+weights, warm-started from the previous v (a seeded normal draw the first time), with the HVP
+modes of docs/algorithm.md; ``"streaming"`` has no product of its own (``xsam.optim.streaming``).
 
-A refresh whose vector is zero or not finite (a zero Hessian on the batch, a NaN product, an
-AMP overflow) is rejected on the device: ``torch.where`` keeps the previous v (or the
-normalised start vector when there is none), no host sync. The rejection is counted, reported
-as ``refresh_rejected``, and the refresh is retried at the next step once the host can read
-the flag without waiting (immediately on the CPU; on a GPU as soon as the device has
-produced it). So v is never zero or non-finite after a completed step.
+A refresh whose vector is zero or not finite is rejected on the device (``torch.where`` keeps
+the previous v or the normalised start vector: no host sync), and retried at the next step once
+the host can read the flag without waiting. So v is never zero or non-finite after a completed step.
 """
 from __future__ import annotations
 
@@ -42,12 +25,10 @@ from .base import GradientCheck
 from .lists import ParamLists, scratch_like
 from .model_state import batchnorm_statistics_frozen, eval_mode
 
-__all__ = ["HVP_MODES", "STREAMING_RATE", "EigenvectorTracker", "PendingRefresh", "StreamedDescent", "TrackerInputs"]
+__all__ = ["HVP_MODES", "STREAMING_RATE", "EigenvectorTracker", "PendingRefresh", "TrackerInputs", "replica_group"]
 
 HVP_MODES = ("auto", "exact", "finite_difference", "forward_difference", "streaming", *PRODUCT_MODES)
-# gamma of the streaming (Oja) update: each step adds gamma times v's projection on z^. Chosen in a
-# prototype on the MLP regression of docs/tracking at three learning rates: 2 tracked better than 0.5
-# and 1, and 4, 8 or infinity (v = z^, no memory) were within 0.01 of it.
+# gamma of the streaming (Oja) update: each step adds gamma times v's projection on z^ (docs/tracking).
 STREAMING_RATE = 2.0
 # The adaptive schedule lengthens the interval while successive refreshes agree this well.
 ADAPTIVE_AGREEMENT = 0.9
@@ -82,16 +63,6 @@ class PendingRefresh:
     # Streaming: ``vectors`` are scratch and may be unusable where not accepted; the v stored at
     # commit is ``vectors`` where accepted, else these (the previous v or the normalised start).
     fallback: list[Tensor] | None = None
-
-
-@dataclass
-class StreamedDescent:
-    """What X-SAM's descent needs from a streaming update: the new v and the sums of g_adv with it."""
-
-    vectors: list[Tensor]  # the new v, aligned with the descent's parameters (scratch until commit)
-    gg: Tensor  # ||g_adv||^2
-    gv: Tensor  # <g_adv, new v>
-    refresh: PendingRefresh  # the new v as it is committed with the step
 
 
 class _DeviceFlag:
@@ -139,9 +110,6 @@ class EigenvectorTracker:
         self._agreed: _DeviceFlag | None = None
         self._cache_key: tuple | None = None
         self._cache: list[Tensor] | None = None
-        # Streaming: a buffer for the first pass's gradient, reused across steps with the same lists.
-        self._stream_lists: ParamLists | None = None
-        self._stream_buffer: list[Tensor] | None = None
 
     SCHEDULE = ("refresh_interval", "next_refresh")  # the adaptive schedule's host integers
 
@@ -274,9 +242,8 @@ class EigenvectorTracker:
         generator.set_state(inputs.global_state["generator"])
         previous = self.vectors(inputs, lists.params)
         has_previous = previous is not None
-        if previous is not None:
-            previous = [v for p, v in zip(lists.params, previous) if p.requires_grad]
-            start = previous
+        if has_previous:
+            start = previous = [v for p, v in zip(lists.params, previous) if p.requires_grad]
         else:
             start = random_vectors(params, 1, generator)[0]
         flags: list[Tensor] = []
@@ -326,14 +293,13 @@ class EigenvectorTracker:
                     agreed = accepted & (vp.abs() >= ADAPTIVE_AGREEMENT * (vv * pp).sqrt())
                 else:
                     agreed = torch.zeros_like(accepted)
-        old_lam = inputs.global_state.get("eigenvalue")
-        old_res = inputs.global_state.get("eigen_residual")
-        nan = torch.full_like(lam, float("nan"))
-        return PendingRefresh(
-            params=params, vectors=vectors,
-            eigenvalue=torch.where(accepted, lam, nan if old_lam is None else old_lam.to(lam)),
-            residual=torch.where(accepted, residual, nan if old_res is None else old_res.to(residual)),
-            accepted=accepted, iterations=result.iterations, generator_state=generator.get_state(), agreed=agreed)
+        def kept(new: Tensor, key: str) -> Tensor:  # where rejected: the last refresh's value (NaN before one)
+            old = inputs.global_state.get(key)
+            return torch.where(accepted, new, torch.full_like(new, float("nan")) if old is None else old.to(new))
+
+        return PendingRefresh(params=params, vectors=vectors, eigenvalue=kept(lam, "eigenvalue"),
+                              residual=kept(residual, "eigen_residual"), accepted=accepted,
+                              iterations=result.iterations, generator_state=generator.get_state(), agreed=agreed)
 
     def _base_gradient(self, inputs: TrackerInputs, closure, params: list[Tensor], first_gradients,
                        first_pass_randomness, unscale) -> tuple[list[Tensor], RandomState | None]:
@@ -348,7 +314,7 @@ class EigenvectorTracker:
             if inputs.per_replica_perturbation:
                 base = [t.clone() for t in base]  # the caller restores the first-pass .grad from the originals
                 with torch.no_grad():
-                    all_reduce_mean_(base, _replica_group(inputs))
+                    all_reduce_mean_(base, replica_group(inputs))
             return base, first_pass_randomness
         # One more evaluation, in the mode of the HVPs (the caller's eval-mode context is active).
         randomness = RandomState.capture()
@@ -366,80 +332,6 @@ class EigenvectorTracker:
             unscale(grads)
         return grads, randomness
 
-    # ----- streaming (hvp="streaming") ---------------------------------------------------------
-    def scratch_tensors(self) -> list[Tensor]:
-        """The buffer streaming keeps the first pass's gradient in (memory, not state)."""
-        return list(self._stream_buffer or [])
-
-    def capture_first_pass(self, inputs: TrackerInputs, lists: ParamLists, active: ParamLists,
-                           grads: list[Tensor]) -> list[Tensor]:
-        """A copy of the first pass's g for the streaming update (the second pass overwrites .grad).
-
-        The step transaction holds it until ``stream``. Aligned with ``lists`` (zeros where a parameter has no first-pass gradient: it was not
-        moved). With ``per_replica_perturbation`` the copy is averaged over the DDP group, like the
-        second pass's gradient, so every replica computes the same v.
-        """
-        if lists is not self._stream_lists:
-            self._stream_buffer = scratch_like(lists.params)
-            self._stream_lists = lists
-        buffer = self._stream_buffer
-        with torch.no_grad():
-            if active is lists:
-                ops.copy_(buffer, grads)
-            else:
-                by_id = dict(zip(map(id, active.params), grads))
-                for p, b in zip(lists.params, buffer):
-                    g = by_id.get(id(p))
-                    b.copy_(g) if g is not None else b.zero_()
-            if inputs.per_replica_perturbation:
-                all_reduce_mean_(buffer, _replica_group(inputs))
-        return buffer
-
-    def stream(self, inputs: TrackerInputs, lists: ParamLists, first_pass: list[Tensor], active: ParamLists,
-               grads: list[Tensor], vecs: list[Tensor] | None) -> StreamedDescent:
-        """Oja's update of v from ``z = g - g_adv``, before the correction uses it (no evaluation).
-
-        ``first_pass`` is what ``capture_first_pass`` returned for ``lists``; ``grads`` is g_adv
-        aligned with ``active``; ``vecs`` the stored v (None before the first). Returns the new v
-        (to correct with and, at commit, to store) with the sums the correction needs, all from
-        one fused reduction.
-        """
-        if active is lists:
-            z = first_pass
-        else:
-            by_id = dict(zip(map(id, lists.params), first_pass))
-            z = [by_id[id(p)] for p in active.params]
-        generator = torch.Generator()
-        generator.set_state(inputs.global_state["generator"])
-        start = vecs
-        if start is None:  # the first v: z^ itself (one power step from the perturbation), else the seeded draw
-            start = random_vectors(active.params, 1, generator)[0]
-        layout, backend = active.layout, inputs.backend
-        with torch.no_grad():
-            ops.axpy_(z, grads, -1.0, backend=backend, layout=layout)  # z = g - g_adv ~ -H e
-            s = ops.dots([grads, start, z], [(0, 0), (0, 1), (2, 2), (2, 1), (0, 2), (1, 1)], backend=backend,
-                         layout=layout)
-            gg, gv, zz, zv, gz, vv = s.unbind()
-            accepted = torch.isfinite(zz) & (zz > 0) & torch.isfinite(zv) & torch.isfinite(gz)
-            safe_zz = torch.where(accepted, zz, torch.ones_like(zz))
-            if vecs is None:  # v = z^
-                cv, cz = torch.zeros_like(zz), safe_zz.rsqrt()
-            else:  # v + gamma <z^, v> z^, normalised (||v|| = 1 up to rounding, kept exact with vv)
-                proj = STREAMING_RATE * zv / safe_zz
-                norm = (vv + (2.0 + STREAMING_RATE) * STREAMING_RATE * zv * zv / safe_zz).sqrt()
-                cv, cz = 1.0 / norm, proj / norm
-            keep = 1.0 / vv.sqrt()  # a rejected update keeps v (or the normalised start vector)
-            cv, cz = torch.where(accepted, cv, keep), torch.where(accepted, cz, torch.zeros_like(cz))
-            ops.scale_copy_(z, z, cz, backend=backend, layout=layout)
-            ops.axpy_(z, start, cv, backend=backend, layout=layout)  # z now holds the new v
-            fallback = vecs if vecs is not None else [t * keep for t in start]
-        nan = torch.full_like(zz, float("nan"))  # Oja's rule estimates no eigenvalue
-        refresh = PendingRefresh(params=list(active.params), vectors=z, eigenvalue=nan, residual=nan,
-                                 accepted=accepted, iterations=0, generator_state=generator.get_state(),
-                                 fallback=fallback)
-        return StreamedDescent(vectors=z, gg=gg, gv=torch.where(accepted, cv * gv + cz * gz, keep * gv),
-                               refresh=refresh)
-
     def commit(self, inputs: TrackerInputs, pending: PendingRefresh) -> None:
         state, g = inputs.state, inputs.global_state
         with torch.no_grad():
@@ -452,8 +344,7 @@ class EigenvectorTracker:
                     entry["eigenvector"].copy_(v)  # in place: the cached list stays valid
                 else:
                     fresh.append((entry, v))
-            # New vectors share bucketed allocations, as the saved weights do: on 1,000 small
-            # tensors that took 8% off a step against one allocation per vector (CPU).
+            # New vectors share bucketed allocations, as the saved weights do (faster on many small tensors).
             for (entry, v), storage in zip(fresh, scratch_like([v for _, v in fresh])):
                 entry["eigenvector"] = storage.copy_(v)
         rejected = ~pending.accepted
@@ -479,6 +370,6 @@ class EigenvectorTracker:
         self._agreed = _DeviceFlag(agreed) if isinstance(agreed, Tensor) else None
 
 
-def _replica_group(inputs: TrackerInputs):
+def replica_group(inputs: TrackerInputs):
     """The group DDP averages over (per-replica perturbation: the model is the DDP module)."""
     return getattr(inputs.model, "process_group", None)

@@ -15,7 +15,16 @@ from .eigenvector import HVP_MODES, EigenvectorTracker, TrackerInputs
 from .lists import ParamLists
 from .validation import check_bool, check_choice, check_count, check_number, check_seed
 
-__all__ = ["EigenvectorBase"]
+__all__ = ["EigenvectorBase", "passed_on"]
+
+# What XSAM's and EigenSAM's constructors hand on unchanged to EigenvectorBase (and SharpnessAware).
+PASSED_ON = ("eig_interval", "eig_interval_max", "power_iters", "eig_tol", "hvp", "hvp_eval_mode", "seed", "model",
+             "per_replica_perturbation", "process_group", "backend", "eps", "max_grad_norm", "base_kwargs")
+
+
+def passed_on(arguments: dict) -> dict:
+    """The ``PASSED_ON`` entries of a constructor's ``locals()``."""
+    return {name: arguments[name] for name in PASSED_ON}
 
 
 class EigenvectorBase(SharpnessAware):
@@ -146,10 +155,7 @@ class EigenvectorBase(SharpnessAware):
         by exact HVPs. If anything raises (the closure included), the weights and the optimizer
         state are left as they were.
         """
-        txn = self._begin(self._require_closure(closure), loss_fn)
-        if self._execute(txn, self._run):
-            self._finish(txn)
-        return txn.loss
+        return self._step(closure, loss_fn)
 
     def _commit(self, txn: StepTransaction) -> None:
         if txn.refresh is not None:
@@ -200,8 +206,8 @@ class EigenvectorBase(SharpnessAware):
         device = params[0].device if params else torch.device("cpu")
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         out["power_iterations"] = int(g.get("power_iterations", 0))
-        out["eigenvalue"] = g.get("eigenvalue", torch.full((), float("nan"), dtype=dtype, device=device))
-        out["eigen_residual"] = g.get("eigen_residual", torch.full((), float("nan"), dtype=dtype, device=device))
+        for key in ("eigenvalue", "eigen_residual"):
+            out[key] = g.get(key, torch.full((), float("nan"), dtype=dtype, device=device))
         out["refresh_rejected"] = g.get("refresh_rejected", torch.zeros((), dtype=torch.bool, device=device))
         if self.tracker.adaptive:
             out.update({key: int(g[key]) for key in self.tracker.SCHEDULE})
@@ -238,10 +244,8 @@ class EigenvectorBase(SharpnessAware):
                              "torch.Generator()); the checkpoint is corrupt")
         for pid, entry in per_param.items():
             v = entry.get("eigenvector") if isinstance(entry, dict) else None
-            if v is None:
-                continue
             i = positions.get(pid)
-            if i is None:
+            if v is None or i is None:
                 continue
             if tuple(v.shape) != tuple(params[i].shape):
                 raise ValueError(f"state_dict's eigenvector for parameter {i} has shape {tuple(v.shape)} but the "
@@ -273,6 +277,3 @@ class EigenvectorBase(SharpnessAware):
             self._global.update({key: 0 for key in self.COUNTERS})
             self._global.update(self.tracker.initial_schedule())
         self.tracker.after_load(self._global, retry=restart)
-
-    def scratch_tensors(self) -> list[Tensor]:
-        return super().scratch_tensors() + self.tracker.scratch_tensors()

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import SharpnessAware, register_arguments
-from .validation import check_bool
+from .base import SharpnessAware
+from .validation import check_bool, register_arguments
 
 __all__ = ["SAM"]
 

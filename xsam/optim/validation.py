@@ -15,9 +15,10 @@ import numbers
 
 import torch
 
-__all__ = ["ARGUMENTS_OF", "DEFAULT_EPS", "FLOAT32_MAX", "check_bool", "own_eps", "register_arguments", "check_choice",
-           "check_count", "check_eps", "check_number", "check_process_group", "check_rho", "check_seed",
-           "check_base_optimizer", "check_parameters", "own_arguments", "split_base_kwargs"]
+__all__ = ["ARGUMENTS_OF", "DEFAULT_EPS", "FLOAT32_MAX", "check_base_optimizer", "check_bool", "check_choice",
+           "check_count", "check_eps", "check_model", "check_number", "check_parameters", "check_process_group",
+           "check_rho", "check_seed", "fill_prebuilt_groups", "own_arguments", "own_eps", "register_arguments",
+           "split_base_kwargs"]
 
 # The step's scalars are float32 device tensors for all but float64 weights: a hyper-parameter that
 # scales them (rho, eps) must be finite in float32.
@@ -109,6 +110,38 @@ def check_process_group(process_group) -> None:
                         "torch.distributed ProcessGroup: pass 'auto' (the group of model=<the "
                         "DistributedDataParallel module>), None (each rank keeps its own Hessian-vector products) "
                         "or a group such as torch.distributed.group.WORLD or torch.distributed.new_group(ranks)")
+
+
+def check_model(model, per_replica_perturbation) -> None:
+    """``model`` is an nn.Module or None; ``per_replica_perturbation`` needs a DDP module without a static graph."""
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model={type(model).__name__} is invalid: pass the nn.Module being trained, or None")
+    check_bool("per_replica_perturbation", per_replica_perturbation)
+    if per_replica_perturbation and not hasattr(model, "no_sync"):
+        raise ValueError("per_replica_perturbation=True needs model=<the DistributedDataParallel module>: the "
+                         "first pass runs under model.no_sync() so each replica perturbs by its own gradient")
+    if per_replica_perturbation and getattr(model, "static_graph", False):
+        raise ValueError("per_replica_perturbation=True does not work with DistributedDataParallel("
+                         "static_graph=True): DDP's static graph cannot skip the gradient all-reduce of the "
+                         "first pass (it fails with an internal assert, with or without xsam). Build the DDP "
+                         "module with static_graph=False, or use per_replica_perturbation=False")
+
+
+def fill_prebuilt_groups(base_groups: list[dict], own_groups: list[dict], defaults: dict) -> None:
+    """Give a prebuilt base optimizer's groups (they may split the parameters differently) the wrapper's keys
+    from the groups of ``own_groups`` their parameters were in, which must agree on them."""
+    ours = {id(p): (i, g) for i, g in enumerate(own_groups) for p in g["params"]}
+    for index, group in enumerate(base_groups):
+        sources = dict(ours[id(p)] for p in group["params"])
+        values = {key: {j: g.get(key, default) for j, g in sources.items()}
+                  for key, default in defaults.items() if key not in group}
+        for key, by_group in values.items():
+            if len(set(map(repr, by_group.values()))) > 1:
+                raise ValueError(f"base_optimizer's param_groups[{index}] holds parameters of param_groups "
+                                 f"{' and '.join(map(str, by_group))}, which set different {key} "
+                                 f"({', '.join(map(repr, by_group.values()))}); build the base optimizer "
+                                 "with the same groups, or pass its class instead")
+            group[key] = next(iter(by_group.values()), defaults[key])
 
 
 def check_parameters(param_groups: list[dict], owner: str) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import ops
-from .base import FirstPassSums, StepTransaction, register_arguments
-from .eigenvector_base import EigenvectorBase
+from .base import FirstPassSums, StepTransaction
+from .eigenvector_base import EigenvectorBase, passed_on
 from .functional import CORRECTIONS, inverse_norm, xsam_correction
 from .lists import ParamLists
-from .validation import check_bool, check_choice, check_number
+from .streaming import StreamingUpdate
+from .validation import check_bool, check_choice, check_number, register_arguments
 
 __all__ = ["XSAM"]
 
@@ -58,7 +59,8 @@ class XSAM(EigenvectorBase):
 
     def __init__(self, params, base_optimizer, *, rho: float = 0.05, alpha: float = 0.2,
                  correction: str = "signed", normalize: bool = True, adaptive: bool = False,
-                 eig_interval: int = 5, eig_interval_max: int | None = None, power_iters: int = 5, eig_tol: float | None = None, hvp: str = "auto",
+                 eig_interval: int = 5, eig_interval_max: int | None = None, power_iters: int = 5,
+                 eig_tol: float | None = None, hvp: str = "auto",
                  model: nn.Module | None = None, hvp_eval_mode: bool = True, seed: int = 0,
                  per_replica_perturbation: bool = False, process_group="auto", backend: str = "auto",
                  eps: float | None = None, max_grad_norm: float | None = None, **base_kwargs):
@@ -68,11 +70,8 @@ class XSAM(EigenvectorBase):
         self.correction = correction
         self.normalize = normalize
         self.adaptive = adaptive
-        super().__init__(params, base_optimizer, {"rho": rho, "alpha": alpha}, eig_interval=eig_interval,
-                         eig_interval_max=eig_interval_max,
-                         power_iters=power_iters, eig_tol=eig_tol, hvp=hvp, hvp_eval_mode=hvp_eval_mode, seed=seed,
-                         model=model, per_replica_perturbation=per_replica_perturbation, process_group=process_group,
-                         backend=backend, eps=eps, max_grad_norm=max_grad_norm, base_kwargs=base_kwargs)
+        self._streaming = StreamingUpdate()
+        super().__init__(params, base_optimizer, {"rho": rho, "alpha": alpha}, **passed_on(locals()))
 
     def _check_hyperparameters(self, values: dict, where: str) -> None:
         super()._check_hyperparameters(values, where)
@@ -81,8 +80,8 @@ class XSAM(EigenvectorBase):
 
     def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> FirstPassSums:
         if self.tracker.streaming:
-            txn.first_pass_gradient = self.tracker.capture_first_pass(self._tracker_inputs, txn.lists, active,
-                                                                      grads)
+            txn.first_pass_gradient = self._streaming.capture_first_pass(self._tracker_inputs, txn.lists, active,
+                                                                         grads)
         sums = self._gradient_and_v_sums(txn, active, grads)
         if sums is None or self.adaptive:  # the ascent is SAM's (ASAM's); only the descent uses v
             return super()._first_pass_sums(txn, active, grads)
@@ -91,8 +90,8 @@ class XSAM(EigenvectorBase):
     def _descent(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> None:
         vecs = self._vectors(txn, active)
         if txn.first_pass_gradient is not None:  # streaming: this step's v, updated from g - g_adv, corrects it
-            streamed = self.tracker.stream(self._tracker_inputs, txn.lists, txn.first_pass_gradient, active,
-                                           grads, vecs)
+            streamed = self._streaming.stream(self._tracker_inputs, txn.lists, txn.first_pass_gradient, active,
+                                              grads, vecs)
             txn.refresh, vecs, gg, gv = streamed.refresh, streamed.vectors, streamed.gg, streamed.gv
         elif vecs is None:  # before the first v: the normalised (or raw) g_adv
             gg = ops.dots([grads], [(0, 0)], backend=self.backend, layout=active.layout)[0]
@@ -109,3 +108,6 @@ class XSAM(EigenvectorBase):
         for g in active.groups:
             ops.correct_restore_(g.of(active.params), g.of(grads), g.of(active.saved), g.of(vecs), corr.a,
                                  g.group["alpha"] * corr.beta, backend=self.backend, layout=g.layout)
+
+    def scratch_tensors(self) -> list[Tensor]:
+        return super().scratch_tensors() + self._streaming.scratch_tensors()
