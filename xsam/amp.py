@@ -1,28 +1,15 @@
 """Mixed precision for SAM-type optimizers: a gradient scaler that accepts closures.
 
-``torch.amp.GradScaler.step`` refuses closures, and SAM needs one (two gradient passes, plus
-the HVPs of an X-SAM refresh). ``SAMGradScaler`` is a GradScaler whose ``step`` runs the
-optimizer's whole step with a check attached to every pass: each pass's gradients and every
-HVP product are unscaled with GradScaler's own fused kernel before the optimizer uses them; a
-non-finite pass skips the whole step (the step transaction undoes it), a non-finite product
-rejects that refresh only (``refresh_rejected=True``, retried at the next step); either
-lowers the scale at ``update()``. The recipe: docs/training-loops.md, "Mixed precision".
+``torch.amp.GradScaler.step`` refuses closures, and SAM needs one. ``SAMGradScaler.step`` runs
+the optimizer's whole step with every pass's gradients and every HVP product unscaled and
+checked: a non-finite pass skips the step, a non-finite product rejects that refresh only. The
+recipe and the rules under DDP and FSDP2: docs/training-loops.md, "Mixed precision".
 
 Every rank must take the same decision, or the ranks' step counters and collectives drift
-apart (a hang). So the non-finite flag of every check is all-reduced (SUM, > 0 means
-non-finite), one collective per distinct group, over:
-
-- the data-parallel group: the DDP module's group when ``model=`` is a
-  ``DistributedDataParallel``, else the optimizer's ``process_group`` when it is a group.
-  Needed for DDP's per-replica perturbation, whose first pass is not all-reduced, so one
-  replica can overflow alone; elsewhere redundant and cheap;
-- for sharded parameters (FSDP2; gradients are DTensors), the process groups of the
-  non-replicated mesh dimensions (each rank unscales and checks its local shard in place).
-
-Without a known group nothing is reduced: DDP's own all-reduce of both passes already makes
-the gradients, and so the flags, the same on every rank. The flag is read on the host after
-each pass and once per refresh (the stock ``GradScaler.step`` reads it once per step): skipping
-is a host decision.
+apart (a hang). So each check's non-finite flag is all-reduced (SUM, > 0 means non-finite) over
+the data-parallel group (DDP's per-replica first pass can overflow on one replica alone) and
+over the non-replicated mesh dimensions of sharded gradients. Without a known group nothing is
+reduced: DDP's all-reduce of both passes already makes the flags equal on every rank.
 """
 from __future__ import annotations
 
@@ -58,9 +45,14 @@ class SAMGradScaler(torch.amp.GradScaler):
         if loss_fn is not None and not with_eigenvector:
             raise ValueError("loss_fn is only used by optimizers with an eigenvector (exact HVPs); SAM takes the "
                              "closure only")
-        if not self._enabled:
+
+        def run_step(loss_fn):
             return optimizer.step(closure, loss_fn=loss_fn) if with_eigenvector else optimizer.step(closure)
 
+        if not self._enabled:
+            return run_step(loss_fn)
+
+        import torch.distributed as dist
         from torch.amp.grad_scaler import OptState  # the stage bookkeeping update() relies on
 
         state = self._per_optimizer_states[id(optimizer)]
@@ -79,28 +71,29 @@ class SAMGradScaler(torch.amp.GradScaler):
             flag = torch.zeros((), dtype=torch.float32, device=scale.device)
             by_group: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
             dtensor = ops.dtensor_type()
-            groups = _sharded_groups(tensors, dtensor)
-            if data_parallel is not None:
-                groups.setdefault(data_parallel, None)
+            groups: dict = {}  # first-seen order, from global DTensor metadata: the same on every rank
             for t in tensors:
                 if dtensor is not None and isinstance(t, dtensor):
+                    # Partial dimensions count too: the full tensor is non-finite whenever a local one is.
+                    for dim, placement in enumerate(t.placements):
+                        if not placement.is_replicate():
+                            groups.setdefault(t.device_mesh.get_group(dim), None)
                     t = t.to_local()  # a view: the unscale below lands in the gradient's storage
                 by_group.setdefault((t.device, t.dtype), []).append(t)
+            if data_parallel is not None:
+                groups.setdefault(data_parallel, None)
             for (device, _), group in by_group.items():
                 local = torch.zeros((), dtype=torch.float32, device=device)
                 torch._amp_foreach_non_finite_check_and_unscale_(group, local, inv_scale.to(device))
                 flag += local.to(scale.device)
-            if groups:
-                _all_reduce_flag(flag, groups)
+            for group in groups:  # queued on the device like the op set's reductions: no host sync
+                dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=group)
             found_any.add_(flag)
             return flag
 
         scaled_loss_fn = None if loss_fn is None else (lambda: self.scale(loss_fn()))
         with optimizer.gradient_check(check):
-            if with_eigenvector:
-                loss = optimizer.step(closure, loss_fn=scaled_loss_fn)
-            else:
-                loss = optimizer.step(closure)
+            loss = run_step(scaled_loss_fn)
         state["found_inf_per_device"] = {scale.device: found_any}
         state["stage"] = OptState.STEPPED
         return loss
@@ -116,36 +109,3 @@ def _data_parallel_group(optimizer: SharpnessAware):
         return optimizer.model.process_group
     group = optimizer.process_group
     return None if group is None or isinstance(group, str) else group
-
-
-def _sharded_groups(tensors: list[Tensor], dtensor: type | None) -> dict:
-    """The process groups, in first-seen order, whose ranks hold different parts of some DTensor.
-
-    Unlike the op set's norms (``ops._reduction_key``), a non-finite check also reduces over
-    Partial dimensions: the full tensor is the sum of the local ones, so it is non-finite
-    whenever a local one is. Only Replicate dimensions, which hold the same values on every
-    rank, are left out. The order depends only on global DTensor metadata, so every rank
-    issues the same collectives in the same order.
-    """
-    groups: dict = {}
-    if dtensor is None:
-        return groups
-    for t in tensors:
-        if isinstance(t, dtensor):
-            for dim, placement in enumerate(t.placements):
-                if not placement.is_replicate():
-                    groups.setdefault(t.device_mesh.get_group(dim), None)
-    return groups
-
-
-def _all_reduce_flag(flag: Tensor, groups: dict) -> None:
-    """All-reduce (SUM) the flag in place over each of ``groups``.
-
-    After the sums, ``flag > 0`` on every rank of these groups iff one of them found a
-    non-finite value. No host sync: the collective is queued on the device like the op
-    set's reductions.
-    """
-    import torch.distributed as dist
-
-    for group in groups:
-        dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=group)

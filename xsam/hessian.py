@@ -1,12 +1,7 @@
 """Hessian-vector products and (block) power iteration over lists of parameter tensors.
 
-A "vector" here is a list of tensors aligned with a list of parameters (one tensor per
-parameter, same shape), i.e. the flat vector of algorithm.md cut into parameter-shaped pieces.
-All vector arithmetic goes through the op set (``xsam.ops``), so it runs on whichever backend
-is chosen. Products: ``exact_hvp`` (double backward from a forward-only loss function),
-``finite_difference_hvp`` and ``forward_difference_hvp`` (differences of gradients from an
-ordinary closure, every call replaying the same random numbers); ``power_iteration`` finds
-top-|lambda| eigenpairs from them.
+A "vector" is a list of tensors aligned with a list of parameters (the flat vector of
+algorithm.md cut into parameter-shaped pieces); all vector arithmetic goes through ``xsam.ops``.
 """
 from __future__ import annotations
 
@@ -34,6 +29,14 @@ def _zeros_for_missing(results: Sequence[Tensor | None], params: Sequence[Tensor
             raise ValueError(f"a parameter of shape {tuple(p.shape)} has a sparse gradient; Hessian-vector products "
                              "and SAM-type optimizers need dense gradients (e.g. nn.Embedding(sparse=False))")
     return [torch.zeros_like(p) if r is None else r for r, p in zip(results, params)]
+
+
+def _averaged(product: Vector, process_group) -> Vector:
+    """``product`` averaged in place over the ranks of ``process_group`` (None: left as it is)."""
+    if process_group is not None:
+        with torch.no_grad():
+            all_reduce_mean_(product, process_group)
+    return product
 
 
 def _check_sharded_parameters_reached(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> None:
@@ -87,11 +90,7 @@ def exact_hvp(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], *,
                     )
                 for i, h in zip(live, hv):
                     rows[i] = None if h is None else h.detach()
-            product = _zeros_for_missing(rows, params)
-            if process_group is not None:
-                with torch.no_grad():
-                    all_reduce_mean_(product, process_group)
-            out.append(product)
+            out.append(_averaged(_zeros_for_missing(rows, params), process_group))
         return out
 
     return hvp, loss.detach()
@@ -294,10 +293,7 @@ def random_vectors(params: Sequence[Tensor], m: int = 1, generator: torch.Genera
     shard (a local split, no communication), so the global vector is the one a
     single process draws.
     """
-    out = []
-    for _ in range(m):
-        out.append([_draw_like(p, generator) for p in params])
-    return out
+    return [[_draw_like(p, generator) for p in params] for _ in range(m)]
 
 
 def _draw_like(p: Tensor, generator: torch.Generator | None) -> Tensor:

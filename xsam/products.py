@@ -1,18 +1,9 @@
 """Curvature products that cost less than a double backward: compiled exact products and Gauss-Newton products.
 
 Both take the forward-only ``loss_fn`` as users write it, with the ``model`` whose parameters it
-reads: the parameters are swapped for function inputs with ``torch.func.functional_call`` on a
-module that holds ``model`` and calls ``loss_fn``, so ``loss_fn`` itself needs no change. The
-model's buffers (BatchNorm's running statistics) are read, never written: run the products in
-eval mode (as the optimizers do with ``model=`` and ``hvp_eval_mode=True``).
-
-- ``compiled_hvp``: the exact ``H v``, compiled once per model and parameter layout. Its first
-  product is compared once with double backward's; where compilation fails (a graph break, an
-  unsupported op, dynamo's recompile limit) or that product differs by more than ``VERIFY_RTOL``
-  relative, the model's products are eager double backward (``exact_hvp``) from then on, with
-  one warning naming the reason.
-- ``ggn_hvp``: the generalised Gauss-Newton product ``J^T H_out J v``: no double backward through
-  the network, and positive semi-definite wherever the loss is convex in the model's output.
+reads: ``torch.func.functional_call`` swaps the parameters for function inputs on a module that
+holds ``model`` and calls ``loss_fn``, so ``loss_fn`` needs no change. The model's buffers are
+read, never written: run the products in eval mode (as the optimizers do with ``model=``).
 """
 from __future__ import annotations
 
@@ -27,8 +18,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
-from .distributed import all_reduce_mean_
-from .hessian import HvpFn, Vector, _zeros_for_missing, exact_hvp
+from .hessian import HvpFn, Vector, _averaged, _zeros_for_missing, exact_hvp
 
 __all__ = ["PRODUCT_MODES", "CompiledProduct", "compiled_hvp", "ggn_hvp", "product_function"]
 
@@ -61,18 +51,6 @@ def _parameter_names(model: nn.Module, params: Sequence[Tensor], method: str) ->
                              f"model={type(model).__name__}; pass the model that owns every trainable parameter")
         names.append("model." + by_id[id(p)])
     return tuple(names)
-
-
-def _check_loss(loss, method: str) -> None:
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise ValueError(f"hvp={method!r}: loss_fn must return the scalar loss tensor (forward only, no backward)")
-
-
-def _averaged(product: Vector, process_group) -> Vector:
-    if process_group is not None:
-        with torch.no_grad():
-            all_reduce_mean_(product, process_group)
-    return product
 
 
 @dataclass(frozen=True)
@@ -220,7 +198,8 @@ def ggn_hvp(model: nn.Module, loss_fn: Callable[[], Tensor], params: Sequence[Te
         with torch.enable_grad(), fwAD.dual_level(), _OutputSplit(model) as split:
             duals = {name: fwAD.make_dual(p, t) for name, p, t in zip(names, params, v)}
             loss = functional_call(holder, duals, (loss_fn,))
-            _check_loss(loss, "ggn")
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError("hvp='ggn': loss_fn must return the scalar loss tensor (forward only, no backward)")
             if split.output is None:
                 raise ValueError("hvp='ggn': loss_fn did not call model; pass as model= the module loss_fn calls")
             output, jv = fwAD.unpack_dual(split.output)
