@@ -1,21 +1,11 @@
 """The per-layer reading of X-SAM (experiment arm ``layerwise-<rule>-<alpha>``).
 
-Read layer by layer, the correction normalises each layer's adversarial gradient separately and
-uses each layer's own top eigenvector: that of the layer's diagonal block of the Hessian. The
-released code (``xsam.XSAM``) normalises globally and runs one global power iteration instead.
-
-A layer is a module that owns parameters (a ``Conv``, ``Linear`` or ``BatchNorm``): its weight
-and bias share one Hessian block, as a layer's do in the paper's notation. Per parameter tensor,
-a bias of 10-32 numbers would be a layer of its own, with its own unit-length step, and the
-refresh would cost twice the products.
-
-One step: the ascent is SAM's (global, as in ``XSAM``); then, per layer ``l``,
-``gh_l = g_adv_l / ||g_adv_l||``, ``c_l = <gh_l, v_l>`` and ``g_l = gh_l - alpha * beta(c_l) * v_l``
-with the rules of ``xsam.optim.functional.xsam_correction``. With alpha = 0 it is the per-layer
-normalised control. Every ``eig_interval`` steps (step 0 included) each ``v_l`` is refreshed by
-``power_iters`` power iterations on its block at the unperturbed weights, BatchNorm in eval mode,
-warm-started from the previous ``v_l``: one Hessian-vector product per layer per iteration.
-Plain torch and float tensors; written for the experiment's small CPU models, not for speed.
+The ascent is SAM's (global); then per layer ``l`` (a module that owns parameters, so a weight
+and its bias share one Hessian block) ``gh_l = g_adv_l / ||g_adv_l||``, ``c_l = <gh_l, v_l>`` and
+``g_l = gh_l - alpha * beta(c_l) * v_l`` with the rules of ``xsam.optim.functional.xsam_correction``,
+``v_l`` the top eigenvector of the layer's diagonal Hessian block, refreshed every ``eig_interval``
+steps by power iteration at the unperturbed weights (BatchNorm in eval mode). Plain torch, for the
+experiment's small CPU models; why it is not an option of ``xsam.XSAM``: docs/results/README.md.
 """
 from __future__ import annotations
 
