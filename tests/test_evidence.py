@@ -149,19 +149,15 @@ def test_top_eigenvalue_names_bad_arguments():
 
 
 # ----- the correction at the same weights ------------------------------------------------------
-def _mlp_problem(seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(64, 6, generator=gen, dtype=torch.float64)
-    y = torch.randn(64, 3, generator=gen, dtype=torch.float64)
-    return make_model(6, 8, 3, seed=seed), x, y
-
-
 @pytest.mark.parametrize("correction", ["signed", "symmetric", "acute"])
 def test_xsam_update_makes_a_larger_angle_with_v_than_sam_at_the_same_weights(correction):
     alpha = 0.5
     signs = set()
     for seed in range(6):
-        model_x, x, y = _mlp_problem(seed)
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(64, 6, generator=gen, dtype=torch.float64)
+        y = torch.randn(64, 3, generator=gen, dtype=torch.float64)
+        model_x = make_model(6, 8, 3, seed=seed)
         model_s = copy.deepcopy(model_x)
         loss_x = lambda: ((model_x(x) - y) ** 2).mean()
         loss_s = lambda: ((model_s(x) - y) ** 2).mean()

@@ -29,7 +29,8 @@ class LayerwiseXSAM(torch.optim.SGD):
     def __init__(self, model: nn.Module, *, rho: float, alpha: float, rule: str = "signed", eig_interval: int = 5,
                  power_iters: int = 5, seed: int = 0, eps: float = 1e-12, **sgd):
         self.layers = layers_of(model)
-        super().__init__([p for layer in self.layers for p in layer], **sgd)
+        self.params = [p for layer in self.layers for p in layer]
+        super().__init__(self.params, **sgd)
         self.model, self.rho, self.alpha, self.rule = model, rho, alpha, rule
         self.eig_interval, self.power_iters, self.eps = eig_interval, power_iters, eps
         gen = torch.Generator().manual_seed(seed)
@@ -46,8 +47,7 @@ class LayerwiseXSAM(torch.optim.SGD):
         was = self.model.training
         self.model.eval()
         try:
-            params = [p for layer in self.layers for p in layer]
-            grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+            grads = torch.autograd.grad(loss_fn(), self.params, create_graph=True)
             start = 0
             for i, layer in enumerate(self.layers):
                 mine = grads[start:start + len(layer)]
@@ -64,20 +64,19 @@ class LayerwiseXSAM(torch.optim.SGD):
     def step(self, closure, loss_fn):
         if self.steps % self.eig_interval == 0:
             self.refresh(loss_fn)
-        params = [p for layer in self.layers for p in layer]
         self.zero_grad(set_to_none=True)
         loss = closure()
-        g = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        g = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
         scale = self.rho / (torch.sqrt(sum((x * x).sum() for x in g)) + self.eps)
-        saved = [p.detach().clone() for p in params]
+        saved = [p.detach().clone() for p in self.params]
         bn = _batchnorm_buffers(self.model)
         with torch.no_grad():
-            for p, x in zip(params, g):
+            for p, x in zip(self.params, g):
                 p.add_(x, alpha=float(scale))
         self.zero_grad(set_to_none=True)
         closure()
         with torch.no_grad():
-            for p, w in zip(params, saved):
+            for p, w in zip(self.params, saved):
                 p.copy_(w)  # exact restore
             for buf, value in bn:
                 buf.copy_(value)  # the second pass does not move the running statistics

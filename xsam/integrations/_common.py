@@ -113,11 +113,8 @@ def logged_diagnostics(record: dict) -> dict[str, Tensor]:
 
     Adds ``angle_gadv_v``: the angle in degrees between the perturbed gradient and the eigenvector.
     """
-    out = {}
-    for key in LOGGED_DIAGNOSTICS:
-        value = record.get(key)
-        if isinstance(value, Tensor):
-            out[f"xsam/{key}"] = value.detach().reshape(()).float().clone()
+    out = {f"xsam/{key}": record[key].detach().reshape(()).float().clone() for key in LOGGED_DIAGNOSTICS
+           if isinstance(record.get(key), Tensor)}
     cos = out.get("xsam/cos_gadv_v")
     if cos is not None:
         out["xsam/angle_gadv_v"] = torch.arccos(cos.clamp(-1.0, 1.0)) * (180.0 / math.pi)
