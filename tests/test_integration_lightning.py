@@ -87,11 +87,12 @@ def fit(module, batches, *, precision="64-true", epochs=1, callback=True, ckpt_p
 
 
 def hand_loop(kind, batches, *, k=1, precision="64-true", epochs=1, clip=None, batchnorm=True, micro_batches=None,
-              **optimizer_kwargs):
+              exact_hvps=True, **optimizer_kwargs):
     """The same steps written by hand: each step's closure runs all k micro-batches (loss / k each).
 
     ``clip``: Trainer(gradient_clip_val=clip) by hand: SAM clips the second pass's gradient (the closure clips
     both; the first pass's scale does not matter), X-SAM passes it to the optimizer as max_grad_norm.
+    ``exact_hvps=False``: X-SAM gets no loss_fn (finite-difference HVPs), as from Lightning's own closure.
     """
     dtype = PRECISION_DTYPE[precision]
     net = make_net(batchnorm).to(dtype)
@@ -123,11 +124,12 @@ def hand_loop(kind, batches, *, k=1, precision="64-true", epochs=1, clip=None, b
             with autocast:
                 return sum(F.cross_entropy(net(x), y) for x, y in micro) / k
 
+        exact = kind == "xsam" and exact_hvps
         if scaler:
-            losses.append(scaler.step(opt, closure, loss_fn=loss_fn if kind == "xsam" else None))
+            losses.append(scaler.step(opt, closure, loss_fn=loss_fn if exact else None))
             scaler.update()
         else:
-            losses.append(opt.step(closure, loss_fn=loss_fn) if kind == "xsam" else opt.step(closure))
+            losses.append(opt.step(closure, loss_fn=loss_fn) if exact else opt.step(closure))
     return net, opt, losses
 
 
@@ -143,15 +145,7 @@ def test_without_the_callback_runs_with_finite_difference_hvps(precision):
     batches = make_batches(4)
     module = TinyModule("xsam", batchnorm=False)
     fit(module, batches, precision=precision, callback=False)
-    net = make_net(batchnorm=False).to(PRECISION_DTYPE[precision])
-    opt = XSAM(net.parameters(), torch.optim.SGD, model=net, hvp_eval_mode=False, **XSAM_HYPER, **HYPER)
-    for x, y in batches:
-        def closure(x=x.to(PRECISION_DTYPE[precision]), y=y):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed", cache_enabled=False):
-                loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)  # no loss_fn: finite-difference HVPs, as Lightning's closure gives
+    net, _, _ = hand_loop("xsam", batches, precision=precision, batchnorm=False, exact_hvps=False)
     assert_same_weights(module, net, 1e-12 if precision == "64-true" else 1e-5)
 
 
@@ -234,21 +228,15 @@ def test_clipping_xsam_cannot_do_is_refused_before_any_weight_moves(optimizer_kw
 
 
 @pytest.mark.parametrize("kind", ["xsam", "sam"])
-def test_bf16_mixed_matches_the_hand_written_autocast_loop(kind):
+@pytest.mark.parametrize("precision, clip", [("bf16-mixed", None), ("16-mixed", 0.05)])
+def test_mixed_precision_matches_the_hand_written_autocast_loop(kind, precision, clip):
+    """16-mixed runs through SAMGradScaler, with clipping on the unscaled gradients."""
     batches = make_batches(6)
     module = TinyModule(kind)
-    fit(module, batches, precision="bf16-mixed", accumulate_grad_batches=2)
-    net, _, _ = hand_loop(kind, batches, k=2, precision="bf16-mixed")
-    assert_same_weights(module, net, 1e-5)
-
-
-@pytest.mark.parametrize("kind", ["xsam", "sam"])
-def test_16_mixed_runs_through_sam_grad_scaler_like_the_hand_written_loop(kind):
-    batches = make_batches(6)
-    module = TinyModule(kind)
-    trainer = fit(module, batches, precision="16-mixed", accumulate_grad_batches=2, gradient_clip_val=0.05)
-    assert isinstance(trainer.precision_plugin.scaler, SAMGradScaler)
-    net, _, _ = hand_loop(kind, batches, k=2, precision="16-mixed", clip=0.05)
+    trainer = fit(module, batches, precision=precision, accumulate_grad_batches=2, gradient_clip_val=clip)
+    if precision == "16-mixed":
+        assert isinstance(trainer.precision_plugin.scaler, SAMGradScaler)
+    net, _, _ = hand_loop(kind, batches, k=2, precision=precision, clip=clip)
     assert_same_weights(module, net, 1e-5)
 
 

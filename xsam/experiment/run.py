@@ -1,21 +1,15 @@
 """One training run of one (task, arm, seed): curves, sharpness at the end and at matched training loss.
 
-Every arm of a task gets the same initial weights per seed, the same batches, epochs,
-learning-rate schedule (SGD with momentum, cosine to 0) and weight decay. After every epoch
-the training loss on the whole training set (eval mode) and the test metric are computed. The
-top Hessian eigenvalue (with its sign) and the angle between the gradient and its eigenvector
-are measured by ``xsam.diagnostics.top_eigenvalue`` on a fixed batch of training examples, in
-eval mode, the same way for every arm: every ``eval_every`` epochs and at the end (the curves),
-and on both sides of each crossing of a level of ``LOSS_LEVELS`` by the training loss (the
-epoch before, from a saved copy of its weights, and the first epoch below). The matched-loss
-eigenvalue is interpolated between the two, linearly in log training loss, to the level itself:
-the evaluation grid then does not make an arm that crosses just after an epoch look sharper.
-Gradient evaluations are counted exactly: calls of the closure (a forward and a backward each)
-and Hessian-vector products (power iterations).
+Every arm of a task gets the same initial weights per seed, the same batches, epochs, schedule
+and weight decay. At each crossing of a level of ``LOSS_LEVELS`` the eigenvalue is measured on
+both sides (the epoch before from a saved copy of its weights) and interpolated, linearly in
+log training loss, to the level: the evaluation grid then does not make an arm that crosses just
+after an epoch look sharper. Gradient evaluations (closure calls) and HVPs are counted exactly.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass, replace
@@ -121,7 +115,7 @@ def run_one(task: str, arm_name: str, seed: int, s: Settings, v_sign: int = 0) -
     order = torch.Generator().manual_seed(10_000 + seed)  # the same batches for every arm
     eig_idx = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(20_000 + seed))[: s.eig_batch]
     xe, ye = xtr[eig_idx], ytr[eig_idx]
-    counts = {"closure": 0, "loss_fn": 0}
+    counts = {"closure": 0}
     state = {"vector": None, "train_time": 0.0}
     curve, matched, pending = [], [], list(LOSS_LEVELS)
     prev = {}  # the previous evaluation: train_loss, eigenvalue (None: not measured), weights
@@ -178,17 +172,13 @@ def run_one(task: str, arm_name: str, seed: int, s: Settings, v_sign: int = 0) -
             idx = perm[b * s.batch_size:(b + 1) * s.batch_size]
             xb, yb = xtr[idx], ytr[idx]
 
-            def loss_fn():
-                counts["loss_fn"] += 1
-                return task_loss(task, model, xb, yb)
-
             def closure():
                 counts["closure"] += 1
                 loss = task_loss(task, model, xb, yb)
                 loss.backward()
                 return loss
 
-            take_step(arm, opt, closure, loss_fn)
+            take_step(arm, opt, closure, functools.partial(task_loss, task, model, xb, yb))
             sched.step()
         state["train_time"] += time.perf_counter() - start
         last = observe(epoch)

@@ -1,15 +1,13 @@
 """Time per step that survives a loaded machine: every arm interleaved on the same batches, one thread.
 
-One process builds every arm's model (the same initial weights) and optimizer, then runs
-``cycles`` rounds; in each round every arm takes ``steps`` steps on the same batches, in a
-rotated order (so no arm always runs first or last). A slow spell of the machine then hits all
-arms of a round alike: the per-round ratio to SAM is robust where absolute times are not. One
-warm-up round is not timed. Reported per arm: the median time per step over the rounds, the
-spread (max - min) of the rounds, the median of the per-round ratios to SAM, and ``unstable``
-when the spread is at least half the median. The load average before and after is recorded.
+Each round runs every arm on the same batches in a rotated order, so a slow spell of the machine
+hits all arms of a round alike: the per-round ratio to SAM is robust where absolute times are
+not. One warm-up round is not timed; a timing is ``unstable`` when its spread over the rounds is
+at least ``UNSTABLE`` times its median.
 """
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -32,14 +30,12 @@ def _stepper(task: str, arm_name: str, s: Settings, seed: int):
     opt = make_optimizer(arm, model, s, seed)
 
     def step(xb, yb):
-        loss_fn = lambda: task_loss(task, model, xb, yb)
-
         def closure():
-            loss = loss_fn()
+            loss = task_loss(task, model, xb, yb)
             loss.backward()
             return loss
 
-        take_step(arm, opt, closure, loss_fn)
+        take_step(arm, opt, closure, functools.partial(task_loss, task, model, xb, yb))
 
     return step
 

@@ -1,16 +1,9 @@
 """What the trainer integrations share: a SAM step whose first pass the trainer's loop already ran.
 
-A trainer (Lightning, Hugging Face) runs forward and backward for each micro-batch of an
-accumulated batch and then asks the optimizer to step. For SAM that loop IS the first
-pass: the accumulated gradient g of the whole batch is in ``.grad``. The step then has to
-evaluate the gradient of the same micro-batches at the perturbed weights (second pass).
-
-``optimizer.step(closure, loss_fn)`` calls its closure once per gradient pass and, with
-exact Hessian-vector products (``loss_fn`` given), never for the HVPs. So the closure
-built here answers its first call with the gradient the trainer already computed (no
-recomputation) and its second call by replaying the micro-batches. With
-finite-difference HVPs the closure would also be called for the HVPs, at other weights,
-and the first call would no longer be the first pass: that combination is refused.
+The trainer's loop leaves the accumulated first-pass gradient in ``.grad``. With exact HVPs
+(``loss_fn`` given) ``optimizer.step(closure, loss_fn)`` calls its closure once per gradient
+pass, so the closure answers its first call with that gradient and its second by replaying
+the micro-batches. Finite-difference HVPs would call the closure at other weights: refused.
 """
 from __future__ import annotations
 
@@ -21,12 +14,17 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..optim import SharpnessAware
-from ..optim import EigenvectorBase
+from ..optim import EigenvectorBase, SharpnessAware
 
 # Per-step diagnostics written to the trainer's logs, under "xsam/<name>".
 LOGGED_DIAGNOSTICS = ("eigenvalue", "cos_gadv_v", "cos_g_v", "grad_norm", "adv_grad_norm")
 _UNKNOWN = object()
+
+
+def check_flag(log_diagnostics) -> bool:
+    if not isinstance(log_diagnostics, bool):
+        raise ValueError(f"log_diagnostics={log_diagnostics!r} is invalid: pass True or False")
+    return log_diagnostics
 
 
 def check_sam_optimizer(optimizer, integration: str, ddp_hint: str) -> None:
@@ -51,10 +49,8 @@ def check_sam_optimizer(optimizer, integration: str, ddp_hint: str) -> None:
 def running_statistics_untouched(model: nn.Module) -> Iterator[None]:
     """BatchNorm layers in training mode normalise by batch statistics but do not update their running ones.
 
-    For the passes after the first and for ``loss_fn``. Unlike ``xsam.batchnorm_statistics_frozen``,
-    which copies the saved statistics back in place afterwards, it never writes to the buffers,
-    so an autograd graph built in the block (the HVPs' create-graph backward) stays valid.
-    Layers in eval mode use their running statistics and do not update them anyway.
+    Unlike ``xsam.batchnorm_statistics_frozen`` it never writes to the buffers, so an autograd
+    graph built in the block (the HVPs' create-graph backward) stays valid.
     """
     layers = [m for m in model.modules()
               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
@@ -70,11 +66,6 @@ def running_statistics_untouched(model: nn.Module) -> Iterator[None]:
 def stash_gradients(optimizer) -> list[tuple[Tensor, Tensor | None]]:
     """Keep references to the current ``.grad`` tensors (no copy): the first pass, done by the trainer."""
     return [(p, p.grad) for group in optimizer.param_groups for p in group["params"]]
-
-
-def restore_gradients(stash: list[tuple[Tensor, Tensor | None]]) -> None:
-    for p, grad in stash:
-        p.grad = grad
 
 
 class TwoPassClosure:
@@ -96,7 +87,8 @@ class TwoPassClosure:
     def __call__(self) -> Tensor | None:
         self.calls += 1
         if self.calls == 1:
-            restore_gradients(self.first_pass_gradients)
+            for p, grad in self.first_pass_gradients:
+                p.grad = grad
             return self.first_pass_loss
         if self.calls == 2:
             return self.second_pass()
@@ -108,15 +100,12 @@ class TwoPassClosure:
 def run_sam_step(optimizer: SharpnessAware, closure: Callable[[], Tensor], loss_fn: Callable[[], Tensor] | None,
                  scaler=None) -> Tensor | None:
     """One SAM/X-SAM step, through ``xsam.amp.SAMGradScaler`` when given (fp16); returns the first-pass loss."""
-    if not isinstance(optimizer, EigenvectorBase):
-        loss_fn = None  # plain SAM has no HVPs
-    if scaler is not None:
-        loss = scaler.step(optimizer, closure, loss_fn=loss_fn)
-        scaler.update()
-        return loss
-    if isinstance(optimizer, EigenvectorBase):
-        return optimizer.step(closure, loss_fn=loss_fn)
-    return optimizer.step(closure)
+    hvp_loss = {"loss_fn": loss_fn} if isinstance(optimizer, EigenvectorBase) else {}  # plain SAM has no HVPs
+    if scaler is None:
+        return optimizer.step(closure, **hvp_loss)
+    loss = scaler.step(optimizer, closure, **hvp_loss)
+    scaler.update()
+    return loss
 
 
 def logged_diagnostics(record: dict) -> dict[str, Tensor]:
@@ -124,11 +113,8 @@ def logged_diagnostics(record: dict) -> dict[str, Tensor]:
 
     Adds ``angle_gadv_v``: the angle in degrees between the perturbed gradient and the eigenvector.
     """
-    out = {}
-    for key in LOGGED_DIAGNOSTICS:
-        value = record.get(key)
-        if isinstance(value, Tensor):
-            out[f"xsam/{key}"] = value.detach().reshape(()).float().clone()
+    out = {f"xsam/{key}": record[key].detach().reshape(()).float().clone() for key in LOGGED_DIAGNOSTICS
+           if isinstance(record.get(key), Tensor)}
     cos = out.get("xsam/cos_gadv_v")
     if cos is not None:
         out["xsam/angle_gadv_v"] = torch.arccos(cos.clamp(-1.0, 1.0)) * (180.0 / math.pi)

@@ -3,14 +3,8 @@
 Why a callback: on its own, Lightning gives X-SAM no forward-only loss (finite-difference HVPs
 then re-run the whole training step), logs again in every extra pass, fails with ``16-mixed``
 (its GradScaler steps without a closure), and with ``accumulate_grad_batches=k`` hands the step
-the last micro-batch only (SAM zeroes the gradients before its first pass).
-
-With the callback, Lightning's own loop is the first pass; the step replays every micro-batch
-of the accumulated batch at the perturbed weights (logging muted, DDP syncing on the last one,
-BatchNorm statistics untouched); clipping acts on the direction the base optimizer applies
-(for ``XSAM``, as its ``max_grad_norm``, since it normalises the gradient it corrects); 16-mixed
-runs through ``xsam.amp.SAMGradScaler``; X-SAM's exact HVPs run ``training_step`` on the same
-micro-batches. The rules in full: docs/training-loops.md, "PyTorch Lightning".
+the last micro-batch only (SAM zeroes the gradients before its first pass). The rules in full:
+docs/training-loops.md, "PyTorch Lightning".
 """
 from __future__ import annotations
 
@@ -28,7 +22,7 @@ from torch import Tensor
 
 from ..amp import SAMGradScaler
 from ..optim import XSAM, SharpnessAware
-from ._common import (TwoPassClosure, check_sam_optimizer, logged_diagnostics, run_sam_step,
+from ._common import (TwoPassClosure, check_flag, check_sam_optimizer, logged_diagnostics, run_sam_step,
                       running_statistics_untouched, stash_gradients)
 
 __all__ = ["XSAMCallback"]
@@ -44,13 +38,12 @@ class XSAMCallback(Callback):
 
     Return the optimizer from ``configure_optimizers`` as usual (``model=self`` enables
     eval-mode HVPs for BatchNorm models; under DDP pass ``model=self.trainer.strategy.model``),
-    and add the callback to the Trainer. Precisions: ``32-true``, ``64-true``, ``bf16-mixed``,
-    ``16-mixed`` (tested against hand-written loops), ``16-true`` and ``bf16-true`` (run, not
-    compared). Strategies: single device and ``ddp`` (tested with 2 gloo processes;
-    ``ddp_spawn``/``ddp_fork`` take the same path). Supports ``accumulate_grad_batches`` (both passes see
-    every micro-batch) and ``gradient_clip_val``/``gradient_clip_algorithm`` (applied to the
-    direction the base optimizer steps along; X-SAM: norm clipping only). See the module
-    docstring for what happens in each pass.
+    and add the callback to the Trainer. Lightning's own loop is the first pass; the step replays
+    every micro-batch of the accumulated batch at the perturbed weights (logging muted, DDP
+    syncing on the last one, BatchNorm statistics untouched). Precisions: ``32-true``,
+    ``64-true``, ``bf16-mixed``, ``16-mixed`` (through ``xsam.amp.SAMGradScaler``), ``16-true``
+    and ``bf16-true``; strategies: single device and DDP. ``gradient_clip_val`` clips the
+    direction the base optimizer steps along (X-SAM: norm clipping only, as its ``max_grad_norm``).
 
     Args:
         log_diagnostics (bool, optional): log the optimizer's per-step diagnostics
@@ -60,15 +53,12 @@ class XSAMCallback(Callback):
     """
 
     def __init__(self, log_diagnostics: bool = True):
-        if not isinstance(log_diagnostics, bool):
-            raise ValueError(f"log_diagnostics={log_diagnostics!r} is invalid: pass True or False")
-        self.log_diagnostics = log_diagnostics
+        self.log_diagnostics = check_flag(log_diagnostics)
         self._micro_batches: list[tuple] = []  # (batch, batch_idx) since the last optimizer step
         self._plugin: Precision | None = None
         self._handles: list = []
         self._last_record: dict[str, Tensor] | None = None
 
-    # ----- setup: take over the precision plugin's optimizer step ------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
@@ -107,14 +97,12 @@ class XSAMCallback(Callback):
                 self._handles.append(optimizer.register_diagnostics_hook(self._remember_record))
         plugin = self._plugin
         scaler = getattr(plugin, "scaler", None)
-        if sam and scaler is not None:
-            if not isinstance(scaler, SAMGradScaler):
-                # torch's GradScaler refuses closures; this one runs the whole SAM step. Same settings and
-                # state (a resumed run's scale has been restored by now).
-                plugin.scaler = SAMGradScaler(plugin.device)
-                plugin.scaler.load_state_dict(scaler.state_dict())
+        if sam and scaler is not None and not isinstance(scaler, SAMGradScaler):
+            # torch's GradScaler refuses closures; this one runs the whole SAM step. Same settings and
+            # state (a resumed run's scale has been restored by now).
+            plugin.scaler = SAMGradScaler(plugin.device)
+            plugin.scaler.load_state_dict(scaler.state_dict())
 
-    # ----- the micro-batches of the current accumulated batch ----------------------------
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._micro_batches = []
 
@@ -130,7 +118,6 @@ class XSAMCallback(Callback):
     def _remember_record(self, optimizer, record: dict) -> None:
         self._last_record = logged_diagnostics(record)
 
-    # ----- the step ----------------------------------------------------------------------
     def _optimizer_step(self, plugin: Precision, optimizer, model, closure, **kwargs):
         """Replaces ``plugin.optimizer_step``: Lightning calls it with the closure of the last micro-batch."""
         if not isinstance(optimizer, SharpnessAware):
@@ -186,9 +173,8 @@ def _clip_gradients(plugin: Precision, optimizer, clip_val=0.0,
                     gradient_clip_algorithm=GradClipAlgorithmType.NORM) -> None:
     """Replaces ``plugin.clip_gradients``, which Lightning calls on the second pass's gradient, inside the step.
 
-    X-SAM: the clipping is routed to the optimizer (``_route_clipping``). Under 16-mixed the
-    gradients are still scaled there (``SAMGradScaler`` unscales each pass after the closure
-    returns), so the threshold is multiplied by the scale: the same clipping on unscaled values.
+    Under 16-mixed the gradients are still scaled there (``SAMGradScaler`` unscales each pass
+    after the closure returns), so the threshold is multiplied by the scale.
     """
     if isinstance(optimizer, XSAM):
         if clip_val and clip_val > 0:
@@ -200,11 +186,8 @@ def _clip_gradients(plugin: Precision, optimizer, clip_val=0.0,
 
 
 def _route_clipping(optimizer: XSAM, clip_val: float, algorithm) -> None:
-    """Lightning's clipping of X-SAM's second pass becomes the optimizer's ``max_grad_norm`` for this step.
-
-    X-SAM corrects the second pass's gradient (normalised by default) before the base step, so
-    clipping that gradient would change nothing; ``max_grad_norm`` clips the corrected direction.
-    """
+    """Lightning's clipping of X-SAM's second pass becomes the optimizer's ``max_grad_norm`` for this step:
+    X-SAM normalises that gradient before correcting it, so clipping it would change nothing."""
     algorithm = GradClipAlgorithmType(algorithm)
     if algorithm != GradClipAlgorithmType.NORM:
         raise ValueError(f"gradient_clip_algorithm={algorithm.value!r} is not supported with XSAM: it would clip the "
@@ -233,14 +216,10 @@ def _loss_of(output) -> Tensor:
     return loss
 
 
-def _ignore_log(*args, **kwargs) -> None:
-    return None
-
-
 @contextlib.contextmanager
 def _logging_muted(module):
     """``self.log``/``self.log_dict`` do nothing in the block: the extra passes must not overwrite the logged loss."""
-    module.log = module.log_dict = _ignore_log
+    module.log = module.log_dict = lambda *args, **kwargs: None
     try:
         yield
     finally:

@@ -1,15 +1,10 @@
 """Hugging Face ``Trainer``: ``XSAMTrainer`` trains with ``xsam.XSAM`` (or ``xsam.SAM``).
 
-The Trainer runs forward and backward for each micro-batch of an accumulated batch and calls
-``optimizer.step()`` with no closure. ``XSAMTrainer`` keeps that loop as the first pass (so the
-logged ``loss`` is the unperturbed one) and makes the step replay every micro-batch at the
-perturbed weights (same loss scaling, DDP all-reduce on the last one, BatchNorm statistics
-untouched). ``TrainingArguments(max_grad_norm=...)`` becomes the optimizer's own
-``max_grad_norm``: X-SAM normalises the second pass's gradient before correcting it, so only
-the direction the base optimizer applies can be clipped. X-SAM's exact HVPs run
-``compute_loss`` on the same micro-batches. ``fp16=True`` is refused (accelerate's GradScaler
-refuses closures): use bf16, or a loop by hand with ``xsam.amp.SAMGradScaler``. The rules in
-full: docs/training-loops.md, "Hugging Face Trainer".
+The Trainer's loop over the micro-batches of an accumulated batch is the first pass (so the
+logged ``loss`` is the unperturbed one); ``optimizer.step()``, which the Trainer calls without a
+closure, replays every micro-batch at the perturbed weights. ``fp16=True`` is refused
+(accelerate's GradScaler refuses closures). The rules in full: docs/training-loops.md,
+"Hugging Face Trainer".
 """
 from __future__ import annotations
 
@@ -21,7 +16,7 @@ from torch import Tensor
 from transformers import Trainer
 
 from ..optim import XSAM, SharpnessAware
-from ._common import (TwoPassClosure, check_sam_optimizer, logged_diagnostics, run_sam_step,
+from ._common import (TwoPassClosure, check_flag, check_sam_optimizer, logged_diagnostics, run_sam_step,
                       running_statistics_untouched, stash_gradients)
 
 __all__ = ["XSAMTrainer"]
@@ -39,7 +34,9 @@ class XSAMTrainer(Trainer):
 
     ``XSAMTrainer(model=model, args=TrainingArguments(...), train_dataset=..., sam_kwargs={"rho": 0.05})``;
     everything else is the Trainer's (``gradient_accumulation_steps``, ``bf16``, DDP launches,
-    ``resume_from_checkpoint``, callbacks, logging). See the module docstring for the passes.
+    ``resume_from_checkpoint``, callbacks, logging). ``TrainingArguments(max_grad_norm=...)``
+    becomes the optimizer's ``max_grad_norm``: X-SAM normalises the second pass's gradient, so
+    only the direction the base optimizer applies can be clipped.
 
     Args:
         *args, **kwargs: the ``Trainer`` arguments. ``optimizers`` must leave the optimizer as
@@ -63,8 +60,7 @@ class XSAMTrainer(Trainer):
         if reserved:
             whence = "; ".join(f"{key}: {_SET_BY_THE_TRAINER[key]}" for key in reserved)
             raise ValueError(f"sam_kwargs sets {reserved}, which XSAMTrainer sets itself ({whence}); remove them")
-        if not isinstance(log_diagnostics, bool):
-            raise ValueError(f"log_diagnostics={log_diagnostics!r} is invalid: pass True or False")
+        check_flag(log_diagnostics)
         super().__init__(*args, **kwargs)
         if self.args.fp16:
             raise ValueError("XSAMTrainer does not support fp16=True (accelerate's GradScaler refuses the closure "
@@ -82,7 +78,6 @@ class XSAMTrainer(Trainer):
         self._first_pass_loss: Tensor | None = None
         self._last_record: dict[str, Tensor] | None = None
 
-    # ----- the optimizer -----------------------------------------------------------------
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is not None:
             return self.optimizer
@@ -113,7 +108,6 @@ class XSAMTrainer(Trainer):
         self.optimizer = self.sam_optimizer = optimizer
         return optimizer
 
-    # ----- the passes --------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None) -> Tensor:
         """The Trainer's training step (the first pass of this micro-batch), remembered for the second pass."""
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -144,8 +138,8 @@ class XSAMTrainer(Trainer):
         return total
 
     def _clip_grad_norm(self, model) -> None:
-        """The Trainer's clipping of the first pass, before ``optimizer.step()``: not done (the optimizer's own
-        ``max_grad_norm`` clips the step's direction). None makes the Trainer measure the norm it logs."""
+        """Not done: the optimizer's ``max_grad_norm`` clips the step's direction. None makes the Trainer
+        measure the norm it logs."""
         return None
 
     def _forward_loss(self, micro_batches: list) -> Tensor:
@@ -169,7 +163,6 @@ class XSAMTrainer(Trainer):
         return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
                     or self.compute_loss_func is not None)
 
-    # ----- logging -----------------------------------------------------------------------
     def _remember_record(self, optimizer, record: dict) -> None:
         self._last_record = logged_diagnostics(record)
 
