@@ -138,19 +138,6 @@ def test_the_tilt_leans_toward_v_by_alpha_times_the_orthogonal_part():
     assert torch.equal(flat(q.params), w)  # lr 0: the restore is exact
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"alpha": -0.1}, "alpha"), ({"rho": -1.0}, "rho"), ({"eig_interval": 0}, "eig_interval"),
-    ({"hvp": "jvp"}, "hvp"), ({"adaptive": True}, "It is an argument of (XSAM and SAM|SAM and XSAM), not of EigenSAM"),
-    ({"correction": "signed"}, "argument of XSAM, not of EigenSAM"),
-])
-def test_bad_arguments_say_whose_they_are(kwargs, match):
-    q = Quadratic()
-    with pytest.raises(ValueError, match=match):
-        EigenSAM(q.params, torch.optim.SGD, lr=0.1, **kwargs)
-    with pytest.raises(ValueError, match="alpha"):
-        EigenSAM([{"params": q.params, "alpha": -1.0}], torch.optim.SGD, lr=0.1)
-
-
 def test_amp_scaler_run_equals_the_unscaled_run_and_skips_a_non_finite_pass():
     """Power-of-two scales make scaling and unscaling exact; an inf in the perturbed pass skips the step."""
     from xsam.amp import SAMGradScaler

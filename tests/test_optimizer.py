@@ -250,6 +250,14 @@ def test_parameters_without_gradient_are_skipped():
     (XSAM, dict(rho=math.inf), "rho=inf"), (XSAM, dict(eps=math.inf), "eps=inf"), (XSAM, dict(eps=0.0), "eps=0.0"),
     (SAM, dict(eps=0.0), "eps=0"), (XSAM, dict(hvp_eval_mode="yes"), "hvp_eval_mode='yes'"),
     (XSAM, dict(seed=2 ** 70), "seed="), (XSAM, dict(max_grad_norm=0.0), "max_grad_norm=0.0"),
+    (SAM, {"base_optimizer": torch.optim.LBFGS}, "LBFGS"),
+    (XSAM, {"base_optimizer": torch.optim.Adam, "eps": 1e-6}, "eps=1e-06 is ambiguous"),
+    (SAM, {"alpha": 0.2}, "alpha=0.2 is not an argument of SAM nor of its base optimizer SGD. "
+                          "It is an argument of XSAM"),
+    (EigenSAM, {"alpha": -0.1}, "alpha"), (EigenSAM, {"rho": -1.0}, "rho"),
+    (EigenSAM, {"eig_interval": 0}, "eig_interval"), (EigenSAM, {"hvp": "jvp"}, "hvp"),
+    (EigenSAM, {"adaptive": True}, "It is an argument of (XSAM and SAM|SAM and XSAM), not of EigenSAM"),
+    (EigenSAM, {"correction": "signed"}, "argument of XSAM, not of EigenSAM"),
 ])
 def test_bad_arguments_are_clear_errors(cls, kwargs, name):
     q = Quadratic()
@@ -265,6 +273,8 @@ def test_per_group_bad_values_are_rejected():
     q = Quadratic()
     with pytest.raises(ValueError, match="alpha"):
         XSAM([{"params": q.params, "alpha": 3.0}], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        EigenSAM([{"params": q.params, "alpha": -1.0}], torch.optim.SGD, lr=0.1)
     opt = XSAM(q.params[:1], torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="rho"):
         opt.add_param_group({"params": q.params[1:], "rho": -1.0})

@@ -207,12 +207,7 @@ def check_state_dict(optimizer, saved_global: dict, own: dict, base_state: dict,
 
 def _positions(groups: list[dict]) -> dict:
     """Saved parameter id (a position, or a name under DCP) -> position in the flat parameter order."""
-    out, i = {}, 0
-    for g in groups:
-        for pid in g["params"]:
-            out[pid] = i
-            i += 1
-    return out
+    return {pid: i for i, pid in enumerate(params_in_order(groups))}
 
 
 def load_state_dict_atomically(optimizer, state_dict: dict) -> None:

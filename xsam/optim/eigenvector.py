@@ -90,18 +90,19 @@ class _DeviceFlag:
         return bool(self._host)
 
 
+@dataclass(eq=False)
 class EigenvectorTracker:
     """Refresh schedule, HVP mode, power iteration and rejection rule, over the state it is handed."""
 
-    def __init__(self, *, eig_interval: int, eig_interval_max: int | None, power_iters: int, eig_tol: float | None,
-                 hvp: str, hvp_eval_mode: bool, seed: int):
-        self.eig_interval = eig_interval
-        self.eig_interval_max = eig_interval_max
-        self.power_iters = power_iters
-        self.eig_tol = eig_tol
-        self.hvp = hvp
-        self.hvp_eval_mode = hvp_eval_mode
-        self.seed = seed
+    eig_interval: int
+    eig_interval_max: int | None
+    power_iters: int
+    eig_tol: float | None
+    hvp: str
+    hvp_eval_mode: bool
+    seed: int
+
+    def __post_init__(self):
         # The last committed refresh was rejected: retry at the next step. Read from the device
         # flag once it is produced (a fact about a committed step: no rollback undoes it).
         self._retry = False

@@ -13,18 +13,14 @@ from ..hessian import RandomState
 from .base import FirstPassSums, SharpnessAware, StepTransaction
 from .eigenvector import HVP_MODES, EigenvectorTracker, TrackerInputs
 from .lists import ParamLists
-from .validation import check_bool, check_choice, check_count, check_number, check_seed
+from .validation import check_bool, check_choice, check_count, check_number, check_seed, own_arguments
 
 __all__ = ["EigenvectorBase", "passed_on"]
 
-# What XSAM's and EigenSAM's constructors hand on unchanged to EigenvectorBase (and SharpnessAware).
-PASSED_ON = ("eig_interval", "eig_interval_max", "power_iters", "eig_tol", "hvp", "hvp_eval_mode", "seed", "model",
-             "per_replica_perturbation", "process_group", "backend", "eps", "max_grad_norm", "base_kwargs")
-
-
 def passed_on(arguments: dict) -> dict:
-    """The ``PASSED_ON`` entries of a constructor's ``locals()``."""
-    return {name: arguments[name] for name in PASSED_ON}
+    """What XSAM's and EigenSAM's constructors hand on unchanged: the entries of their ``locals()`` named
+    by the keyword-only arguments of ``EigenvectorBase`` and ``SharpnessAware``."""
+    return {name: arguments[name] for name in own_arguments(EigenvectorBase) + own_arguments(SharpnessAware)}
 
 
 class EigenvectorBase(SharpnessAware):

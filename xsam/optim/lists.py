@@ -82,7 +82,6 @@ def structure_key(param_groups: list[dict]) -> tuple:
 class GroupLists:
     """One param group's slice of the step lists."""
 
-    index: int  # position in param_groups (error messages)
     group: dict  # the live group dict: rho, alpha, lr, ... are read from it every step
     start: int
     stop: int
@@ -93,6 +92,16 @@ class GroupLists:
         if self.start == 0 and self.stop == len(tensors):
             return tensors
         return tensors[self.start:self.stop]
+
+
+def _end_to_end(members_of: list[tuple[dict, list[Tensor]]]) -> tuple[list[Tensor], list[GroupLists]]:
+    """The members of each group laid end to end, and the slice of every group that has any."""
+    params, groups = [], []
+    for group, members in members_of:
+        if members:
+            groups.append(GroupLists(group, len(params), len(params) + len(members), Layout.of(members)))
+        params += members
+    return params, groups
 
 
 @dataclass
@@ -108,12 +117,7 @@ class ParamLists:
 
     @classmethod
     def build(cls, param_groups: list[dict]) -> "ParamLists":
-        params, groups = [], []
-        for index, group in enumerate(param_groups):
-            members = list(group["params"])
-            if members:
-                groups.append(GroupLists(index, group, len(params), len(params) + len(members), Layout.of(members)))
-            params += members
+        params, groups = _end_to_end([(g, list(g["params"])) for g in param_groups])
         # Scratch: written by the perturbation before it is read, so never initialised.
         saved = scratch_like(params)
         anchors = (param_groups, *param_groups, *(g["params"] for g in param_groups))
@@ -122,15 +126,9 @@ class ParamLists:
     def subset(self, keep: list[bool], saved: list[Tensor] | None = None) -> "ParamLists":
         """The lists restricted to the positions where ``keep`` is true (new layouts: the slow path)."""
         saved = self.saved if saved is None else saved
-        params, new_saved, groups = [], [], []
-        for g in self.groups:
-            members = [p for p, k in zip(g.of(self.params), g.of(keep)) if k]
-            if members:
-                groups.append(GroupLists(g.index, g.group, len(params), len(params) + len(members),
-                                         Layout.of(members)))
-            params += members
-            new_saved += [s for s, k in zip(g.of(saved), g.of(keep)) if k]
-        return ParamLists(params, new_saved, Layout.of(params), groups, self.anchors)
+        params, groups = _end_to_end([(g.group, [p for p, k in zip(g.of(self.params), g.of(keep)) if k])
+                                      for g in self.groups])
+        return ParamLists(params, [s for s, k in zip(saved, keep) if k], Layout.of(params), groups, self.anchors)
 
     def gradients(self) -> tuple["ParamLists", list[Tensor], list[bool] | None]:
         """(lists of the parameters that have a gradient, their gradients, the mask or None when all do)."""

@@ -16,11 +16,6 @@ from torch import Tensor, nn
 __all__ = ["BatchNormState", "batchnorm_statistics_frozen", "eval_mode"]
 
 
-def _batchnorm_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-
 class BatchNormState:
     """The running statistics (mean, var, num_batches_tracked) of a model's BatchNorm layers at one moment."""
 
@@ -31,7 +26,8 @@ class BatchNormState:
     def capture(cls, model: nn.Module | None) -> "BatchNormState | None":
         if model is None:
             return None
-        buffers = [(b, b.detach().clone()) for m in _batchnorm_modules(model)
+        buffers = [(b, b.detach().clone()) for m in model.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
                    for b in m.buffers(recurse=False) if b is not None]
         return cls(buffers) if buffers else None
 
