@@ -57,27 +57,22 @@ class Quadratic:
     def grad(self, w: torch.Tensor) -> torch.Tensor:
         return self.A @ w + self.b
 
-    def power_refresh(self, v, gen, iters: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """An eigenvector refresh in flat float64: the seeded start from ``gen`` when v is None, then ``iters``
-        normalised power iterations; (v, the Rayleigh quotient of the last iteration's input)."""
+    def sgd_oracle(self, steps: int, seed: int, lr, ascent, descent, refresh: bool = True, eps: float = 1e-12):
+        """Plain SGD steps of a SAM-type method on flat float64 vectors: at every second step v refreshed by
+        5 normalised power iterations (from the seeded start the first time), ``e = ascent(g, v)``,
+        ``w -= lr * descent(g_adv, v)``. Returns w and each step's {"g", "ga", "v", "eigenvalue"}, the
+        eigenvalue being the Rayleigh quotient of the last iteration's input."""
         from xsam.hessian import random_vectors
 
-        v = flat(random_vectors(self.params, 1, gen)[0]) if v is None else v
-        v = v / (v.norm() + eps)
-        for _ in range(iters):
-            u = self.A @ v
-            lam = v @ u
-            v = u / (u.norm() + eps)
-        return v, lam
-
-    def sgd_oracle(self, steps: int, seed: int, lr, ascent, descent, refresh: bool = True, eps: float = 1e-12):
-        """Plain SGD steps of a SAM-type method on flat float64 vectors: v refreshed at every second step
-        (5 ``power_refresh`` iterations), ``e = ascent(g, v)``, ``w -= lr * descent(g_adv, v)``. Returns w
-        and each step's {"g", "ga", "v", "eigenvalue"}."""
         w, gen, v, lam, history = flat(self.params), torch.Generator().manual_seed(seed), None, None, []
         for t in range(steps):
             if refresh and t % 2 == 0:
-                v, lam = self.power_refresh(v, gen, 5, eps)
+                v = flat(random_vectors(self.params, 1, gen)[0]) if v is None else v
+                v = v / (v.norm() + eps)
+                for _ in range(5):
+                    u = self.A @ v
+                    lam = v @ u
+                    v = u / (u.norm() + eps)
             g = self.grad(w)
             ga = self.grad(w + ascent(w, g, v))
             w = w - lr * descent(ga, v)
@@ -264,15 +259,16 @@ def resumed_halfway(cls, steps: int):
     return (model_a, opt_a), (model_c, opt_c)
 
 
-def scaled_or_plain_steps(opt, scaler, closure, steps: int, use_scaler: bool) -> None:
+def scaled_or_plain_steps(opt, scaler, closure, steps: int, use_scaler: bool, **step_kwargs) -> None:
     """``steps`` optimizer steps, through ``scaler.step`` / ``scaler.update`` or plainly: the two runs
-    a scaled-against-unscaled comparison makes (the closure scales its loss when ``use_scaler``)."""
+    a scaled-against-unscaled comparison makes (the closure scales its loss when ``use_scaler``);
+    ``step_kwargs`` (``loss_fn=``) go to every step."""
     for _ in range(steps):
         if use_scaler:
-            scaler.step(opt, closure)
+            scaler.step(opt, closure, **step_kwargs)
             scaler.update()
         else:
-            opt.step(closure)
+            opt.step(closure, **step_kwargs)
 
 
 def set_eigenvector(opt, params, v) -> None:

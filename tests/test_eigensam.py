@@ -1,14 +1,12 @@
 """Eigen-SAM steps against a flat float64 oracle written here, on every available backend, plus what it
 shares with X-SAM (HVP modes, checkpoints, the step protocol)."""
-import copy
-
 import pytest
 import torch
 from torch import nn
 
 from xsam import SAM, EigenSAM
 
-from helpers import Quadratic, closure_of, flat, make_model, set_eigenvector
+from helpers import Quadratic, closure_of, flat, make_model, scaled_or_plain_steps, set_eigenvector
 from op_cases import backend_params
 
 EPS = 1e-12
@@ -161,19 +159,14 @@ def test_amp_scaler_run_equals_the_unscaled_run_and_skips_a_non_finite_pass():
                 next(model.parameters()).grad.view(-1)[0] = float("inf")
             return loss
 
-        for _ in range(3):
-            if use_scaler:
-                scaler.step(opt, closure, loss_fn=loss_fn)
-                scaler.update()
-            else:
-                opt.step(closure, loss_fn=loss_fn)
+        scaled_or_plain_steps(opt, scaler, closure, 3, use_scaler, loss_fn=loss_fn)
         runs.append(([p.detach().clone() for p in model.parameters()], opt.eigenvector()))
         if use_scaler:
-            before = ([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()))
+            before = [p.detach().clone() for p in model.parameters()]
             calls.clear()
             poison.append(True)
             scaler.step(opt, closure, loss_fn=loss_fn)
-            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before[0]))
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
             assert opt.diagnostics()["step"] == 3 and opt.diagnostics()["skipped_steps"] == 1
     (w0, v0), (w1, v1) = runs
     assert all(torch.equal(a, b) for a, b in zip(w0 + v0, w1 + v1))

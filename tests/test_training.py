@@ -89,10 +89,9 @@ def test_batchnorm_helper_without_model_equals_the_model_path():
 
         # The twin sees one training forward at the same (pre-step) weights the first pass used.
         with torch.no_grad():
-            twin_weights = {k: v for k, v in twin.state_dict().items() if "running" not in k and "num_batches" not in k}
             twin(x)
-        twin.load_state_dict({**twin.state_dict(), **{k: v for k, v in manual.state_dict().items()
-                                                      if k in twin_weights}})
+        twin.load_state_dict({k: v for k, v in manual.state_dict().items()
+                              if "running" not in k and "num_batches" not in k}, strict=False)
         assert torch.equal(twin[1].running_mean, manual[1].running_mean)
         assert torch.equal(twin[1].running_var, manual[1].running_var)
     for a, b in zip(with_model.state_dict().values(), manual.state_dict().values()):
@@ -146,18 +145,13 @@ def test_compiled_model_trains_like_eager_without_recompiling_every_step(compile
     assert graphs_after[0] >= 1 and graphs_after[-1] == graphs_after[1], graphs_after
 
 
-@pytest.mark.parametrize("backend", ["reference", "native"])
-def test_op_set_traces_into_one_graph(backend):
+def test_the_reference_op_set_traces_into_one_graph():
+    """The fused backends' ops are traced in test_op_layer.py."""
     from xsam import ops
-    from xsam.ops.dispatch import unavailable_reason
-
-    reason = unavailable_reason(backend, torch.device("cpu"), torch.float32)
-    if reason:
-        pytest.skip(reason)
 
     def fused(params, grads, saved):
-        sums = ops.dots([grads], [(0, 0)], backend=backend)
-        ops.perturb_(params, grads, saved, 0.05 / (sums[0].sqrt() + 1e-12), backend=backend)
+        sums = ops.dots([grads], [(0, 0)], backend="reference")
+        ops.perturb_(params, grads, saved, 0.05 / (sums[0].sqrt() + 1e-12), backend="reference")
         return sums
 
     def data():
@@ -304,7 +298,6 @@ def test_clipping_inside_the_closure_corrupts_finite_difference_hvps():
     opt, _, _, (lam_true, v_true), _ = refreshed(clip_in_closure=True)
     lam = opt.diagnostics()["eigenvalue"]
     cos = abs(flat(opt.eigenvector()) @ v_true).item()
-    print(f"closure clipping: eigenvalue {lam:.3f}, true {lam_true:.3f}, |cos(v, v_true)| {cos:.3f}")
     assert abs(lam - lam_true) > 0.5 * abs(lam_true) and cos < 0.95, (lam, lam_true, cos)
 
 
