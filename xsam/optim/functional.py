@@ -1,8 +1,6 @@
-"""The arithmetic of one step on device scalars, as in docs/algorithm.md.
+"""The coefficients of one step from the global sums of one fused reduction (docs/algorithm.md).
 
-The optimizers gather the global sums (``||g||^2``, ``<g, v>``, ...) with one fused reduction
-of the op set, call these functions for the coefficients, and hand the coefficients to one
-fused element-wise pass. Everything stays on the device: nothing here reads a value on the host.
+Everything stays on the device: nothing here reads a value on the host.
 """
 from __future__ import annotations
 
@@ -33,11 +31,8 @@ class Correction:
 
 
 def xsam_correction(gg: Tensor, gv: Tensor, *, normalize: bool, rule: str, eps: float) -> Correction:
-    """Coefficients of the correction from ``gg = ||g_adv||^2`` and ``gv = <g_adv, v>``.
-
-    ``c = <gh, v>`` with ``gh = a * g_adv``; beta is ``sign(<g_adv, v>) * c = |c|`` ("signed",
-    the authors' rule), ``c`` ("symmetric") or ``max(c, 0)`` ("acute").
-    """
+    """Coefficients of the correction from ``gg = ||g_adv||^2`` and ``gv = <g_adv, v>``: with ``c = <gh, v>``
+    and ``gh = a * g_adv``, beta is ``|c|`` ("signed"), ``c`` ("symmetric") or ``max(c, 0)`` ("acute")."""
     norm = gg.sqrt()
     inv = (norm + eps).reciprocal()
     cos = gv * inv
@@ -62,13 +57,8 @@ class Tilt:
 
 
 def eigensam_tilt(inv_norm: Tensor, gv: Tensor, rho: float, alpha: float) -> Tilt:
-    """``gh = g / (||g|| + eps)``, ``c = <gh, v>``, ``s = sign(<g, v>)``, ``v_perp = v - c * gh``,
-    from ``inv_norm = 1 / (||g|| + eps)`` (``inverse_norm``) and ``gv = <g, v>``.
-
-    ``e = rho * (gh + alpha * s * v_perp) = rho * (1 - alpha * s * c) * gh + rho * alpha * s * v``;
-    ``s * c = |c|``, so ``a = rho * (1 - alpha * |c|) / (||g|| + eps)`` and ``b = rho * alpha * s``.
-    ``s * v`` does not depend on the sign of v, nor does the step.
-    """
+    """``a`` and ``b`` (``EigenSAM``'s docstring) from ``inv_norm = 1 / (||g|| + eps)`` and ``gv = <g, v>``:
+    ``s * c = |c|`` with ``c = gv * inv_norm`` and ``s = sign(gv)``."""
     c = gv * inv_norm
     s = torch.sign(gv)
     return Tilt(a=rho * (1.0 - alpha * c.abs()) * inv_norm, b=rho * alpha * s)
