@@ -28,7 +28,8 @@ from xsam import XSAM
 from xsam.amp import SAMGradScaler
 from xsam.hessian import random_vectors
 
-from helpers import closure_of, error_of, flat, gloo_group, make_model, mse, regression_batches, spawn_and_wait
+from helpers import (closure_of, error_of, flat, gloo_group, make_model, mse, refreshes_in, regression_batches,
+                     spawn_and_wait)
 
 WORLD, STEPS, SEED = 2, 5, 7
 SIZES = (5, 6, 2)  # the MLP's widths
@@ -43,8 +44,11 @@ CONFIGS = {  # name: (hvp, per_replica_perturbation, DDP keyword arguments, XSAM
                                  {"hvp_eval_mode": False}),
     # Mode (a) is fine with a static graph (mode (b) is refused, see run_refusals).
     "sync_fd_static_graph": ("finite_difference", False, {"static_graph": True}, {}),
+    "sync_forward_train_mode": ("forward_difference", False, {}, {"hvp_eval_mode": False}),
     # Mode (b): the first pass's gradients are each rank's own, the products' are averaged.
     "replica_forward_train_mode": ("forward_difference", True, {}, {"hvp_eval_mode": False}),
+    "sync_streaming": ("streaming", False, {}, {}),
+    "replica_streaming": ("streaming", True, {}, {}),
 }
 REFERENCES = {  # DDP run: single-process run on the full batch it must equal, and the tolerance
     "sync_exact": ("sync_exact", 1e-10),
@@ -53,6 +57,8 @@ REFERENCES = {  # DDP run: single-process run on the full batch it must equal, a
     "sync_fd_bucket_view": ("sync_fd", 1e-7),
     "sync_fd_static_graph": ("sync_fd", 1e-7),
     "sync_forward_bucket_view": ("forward_train_mode", 1e-6),
+    "sync_forward_train_mode": ("forward_train_mode", 1e-7),
+    "sync_streaming": ("sync_streaming", 1e-7),
     "group_exact_manual": ("sync_exact", 1e-10),
 }
 SKIPPED_STEP, POISONED_RANK, INIT_SCALE = 1, 1, 2.0 ** 10  # step 1 does not refresh (eig_interval=2)
@@ -81,8 +87,10 @@ def batches(rank=None):
 
 
 def train(model, opt, rank=None, forward_model=None, first_pass_kwargs=None):
-    """STEPS steps of opt.step(closure, loss_fn); ``first_pass_kwargs`` go to the model in the first pass only."""
+    """STEPS steps of opt.step(closure, loss_fn); ``first_pass_kwargs`` go to the model in the first pass only.
+    Returns the eigenvector after the first step."""
     forward_model = forward_model or model
+    first_eigenvector = None
     for x, y in batches(rank):
         calls = [0]
 
@@ -94,6 +102,9 @@ def train(model, opt, rank=None, forward_model=None, first_pass_kwargs=None):
             return loss
 
         opt.step(closure, loss_fn=lambda: mse(forward_model, x, y))
+        if first_eigenvector is None:
+            first_eigenvector = opt.eigenvector()
+    return first_eigenvector
 
 
 def train_manually(model, opt, rank, forward_model):
@@ -107,9 +118,13 @@ def train_manually(model, opt, rank, forward_model):
         opt.second_step(zero_grad=True)
 
 
-def outcome(opt, params):
+def outcome(opt, params, first_eigenvector=None):
     return {"weights": [p.detach().clone() for p in params], "eigenvector": opt.eigenvector(),
-            "refreshes": opt.diagnostics()["refreshes"]}
+            "refreshes": opt.diagnostics()["refreshes"], "first_eigenvector": first_eigenvector}
+
+
+def expected_refreshes(name):
+    return refreshes_in(STEPS, HYPER["eig_interval"], streaming="streaming" in name)
 
 
 # ----- the scenarios, each run on every rank ---------------------------------------------------
@@ -118,8 +133,8 @@ def run_config(name, rank):
     ddp = nn.parallel.DistributedDataParallel(make_model(*SIZES), **ddp_kwargs)
     opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp=hvp, model=ddp, per_replica_perturbation=per_replica,
                seed=SEED, **xsam_kwargs, **HYPER)
-    train(ddp, opt, rank, forward_model=ddp.module)
-    return outcome(opt, ddp.parameters())
+    first_eigenvector = train(ddp, opt, rank, forward_model=ddp.module)
+    return outcome(opt, ddp.parameters(), first_eigenvector)
 
 
 def run_replica_unused(rank):
@@ -241,20 +256,20 @@ def single_process(name):
                    **HYPER)
     else:
         opt = XSAM(model.parameters(), torch.optim.SGD, hvp=CONFIGS[name][0], seed=SEED, **HYPER)
-    train(model, opt)
-    return outcome(opt, model.parameters())
+    first_eigenvector = train(model, opt)
+    return outcome(opt, model.parameters(), first_eigenvector)
 
 
-def assert_replicas_identical(pair):
+def assert_replicas_identical(pair, refreshes):
     r0, r1 = pair
-    assert r0["refreshes"] == r1["refreshes"] == 3
+    assert r0["refreshes"] == r1["refreshes"] == refreshes
     assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"])), "replicas' weights differ"
     assert all(torch.equal(a, b) for a, b in zip(r0["eigenvector"], r1["eigenvector"])), "eigenvectors differ"
 
 
 @pytest.mark.parametrize("name", [*CONFIGS, "replica_unused", "group_exact_manual"])
 def test_every_rank_holds_bit_identical_weights_and_eigenvectors(results, name):
-    assert_replicas_identical(results(name))
+    assert_replicas_identical(results(name), expected_refreshes(name))
 
 
 @pytest.mark.parametrize("name", list(REFERENCES))
@@ -264,7 +279,7 @@ def test_synchronised_perturbation_matches_single_process_full_batch(results, na
     reference, tol = REFERENCES[name]
     want = single_process(reference)
     got = results(name)[0]
-    assert got["refreshes"] == want["refreshes"] == 3
+    assert got["refreshes"] == want["refreshes"] == expected_refreshes(name)
     torch.testing.assert_close(flat(got["weights"]), flat(want["weights"]), rtol=tol, atol=tol)
     torch.testing.assert_close(flat(got["eigenvector"]), flat(want["eigenvector"]), rtol=tol, atol=tol)
 
@@ -336,6 +351,9 @@ def test_forward_differences_in_mode_b_use_the_averaged_gradient_as_their_base(r
     got = results("replica_forward_train_mode")[0]
     torch.testing.assert_close(flat(got["eigenvector"]), flat(exact["eigenvector"]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(flat(got["weights"]), flat(exact["weights"]), rtol=1e-6, atol=1e-6)
+    # Before any update the replicas' products are the full batch's: the first v is the single-process one.
+    first = single_process("forward_train_mode")["first_eigenvector"]
+    torch.testing.assert_close(flat(got["first_eigenvector"]), flat(first), rtol=1e-7, atol=1e-7)
 
 
 def test_exact_hvps_without_a_ddp_model_are_refused_with_what_to_pass(results):
@@ -366,7 +384,7 @@ def test_scaler_skips_on_every_rank_when_one_ranks_first_pass_overflows(results)
         skip = out["skip"]
         assert skip["unchanged"] and skip["skipped_steps"] == 1 and skip["step"] == SKIPPED_STEP
         assert skip["scale"] == INIT_SCALE / 2 and out["scale"] == INIT_SCALE / 2
-    assert_replicas_identical(pair)
+    assert_replicas_identical(pair, expected_refreshes("scaled_replica"))
     unscaled = results("replica_exact")[0]
     torch.testing.assert_close(flat(pair[0]["weights"]), flat(unscaled["weights"]), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(flat(pair[0]["eigenvector"]), flat(unscaled["eigenvector"]), rtol=1e-12, atol=1e-12)

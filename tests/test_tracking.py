@@ -1,13 +1,12 @@
 """Eigenvector tracking: forward-difference refreshes, their step size, and streaming.
 
 Oracles: closed forms on quadratics (A is known, so H v, the top eigenvector and every pass are
-known exactly), double-backward HVPs computed here with torch.autograd, a flat fp64 re-derivation
-of the streaming step, and single-process runs on the full batch for DDP and FSDP2. Evaluations
-are counted by closure calls.
+known exactly), double-backward HVPs computed here with torch.autograd and a flat fp64 re-derivation
+of the streaming step. Evaluations are counted by closure calls. Under AMP: test_amp.py; under DDP
+and FSDP2: test_distributed.py, test_fsdp.py.
 """
 import copy
 import math
-import os
 
 import pytest
 import torch
@@ -17,8 +16,7 @@ from xsam import XSAM
 from xsam.hessian import default_fd_step, forward_difference_hvp, random_vectors
 from xsam.optim.eigenvector import STREAMING_RATE
 
-from helpers import (Quadratic, assert_each_close, closure_of, flat, gloo_group, make_model, mse, regression_batches,
-                     spawned_results, train, unflat)
+from helpers import Quadratic, closure_of, flat, make_model, mse, regression_batches, unflat
 
 
 class Counted:
@@ -433,89 +431,6 @@ def test_streaming_is_refused_where_it_has_no_meaning():
 
     with pytest.raises(ValueError, match="hvp='streaming' is not available for NotWired"):
         NotWired(q.params, torch.optim.SGD, lr=0.1, hvp="streaming")
-
-
-# ----- DDP and FSDP2 (gloo, 2 processes) ------------------------------------------------------------
-WORLD, STEPS, SEED = 2, 4, 5
-HYPER = dict(lr=0.1, momentum=0.9, rho=0.05, alpha=0.5, eig_interval=2, power_iters=2)
-DDP_CONFIGS = {  # name: (hvp, per_replica_perturbation)
-    "fwd": ("forward_difference", False),
-    "fwd_replica": ("forward_difference", True),
-    "stream": ("streaming", False),
-    "stream_replica": ("streaming", True),
-}
-FSDP_CONFIGS = ("forward_difference", "streaming")
-
-
-def dist_train(model, opt, rank=None, steps=STEPS):
-    """The eigenvector after the first step."""
-    train(model, opt, regression_batches(range(1), 300, 8, 4, 1, rank, WORLD))
-    first_v = [t.full_tensor() if hasattr(t, "full_tensor") else t.clone() for t in opt.eigenvector()]
-    train(model, opt, regression_batches(range(1, steps), 300, 8, 4, 1, rank, WORLD))
-    return first_v
-
-
-def dist_worker(rank, init_file, out_dir):
-    from torch.distributed.fsdp import fully_shard
-
-    with gloo_group(f"file://{init_file}", rank, WORLD):
-        out = {}
-        for name, (hvp, per_replica) in DDP_CONFIGS.items():
-            ddp = nn.parallel.DistributedDataParallel(make_model(4, 7, 5, 1))
-            # hvp_eval_mode=False: the products reuse the first pass's gradient (with a model in eval
-            # mode they would evaluate grad L(w) once more instead).
-            opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp=hvp, model=ddp, per_replica_perturbation=per_replica,
-                       hvp_eval_mode=False, seed=SEED, **HYPER)
-            first_v = dist_train(ddp, opt, rank)
-            out[name] = {"weights": [p.detach().clone() for p in ddp.parameters()], "eigenvector": opt.eigenvector(),
-                         "first_v": first_v}
-        for hvp in FSDP_CONFIGS:
-            model = make_model(4, 7, 5, 1)
-            for layer in model:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer)
-            fully_shard(model)
-            opt = XSAM(model.parameters(), torch.optim.SGD, hvp=hvp, model=model, hvp_eval_mode=False, seed=SEED,
-                       **HYPER)
-            dist_train(model, opt, rank)
-            out[f"fsdp_{hvp}"] = {"weights": [p.full_tensor() for p in model.parameters()],
-                                  "eigenvector": [v.full_tensor() for v in opt.eigenvector()]}
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-@pytest.fixture(scope="module")
-def dist_results(tmp_path_factory):
-    return spawned_results(dist_worker, tmp_path_factory.mktemp("tracking_dist"), WORLD, timeout=120)
-
-
-def single_process(hvp, steps=STEPS):
-    model = make_model(4, 7, 5, 1)
-    opt = XSAM(model.parameters(), torch.optim.SGD, hvp=hvp, seed=SEED, **HYPER)
-    first_v = dist_train(model, opt, steps=steps)
-    return list(model.parameters()), opt.eigenvector(), first_v
-
-
-@pytest.mark.parametrize("name", list(DDP_CONFIGS) + [f"fsdp_{h}" for h in FSDP_CONFIGS])
-def test_every_rank_holds_identical_weights_and_eigenvectors(dist_results, name):
-    r0, r1 = dist_results
-    for key in ("weights", "eigenvector"):
-        assert all(torch.equal(a, b) for a, b in zip(r0[name][key], r1[name][key]))
-
-
-@pytest.mark.parametrize("name, hvp", [("fwd", "forward_difference"), ("stream", "streaming"),
-                                       ("fsdp_forward_difference", "forward_difference"),
-                                       ("fsdp_streaming", "streaming")])
-def test_data_parallel_runs_match_the_single_process_full_batch(dist_results, name, hvp):
-    weights, v, _ = single_process(hvp)
-    got = dist_results[0][name]
-    for a, b in zip(got["weights"] + got["eigenvector"], list(weights) + v):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-7, atol=1e-7)  # differences round per batch split
-
-
-def test_per_replica_forward_differences_use_the_averaged_first_pass_gradient(dist_results):
-    """Before any update the replicas' products are the full batch's: the first v is the single-process one."""
-    _, _, first_v = single_process("forward_difference", steps=1)
-    assert_each_close(dist_results[0]["fwd_replica"]["first_v"], first_v, rtol=1e-7, atol=1e-7)
 
 
 # ----- the frontier harness (xsam bench --only tracking) --------------------------------------------
