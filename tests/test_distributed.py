@@ -1,20 +1,11 @@
 """DDP with gloo, 2 processes on CPU: identical replicas, and the single-process / flat oracles.
 
-One mp.spawn runs every scenario in turn (a spawn costs seconds); each rank saves what it
-saw per scenario (weights, eigenvector, error messages), and the parent compares the ranks
-with each other (bit for bit) and with oracles computed here in one process:
-- mode (a), synchronised perturbation: the single-process XSAM run on the concatenated
-  batch (float64, tight tolerance), also with DDP's gradient_as_bucket_view=True, whose
-  .grad tensors are views into buckets that every backward overwrites;
-- mode (b), per-replica perturbation: a flat float64 computation of the step in which each
-  replica perturbs by its own half-batch gradient, also with a layer that one rank's first
-  pass does not use (find_unused_parameters=True);
-- exact HVPs without a DDP model: refused with what to pass, or averaged over an explicit
-  process_group, in step() and in the manual refresh_eigenvector/first_step/second_step path;
-  static_graph=True with per-replica perturbation refused;
-- SAMGradScaler in mode (b) with an overflow in one rank's first pass only: both ranks skip
-  the step together. Disagreeing ranks would issue mismatched collectives: the gloo
-  timeout and the spawn deadline turn that into a failure instead of a hang.
+One mp.spawn runs every scenario in turn; each rank saves what it saw (weights, eigenvector, error
+messages) and the parent compares the ranks bit for bit and with oracles computed in one process:
+mode (a), synchronised perturbation, against the single-process run on the concatenated batch
+(float64); mode (b), per-replica perturbation, against a flat float64 step in which each replica
+perturbs by its own half-batch gradient. Ranks that disagree issue mismatched collectives: the gloo
+timeout and the spawn deadline turn that into a failure instead of a hang.
 """
 import os
 
@@ -274,8 +265,7 @@ def test_every_rank_holds_bit_identical_weights_and_eigenvectors(results, name):
 
 @pytest.mark.parametrize("name", list(REFERENCES))
 def test_synchronised_perturbation_matches_single_process_full_batch(results, name):
-    """Also: finite-difference HVPs with gradient_as_bucket_view=True (every HVP was 0 before),
-    and exact HVPs averaged over an explicit process_group in the manual path."""
+    """Also with gradient_as_bucket_view=True, and with exact HVPs averaged over an explicit process_group."""
     reference, tol = REFERENCES[name]
     want = single_process(reference)
     got = results(name)[0]
@@ -335,8 +325,8 @@ def test_per_replica_perturbation_matches_flat_oracle(results):
 
 
 def test_a_layer_unused_in_one_ranks_first_pass_is_normalised_and_corrected_on_every_rank(results):
-    """Item 2: rank 0's first pass leaves a layer out; its second-pass gradient still takes part in the
-    normalisation and the correction, on every rank (before: replicas 0.2 apart after 6 steps)."""
+    """Rank 0's first pass leaves a layer out; its second-pass gradient still takes part in the
+    normalisation and the correction, on every rank."""
     w, v = per_replica_oracle(Branchy(), first_pass_kwargs=lambda r: {"use_extra": r != 0})
     got = results("replica_unused")[0]
     torch.testing.assert_close(flat(got["weights"]), w, rtol=1e-10, atol=1e-10)
@@ -344,9 +334,8 @@ def test_a_layer_unused_in_one_ranks_first_pass_is_normalised_and_corrected_on_e
 
 
 def test_forward_differences_in_mode_b_use_the_averaged_gradient_as_their_base(results):
-    """Found while testing: with hvp_eval_mode=False the products reused the first pass's gradient, which
-    mode (b) does not all-reduce, against averaged perturbed gradients: every rank got another eigenvector.
-    Forward differences are O(h) ~ 1e-8 from the exact products of the same mode-(b) run."""
+    """Mode (b) does not all-reduce the first pass's gradient, so the products need the averaged one as their
+    base. Forward differences are O(h) ~ 1e-8 from the exact products of the same mode-(b) run."""
     exact = results("replica_exact")[0]
     got = results("replica_forward_train_mode")[0]
     torch.testing.assert_close(flat(got["eigenvector"]), flat(exact["eigenvector"]), rtol=1e-5, atol=1e-5)
@@ -357,7 +346,7 @@ def test_forward_differences_in_mode_b_use_the_averaged_gradient_as_their_base(r
 
 
 def test_exact_hvps_without_a_ddp_model_are_refused_with_what_to_pass(results):
-    """Item 4: model=ddp.module or model=None kept each rank's own HVPs (eigenvectors 0.88 apart)."""
+    """model=ddp.module or model=None would keep each rank's own HVPs."""
     for rank, out in enumerate(results("refusals")):
         for name in ("ddp_module", "no_model"):
             for path in ("step", "refresh"):
@@ -369,7 +358,7 @@ def test_exact_hvps_without_a_ddp_model_are_refused_with_what_to_pass(results):
 
 
 def test_static_graph_with_per_replica_perturbation_is_refused_at_construction(results):
-    """Item 7: DDP(static_graph=True) cannot skip the first pass's all-reduce (a PyTorch internal assert)."""
+    """DDP(static_graph=True) cannot skip the first pass's all-reduce (a PyTorch internal assert)."""
     for out in results("refusals"):
         message = out["static_graph"]
         assert message is not None and message.startswith("ValueError: per_replica_perturbation=True does not work "
@@ -377,7 +366,7 @@ def test_static_graph_with_per_replica_perturbation_is_refused_at_construction(r
 
 
 def test_scaler_skips_on_every_rank_when_one_ranks_first_pass_overflows(results):
-    """Item 5: mode (b)'s first pass is not all-reduced, so only one rank saw the inf; the scaler's flag is
+    """Mode (b)'s first pass is not all-reduced, so only one rank saw the inf; the scaler's flag is
     all-reduced over the DDP group: both ranks skip, halve the scale, and the run equals the unscaled one."""
     pair = results("scaled_replica")
     for out in pair:

@@ -1,18 +1,11 @@
 """FSDP2 (fully_shard) with gloo, 2 processes on CPU, against single-process and flat oracles.
 
-One mp.spawn runs everything (a spawn costs seconds). Each rank saves what it saw
-(gathered full weights, eigenvectors, diagnostics, op results on hand-built
-DTensors, error messages) and the parent compares them:
-- with each other: every rank ends with the same weights and the same scalars;
-- with the single-process run of the same model on the concatenated batch
-  (float64, so the tolerance can be tight): FSDP2 averages the gradients over the
-  ranks, so a step on sharded parameters must equal the full-batch step;
-- with flat-vector computations for the op set on DTensors of several placements;
-- for SAMGradScaler, with the unscaled sharded run, and with snapshots around a step
-  whose gradient is made non-finite on one rank only (every rank must skip it).
-
-The layers have output sizes 7, 5 and 1, so dim-0 sharding over 2 ranks is uneven
-(4 + 3, 3 + 2 rows) and the last weight has no rows at all on rank 1.
+One mp.spawn runs everything; each rank saves what it saw and the parent compares: the ranks with
+each other (same weights, same scalars); the sharded run with the single-process run of the same
+model on the concatenated batch (float64); the op set on DTensors of several placements with flat
+vectors; SAMGradScaler runs with the unscaled sharded run, and around a step whose gradient is
+non-finite on one rank only (every rank must skip it). The layers have output sizes 7, 5 and 1, so
+dim-0 sharding over 2 ranks is uneven (4 + 3, 3 + 2 rows) and the last weight has no rows on rank 1.
 """
 import os
 
@@ -315,8 +308,8 @@ def test_scaler_skips_on_every_rank_when_one_shard_is_non_finite(fsdp_results):
 
 
 def test_scaled_sharded_run_matches_the_unscaled_sharded_run(fsdp_results):
-    """Power-of-two scales unscale exactly: the skipped attempt left no trace (measured: equal bit for
-    bit; the tolerance only allows for finite-difference rounding, a missed unscale is off by 2**10)."""
+    """Power-of-two scales unscale exactly: the skipped attempt left no trace (the tolerance allows for
+    finite-difference rounding; a missed unscale is off by 2**10)."""
     r0, r1 = fsdp_results[0]["amp"], fsdp_results[1]["amp"]
     assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))
     unscaled = fsdp_results[0]["xsam"]
@@ -327,9 +320,8 @@ def test_scaled_sharded_run_matches_the_unscaled_sharded_run(fsdp_results):
 
 @pytest.mark.parametrize("name", ["xsam", "sam"])
 def test_dcp_checkpoint_resumes_a_sharded_run_bit_identically(fsdp_results, name):
-    """get_state_dict / dcp.save, then dcp.load into a fresh sharded model and optimizer
-    and set_state_dict (failed with KeyError: 'xsam'). The resumed run continues the uninterrupted one
-    bit for bit: sharded eigenvector, momentum buffers, step and refresh counters, generator state."""
+    """get_state_dict / dcp.save, then dcp.load into a fresh sharded model and optimizer and set_state_dict: the
+    run continues bit for bit (sharded eigenvector, momentum buffers, step and refresh counters, generator)."""
     for rank in range(WORLD):
         resumed, uninterrupted = fsdp_results[rank]["dcp"][name], fsdp_results[rank][name]
         assert isinstance(resumed, dict), f"rank {rank}: {resumed}"
