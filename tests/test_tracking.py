@@ -58,26 +58,19 @@ def test_evaluations_per_step_follow_the_cost_model(hvp, p, k, per_step):
     assert closure.calls == round(per_step * steps)
 
 
-def bn_model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).double()
-
-
-def bn_batch(seed=1, n=16):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=gen, dtype=torch.float64), torch.randn(n, 1, generator=gen, dtype=torch.float64)
-
-
-def bn_closure(model, x, y):
-    return closure_of(lambda: (model(x) - y).square().mean())
+def bn_problem():
+    """A float64 MLP with BatchNorm, a regression batch and its closure."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).double()
+    x, y = next(regression_batches([0], 1, 16, 4, 1))
+    return model, x, y, closure_of(lambda: mse(model, x, y))
 
 
 @pytest.mark.parametrize("eval_mode", [True, False])
 def test_forward_differences_with_a_batchnorm_model_reuse_the_first_pass_only_in_its_mode(eval_mode):
     """In eval mode grad L(w) is evaluated once more per refresh (2 + (p+1)/k); else the first pass is reused."""
-    model = bn_model()
-    x, y = bn_batch()
-    closure = Counted(bn_closure(model, x, y), list(model.parameters()), model)
+    model, _, _, bn_closure = bn_problem()
+    closure = Counted(bn_closure, list(model.parameters()), model)
     opt = xsam_on(model.parameters(), hvp="forward_difference", power_iters=2, eig_interval=5, model=model,
                   hvp_eval_mode=eval_mode)
     for _ in range(10):
@@ -164,7 +157,6 @@ class MiniBatchQuadratic:
 
     def closure_for(self, step):
         A, b = self.As[self.order[step]], self.bs[self.order[step]]
-
         return closure_of(lambda: 0.5 * self.w @ A @ self.w + b @ self.w)
 
     def quality(self, v):
@@ -200,12 +192,14 @@ def mlp_problem(dtype):
     x, y = torch.randn(64, 6, generator=gen).to(dtype), torch.randn(64, 1, generator=gen).to(dtype)
     params = list(model.parameters())
 
-    closure = closure_of(lambda: (model(x) - y).square().mean())
+    closure = closure_of(lambda: mse(model, x, y))
+
     def exact(v):  # double backward in fp64 on an fp64 copy: the oracle
         m64 = copy.deepcopy(model).double()
         p64 = list(m64.parameters())
         grads = torch.autograd.grad((m64(x.double()) - y.double()).square().mean(), p64, create_graph=True)
         return flat(torch.autograd.grad(grads, p64, [t.double() for t in v]))
+
     return params, closure, exact
 
 
@@ -271,12 +265,11 @@ def test_default_fd_step_is_sqrt_eps_for_order_1_and_cube_root_for_order_2():
 # ----- BatchNorm: the products are those of the mode they claim ------------------------------------
 @pytest.mark.parametrize("eval_mode", [True, False])
 def test_forward_difference_products_with_batchnorm_match_exact_hvps_of_their_mode(eval_mode):
-    model = bn_model()
-    x, y = bn_batch()
+    model, x, y, closure = bn_problem()
     reference = copy.deepcopy(model)
     opt = xsam_on(model.parameters(), hvp="forward_difference", power_iters=1, model=model,
                   hvp_eval_mode=eval_mode, lr=0.0, momentum=0.0)
-    opt.step(bn_closure(model, x, y))
+    opt.step(closure)
     # Only the first pass updated the running statistics: one train-mode forward on the batch.
     with torch.no_grad():
         reference(x)
@@ -301,10 +294,8 @@ def test_forward_difference_products_with_batchnorm_match_exact_hvps_of_their_mo
                                                ("streaming", 2)])
 def test_a_failure_after_the_update_was_computed_changes_nothing(hvp, failing_call):
     """The refresh (or streaming update) of a step that fails is not committed."""
-    model = bn_model()
-    x, y = bn_batch()
+    model, _, _, inner = bn_problem()
     opt = xsam_on(model.parameters(), hvp=hvp, power_iters=1, eig_interval=1, model=model, hvp_eval_mode=False)
-    inner = bn_closure(model, x, y)
     calls = [0]
 
     def closure():
