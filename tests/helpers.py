@@ -276,3 +276,8 @@ def set_eigenvector(opt, params, v) -> None:
     opt.state["xsam"].update(step=1, refreshes=1)
     for p, piece in zip(params, torch.split(v, [p.numel() for p in params])):
         opt.state[p]["eigenvector"] = piece.reshape(p.shape).clone()
+
+
+def refreshes_in(steps: int, eig_interval: int, streaming: bool) -> int:
+    """Eigenvector refreshes in ``steps`` steps from step 0: every step with streaming, else every eig_interval-th."""
+    return steps if streaming else -(-steps // eig_interval)

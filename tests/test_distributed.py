@@ -1,20 +1,11 @@
 """DDP with gloo, 2 processes on CPU: identical replicas, and the single-process / flat oracles.
 
-One mp.spawn runs every scenario in turn (a spawn costs seconds); each rank saves what it
-saw per scenario (weights, eigenvector, error messages), and the parent compares the ranks
-with each other (bit for bit) and with oracles computed here in one process:
-- mode (a), synchronised perturbation: the single-process XSAM run on the concatenated
-  batch (float64, tight tolerance), also with DDP's gradient_as_bucket_view=True, whose
-  .grad tensors are views into buckets that every backward overwrites;
-- mode (b), per-replica perturbation: a flat float64 computation of the step in which each
-  replica perturbs by its own half-batch gradient, also with a layer that one rank's first
-  pass does not use (find_unused_parameters=True);
-- exact HVPs without a DDP model: refused with what to pass, or averaged over an explicit
-  process_group, in step() and in the manual refresh_eigenvector/first_step/second_step path;
-  static_graph=True with per-replica perturbation refused;
-- SAMGradScaler in mode (b) with an overflow in one rank's first pass only: both ranks skip
-  the step together. Disagreeing ranks would issue mismatched collectives: the gloo
-  timeout and the spawn deadline turn that into a failure instead of a hang.
+One mp.spawn runs every scenario in turn; each rank saves what it saw (weights, eigenvector, error
+messages) and the parent compares the ranks bit for bit and with oracles computed in one process:
+mode (a), synchronised perturbation, against the single-process run on the concatenated batch
+(float64); mode (b), per-replica perturbation, against a flat float64 step in which each replica
+perturbs by its own half-batch gradient. Ranks that disagree issue mismatched collectives: the gloo
+timeout and the spawn deadline turn that into a failure instead of a hang.
 """
 import os
 
@@ -28,7 +19,8 @@ from xsam import XSAM
 from xsam.amp import SAMGradScaler
 from xsam.hessian import random_vectors
 
-from helpers import closure_of, error_of, flat, gloo_group, make_model, mse, regression_batches, spawn_and_wait
+from helpers import (closure_of, error_of, flat, gloo_group, make_model, mse, refreshes_in, regression_batches,
+                     spawn_and_wait)
 
 WORLD, STEPS, SEED = 2, 5, 7
 SIZES = (5, 6, 2)  # the MLP's widths
@@ -43,8 +35,11 @@ CONFIGS = {  # name: (hvp, per_replica_perturbation, DDP keyword arguments, XSAM
                                  {"hvp_eval_mode": False}),
     # Mode (a) is fine with a static graph (mode (b) is refused, see run_refusals).
     "sync_fd_static_graph": ("finite_difference", False, {"static_graph": True}, {}),
+    "sync_forward_train_mode": ("forward_difference", False, {}, {"hvp_eval_mode": False}),
     # Mode (b): the first pass's gradients are each rank's own, the products' are averaged.
     "replica_forward_train_mode": ("forward_difference", True, {}, {"hvp_eval_mode": False}),
+    "sync_streaming": ("streaming", False, {}, {}),
+    "replica_streaming": ("streaming", True, {}, {}),
 }
 REFERENCES = {  # DDP run: single-process run on the full batch it must equal, and the tolerance
     "sync_exact": ("sync_exact", 1e-10),
@@ -53,6 +48,8 @@ REFERENCES = {  # DDP run: single-process run on the full batch it must equal, a
     "sync_fd_bucket_view": ("sync_fd", 1e-7),
     "sync_fd_static_graph": ("sync_fd", 1e-7),
     "sync_forward_bucket_view": ("forward_train_mode", 1e-6),
+    "sync_forward_train_mode": ("forward_train_mode", 1e-7),
+    "sync_streaming": ("sync_streaming", 1e-7),
     "group_exact_manual": ("sync_exact", 1e-10),
 }
 SKIPPED_STEP, POISONED_RANK, INIT_SCALE = 1, 1, 2.0 ** 10  # step 1 does not refresh (eig_interval=2)
@@ -81,8 +78,10 @@ def batches(rank=None):
 
 
 def train(model, opt, rank=None, forward_model=None, first_pass_kwargs=None):
-    """STEPS steps of opt.step(closure, loss_fn); ``first_pass_kwargs`` go to the model in the first pass only."""
+    """STEPS steps of opt.step(closure, loss_fn); ``first_pass_kwargs`` go to the model in the first pass only.
+    Returns the eigenvector after the first step."""
     forward_model = forward_model or model
+    first_eigenvector = None
     for x, y in batches(rank):
         calls = [0]
 
@@ -94,6 +93,9 @@ def train(model, opt, rank=None, forward_model=None, first_pass_kwargs=None):
             return loss
 
         opt.step(closure, loss_fn=lambda: mse(forward_model, x, y))
+        if first_eigenvector is None:
+            first_eigenvector = opt.eigenvector()
+    return first_eigenvector
 
 
 def train_manually(model, opt, rank, forward_model):
@@ -107,9 +109,13 @@ def train_manually(model, opt, rank, forward_model):
         opt.second_step(zero_grad=True)
 
 
-def outcome(opt, params):
+def outcome(opt, params, first_eigenvector=None):
     return {"weights": [p.detach().clone() for p in params], "eigenvector": opt.eigenvector(),
-            "refreshes": opt.diagnostics()["refreshes"]}
+            "refreshes": opt.diagnostics()["refreshes"], "first_eigenvector": first_eigenvector}
+
+
+def expected_refreshes(name):
+    return refreshes_in(STEPS, HYPER["eig_interval"], streaming="streaming" in name)
 
 
 # ----- the scenarios, each run on every rank ---------------------------------------------------
@@ -118,8 +124,8 @@ def run_config(name, rank):
     ddp = nn.parallel.DistributedDataParallel(make_model(*SIZES), **ddp_kwargs)
     opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp=hvp, model=ddp, per_replica_perturbation=per_replica,
                seed=SEED, **xsam_kwargs, **HYPER)
-    train(ddp, opt, rank, forward_model=ddp.module)
-    return outcome(opt, ddp.parameters())
+    first_eigenvector = train(ddp, opt, rank, forward_model=ddp.module)
+    return outcome(opt, ddp.parameters(), first_eigenvector)
 
 
 def run_replica_unused(rank):
@@ -241,30 +247,29 @@ def single_process(name):
                    **HYPER)
     else:
         opt = XSAM(model.parameters(), torch.optim.SGD, hvp=CONFIGS[name][0], seed=SEED, **HYPER)
-    train(model, opt)
-    return outcome(opt, model.parameters())
+    first_eigenvector = train(model, opt)
+    return outcome(opt, model.parameters(), first_eigenvector)
 
 
-def assert_replicas_identical(pair):
+def assert_replicas_identical(pair, refreshes):
     r0, r1 = pair
-    assert r0["refreshes"] == r1["refreshes"] == 3
+    assert r0["refreshes"] == r1["refreshes"] == refreshes
     assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"])), "replicas' weights differ"
     assert all(torch.equal(a, b) for a, b in zip(r0["eigenvector"], r1["eigenvector"])), "eigenvectors differ"
 
 
 @pytest.mark.parametrize("name", [*CONFIGS, "replica_unused", "group_exact_manual"])
 def test_every_rank_holds_bit_identical_weights_and_eigenvectors(results, name):
-    assert_replicas_identical(results(name))
+    assert_replicas_identical(results(name), expected_refreshes(name))
 
 
 @pytest.mark.parametrize("name", list(REFERENCES))
 def test_synchronised_perturbation_matches_single_process_full_batch(results, name):
-    """Also: finite-difference HVPs with gradient_as_bucket_view=True (every HVP was 0 before),
-    and exact HVPs averaged over an explicit process_group in the manual path."""
+    """Also with gradient_as_bucket_view=True, and with exact HVPs averaged over an explicit process_group."""
     reference, tol = REFERENCES[name]
     want = single_process(reference)
     got = results(name)[0]
-    assert got["refreshes"] == want["refreshes"] == 3
+    assert got["refreshes"] == want["refreshes"] == expected_refreshes(name)
     torch.testing.assert_close(flat(got["weights"]), flat(want["weights"]), rtol=tol, atol=tol)
     torch.testing.assert_close(flat(got["eigenvector"]), flat(want["eigenvector"]), rtol=tol, atol=tol)
 
@@ -320,8 +325,8 @@ def test_per_replica_perturbation_matches_flat_oracle(results):
 
 
 def test_a_layer_unused_in_one_ranks_first_pass_is_normalised_and_corrected_on_every_rank(results):
-    """Item 2: rank 0's first pass leaves a layer out; its second-pass gradient still takes part in the
-    normalisation and the correction, on every rank (before: replicas 0.2 apart after 6 steps)."""
+    """Rank 0's first pass leaves a layer out; its second-pass gradient still takes part in the
+    normalisation and the correction, on every rank."""
     w, v = per_replica_oracle(Branchy(), first_pass_kwargs=lambda r: {"use_extra": r != 0})
     got = results("replica_unused")[0]
     torch.testing.assert_close(flat(got["weights"]), w, rtol=1e-10, atol=1e-10)
@@ -329,17 +334,19 @@ def test_a_layer_unused_in_one_ranks_first_pass_is_normalised_and_corrected_on_e
 
 
 def test_forward_differences_in_mode_b_use_the_averaged_gradient_as_their_base(results):
-    """Found while testing: with hvp_eval_mode=False the products reused the first pass's gradient, which
-    mode (b) does not all-reduce, against averaged perturbed gradients: every rank got another eigenvector.
-    Forward differences are O(h) ~ 1e-8 from the exact products of the same mode-(b) run."""
+    """Mode (b) does not all-reduce the first pass's gradient, so the products need the averaged one as their
+    base. Forward differences are O(h) ~ 1e-8 from the exact products of the same mode-(b) run."""
     exact = results("replica_exact")[0]
     got = results("replica_forward_train_mode")[0]
     torch.testing.assert_close(flat(got["eigenvector"]), flat(exact["eigenvector"]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(flat(got["weights"]), flat(exact["weights"]), rtol=1e-6, atol=1e-6)
+    # Before any update the replicas' products are the full batch's: the first v is the single-process one.
+    first = single_process("forward_train_mode")["first_eigenvector"]
+    torch.testing.assert_close(flat(got["first_eigenvector"]), flat(first), rtol=1e-7, atol=1e-7)
 
 
 def test_exact_hvps_without_a_ddp_model_are_refused_with_what_to_pass(results):
-    """Item 4: model=ddp.module or model=None kept each rank's own HVPs (eigenvectors 0.88 apart)."""
+    """model=ddp.module or model=None would keep each rank's own HVPs."""
     for rank, out in enumerate(results("refusals")):
         for name in ("ddp_module", "no_model"):
             for path in ("step", "refresh"):
@@ -351,7 +358,7 @@ def test_exact_hvps_without_a_ddp_model_are_refused_with_what_to_pass(results):
 
 
 def test_static_graph_with_per_replica_perturbation_is_refused_at_construction(results):
-    """Item 7: DDP(static_graph=True) cannot skip the first pass's all-reduce (a PyTorch internal assert)."""
+    """DDP(static_graph=True) cannot skip the first pass's all-reduce (a PyTorch internal assert)."""
     for out in results("refusals"):
         message = out["static_graph"]
         assert message is not None and message.startswith("ValueError: per_replica_perturbation=True does not work "
@@ -359,14 +366,14 @@ def test_static_graph_with_per_replica_perturbation_is_refused_at_construction(r
 
 
 def test_scaler_skips_on_every_rank_when_one_ranks_first_pass_overflows(results):
-    """Item 5: mode (b)'s first pass is not all-reduced, so only one rank saw the inf; the scaler's flag is
+    """Mode (b)'s first pass is not all-reduced, so only one rank saw the inf; the scaler's flag is
     all-reduced over the DDP group: both ranks skip, halve the scale, and the run equals the unscaled one."""
     pair = results("scaled_replica")
     for out in pair:
         skip = out["skip"]
         assert skip["unchanged"] and skip["skipped_steps"] == 1 and skip["step"] == SKIPPED_STEP
         assert skip["scale"] == INIT_SCALE / 2 and out["scale"] == INIT_SCALE / 2
-    assert_replicas_identical(pair)
+    assert_replicas_identical(pair, expected_refreshes("scaled_replica"))
     unscaled = results("replica_exact")[0]
     torch.testing.assert_close(flat(pair[0]["weights"]), flat(unscaled["weights"]), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(flat(pair[0]["eigenvector"]), flat(unscaled["eigenvector"]), rtol=1e-12, atol=1e-12)

@@ -54,13 +54,14 @@ def unique_graphs() -> int:
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_compiled_products_equal_double_backward_and_are_reused(name):
+    """The first graph serves a second batch and closure, and a second model of the same layout with its own
+    weights and statistics."""
     torch.manual_seed(0)
-    model = MODELS[name]()
-    model.eval()
-    params = list(model.parameters())
-    before = state_of(model)
-    graphs = None
-    for seed in (1, 2):  # the second batch and closure reuse the first call's graph
+    first, second = MODELS[name]().eval(), MODELS[name]().eval()
+    before = state_of(first)
+    graphs = []
+    for model, seed in ((first, 1), (first, 2), (second, 2)):
+        params = list(model.parameters())
         x, y = batch(name, seed)
 
         def loss_fn():
@@ -71,61 +72,53 @@ def test_compiled_products_equal_double_backward_and_are_reused(name):
         eager = exact_hvp(loss_fn, params)[0](vectors)
         for c, e in zip(compiled, eager):
             assert (flat(c) - flat(e)).norm() <= 1e-5 * flat(e).norm()
-        if graphs is None:
-            graphs = unique_graphs()
-        else:
-            assert unique_graphs() == graphs
-    assert all(torch.equal(a, b) for a, b in zip(state_of(model), before))
-    assert all(p.grad is None for p in params)
-
-
-def test_a_second_model_of_the_same_layout_reuses_the_graph_with_its_own_weights_and_statistics():
-    x, y = batch("bn_cnn", 1)
-    graphs = []
-    for seed in (3, 4):
-        torch.manual_seed(seed)
-        model = bn_cnn().eval()
-        params = list(model.parameters())
-
-        def loss_fn():
-            return nn.functional.cross_entropy(model(x), y)
-
-        vectors = random_vectors(params, 1, torch.Generator().manual_seed(seed))
-        (compiled,) = compiled_hvp(model, loss_fn, params)(vectors)
-        (eager,) = exact_hvp(loss_fn, params)[0](vectors)
-        assert (flat(compiled) - flat(eager)).norm() <= 1e-5 * flat(eager).norm()
         graphs.append(unique_graphs())
-    assert graphs[1] == graphs[0]
+    assert graphs[0] == graphs[1] == graphs[2]
+    assert all(torch.equal(a, b) for a, b in zip(state_of(first), before))
+    assert all(p.grad is None for p in first.parameters())
 
 
 class GraphBreak(nn.Module):
     def __init__(self):
         super().__init__()
-        self.linear = nn.Linear(4, 2)
+        self.linear = nn.Linear(5, 2)
 
     def forward(self, x):
         torch._dynamo.graph_break()
         return self.linear(x).tanh()
 
 
-def test_a_graph_break_falls_back_to_eager_products_with_one_warning():
+def off_by_one_percent(graph, example_inputs):
+    """A torch.compile backend whose code computes 1.01 times the right outputs."""
+    def run(*args):
+        return [None if t is None else t * 1.01 for t in graph(*args)]
+
+    return run
+
+
+@pytest.mark.parametrize("model_class, backend, warning", [
+    (GraphBreak, "inductor", "GraphBreak: torch.compile could not compile.*eager double backward"),
+    (mlp, off_by_one_percent, "differs from double backward's by 1.0e-02 relative"),
+])
+def test_a_product_not_compiled_exactly_falls_back_to_eager_products_with_one_warning(model_class, backend, warning):
     torch.manual_seed(0)
-    model = GraphBreak()
+    model = model_class()
     params = list(model.parameters())
-    x = torch.randn(6, 4)
+    x = torch.randn(6, 5)
 
     def loss_fn():
         return model(x).square().sum()
 
-    vectors = random_vectors(params, 1, torch.Generator().manual_seed(0))
-    with pytest.warns(RuntimeWarning, match="GraphBreak: torch.compile could not compile.*eager double backward"):
-        first = compiled_hvp(model, loss_fn, params)(vectors)
+    vectors = random_vectors(params, 2, torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match=warning):
+        first = compiled_hvp(model, loss_fn, params, backend=backend)(vectors)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        second = compiled_hvp(model, loss_fn, params)(vectors)
-    eager = exact_hvp(loss_fn, params)[0](vectors)
-    for got in (first, second):
-        torch.testing.assert_close(flat(got[0]), flat(eager[0]), rtol=0, atol=0)
+        second = compiled_hvp(model, loss_fn, params, backend=backend)(vectors)
+    expected = exact_hvp(loss_fn, params)[0](vectors)
+    for products in (first, second):
+        for a, b in zip(products, expected):
+            torch.testing.assert_close(flat(a), flat(b), rtol=0, atol=0)
 
 
 def test_past_the_recompile_limit_products_warn_instead_of_running_eagerly_unannounced():
@@ -146,35 +139,6 @@ def test_past_the_recompile_limit_products_warn_instead_of_running_eagerly_unann
             assert [w for w in caught if "could not compile" in str(w.message)] or i == 0
             torch.testing.assert_close(flat(got[0]), flat(exact_hvp(loss_fn, params)[0](vectors)[0]))
     assert "recompile" in str(caught[-1].message).lower()
-
-
-def off_by_one_percent(graph, example_inputs):
-    """A torch.compile backend whose code computes 1.01 times the right outputs."""
-    def run(*args):
-        return [None if t is None else t * 1.01 for t in graph(*args)]
-
-    return run
-
-
-def test_a_compiled_product_that_differs_from_double_backward_falls_back_with_one_warning():
-    torch.manual_seed(0)
-    model = mlp()
-    params = list(model.parameters())
-    x, y = batch("mlp", 6)
-
-    def loss_fn():
-        return nn.functional.cross_entropy(model(x), y)
-
-    vectors = random_vectors(params, 2, torch.Generator().manual_seed(0))
-    with pytest.warns(RuntimeWarning, match="differs from double backward's by 1.0e-02 relative"):
-        got = compiled_hvp(model, loss_fn, params, backend=off_by_one_percent)(vectors)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        again = compiled_hvp(model, loss_fn, params, backend=off_by_one_percent)(vectors)
-    expected = exact_hvp(loss_fn, params)[0](vectors)
-    for products in (got, again):
-        for a, b in zip(products, expected):
-            torch.testing.assert_close(flat(a), flat(b), rtol=0, atol=0)
 
 
 def test_an_error_of_loss_fn_itself_is_raised_not_turned_into_a_fallback():

@@ -117,12 +117,6 @@ def default_fd_step(params: Sequence[Tensor], vector: Vector, *, order: int = 2,
 GradientHook = Callable[[Vector], None]  # sees each closure gradient (e.g. AMP unscaling) before it is used
 
 
-def _step_tensor(h, like: Tensor) -> Tensor:
-    if isinstance(h, Tensor):
-        return h
-    return torch.full((), float(h), dtype=ops.accumulation_dtype(like.dtype), device=like.device)
-
-
 @dataclass
 class RandomState:
     """The states of the generators dropout draws from: the CPU's and every initialised CUDA device's.
@@ -215,7 +209,7 @@ def finite_difference_hvp(
     """
     params = list(params)
     gradients = _ClosureGradients(closure, params, backend, layout, on_gradients, RandomState.capture())
-    return _difference_hvp(gradients, step, None, backend, layout)
+    return _difference_hvp(gradients, step, None)
 
 
 _UNKNOWN_BASE_RANDOMNESS = (
@@ -250,14 +244,14 @@ def forward_difference_hvp(
                          "gradient at the current weights, one tensor per parameter")
     gradients = _ClosureGradients(closure, params, backend, layout, on_gradients,
                                   RandomState.capture() if randomness is None else randomness)
-    return _difference_hvp(gradients, step, base, backend, layout, warn_unknown_randomness=randomness is None)
+    return _difference_hvp(gradients, step, base, warn_unknown_randomness=randomness is None)
 
 
-def _difference_hvp(gradients: _ClosureGradients, step, base: Vector | None, backend: str, layout, *,
+def _difference_hvp(gradients: _ClosureGradients, step, base: Vector | None, *,
                     warn_unknown_randomness: bool = False) -> HvpFn:
     """Central differences when ``base`` is None, else forward differences from ``base = grad L(w)``;
     the caller's ``.grad`` tensors are reinstated afterwards, also when the closure raises."""
-    params = gradients.params
+    params, backend, layout = gradients.params, gradients.backend, gradients.layout
     order = 2 if base is None else 1
 
     def hvp(vectors: Sequence[Vector]) -> list[Vector]:
@@ -267,7 +261,8 @@ def _difference_hvp(gradients: _ClosureGradients, step, base: Vector | None, bac
         try:
             for v in vectors:
                 h = default_fd_step(params, v, order=order, backend=backend, layout=layout) if step is None else step
-                h = _step_tensor(h, saved[0])
+                if not isinstance(h, Tensor):
+                    h = torch.full((), float(h), dtype=ops.accumulation_dtype(params[0].dtype), device=params[0].device)
                 g_plus = gradients.at(v, h, saved)
                 if warn_unknown_randomness and gradients.draws_random_numbers:
                     warnings.warn(_UNKNOWN_BASE_RANDOMNESS, stacklevel=2)
@@ -352,15 +347,12 @@ def power_iteration(
     if layout is None and vectors:
         layout = ops.Layout.of(vectors[0])
     previous = None
-    stats = None
-    done = 0
     for k in range(iters):
         products = hvp(vectors)
         with torch.no_grad():
             stats = ops.power_update_(products, vectors, eps=eps, backend=backend, layout=layout)
             if len(vectors) > 1:
                 orthonormalize_(vectors, eps=eps, backend=backend)
-        done = k + 1
         if tol is not None:
             lam = stats.eigenvalues.abs().clamp_min(1e-30)
             ok = stats.residuals / lam < tol
@@ -369,4 +361,4 @@ def power_iteration(
                 if bool(ok.all()):
                     break
             previous = stats.eigenvalues
-    return PowerIterationResult(stats.eigenvalues, vectors, stats.residuals, stats.norms, done)
+    return PowerIterationResult(stats.eigenvalues, vectors, stats.residuals, stats.norms, k + 1)

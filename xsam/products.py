@@ -7,6 +7,7 @@ read, never written: run the products in eval mode (as the optimizers do with ``
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -86,12 +87,10 @@ class CompiledProduct:
     def bind(self, loss_fn: Callable[[], Tensor], params: Sequence[Tensor], process_group=None) -> HvpFn:
         """``hvp(vectors)`` at the current weights and ``loss_fn``'s batch."""
         params = list(params)
-        built: list[HvpFn] = []  # the double-backward product, built on first need
 
-        def eager(vectors) -> list[Vector]:
-            if not built:
-                built.append(exact_hvp(loss_fn, params)[0])
-            return built[0](vectors)
+        @functools.cache
+        def eager() -> HvpFn:  # the double-backward product, built on first need
+            return exact_hvp(loss_fn, params)[0]
 
         def compiled(v: Vector) -> Vector:
             primals = tuple(p.detach() for p in params)
@@ -101,22 +100,22 @@ class CompiledProduct:
 
         def hvp(vectors: Sequence[Vector]) -> list[Vector]:
             if self.fallback_reason is not None or not vectors:
-                return [_averaged(p, process_group) for p in eager(vectors)]
+                return [_averaged(p, process_group) for p in eager()(vectors)]
             try:
                 products = [compiled(v) for v in vectors]
             except Exception as error:  # noqa: BLE001 - a failure of loss_fn itself is raised by eager()
-                products = eager(vectors)
+                products = eager()(vectors)
                 self._fall_back(f"torch.compile could not compile the product ({type(error).__name__}: "
                                 f"{str(error).strip().splitlines()[0]})")
             else:
                 if not self.verified:
                     self.verified = True
-                    expected = eager(vectors[:1])[0]
+                    expected = eager()(vectors[:1])[0]
                     difference = _relative_difference(products[0], expected)
                     if difference > VERIFY_RTOL:
                         self._fall_back(f"its first product differs from double backward's by {difference:.1e} "
                                         f"relative (more than {VERIFY_RTOL:g})")
-                        products = [expected, *eager(vectors[1:])]
+                        products = [expected, *eager()(vectors[1:])]
             return [_averaged(p, process_group) for p in products]
 
         return hvp
