@@ -1,7 +1,6 @@
 """Checking a fused backend against the reference: the rule (``rule.py``), the op cases (``cases.py``),
-running one (``trial.py``), and the check before first use (here). ``xsam selftest`` runs every case on
-every backend, device and dtype; ``backend="auto"`` runs ``quick_cases`` once per (device, dtype) through
-``trusted`` and, on a mismatch, warns once and uses the reference there. What users see: docs/selftest.md.
+running one (``trial.py``), and the check before first use (here), which ``backend="auto"`` runs once per
+(device, dtype). What users see: docs/selftest.md.
 
 The rule (``compare``): a fused kernel must be at least about as accurate as the reference, both measured
 against the reference run in float64 on the same (rounded) inputs:
@@ -12,9 +11,7 @@ few ``roundings`` (sqrt(n) for sums of n terms, whose order may differ).
 "exact" values (``Case.values``) are in {0, +-1/2, +-1}, with dyadic scalars: every intermediate of every op
 is representable in every supported dtype (8 significant bits for bfloat16; sums below 2**24 units in
 float32), so any correct implementation, FMA or not and in any summation order, returns the exact bits, and
-these cases allow no rounding at all. On top, the contract's exact bits: saved copies and restores, lists
-the op only reads, memory around views, and reductions run twice. An op of ``contract.OPS`` without a
-``Recipe`` is reported (``missing_recipes``) instead of being silently untested.
+these cases allow no rounding at all.
 """
 from __future__ import annotations
 
