@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from xsam import XSAM, ops
+from xsam import ops
 from xsam.cli import auto_check_lines, main
 from xsam.ops import dispatch, native_backend, reference, verify
 from xsam.ops.contract import OPS
 from xsam.ops.verify.cases import native_cuda_tensors_per_launch, size_cases
-
-from helpers import closure_of
+from xsam.selftest import trained_parameters
 
 NATIVE_WHY = dispatch.unavailable_reason("native", torch.device("cpu"), torch.float32)
 needs_native = pytest.mark.skipif(NATIVE_WHY is not None, reason=f"native backend unavailable: {NATIVE_WHY}")
@@ -219,23 +218,10 @@ def test_a_broken_kernel_is_caught_warned_once_and_auto_trains_like_the_referenc
             lines = auto_check_lines()
         assert "cpu     float32   reference: native failed its check, fell back (perturb_ " in "\n".join(lines)
 
-    def train(backend):
-        gen = torch.Generator().manual_seed(0)
-        wide = native_backend.CONSTANTS.chunk(device.type) + 5  # perturb_ writes more than one chunk
-        params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in ((wide,), (3, 4), (5,))]
-        target = [torch.randn(p.shape, generator=gen).to(device) for p in params]
-
-        def loss_fn():
-            return sum(((p - t) ** 2 * (1 + p.cos())).sum() for p, t in zip(params, target))
-
-        closure = closure_of(loss_fn)
-        opt = XSAM(params, torch.optim.SGD, rho=0.05, eig_interval=2, power_iters=2, lr=0.01, backend=backend)
-        for _ in range(3):
-            opt.step(closure, loss_fn=loss_fn)
-        return [p.detach() for p in params]
-
-    for got, want in zip(train("auto"), train("reference")):
-        assert torch.equal(got, want)
+    wide = native_backend.CONSTANTS.chunk(device.type) + 5  # perturb_ writes more than one chunk
+    got, want = (trained_parameters("X-SAM", backend, device, torch.float32, wide, seed=0)
+                 for backend in ("auto", "reference"))
+    assert torch.equal(got, want)
 
 
 @needs_native
