@@ -93,8 +93,7 @@ def skip_requested() -> bool:
 
 def trusted(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``backend="auto"`` may use fused ``backend`` for (device, dtype): checked once per process."""
-    key = (backend, device, dtype)
-    outcome = _OUTCOMES.get(key)
+    outcome = _OUTCOMES.get((backend, device, dtype))
     if outcome is None:
         dynamo = sys.modules.get("torch._dynamo")
         if torch.compiler.is_compiling() and dynamo is not None:
@@ -143,6 +142,7 @@ def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Che
     suspended meanwhile. If the check itself cannot run, the backend counts as failed.
     """
     start = time.perf_counter()
+    detail = ""  # why the check failed
     sync_mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
     try:
         if sync_mode:
@@ -152,11 +152,10 @@ def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Che
                 result = run_case(case, backend, twice=False)  # wrong results only: keep it short
                 if not result.ok:
                     detail = f"{case.op} ({case.label}): {result.failure}"
-                    return CheckOutcome(backend, device, dtype, "failed", detail, time.perf_counter() - start)
+                    break
     except Exception as exc:
         detail = f"the check itself raised {type(exc).__name__}: {exc}"
-        return CheckOutcome(backend, device, dtype, "failed", detail, time.perf_counter() - start)
     finally:
         if sync_mode:
             torch.cuda.set_sync_debug_mode(sync_mode)
-    return CheckOutcome(backend, device, dtype, "passed", "", time.perf_counter() - start)
+    return CheckOutcome(backend, device, dtype, "failed" if detail else "passed", detail, time.perf_counter() - start)

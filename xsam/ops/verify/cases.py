@@ -15,12 +15,11 @@ from ..native_backend import CONSTANTS as NATIVE  # where the compiled kernels c
 from .rule import RECIPES, _alias_pair, _list_names
 
 
-# The most tensors one CUDA launch of the compiled kernels takes, by number of lists
-# (max_tensors_per_launch in csrc/cuda/multi_tensor_apply.cuh: 32 KiB kernel parameters; 4 KiB with a
-# CUDA runtime before 12.1). A launch never splits a tensor and takes any number of chunks.
-def native_cuda_tensors_per_launch(lists: int, param_bytes: int = 32764) -> int:
-    """Tensors per CUDA launch of a kernel over ``lists`` lists: 1624, 1160, 902, 738 for 1 to 4."""
-    return (param_bytes - 256 - 16) // (lists * 8 + 12)
+def native_cuda_tensors_per_launch(lists: int) -> int:
+    """The most tensors one CUDA launch of the compiled kernels over ``lists`` lists takes (max_tensors_per_launch
+    in csrc/cuda/multi_tensor_apply.cuh, 32 KiB of kernel parameters): 1624, 1160, 902, 738 for 1 to 4. A launch
+    never splits a tensor and takes any number of chunks."""
+    return (32764 - 256 - 16) // (lists * 8 + 12)
 
 
 # Triton in the interpreter: every program costs ~2 ms of Python, so the self-test uses tiny launches.
@@ -214,7 +213,6 @@ class _Layout:
             by_place.setdefault(place, []).append(i)
         numels = [math.prod(s) for s in shapes]
         self.groups: list[_Group] = []
-        self.order: list[int] = []  # positions in flat order
         flat_at = 0
         for k, ((device, dtype), positions) in enumerate(by_place.items()):
             starts, steps, end = [], [], 0
@@ -231,7 +229,6 @@ class _Layout:
             count = sum(numels[i] for i in positions)
             self.groups.append(_Group(device, dtype, tuple(positions), tuple(starts), tuple(steps), size, flat_at,
                                       flat_at + count, outside.to(device)))
-            self.order += positions
             flat_at += count
         self.single = len(self.groups) == 1
         self.home = self.groups[0].device if self.single else torch.device("cpu")
@@ -245,7 +242,7 @@ class _Layout:
 
     def position_of(self, flat_index: int) -> str:
         """Which tensor and element a flat (group-order) index falls in."""
-        for i in self.order:
+        for i in (i for g in self.groups for i in g.positions):
             n = math.prod(self.shapes[i])
             if flat_index < n:
                 return f"tensor {i} of {len(self.shapes)} (shape {list(self.shapes[i])}), element {flat_index}"
