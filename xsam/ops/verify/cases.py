@@ -198,22 +198,19 @@ class _Group:
     starts: tuple[int, ...]
     steps: tuple[int, ...]
     size: int  # buffer length
-    begin: int  # this group's slice of the case's flat values (in group order)
-    end: int
     outside: Tensor  # buffer positions that belong to no tensor
 
 
 class _Layout:
-    """The groups of a case, and the order of its flat values: group by group, positions in order."""
+    """The groups of a case's tensors, by (device, dtype). Flat values run over the positions in order."""
 
     def __init__(self, shapes: tuple[tuple[int, ...], ...], placements: tuple[Placement, ...], layout: str):
-        self.shapes = shapes
+        self.shapes, self.placements = shapes, placements
+        self.numels = [math.prod(s) for s in shapes]
         by_place: dict[Placement, list[int]] = {}
         for i, place in enumerate(placements):
             by_place.setdefault(place, []).append(i)
-        numels = [math.prod(s) for s in shapes]
         self.groups: list[_Group] = []
-        flat_at = 0
         for k, ((device, dtype), positions) in enumerate(by_place.items()):
             starts, steps, end = [], [], 0
             for i in positions:
@@ -221,54 +218,45 @@ class _Layout:
                 start = -(-(end + 1) // _ALIGN) * _ALIGN + (0 if layout == "plain" else 1 + 2 * ((i + k) % 2))
                 starts.append(start)
                 steps.append(step)
-                end = start + step * numels[i]
+                end = start + step * self.numels[i]
             size = end + 5
             outside = torch.ones(size, dtype=torch.bool, device="cpu")
             for i, start, step in zip(positions, starts, steps):
-                outside[start:start + step * numels[i]:step] = False
-            count = sum(numels[i] for i in positions)
-            self.groups.append(_Group(device, dtype, tuple(positions), tuple(starts), tuple(steps), size, flat_at,
-                                      flat_at + count, outside.to(device)))
-            flat_at += count
+                outside[start:start + step * self.numels[i]:step] = False
+            self.groups.append(_Group(device, dtype, tuple(positions), tuple(starts), tuple(steps), size,
+                                      outside.to(device)))
         self.single = len(self.groups) == 1
         self.home = self.groups[0].device if self.single else torch.device("cpu")
 
-    def to_layout_order(self, flat: Tensor) -> Tensor:
-        """Values in position order (as generated) -> group order."""
-        if self.single:
-            return flat
-        pieces = flat.split([math.prod(s) for s in self.shapes])
-        return torch.cat([pieces[i] for g in self.groups for i in g.positions])
-
     def position_of(self, flat_index: int) -> str:
-        """Which tensor and element a flat (group-order) index falls in."""
-        for i in (i for g in self.groups for i in g.positions):
-            n = math.prod(self.shapes[i])
+        """Which tensor and element a flat index falls in."""
+        for i, n in enumerate(self.numels):
             if flat_index < n:
                 return f"tensor {i} of {len(self.shapes)} (shape {list(self.shapes[i])}), element {flat_index}"
             flat_index -= n
         return f"element {flat_index}"
 
     def round_to_storage(self, flat: Tensor) -> Tensor:
-        """Float64 values (group order) rounded through each group's dtype."""
+        """Float64 values rounded through each position's dtype."""
         if self.single:
             return flat.to(self.groups[0].dtype).to(torch.float64)
-        return torch.cat([flat[g.begin:g.end].to(g.dtype).to(torch.float64) for g in self.groups])
+        pieces = flat.split(self.numels)
+        return torch.cat([piece.to(dtype).to(torch.float64) for piece, (_, dtype) in zip(pieces, self.placements)])
 
 
 _layout_of = functools.lru_cache(maxsize=32)(_Layout)  # the cases of one check share their shapes and layout
 
 
 def _values(case: Case, layout: _Layout) -> tuple[dict[str, Tensor | None], dict[str, float], dict, set[str]]:
-    """The case's inputs: one flat float64 vector per list (group order, rounded to the storage
-    dtypes; aliased lists share one), its scalars, its other arguments, and the absent lists."""
+    """The case's inputs: one flat float64 vector per list (rounded to the storage dtypes; aliased
+    lists share one), its scalars, its other arguments, and the absent lists."""
     recipe = RECIPES[case.op]
     overrides = dict(recipe.variants)[case.variant]
     spec = OPS[case.op]
     other = {**recipe.other, **{k: v for k, v in overrides.items() if k in spec.other_args}}
     absent = {k for k, v in overrides.items() if k in spec.list_args and v is None}
     scalars = dict(recipe.scalars)
-    total = sum(math.prod(s) for s in case.shapes)
+    total = sum(layout.numels)
     home = layout.home
     values: dict[str, Tensor | None] = {}
     for k, name in enumerate(_list_names(case.op)):
@@ -284,7 +272,7 @@ def _values(case: Case, layout: _Layout) -> tuple[dict[str, Tensor | None], dict
         recipe.condition(values, scalars)
     for name, flat in values.items():
         if flat is not None:
-            values[name] = layout.round_to_storage(layout.to_layout_order(flat))
+            values[name] = layout.round_to_storage(flat)
     if case.aliased:
         read, written = _alias_pair(case.op)
         if values[written] is None:
@@ -316,20 +304,18 @@ def _materialise(layout: _Layout, values: dict, absent: set[str], outputs: tuple
             lists[name], buffers[name] = made[id(flat)]
             continue
         tensors: list[Tensor | None] = [None] * len(layout.shapes)
+        pieces = None if flat is None else (flat.abs() if mode == "magnitude" else flat).split(layout.numels)
         group_buffers = []
         for g in layout.groups:
             dtype = g.dtype if mode == "run" else torch.float64
             buffer = torch.full((g.size,), _SENTINEL, dtype=dtype, device=g.device)
-            if flat is None:
-                part = torch.full((g.end - g.begin,), math.nan, dtype=dtype, device=g.device)
-            else:
-                part = flat[g.begin:g.end].to(device=g.device, dtype=dtype)
-                part = part.abs() if mode == "magnitude" else part
-            pieces = part.split([math.prod(layout.shapes[i]) for i in g.positions])
-            for i, start, step, piece in zip(g.positions, g.starts, g.steps, pieces):
+            for i, start, step in zip(g.positions, g.starts, g.steps):
                 shape = layout.shapes[i]
                 tensors[i] = buffer.as_strided(shape, _strides(shape, step), start)
-                tensors[i].copy_(piece.view(shape))
+                if pieces is None:
+                    tensors[i].fill_(math.nan)
+                else:
+                    tensors[i].copy_(pieces[i].view(shape))
             group_buffers.append(buffer)
         lists[name], buffers[name] = tensors, group_buffers
         if flat is not None:
