@@ -56,21 +56,17 @@ def covered(codes, capability) -> bool:
     ([], NVCC_13, "8.0;8.6;8.9;9.0+PTX"),  # torch cannot say: the common GPUs
     ([], None, "8.0;8.6;8.9;9.0+PTX"),
 ])
-def test_default_arch_list_is_torchs_list_limited_to_nvcc(torch_codes, nvcc, expected):
+def test_default_arch_list_is_torchs_list_limited_to_nvcc_and_covers_users_gpus(torch_codes, nvcc, expected):
     assert build_info.default_arch_list(torch_codes, nvcc) == expected
+    codes = compiled_codes(expected)
+    for capability in USERS_GPUS:
+        assert covered(codes, capability), (capability, codes)
+    assert not covered(codes, (7, 0))  # below the oldest entry: no code, no JIT
 
 
 def test_default_arch_list_names_the_fix_when_nvcc_compiles_none_of_it():
     with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST"):
         build_info.default_arch_list(["sm_100", "sm_120"], NVCC_12_0)
-
-
-@pytest.mark.parametrize("torch_codes, nvcc", [(TORCH_CU130, NVCC_13), (TORCH_CU130, NVCC_12_0), ([], None)])
-def test_default_arch_list_covers_the_gpus_people_train_on(torch_codes, nvcc):
-    codes = compiled_codes(build_info.default_arch_list(torch_codes, nvcc))
-    for capability in USERS_GPUS:
-        assert covered(codes, capability), (capability, codes)
-    assert not covered(codes, (7, 0))  # below the oldest entry: no code, no JIT
 
 
 @pytest.mark.skipif(not (torch.version.cuda and os.path.exists(NVCC)), reason="needs a CUDA torch and nvcc")

@@ -11,17 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from xsam import XSAM, ops
+from xsam import ops
 from xsam.cli import auto_check_lines, main
 from xsam.ops import dispatch, native_backend, reference, verify
 from xsam.ops.contract import OPS
 from xsam.ops.verify.cases import native_cuda_tensors_per_launch, size_cases
-
-from helpers import closure_of
+from xsam.selftest import trained_parameters
 
 NATIVE_WHY = dispatch.unavailable_reason("native", torch.device("cpu"), torch.float32)
 needs_native = pytest.mark.skipif(NATIVE_WHY is not None, reason=f"native backend unavailable: {NATIVE_WHY}")
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 @pytest.fixture(autouse=True)
@@ -69,8 +67,10 @@ def _wrong_only_on_more_than_four_tensors(real):
 
 
 BREAKAGES = [_one_ulp_off_on_the_last_element, _skipping_the_last_chunk]
-# Caught by `xsam selftest` and by the check before first use alike.
+# Caught by `xsam selftest` and by the check before first use alike; the CPU threads only on the CPU.
 HIDDEN_BREAKAGES = [_wrong_only_on_several_threads, _wrong_only_on_more_than_four_tensors]
+BROKEN_ON = [(breakage, "cpu") for breakage in BREAKAGES + HIDDEN_BREAKAGES] + [
+    pytest.param(breakage, "cuda", marks=pytest.mark.cuda) for breakage in BREAKAGES]
 
 
 def _break_perturb(monkeypatch, breakage):
@@ -79,10 +79,6 @@ def _break_perturb(monkeypatch, breakage):
 
 
 # ---------------------------------------------------------------- the self-test on this machine
-
-def test_every_op_of_the_contract_has_a_case():
-    assert verify.missing_recipes() == []
-
 
 @needs_native
 def test_the_cuda_size_cases_cross_the_launch_limits_of_the_cuda_kernels():
@@ -157,6 +153,7 @@ def test_selftest_fails_the_broken_op_and_only_it(breakage, monkeypatch, capsys)
 
 @needs_native
 def test_selftest_reports_an_op_it_has_no_case_for(monkeypatch, capsys):
+    assert verify.missing_recipes() == []
     monkeypatch.delitem(verify.RECIPES, "scale_copy_")  # as for a new op that nobody wrote a case for
     assert verify.missing_recipes() == ["scale_copy_"]
     assert main(["selftest", "--device", "cpu", "--quick", "--dtypes", "float64", "--backends", "native"]) == 1
@@ -199,8 +196,7 @@ def test_the_check_passes_and_is_cached_once_per_device_and_dtype():
 
 
 @needs_native
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("breakage", BREAKAGES)
+@pytest.mark.parametrize("breakage, device", BROKEN_ON)
 def test_a_broken_kernel_is_caught_warned_once_and_auto_trains_like_the_reference(breakage, device, monkeypatch):
     device = torch.device(device)
     if device.type == "cuda":
@@ -222,36 +218,10 @@ def test_a_broken_kernel_is_caught_warned_once_and_auto_trains_like_the_referenc
             lines = auto_check_lines()
         assert "cpu     float32   reference: native failed its check, fell back (perturb_ " in "\n".join(lines)
 
-    def train(backend):
-        gen = torch.Generator().manual_seed(0)
-        wide = native_backend.CONSTANTS.chunk(device.type) + 5  # perturb_ writes more than one chunk
-        params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in ((wide,), (3, 4), (5,))]
-        target = [torch.randn(p.shape, generator=gen).to(device) for p in params]
-
-        def loss_fn():
-            return sum(((p - t) ** 2 * (1 + p.cos())).sum() for p, t in zip(params, target))
-
-        closure = closure_of(loss_fn)
-        opt = XSAM(params, torch.optim.SGD, rho=0.05, eig_interval=2, power_iters=2, lr=0.01, backend=backend)
-        for _ in range(3):
-            opt.step(closure, loss_fn=loss_fn)
-        return [p.detach() for p in params]
-
-    for got, want in zip(train("auto"), train("reference")):
-        assert torch.equal(got, want)
-
-
-def _auto_falls_back_on_the_cpu():
-    with pytest.warns(verify.KernelCheckWarning, match="perturb_"):
-        assert dispatch.resolve("auto", torch.device("cpu"), torch.float32) is reference
-    assert verify.outcomes()[("native", torch.device("cpu"), torch.float32)].status == "failed"
-
-
-@needs_native
-@pytest.mark.parametrize("breakage", HIDDEN_BREAKAGES)
-def test_the_check_before_first_use_catches_a_kernel_wrong_only_on_threads_or_long_lists(breakage, monkeypatch):
-    _break_perturb(monkeypatch, breakage)
-    _auto_falls_back_on_the_cpu()
+    wide = native_backend.CONSTANTS.chunk(device.type) + 5  # perturb_ writes more than one chunk
+    got, want = (trained_parameters("X-SAM", backend, device, torch.float32, wide, seed=0)
+                 for backend in ("auto", "reference"))
+    assert torch.equal(got, want)
 
 
 @needs_native
@@ -280,7 +250,9 @@ def test_the_environment_variable_turns_the_check_off(monkeypatch, value):
 def test_false_values_of_the_environment_variable_keep_the_check(monkeypatch, value):
     _break_perturb(monkeypatch, _one_ulp_off_on_the_last_element)
     monkeypatch.setenv(verify.SKIP_ENV, value)
-    _auto_falls_back_on_the_cpu()
+    with pytest.warns(verify.KernelCheckWarning, match="perturb_"):
+        assert dispatch.resolve("auto", torch.device("cpu"), torch.float32) is reference
+    assert verify.outcomes()[("native", torch.device("cpu"), torch.float32)].status == "failed"
 
 
 @needs_native

@@ -1,11 +1,9 @@
 """What the compiled extension xsam._C was built for, and whether it can run on this GPU.
 
 Architecture codes are those of ``torch.cuda.get_arch_list()``: ``sm_XY`` is machine code for compute
-capability X.Y, ``compute_XY`` PTX that the driver compiles on first use. setup.py loads this file by path at
-build time (``default_arch_list``, the build record ``_build_record.json``), so torch is imported only inside
-the functions that need it; run time (``native_coverage_reason``, ``missing_extension_reason``, ``describe``
-for ``xsam info``) never imports ``torch.utils.cpp_extension``, which warns "No CUDA runtime is found" on a
-machine without CUDA.
+capability X.Y, ``compute_XY`` PTX that the driver compiles on first use. setup.py loads this file by path, so
+torch is imported only inside the functions that need it, and ``torch.utils.cpp_extension`` (which warns "No
+CUDA runtime is found" on a machine without CUDA) never at run time.
 """
 from __future__ import annotations
 
@@ -149,21 +147,11 @@ class BuildRecord:
     torch_version: str = ""
     failure: str | None = None  # why the build failed: "with C++ compiler 'g++': <error>"
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> BuildRecord:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        data = {key: value for key, value in json.loads(text).items() if key in fields}
-        data["arch_codes"] = tuple(data.get("arch_codes", ()))
-        return cls(**data)
-
 
 def write_build_record(directory: str | os.PathLike, record: BuildRecord) -> Path:
     path = Path(directory) / RECORD_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(record.to_json())
+    path.write_text(json.dumps(dataclasses.asdict(record), indent=1) + "\n")
     return path
 
 
@@ -172,7 +160,10 @@ def load_build_record(path: Path = RECORD_PATH) -> BuildRecord | None:
     """The record of the build that installed this package; None when it built no extension
     (XSAM_NO_EXTENSION=1, or no torch at install time) or the record is unreadable."""
     try:
-        return BuildRecord.from_json(path.read_text())
+        fields = {f.name for f in dataclasses.fields(BuildRecord)}
+        data = {key: value for key, value in json.loads(path.read_text()).items() if key in fields}
+        data["arch_codes"] = tuple(data.get("arch_codes", ()))
+        return BuildRecord(**data)
     except (OSError, ValueError, TypeError):
         return None
 

@@ -101,7 +101,7 @@ def _number(x: float) -> str:
 
 # ---------------------------------------------------------------- a few optimizer steps
 
-def _train(method: str, backend: str, device: torch.device, dtype: torch.dtype, width: int, seed: int):
+def trained_parameters(method: str, backend: str, device: torch.device, dtype: torch.dtype, width: int, seed: int):
     """The parameters after TRAINING_STEPS steps of ``method`` with ``backend`` on a small MLP, plus a wide
     parameter that spans more than one chunk of the backend (its loss term is cheap next to a wide layer)."""
     gen = torch.Generator().manual_seed(seed)
@@ -141,12 +141,12 @@ def _training_row(method: str, backend: str, device: torch.device, seed: int) ->
     row = Row(method, backend, str(device), "float32")
     try:
         with launch_context(backend, device):
-            got = _train(method, backend, device, torch.float32, chunk + 1, seed)
+            got = trained_parameters(method, backend, device, torch.float32, chunk + 1, seed)
     except Exception as exc:  # a kernel that raises fails
         row.add(Comparison(math.inf, 0.0, False), f"raised {type(exc).__name__}: {exc}")
         return row
-    ref = _train(method, "reference", device, torch.float32, chunk + 1, seed)
-    exact = _train(method, "reference", device, torch.float64, chunk + 1, seed)
+    ref = trained_parameters(method, "reference", device, torch.float32, chunk + 1, seed)
+    exact = trained_parameters(method, "reference", device, torch.float64, chunk + 1, seed)
     eps, tiny = unit_roundoff(torch.float32)
     # Norm-wise: a weight near 0 carries the roundings of its updates, which are not smaller than
     # those of the largest weights.

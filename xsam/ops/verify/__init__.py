@@ -1,7 +1,6 @@
 """Checking a fused backend against the reference: the rule (``rule.py``), the op cases (``cases.py``),
-running one (``trial.py``), and the check before first use (here). ``xsam selftest`` runs every case on
-every backend, device and dtype; ``backend="auto"`` runs ``quick_cases`` once per (device, dtype) through
-``trusted`` and, on a mismatch, warns once and uses the reference there. What users see: docs/selftest.md.
+running one (``trial.py``), and the check before first use (here), which ``backend="auto"`` runs once per
+(device, dtype). What users see: docs/selftest.md.
 
 The rule (``compare``): a fused kernel must be at least about as accurate as the reference, both measured
 against the reference run in float64 on the same (rounded) inputs:
@@ -12,9 +11,7 @@ few ``roundings`` (sqrt(n) for sums of n terms, whose order may differ).
 "exact" values (``Case.values``) are in {0, +-1/2, +-1}, with dyadic scalars: every intermediate of every op
 is representable in every supported dtype (8 significant bits for bfloat16; sums below 2**24 units in
 float32), so any correct implementation, FMA or not and in any summation order, returns the exact bits, and
-these cases allow no rounding at all. On top, the contract's exact bits: saved copies and restores, lists
-the op only reads, memory around views, and reductions run twice. An op of ``contract.OPS`` without a
-``Recipe`` is reported (``missing_recipes``) instead of being silently untested.
+these cases allow no rounding at all.
 """
 from __future__ import annotations
 
@@ -96,8 +93,7 @@ def skip_requested() -> bool:
 
 def trusted(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``backend="auto"`` may use fused ``backend`` for (device, dtype): checked once per process."""
-    key = (backend, device, dtype)
-    outcome = _OUTCOMES.get(key)
+    outcome = _OUTCOMES.get((backend, device, dtype))
     if outcome is None:
         dynamo = sys.modules.get("torch._dynamo")
         if torch.compiler.is_compiling() and dynamo is not None:
@@ -146,6 +142,7 @@ def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Che
     suspended meanwhile. If the check itself cannot run, the backend counts as failed.
     """
     start = time.perf_counter()
+    detail = ""  # why the check failed
     sync_mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
     try:
         if sync_mode:
@@ -155,11 +152,10 @@ def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Che
                 result = run_case(case, backend, twice=False)  # wrong results only: keep it short
                 if not result.ok:
                     detail = f"{case.op} ({case.label}): {result.failure}"
-                    return CheckOutcome(backend, device, dtype, "failed", detail, time.perf_counter() - start)
+                    break
     except Exception as exc:
         detail = f"the check itself raised {type(exc).__name__}: {exc}"
-        return CheckOutcome(backend, device, dtype, "failed", detail, time.perf_counter() - start)
     finally:
         if sync_mode:
             torch.cuda.set_sync_debug_mode(sync_mode)
-    return CheckOutcome(backend, device, dtype, "passed", "", time.perf_counter() - start)
+    return CheckOutcome(backend, device, dtype, "failed" if detail else "passed", detail, time.perf_counter() - start)

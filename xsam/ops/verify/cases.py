@@ -15,12 +15,11 @@ from ..native_backend import CONSTANTS as NATIVE  # where the compiled kernels c
 from .rule import RECIPES, _alias_pair, _list_names
 
 
-# The most tensors one CUDA launch of the compiled kernels takes, by number of lists
-# (max_tensors_per_launch in csrc/cuda/multi_tensor_apply.cuh: 32 KiB kernel parameters; 4 KiB with a
-# CUDA runtime before 12.1). A launch never splits a tensor and takes any number of chunks.
-def native_cuda_tensors_per_launch(lists: int, param_bytes: int = 32764) -> int:
-    """Tensors per CUDA launch of a kernel over ``lists`` lists: 1624, 1160, 902, 738 for 1 to 4."""
-    return (param_bytes - 256 - 16) // (lists * 8 + 12)
+def native_cuda_tensors_per_launch(lists: int) -> int:
+    """The most tensors one CUDA launch of the compiled kernels over ``lists`` lists takes (max_tensors_per_launch
+    in csrc/cuda/multi_tensor_apply.cuh, 32 KiB of kernel parameters): 1624, 1160, 902, 738 for 1 to 4. A launch
+    never splits a tensor and takes any number of chunks."""
+    return (32764 - 256 - 16) // (lists * 8 + 12)
 
 
 # Triton in the interpreter: every program costs ~2 ms of Python, so the self-test uses tiny launches.
@@ -199,23 +198,19 @@ class _Group:
     starts: tuple[int, ...]
     steps: tuple[int, ...]
     size: int  # buffer length
-    begin: int  # this group's slice of the case's flat values (in group order)
-    end: int
     outside: Tensor  # buffer positions that belong to no tensor
 
 
 class _Layout:
-    """The groups of a case, and the order of its flat values: group by group, positions in order."""
+    """The groups of a case's tensors, by (device, dtype). Flat values run over the positions in order."""
 
     def __init__(self, shapes: tuple[tuple[int, ...], ...], placements: tuple[Placement, ...], layout: str):
-        self.shapes = shapes
+        self.shapes, self.placements = shapes, placements
+        self.numels = [math.prod(s) for s in shapes]
         by_place: dict[Placement, list[int]] = {}
         for i, place in enumerate(placements):
             by_place.setdefault(place, []).append(i)
-        numels = [math.prod(s) for s in shapes]
         self.groups: list[_Group] = []
-        self.order: list[int] = []  # positions in flat order
-        flat_at = 0
         for k, ((device, dtype), positions) in enumerate(by_place.items()):
             starts, steps, end = [], [], 0
             for i in positions:
@@ -223,55 +218,45 @@ class _Layout:
                 start = -(-(end + 1) // _ALIGN) * _ALIGN + (0 if layout == "plain" else 1 + 2 * ((i + k) % 2))
                 starts.append(start)
                 steps.append(step)
-                end = start + step * numels[i]
+                end = start + step * self.numels[i]
             size = end + 5
             outside = torch.ones(size, dtype=torch.bool, device="cpu")
             for i, start, step in zip(positions, starts, steps):
-                outside[start:start + step * numels[i]:step] = False
-            count = sum(numels[i] for i in positions)
-            self.groups.append(_Group(device, dtype, tuple(positions), tuple(starts), tuple(steps), size, flat_at,
-                                      flat_at + count, outside.to(device)))
-            self.order += positions
-            flat_at += count
+                outside[start:start + step * self.numels[i]:step] = False
+            self.groups.append(_Group(device, dtype, tuple(positions), tuple(starts), tuple(steps), size,
+                                      outside.to(device)))
         self.single = len(self.groups) == 1
         self.home = self.groups[0].device if self.single else torch.device("cpu")
 
-    def to_layout_order(self, flat: Tensor) -> Tensor:
-        """Values in position order (as generated) -> group order."""
-        if self.single:
-            return flat
-        pieces = flat.split([math.prod(s) for s in self.shapes])
-        return torch.cat([pieces[i] for g in self.groups for i in g.positions])
-
     def position_of(self, flat_index: int) -> str:
-        """Which tensor and element a flat (group-order) index falls in."""
-        for i in self.order:
-            n = math.prod(self.shapes[i])
+        """Which tensor and element a flat index falls in."""
+        for i, n in enumerate(self.numels):
             if flat_index < n:
                 return f"tensor {i} of {len(self.shapes)} (shape {list(self.shapes[i])}), element {flat_index}"
             flat_index -= n
         return f"element {flat_index}"
 
     def round_to_storage(self, flat: Tensor) -> Tensor:
-        """Float64 values (group order) rounded through each group's dtype."""
+        """Float64 values rounded through each position's dtype."""
         if self.single:
             return flat.to(self.groups[0].dtype).to(torch.float64)
-        return torch.cat([flat[g.begin:g.end].to(g.dtype).to(torch.float64) for g in self.groups])
+        pieces = flat.split(self.numels)
+        return torch.cat([piece.to(dtype).to(torch.float64) for piece, (_, dtype) in zip(pieces, self.placements)])
 
 
 _layout_of = functools.lru_cache(maxsize=32)(_Layout)  # the cases of one check share their shapes and layout
 
 
 def _values(case: Case, layout: _Layout) -> tuple[dict[str, Tensor | None], dict[str, float], dict, set[str]]:
-    """The case's inputs: one flat float64 vector per list (group order, rounded to the storage
-    dtypes; aliased lists share one), its scalars, its other arguments, and the absent lists."""
+    """The case's inputs: one flat float64 vector per list (rounded to the storage dtypes; aliased
+    lists share one), its scalars, its other arguments, and the absent lists."""
     recipe = RECIPES[case.op]
     overrides = dict(recipe.variants)[case.variant]
     spec = OPS[case.op]
     other = {**recipe.other, **{k: v for k, v in overrides.items() if k in spec.other_args}}
     absent = {k for k, v in overrides.items() if k in spec.list_args and v is None}
     scalars = dict(recipe.scalars)
-    total = sum(math.prod(s) for s in case.shapes)
+    total = sum(layout.numels)
     home = layout.home
     values: dict[str, Tensor | None] = {}
     for k, name in enumerate(_list_names(case.op)):
@@ -287,7 +272,7 @@ def _values(case: Case, layout: _Layout) -> tuple[dict[str, Tensor | None], dict
         recipe.condition(values, scalars)
     for name, flat in values.items():
         if flat is not None:
-            values[name] = layout.round_to_storage(layout.to_layout_order(flat))
+            values[name] = layout.round_to_storage(flat)
     if case.aliased:
         read, written = _alias_pair(case.op)
         if values[written] is None:
@@ -319,20 +304,18 @@ def _materialise(layout: _Layout, values: dict, absent: set[str], outputs: tuple
             lists[name], buffers[name] = made[id(flat)]
             continue
         tensors: list[Tensor | None] = [None] * len(layout.shapes)
+        pieces = None if flat is None else (flat.abs() if mode == "magnitude" else flat).split(layout.numels)
         group_buffers = []
         for g in layout.groups:
             dtype = g.dtype if mode == "run" else torch.float64
             buffer = torch.full((g.size,), _SENTINEL, dtype=dtype, device=g.device)
-            if flat is None:
-                part = torch.full((g.end - g.begin,), math.nan, dtype=dtype, device=g.device)
-            else:
-                part = flat[g.begin:g.end].to(device=g.device, dtype=dtype)
-                part = part.abs() if mode == "magnitude" else part
-            pieces = part.split([math.prod(layout.shapes[i]) for i in g.positions])
-            for i, start, step, piece in zip(g.positions, g.starts, g.steps, pieces):
+            for i, start, step in zip(g.positions, g.starts, g.steps):
                 shape = layout.shapes[i]
                 tensors[i] = buffer.as_strided(shape, _strides(shape, step), start)
-                tensors[i].copy_(piece.view(shape))
+                if pieces is None:
+                    tensors[i].fill_(math.nan)
+                else:
+                    tensors[i].copy_(pieces[i].view(shape))
             group_buffers.append(buffer)
         lists[name], buffers[name] = tensors, group_buffers
         if flat is not None:

@@ -24,11 +24,8 @@ def _bits(t: Tensor) -> Tensor:
 
 
 def _flat(layout: _Layout, inputs: _Inputs, name: str) -> Tensor:
-    """List ``name``'s values in group order, as float64 on the layout's home device."""
-    tensors = inputs.lists[name]
-    parts = [tensors[i].reshape(-1).to(device=layout.home, dtype=torch.float64) for g in layout.groups
-             for i in g.positions]
-    return torch.cat(parts) if len(parts) != 1 else parts[0]
+    """List ``name``'s values, as float64 on the layout's home device."""
+    return torch.cat([t.reshape(-1).to(device=layout.home, dtype=torch.float64) for t in inputs.lists[name]])
 
 
 # ---------------------------------------------------------------- running a case
@@ -51,8 +48,8 @@ def _roundoff(layout: _Layout) -> tuple:
     """(eps, tiny) of the storage dtype: floats for one group, per-element tensors for mixed lists."""
     if layout.single:
         return unit_roundoff(layout.groups[0].dtype)
-    pieces = [torch.tensor(unit_roundoff(g.dtype), dtype=torch.float64, device="cpu").expand(g.end - g.begin, 2)
-              for g in layout.groups]
+    pieces = [torch.tensor(unit_roundoff(dtype), dtype=torch.float64, device="cpu").expand(n, 2)
+              for (_, dtype), n in zip(layout.placements, layout.numels)]
     both = torch.cat(pieces).to(layout.home)
     return both[:, 0], both[:, 1]
 
@@ -125,7 +122,7 @@ def _run_case(case: Case, backend: str, twice: bool, threads: int) -> CaseResult
             return failed(f"returned {what}; the reference returns {ref.dtype}, {list(ref.shape)} on {ref.device}")
         if not torch.equal(_bits(got), _bits(again)):
             return failed("a second call on the same inputs gave other bits (reductions must be deterministic)")
-        n = sum(math.prod(s) for s in case.shapes)
+        n = sum(layout.numels)
         if random:
             if recipe.magnitude is not None:
                 flats = {name: _flat(layout, exact_in, name) for name in exact_in.buffers}
