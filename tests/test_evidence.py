@@ -39,13 +39,16 @@ BACKEND = "reference"
 def test_recorder_keeps_what_the_hook_reports_and_stops_when_removed():
     q = Quadratic()
     opt = XSAM(q.params, torch.optim.SGD, lr=0.01, eig_interval=2, hvp="exact", seed=1, backend=BACKEND)
+    assert len(opt._diagnostics_hooks) == 0  # nothing is registered without a recorder
+    recorder = DiagnosticsRecorder(opt)
+    assert len(opt._diagnostics_hooks) == 1
     raw = []
     opt.register_diagnostics_hook(lambda o, r: raw.append({k: (v.clone() if torch.is_tensor(v) else v)
                                                           for k, v in r.items()}))
-    recorder = DiagnosticsRecorder(opt)
     for _ in range(5):
         opt.step(q.closure, loss_fn=q.loss)
     recorder.remove()
+    assert len(opt._diagnostics_hooks) == 1  # the test's own hook
     opt.step(q.closure, loss_fn=q.loss)
     records = recorder.records()
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
@@ -70,16 +73,6 @@ def test_recorder_on_sam_marks_eigenvector_quantities_missing_and_writes_csv(tmp
     recorder.to_csv(path, extra={"run": "sam"})
     lines = path.read_text().splitlines()
     assert lines[0].startswith("run,step,refreshed,eigenvalue") and len(lines) == 4
-
-
-def test_nothing_is_registered_without_a_recorder():
-    q = Quadratic()
-    opt = XSAM(q.params, torch.optim.SGD, lr=0.01, hvp="exact", backend=BACKEND)
-    assert len(opt._diagnostics_hooks) == 0
-    recorder = DiagnosticsRecorder(opt)
-    assert len(opt._diagnostics_hooks) == 1
-    recorder.remove()
-    assert len(opt._diagnostics_hooks) == 0
 
 
 def test_recorder_rejects_plain_optimizers_and_unknown_keys():
@@ -188,6 +181,13 @@ def test_xsam_update_makes_a_larger_angle_with_v_than_sam_at_the_same_weights(co
 
 
 # ----- one sharp direction --------------------------------------------------------------------
+def does_not_replicate(finding: str):
+    """A published claim the runs refute: expected to fail, strictly, so that the docs get updated if it passes."""
+    return pytest.mark.xfail(strict=True, raises=AssertionError,
+                             reason=f"does not replicate: {finding} See docs/results/800-steps/README.md. "
+                                    "Strict: if this starts passing, update the docs.")
+
+
 def _sharp_problem(seed: int):
     """Two-layer tanh regression where input feature 0 is 10x larger: one dominant Hessian direction."""
     gen = torch.Generator().manual_seed(1000)  # the data is fixed; the seed picks the initialisation
@@ -213,11 +213,9 @@ def _final_sharpness(method: str, seed: int, steps: int = 150) -> float:
     return top_eigenvalue(model, loss_fn, tol=1e-4, max_iters=1000).eigenvalue
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="does not replicate: on this problem X-SAM (any correction, normalised or not, "
-                          "alpha 0.2-1) ends SHARPER than SAM on every seed tried; damping the step along v "
-                          "lowers the effective learning rate along v, which tolerates a larger eigenvalue. "
-                          "See docs/results/800-steps/README.md. Strict: if this starts passing, update the docs.")
+@does_not_replicate("on this problem X-SAM (any correction, normalised or not, alpha 0.2-1) ends SHARPER than "
+                    "SAM on every seed tried; damping the step along v lowers the effective learning rate along v, "
+                    "which tolerates a larger eigenvalue.")
 def test_xsam_ends_flatter_than_sam_on_a_problem_with_one_sharp_direction():
     seeds = range(3)
     sam = [_final_sharpness("sam", s) for s in seeds]
@@ -276,11 +274,9 @@ def test_the_correction_rescaled_to_sams_step_ends_flatter_than_sam_and_sees_the
         assert abs(symmetric[0] - symmetric[1]) < 1e-5 * sam, symmetric
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="does not replicate: X-SAM as published (signed, alpha 0.2, normalised step) stays as sharp "
-                          "as SGD and the alpha = 0 control on the cubic valley, far above SAM, on every seed and "
-                          "for both signs of v: the normalised step, not the correction, sets its dynamics. See "
-                          "docs/results/800-steps/README.md. Strict: if this starts passing, update the docs.")
+@does_not_replicate("X-SAM as published (signed, alpha 0.2, normalised step) stays as sharp as SGD and the "
+                    "alpha = 0 control on the cubic valley, far above SAM, on every seed and for both signs of v: "
+                    "the normalised step, not the correction, sets its dynamics.")
 def test_xsam_as_published_ends_flatter_than_sam_on_the_cubic_valley():
     for seed in CUBIC_SEEDS:
         sam = _cubic_end_sharpness("sam", seed)

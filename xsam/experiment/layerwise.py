@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..optim.functional import xsam_correction
+from ..optim.model_state import batchnorm_statistics_frozen, eval_mode
 
 __all__ = ["LayerwiseXSAM", "layers_of"]
 
@@ -44,9 +45,7 @@ class LayerwiseXSAM(torch.optim.SGD):
 
     def refresh(self, loss_fn) -> None:
         """``power_iters`` power iterations on every layer's diagonal Hessian block (eval mode)."""
-        was = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             grads = torch.autograd.grad(loss_fn(), self.params, create_graph=True)
             start = 0
             for i, layer in enumerate(self.layers):
@@ -57,8 +56,6 @@ class LayerwiseXSAM(torch.optim.SGD):
                     hv = torch.autograd.grad(dot, layer, retain_graph=True)
                     self.eigenvalues[i] = float(sum((h * v).sum() for h, v in zip(hv, self.vectors[i])))
                     self.vectors[i] = _unit([h.detach() for h in hv], self.eps)
-        finally:
-            self.model.train(was)
         self.refreshes += 1
 
     def step(self, closure, loss_fn):
@@ -69,17 +66,15 @@ class LayerwiseXSAM(torch.optim.SGD):
         g = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
         scale = self.rho / (torch.sqrt(sum((x * x).sum() for x in g)) + self.eps)
         saved = [p.detach().clone() for p in self.params]
-        bn = _batchnorm_buffers(self.model)
         with torch.no_grad():
             for p, x in zip(self.params, g):
                 p.add_(x, alpha=float(scale))
         self.zero_grad(set_to_none=True)
-        closure()
+        with batchnorm_statistics_frozen(self.model):  # the second pass does not move the running statistics
+            closure()
         with torch.no_grad():
             for p, w in zip(self.params, saved):
                 p.copy_(w)  # exact restore
-            for buf, value in bn:
-                buf.copy_(value)  # the second pass does not move the running statistics
             for layer, v in zip(self.layers, self.vectors):
                 adv = [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer]
                 gg = sum((a * a).sum() for a in adv)
@@ -95,8 +90,3 @@ class LayerwiseXSAM(torch.optim.SGD):
 def _unit(vector: list[Tensor], eps: float = 1e-12) -> list[Tensor]:
     norm = torch.sqrt(sum((x * x).sum() for x in vector))
     return [x / (norm + eps) for x in vector]
-
-
-def _batchnorm_buffers(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
-    return [(b, b.clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            for b in m.buffers()]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..optim.model_state import eval_mode
 from .arms import make_optimizer, parse_arm, seed_with_start_sign, take_step
 from .tasks import load_task, make_model, task_loss
 
@@ -73,16 +74,11 @@ def settings_for(task: str, quick: bool = False, **overrides) -> Settings:
 
 @torch.no_grad()
 def _evaluate_loss_and_accuracy(task, model, x, y):
-    was = model.training
-    model.eval()
-    if task == "cubic":
-        loss, acc = float(task_loss(task, model, x, y)), math.nan
-    else:
+    with eval_mode(model):
+        if task == "cubic":
+            return float(task_loss(task, model, x, y)), math.nan
         out = model(x)
-        loss = float(torch.nn.functional.cross_entropy(out, y))
-        acc = float((out.argmax(1) == y).float().mean())
-    model.train(was)
-    return loss, acc
+        return float(torch.nn.functional.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
 
 
 def interpolate_at_level(level: float, loss_before: float, eig_before: float, loss_after: float,

@@ -18,7 +18,6 @@ from ..optim import EigenvectorBase, SharpnessAware
 
 # Per-step diagnostics written to the trainer's logs, under "xsam/<name>".
 LOGGED_DIAGNOSTICS = ("eigenvalue", "cos_gadv_v", "cos_g_v", "grad_norm", "adv_grad_norm")
-_UNKNOWN = object()
 
 
 def check_flag(log_diagnostics) -> bool:
@@ -35,12 +34,12 @@ def check_sam_optimizer(optimizer, integration: str, ddp_hint: str) -> None:
                          f"(the default) or hvp='exact', not {hvp!r}. It supplies a forward-only loss built from your "
                          "training step; finite-difference HVPs would re-run the whole training step (logging, "
                          "hooks, gradient clipping) at other weights")
-    if getattr(optimizer, "per_replica_perturbation", False):
+    if optimizer.per_replica_perturbation:
         raise ValueError(f"{integration} does not support per_replica_perturbation=True: the trainer's own loop "
                          "runs the first pass with DDP's gradient all-reduce. Build the optimizer without it")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if (isinstance(optimizer, EigenvectorBase) and distributed and torch.distributed.get_world_size() > 1
-            and getattr(optimizer, "process_group", _UNKNOWN) is None):
+            and optimizer.process_group is None):
         raise ValueError("XSAM's exact Hessian-vector products bypass DDP's gradient all-reduce, so each rank "
                          f"would compute its own eigenvector and the replicas would drift apart. {ddp_hint}")
 
@@ -63,24 +62,17 @@ def running_statistics_untouched(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
-def stash_gradients(optimizer) -> list[tuple[Tensor, Tensor | None]]:
-    """Keep references to the current ``.grad`` tensors (no copy): the first pass, done by the trainer."""
-    return [(p, p.grad) for group in optimizer.param_groups for p in group["params"]]
-
-
 class TwoPassClosure:
     """The closure for ``optimizer.step``: call 1 restores the trainer's first pass, call 2 replays.
 
-    Args:
-        first_pass_loss (Tensor): the loss the trainer's first pass computed, returned by call 1.
-        first_pass_gradients (list): ``stash_gradients(optimizer)`` taken right after that pass.
-        second_pass (callable): forward and backward of every micro-batch at the current
-            (perturbed) weights; returns the loss.
+    Made right after the trainer's first pass: it keeps references to the ``.grad`` tensors
+    of ``optimizer`` (no copy). ``second_pass`` runs forward and backward of every micro-batch
+    at the current (perturbed) weights and returns the loss.
     """
 
-    def __init__(self, first_pass_loss: Tensor | None, first_pass_gradients: list, second_pass: Callable[[], Tensor]):
+    def __init__(self, first_pass_loss: Tensor | None, optimizer, second_pass: Callable[[], Tensor]):
         self.first_pass_loss = first_pass_loss
-        self.first_pass_gradients = first_pass_gradients
+        self.first_pass_gradients = [(p, p.grad) for group in optimizer.param_groups for p in group["params"]]
         self.second_pass = second_pass
         self.calls = 0
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..amp import SAMGradScaler
 from ..optim import XSAM, SharpnessAware
 from ._common import (TwoPassClosure, check_flag, check_sam_optimizer, logged_diagnostics, run_sam_step,
-                      running_statistics_untouched, stash_gradients)
+                      running_statistics_untouched)
 
 __all__ = ["XSAMCallback"]
 
@@ -129,13 +129,12 @@ class XSAMCallback(Callback):
         first_loss = closure()
         if first_loss is None:  # training_step returned None: Lightning skips the step, and so do we
             return None
-        first_pass = stash_gradients(optimizer)
-        replay = functools.partial(_second_pass, trainer, plugin, optimizer, micro_batches)
+        closure = TwoPassClosure(first_loss, optimizer,
+                                 functools.partial(_second_pass, trainer, plugin, optimizer, micro_batches))
         loss_fn = functools.partial(_forward_loss, trainer, plugin, micro_batches)
         own_clipping = optimizer.max_grad_norm
         try:
-            return run_sam_step(optimizer, TwoPassClosure(first_loss, first_pass, replay), loss_fn,
-                                scaler=getattr(plugin, "scaler", None))
+            return run_sam_step(optimizer, closure, loss_fn, scaler=getattr(plugin, "scaler", None))
         finally:
             optimizer.max_grad_norm = own_clipping  # the clipping _clip_gradients routed lasts one step
 

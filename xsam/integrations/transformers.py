@@ -17,7 +17,7 @@ from transformers import Trainer
 
 from ..optim import XSAM, SharpnessAware
 from ._common import (TwoPassClosure, check_flag, check_sam_optimizer, logged_diagnostics, run_sam_step,
-                      running_statistics_untouched, stash_gradients)
+                      running_statistics_untouched)
 
 __all__ = ["XSAMTrainer"]
 
@@ -122,8 +122,7 @@ class XSAMTrainer(Trainer):
         if not micro_batches:
             raise RuntimeError("optimizer.step() ran before any training_step of XSAMTrainer; the SAM step needs "
                                "the micro-batches of the first pass")
-        closure = TwoPassClosure(first_loss, stash_gradients(optimizer),
-                                 functools.partial(self._second_pass, micro_batches))
+        closure = TwoPassClosure(first_loss, optimizer, functools.partial(self._second_pass, micro_batches))
         return run_sam_step(optimizer, closure, functools.partial(self._forward_loss, micro_batches))
 
     def _second_pass(self, micro_batches: list) -> Tensor:
