@@ -131,8 +131,6 @@ def test_written_lists_may_alias_read_lists_at_the_same_index_and_views_may_touc
     torch.testing.assert_close(w[0], w0 + 0.5 * g0)
 
 
-# --- the contract's empty lists, on each device ---------------------------------------------------
-
 # --- determinism ----------------------------------------------------------------------------
 
 def _reductions(dtype):
