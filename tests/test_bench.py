@@ -115,19 +115,15 @@ def test_baselines_compute_what_the_reference_op_computes(style):
     ref, base = _pair(SHAPES)
     s, b = ref.scalars, baselines
     loop = style == "loop"
-    state = {i: t for i, t in enumerate(base.saved)}
+    state = dict(enumerate(base.saved))
     fn = {name: getattr(b, f"{style}_{name}") for name in ops_bench.OP_NAMES if name != "xsam_step"}
     torch.testing.assert_close(fn["dots_gg_gv"](base.g, base.v),
                                ops.dots([ref.g, ref.v], [(0, 0), (0, 1)], backend="reference"))
     torch.testing.assert_close(fn["weighted_sumsq"](base.w, base.g).reshape(()),
                                ops.weighted_sumsq(ref.w, ref.g, backend="reference"))
 
-    if loop:
-        fn["perturb_"](base.w, base.g, state, s["scale"])
-        saved = [state[i] for i in range(len(SHAPES))]
-    else:
-        fn["perturb_"](base.w, base.g, base.saved, s["scale"])
-        saved = base.saved
+    fn["perturb_"](base.w, base.g, state if loop else base.saved, s["scale"])
+    saved = [state[i] for i in range(len(SHAPES))] if loop else base.saved
     ops.perturb_(ref.w, ref.g, ref.saved, s["scale"], backend="reference")
     torch.testing.assert_close(base.w, ref.w, rtol=0, atol=0)
     torch.testing.assert_close(saved, ref.saved, rtol=0, atol=0)
@@ -243,7 +239,6 @@ def test_traffic_model_adds_up():
 
 
 def test_the_report_command_explains_itself():
-    """``python -m xsam.bench.report`` prints its usage for --help (exit 0) and without a CSV (exit 2)."""
     helped = subprocess.run([sys.executable, "-m", "xsam.bench.report", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "usage: python -m xsam.bench.report BENCH_RESULTS_CSV" in helped.stdout
     missing = subprocess.run([sys.executable, "-m", "xsam.bench.report"], capture_output=True, text=True)

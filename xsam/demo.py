@@ -141,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     args = parser.parse_args(argv)
     methods = list(args.methods)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_digits_tensors(args.seed)
     total = len(methods) * args.epochs * ((len(data[0][1]) + args.batch_size - 1) // args.batch_size)
     progress = None
