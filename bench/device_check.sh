@@ -147,7 +147,7 @@ else
 fi
 
 # ---- bandwidth at 1e9 elements (aligned and odd offset), then the benchmarks at full size ----------------
-run_step "bandwidth at 1e9 elements (native)" 60 "$BENCH_LOG" "${PYTEST[@]}" -s -m gpu_bench bench/test_bandwidth.py
+run_step "bandwidth (native at 1e9 elements, Triton over 1,000 tensors)" 60 "$BENCH_LOG" "${PYTEST[@]}" -s -m gpu_bench bench/test_bandwidth.py
 run_step "xsam bench (full size)" 110 "$BENCH_LOG" "$PY" -m xsam.bench --device cuda --blocks 5 --out "$OUT"
 run_step "curvature products against a gradient, ResNet-18 at batch 128 and 512" 150 "$BENCH_LOG" \
     "$PY" -m xsam.bench.products_bench --device cuda --models resnet18_cifar --batches 128,512 --rounds 7 \

@@ -1,5 +1,5 @@
-"""Bandwidth of the native CUDA ops at 1e9 elements, aligned and at an odd offset, beside a copy of
-the same bytes: a printed table, no timed assertion. ``bench/device_check.sh`` runs it
+"""Bandwidth of the native CUDA ops at 1e9 elements, aligned and at an odd offset, and of the Triton
+passes over 1,000 tensors, beside a copy of the same bytes: printed tables, no timed assertion. ``bench/device_check.sh`` runs it
 (``pytest -s -m gpu_bench bench/test_bandwidth.py``); it skips without a GPU.
 """
 from __future__ import annotations
@@ -47,6 +47,30 @@ def test_bandwidth_at_1e9_elements(dtype):
                         f"{ms:8.3f} ms {npasses * n * item / ms / 1e6:8.1f} GB/s")
         del a, b, c, bases
         torch.cuda.empty_cache()
+    print("\n" + "\n".join(rows))
+
+
+@pytest.mark.gpu_bench
+def test_triton_bandwidth_over_1000_tensors():
+    """GB/s of the Triton perturb and dots passes over 1,000 float32 tensors of 67,108 elements, next
+    to a copy of the same bytes. Printed, not asserted."""
+    why_not = unavailable_reason("triton", torch.device(DEVICE), torch.float32)
+    if why_not is not None:
+        pytest.skip(str(why_not))
+    from xsam import ops
+
+    n = 1 << 26
+    w, g, v = ([torch.randn(n // 1000, device=DEVICE) for _ in range(1000)] for _ in range(3))
+    saved = [torch.empty_like(t) for t in w]
+    s = torch.full((), 0.01, device=DEVICE)
+    src, dst = torch.empty(2 * n, device=DEVICE), torch.empty(2 * n, device=DEVICE)
+    passes = {  # (function, bytes moved)
+        "copy_ (baseline)": (lambda: dst.copy_(src), 16 * n),
+        "perturb_": (lambda: ops.perturb_(w, g, saved, s, backend="triton"), 16 * n),
+        "dots (g,g),(g,v),(v,v)": (lambda: ops.dots([g, v], [(0, 0), (0, 1), (1, 1)], backend="triton"), 8 * n),
+    }
+    rows = [f"{name:24s} {(ms := _median_ms(fn)):8.3f} ms {nbytes / ms / 1e6:8.1f} GB/s"
+            for name, (fn, nbytes) in passes.items()]
     print("\n" + "\n".join(rows))
 
 

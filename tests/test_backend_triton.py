@@ -486,38 +486,6 @@ def test_cuda_large_lists_match_reference_and_repeat_bit_for_bit(dtype):
     assert_as_good_as_reference(runs[0], runs[2], w64 + 0.01 * g64 + 0.01 * v64, dtype)
 
 
-@pytest.mark.cuda
-@pytest.mark.gpu_bench
-@cuda
-def test_cuda_bandwidth_sanity():
-    """Prints GB/s of the fused passes beside a copy of the same bytes (loose floor only)."""
-    n = 1 << 26
-    sizes = [n // 1000] * 1000
-    w, g, v = (make(sizes, torch.float32, k) for k in (70, 71, 72))
-    saved = [torch.empty_like(t) for t in w]
-    s = scalar(0.01, torch.float32)
-
-    def timed(fn, reps=20):
-        fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps / 1e3
-
-    big_src, big_dst = torch.empty(2 * n, device="cuda"), torch.empty(2 * n, device="cuda")
-    copy_s = timed(lambda: big_dst.copy_(big_src))  # reads 2n, writes 2n floats
-    copy_gbs = 16 * n / copy_s / 1e9
-    perturb_s = timed(lambda: ops.perturb_(w, g, saved, s, backend="triton"))  # reads 2n, writes 2n
-    dots_s = timed(lambda: ops.dots([g, v], [(0, 0), (0, 1), (1, 1)], backend="triton"))  # reads 2n
-    perturb_gbs, dots_gbs = 16 * n / perturb_s / 1e9, 8 * n / dots_s / 1e9
-    print(f"copy {copy_gbs:.0f} GB/s, perturb {perturb_gbs:.0f} GB/s, dots {dots_gbs:.0f} GB/s")
-    assert perturb_gbs > 0.25 * copy_gbs and dots_gbs > 0.25 * copy_gbs
-
-
 # ------------------------------------------------------------------------- real compiler, no GPU needed
 
 _AOT = textwrap.dedent("""
