@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..optim import EigenvectorBase, SharpnessAware
+from ..optim.model_state import batchnorm_layers
 
 # Per-step diagnostics written to the trainer's logs, under "xsam/<name>".
 LOGGED_DIAGNOSTICS = ("eigenvalue", "cos_gadv_v", "cos_g_v", "grad_norm", "adv_grad_norm")
@@ -51,8 +52,7 @@ def running_statistics_untouched(model: nn.Module) -> Iterator[None]:
     Unlike ``xsam.batchnorm_statistics_frozen`` it never writes to the buffers, so an autograd
     graph built in the block (the HVPs' create-graph backward) stays valid.
     """
-    layers = [m for m in model.modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    layers = [m for m in batchnorm_layers(model) if m.training]
     for m in layers:
         m.track_running_stats = False
     try:

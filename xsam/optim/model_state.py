@@ -13,7 +13,12 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BatchNormState", "batchnorm_statistics_frozen", "eval_mode"]
+__all__ = ["BatchNormState", "batchnorm_layers", "batchnorm_statistics_frozen", "eval_mode"]
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``model`` that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 class BatchNormState:
@@ -26,8 +31,7 @@ class BatchNormState:
     def capture(cls, model: nn.Module | None) -> "BatchNormState | None":
         if model is None:
             return None
-        buffers = [(b, b.detach().clone()) for m in model.modules()
-                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        buffers = [(b, b.detach().clone()) for m in batchnorm_layers(model)
                    for b in m.buffers(recurse=False) if b is not None]
         return cls(buffers) if buffers else None
 
