@@ -194,27 +194,37 @@ def test_a_load_that_fails_half_way_leaves_the_groups_shared():
     assert opt.base_optimizer.param_groups[0]["lr"] == 0.5 and opt.base_optimizer.param_groups is opt.param_groups
 
 
-# ----- BatchNorm statistics on failure ----------------------------------------------------------------
-def test_an_exception_in_the_second_pass_puts_the_batchnorm_statistics_back():
+# ----- a closure that raises --------------------------------------------------------------------------
+@pytest.mark.parametrize("cls, fail_on_call",
+                         [(SAM, 1), (SAM, 2)] + [(cls, n) for cls in (XSAM, EigenSAM) for n in (1, 2, 3, 4)])
+def test_closure_raising_mid_step_leaves_weights_batchnorm_statistics_and_state_unchanged(cls, fail_on_call):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
-    x, y = torch.randn(8, 3), torch.randn(8, 1)
-    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, model=model)
-    calls = []
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 1))
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    kwargs = {} if cls is SAM else dict(eig_interval=2, power_iters=1, hvp="finite_difference")
+    opt = cls(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, model=model, **kwargs)
+    calls, armed = [], []
 
     def closure():
         calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("second pass fails")
+        if armed and len(calls) == fail_on_call:
+            raise RuntimeError("user error")
         loss = (model(x) - y).square().mean()
         loss.backward()
         return loss
 
-    bn = model[1]
-    before = [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()]
-    with pytest.raises(RuntimeError, match="second pass fails"):
+    opt.step(closure)
+    opt.step(closure)  # momentum buffers and an eigenvector exist now; the next step refreshes
+    before = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    calls.clear()
+    armed.append(True)
+    # X-SAM, Eigen-SAM: calls 1-2 are the refresh's finite-difference HVP, 3 the first pass, 4 the second
+    # (perturbed) pass; SAM: 1 the first, 2 the second.
+    with pytest.raises(RuntimeError, match="user error"):
         opt.step(closure)
-    assert same_bits([bn.running_mean, bn.running_var, bn.num_batches_tracked], before)
+    assert_same_state((model.state_dict(), opt.state_dict()), before)
+    armed.clear()
+    opt.step(closure)  # and it carries on normally
 
 
 # ----- a parameter with a gradient only in the second pass ----------------------------------------------
