@@ -169,17 +169,19 @@ def test_batchnorm_statistics_come_from_the_first_pass_only():
 
 def test_lr_scheduler_and_add_param_group_reach_the_base_optimizer():
     q = Quadratic()
-    opt = XSAM(q.params[:2], torch.optim.SGD, lr=0.1, rho=0.01)
+    opt = XSAM(q.params[:1], torch.optim.SGD, lr=0.1, rho=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     opt.step(q.closure, loss_fn=q.loss)
     sched.step()
     assert opt.base_optimizer.param_groups[0]["lr"] == 0.05
-    opt.add_param_group({"params": q.params[2:], "rho": 0.2, "alpha": 0.5, "lr": 0.3})
+    opt.add_param_group({"params": q.params[1:2], "rho": 0.2, "alpha": 0.5, "lr": 0.3})
     assert opt.base_optimizer.param_groups[1] is opt.param_groups[1]
     assert opt.param_groups[1]["rho"] == 0.2 and opt.param_groups[1]["momentum"] == 0
-    before = q.params[2].detach().clone()
+    opt.base_optimizer.add_param_group({"params": q.params[2:]})  # the step gives it the wrapper's defaults
+    before = [p.detach().clone() for p in q.params[1:]]
     opt.step(q.closure, loss_fn=q.loss)
-    assert not torch.equal(q.params[2], before)
+    assert not any(torch.equal(p, b) for p, b in zip(q.params[1:], before))
+    assert opt.param_groups[2]["rho"] == 0.01 and opt.diagnostics()["step"] == 2
 
 
 def test_parameters_without_gradient_are_skipped():
@@ -261,12 +263,13 @@ def test_sparse_gradients_are_rejected_before_anything_changes():
     assert opt.diagnostics()["step"] == 0
 
 
-def test_built_base_optimizer_instance_is_accepted():
+def test_built_base_optimizer_instance_is_accepted_and_keeps_its_own_eps_beside_the_wrappers():
     q = Quadratic()
-    base = torch.optim.SGD(q.params, lr=0.1)
-    opt = XSAM(q.params, base, hvp="exact")
+    base = torch.optim.Adam(q.params, lr=1e-3, eps=1e-6)
+    opt = XSAM(q.params, base, hvp="exact", eps=1e-10)
     opt.step(q.closure, loss_fn=q.loss)
     assert opt.base_optimizer is base and opt.param_groups is base.param_groups
+    assert base.defaults["eps"] == 1e-6 and opt.eps == 1e-10
     with pytest.raises(ValueError, match="other parameters"):
         XSAM(q.params[:1], torch.optim.SGD(q.params, lr=0.1))
 
