@@ -124,13 +124,6 @@ class EigenvectorTracker:
         return dict.fromkeys(self.SCHEDULE, 0) if self.adaptive else {}
 
     # ----- schedule ------------------------------------------------------------------------
-    def _poll_retry(self) -> None:
-        if self._pending_retry is not None:
-            value = self._pending_retry.poll()
-            if value is not None:
-                self._retry = value
-                self._pending_retry = None
-
     @property
     def streaming(self) -> bool:
         return self.hvp == "streaming"
@@ -147,7 +140,9 @@ class EigenvectorTracker:
         """
         if self.streaming:
             return False
-        self._poll_retry()
+        if self._pending_retry is not None and (value := self._pending_retry.poll()) is not None:
+            self._retry = value
+            self._pending_retry = None
         step = global_state["step"]
         if self.adaptive:
             return step >= global_state.get("next_refresh", 0) or self._retry

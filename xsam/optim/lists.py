@@ -1,10 +1,7 @@
 """The tensor lists a step works on, built once per param-group structure instead of every step.
 
-A step applies several fused ops to the same parameters: building their lists, the
-(device, dtype) grouping (``Layout``) and the saved-weights buffers once, and reusing them
-until the param groups change, keeps per-tensor Python work off the hot path. Per pass only
-the gradients are gathered (a new tensor per parameter after ``zero_grad(set_to_none=True)``),
-and when every parameter has one, the cached lists and layouts are used as they are.
+Building the lists, their (device, dtype) grouping (``Layout``) and the saved-weights buffers once keeps
+per-tensor Python work off the hot path: per pass only the gradients are gathered.
 """
 from __future__ import annotations
 
@@ -26,12 +23,8 @@ SCRATCH_ALIGN_BYTES = 64
 
 
 def scratch_like(tensors: list[Tensor]) -> list[Tensor]:
-    """Uninitialised tensors shaped and strided like ``tensors``, sharing allocations in buckets.
-
-    Contiguous plain tensors (``torch.Tensor``, ``nn.Parameter``) are laid end to end in buckets of
-    one device and dtype (``SCRATCH_BUCKET_BYTES``); any other (a DTensor, channels-last or another
-    layout) gets its own ``empty_like`` in the same layout.
-    """
+    """Uninitialised tensors shaped and strided like ``tensors``: contiguous plain tensors are laid end to
+    end in buckets of one device and dtype; any other (a DTensor, channels-last) gets its own ``empty_like``."""
     out: list[Tensor | None] = [None] * len(tensors)
     bucket: list[int] = []
 

@@ -180,9 +180,9 @@ def check_base_optimizer(base) -> None:
             raise ValueError(f"base_optimizer={cls.__name__} is not supported: {why}")
 
 
-def split_base_kwargs(owner: str, base: type, base_kwargs: dict, own_names: tuple[str, ...],
-                      other_owners: dict[str, tuple[str, ...]]) -> None:
-    """Refuse keyword arguments that neither ``owner`` nor the base optimizer class takes, saying whose they are."""
+def split_base_kwargs(cls: type, base: type, base_kwargs: dict) -> None:
+    """Refuse keyword arguments that neither ``cls`` nor the base optimizer class takes, saying whose they are."""
+    owner = cls.__name__
     try:
         accepted = inspect.signature(base.__init__).parameters
     except (TypeError, ValueError):  # a C extension or odd signature: let the base class decide
@@ -192,10 +192,10 @@ def split_base_kwargs(owner: str, base: type, base_kwargs: dict, own_names: tupl
     for key in base_kwargs:
         if key in accepted:
             continue
-        owners = [name for name, keys in other_owners.items() if key in keys]
+        owners = [name for name, keys in ARGUMENTS_OF.items() if key in keys]
         belongs = f" It is an argument of {' and '.join(owners)}, not of {owner}." if owners else ""
         raise ValueError(f"{key}={base_kwargs[key]!r} is not an argument of {owner} nor of its base optimizer "
-                         f"{base.__name__}.{belongs} {owner}'s own arguments are {', '.join(own_names)}; "
+                         f"{base.__name__}.{belongs} {owner}'s own arguments are {', '.join(own_arguments(cls))}; "
                          f"{base.__name__} takes {', '.join(k for k in accepted if k not in ('self', 'params'))}.")
 
 
