@@ -117,12 +117,19 @@ def test_a_nan_hvp_without_the_scaler_keeps_the_weights_and_v_finite():
 
 
 # ----- validation at construction ---------------------------------------------------------------
-def test_complex_and_all_frozen_parameters_are_refused_at_construction():
+def test_complex_and_all_frozen_parameters_are_refused_at_construction_and_when_frozen_since():
     with pytest.raises(ValueError, match="complex"):
         SAM([nn.Parameter(torch.randn(3, dtype=torch.complex64))], torch.optim.SGD, lr=0.1)
     frozen = [nn.Parameter(torch.randn(3), requires_grad=False)]
     with pytest.raises(ValueError, match="frozen"):
         XSAM(frozen, torch.optim.SGD, lr=0.1)
+    q = Quadratic()
+    opt = XSAM(q.params, torch.optim.SGD, lr=0.1, eig_interval=1, hvp="exact")
+    opt.step(q.closure, loss_fn=q.loss)
+    for p in q.params:
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="none of the 3 parameters given to XSAM requires a gradient"):
+        opt.step(q.closure, loss_fn=q.loss)
 
 
 # ----- checkpoints ---------------------------------------------------------------------------------
@@ -344,16 +351,6 @@ def test_a_prebuilt_base_optimizers_groups_are_checked_at_construction():
     # Groups that cut across ours with the same values mean the same thing: accepted.
     XSAM([{"params": ps[:2]}, {"params": ps[2:]}], torch.optim.SGD([{"params": ps[:3]}, {"params": ps[3:]}],
                                                                    lr=0.1))
-
-
-def test_freezing_every_parameter_after_construction_gives_the_constructors_message():
-    q = Quadratic()
-    opt = XSAM(q.params, torch.optim.SGD, lr=0.1, eig_interval=1, hvp="exact")
-    opt.step(q.closure, loss_fn=q.loss)
-    for p in q.params:
-        p.requires_grad_(False)
-    with pytest.raises(ValueError, match="none of the 3 parameters given to XSAM requires a gradient"):
-        opt.step(q.closure, loss_fn=q.loss)
 
 
 def test_eigenvector_returns_a_copy_in_param_group_order_that_a_refresh_does_not_overwrite():
