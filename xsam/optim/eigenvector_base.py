@@ -144,13 +144,8 @@ class EigenvectorBase(SharpnessAware):
         return FirstPassSums(inv_norm=inv, gv=gv, vecs=vecs)
 
     def step(self, closure=None, loss_fn=None) -> Tensor | None:
-        """One step: refresh v when due, first pass, perturb, second pass, descent direction and restore,
-        base step.
-
-        Returns the loss of the first pass. ``loss_fn`` (forward only, returns the loss) is needed
-        by exact HVPs. If anything raises (the closure included), the weights and the optimizer
-        state are left as they were.
-        """
+        """One step, with a refresh of v first when due; otherwise as ``SharpnessAware.step`` (the loss of the
+        first pass, all or nothing). ``loss_fn`` (forward only, returns the loss) is needed by exact HVPs."""
         return self._step(closure, loss_fn)
 
     def _commit(self, txn: StepTransaction) -> None:

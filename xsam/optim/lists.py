@@ -35,14 +35,10 @@ def scratch_like(tensors: list[Tensor]) -> list[Tensor]:
         # Every view starts SCRATCH_ALIGN_BYTES-aligned, as a tensor of its own would: the fused
         # kernels take their widest (128-bit) accesses only where every list's tensor is aligned.
         step = max(1, SCRATCH_ALIGN_BYTES // first.element_size())
-        offsets, end = [], 0
-        for i in bucket:
-            offsets.append(end)
-            end += -(-tensors[i].numel() // step) * step
-        buffer = torch.empty(end, device=first.device, dtype=first.dtype)
-        for i, offset in zip(bucket, offsets):
-            t = tensors[i]
-            out[i] = buffer[offset:offset + t.numel()].view(t.shape)
+        padded = [-(-tensors[i].numel() // step) * step for i in bucket]
+        buffer = torch.empty(sum(padded), device=first.device, dtype=first.dtype)
+        for i, piece in zip(bucket, buffer.split(padded)):
+            out[i] = piece[:tensors[i].numel()].view(tensors[i].shape)
         bucket.clear()
 
     size = 0
