@@ -58,10 +58,9 @@ class Quadratic:
         return self.A @ w + self.b
 
     def sgd_oracle(self, steps: int, seed: int, lr, ascent, descent, refresh: bool = True, eps: float = 1e-12):
-        """Plain SGD steps of a SAM-type method on flat float64 vectors: at every second step v refreshed by
-        5 normalised power iterations (from the seeded start the first time), ``e = ascent(g, v)``,
-        ``w -= lr * descent(g_adv, v)``. Returns w and each step's {"g", "ga", "v", "eigenvalue"}, the
-        eigenvalue being the Rayleigh quotient of the last iteration's input."""
+        """Plain SGD steps of a SAM-type method on flat float64 vectors: every second step 5 power iterations
+        refresh v, ``e = ascent(w, g, v)``, ``w -= lr * descent(g_adv, v)``. Returns w and each step's
+        {"g", "ga", "v", "eigenvalue"} (the Rayleigh quotient of the last iteration's input)."""
         from xsam.hessian import random_vectors
 
         w, gen, v, lam, history = flat(self.params), torch.Generator().manual_seed(seed), None, None, []
@@ -260,9 +259,8 @@ def resumed_halfway(cls, steps: int):
 
 
 def scaled_or_plain_steps(opt, scaler, closure, steps: int, use_scaler: bool, **step_kwargs) -> None:
-    """``steps`` optimizer steps, through ``scaler.step`` / ``scaler.update`` or plainly: the two runs
-    a scaled-against-unscaled comparison makes (the closure scales its loss when ``use_scaler``);
-    ``step_kwargs`` (``loss_fn=``) go to every step."""
+    """``steps`` optimizer steps, through ``scaler.step`` / ``scaler.update`` or plainly (the closure scales
+    its loss when ``use_scaler``); ``step_kwargs`` (``loss_fn=``) go to every step."""
     for _ in range(steps):
         if use_scaler:
             scaler.step(opt, closure, **step_kwargs)

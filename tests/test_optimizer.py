@@ -66,23 +66,18 @@ def test_xsam_step_equals_flat_oracle(correction, normalize, adaptive):
         assert isinstance(r["correction"], torch.Tensor)
 
 
-def test_finite_difference_hvp_step_matches_oracle_closely():
+@pytest.mark.parametrize("cls, kwargs, oracle_kwargs, steps, tol", [
+    (SAM, {}, dict(use_eigenvector=False), 3, 1e-12),
+    (SAM, dict(adaptive=True), dict(adaptive=True, use_eigenvector=False), 3, 1e-12),
+    (XSAM, dict(hvp="finite_difference", eig_interval=2, seed=1), dict(seed=1), 4, 1e-7),
+])
+def test_sam_asam_and_finite_difference_xsam_equal_their_oracle(cls, kwargs, oracle_kwargs, steps, tol):
     q = Quadratic()
-    opt = XSAM(groups(q), torch.optim.SGD, hvp="finite_difference", eig_interval=2, seed=1)
-    want, _ = oracle(q, 4, seed=1)
-    for _ in range(4):
+    opt = cls(groups(q), torch.optim.SGD, **kwargs)
+    want, _ = oracle(q, steps, **oracle_kwargs)
+    for _ in range(steps):
         opt.step(q.closure)
-    torch.testing.assert_close(flat(q.params), want, rtol=1e-7, atol=1e-7)
-
-
-def test_sam_and_asam_equal_their_oracle():
-    for adaptive in (False, True):
-        q = Quadratic()
-        opt = SAM(groups(q), torch.optim.SGD, adaptive=adaptive)
-        want, _ = oracle(q, 3, adaptive=adaptive, use_eigenvector=False)
-        for _ in range(3):
-            opt.step(q.closure)
-        torch.testing.assert_close(flat(q.params), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(flat(q.params), want, rtol=tol, atol=tol)
 
 
 def test_alpha_zero_without_normalisation_is_sam_bit_for_bit():

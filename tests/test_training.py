@@ -25,13 +25,8 @@ def test_batchnorm_helper_without_model_equals_the_model_path():
     opt_b = XSAM(manual.parameters(), torch.optim.SGD, **kw)
     for t in range(3):
         x = torch.randn(10, 4, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
-
-        def closure_for(model):
-            return closure_of(lambda: model(x).square().mean())
-
-        opt_a.step(closure_for(with_model))
-
-        closure = closure_for(manual)
+        opt_a.step(closure_of(lambda: with_model(x).square().mean()))
+        closure = closure_of(lambda: manual(x).square().mean())
         if opt_b.refresh_due:
             with batchnorm_statistics_frozen(manual):  # HVP evaluations must not count
                 opt_b.refresh_eigenvector(closure)
