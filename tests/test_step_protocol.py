@@ -340,8 +340,14 @@ def test_a_base_step_that_raises_refuses_further_steps_until_a_checkpoint_is_loa
     assert same_bits(ps, qs)
 
 
-def test_a_prebuilt_base_optimizers_groups_are_checked_at_construction():
+def test_the_groups_of_the_wrapper_and_of_a_prebuilt_base_optimizer_are_checked_at_construction():
     ps = four_params()
+    with pytest.raises(ValueError, match="alpha"):
+        XSAM([{"params": ps, "alpha": 3.0}], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        EigenSAM([{"params": ps, "alpha": -1.0}], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="rho"):
+        XSAM(ps[:1], torch.optim.SGD, lr=0.1).add_param_group({"params": ps[1:], "rho": -1.0})
     with pytest.raises(ValueError, match=r"param_groups\[1\]: rho=-1"):
         SAM(ps, torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:], "rho": -1}], lr=0.1))
     # A group that spans groups of ours with other values is ambiguous: refused.
