@@ -272,10 +272,8 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
 
     @torch.no_grad()
     def _check_gradients(self, lists: ParamLists, kind: str) -> None:
-        """Let the attached check (AMP) unscale this pass's gradients; skip the step on inf/nan.
-
-        Reading the flag is one host sync per pass, only while a check is attached (as GradScaler.step's).
-        """
+        """Let the attached check (AMP) unscale this pass's gradients; skip the step on inf/nan (one host sync
+        per pass, only while a check is attached, as GradScaler.step's)."""
         if self._gradient_check is None:
             return
         grads = [p.grad for p in lists.params if p.grad is not None]

@@ -176,12 +176,12 @@ def check_state_dict(optimizer, saved_global: dict, own: dict, base_state: dict,
         raise ValueError(f"state_dict was saved by {kind}, but this optimizer is {optimizer.KIND}; load it into "
                          f"a {kind} (the eigenvector state of X-SAM and Eigen-SAM does not carry over to "
                          "another method)")
-    if len(groups) != len(optimizer.param_groups) or any(
-            len(saved["params"]) != len(live["params"]) for saved, live in zip(groups, optimizer.param_groups)):
-        raise ValueError(f"state_dict has {len(groups)} param groups of sizes "
-                         f"{[len(g['params']) for g in groups]}, but the optimizer has "
-                         f"{len(optimizer.param_groups)} of sizes {[len(g['params']) for g in optimizer.param_groups]}; "
-                         "build the optimizer over the same parameters in the same groups")
+    saved_sizes = [len(g["params"]) for g in groups]
+    live_sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if saved_sizes != live_sizes:
+        raise ValueError(f"state_dict has {len(groups)} param groups of sizes {saved_sizes}, but the optimizer has "
+                         f"{len(live_sizes)} of sizes {live_sizes}; build the optimizer over the same parameters in "
+                         "the same groups")
     params = params_in_order(optimizer.param_groups)
     positions = _positions(groups)
     stray = [k for k in own if k not in positions]

@@ -24,11 +24,8 @@ def passed_on(arguments: dict) -> dict:
 
 
 class EigenvectorBase(SharpnessAware):
-    """A SAM-type optimizer with the top Hessian eigenvector v in its state (``EigenvectorTracker``).
-
-    Beyond the hooks of ``SharpnessAware``, a subclass sets ``STREAMING`` when it feeds
-    ``hvp="streaming"`` from its passes, and reads v with ``_vectors`` and ``_gradient_and_v_sums``.
-    """
+    """A SAM-type optimizer with the top Hessian eigenvector v in its state (``EigenvectorTracker``); beyond
+    the hooks of ``SharpnessAware``, a subclass reads v with ``_vectors`` and ``_gradient_and_v_sums``."""
 
     STREAMING = False  # whether the class feeds hvp="streaming" from its passes (X-SAM does)
     STATE_KEYS = ("eigenvector",)

@@ -130,10 +130,8 @@ class ParamLists:
     def for_descent(self, perturbed: "ParamLists") -> tuple["ParamLists", list[Tensor], tuple[list, list] | None]:
         """After the second pass: (lists to correct and restore, their gradients, (params, saved) to restore only).
 
-        Fast path: every parameter was moved and has a second-pass gradient. Otherwise a parameter
-        that was not moved (no first-pass gradient) restores from itself and still takes part in the
-        normalisation and the correction; one that was moved but has no second-pass gradient is
-        only restored.
+        A parameter that was not moved (no first-pass gradient) restores from itself and still takes part in
+        the normalisation and the correction; one that was moved but has no second-pass gradient is only restored.
         """
         active, grads, keep = self.gradients()
         if perturbed is self and keep is None:

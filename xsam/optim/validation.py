@@ -1,11 +1,9 @@
 """Argument and hyper-parameter checks: every refusal names the argument (and the param group) and the fix.
 
-Construction arguments are checked once; per-group values (``rho``, ``alpha``) are checked
-again at the start of every step, before any weight moves, because users and schedulers may
-edit ``param_groups`` between steps (host-side numbers: cheap). The number checks accept
-numpy scalars as well as Python numbers and return the value as a Python number, which is
-what the caller stores: a numpy scalar in ``param_groups`` would make ``state_dict()`` fail
-to load with ``torch.load(weights_only=True)``.
+Construction arguments are checked once; per-group values (``rho``, ``alpha``) again before every step,
+because users and schedulers may edit ``param_groups`` between steps. The number checks accept numpy
+scalars and return Python numbers, which the caller stores: a numpy scalar in ``param_groups`` would make
+``state_dict()`` fail to load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
