@@ -102,10 +102,9 @@ def test_a_checkpoint_of_a_fresh_optimizer_loads_as_fresh(kind, tmp_path):
 
 def leaves(tree, prefix=()):
     """(path, type, shape, dtype) of every leaf of a state_dict: what DCP matches a template against."""
-    if isinstance(tree, dict):
-        return sorted((leaf for k, v in tree.items() for leaf in leaves(v, prefix + (str(k),))), key=str)
-    if isinstance(tree, list):
-        return sorted((leaf for i, v in enumerate(tree) for leaf in leaves(v, prefix + (str(i),))), key=str)
+    if isinstance(tree, (dict, list)):
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+        return sorted((leaf for k, v in items for leaf in leaves(v, prefix + (str(k),))), key=str)
     if isinstance(tree, torch.Tensor):
         return [(prefix, "tensor", tuple(tree.shape), tree.dtype)]
     return [(prefix, type(tree).__name__)]

@@ -59,7 +59,6 @@ def test_a_bad_value_edited_into_a_group_is_refused_before_any_weight_moves(key,
     assert_same_state(opt.state_dict(), state)
 
 
-# ----- a raising diagnostics hook -------------------------------------------------------------
 def test_a_raising_hook_propagates_but_the_step_stays_whole_and_counted():
     q = Quadratic()
     opt = XSAM(q.params, torch.optim.SGD, lr=0.1, eig_interval=1, hvp="exact")
@@ -160,6 +159,7 @@ def test_a_checkpoint_of_another_kind_is_refused_and_changes_nothing(source, tar
      r"parameter 0 has 'momentum_buffer' of shape \(3, 3\).*\(3,\)"),
     (lambda sd: sd["param_groups"][0].update(rho=-1.0), r"state_dict's param_groups\[0\]: rho="),
     (lambda sd: sd["param_groups"][0].update(alpha=float("nan")), r"state_dict's param_groups\[0\]: alpha="),
+    (lambda sd: sd["param_groups"][0].update(params=[0, 1]), r"1 param groups of sizes \[2\]"),
 ])
 def test_a_corrupt_checkpoint_is_refused_and_changes_nothing(corrupt, match):
     ps, opt = trained(XSAM, hvp="finite_difference")
@@ -169,19 +169,10 @@ def test_a_corrupt_checkpoint_is_refused_and_changes_nothing(corrupt, match):
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(sd)
     assert_same_state(opt.state_dict(), before)
-
-
-def test_a_load_that_fails_half_way_leaves_the_groups_shared():
-    ps, opt = trained(SAM)
-    sd = copy.deepcopy(opt.state_dict())
-    sd["param_groups"][0]["params"] = [0, 1]  # the base optimizer's part loads; the wrapper's does not
-    with pytest.raises(ValueError):
-        opt.load_state_dict(sd)
-    opt.param_groups[0]["lr"] = 0.5
+    opt.param_groups[0]["lr"] = 0.5  # and the groups are still shared
     assert opt.base_optimizer.param_groups[0]["lr"] == 0.5 and opt.base_optimizer.param_groups is opt.param_groups
 
 
-# ----- a closure that raises --------------------------------------------------------------------------
 @pytest.mark.parametrize("cls, fail_on_call",
                          [(SAM, 1), (SAM, 2)] + [(cls, n) for cls in (XSAM, EigenSAM) for n in (1, 2, 3, 4)])
 def test_closure_raising_mid_step_leaves_weights_batchnorm_statistics_and_state_unchanged(cls, fail_on_call):
@@ -214,7 +205,6 @@ def test_closure_raising_mid_step_leaves_weights_batchnorm_statistics_and_state_
     opt.step(closure)  # and it carries on normally
 
 
-# ----- a parameter with a gradient only in the second pass ----------------------------------------------
 def test_a_parameter_with_a_gradient_only_in_the_second_pass_is_normalised_and_corrected():
     q = Quadratic()
     extra = nn.Parameter(torch.tensor([0.3, -0.2], dtype=torch.float64))
@@ -243,7 +233,6 @@ def test_a_parameter_with_a_gradient_only_in_the_second_pass_is_normalised_and_c
     torch.testing.assert_close(extra.detach(), e0 - 0.1 * want[-2:], rtol=1e-10, atol=1e-12)
 
 
-# ----- step() after a manual first_step() ------------------------------------------------------
 def test_step_after_a_manual_first_step_says_what_to_do_and_keeps_the_perturbation():
     ps = four_params()
     opt = SAM(ps, torch.optim.SGD, lr=0.1)
@@ -259,7 +248,6 @@ def test_step_after_a_manual_first_step_says_what_to_do_and_keeps_the_perturbati
     assert opt.diagnostics()["step"] == 1
 
 
-# ----- the residual in fp32 -----------------------------------------------------------------------------
 def test_the_eigen_residual_is_right_to_fp32_precision():
     q = Quadratic(dtype=torch.float32)
     opt = XSAM(q.params, torch.optim.SGD, lr=1e-9, eig_interval=1, power_iters=60, hvp="exact")

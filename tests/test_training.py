@@ -208,9 +208,8 @@ def refreshed(max_grad_norm=None, clip_in_closure=False):
     true eigenpair, the step's record)."""
     model = steep_mlp()
     x, y = classification_batch(32)  # ||g|| about 1.6 > CLIP: clipping is active
-    clip = {} if max_grad_norm is None else {"max_grad_norm": max_grad_norm}
     opt = XSAM(model.parameters(), torch.optim.SGD, lr=0.01, hvp="finite_difference", eig_interval=1000,
-               power_iters=80, **clip)
+               power_iters=80, max_grad_norm=max_grad_norm)
 
     def closure():
         loss = loss_of(model, x, y)
@@ -262,7 +261,6 @@ def test_the_readme_clipping_recipe_leaves_the_closure_gradient_unclipped():
     assert namespace["opt"].max_grad_norm is not None
 
 
-# ----- the norms are named for what they are -------------------------------------------------------
 @pytest.mark.parametrize("cls", [SAM, XSAM])
 def test_asam_reports_the_weighted_norm_under_its_own_name(cls):
     model = make_mlp()
