@@ -95,14 +95,3 @@ def test_an_adaptive_schedule_resumes_bit_exactly():
     opt.load_state_dict(saved)
     assert before + run(resumed, opt, range(20, 40)) == expected
     assert torch.equal(resumed.w, whole.w)
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    ({"eig_interval": 5, "eig_interval_max": 4}, "eig_interval_max=4 is below eig_interval=5"),
-    ({"eig_interval_max": 0}, "eig_interval_max"),
-    ({"eig_interval_max": 10, "hvp": "streaming"}, "no effect with hvp='streaming'"),
-])
-def test_bad_schedules_are_refused(kwargs, message):
-    w = torch.nn.Parameter(torch.zeros(3))
-    with pytest.raises(ValueError, match=message):
-        xsam.XSAM([w], torch.optim.SGD, lr=0.1, **kwargs)
