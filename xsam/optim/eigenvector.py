@@ -1,12 +1,11 @@
 """The top Hessian eigenvector v of X-SAM and Eigen-SAM: when to refresh it, how, and when to reject it.
 
-A refresh runs ``power_iters`` power iterations on Hessian-vector products at the unperturbed
-weights, warm-started from the previous v (a seeded normal draw the first time), with the HVP
-modes of docs/algorithm.md; ``"streaming"`` has no product of its own (``xsam.optim.streaming``).
-
-A refresh whose vector is zero or not finite is rejected on the device (``torch.where`` keeps
-the previous v or the normalised start vector: no host sync), and retried at the next step once
-the host can read the flag without waiting. So v is never zero or non-finite after a completed step.
+A refresh runs ``power_iters`` power iterations on Hessian-vector products at the unperturbed weights,
+warm-started from the previous v (a seeded normal draw the first time), with the HVP modes of
+docs/algorithm.md; ``"streaming"`` has no product of its own (``xsam.optim.streaming``). A refresh whose
+vector is zero or not finite is rejected on the device (``torch.where`` keeps the previous v or the
+normalised start vector: no host sync), and retried at the next step once the host can read the flag
+without waiting. So v is never zero or non-finite after a completed step.
 """
 from __future__ import annotations
 

@@ -58,12 +58,9 @@ def scratch_like(tensors: list[Tensor]) -> list[Tensor]:
 
 
 def structure_key(param_groups: list[dict]) -> tuple:
-    """What the cached lists depend on: the group dicts and their ``params`` lists (and lengths).
-
-    The cache holds references to these objects, so their ids cannot be reused while it lives.
-    Replacing an entry of a group's ``params`` list in place is not detected (nor supported
-    by torch.optim, whose state is keyed by parameter); use ``add_param_group``.
-    """
+    """What the cached lists depend on: the group dicts and their ``params`` lists (and lengths); the cache
+    holds references to them, so their ids cannot be reused while it lives. Replacing an entry of a ``params``
+    list in place is not detected (nor supported by torch.optim, whose state is keyed by parameter)."""
     return (id(param_groups), tuple((id(g), id(g["params"]), len(g["params"])) for g in param_groups))
 
 
