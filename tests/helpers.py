@@ -247,10 +247,7 @@ def resumed_halfway(cls, steps: int):
     train_bn_run(model_a, opt_a, 2 * steps)
     model_b, opt_b = make_bn_run(cls)
     train_bn_run(model_b, opt_b, steps)
-    buf = io.BytesIO()
-    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
+    ckpt = through_torch_save({"model": model_b.state_dict(), "opt": opt_b.state_dict()})
     model_c, opt_c = make_bn_run(cls, seed=123)  # different initial weights, overwritten by the load
     model_c.load_state_dict(ckpt["model"])
     opt_c.load_state_dict(ckpt["opt"])
@@ -279,3 +276,11 @@ def set_eigenvector(opt, params, v) -> None:
 def refreshes_in(steps: int, eig_interval: int, streaming: bool) -> int:
     """Eigenvector refreshes in ``steps`` steps from step 0: every step with streaming, else every eig_interval-th."""
     return steps if streaming else -(-steps // eig_interval)
+
+
+def through_torch_save(obj):
+    """``obj`` as ``torch.save`` and ``torch.load(weights_only=True)`` give it back (a checkpoint file)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)

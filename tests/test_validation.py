@@ -1,7 +1,5 @@
 """Hyper-parameter checks: numpy scalars taken like Python numbers, values with no finite step refused,
 process_group's type checked at construction. Every refusal leaves the weights and the state as they were."""
-import io
-
 import numpy as np
 import pytest
 import torch
@@ -10,7 +8,7 @@ import torch.distributed as dist
 from xsam import SAM, XSAM, EigenSAM
 from xsam.optim.validation import FLOAT32_MAX
 
-from helpers import Quadratic, flat, free_port, gloo_group
+from helpers import Quadratic, flat, free_port, gloo_group, through_torch_save
 
 PYTHON = dict(rho=0.05, alpha=0.5, eig_interval=2, power_iters=3, eig_tol=1e-3, seed=7, eps=1e-10,
               max_grad_norm=2.0)
@@ -30,13 +28,6 @@ def run(cls, settings, steps=3):
     return q, opt
 
 
-def reloaded(opt):
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
 @pytest.mark.parametrize("cls, keys", [
     (XSAM, tuple(PYTHON)), (EigenSAM, tuple(PYTHON)),
     (SAM, ("rho", "eps", "max_grad_norm")),
@@ -54,7 +45,7 @@ def test_numpy_scalars_give_the_steps_of_the_same_python_numbers_and_a_loadable_
     assert torch.equal(flat(q.params), flat(oracle_q.params))
     for group in opt.param_groups:
         assert all(type(group[k]) is float for k in ("rho", "alpha") if k in group)
-    state = reloaded(opt)  # numpy scalars in param_groups would fail weights_only=True
+    state = through_torch_save(opt.state_dict())  # numpy scalars in param_groups would fail weights_only=True
     assert state["param_groups"] == oracle.state_dict()["param_groups"]
 
 
