@@ -1,6 +1,7 @@
 """Test session setup: Triton runs in its interpreter on machines without a GPU."""
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -11,15 +12,10 @@ torch.use_deterministic_algorithms(False)
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
-
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

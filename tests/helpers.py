@@ -58,10 +58,9 @@ class Quadratic:
         return self.A @ w + self.b
 
     def sgd_oracle(self, steps: int, seed: int, lr, ascent, descent, refresh: bool = True, eps: float = 1e-12):
-        """Plain SGD steps of a SAM-type method on flat float64 vectors: at every second step v refreshed by
-        5 normalised power iterations (from the seeded start the first time), ``e = ascent(g, v)``,
-        ``w -= lr * descent(g_adv, v)``. Returns w and each step's {"g", "ga", "v", "eigenvalue"}, the
-        eigenvalue being the Rayleigh quotient of the last iteration's input."""
+        """Plain SGD steps of a SAM-type method on flat float64 vectors: every second step 5 power iterations
+        refresh v, ``e = ascent(w, g, v)``, ``w -= lr * descent(g_adv, v)``. Returns w and each step's
+        {"g", "ga", "v", "eigenvalue"} (the Rayleigh quotient of the last iteration's input)."""
         from xsam.hessian import random_vectors
 
         w, gen, v, lam, history = flat(self.params), torch.Generator().manual_seed(seed), None, None, []
@@ -248,10 +247,7 @@ def resumed_halfway(cls, steps: int):
     train_bn_run(model_a, opt_a, 2 * steps)
     model_b, opt_b = make_bn_run(cls)
     train_bn_run(model_b, opt_b, steps)
-    buf = io.BytesIO()
-    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
+    ckpt = through_torch_save({"model": model_b.state_dict(), "opt": opt_b.state_dict()})
     model_c, opt_c = make_bn_run(cls, seed=123)  # different initial weights, overwritten by the load
     model_c.load_state_dict(ckpt["model"])
     opt_c.load_state_dict(ckpt["opt"])
@@ -260,9 +256,8 @@ def resumed_halfway(cls, steps: int):
 
 
 def scaled_or_plain_steps(opt, scaler, closure, steps: int, use_scaler: bool, **step_kwargs) -> None:
-    """``steps`` optimizer steps, through ``scaler.step`` / ``scaler.update`` or plainly: the two runs
-    a scaled-against-unscaled comparison makes (the closure scales its loss when ``use_scaler``);
-    ``step_kwargs`` (``loss_fn=``) go to every step."""
+    """``steps`` optimizer steps, through ``scaler.step`` / ``scaler.update`` or plainly (the closure scales
+    its loss when ``use_scaler``); ``step_kwargs`` (``loss_fn=``) go to every step."""
     for _ in range(steps):
         if use_scaler:
             scaler.step(opt, closure, **step_kwargs)
@@ -281,3 +276,11 @@ def set_eigenvector(opt, params, v) -> None:
 def refreshes_in(steps: int, eig_interval: int, streaming: bool) -> int:
     """Eigenvector refreshes in ``steps`` steps from step 0: every step with streaming, else every eig_interval-th."""
     return steps if streaming else -(-steps // eig_interval)
+
+
+def through_torch_save(obj):
+    """``obj`` as ``torch.save`` and ``torch.load(weights_only=True)`` give it back (a checkpoint file)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)

@@ -42,14 +42,6 @@ def test_prebuilt_base_optimizer_with_two_groups_steps_like_the_same_groups_buil
     assert same_bits(ps, qs)
 
 
-def test_a_group_added_to_the_base_optimizer_gets_the_defaults():
-    ps = four_params()
-    opt = SAM(ps[:2], torch.optim.SGD, lr=0.1, rho=0.07)
-    opt.base_optimizer.add_param_group({"params": ps[2:]})
-    opt.step(quadratic_closure(ps))
-    assert opt.param_groups[1]["rho"] == 0.07 and opt.diagnostics()["step"] == 1
-
-
 @pytest.mark.parametrize("key, value", [("rho", None), ("rho", -1.0), ("rho", math.inf), ("rho", 1e300),
                                         ("alpha", 50.0), ("alpha", float("nan"))])
 def test_a_bad_value_edited_into_a_group_is_refused_before_any_weight_moves(key, value):
@@ -67,13 +59,6 @@ def test_a_bad_value_edited_into_a_group_is_refused_before_any_weight_moves(key,
     assert_same_state(opt.state_dict(), state)
 
 
-def test_bad_values_in_a_prebuilt_base_optimizers_groups_are_refused_at_construction():
-    ps = four_params()
-    with pytest.raises(ValueError, match=r"param_groups\[1\]: rho=-1"):
-        SAM(ps, torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:], "rho": -1}], lr=0.1))
-
-
-# ----- a raising diagnostics hook -------------------------------------------------------------
 def test_a_raising_hook_propagates_but_the_step_stays_whole_and_counted():
     q = Quadratic()
     opt = XSAM(q.params, torch.optim.SGD, lr=0.1, eig_interval=1, hvp="exact")
@@ -131,18 +116,19 @@ def test_a_nan_hvp_without_the_scaler_keeps_the_weights_and_v_finite():
 
 
 # ----- validation at construction ---------------------------------------------------------------
-def test_complex_and_all_frozen_parameters_are_refused_at_construction():
+def test_complex_and_all_frozen_parameters_are_refused_at_construction_and_when_frozen_since():
     with pytest.raises(ValueError, match="complex"):
         SAM([nn.Parameter(torch.randn(3, dtype=torch.complex64))], torch.optim.SGD, lr=0.1)
     frozen = [nn.Parameter(torch.randn(3), requires_grad=False)]
     with pytest.raises(ValueError, match="frozen"):
         XSAM(frozen, torch.optim.SGD, lr=0.1)
-
-
-def test_a_prebuilt_base_optimizer_keeps_its_own_eps_beside_the_wrappers():
-    ps = four_params()
-    opt = XSAM(ps, torch.optim.Adam(ps, lr=1e-3, eps=1e-6), eps=1e-10)
-    assert opt.base_optimizer.defaults["eps"] == 1e-6 and opt.eps == 1e-10
+    q = Quadratic()
+    opt = XSAM(q.params, torch.optim.SGD, lr=0.1, eig_interval=1, hvp="exact")
+    opt.step(q.closure, loss_fn=q.loss)
+    for p in q.params:
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="none of the 3 parameters given to XSAM requires a gradient"):
+        opt.step(q.closure, loss_fn=q.loss)
 
 
 # ----- checkpoints ---------------------------------------------------------------------------------
@@ -173,6 +159,7 @@ def test_a_checkpoint_of_another_kind_is_refused_and_changes_nothing(source, tar
      r"parameter 0 has 'momentum_buffer' of shape \(3, 3\).*\(3,\)"),
     (lambda sd: sd["param_groups"][0].update(rho=-1.0), r"state_dict's param_groups\[0\]: rho="),
     (lambda sd: sd["param_groups"][0].update(alpha=float("nan")), r"state_dict's param_groups\[0\]: alpha="),
+    (lambda sd: sd["param_groups"][0].update(params=[0, 1]), r"1 param groups of sizes \[2\]"),
 ])
 def test_a_corrupt_checkpoint_is_refused_and_changes_nothing(corrupt, match):
     ps, opt = trained(XSAM, hvp="finite_difference")
@@ -182,42 +169,42 @@ def test_a_corrupt_checkpoint_is_refused_and_changes_nothing(corrupt, match):
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(sd)
     assert_same_state(opt.state_dict(), before)
-
-
-def test_a_load_that_fails_half_way_leaves_the_groups_shared():
-    ps, opt = trained(SAM)
-    sd = copy.deepcopy(opt.state_dict())
-    sd["param_groups"][0]["params"] = [0, 1]  # the base optimizer's part loads; the wrapper's does not
-    with pytest.raises(ValueError):
-        opt.load_state_dict(sd)
-    opt.param_groups[0]["lr"] = 0.5
+    opt.param_groups[0]["lr"] = 0.5  # and the groups are still shared
     assert opt.base_optimizer.param_groups[0]["lr"] == 0.5 and opt.base_optimizer.param_groups is opt.param_groups
 
 
-# ----- BatchNorm statistics on failure ----------------------------------------------------------------
-def test_an_exception_in_the_second_pass_puts_the_batchnorm_statistics_back():
+@pytest.mark.parametrize("cls, fail_on_call",
+                         [(SAM, 1), (SAM, 2)] + [(cls, n) for cls in (XSAM, EigenSAM) for n in (1, 2, 3, 4)])
+def test_closure_raising_mid_step_leaves_weights_batchnorm_statistics_and_state_unchanged(cls, fail_on_call):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
-    x, y = torch.randn(8, 3), torch.randn(8, 1)
-    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, model=model)
-    calls = []
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 1))
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    kwargs = {} if cls is SAM else dict(eig_interval=2, power_iters=1, hvp="finite_difference")
+    opt = cls(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, model=model, **kwargs)
+    calls, armed = [], []
 
     def closure():
         calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("second pass fails")
+        if armed and len(calls) == fail_on_call:
+            raise RuntimeError("user error")
         loss = (model(x) - y).square().mean()
         loss.backward()
         return loss
 
-    bn = model[1]
-    before = [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()]
-    with pytest.raises(RuntimeError, match="second pass fails"):
+    opt.step(closure)
+    opt.step(closure)  # momentum buffers and an eigenvector exist now; the next step refreshes
+    before = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    calls.clear()
+    armed.append(True)
+    # X-SAM, Eigen-SAM: calls 1-2 are the refresh's finite-difference HVP, 3 the first pass, 4 the second
+    # (perturbed) pass; SAM: 1 the first, 2 the second.
+    with pytest.raises(RuntimeError, match="user error"):
         opt.step(closure)
-    assert same_bits([bn.running_mean, bn.running_var, bn.num_batches_tracked], before)
+    assert_same_state((model.state_dict(), opt.state_dict()), before)
+    armed.clear()
+    opt.step(closure)  # and it carries on normally
 
 
-# ----- a parameter with a gradient only in the second pass ----------------------------------------------
 def test_a_parameter_with_a_gradient_only_in_the_second_pass_is_normalised_and_corrected():
     q = Quadratic()
     extra = nn.Parameter(torch.tensor([0.3, -0.2], dtype=torch.float64))
@@ -246,7 +233,6 @@ def test_a_parameter_with_a_gradient_only_in_the_second_pass_is_normalised_and_c
     torch.testing.assert_close(extra.detach(), e0 - 0.1 * want[-2:], rtol=1e-10, atol=1e-12)
 
 
-# ----- step() after a manual first_step() ------------------------------------------------------
 def test_step_after_a_manual_first_step_says_what_to_do_and_keeps_the_perturbation():
     ps = four_params()
     opt = SAM(ps, torch.optim.SGD, lr=0.1)
@@ -262,7 +248,6 @@ def test_step_after_a_manual_first_step_says_what_to_do_and_keeps_the_perturbati
     assert opt.diagnostics()["step"] == 1
 
 
-# ----- the residual in fp32 -----------------------------------------------------------------------------
 def test_the_eigen_residual_is_right_to_fp32_precision():
     q = Quadratic(dtype=torch.float32)
     opt = XSAM(q.params, torch.optim.SGD, lr=1e-9, eig_interval=1, power_iters=60, hvp="exact")
@@ -343,24 +328,23 @@ def test_a_base_step_that_raises_refuses_further_steps_until_a_checkpoint_is_loa
     assert same_bits(ps, qs)
 
 
-def test_a_prebuilt_base_optimizer_whose_group_spans_groups_with_other_rho_is_refused():
+def test_the_groups_of_the_wrapper_and_of_a_prebuilt_base_optimizer_are_checked_at_construction():
     ps = four_params()
+    with pytest.raises(ValueError, match="alpha"):
+        XSAM([{"params": ps, "alpha": 3.0}], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        EigenSAM([{"params": ps, "alpha": -1.0}], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="rho"):
+        XSAM(ps[:1], torch.optim.SGD, lr=0.1).add_param_group({"params": ps[1:], "rho": -1.0})
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: rho=-1"):
+        SAM(ps, torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:], "rho": -1}], lr=0.1))
+    # A group that spans groups of ours with other values is ambiguous: refused.
     with pytest.raises(ValueError, match=r"base_optimizer's param_groups\[0\] holds parameters of param_groups 0 "
                                          r"and 1.*rho"):
         XSAM([{"params": ps[:2], "rho": 0.1}, {"params": ps[2:], "rho": 0.5}], torch.optim.SGD(ps, lr=0.1))
     # Groups that cut across ours with the same values mean the same thing: accepted.
     XSAM([{"params": ps[:2]}, {"params": ps[2:]}], torch.optim.SGD([{"params": ps[:3]}, {"params": ps[3:]}],
                                                                    lr=0.1))
-
-
-def test_freezing_every_parameter_after_construction_gives_the_constructors_message():
-    q = Quadratic()
-    opt = XSAM(q.params, torch.optim.SGD, lr=0.1, eig_interval=1, hvp="exact")
-    opt.step(q.closure, loss_fn=q.loss)
-    for p in q.params:
-        p.requires_grad_(False)
-    with pytest.raises(ValueError, match="none of the 3 parameters given to XSAM requires a gradient"):
-        opt.step(q.closure, loss_fn=q.loss)
 
 
 def test_eigenvector_returns_a_copy_in_param_group_order_that_a_refresh_does_not_overwrite():

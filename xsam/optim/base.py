@@ -44,9 +44,8 @@ from .checkpoint import GLOBAL, CheckpointMixin
 from .functional import inverse_norm
 from .lists import GroupLists, ParamLists, structure_key
 from .model_state import BatchNormState, batchnorm_statistics_frozen
-from .validation import (ARGUMENTS_OF, check_base_optimizer, check_eps, check_model, check_number, check_parameters,
-                         check_process_group, check_rho, fill_prebuilt_groups, own_arguments, own_eps,
-                         split_base_kwargs)
+from .validation import (check_base_optimizer, check_eps, check_model, check_number, check_parameters,
+                         check_process_group, check_rho, fill_prebuilt_groups, own_eps, split_base_kwargs)
 
 __all__ = ["GLOBAL", "FirstPassSums", "GradientCheck", "SharpnessAware", "StepTransaction"]
 
@@ -99,8 +98,7 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
         check_base_optimizer(base_optimizer)
         eps = check_eps(own_eps(type(self).__name__, base_optimizer, eps))
         if isinstance(base_optimizer, type):
-            split_base_kwargs(type(self).__name__, base_optimizer, base_kwargs, own_arguments(type(self)),
-                              ARGUMENTS_OF)
+            split_base_kwargs(type(self), base_optimizer, base_kwargs)
         ops.check_backend_name(backend)
         if max_grad_norm is not None:
             max_grad_norm = check_number("max_grad_norm", max_grad_norm, 0.0, low_open=True,
@@ -199,13 +197,6 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
         return StepTransaction(lists=lists, counters=dict(self._global), batchnorm=BatchNormState.capture(self.model),
                                closure=closure, loss_fn=loss_fn)
 
-    def _require_closure(self, closure: Closure | None) -> Closure:
-        if closure is None:
-            raise ValueError(f"{type(self).__name__}.step() needs a closure: step(closure) where closure() runs "
-                             "forward and backward and returns the loss (the gradient is evaluated at least "
-                             "twice per step)")
-        return torch.enable_grad()(closure)
-
     def _run(self, txn: StepTransaction) -> None:
         """The algorithm of one step (every part may raise; the caller undoes what was done)."""
         self._refresh(txn, after_first_pass=False)
@@ -281,10 +272,8 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
 
     @torch.no_grad()
     def _check_gradients(self, lists: ParamLists, kind: str) -> None:
-        """Let the attached check (AMP) unscale this pass's gradients; skip the step on inf/nan.
-
-        Reading the flag is one host sync per pass, only while a check is attached (as GradScaler.step's).
-        """
+        """Let the attached check (AMP) unscale this pass's gradients; skip the step on inf/nan (one host sync
+        per pass, only while a check is attached, as GradScaler.step's)."""
         if self._gradient_check is None:
             return
         grads = [p.grad for p in lists.params if p.grad is not None]
@@ -373,7 +362,11 @@ class SharpnessAware(CheckpointMixin, torch.optim.Optimizer):
         return self._step(closure, None)
 
     def _step(self, closure: Closure | None, loss_fn: Closure | None) -> Tensor | None:
-        txn = self._begin(self._require_closure(closure), loss_fn)
+        if closure is None:
+            raise ValueError(f"{type(self).__name__}.step() needs a closure: step(closure) where closure() runs "
+                             "forward and backward and returns the loss (the gradient is evaluated at least "
+                             "twice per step)")
+        txn = self._begin(torch.enable_grad()(closure), loss_fn)
         if self._execute(txn, self._run):
             self._finish(txn)
         return txn.loss

@@ -7,13 +7,11 @@ Layout (docs/training-loops.md#checkpoints): one torch.optim state_dict, as torc
                f: {..., "xsam": {"kind": "XSAM", "step": 12, "skipped_steps": 0, ...}}},
      "param_groups": [<the groups the wrapper and the base optimizer share>]}
 
-Every key of ``"state"`` is a parameter position and every trainable parameter has an entry (DCP
-maps positions to names and drops anything else); the global state sits in the entry ``f`` of the
-first trainable parameter, as LBFGS keeps its own. The entries have the same keys, types and shapes
-from construction on, because DCP loads in place into a fresh optimizer's state_dict and only what
-it has: before they exist they are placeholders (``base_state_placeholders``), dropped on load.
-Everything is checked before anything is loaded, and if a load still fails half-way, the previous
-state and param groups (of both optimizers) are put back, still shared.
+Every key of ``"state"`` is a parameter position (DCP maps positions to names and drops anything else);
+``f`` is the first trainable parameter. DCP loads in place, and only the entries a fresh optimizer's
+state_dict has, so every entry exists from construction on: placeholders until then, dropped on load.
+Everything is checked before anything is loaded; a load that still fails half-way puts the previous
+state and the shared param groups back.
 """
 from __future__ import annotations
 
@@ -65,14 +63,10 @@ def pack_state_dict(optimizer) -> dict:
 
 
 def _base_state_placeholders(optimizer, params: list[Tensor]) -> dict:
-    """Entries shaped like the base optimizer's state once it has stepped, without touching it.
-
-    A copy over clones of the parameters steps once with zero gradients at lr=0 (what DCP's
-    ``_init_optim_state`` does to torch's own optimizers, but on the optimizer itself).
-    Transient memory: a copy of the parameters, their gradients and the state. A base optimizer
-    that keeps no state (SGD without momentum) is remembered, for as long as its groups and
-    hyper-parameters other than the learning rate stay the same, so that not every checkpoint
-    pays for the copy.
+    """Entries shaped like the base optimizer's state once it has stepped, from a copy stepped at lr=0
+    (as DCP's ``_init_optim_state``, but leaving the optimizer itself alone). A base optimizer that keeps
+    no state (SGD without momentum) is remembered while its groups and hyper-parameters other than the
+    learning rate stay the same, so that not every checkpoint pays for the copy.
     """
     base = optimizer.base_optimizer
     key = tuple((id(g), tuple(map(id, g["params"])),
@@ -105,11 +99,8 @@ def _state_after_one_step(base, params: list[Tensor], clones: list[Tensor]) -> d
 
 
 def _expected_base_state(optimizer, params: list[Tensor]) -> dict:
-    """The base optimizer's state entries as they are (or would be after a step), for their shapes.
-
-    Before its first step, a copy steps on meta tensors: shapes without memory. An optimizer
-    that cannot step there (one that reads values on the host) is not checked: {}.
-    """
+    """The base optimizer's state entries as they are or, before its first step, from a copy stepped on
+    meta tensors (shapes without memory; {} for one that cannot step there)."""
     base = optimizer.base_optimizer
     if any(base.state.values()):
         return base.state_dict()["state"]
@@ -185,12 +176,12 @@ def check_state_dict(optimizer, saved_global: dict, own: dict, base_state: dict,
         raise ValueError(f"state_dict was saved by {kind}, but this optimizer is {optimizer.KIND}; load it into "
                          f"a {kind} (the eigenvector state of X-SAM and Eigen-SAM does not carry over to "
                          "another method)")
-    if len(groups) != len(optimizer.param_groups) or any(
-            len(saved["params"]) != len(live["params"]) for saved, live in zip(groups, optimizer.param_groups)):
-        raise ValueError(f"state_dict has {len(groups)} param groups of sizes "
-                         f"{[len(g['params']) for g in groups]}, but the optimizer has "
-                         f"{len(optimizer.param_groups)} of sizes {[len(g['params']) for g in optimizer.param_groups]}; "
-                         "build the optimizer over the same parameters in the same groups")
+    saved_sizes = [len(g["params"]) for g in groups]
+    live_sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if saved_sizes != live_sizes:
+        raise ValueError(f"state_dict has {len(groups)} param groups of sizes {saved_sizes}, but the optimizer has "
+                         f"{len(live_sizes)} of sizes {live_sizes}; build the optimizer over the same parameters in "
+                         "the same groups")
     params = params_in_order(optimizer.param_groups)
     positions = _positions(groups)
     stray = [k for k in own if k not in positions]

@@ -62,7 +62,8 @@ class EigenSAM(EigenvectorBase):
 
     def _check_hyperparameters(self, values: dict, where: str) -> None:
         super()._check_hyperparameters(values, where)
-        values["alpha"] = check_number("alpha", values["alpha"], 0.0, where=where, hint=ALPHA_HINT)
+        values["alpha"] = check_number("alpha", values["alpha"], 0.0, where=where,
+                                       hint="alpha=0 is SAM; the authors used 0.05-0.2.")
 
     def _first_pass_sums(self, txn: StepTransaction, active: ParamLists, grads: list[Tensor]) -> FirstPassSums:
         """``||g||^2`` and ``<g, v>`` in one fused reduction (just ``||g||^2`` before the first v)."""
@@ -78,6 +79,3 @@ class EigenSAM(EigenvectorBase):
             txn.diagnostics.update(tilt_a=tilt.a, tilt_b=tilt.b)
         ops.tilted_perturb_(group.of(active.params), grads, group.of(active.saved), group.of(sums.vecs), tilt.a,
                             tilt.b, backend=self.backend, layout=group.layout)
-
-
-ALPHA_HINT = "alpha=0 is SAM; the authors used 0.05-0.2."

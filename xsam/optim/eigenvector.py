@@ -1,12 +1,11 @@
 """The top Hessian eigenvector v of X-SAM and Eigen-SAM: when to refresh it, how, and when to reject it.
 
-A refresh runs ``power_iters`` power iterations on Hessian-vector products at the unperturbed
-weights, warm-started from the previous v (a seeded normal draw the first time), with the HVP
-modes of docs/algorithm.md; ``"streaming"`` has no product of its own (``xsam.optim.streaming``).
-
-A refresh whose vector is zero or not finite is rejected on the device (``torch.where`` keeps
-the previous v or the normalised start vector: no host sync), and retried at the next step once
-the host can read the flag without waiting. So v is never zero or non-finite after a completed step.
+A refresh runs ``power_iters`` power iterations on Hessian-vector products at the unperturbed weights,
+warm-started from the previous v (a seeded normal draw the first time), with the HVP modes of
+docs/algorithm.md; ``"streaming"`` has no product of its own (``xsam.optim.streaming``). A refresh whose
+vector is zero or not finite is rejected on the device (``torch.where`` keeps the previous v or the
+normalised start vector: no host sync), and retried at the next step once the host can read the flag
+without waiting. So v is never zero or non-finite after a completed step.
 """
 from __future__ import annotations
 
@@ -124,13 +123,6 @@ class EigenvectorTracker:
         return dict.fromkeys(self.SCHEDULE, 0) if self.adaptive else {}
 
     # ----- schedule ------------------------------------------------------------------------
-    def _poll_retry(self) -> None:
-        if self._pending_retry is not None:
-            value = self._pending_retry.poll()
-            if value is not None:
-                self._retry = value
-                self._pending_retry = None
-
     @property
     def streaming(self) -> bool:
         return self.hvp == "streaming"
@@ -140,26 +132,23 @@ class EigenvectorTracker:
         return self.eig_interval_max is not None
 
     def due(self, global_state: dict) -> bool:
-        """True when ``step % eig_interval == 0`` (adaptive: from the step the last refresh scheduled on),
-        or when the last refresh was rejected (a retry).
-
-        Never with ``hvp="streaming"``: v is updated inside every step, with no refresh of its own.
-        """
+        """True when ``step % eig_interval == 0`` (adaptive: from the step the last refresh scheduled on)
+        or the last refresh was rejected (a retry); never with ``hvp="streaming"`` (no refresh of its own)."""
         if self.streaming:
             return False
-        self._poll_retry()
+        if self._pending_retry is not None and (value := self._pending_retry.poll()) is not None:
+            self._retry = value
+            self._pending_retry = None
         step = global_state["step"]
         if self.adaptive:
             return step >= global_state.get("next_refresh", 0) or self._retry
         return step % self.eig_interval == 0 or self._retry
 
     def _schedule(self, g: dict, agreed: Tensor) -> None:
-        """The adaptive schedule after a refresh: double the interval (up to ``eig_interval_max``) when
-        the refresh before this one agreed with its predecessor, else back to ``eig_interval``.
-
-        A refresh late: that flag was copied to the host one refresh ago, so reading it now waits
-        for nothing in practice, and every device decides alike.
-        """
+        """The adaptive schedule after a refresh: double the interval (up to ``eig_interval_max``) when the
+        refresh before this one agreed with its predecessor, else back to ``eig_interval``. A refresh late: that
+        flag was copied to the host one refresh ago, so reading it waits for nothing in practice, and every
+        device decides alike."""
         previous = self._agreed.wait() if self._agreed is not None else False
         interval = g.get("refresh_interval") or self.eig_interval
         interval = min(2 * interval, self.eig_interval_max) if previous else self.eig_interval
@@ -187,11 +176,8 @@ class EigenvectorTracker:
 
     @staticmethod
     def process_group(inputs: TrackerInputs):
-        """The group over which exact HVPs are averaged (``torch.autograd.grad`` bypasses DDP's reducer).
-
-        "auto": the DDP model's group. Under torch.distributed with more than one rank and no DDP
-        ``model``, each rank would silently keep the HVPs of its own batch: refused, with what to pass.
-        """
+        """The group over which exact HVPs are averaged (``torch.autograd.grad`` bypasses DDP's reducer); "auto":
+        the DDP model's group, refused without one under several ranks (each would keep its own batch's HVPs)."""
         if not isinstance(inputs.process_group, str):
             return inputs.process_group
         if isinstance(inputs.model, torch.nn.parallel.DistributedDataParallel):
@@ -212,11 +198,8 @@ class EigenvectorTracker:
         return isinstance(refreshes, Tensor) or refreshes > 0 or global_state.get("refresh_attempts", 0) > 0
 
     def vectors(self, inputs: TrackerInputs, params: list[Tensor]) -> list[Tensor] | None:
-        """v aligned with ``params`` (zeros where a parameter has none), or None before the first refresh.
-
-        The list is rebuilt from the optimizer state only when the state may have changed (a
-        refresh, a load, new param groups), so a step does no per-parameter lookups.
-        """
+        """v aligned with ``params`` (zeros where a parameter has none), or None before the first refresh;
+        rebuilt only when the state may have changed (a refresh, a load, new param groups)."""
         if not self.exists(inputs.global_state):
             return None
         key = (id(params), id(inputs.global_state.get("refreshes")), id(inputs.state))
@@ -231,11 +214,8 @@ class EigenvectorTracker:
     def compute(self, inputs: TrackerInputs, lists: ParamLists, closure, loss_fn,
                 first_gradients: dict[int, Tensor] | None = None,
                 first_pass_randomness: RandomState | None = None) -> PendingRefresh:
-        """Power iteration at the current weights; the state is not touched until ``commit``.
-
-        ``first_gradients`` and ``first_pass_randomness``: the first pass's gradient and the random
-        generators' states it started from, which forward differences reuse (the same dropout masks).
-        """
+        """Power iteration at the current weights; the state is not touched until ``commit``. Forward differences
+        reuse ``first_gradients``, the first pass's gradient, and ``first_pass_randomness`` (its dropout masks)."""
         params = [p for p in lists.params if p.requires_grad]
         layout = ops.Layout.of(params)
         mode = self.mode(loss_fn, params)
@@ -304,12 +284,9 @@ class EigenvectorTracker:
 
     def _base_gradient(self, inputs: TrackerInputs, closure, params: list[Tensor], first_gradients,
                        first_pass_randomness, unscale) -> tuple[list[Tensor], RandomState | None]:
-        """grad L(w) for forward differences and the random generators' states it was computed from:
-        the first pass's, unless the HVPs run in another model mode.
-
-        With ``per_replica_perturbation`` the first pass skipped DDP's all-reduce, but the HVP
-        passes do not: the first pass's gradient is averaged here (one collective, no evaluation).
-        """
+        """grad L(w) for forward differences and the random generators' states it was computed from: the first
+        pass's, unless the HVPs run in another model mode. With ``per_replica_perturbation`` the first pass
+        skipped DDP's all-reduce, but the HVP passes do not: its gradient is averaged here (no evaluation)."""
         if first_gradients is not None and not (inputs.model is not None and self.hvp_eval_mode):
             base = [first_gradients[id(p)] if id(p) in first_gradients else torch.zeros_like(p) for p in params]
             if inputs.per_replica_perturbation:

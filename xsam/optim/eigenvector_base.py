@@ -24,11 +24,8 @@ def passed_on(arguments: dict) -> dict:
 
 
 class EigenvectorBase(SharpnessAware):
-    """A SAM-type optimizer with the top Hessian eigenvector v in its state (``EigenvectorTracker``).
-
-    Beyond the hooks of ``SharpnessAware``, a subclass sets ``STREAMING`` when it feeds
-    ``hvp="streaming"`` from its passes, and reads v with ``_vectors`` and ``_gradient_and_v_sums``.
-    """
+    """A SAM-type optimizer with the top Hessian eigenvector v in its state (``EigenvectorTracker``); beyond
+    the hooks of ``SharpnessAware``, a subclass reads v with ``_vectors`` and ``_gradient_and_v_sums``."""
 
     STREAMING = False  # whether the class feeds hvp="streaming" from its passes (X-SAM does)
     STATE_KEYS = ("eigenvector",)
@@ -144,13 +141,8 @@ class EigenvectorBase(SharpnessAware):
         return FirstPassSums(inv_norm=inv, gv=gv, vecs=vecs)
 
     def step(self, closure=None, loss_fn=None) -> Tensor | None:
-        """One step: refresh v when due, first pass, perturb, second pass, descent direction and restore,
-        base step.
-
-        Returns the loss of the first pass. ``loss_fn`` (forward only, returns the loss) is needed
-        by exact HVPs. If anything raises (the closure included), the weights and the optimizer
-        state are left as they were.
-        """
+        """One step, with a refresh of v first when due; otherwise as ``SharpnessAware.step`` (the loss of the
+        first pass, all or nothing). ``loss_fn`` (forward only, returns the loss) is needed by exact HVPs."""
         return self._step(closure, loss_fn)
 
     def _commit(self, txn: StepTransaction) -> None:

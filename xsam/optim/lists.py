@@ -1,10 +1,7 @@
 """The tensor lists a step works on, built once per param-group structure instead of every step.
 
-A step applies several fused ops to the same parameters: building their lists, the
-(device, dtype) grouping (``Layout``) and the saved-weights buffers once, and reusing them
-until the param groups change, keeps per-tensor Python work off the hot path. Per pass only
-the gradients are gathered (a new tensor per parameter after ``zero_grad(set_to_none=True)``),
-and when every parameter has one, the cached lists and layouts are used as they are.
+Building the lists, their (device, dtype) grouping (``Layout``) and the saved-weights buffers once keeps
+per-tensor Python work off the hot path: per pass only the gradients are gathered.
 """
 from __future__ import annotations
 
@@ -26,12 +23,8 @@ SCRATCH_ALIGN_BYTES = 64
 
 
 def scratch_like(tensors: list[Tensor]) -> list[Tensor]:
-    """Uninitialised tensors shaped and strided like ``tensors``, sharing allocations in buckets.
-
-    Contiguous plain tensors (``torch.Tensor``, ``nn.Parameter``) are laid end to end in buckets of
-    one device and dtype (``SCRATCH_BUCKET_BYTES``); any other (a DTensor, channels-last or another
-    layout) gets its own ``empty_like`` in the same layout.
-    """
+    """Uninitialised tensors shaped and strided like ``tensors``: contiguous plain tensors are laid end to
+    end in buckets of one device and dtype; any other (a DTensor, channels-last) gets its own ``empty_like``."""
     out: list[Tensor | None] = [None] * len(tensors)
     bucket: list[int] = []
 
@@ -42,14 +35,10 @@ def scratch_like(tensors: list[Tensor]) -> list[Tensor]:
         # Every view starts SCRATCH_ALIGN_BYTES-aligned, as a tensor of its own would: the fused
         # kernels take their widest (128-bit) accesses only where every list's tensor is aligned.
         step = max(1, SCRATCH_ALIGN_BYTES // first.element_size())
-        offsets, end = [], 0
-        for i in bucket:
-            offsets.append(end)
-            end += -(-tensors[i].numel() // step) * step
-        buffer = torch.empty(end, device=first.device, dtype=first.dtype)
-        for i, offset in zip(bucket, offsets):
-            t = tensors[i]
-            out[i] = buffer[offset:offset + t.numel()].view(t.shape)
+        padded = [-(-tensors[i].numel() // step) * step for i in bucket]
+        buffer = torch.empty(sum(padded), device=first.device, dtype=first.dtype)
+        for i, piece in zip(bucket, buffer.split(padded)):
+            out[i] = piece[:tensors[i].numel()].view(tensors[i].shape)
         bucket.clear()
 
     size = 0
@@ -69,12 +58,9 @@ def scratch_like(tensors: list[Tensor]) -> list[Tensor]:
 
 
 def structure_key(param_groups: list[dict]) -> tuple:
-    """What the cached lists depend on: the group dicts and their ``params`` lists (and lengths).
-
-    The cache holds references to these objects, so their ids cannot be reused while it lives.
-    Replacing an entry of a group's ``params`` list in place is not detected (nor supported
-    by torch.optim, whose state is keyed by parameter); use ``add_param_group``.
-    """
+    """What the cached lists depend on: the group dicts and their ``params`` lists (and lengths); the cache
+    holds references to them, so their ids cannot be reused while it lives. Replacing an entry of a ``params``
+    list in place is not detected (nor supported by torch.optim, whose state is keyed by parameter)."""
     return (id(param_groups), tuple((id(g), id(g["params"]), len(g["params"])) for g in param_groups))
 
 
@@ -141,10 +127,8 @@ class ParamLists:
     def for_descent(self, perturbed: "ParamLists") -> tuple["ParamLists", list[Tensor], tuple[list, list] | None]:
         """After the second pass: (lists to correct and restore, their gradients, (params, saved) to restore only).
 
-        Fast path: every parameter was moved and has a second-pass gradient. Otherwise a parameter
-        that was not moved (no first-pass gradient) restores from itself and still takes part in the
-        normalisation and the correction; one that was moved but has no second-pass gradient is
-        only restored.
+        A parameter that was not moved (no first-pass gradient) restores from itself and still takes part in
+        the normalisation and the correction; one that was moved but has no second-pass gradient is only restored.
         """
         active, grads, keep = self.gradients()
         if perturbed is self and keep is None:

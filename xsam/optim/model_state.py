@@ -1,9 +1,7 @@
 """Model state a SAM-type step must control: BatchNorm running statistics and the train/eval mode.
 
-Only the first (unperturbed) pass of a step may update BatchNorm running statistics: the
-perturbed pass and the Hessian-vector products run with them put back exactly afterwards.
-And a step that fails puts them back as they were before it (a retry must not count the
-batch twice).
+Only the first (unperturbed) pass of a step may update BatchNorm running statistics, and a step that
+fails puts them back as they were (a retry must not count the batch twice).
 """
 from __future__ import annotations
 
@@ -43,11 +41,8 @@ class BatchNormState:
 
 @contextlib.contextmanager
 def batchnorm_statistics_frozen(model: nn.Module | None) -> Iterator[None]:
-    """Run the block with ``model``'s BatchNorm running statistics put back exactly afterwards.
-
-    Used for the second (perturbed) pass and for HVP evaluations: only the first
-    pass of a step may update running statistics. Without a model it does nothing.
-    """
+    """Run the block with ``model``'s BatchNorm running statistics put back exactly afterwards (the second
+    pass, HVP evaluations). Without a model it does nothing."""
     state = BatchNormState.capture(model)
     try:
         yield

@@ -43,12 +43,9 @@ class StreamingUpdate:
 
     def capture_first_pass(self, inputs: TrackerInputs, lists: ParamLists, active: ParamLists,
                            grads: list[Tensor]) -> list[Tensor]:
-        """A copy of the first pass's g (the second pass overwrites .grad), held by the step transaction.
-
-        Aligned with ``lists`` (zeros where a parameter has no first-pass gradient: it was not
-        moved). With ``per_replica_perturbation`` the copy is averaged over the DDP group, like the
-        second pass's gradient, so every replica computes the same v.
-        """
+        """A copy of the first pass's g (the second pass overwrites .grad), held by the step transaction:
+        aligned with ``lists`` (zeros where a parameter has no first-pass gradient), and with
+        ``per_replica_perturbation`` averaged over the DDP group, so every replica computes the same v."""
         if lists is not self._lists:
             self._buffer = scratch_like(lists.params)
             self._lists = lists
@@ -68,12 +65,9 @@ class StreamingUpdate:
     @staticmethod
     def stream(inputs: TrackerInputs, lists: ParamLists, first_pass: list[Tensor], active: ParamLists,
                grads: list[Tensor], vecs: list[Tensor] | None) -> StreamedDescent:
-        """Oja's update of v from ``z = g - g_adv``, before the correction uses it.
-
-        ``first_pass`` is what ``capture_first_pass`` returned for ``lists``; ``grads`` is g_adv
-        aligned with ``active``; ``vecs`` the stored v (None before the first). Returns the new v
-        with the sums the correction needs, all from one fused reduction.
-        """
+        """Oja's update of v from ``z = g - g_adv``, before the correction uses it: ``first_pass`` is what
+        ``capture_first_pass`` returned for ``lists``, ``grads`` g_adv aligned with ``active``, ``vecs`` the
+        stored v (None before the first); the new v and the correction's sums come from one fused reduction."""
         if active is lists:
             z = first_pass
         else:

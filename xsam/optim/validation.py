@@ -1,11 +1,9 @@
 """Argument and hyper-parameter checks: every refusal names the argument (and the param group) and the fix.
 
-Construction arguments are checked once; per-group values (``rho``, ``alpha``) are checked
-again at the start of every step, before any weight moves, because users and schedulers may
-edit ``param_groups`` between steps (host-side numbers: cheap). The number checks accept
-numpy scalars as well as Python numbers and return the value as a Python number, which is
-what the caller stores: a numpy scalar in ``param_groups`` would make ``state_dict()`` fail
-to load with ``torch.load(weights_only=True)``.
+Construction arguments are checked once; per-group values (``rho``, ``alpha``) again before every step,
+because users and schedulers may edit ``param_groups`` between steps. The number checks accept numpy
+scalars and return Python numbers, which the caller stores: a numpy scalar in ``param_groups`` would make
+``state_dict()`` fail to load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -180,9 +178,9 @@ def check_base_optimizer(base) -> None:
             raise ValueError(f"base_optimizer={cls.__name__} is not supported: {why}")
 
 
-def split_base_kwargs(owner: str, base: type, base_kwargs: dict, own_names: tuple[str, ...],
-                      other_owners: dict[str, tuple[str, ...]]) -> None:
-    """Refuse keyword arguments that neither ``owner`` nor the base optimizer class takes, saying whose they are."""
+def split_base_kwargs(cls: type, base: type, base_kwargs: dict) -> None:
+    """Refuse keyword arguments that neither ``cls`` nor the base optimizer class takes, saying whose they are."""
+    owner = cls.__name__
     try:
         accepted = inspect.signature(base.__init__).parameters
     except (TypeError, ValueError):  # a C extension or odd signature: let the base class decide
@@ -192,10 +190,10 @@ def split_base_kwargs(owner: str, base: type, base_kwargs: dict, own_names: tupl
     for key in base_kwargs:
         if key in accepted:
             continue
-        owners = [name for name, keys in other_owners.items() if key in keys]
+        owners = [name for name, keys in ARGUMENTS_OF.items() if key in keys]
         belongs = f" It is an argument of {' and '.join(owners)}, not of {owner}." if owners else ""
         raise ValueError(f"{key}={base_kwargs[key]!r} is not an argument of {owner} nor of its base optimizer "
-                         f"{base.__name__}.{belongs} {owner}'s own arguments are {', '.join(own_names)}; "
+                         f"{base.__name__}.{belongs} {owner}'s own arguments are {', '.join(own_arguments(cls))}; "
                          f"{base.__name__} takes {', '.join(k for k in accepted if k not in ('self', 'params'))}.")
 
 
