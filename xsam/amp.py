@@ -1,15 +1,8 @@
 """Mixed precision for SAM-type optimizers: a gradient scaler that accepts closures.
 
-``torch.amp.GradScaler.step`` refuses closures, and SAM needs one. ``SAMGradScaler.step`` runs
-the optimizer's whole step with every pass's gradients and every HVP product unscaled and
-checked: a non-finite pass skips the step, a non-finite product rejects that refresh only. The
+``torch.amp.GradScaler.step`` refuses closures, and SAM needs one. ``SAMGradScaler.step`` runs the
+optimizer's whole step with every pass's gradients and every HVP product unscaled and checked. The
 recipe and the rules under DDP and FSDP2: docs/training-loops.md, "Mixed precision".
-
-Every rank must take the same decision, or the ranks' step counters and collectives drift
-apart (a hang). So each check's non-finite flag is all-reduced (SUM, > 0 means non-finite) over
-the data-parallel group (DDP's per-replica first pass can overflow on one replica alone) and
-over the non-replicated mesh dimensions of sharded gradients. Without a known group nothing is
-reduced: DDP's all-reduce of both passes already makes the flags equal on every rank.
 """
 from __future__ import annotations
 
@@ -67,6 +60,9 @@ class SAMGradScaler(torch.amp.GradScaler):
         found_any = torch.zeros((), dtype=torch.float32, device=scale.device)
         data_parallel = _data_parallel_group(optimizer)
 
+        # Every rank must decide alike (else step counters and collectives drift apart: a hang), so the flag
+        # is summed over the data-parallel group and the sharded mesh dimensions; without a known group,
+        # DDP's all-reduce of both passes already makes the flags equal.
         def check(tensors: list[Tensor], kind: str) -> Tensor:
             flag = torch.zeros((), dtype=torch.float32, device=scale.device)
             by_group: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}

@@ -1,13 +1,5 @@
-"""Evidence tools: record what X-SAM does during training, and measure sharpness independently.
-
-- ``DiagnosticsRecorder(optimizer)``: every step's scalars (eigenvalue with its sign, residual,
-  cosines, gradient norms, the correction beta), kept on the device (no host sync per step)
-  until asked for; without a recorder nothing is recorded.
-- ``top_eigenvalue(model, loss_fn, ...)``: the top-|lambda| Hessian eigenpair of any model on a
-  fixed batch, independent of any optimizer, so SGD, SAM and X-SAM runs are measured by the
-  same yardstick.
-- ``lanczos(hvp, init, ...)``: the extreme eigenpair of any product operator by Lanczos.
-"""
+"""Evidence tools: record what X-SAM does during training (``DiagnosticsRecorder``), and measure sharpness
+independently of any optimizer, so that SGD, SAM and X-SAM runs share one yardstick (``top_eigenvalue``)."""
 from __future__ import annotations
 
 import csv
