@@ -281,3 +281,48 @@ def set_eigenvector(opt, params, v) -> None:
 def refreshes_in(steps: int, eig_interval: int, streaming: bool) -> int:
     """Eigenvector refreshes in ``steps`` steps from step 0: every step with streaming, else every eig_interval-th."""
     return steps if streaming else -(-steps // eig_interval)
+
+
+def scaled_run_with_a_poisoned_attempt(opt, scaler, loss_of, batches, poisoned_step: int, poisoned_call,
+                                       loss_fn_of=None) -> dict:
+    """Scaled steps on ``batches``, ``loss_of(x, y)`` the forward, ``loss_fn_of(x, y)`` the steps' ``loss_fn``
+    (if any). Step ``poisoned_step`` is first attempted with an inf in the first parameter's (local) gradient
+    after closure call ``poisoned_call`` (None: not on this rank), then taken on the same batch. Returns what
+    the attempt left: ``weights_unchanged``, ``scale_before``, ``scale_after``, ``closure_calls``, and the
+    optimizer's ``skipped_steps`` and ``step``."""
+    from xsam.distributed import is_dtensor
+
+    params = [p for group in opt.param_groups for p in group["params"]]
+
+    def local_weights():
+        return [(p.to_local() if is_dtensor(p) else p).detach().clone() for p in params]
+
+    attempt = None
+    for t, (x, y) in enumerate(batches):
+        for poisoned in (True, False) if t == poisoned_step else (False,):
+            calls = [0]
+
+            def closure():
+                calls[0] += 1
+                loss = loss_of(x, y)
+                scaler.scale(loss).backward()
+                if poisoned and calls[0] == poisoned_call:
+                    grad = params[0].grad
+                    (grad.to_local() if is_dtensor(grad) else grad).view(-1)[0] = float("inf")
+                return loss
+
+            before, scale_before = local_weights(), scaler.get_scale()
+            scaler.step(opt, closure, **({} if loss_fn_of is None else {"loss_fn": lambda: loss_fn_of(x, y)}))
+            scaler.update()
+            if poisoned:
+                diagnostics = opt.diagnostics()
+                attempt = {"weights_unchanged": same_bits(before, local_weights()), "scale_before": scale_before,
+                           "scale_after": scaler.get_scale(), "closure_calls": calls[0],
+                           "skipped_steps": diagnostics["skipped_steps"], "step": diagnostics["step"]}
+    return attempt
+
+
+def assert_skipped(attempt: dict, scale_before: float, step: int) -> None:
+    """The poisoned attempt of ``scaled_run_with_a_poisoned_attempt`` was skipped: nothing moved, the scale halved."""
+    assert attempt["weights_unchanged"] and attempt["skipped_steps"] == 1 and attempt["step"] == step
+    assert attempt["scale_before"] == scale_before and attempt["scale_after"] == scale_before / 2

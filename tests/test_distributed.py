@@ -7,6 +7,7 @@ mode (a), synchronised perturbation, against the single-process run on the conca
 perturbs by its own half-batch gradient. Ranks that disagree issue mismatched collectives: the gloo
 timeout and the spawn deadline turn that into a failure instead of a hang.
 """
+import functools
 import os
 
 import pytest
@@ -19,8 +20,8 @@ from xsam import XSAM
 from xsam.amp import SAMGradScaler
 from xsam.hessian import random_vectors
 
-from helpers import (closure_of, error_of, flat, gloo_group, make_model, mse, refreshes_in, regression_batches,
-                     spawn_and_wait)
+from helpers import (assert_skipped, closure_of, error_of, flat, gloo_group, make_model, mse, refreshes_in,
+                     regression_batches, scaled_run_with_a_poisoned_attempt, spawn_and_wait)
 
 WORLD, STEPS, SEED = 2, 5, 7
 SIZES = (5, 6, 2)  # the MLP's widths
@@ -166,39 +167,15 @@ def run_refusals(rank):
 
 
 def run_scaled_replica(rank):
-    """replica_exact under SAMGradScaler; one attempt of step SKIPPED_STEP overflows in POISONED_RANK's first pass."""
+    """replica_exact under SAMGradScaler; one attempt of step SKIPPED_STEP overflows in POISONED_RANK's first pass
+    (call 1 with exact HVPs)."""
     ddp = nn.parallel.DistributedDataParallel(make_model(*SIZES))
     opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp="exact", model=ddp, per_replica_perturbation=True,
                seed=SEED, **HYPER)
     scaler = SAMGradScaler("cpu", init_scale=INIT_SCALE, growth_interval=1000)
-    params = list(ddp.parameters())
-    out = {}
-    for t, (x, y) in enumerate(batches(rank)):
-        poison = [t == SKIPPED_STEP]
-
-        def closure():
-            loss = mse(ddp, x, y)
-            scaler.scale(loss).backward()
-            if poison[0] and rank == POISONED_RANK:  # exact HVPs: call 1 is the first pass
-                params[0].grad.view(-1)[0] = float("inf")
-                poison[0] = False
-            return loss
-
-        def loss_fn():
-            return mse(ddp.module, x, y)
-
-        if poison[0]:
-            before = [p.detach().clone() for p in params]
-            scaler.step(opt, closure, loss_fn=loss_fn)
-            scaler.update()
-            out["skip"] = {"unchanged": all(torch.equal(a, b) for a, b in zip(before, params)),
-                           "scale": scaler.get_scale(), "skipped_steps": opt.diagnostics()["skipped_steps"],
-                           "step": opt.diagnostics()["step"]}
-            poison[0] = False  # the same batch again, now finite
-        scaler.step(opt, closure, loss_fn=loss_fn)
-        scaler.update()
-    out.update(outcome(opt, params), scale=scaler.get_scale())
-    return out
+    skip = scaled_run_with_a_poisoned_attempt(opt, scaler, functools.partial(mse, ddp), batches(rank), SKIPPED_STEP,
+                                              1 if rank == POISONED_RANK else None, functools.partial(mse, ddp.module))
+    return {"skip": skip, **outcome(opt, ddp.parameters()), "scale": scaler.get_scale()}
 
 
 SCENARIOS = {name: (lambda rank, name=name: run_config(name, rank)) for name in CONFIGS}
@@ -370,9 +347,8 @@ def test_scaler_skips_on_every_rank_when_one_ranks_first_pass_overflows(results)
     all-reduced over the DDP group: both ranks skip, halve the scale, and the run equals the unscaled one."""
     pair = results("scaled_replica")
     for out in pair:
-        skip = out["skip"]
-        assert skip["unchanged"] and skip["skipped_steps"] == 1 and skip["step"] == SKIPPED_STEP
-        assert skip["scale"] == INIT_SCALE / 2 and out["scale"] == INIT_SCALE / 2
+        assert_skipped(out["skip"], INIT_SCALE, SKIPPED_STEP)
+        assert out["scale"] == INIT_SCALE / 2
     assert_replicas_identical(pair, expected_refreshes("scaled_replica"))
     unscaled = results("replica_exact")[0]
     torch.testing.assert_close(flat(pair[0]["weights"]), flat(unscaled["weights"]), rtol=1e-12, atol=1e-12)
