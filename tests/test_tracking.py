@@ -218,38 +218,37 @@ def forward_error(params, closure, exact, v, step):
     return float((flat(product) - reference).norm() / reference.norm())
 
 
-def probe(params, dtype):
+def forward_errors(problem, dtype, multipliers):
+    """Errors of forward differences at ``m`` times the default step h ~ sqrt(eps) for each ``m``, and at the
+    central-difference step eps^(1/3)."""
+    params, closure, exact = problem(dtype)
     gen = torch.Generator().manual_seed(3)
-    return [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype) for p in params]
+    v = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype) for p in params]
+    h = default_fd_step(params, v, order=1)
+    sweep = {m: forward_error(params, closure, exact, v, h * m) for m in multipliers}
+    return sweep, forward_error(params, closure, exact, v, default_fd_step(params, v, order=2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_forward_difference_error_on_a_quadratic_is_rounding_only(dtype):
     """No truncation error on a quadratic: the error is O(eps / h) = O(sqrt(eps)) at the default h."""
-    params, closure, exact = quadratic_problem(dtype)
-    v = probe(params, dtype)
-    h = default_fd_step(params, v, order=1)
-    errors = [forward_error(params, closure, exact, v, h * m) for m in (0.01, 1.0, 100.0)]
-    assert errors[1] < 20 * math.sqrt(torch.finfo(dtype).eps)
-    assert errors[0] > errors[1] > errors[2]  # rounding shrinks as h grows: nothing else is there
+    errors, _ = forward_errors(quadratic_problem, dtype, (0.01, 1.0, 100.0))
+    assert errors[1.0] < 20 * math.sqrt(torch.finfo(dtype).eps)
+    assert errors[0.01] > errors[1.0] > errors[100.0]  # rounding shrinks as h grows: nothing else is there
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_forward_difference_step_balances_truncation_and_rounding_on_an_mlp(dtype):
     """The error is V-shaped in h; the default h = sqrt(eps) (1 + rms(w)) / ||v|| sits near the bottom."""
-    params, closure, exact = mlp_problem(dtype)
-    v = probe(params, dtype)
-    h = default_fd_step(params, v, order=1)
-    sweep = {m: forward_error(params, closure, exact, v, h * m) for m in (1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 1e2)}
+    sweep, central = forward_errors(mlp_problem, dtype, (1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 1e2))
     best = min(sweep.values())
     assert sweep[1.0] <= 4 * best  # near the optimum of the V
     assert sweep[1e-2] > 5 * sweep[1.0] and sweep[1e2] > 5 * sweep[1.0]  # rounding left, truncation right
     assert sweep[1.0] < 30 * math.sqrt(torch.finfo(dtype).eps)
     # The central-difference step eps^(1/3) is too long for an O(h) formula.
-    central_h = default_fd_step(params, v, order=2)
-    assert forward_error(params, closure, exact, v, central_h) > sweep[1.0]
+    assert central > sweep[1.0]
     if dtype == torch.float64:
-        assert forward_error(params, closure, exact, v, central_h) > 10 * sweep[1.0]
+        assert central > 10 * sweep[1.0]
 
 
 def test_default_fd_step_is_sqrt_eps_for_order_1_and_cube_root_for_order_2():
