@@ -326,3 +326,16 @@ def assert_skipped(attempt: dict, scale_before: float, step: int) -> None:
     """The poisoned attempt of ``scaled_run_with_a_poisoned_attempt`` was skipped: nothing moved, the scale halved."""
     assert attempt["weights_unchanged"] and attempt["skipped_steps"] == 1 and attempt["step"] == step
     assert attempt["scale_before"] == scale_before and attempt["scale_after"] == scale_before / 2
+
+
+def raising_on_call(n: int, closure):
+    """``closure``, except that its n-th call raises RuntimeError("boom")."""
+    calls = []
+
+    def wrapped():
+        calls.append(None)
+        if len(calls) == n:
+            raise RuntimeError("boom")
+        return closure()
+
+    return wrapped

@@ -9,7 +9,7 @@ from xsam import XSAM
 from xsam.hessian import (RandomState, exact_hvp, finite_difference_hvp, forward_difference_hvp, power_iteration,
                           random_vectors)
 
-from helpers import Quadratic, flat, unflat
+from helpers import Quadratic, flat, raising_on_call, unflat
 
 
 def random_vector(q, seed):
@@ -31,6 +31,7 @@ def test_exact_hvp_equals_A_v_with_zero_rows_for_unused_parameters_and_leaves_gr
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-7), (torch.float32, 2e-3)])
 def test_finite_difference_hvp_matches_A_v_and_restores_exactly(dtype, rtol):
+    """Also when the closure raises."""
     q = Quadratic(dtype=dtype)
     before = [p.detach().clone() for p in q.params]
     marker = [torch.full_like(p, 123.0) for p in q.params]
@@ -42,22 +43,10 @@ def test_finite_difference_hvp_matches_A_v_and_restores_exactly(dtype, rtol):
     assert (flat(hv) - exact).norm() <= rtol * exact.norm()
     assert all(torch.equal(p, b) for p, b in zip(q.params, before))  # bit-exact restore
     assert all(p.grad is m for p, m in zip(q.params, marker))  # caller's .grad reinstated
-
-
-def test_finite_difference_restores_weights_when_the_closure_raises():
-    q = Quadratic()
-    before = [p.detach().clone() for p in q.params]
-    calls = []
-
-    def failing():
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("boom")
-        return q.closure()
-
     with pytest.raises(RuntimeError, match="boom"):
-        finite_difference_hvp(failing, q.params)([random_vector(q, 4)])
+        finite_difference_hvp(raising_on_call(2, q.closure), q.params)([v])
     assert all(torch.equal(p, b) for p, b in zip(q.params, before))
+    assert all(p.grad is m for p, m in zip(q.params, marker))
 
 
 def test_power_iteration_finds_largest_magnitude_eigenpair_with_its_sign():
@@ -74,15 +63,10 @@ def test_power_iteration_finds_largest_magnitude_eigenpair_with_its_sign():
     assert result.residuals[0] < 1e-6
     assert result.iterations == 100
     assert torch.equal(flat(start), start_copy)  # the warm start is not modified
-
-
-def test_power_iteration_stops_early_with_tolerance():
-    q = Quadratic()
-    hvp, _ = exact_hvp(q.loss, q.params)
-    result = power_iteration(hvp, [random_vector(q, 6)], iters=500, tol=1e-7)
-    assert result.iterations < 500
-    assert result.residuals[0] / 7.0 < 1e-7
-    torch.testing.assert_close(result.eigenvalues[0], torch.tensor(-7.0, dtype=torch.float64), rtol=1e-7, atol=0)
+    early = power_iteration(hvp, [random_vector(q, 6)], iters=500, tol=1e-7)  # stops early with a tolerance
+    assert early.iterations < 500
+    assert early.residuals[0] / 7.0 < 1e-7
+    torch.testing.assert_close(early.eigenvalues[0], torch.tensor(-7.0, dtype=torch.float64), rtol=1e-7, atol=0)
 
 
 def test_block_power_iteration_finds_top_subspace_with_near_degenerate_pair():
@@ -153,7 +137,9 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_central_differences_see_the_mask_of_an_exact_product_built_at_the_same_generator_state():
+def test_difference_products_see_the_mask_of_an_exact_product_built_at_the_same_generator_state():
+    """Central differences start from the generator's state of their call; forward differences replay the
+    state the base gradient's closure call started from."""
     model = DropoutNet()
     v = model.vector()
     exact = model.exact_product(v, seed=11)
@@ -163,14 +149,7 @@ def test_central_differences_see_the_mask_of_an_exact_product_built_at_the_same_
     (fd,) = finite_difference_hvp(model.closure, model.params)([v])
     assert relative_error(flat(fd), exact) < 1e-6
     assert torch.equal(torch.get_rng_state(), state)  # the products leave the generator as they found it
-
-
-def test_forward_differences_replay_the_randomness_of_the_base_gradient():
-    model = DropoutNet()
-    v = model.vector()
-    exact = model.exact_product(v, seed=11)
-    torch.manual_seed(11)
-    randomness = RandomState.capture()
+    randomness = RandomState.capture()  # seed 11's state again
     model.closure()  # the base gradient, from the generator state captured just before
     base = [p.grad.clone() for p in model.params]
     for p in model.params:

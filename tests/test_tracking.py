@@ -16,7 +16,7 @@ from xsam import XSAM
 from xsam.hessian import default_fd_step, forward_difference_hvp, random_vectors
 from xsam.optim.eigenvector import STREAMING_RATE
 
-from helpers import Quadratic, closure_of, flat, make_model, mse, regression_batches, unflat
+from helpers import Quadratic, closure_of, flat, make_model, mse, raising_on_call, regression_batches, unflat
 
 
 class Counted:
@@ -295,19 +295,11 @@ def test_a_failure_after_the_update_was_computed_changes_nothing(hvp, failing_ca
     """The refresh (or streaming update) of a step that fails is not committed."""
     model, _, _, inner = bn_problem()
     opt = xsam_on(model.parameters(), hvp=hvp, power_iters=1, eig_interval=1, model=model, hvp_eval_mode=False)
-    calls = [0]
-
-    def closure():
-        calls[0] += 1
-        if calls[0] == failing_call:
-            raise RuntimeError("boom")
-        return inner()
-
     opt.step(inner)
     before = ([p.detach().clone() for p in model.parameters()], [b.clone() for b in model.buffers()],
               copy.deepcopy(opt.state_dict()))
     with pytest.raises(RuntimeError, match="boom"):
-        opt.step(closure)
+        opt.step(raising_on_call(failing_call, inner))
     assert all(torch.equal(a, p) for a, p in zip(before[0], model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(before[1], model.buffers()))
     after = opt.state_dict()
