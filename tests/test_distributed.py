@@ -48,8 +48,8 @@ REFERENCES = {  # DDP run: single-process run on the full batch it must equal, a
     "sync_fd": ("sync_fd", 1e-7),
     "sync_fd_bucket_view": ("sync_fd", 1e-7),
     "sync_fd_static_graph": ("sync_fd", 1e-7),
-    "sync_forward_bucket_view": ("forward_train_mode", 1e-6),
-    "sync_forward_train_mode": ("forward_train_mode", 1e-7),
+    "sync_forward_bucket_view": ("sync_forward_train_mode", 1e-6),
+    "sync_forward_train_mode": ("sync_forward_train_mode", 1e-7),
     "sync_streaming": ("sync_streaming", 1e-7),
     "group_exact_manual": ("sync_exact", 1e-10),
 }
@@ -217,15 +217,11 @@ def results(tmp_path_factory):
 
 
 def single_process(name):
-    """The single-process run on the full batch that a DDP run must equal."""
+    """Config ``name`` in a single process on the full batch: what a DDP run in mode (a) must equal."""
+    hvp, _, _, xsam_kwargs = CONFIGS[name]
     model = make_model(*SIZES)
-    if name == "forward_train_mode":
-        opt = XSAM(model.parameters(), torch.optim.SGD, hvp="forward_difference", hvp_eval_mode=False, seed=SEED,
-                   **HYPER)
-    else:
-        opt = XSAM(model.parameters(), torch.optim.SGD, hvp=CONFIGS[name][0], seed=SEED, **HYPER)
-    first_eigenvector = train(model, opt)
-    return outcome(opt, model.parameters(), first_eigenvector)
+    opt = XSAM(model.parameters(), torch.optim.SGD, hvp=hvp, seed=SEED, **xsam_kwargs, **HYPER)
+    return outcome(opt, model.parameters(), train(model, opt))
 
 
 def assert_replicas_identical(pair, refreshes):
@@ -318,7 +314,7 @@ def test_forward_differences_in_mode_b_use_the_averaged_gradient_as_their_base(r
     torch.testing.assert_close(flat(got["eigenvector"]), flat(exact["eigenvector"]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(flat(got["weights"]), flat(exact["weights"]), rtol=1e-6, atol=1e-6)
     # Before any update the replicas' products are the full batch's: the first v is the single-process one.
-    first = single_process("forward_train_mode")["first_eigenvector"]
+    first = single_process("sync_forward_train_mode")["first_eigenvector"]
     torch.testing.assert_close(flat(got["first_eigenvector"]), flat(first), rtol=1e-7, atol=1e-7)
 
 

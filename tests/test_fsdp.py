@@ -83,21 +83,15 @@ def full_vectors():
     return [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(2)]
 
 
-def dtensor_inputs(mesh):
-    """full_vectors() as Shard(0), Shard(1), Replicate DTensors and a plain (replicated) tensor."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-
-    placements = [[Shard(0)], [Shard(1)], [Replicate()], None]
-    return [[t.clone() if pl is None else distribute_tensor(t, mesh, pl, src_data_rank=None)
-             for t, pl in zip(full, placements)] for full in full_vectors()]
-
-
 def dtensor_op_checks(rank):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Partial
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (WORLD,))
-    a, b = dtensor_inputs(mesh)
+    # full_vectors() as Shard(0), Shard(1), Replicate DTensors and a plain (replicated) tensor.
+    placements = [[Shard(0)], [Shard(1)], [Replicate()], None]
+    a, b = [[t.clone() if pl is None else distribute_tensor(t, mesh, pl, src_data_rank=None)
+             for t, pl in zip(full, placements)] for full in full_vectors()]
     out = {"dots": ops.dots([a, b], [(0, 0), (0, 1), (1, 1)]), "wsumsq": ops.weighted_sumsq(a, b),
            "dots_is_plain": type(ops.dots([a], [(0, 0)])) is torch.Tensor}
     ops.axpy_(a, b, 0.5)
