@@ -69,10 +69,6 @@ class Branchy(nn.Module):
         return out + torch.tanh(self.extra(x)) if use_extra else out
 
 
-def shard(tensor, rank):
-    return tensor.chunk(WORLD)[rank]
-
-
 def batches(rank=None):
     """Each step's batch: the full one, or with rank, that rank's half."""
     return regression_batches(range(STEPS), 1000, 8, SIZES[0], SIZES[-1], rank, WORLD)
@@ -97,17 +93,6 @@ def train(model, opt, rank=None, forward_model=None, first_pass_kwargs=None):
         if first_eigenvector is None:
             first_eigenvector = opt.eigenvector()
     return first_eigenvector
-
-
-def train_manually(model, opt, rank, forward_model):
-    """The same steps through refresh_eigenvector / first_step / second_step."""
-    for x, y in batches(rank):
-        if opt.refresh_due:
-            opt.refresh_eigenvector(loss_fn=lambda: mse(forward_model, x, y))
-        mse(model, x, y).backward()
-        opt.first_step(zero_grad=True)
-        mse(model, x, y).backward()
-        opt.second_step(zero_grad=True)
 
 
 def outcome(opt, params, first_eigenvector=None):
@@ -139,10 +124,17 @@ def run_replica_unused(rank):
 
 
 def run_group_exact_manual(rank):
-    """Exact HVPs without a DDP model, averaged over an explicit process_group; the manual path."""
+    """Exact HVPs without a DDP model, averaged over an explicit process_group, through refresh_eigenvector /
+    first_step / second_step."""
     ddp = nn.parallel.DistributedDataParallel(make_model(*SIZES))
     opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp="exact", process_group=dist.group.WORLD, seed=SEED, **HYPER)
-    train_manually(ddp, opt, rank, forward_model=ddp.module)
+    for x, y in batches(rank):
+        if opt.refresh_due:
+            opt.refresh_eigenvector(loss_fn=lambda: mse(ddp.module, x, y))
+        mse(ddp, x, y).backward()
+        opt.first_step(zero_grad=True)
+        mse(ddp, x, y).backward()
+        opt.second_step(zero_grad=True)
     return outcome(opt, ddp.parameters())
 
 
@@ -277,7 +269,7 @@ def per_replica_oracle(model, first_pass_kwargs=lambda r: {}):
                 v = u / (u.norm() + eps)
         perturbed_grads = []
         for r in range(WORLD):
-            xr, yr = shard(x, r), shard(y, r)
+            xr, yr = x.chunk(WORLD)[r], y.chunk(WORLD)[r]
             g = grad_loss(w, xr, yr, first_pass_kwargs(r))
             perturbed_grads.append(grad_loss(w + HYPER["rho"] * g / (g.norm() + eps), xr, yr, {}))
         ga = torch.stack(perturbed_grads).mean(0)
