@@ -43,16 +43,13 @@ class DiagnosticsRecorder:
         if unknown:
             raise ValueError(f"keys={list(keys)!r} has unknown names {unknown}; choose from {list(RECORDED_KEYS)}")
         self.keys = tuple(keys)
-        self._steps: list[int] = []
-        self._refreshed: list[bool] = []
-        self._values: list[Tensor] = []  # one (len(keys),) float32 device tensor per step
+        self._rows: list[tuple[int, bool, Tensor]] = []  # (step, refreshed, (len(keys),) float32 device tensor)
         self._handle = optimizer.register_diagnostics_hook(self._on_step)
 
     def _on_step(self, optimizer, record: dict) -> None:
-        present = [record[k] for k in self.keys if isinstance(record.get(k), Tensor)]
-        if not present:
+        device = next((record[k].device for k in self.keys if isinstance(record.get(k), Tensor)), None)
+        if device is None:
             return
-        device = present[0].device
         # Missing keys become NaN; stacking copies the values, so later in-place reuse of the
         # optimizer's buffers cannot change what was recorded, and nothing waits for the device.
         row = []
@@ -62,12 +59,10 @@ class DiagnosticsRecorder:
                 row.append(v.detach().reshape(()).to(device=device, dtype=torch.float32))
             else:
                 row.append(torch.full((), math.nan if v is None else float(v), dtype=torch.float32, device=device))
-        self._values.append(torch.stack(row))
-        self._steps.append(int(record["step"]))
-        self._refreshed.append(bool(record["refreshed"]))
+        self._rows.append((int(record["step"]), bool(record["refreshed"]), torch.stack(row)))
 
     def __len__(self) -> int:
-        return len(self._values)
+        return len(self._rows)
 
     def remove(self) -> None:
         """Stop recording (what was recorded stays readable)."""
@@ -80,17 +75,15 @@ class DiagnosticsRecorder:
         self.remove()
 
     def clear(self) -> None:
-        self._steps.clear()
-        self._refreshed.clear()
-        self._values.clear()
+        self._rows.clear()
 
     def records(self) -> list[dict]:
         """Every recorded step as a dict of Python numbers (this is where the host waits, once)."""
-        if not self._values:
+        if not self._rows:
             return []
-        table = torch.stack([v.cpu() if v.device.type != "cpu" else v for v in self._values]).tolist()
-        return [dict(step=s, refreshed=r, **dict(zip(self.keys, row)))
-                for s, r, row in zip(self._steps, self._refreshed, table)]
+        table = torch.stack([values.cpu() for _, _, values in self._rows]).tolist()
+        return [dict(step=step, refreshed=refreshed, **dict(zip(self.keys, row)))
+                for (step, refreshed, _), row in zip(self._rows, table)]
 
     def refreshes(self) -> list[dict]:
         """The steps that refreshed the eigenvector: one record per power iteration run."""
