@@ -215,9 +215,7 @@ def test_autocast_training_on_cpu_lowers_the_loss(dtype):
 
     with torch.no_grad():
         start = nn.functional.cross_entropy(model(x), y).item()
-    for _ in range(15):
-        scaler.step(opt, closure)
-        scaler.update()
+    scaled_or_plain_steps(opt, scaler, closure, 15, use_scaler=True)
     with torch.no_grad():
         end = nn.functional.cross_entropy(model(x), y).item()
     assert end < 0.8 * start

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import ops
+from .distributed import is_dtensor
 from .optim import EigenvectorBase, SharpnessAware
 
 __all__ = ["SAMGradScaler"]
@@ -66,10 +66,9 @@ class SAMGradScaler(torch.amp.GradScaler):
         def check(tensors: list[Tensor], kind: str) -> Tensor:
             flag = torch.zeros((), dtype=torch.float32, device=scale.device)
             by_group: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-            dtensor = ops.dtensor_type()
             groups: dict = {}  # first-seen order, from global DTensor metadata: the same on every rank
             for t in tensors:
-                if dtensor is not None and isinstance(t, dtensor):
+                if is_dtensor(t):
                     # Partial dimensions count too: the full tensor is non-finite whenever a local one is.
                     for dim, placement in enumerate(t.placements):
                         if not placement.is_replicate():
