@@ -156,13 +156,11 @@ def finite_difference_hvp(
 ) -> HvpFn:
     """``H v ~ (grad L(w + h v) - grad L(w - h v)) / (2 h)`` using an ordinary closure.
 
-    ``closure`` runs forward and backward (accumulating into ``.grad``) like a
-    torch.optim closure. Each product costs two closure calls. Weights are put
-    back from a saved copy (bit-exact) and the caller's ``.grad`` tensors are
-    reinstated afterwards, also when the closure raises. Every closure call starts
-    from the random generators' states of this call (``RandomState``): with dropout
-    in train mode, every product sees the masks the next draw from these states gives,
-    as an ``exact_hvp`` built now would; the generators are left as they were.
+    ``closure`` runs forward and backward (accumulating into ``.grad``) like a torch.optim closure; each
+    product costs two calls. Weights are put back from a saved copy (bit-exact) and the caller's ``.grad``
+    tensors reinstated, also when the closure raises. Every call replays the random generators' states of
+    this call (``RandomState``), so dropout draws the masks an ``exact_hvp`` built now would; the generators
+    are left as they were.
     """
     return _difference_hvp(closure, list(params), step, backend, layout, on_gradients, RandomState.capture())
 
@@ -205,11 +203,7 @@ def forward_difference_hvp(
 def _difference_hvp(closure, params: list[Tensor], step, backend: str, layout, on_gradients: GradientHook | None,
                     randomness: RandomState, base: Vector | None = None, *,
                     warn_unknown_randomness: bool = False) -> HvpFn:
-    """Central differences when ``base`` is None, else forward differences from ``base = grad L(w)``.
-
-    Every closure call replays ``randomness``; the weights are put back bit-exactly after each call and
-    the caller's ``.grad`` tensors after the products, also when the closure raises.
-    """
+    """Central differences when ``base`` is None, else forward differences from ``base = grad L(w)``."""
     order = 2 if base is None else 1
     draws_random_numbers = None  # known after the first closure call
 

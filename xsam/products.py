@@ -135,11 +135,10 @@ def compiled_hvp(model: nn.Module, loss_fn: Callable[[], Tensor], params: Sequen
     """Exact ``H v`` at the current weights by ``torch.func`` forward-over-reverse under ``torch.compile``.
 
     ``loss_fn`` runs ``model``'s forward on a fixed batch and returns the scalar loss; ``params`` are
-    parameters of ``model``. The compiled function is cached per model and parameter layout: the
-    first call compiles (seconds to minutes on a CPU) and checks one product against double backward,
-    later calls with the same shapes reuse it.
-    ``backend``: the ``torch.compile`` backend. ``process_group``: average every product over its
-    ranks (as ``exact_hvp``). Nothing is written to the weights, the buffers or ``.grad``.
+    parameters of ``model``. The compiled function is cached per model and parameter layout; its first
+    call compiles and checks one product against double backward. ``backend``: the ``torch.compile``
+    backend. ``process_group``: average every product over its ranks (as ``exact_hvp``). Nothing is
+    written to the weights, the buffers or ``.grad``.
     """
     params = list(params)
     names = _parameter_names(model, params, "compiled")
