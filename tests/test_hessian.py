@@ -12,15 +12,16 @@ from xsam.hessian import (RandomState, exact_hvp, finite_difference_hvp, forward
 from helpers import Quadratic, flat, raising_on_call, unflat
 
 
-def random_vector(q, seed):
-    return unflat(torch.randn(q.A.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(seed)),
-                  q.params)
+def random_vector(params, seed):
+    """A float64 standard-normal vector drawn flat from ``seed``, cut like ``params``."""
+    n = sum(p.numel() for p in params)
+    return unflat(torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)), params)
 
 
 def test_exact_hvp_equals_A_v_with_zero_rows_for_unused_parameters_and_leaves_grad_alone():
     q = Quadratic()
     unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
-    v = random_vector(q, 1)
+    v = random_vector(q.params, 1)
     hvp, loss = exact_hvp(q.loss, q.params + [unused])
     (hv,) = hvp([v + [torch.ones(3, dtype=torch.float64)]])
     torch.testing.assert_close(flat(hv[:-1]), q.A @ flat(v), rtol=1e-12, atol=1e-12)
@@ -37,7 +38,7 @@ def test_finite_difference_hvp_matches_A_v_and_restores_exactly(dtype, rtol):
     marker = [torch.full_like(p, 123.0) for p in q.params]
     for p, m in zip(q.params, marker):
         p.grad = m
-    v = [t.to(dtype) for t in random_vector(q, 3)]
+    v = [t.to(dtype) for t in random_vector(q.params, 3)]
     (hv,) = finite_difference_hvp(q.closure, q.params)([v])
     exact = q.A @ flat(v)
     assert (flat(hv) - exact).norm() <= rtol * exact.norm()
@@ -52,7 +53,7 @@ def test_finite_difference_hvp_matches_A_v_and_restores_exactly(dtype, rtol):
 def test_power_iteration_finds_largest_magnitude_eigenpair_with_its_sign():
     q = Quadratic()
     hvp, _ = exact_hvp(q.loss, q.params)
-    start = random_vector(q, 5)
+    start = random_vector(q.params, 5)
     start_copy = flat(start)
     result = power_iteration(hvp, [start], iters=100)
     top = q.eigenvectors[:, 0]  # eigenvalue -7
@@ -63,7 +64,7 @@ def test_power_iteration_finds_largest_magnitude_eigenpair_with_its_sign():
     assert result.residuals[0] < 1e-6
     assert result.iterations == 100
     assert torch.equal(flat(start), start_copy)  # the warm start is not modified
-    early = power_iteration(hvp, [random_vector(q, 6)], iters=500, tol=1e-7)  # stops early with a tolerance
+    early = power_iteration(hvp, [random_vector(q.params, 6)], iters=500, tol=1e-7)  # stops early with a tolerance
     assert early.iterations < 500
     assert early.residuals[0] / 7.0 < 1e-7
     torch.testing.assert_close(early.eigenvalues[0], torch.tensor(-7.0, dtype=torch.float64), rtol=1e-7, atol=0)
@@ -92,9 +93,9 @@ def test_power_iteration_rejects_bad_arguments():
     q = Quadratic()
     hvp, _ = exact_hvp(q.loss, q.params)
     with pytest.raises(ValueError, match="iters=0"):
-        power_iteration(hvp, [random_vector(q, 0)], iters=0)
+        power_iteration(hvp, [random_vector(q.params, 0)], iters=0)
     with pytest.raises(ValueError, match="tol=-1"):
-        power_iteration(hvp, [random_vector(q, 0)], tol=-1)
+        power_iteration(hvp, [random_vector(q.params, 0)], tol=-1)
 
 
 # ----- dropout in train mode: every closure call of the products replays the same random numbers -------
@@ -128,10 +129,6 @@ class DropoutNet:
         basis = torch.eye(sum(p.numel() for p in self.params), dtype=torch.float64)
         return torch.stack([self.exact_product(unflat(e, self.params), seed) for e in basis])
 
-    def vector(self, seed=3):
-        n = sum(p.numel() for p in self.params)
-        return unflat(torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), self.params)
-
 
 def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
@@ -141,7 +138,7 @@ def test_difference_products_see_the_mask_of_an_exact_product_built_at_the_same_
     """Central differences start from the generator's state of their call; forward differences replay the
     state the base gradient's closure call started from."""
     model = DropoutNet()
-    v = model.vector()
+    v = random_vector(model.params, 3)
     exact = model.exact_product(v, seed=11)
     assert relative_error(model.exact_product(v, seed=12), exact) > 0.1  # the mask matters
     torch.manual_seed(11)
@@ -162,7 +159,7 @@ def test_difference_products_see_the_mask_of_an_exact_product_built_at_the_same_
 
 def test_forward_differences_without_the_base_gradients_randomness_warn_when_the_closure_draws_random_numbers():
     model = DropoutNet()
-    v = model.vector()
+    v = random_vector(model.params, 3)
     model.closure()
     base = [p.grad.clone() for p in model.params]
     with pytest.warns(UserWarning, match="the closure draws random numbers.*randomness=RandomState.capture"):
