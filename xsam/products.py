@@ -151,21 +151,13 @@ def compiled_hvp(model: nn.Module, loss_fn: Callable[[], Tensor], params: Sequen
 
 
 class _OutputSplit:
-    """A forward hook that hands the loss head a detached copy of ``model``'s output (one call only)."""
+    """A forward hook that hands the loss head a detached copy of the model's output (one call only)."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self):
         self.output: Tensor | None = None  # the model's output, still dual and connected to the weights
         self.head_input: Tensor | None = None  # the leaf the loss head computes from
 
-    def __enter__(self) -> "_OutputSplit":
-        self._handle = self.model.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
-
-    def _hook(self, module, args, output):
+    def __call__(self, module, args, output):
         if self.output is not None:
             raise ValueError("hvp='ggn' splits loss_fn at model's output, but loss_fn called model more than "
                              "once; use hvp='exact' or a loss_fn with a single forward of model")
@@ -193,7 +185,8 @@ def ggn_hvp(model: nn.Module, loss_fn: Callable[[], Tensor], params: Sequence[Te
     holder = _LossOfModel(model)
 
     def product(v: Vector) -> Vector:
-        with torch.enable_grad(), fwAD.dual_level(), _OutputSplit(model) as split:
+        split = _OutputSplit()
+        with torch.enable_grad(), fwAD.dual_level(), model.register_forward_hook(split):
             duals = {name: fwAD.make_dual(p, t) for name, p, t in zip(names, params, v)}
             loss = functional_call(holder, duals, (loss_fn,))
             if not isinstance(loss, Tensor) or loss.numel() != 1:
