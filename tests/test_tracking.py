@@ -208,25 +208,24 @@ def quadratic_problem(dtype):
     return q.params, q.closure, lambda v: q.A @ flat(v)
 
 
-def forward_error(params, closure, exact, v, step):
-    for p in params:
-        p.grad = None
-    closure()
-    base = [p.grad.clone() for p in params]
-    product = forward_difference_hvp(closure, params, base, step=step)([v])[0]
-    reference = exact(v)
-    return float((flat(product) - reference).norm() / reference.norm())
-
-
 def forward_errors(problem, dtype, multipliers):
-    """Errors of forward differences at ``m`` times the default step h ~ sqrt(eps) for each ``m``, and at the
-    central-difference step eps^(1/3)."""
+    """Relative errors of forward differences at ``m`` times the default step h ~ sqrt(eps) for each ``m``, and
+    at the central-difference step eps^(1/3)."""
     params, closure, exact = problem(dtype)
     gen = torch.Generator().manual_seed(3)
     v = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype) for p in params]
+    reference = exact(v)
+
+    def error(step):
+        for p in params:
+            p.grad = None
+        closure()
+        base = [p.grad.clone() for p in params]
+        product = forward_difference_hvp(closure, params, base, step=step)([v])[0]
+        return float((flat(product) - reference).norm() / reference.norm())
+
     h = default_fd_step(params, v, order=1)
-    sweep = {m: forward_error(params, closure, exact, v, h * m) for m in multipliers}
-    return sweep, forward_error(params, closure, exact, v, default_fd_step(params, v, order=2))
+    return {m: error(h * m) for m in multipliers}, error(default_fd_step(params, v, order=2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
