@@ -285,11 +285,9 @@ def refreshes_in(steps: int, eig_interval: int, streaming: bool) -> int:
 
 def scaled_run_with_a_poisoned_attempt(opt, scaler, loss_of, batches, poisoned_step: int, poisoned_call,
                                        loss_fn_of=None) -> dict:
-    """Scaled steps on ``batches``, ``loss_of(x, y)`` the forward, ``loss_fn_of(x, y)`` the steps' ``loss_fn``
-    (if any). Step ``poisoned_step`` is first attempted with an inf in the first parameter's (local) gradient
-    after closure call ``poisoned_call`` (None: not on this rank), then taken on the same batch. Returns what
-    the attempt left: ``weights_unchanged``, ``scale_before``, ``scale_after``, ``closure_calls``, and the
-    optimizer's ``skipped_steps`` and ``step``."""
+    """Scaled steps on ``batches`` (``loss_of(x, y)`` the forward, ``loss_fn_of(x, y)`` the steps' ``loss_fn``);
+    step ``poisoned_step`` is first attempted with an inf in the first parameter's local gradient after closure
+    call ``poisoned_call`` (None: not on this rank), then taken on the same batch. Returns what the attempt left."""
     from xsam.distributed import is_dtensor
 
     params = [p for group in opt.param_groups for p in group["params"]]

@@ -51,8 +51,7 @@ class Injector:
         loss = self.loss()
         self.scaler.scale(loss).backward()
         if self.closure_calls == self.poison_closure_call:
-            first = next(self.model.parameters())
-            first.grad.view(-1)[0] = float("inf")
+            next(self.model.parameters()).grad.view(-1)[0] = float("inf")
         return loss
 
     def loss_fn(self):

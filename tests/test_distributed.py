@@ -146,7 +146,6 @@ def run_refusals(rank):
         ddp = nn.parallel.DistributedDataParallel(make_model(*SIZES))
         opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp="exact", model=ddp.module if model_arg else None,
                    seed=SEED, **HYPER)
-
         closure = closure_of(lambda: mse(ddp, x, y))
         before = [p.detach().clone() for p in ddp.parameters()]
         out[f"step_{name}"] = error_of(lambda: opt.step(closure, loss_fn=lambda: mse(ddp.module, x, y)))

@@ -9,7 +9,7 @@ from xsam import XSAM
 from xsam.hessian import (RandomState, exact_hvp, finite_difference_hvp, forward_difference_hvp, power_iteration,
                           random_vectors)
 
-from helpers import Quadratic, flat, raising_on_call, unflat
+from helpers import Quadratic, closure_of, flat, raising_on_call, unflat
 
 
 def random_vector(params, seed):
@@ -110,14 +110,10 @@ class DropoutNet:
         self.params = list(self.net.parameters())
         self.x = torch.randn(8, 3, generator=gen, dtype=torch.float64)
         self.y = torch.randn(8, 1, generator=gen, dtype=torch.float64)
+        self.closure = closure_of(self.loss)
 
     def loss(self) -> torch.Tensor:
         return (self.net(self.x) - self.y).square().mean()
-
-    def closure(self) -> torch.Tensor:
-        loss = self.loss()
-        loss.backward()
-        return loss
 
     def exact_product(self, v, seed):
         """The oracle: the double-backward product of the loss with the mask that ``seed`` draws."""
