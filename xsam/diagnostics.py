@@ -176,10 +176,8 @@ def lanczos(hvp: HvpFn, init: Sequence[Tensor], *, max_iters: int = 100, tol: fl
             for _ in range(2):  # "twice is enough": Gram-Schmidt against the whole basis, repeated
                 w -= stacked.T @ (stacked @ w)
             beta = float(w.norm())
-            T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-            if betas:
-                off = torch.tensor(betas, dtype=torch.float64)
-                T += torch.diag(off, 1) + torch.diag(off, -1)
+            off = torch.tensor(betas, dtype=torch.float64)
+            T = torch.diag(torch.tensor(alphas, dtype=torch.float64)) + torch.diag(off, 1) + torch.diag(off, -1)
             values, vectors = torch.linalg.eigh(T)
             pick = int(values.abs().argmax() if which == "magnitude" else values.argmax())
             theta, ritz = float(values[pick]), vectors[:, pick]
