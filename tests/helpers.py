@@ -284,3 +284,59 @@ def through_torch_save(obj):
     torch.save(obj, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+def scaled_run_with_a_poisoned_attempt(opt, scaler, loss_of, batches, poisoned_step: int, poisoned_call,
+                                       loss_fn_of=None) -> dict:
+    """Scaled steps on ``batches`` (``loss_of(x, y)`` the forward, ``loss_fn_of(x, y)`` the steps' ``loss_fn``);
+    step ``poisoned_step`` is first attempted with an inf in the first parameter's local gradient after closure
+    call ``poisoned_call`` (None: not on this rank), then taken on the same batch. Returns what the attempt left."""
+    from xsam.distributed import is_dtensor
+
+    params = [p for group in opt.param_groups for p in group["params"]]
+
+    def local_weights():
+        return [(p.to_local() if is_dtensor(p) else p).detach().clone() for p in params]
+
+    attempt = None
+    for t, (x, y) in enumerate(batches):
+        for poisoned in (True, False) if t == poisoned_step else (False,):
+            calls = [0]
+
+            def closure():
+                calls[0] += 1
+                loss = loss_of(x, y)
+                scaler.scale(loss).backward()
+                if poisoned and calls[0] == poisoned_call:
+                    grad = params[0].grad
+                    (grad.to_local() if is_dtensor(grad) else grad).view(-1)[0] = float("inf")
+                return loss
+
+            before, scale_before = local_weights(), scaler.get_scale()
+            scaler.step(opt, closure, **({} if loss_fn_of is None else {"loss_fn": lambda: loss_fn_of(x, y)}))
+            scaler.update()
+            if poisoned:
+                diagnostics = opt.diagnostics()
+                attempt = {"weights_unchanged": same_bits(before, local_weights()), "scale_before": scale_before,
+                           "scale_after": scaler.get_scale(), "closure_calls": calls[0],
+                           "skipped_steps": diagnostics["skipped_steps"], "step": diagnostics["step"]}
+    return attempt
+
+
+def assert_skipped(attempt: dict, scale_before: float, step: int) -> None:
+    """The poisoned attempt of ``scaled_run_with_a_poisoned_attempt`` was skipped: nothing moved, the scale halved."""
+    assert attempt["weights_unchanged"] and attempt["skipped_steps"] == 1 and attempt["step"] == step
+    assert attempt["scale_before"] == scale_before and attempt["scale_after"] == scale_before / 2
+
+
+def raising_on_call(n: int, closure):
+    """``closure``, except that its n-th call raises RuntimeError("boom")."""
+    calls = []
+
+    def wrapped():
+        calls.append(None)
+        if len(calls) == n:
+            raise RuntimeError("boom")
+        return closure()
+
+    return wrapped

@@ -17,11 +17,10 @@ from xsam.ops.dispatch import unavailable_reason
 import helpers
 from helpers import assert_each_close, assert_same_state, closure_of, scaled_or_plain_steps, snapshot
 
-# Triton runs in its (slow) interpreter here: one test covers it by default, the rest under -m slow.
-BACKENDS = [b if b != "triton" else pytest.param(b, marks=pytest.mark.slow)
-            for b in ("reference", "native", "triton") if unavailable_reason(b, torch.device("cpu"), torch.float32) is None]
 ALL_BACKENDS = [b for b in ("reference", "native", "triton")
                 if unavailable_reason(b, torch.device("cpu"), torch.float32) is None]
+# Triton runs in its (slow) interpreter here: one test covers it by default, the rest under -m slow.
+BACKENDS = [b if b != "triton" else pytest.param(b, marks=pytest.mark.slow) for b in ALL_BACKENDS]
 
 
 make_model = functools.partial(helpers.make_model, 6, 8, 3, dtype=torch.float32)
@@ -52,8 +51,7 @@ class Injector:
         loss = self.loss()
         self.scaler.scale(loss).backward()
         if self.closure_calls == self.poison_closure_call:
-            first = next(self.model.parameters())
-            first.grad.view(-1)[0] = float("inf")
+            next(self.model.parameters()).grad.view(-1)[0] = float("inf")
         return loss
 
     def loss_fn(self):
@@ -70,15 +68,13 @@ def test_non_finite_pass_skips_the_whole_step(backend, poisoned_pass):
     opt = make_xsam(model, backend)
     scaler = SAMGradScaler("cpu", init_scale=2.0 ** 10)
     inj = Injector(model, scaler, x, y)
-    for _ in range(3):  # momentum buffers and an eigenvector exist; step 3 does not refresh, step 4 does
-        scaler.step(opt, inj.closure, loss_fn=inj.loss_fn)
-        scaler.update()
+    # Momentum buffers and an eigenvector exist; step 3 does not refresh, step 4 does.
+    scaled_or_plain_steps(opt, scaler, inj.closure, 3, use_scaler=True, loss_fn=inj.loss_fn)
     records = []
     opt.register_diagnostics_hook(lambda o, r: records.append(r))
     for step in (3, 4):  # without and with a refresh in the skipped step
-        if step == 4:
-            scaler.step(opt, inj.closure, loss_fn=inj.loss_fn)  # step 3 completes normally
-            scaler.update()
+        if step == 4:  # step 3 completes normally
+            scaled_or_plain_steps(opt, scaler, inj.closure, 1, use_scaler=True, loss_fn=inj.loss_fn)
         before, scale_before = snapshot(model, opt), scaler.get_scale()
         inj.closure_calls, inj.poison_closure_call = 0, poisoned_pass
         scaler.step(opt, inj.closure, loss_fn=inj.loss_fn)
@@ -106,9 +102,7 @@ def test_non_finite_hvp_keeps_the_old_eigenvector_and_reports_it(backend, hvp):
     opt = make_xsam(model, backend, hvp=hvp)
     scaler = SAMGradScaler("cpu", init_scale=2.0 ** 10)
     inj = Injector(model, scaler, x, y)
-    for _ in range(2):
-        scaler.step(opt, inj.closure, loss_fn=inj.loss_fn)
-        scaler.update()
+    scaled_or_plain_steps(opt, scaler, inj.closure, 2, use_scaler=True, loss_fn=inj.loss_fn)
     assert opt.refresh_due
     records = []
     opt.register_diagnostics_hook(lambda o, r: records.append(r))
@@ -139,34 +133,37 @@ def test_non_finite_hvp_keeps_the_old_eigenvector_and_reports_it(backend, hvp):
     assert opt.diagnostics()["refreshes"] == diag_before["refreshes"] + 1
 
 
-@pytest.mark.parametrize("hvp", ["exact", "finite_difference", "forward_difference", "streaming"])
+@pytest.mark.parametrize("hvp, max_grad_norm", [("exact", None), ("finite_difference", None),
+                                                ("forward_difference", None), ("streaming", None),
+                                                ("finite_difference", 0.05)])
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_scaled_run_equals_unscaled_run_bit_for_bit(backend, hvp):
-    """Power-of-two scales: scaling the loss and unscaling every pass and HVP is exact (the step h is relative)."""
+def test_scaled_run_equals_unscaled_run_bit_for_bit(backend, hvp, max_grad_norm):
+    """Power-of-two scales: scaling the loss and unscaling every pass and HVP is exact (the step h is relative).
+    max_grad_norm is in the units of the unscaled loss: the scaled run clips exactly like the unscaled one
+    (the closure, which sees scaled gradients, is no place to clip)."""
     x, y = data()
     runs = []
     for use_scaler in (False, True):
         model = make_model(dtype=torch.float64)
         # normalize=False: a missed unscale would not cancel out in the update.
-        opt = make_xsam(model, backend, hvp=hvp, normalize=False)
+        opt = make_xsam(model, backend, hvp=hvp, normalize=False, max_grad_norm=max_grad_norm)
         scaler = SAMGradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1000)
-
-        def closure():
-            loss = nn.functional.cross_entropy(model(x.double()), y)
-            (scaler.scale(loss) if use_scaler else loss).backward()
-            return loss
+        clip_coefs = []
+        if max_grad_norm is not None:
+            opt.register_diagnostics_hook(lambda o, r: clip_coefs.append(r["clip_coef"].item()))
 
         def loss_fn():
             return nn.functional.cross_entropy(model(x.double()), y)
 
-        for _ in range(3):
-            if use_scaler:
-                scaler.step(opt, closure, loss_fn=loss_fn if hvp == "exact" else None)
-                scaler.update()
-            else:
-                opt.step(closure, loss_fn=loss_fn if hvp == "exact" else None)
-        runs.append(([p.detach().clone() for p in model.parameters()], opt.eigenvector(), opt.diagnostics()))
-    (w0, v0, d0), (w1, v1, d1) = runs
+        def closure():
+            loss = loss_fn()
+            (scaler.scale(loss) if use_scaler else loss).backward()
+            return loss
+
+        scaled_or_plain_steps(opt, scaler, closure, 3, use_scaler, loss_fn=loss_fn if hvp == "exact" else None)
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.eigenvector(), opt.diagnostics(),
+                     clip_coefs))
+    (w0, v0, d0, clip0), (w1, v1, d1, clip1) = runs
     if hvp != "streaming":  # streaming estimates no eigenvalue
         assert abs(d0["eigenvalue"] - d1["eigenvalue"]) <= 1e-9 * abs(d0["eigenvalue"])
     assert abs(d0["grad_norm"] - d1["grad_norm"]) <= 1e-9 * abs(d0["grad_norm"])
@@ -175,31 +172,9 @@ def test_scaled_run_equals_unscaled_run_bit_for_bit(backend, hvp):
         assert all(torch.equal(a, b) for a, b in zip(v0, v1))
     else:  # the differences round
         assert_each_close(w0 + v0, w1 + v1, rtol=1e-9, atol=1e-9)
-
-
-def test_max_grad_norm_clips_unscaled_gradients_under_the_scaler():
-    """max_grad_norm is in the units of the unscaled loss: the scaled run clips exactly like the unscaled one
-    (the closure, which sees scaled gradients, is no place to clip)."""
-    x, y = data()
-    runs = []
-    for use_scaler in (False, True):
-        model = make_model(dtype=torch.float64)
-        opt = make_xsam(model, hvp="finite_difference", normalize=False, max_grad_norm=0.05)
-        scaler = SAMGradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1000)
-        records = []
-        opt.register_diagnostics_hook(lambda o, r: records.append(r["clip_coef"].item()))
-
-        def closure():
-            loss = nn.functional.cross_entropy(model(x.double()), y)
-            (scaler.scale(loss) if use_scaler else loss).backward()
-            return loss
-
-        scaled_or_plain_steps(opt, scaler, closure, 3, use_scaler)
-        runs.append(([p.detach().clone() for p in model.parameters()], records))
-    (w0, clip0), (w1, clip1) = runs
-    assert max(clip0) < 0.5  # the clip acted on every step
-    assert clip0 == pytest.approx(clip1, rel=1e-9)
-    assert_each_close(w0, w1, rtol=1e-9, atol=1e-9)
+    if max_grad_norm is not None:
+        assert max(clip0) < 0.5  # the clip acted on every step
+        assert clip0 == pytest.approx(clip1, rel=1e-9)
 
 
 def test_sam_with_the_scaler_skips_and_equals_unscaled_sam():
@@ -210,10 +185,7 @@ def test_sam_with_the_scaler_skips_and_equals_unscaled_sam():
         opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
         scaler = SAMGradScaler("cpu", init_scale=2.0 ** 8)
         inj = Injector(model, scaler if use_scaler else SAMGradScaler("cpu", enabled=False), x, y)
-        for _ in range(2):
-            scaler.step(opt, inj.closure) if use_scaler else opt.step(inj.closure)
-            if use_scaler:
-                scaler.update()
+        scaled_or_plain_steps(opt, scaler, inj.closure, 2, use_scaler)
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
     before = [p.detach().clone() for p in model.parameters()]
@@ -242,9 +214,7 @@ def test_autocast_training_on_cpu_lowers_the_loss(dtype):
 
     with torch.no_grad():
         start = nn.functional.cross_entropy(model(x), y).item()
-    for _ in range(15):
-        scaler.step(opt, closure)
-        scaler.update()
+    scaled_or_plain_steps(opt, scaler, closure, 15, use_scaler=True)
     with torch.no_grad():
         end = nn.functional.cross_entropy(model(x), y).item()
     assert end < 0.8 * start

@@ -7,6 +7,7 @@ mode (a), synchronised perturbation, against the single-process run on the conca
 perturbs by its own half-batch gradient. Ranks that disagree issue mismatched collectives: the gloo
 timeout and the spawn deadline turn that into a failure instead of a hang.
 """
+import functools
 import os
 
 import pytest
@@ -19,8 +20,8 @@ from xsam import XSAM
 from xsam.amp import SAMGradScaler
 from xsam.hessian import random_vectors
 
-from helpers import (closure_of, error_of, flat, gloo_group, make_model, mse, refreshes_in, regression_batches,
-                     spawn_and_wait)
+from helpers import (assert_skipped, closure_of, error_of, flat, gloo_group, make_model, mse, refreshes_in,
+                     regression_batches, scaled_run_with_a_poisoned_attempt, spawn_and_wait)
 
 WORLD, STEPS, SEED = 2, 5, 7
 SIZES = (5, 6, 2)  # the MLP's widths
@@ -47,8 +48,8 @@ REFERENCES = {  # DDP run: single-process run on the full batch it must equal, a
     "sync_fd": ("sync_fd", 1e-7),
     "sync_fd_bucket_view": ("sync_fd", 1e-7),
     "sync_fd_static_graph": ("sync_fd", 1e-7),
-    "sync_forward_bucket_view": ("forward_train_mode", 1e-6),
-    "sync_forward_train_mode": ("forward_train_mode", 1e-7),
+    "sync_forward_bucket_view": ("sync_forward_train_mode", 1e-6),
+    "sync_forward_train_mode": ("sync_forward_train_mode", 1e-7),
     "sync_streaming": ("sync_streaming", 1e-7),
     "group_exact_manual": ("sync_exact", 1e-10),
 }
@@ -66,10 +67,6 @@ class Branchy(nn.Module):
     def forward(self, x, use_extra=True):
         out = self.body(x)
         return out + torch.tanh(self.extra(x)) if use_extra else out
-
-
-def shard(tensor, rank):
-    return tensor.chunk(WORLD)[rank]
 
 
 def batches(rank=None):
@@ -96,17 +93,6 @@ def train(model, opt, rank=None, forward_model=None, first_pass_kwargs=None):
         if first_eigenvector is None:
             first_eigenvector = opt.eigenvector()
     return first_eigenvector
-
-
-def train_manually(model, opt, rank, forward_model):
-    """The same steps through refresh_eigenvector / first_step / second_step."""
-    for x, y in batches(rank):
-        if opt.refresh_due:
-            opt.refresh_eigenvector(loss_fn=lambda: mse(forward_model, x, y))
-        mse(model, x, y).backward()
-        opt.first_step(zero_grad=True)
-        mse(model, x, y).backward()
-        opt.second_step(zero_grad=True)
 
 
 def outcome(opt, params, first_eigenvector=None):
@@ -138,10 +124,17 @@ def run_replica_unused(rank):
 
 
 def run_group_exact_manual(rank):
-    """Exact HVPs without a DDP model, averaged over an explicit process_group; the manual path."""
+    """Exact HVPs without a DDP model, averaged over an explicit process_group, through refresh_eigenvector /
+    first_step / second_step."""
     ddp = nn.parallel.DistributedDataParallel(make_model(*SIZES))
     opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp="exact", process_group=dist.group.WORLD, seed=SEED, **HYPER)
-    train_manually(ddp, opt, rank, forward_model=ddp.module)
+    for x, y in batches(rank):
+        if opt.refresh_due:
+            opt.refresh_eigenvector(loss_fn=lambda: mse(ddp.module, x, y))
+        mse(ddp, x, y).backward()
+        opt.first_step(zero_grad=True)
+        mse(ddp, x, y).backward()
+        opt.second_step(zero_grad=True)
     return outcome(opt, ddp.parameters())
 
 
@@ -153,7 +146,6 @@ def run_refusals(rank):
         ddp = nn.parallel.DistributedDataParallel(make_model(*SIZES))
         opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp="exact", model=ddp.module if model_arg else None,
                    seed=SEED, **HYPER)
-
         closure = closure_of(lambda: mse(ddp, x, y))
         before = [p.detach().clone() for p in ddp.parameters()]
         out[f"step_{name}"] = error_of(lambda: opt.step(closure, loss_fn=lambda: mse(ddp.module, x, y)))
@@ -166,39 +158,15 @@ def run_refusals(rank):
 
 
 def run_scaled_replica(rank):
-    """replica_exact under SAMGradScaler; one attempt of step SKIPPED_STEP overflows in POISONED_RANK's first pass."""
+    """replica_exact under SAMGradScaler; one attempt of step SKIPPED_STEP overflows in POISONED_RANK's first pass
+    (call 1 with exact HVPs)."""
     ddp = nn.parallel.DistributedDataParallel(make_model(*SIZES))
     opt = XSAM(ddp.parameters(), torch.optim.SGD, hvp="exact", model=ddp, per_replica_perturbation=True,
                seed=SEED, **HYPER)
     scaler = SAMGradScaler("cpu", init_scale=INIT_SCALE, growth_interval=1000)
-    params = list(ddp.parameters())
-    out = {}
-    for t, (x, y) in enumerate(batches(rank)):
-        poison = [t == SKIPPED_STEP]
-
-        def closure():
-            loss = mse(ddp, x, y)
-            scaler.scale(loss).backward()
-            if poison[0] and rank == POISONED_RANK:  # exact HVPs: call 1 is the first pass
-                params[0].grad.view(-1)[0] = float("inf")
-                poison[0] = False
-            return loss
-
-        def loss_fn():
-            return mse(ddp.module, x, y)
-
-        if poison[0]:
-            before = [p.detach().clone() for p in params]
-            scaler.step(opt, closure, loss_fn=loss_fn)
-            scaler.update()
-            out["skip"] = {"unchanged": all(torch.equal(a, b) for a, b in zip(before, params)),
-                           "scale": scaler.get_scale(), "skipped_steps": opt.diagnostics()["skipped_steps"],
-                           "step": opt.diagnostics()["step"]}
-            poison[0] = False  # the same batch again, now finite
-        scaler.step(opt, closure, loss_fn=loss_fn)
-        scaler.update()
-    out.update(outcome(opt, params), scale=scaler.get_scale())
-    return out
+    skip = scaled_run_with_a_poisoned_attempt(opt, scaler, functools.partial(mse, ddp), batches(rank), SKIPPED_STEP,
+                                              1 if rank == POISONED_RANK else None, functools.partial(mse, ddp.module))
+    return {"skip": skip, **outcome(opt, ddp.parameters()), "scale": scaler.get_scale()}
 
 
 SCENARIOS = {name: (lambda rank, name=name: run_config(name, rank)) for name in CONFIGS}
@@ -240,15 +208,11 @@ def results(tmp_path_factory):
 
 
 def single_process(name):
-    """The single-process run on the full batch that a DDP run must equal."""
+    """Config ``name`` in a single process on the full batch: what a DDP run in mode (a) must equal."""
+    hvp, _, _, xsam_kwargs = CONFIGS[name]
     model = make_model(*SIZES)
-    if name == "forward_train_mode":
-        opt = XSAM(model.parameters(), torch.optim.SGD, hvp="forward_difference", hvp_eval_mode=False, seed=SEED,
-                   **HYPER)
-    else:
-        opt = XSAM(model.parameters(), torch.optim.SGD, hvp=CONFIGS[name][0], seed=SEED, **HYPER)
-    first_eigenvector = train(model, opt)
-    return outcome(opt, model.parameters(), first_eigenvector)
+    opt = XSAM(model.parameters(), torch.optim.SGD, hvp=hvp, seed=SEED, **xsam_kwargs, **HYPER)
+    return outcome(opt, model.parameters(), train(model, opt))
 
 
 def assert_replicas_identical(pair, refreshes):
@@ -304,7 +268,7 @@ def per_replica_oracle(model, first_pass_kwargs=lambda r: {}):
                 v = u / (u.norm() + eps)
         perturbed_grads = []
         for r in range(WORLD):
-            xr, yr = shard(x, r), shard(y, r)
+            xr, yr = x.chunk(WORLD)[r], y.chunk(WORLD)[r]
             g = grad_loss(w, xr, yr, first_pass_kwargs(r))
             perturbed_grads.append(grad_loss(w + HYPER["rho"] * g / (g.norm() + eps), xr, yr, {}))
         ga = torch.stack(perturbed_grads).mean(0)
@@ -341,7 +305,7 @@ def test_forward_differences_in_mode_b_use_the_averaged_gradient_as_their_base(r
     torch.testing.assert_close(flat(got["eigenvector"]), flat(exact["eigenvector"]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(flat(got["weights"]), flat(exact["weights"]), rtol=1e-6, atol=1e-6)
     # Before any update the replicas' products are the full batch's: the first v is the single-process one.
-    first = single_process("forward_train_mode")["first_eigenvector"]
+    first = single_process("sync_forward_train_mode")["first_eigenvector"]
     torch.testing.assert_close(flat(got["first_eigenvector"]), flat(first), rtol=1e-7, atol=1e-7)
 
 
@@ -370,9 +334,8 @@ def test_scaler_skips_on_every_rank_when_one_ranks_first_pass_overflows(results)
     all-reduced over the DDP group: both ranks skip, halve the scale, and the run equals the unscaled one."""
     pair = results("scaled_replica")
     for out in pair:
-        skip = out["skip"]
-        assert skip["unchanged"] and skip["skipped_steps"] == 1 and skip["step"] == SKIPPED_STEP
-        assert skip["scale"] == INIT_SCALE / 2 and out["scale"] == INIT_SCALE / 2
+        assert_skipped(out["skip"], INIT_SCALE, SKIPPED_STEP)
+        assert out["scale"] == INIT_SCALE / 2
     assert_replicas_identical(pair, expected_refreshes("scaled_replica"))
     unscaled = results("replica_exact")[0]
     torch.testing.assert_close(flat(pair[0]["weights"]), flat(unscaled["weights"]), rtol=1e-12, atol=1e-12)

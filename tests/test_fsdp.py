@@ -7,6 +7,7 @@ vectors; SAMGradScaler runs with the unscaled sharded run, and around a step who
 non-finite on one rank only (every rank must skip it). The layers have output sizes 7, 5 and 1, so
 dim-0 sharding over 2 ranks is uneven (4 + 3, 3 + 2 rows) and the last weight has no rows on rank 1.
 """
+import functools
 import os
 
 import pytest
@@ -18,7 +19,8 @@ from xsam.amp import SAMGradScaler
 from xsam.hessian import exact_hvp, random_vectors
 
 import helpers
-from helpers import error_of, flat, gloo_group, mse, refreshes_in, regression_batches, spawned_results
+from helpers import (assert_skipped, error_of, flat, gloo_group, mse, refreshes_in, regression_batches,
+                     scaled_run_with_a_poisoned_attempt, spawned_results)
 
 WORLD, STEPS, SEED = 2, 5, 3
 SKIPPED_STEP, POISONED_RANK, INIT_SCALE = 1, 1, 2.0 ** 10  # step 1 does not refresh (eig_interval=2)
@@ -81,21 +83,15 @@ def full_vectors():
     return [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(2)]
 
 
-def dtensor_inputs(mesh):
-    """full_vectors() as Shard(0), Shard(1), Replicate DTensors and a plain (replicated) tensor."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-
-    placements = [[Shard(0)], [Shard(1)], [Replicate()], None]
-    return [[t.clone() if pl is None else distribute_tensor(t, mesh, pl, src_data_rank=None)
-             for t, pl in zip(full, placements)] for full in full_vectors()]
-
-
 def dtensor_op_checks(rank):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Partial
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (WORLD,))
-    a, b = dtensor_inputs(mesh)
+    # full_vectors() as Shard(0), Shard(1), Replicate DTensors and a plain (replicated) tensor.
+    placements = [[Shard(0)], [Shard(1)], [Replicate()], None]
+    a, b = [[t.clone() if pl is None else distribute_tensor(t, mesh, pl, src_data_rank=None)
+             for t, pl in zip(full, placements)] for full in full_vectors()]
     out = {"dots": ops.dots([a, b], [(0, 0), (0, 1), (1, 1)]), "wsumsq": ops.weighted_sumsq(a, b),
            "dots_is_plain": type(ops.dots([a], [(0, 0)])) is torch.Tensor}
     ops.axpy_(a, b, 0.5)
@@ -109,41 +105,16 @@ def dtensor_op_checks(rank):
 
 
 def scaled_xsam_run(rank):
-    """X-SAM under SAMGradScaler on FSDP2; before step SKIPPED_STEP runs normally, one attempt of it
-    gets an inf in the second pass's gradient on POISONED_RANK's local shard only."""
+    """X-SAM under SAMGradScaler on FSDP2; one attempt of step SKIPPED_STEP gets an inf in the second pass's
+    gradient (call 2: the step does not refresh) on POISONED_RANK's local shard only."""
     model = sharded_model()
-    params = list(model.parameters())
-    opt = make_optimizer("xsam", params, hvp="auto", model=model)
+    opt = make_optimizer("xsam", model.parameters(), hvp="auto", model=model)
     scaler = SAMGradScaler("cpu", init_scale=INIT_SCALE, growth_interval=1000)
-    out = {}
-    for t, (x, y) in enumerate(batches(rank)):
-        calls, poison = [0], [t == SKIPPED_STEP]
-
-        def closure():
-            calls[0] += 1
-            loss = mse(model, x, y)
-            scaler.scale(loss).backward()
-            if poison[0] and calls[0] == 2 and rank == POISONED_RANK:  # no refresh: call 2 is the second pass
-                params[0].grad.to_local().view(-1)[0] = float("inf")
-            return loss
-
-        if poison[0]:
-            before = ([p.to_local().clone() for p in params], scaler.get_scale())
-            scaler.step(opt, closure)
-            scaler.update()
-            out["skip"] = {
-                "weights_before": before[0], "weights_after": [p.to_local().clone() for p in params],
-                "scale_before": before[1], "scale_after": scaler.get_scale(), "closure_calls": calls[0],
-                "skipped_steps": opt.diagnostics()["skipped_steps"],
-            }
-            calls[0], poison[0] = 0, False  # the same batch again, now finite
-        scaler.step(opt, closure)
-        scaler.update()
-    out["weights"] = [p.full_tensor() for p in params]
-    out["eigenvector"] = [v.full_tensor() for v in opt.eigenvector()]
-    out["refreshes"] = opt.diagnostics()["refreshes"]
-    out["scale"] = scaler.get_scale()
-    return out
+    skip = scaled_run_with_a_poisoned_attempt(opt, scaler, functools.partial(mse, model), batches(rank),
+                                              SKIPPED_STEP, 2 if rank == POISONED_RANK else None)
+    return {"skip": skip, "weights": [p.full_tensor() for p in model.parameters()],
+            "eigenvector": [v.full_tensor() for v in opt.eigenvector()], "refreshes": opt.diagnostics()["refreshes"],
+            "scale": scaler.get_scale()}
 
 
 def dcp_resumed_run(name, rank, checkpoint_dir):
@@ -301,9 +272,7 @@ def test_scaler_skips_on_every_rank_when_one_shard_is_non_finite(fsdp_results):
     for rank in range(WORLD):
         skip = fsdp_results[rank]["amp"]["skip"]
         assert skip["closure_calls"] == 2  # the second pass ran, then the step was skipped
-        assert all(torch.equal(a, b) for a, b in zip(skip["weights_before"], skip["weights_after"]))
-        assert skip["scale_before"] == INIT_SCALE and skip["scale_after"] == INIT_SCALE / 2
-        assert skip["skipped_steps"] == 1
+        assert_skipped(skip, INIT_SCALE, SKIPPED_STEP)
         assert fsdp_results[rank]["amp"]["scale"] == INIT_SCALE / 2
 
 

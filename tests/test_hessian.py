@@ -1,26 +1,29 @@
-"""HVPs and power iteration on a quadratic whose Hessian A is known exactly, and finite differences of a
-model with dropout against exact products with the same mask."""
+"""HVPs, power iteration and Lanczos against closed forms (a quadratic whose Hessian A is known, a dense matrix of
+known spectrum), and finite differences of a model with dropout against exact products with the same mask."""
 import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from xsam import XSAM
+from xsam.diagnostics import cosine, lanczos, top_eigenvalue
 from xsam.hessian import (RandomState, exact_hvp, finite_difference_hvp, forward_difference_hvp, power_iteration,
                           random_vectors)
 
-from helpers import Quadratic, flat, unflat
+from helpers import Quadratic, closure_of, flat, make_model, raising_on_call, unflat
 
 
-def random_vector(q, seed):
-    return unflat(torch.randn(q.A.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(seed)),
-                  q.params)
+def random_vector(params, seed):
+    """A float64 standard-normal vector drawn flat from ``seed``, cut like ``params``."""
+    n = sum(p.numel() for p in params)
+    return unflat(torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)), params)
 
 
 def test_exact_hvp_equals_A_v_with_zero_rows_for_unused_parameters_and_leaves_grad_alone():
     q = Quadratic()
     unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
-    v = random_vector(q, 1)
+    v = random_vector(q.params, 1)
     hvp, loss = exact_hvp(q.loss, q.params + [unused])
     (hv,) = hvp([v + [torch.ones(3, dtype=torch.float64)]])
     torch.testing.assert_close(flat(hv[:-1]), q.A @ flat(v), rtol=1e-12, atol=1e-12)
@@ -31,39 +34,28 @@ def test_exact_hvp_equals_A_v_with_zero_rows_for_unused_parameters_and_leaves_gr
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-7), (torch.float32, 2e-3)])
 def test_finite_difference_hvp_matches_A_v_and_restores_exactly(dtype, rtol):
+    """Also when the closure raises."""
     q = Quadratic(dtype=dtype)
     before = [p.detach().clone() for p in q.params]
     marker = [torch.full_like(p, 123.0) for p in q.params]
     for p, m in zip(q.params, marker):
         p.grad = m
-    v = [t.to(dtype) for t in random_vector(q, 3)]
+    v = [t.to(dtype) for t in random_vector(q.params, 3)]
     (hv,) = finite_difference_hvp(q.closure, q.params)([v])
     exact = q.A @ flat(v)
     assert (flat(hv) - exact).norm() <= rtol * exact.norm()
     assert all(torch.equal(p, b) for p, b in zip(q.params, before))  # bit-exact restore
     assert all(p.grad is m for p, m in zip(q.params, marker))  # caller's .grad reinstated
-
-
-def test_finite_difference_restores_weights_when_the_closure_raises():
-    q = Quadratic()
-    before = [p.detach().clone() for p in q.params]
-    calls = []
-
-    def failing():
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("boom")
-        return q.closure()
-
     with pytest.raises(RuntimeError, match="boom"):
-        finite_difference_hvp(failing, q.params)([random_vector(q, 4)])
+        finite_difference_hvp(raising_on_call(2, q.closure), q.params)([v])
     assert all(torch.equal(p, b) for p, b in zip(q.params, before))
+    assert all(p.grad is m for p, m in zip(q.params, marker))
 
 
 def test_power_iteration_finds_largest_magnitude_eigenpair_with_its_sign():
     q = Quadratic()
     hvp, _ = exact_hvp(q.loss, q.params)
-    start = random_vector(q, 5)
+    start = random_vector(q.params, 5)
     start_copy = flat(start)
     result = power_iteration(hvp, [start], iters=100)
     top = q.eigenvectors[:, 0]  # eigenvalue -7
@@ -74,15 +66,10 @@ def test_power_iteration_finds_largest_magnitude_eigenpair_with_its_sign():
     assert result.residuals[0] < 1e-6
     assert result.iterations == 100
     assert torch.equal(flat(start), start_copy)  # the warm start is not modified
-
-
-def test_power_iteration_stops_early_with_tolerance():
-    q = Quadratic()
-    hvp, _ = exact_hvp(q.loss, q.params)
-    result = power_iteration(hvp, [random_vector(q, 6)], iters=500, tol=1e-7)
-    assert result.iterations < 500
-    assert result.residuals[0] / 7.0 < 1e-7
-    torch.testing.assert_close(result.eigenvalues[0], torch.tensor(-7.0, dtype=torch.float64), rtol=1e-7, atol=0)
+    early = power_iteration(hvp, [random_vector(q.params, 6)], iters=500, tol=1e-7)  # stops early with a tolerance
+    assert early.iterations < 500
+    assert early.residuals[0] / 7.0 < 1e-7
+    torch.testing.assert_close(early.eigenvalues[0], torch.tensor(-7.0, dtype=torch.float64), rtol=1e-7, atol=0)
 
 
 def test_block_power_iteration_finds_top_subspace_with_near_degenerate_pair():
@@ -108,9 +95,94 @@ def test_power_iteration_rejects_bad_arguments():
     q = Quadratic()
     hvp, _ = exact_hvp(q.loss, q.params)
     with pytest.raises(ValueError, match="iters=0"):
-        power_iteration(hvp, [random_vector(q, 0)], iters=0)
+        power_iteration(hvp, [random_vector(q.params, 0)], iters=0)
     with pytest.raises(ValueError, match="tol=-1"):
-        power_iteration(hvp, [random_vector(q, 0)], tol=-1)
+        power_iteration(hvp, [random_vector(q.params, 0)], tol=-1)
+
+
+# ----- Lanczos ------------------------------------------------------------------------------------------
+def known_spectrum(eigenvalues, seed=0):
+    """A = Q diag(eigenvalues) Q^T with a random orthogonal Q, and its product as an operator."""
+    n = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    A = q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+
+    def hvp(vectors):
+        return [[(A @ v[0].reshape(-1)).reshape(v[0].shape)] for v in vectors]
+
+    return A, q, hvp
+
+
+def start(n, seed=1):
+    return [torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)]
+
+
+# Top pair 10 / 9.5: power iteration converges like (0.95)^k, Lanczos like a Chebyshev polynomial.
+SPECTRUM = [10.0, 9.5, *torch.linspace(-6.0, 8.0, 198).tolist()]
+
+
+def test_lanczos_finds_the_closed_form_top_pair_with_far_fewer_products_than_power_iteration():
+    A, q, hvp = known_spectrum(SPECTRUM)
+    tol = 1e-6
+    found = lanczos(hvp, start(len(SPECTRUM)), max_iters=200, tol=tol)
+    assert found.converged
+    assert abs(found.eigenvalue - 10.0) <= 10 * tol * 10.0
+    assert abs(cosine(found.vector, [q[:, 0]])) > 1 - 1e-6
+    v = found.vector[0]
+    true_residual = float((A @ v - found.eigenvalue * v).norm())
+    assert true_residual == pytest.approx(found.residual, rel=1e-3, abs=1e-9)  # the recurrence's residual is real
+    power = power_iteration(hvp, [start(len(SPECTRUM))], iters=2000, tol=tol)
+    assert float(power.eigenvalues[0]) == pytest.approx(found.eigenvalue, rel=10 * tol)
+    assert found.products * 5 < power.iterations  # 28 against 230 here
+
+
+def test_lanczos_picks_magnitude_or_the_largest_algebraic_eigenvalue():
+    q = Quadratic()  # largest |lambda| is -7, the largest eigenvalue a near-degenerate 4 / 3.999
+    A = q.A
+
+    def hvp(vectors):
+        return [unflat(A @ flat(v), q.params) for v in vectors]
+
+    init = unflat(torch.ones(A.shape[0], dtype=torch.float64), q.params)
+    magnitude = lanczos(hvp, init, max_iters=50, tol=1e-10)
+    algebraic = lanczos(hvp, init, max_iters=50, tol=1e-10, which="algebraic")
+    assert magnitude.eigenvalue == pytest.approx(-7.0, rel=1e-9)
+    assert algebraic.eigenvalue == pytest.approx(4.0, rel=1e-9)
+    assert magnitude.converged and algebraic.converged
+    assert magnitude.products <= A.shape[0]  # a 12-dimensional space is exhausted in 12 steps at most
+    assert abs(float(flat(magnitude.vector) @ q.eigenvectors[:, 0])) > 1 - 1e-9
+    assert all(t.shape == p.shape for t, p in zip(magnitude.vector, q.params))
+
+
+def test_top_eigenvalue_by_lanczos_agrees_with_power_iteration_on_a_network():
+    model = make_model(6, 12, 3, dtype=torch.float32)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+
+    def loss_fn():
+        return nn.functional.cross_entropy(model(x), y)
+
+    power = top_eigenvalue(model, loss_fn, tol=1e-5, max_iters=2000)
+    fast = top_eigenvalue(model, loss_fn, tol=1e-5, max_iters=200, method="lanczos")
+    assert power.converged and fast.converged
+    assert fast.eigenvalue == pytest.approx(power.eigenvalue, rel=1e-4)
+    assert abs(cosine(fast.vector, power.vector)) > 0.999
+    assert fast.iterations < power.iterations
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_lanczos_names_bad_arguments():
+    _, _, hvp = known_spectrum([1.0, 2.0])
+    with pytest.raises(ValueError, match="which='largest' is invalid"):
+        lanczos(hvp, start(2), which="largest")
+    with pytest.raises(ValueError, match="max_iters=1 is invalid"):
+        lanczos(hvp, start(2), max_iters=1)
+    with pytest.raises(ValueError, match="init is zero"):
+        lanczos(hvp, [torch.zeros(2, dtype=torch.float64)])
+    model = nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="which='algebraic' is invalid"):
+        top_eigenvalue(model, lambda: model(torch.ones(1, 2)).sum(), which="algebraic")
+    with pytest.raises(ValueError, match="method='arnoldi' is invalid"):
+        top_eigenvalue(model, lambda: model(torch.ones(1, 2)).sum(), method="arnoldi")
 
 
 # ----- dropout in train mode: every closure call of the products replays the same random numbers -------
@@ -125,14 +197,10 @@ class DropoutNet:
         self.params = list(self.net.parameters())
         self.x = torch.randn(8, 3, generator=gen, dtype=torch.float64)
         self.y = torch.randn(8, 1, generator=gen, dtype=torch.float64)
+        self.closure = closure_of(self.loss)
 
     def loss(self) -> torch.Tensor:
         return (self.net(self.x) - self.y).square().mean()
-
-    def closure(self) -> torch.Tensor:
-        loss = self.loss()
-        loss.backward()
-        return loss
 
     def exact_product(self, v, seed):
         """The oracle: the double-backward product of the loss with the mask that ``seed`` draws."""
@@ -144,18 +212,16 @@ class DropoutNet:
         basis = torch.eye(sum(p.numel() for p in self.params), dtype=torch.float64)
         return torch.stack([self.exact_product(unflat(e, self.params), seed) for e in basis])
 
-    def vector(self, seed=3):
-        n = sum(p.numel() for p in self.params)
-        return unflat(torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), self.params)
-
 
 def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_central_differences_see_the_mask_of_an_exact_product_built_at_the_same_generator_state():
+def test_difference_products_see_the_mask_of_an_exact_product_built_at_the_same_generator_state():
+    """Central differences start from the generator's state of their call; forward differences replay the
+    state the base gradient's closure call started from."""
     model = DropoutNet()
-    v = model.vector()
+    v = random_vector(model.params, 3)
     exact = model.exact_product(v, seed=11)
     assert relative_error(model.exact_product(v, seed=12), exact) > 0.1  # the mask matters
     torch.manual_seed(11)
@@ -163,14 +229,7 @@ def test_central_differences_see_the_mask_of_an_exact_product_built_at_the_same_
     (fd,) = finite_difference_hvp(model.closure, model.params)([v])
     assert relative_error(flat(fd), exact) < 1e-6
     assert torch.equal(torch.get_rng_state(), state)  # the products leave the generator as they found it
-
-
-def test_forward_differences_replay_the_randomness_of_the_base_gradient():
-    model = DropoutNet()
-    v = model.vector()
-    exact = model.exact_product(v, seed=11)
-    torch.manual_seed(11)
-    randomness = RandomState.capture()
+    randomness = RandomState.capture()  # seed 11's state again
     model.closure()  # the base gradient, from the generator state captured just before
     base = [p.grad.clone() for p in model.params]
     for p in model.params:
@@ -183,7 +242,7 @@ def test_forward_differences_replay_the_randomness_of_the_base_gradient():
 
 def test_forward_differences_without_the_base_gradients_randomness_warn_when_the_closure_draws_random_numbers():
     model = DropoutNet()
-    v = model.vector()
+    v = random_vector(model.params, 3)
     model.closure()
     base = [p.grad.clone() for p in model.params]
     with pytest.warns(UserWarning, match="the closure draws random numbers.*randomness=RandomState.capture"):

@@ -16,7 +16,7 @@ from xsam import XSAM
 from xsam.hessian import default_fd_step, forward_difference_hvp, random_vectors
 from xsam.optim.eigenvector import STREAMING_RATE
 
-from helpers import Quadratic, closure_of, flat, make_model, mse, regression_batches, unflat
+from helpers import Quadratic, closure_of, flat, make_model, mse, raising_on_call, regression_batches, unflat
 
 
 class Counted:
@@ -66,8 +66,12 @@ def bn_problem():
     return model, x, y, closure_of(lambda: mse(model, x, y))
 
 
-@pytest.mark.parametrize("eval_mode", [True, False])
-def test_forward_differences_with_a_batchnorm_model_reuse_the_first_pass_only_in_its_mode(eval_mode):
+@pytest.mark.parametrize("eval_mode, calls, modes", [
+    # first pass (train), grad L(w) and one product per iteration (eval), second pass (train)
+    (True, 10 * 2 + 2 * 3, [True, False, False, False, True]),
+    (False, 10 * 2 + 2 * 2, [True, True, True, True]),
+])
+def test_forward_differences_with_a_batchnorm_model_reuse_the_first_pass_only_in_its_mode(eval_mode, calls, modes):
     """In eval mode grad L(w) is evaluated once more per refresh (2 + (p+1)/k); else the first pass is reused."""
     model, _, _, bn_closure = bn_problem()
     closure = Counted(bn_closure, list(model.parameters()), model)
@@ -75,11 +79,7 @@ def test_forward_differences_with_a_batchnorm_model_reuse_the_first_pass_only_in
                   hvp_eval_mode=eval_mode)
     for _ in range(10):
         opt.step(closure)
-    refresh = closure.training[:5] if eval_mode else closure.training[:4]
-    if eval_mode:  # first pass (train), grad L(w) and one product per iteration (eval), second pass (train)
-        assert closure.calls == 10 * 2 + 2 * 3 and refresh == [True, False, False, False, True]
-    else:
-        assert closure.calls == 10 * 2 + 2 * 2 and refresh == [True, True, True, True]
+    assert closure.calls == calls and closure.training[:len(modes)] == modes  # the modes of the first refresh
     assert model.training
 
 
@@ -208,48 +208,46 @@ def quadratic_problem(dtype):
     return q.params, q.closure, lambda v: q.A @ flat(v)
 
 
-def forward_error(params, closure, exact, v, step):
-    for p in params:
-        p.grad = None
-    closure()
-    base = [p.grad.clone() for p in params]
-    product = forward_difference_hvp(closure, params, base, step=step)([v])[0]
-    reference = exact(v)
-    return float((flat(product) - reference).norm() / reference.norm())
-
-
-def probe(params, dtype):
+def forward_errors(problem, dtype, multipliers):
+    """Relative errors of forward differences at ``m`` times the default step h ~ sqrt(eps) for each ``m``, and
+    at the central-difference step eps^(1/3)."""
+    params, closure, exact = problem(dtype)
     gen = torch.Generator().manual_seed(3)
-    return [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype) for p in params]
+    v = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype) for p in params]
+    reference = exact(v)
+
+    def error(step):
+        for p in params:
+            p.grad = None
+        closure()
+        base = [p.grad.clone() for p in params]
+        product = forward_difference_hvp(closure, params, base, step=step)([v])[0]
+        return float((flat(product) - reference).norm() / reference.norm())
+
+    h = default_fd_step(params, v, order=1)
+    return {m: error(h * m) for m in multipliers}, error(default_fd_step(params, v, order=2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_forward_difference_error_on_a_quadratic_is_rounding_only(dtype):
     """No truncation error on a quadratic: the error is O(eps / h) = O(sqrt(eps)) at the default h."""
-    params, closure, exact = quadratic_problem(dtype)
-    v = probe(params, dtype)
-    h = default_fd_step(params, v, order=1)
-    errors = [forward_error(params, closure, exact, v, h * m) for m in (0.01, 1.0, 100.0)]
-    assert errors[1] < 20 * math.sqrt(torch.finfo(dtype).eps)
-    assert errors[0] > errors[1] > errors[2]  # rounding shrinks as h grows: nothing else is there
+    errors, _ = forward_errors(quadratic_problem, dtype, (0.01, 1.0, 100.0))
+    assert errors[1.0] < 20 * math.sqrt(torch.finfo(dtype).eps)
+    assert errors[0.01] > errors[1.0] > errors[100.0]  # rounding shrinks as h grows: nothing else is there
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_forward_difference_step_balances_truncation_and_rounding_on_an_mlp(dtype):
     """The error is V-shaped in h; the default h = sqrt(eps) (1 + rms(w)) / ||v|| sits near the bottom."""
-    params, closure, exact = mlp_problem(dtype)
-    v = probe(params, dtype)
-    h = default_fd_step(params, v, order=1)
-    sweep = {m: forward_error(params, closure, exact, v, h * m) for m in (1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 1e2)}
+    sweep, central = forward_errors(mlp_problem, dtype, (1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 1e2))
     best = min(sweep.values())
     assert sweep[1.0] <= 4 * best  # near the optimum of the V
     assert sweep[1e-2] > 5 * sweep[1.0] and sweep[1e2] > 5 * sweep[1.0]  # rounding left, truncation right
     assert sweep[1.0] < 30 * math.sqrt(torch.finfo(dtype).eps)
     # The central-difference step eps^(1/3) is too long for an O(h) formula.
-    central_h = default_fd_step(params, v, order=2)
-    assert forward_error(params, closure, exact, v, central_h) > sweep[1.0]
+    assert central > sweep[1.0]
     if dtype == torch.float64:
-        assert forward_error(params, closure, exact, v, central_h) > 10 * sweep[1.0]
+        assert central > 10 * sweep[1.0]
 
 
 def test_default_fd_step_is_sqrt_eps_for_order_1_and_cube_root_for_order_2():
@@ -296,19 +294,11 @@ def test_a_failure_after_the_update_was_computed_changes_nothing(hvp, failing_ca
     """The refresh (or streaming update) of a step that fails is not committed."""
     model, _, _, inner = bn_problem()
     opt = xsam_on(model.parameters(), hvp=hvp, power_iters=1, eig_interval=1, model=model, hvp_eval_mode=False)
-    calls = [0]
-
-    def closure():
-        calls[0] += 1
-        if calls[0] == failing_call:
-            raise RuntimeError("boom")
-        return inner()
-
     opt.step(inner)
     before = ([p.detach().clone() for p in model.parameters()], [b.clone() for b in model.buffers()],
               copy.deepcopy(opt.state_dict()))
     with pytest.raises(RuntimeError, match="boom"):
-        opt.step(closure)
+        opt.step(raising_on_call(failing_call, inner))
     assert all(torch.equal(a, p) for a, p in zip(before[0], model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(before[1], model.buffers()))
     after = opt.state_dict()

@@ -1,15 +1,8 @@
 """Mixed precision for SAM-type optimizers: a gradient scaler that accepts closures.
 
-``torch.amp.GradScaler.step`` refuses closures, and SAM needs one. ``SAMGradScaler.step`` runs
-the optimizer's whole step with every pass's gradients and every HVP product unscaled and
-checked: a non-finite pass skips the step, a non-finite product rejects that refresh only. The
+``torch.amp.GradScaler.step`` refuses closures, and SAM needs one. ``SAMGradScaler.step`` runs the
+optimizer's whole step with every pass's gradients and every HVP product unscaled and checked. The
 recipe and the rules under DDP and FSDP2: docs/training-loops.md, "Mixed precision".
-
-Every rank must take the same decision, or the ranks' step counters and collectives drift
-apart (a hang). So each check's non-finite flag is all-reduced (SUM, > 0 means non-finite) over
-the data-parallel group (DDP's per-replica first pass can overflow on one replica alone) and
-over the non-replicated mesh dimensions of sharded gradients. Without a known group nothing is
-reduced: DDP's all-reduce of both passes already makes the flags equal on every rank.
 """
 from __future__ import annotations
 
@@ -18,7 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import ops
+from .distributed import is_dtensor
 from .optim import EigenvectorBase, SharpnessAware
 
 __all__ = ["SAMGradScaler"]
@@ -67,13 +60,15 @@ class SAMGradScaler(torch.amp.GradScaler):
         found_any = torch.zeros((), dtype=torch.float32, device=scale.device)
         data_parallel = _data_parallel_group(optimizer)
 
+        # Every rank must decide alike (else step counters and collectives drift apart: a hang), so the flag
+        # is summed over the data-parallel group and the sharded mesh dimensions; without a known group,
+        # DDP's all-reduce of both passes already makes the flags equal.
         def check(tensors: list[Tensor], kind: str) -> Tensor:
             flag = torch.zeros((), dtype=torch.float32, device=scale.device)
             by_group: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-            dtensor = ops.dtensor_type()
             groups: dict = {}  # first-seen order, from global DTensor metadata: the same on every rank
             for t in tensors:
-                if dtensor is not None and isinstance(t, dtensor):
+                if is_dtensor(t):
                     # Partial dimensions count too: the full tensor is non-finite whenever a local one is.
                     for dim, placement in enumerate(t.placements):
                         if not placement.is_replicate():

@@ -1,13 +1,5 @@
-"""Evidence tools: record what X-SAM does during training, and measure sharpness independently.
-
-- ``DiagnosticsRecorder(optimizer)``: every step's scalars (eigenvalue with its sign, residual,
-  cosines, gradient norms, the correction beta), kept on the device (no host sync per step)
-  until asked for; without a recorder nothing is recorded.
-- ``top_eigenvalue(model, loss_fn, ...)``: the top-|lambda| Hessian eigenpair of any model on a
-  fixed batch, independent of any optimizer, so SGD, SAM and X-SAM runs are measured by the
-  same yardstick.
-- ``lanczos(hvp, init, ...)``: the extreme eigenpair of any product operator by Lanczos.
-"""
+"""Evidence tools: record what X-SAM does during training (``DiagnosticsRecorder``), and measure sharpness
+independently of any optimizer, so that SGD, SAM and X-SAM runs share one yardstick (``top_eigenvalue``)."""
 from __future__ import annotations
 
 import csv
@@ -51,16 +43,13 @@ class DiagnosticsRecorder:
         if unknown:
             raise ValueError(f"keys={list(keys)!r} has unknown names {unknown}; choose from {list(RECORDED_KEYS)}")
         self.keys = tuple(keys)
-        self._steps: list[int] = []
-        self._refreshed: list[bool] = []
-        self._values: list[Tensor] = []  # one (len(keys),) float32 device tensor per step
+        self._rows: list[tuple[int, bool, Tensor]] = []  # (step, refreshed, (len(keys),) float32 device tensor)
         self._handle = optimizer.register_diagnostics_hook(self._on_step)
 
     def _on_step(self, optimizer, record: dict) -> None:
-        present = [record[k] for k in self.keys if isinstance(record.get(k), Tensor)]
-        if not present:
+        device = next((record[k].device for k in self.keys if isinstance(record.get(k), Tensor)), None)
+        if device is None:
             return
-        device = present[0].device
         # Missing keys become NaN; stacking copies the values, so later in-place reuse of the
         # optimizer's buffers cannot change what was recorded, and nothing waits for the device.
         row = []
@@ -70,12 +59,10 @@ class DiagnosticsRecorder:
                 row.append(v.detach().reshape(()).to(device=device, dtype=torch.float32))
             else:
                 row.append(torch.full((), math.nan if v is None else float(v), dtype=torch.float32, device=device))
-        self._values.append(torch.stack(row))
-        self._steps.append(int(record["step"]))
-        self._refreshed.append(bool(record["refreshed"]))
+        self._rows.append((int(record["step"]), bool(record["refreshed"]), torch.stack(row)))
 
     def __len__(self) -> int:
-        return len(self._values)
+        return len(self._rows)
 
     def remove(self) -> None:
         """Stop recording (what was recorded stays readable)."""
@@ -88,17 +75,15 @@ class DiagnosticsRecorder:
         self.remove()
 
     def clear(self) -> None:
-        self._steps.clear()
-        self._refreshed.clear()
-        self._values.clear()
+        self._rows.clear()
 
     def records(self) -> list[dict]:
         """Every recorded step as a dict of Python numbers (this is where the host waits, once)."""
-        if not self._values:
+        if not self._rows:
             return []
-        table = torch.stack([v.cpu() if v.device.type != "cpu" else v for v in self._values]).tolist()
-        return [dict(step=s, refreshed=r, **dict(zip(self.keys, row)))
-                for s, r, row in zip(self._steps, self._refreshed, table)]
+        table = torch.stack([values.cpu() for _, _, values in self._rows]).tolist()
+        return [dict(step=step, refreshed=refreshed, **dict(zip(self.keys, row)))
+                for (step, refreshed, _), row in zip(self._rows, table)]
 
     def refreshes(self) -> list[dict]:
         """The steps that refreshed the eigenvector: one record per power iteration run."""
@@ -191,10 +176,8 @@ def lanczos(hvp: HvpFn, init: Sequence[Tensor], *, max_iters: int = 100, tol: fl
             for _ in range(2):  # "twice is enough": Gram-Schmidt against the whole basis, repeated
                 w -= stacked.T @ (stacked @ w)
             beta = float(w.norm())
-            T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-            if betas:
-                off = torch.tensor(betas, dtype=torch.float64)
-                T += torch.diag(off, 1) + torch.diag(off, -1)
+            off = torch.tensor(betas, dtype=torch.float64)
+            T = torch.diag(torch.tensor(alphas, dtype=torch.float64)) + torch.diag(off, 1) + torch.diag(off, -1)
             values, vectors = torch.linalg.eigh(T)
             pick = int(values.abs().argmax() if which == "magnitude" else values.argmax())
             theta, ritz = float(values[pick]), vectors[:, pick]

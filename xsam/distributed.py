@@ -1,7 +1,5 @@
-"""Sharded and data-parallel tensors: the helpers the Hessian tools and the optimizers share.
-
-The guide to DDP and FSDP2 training is docs/distributed.md.
-"""
+"""Sharded and data-parallel tensors: the helpers the Hessian tools and the optimizers share (the guide to DDP
+and FSDP2 training: docs/distributed.md)."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -56,17 +56,12 @@ def exact_hvp(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], *,
               process_group=None) -> tuple[HvpFn, Tensor]:
     """Build ``H v`` by double backward at the current weights.
 
-    ``loss_fn`` runs the forward pass only and returns the scalar loss. Returns
-    ``(hvp, loss)``: ``hvp(vectors)`` maps a list of m vectors to their m
-    products, reusing one create-graph backward for all calls. Parameters the
-    loss does not depend on get zero rows.
-
-    ``process_group``: average every product over its ranks (data parallelism). Needed
-    with DDP because ``torch.autograd.grad`` bypasses DDP's gradient all-reduce, so each
-    rank would otherwise hold the HVP of its own shard of the batch only.
-
-    Not for FSDP2 (``fully_shard``) parameters: autograd cannot reach them from the
-    loss, and this raises a RuntimeError saying so; use ``finite_difference_hvp``.
+    ``loss_fn`` runs the forward pass only and returns the scalar loss. Returns ``(hvp, loss)``:
+    ``hvp(vectors)`` maps m vectors to their m products, reusing one create-graph backward.
+    Parameters the loss does not depend on get zero rows. ``process_group``: average every product
+    over its ranks; needed with DDP, whose gradient all-reduce ``torch.autograd.grad`` bypasses.
+    FSDP2 (``fully_shard``) parameters, which autograd cannot reach from the loss, raise a
+    RuntimeError: use ``finite_difference_hvp``.
     """
     params = list(params)
     with torch.enable_grad():
@@ -155,61 +150,19 @@ class RandomState:
             before.restore()
 
 
-class _ClosureGradients:
-    """Gradients of the closure at ``w + h v``, with the weights put back bit-exactly afterwards.
-
-    Every call replays ``randomness``; ``draws_random_numbers`` says, after the first call,
-    whether the closure drew from the generators it covers.
-    """
-
-    def __init__(self, closure, params: list[Tensor], backend: str, layout, on_gradients: GradientHook | None,
-                 randomness: RandomState):
-        self.closure, self.params, self.backend, self.layout = closure, params, backend, layout
-        self.on_gradients = on_gradients
-        self.randomness = randomness
-        self.draws_random_numbers: bool | None = None
-
-    def at(self, offset: Vector, h: Tensor, saved: Vector) -> Vector:
-        params = self.params
-        with torch.no_grad():
-            ops.axpy_(params, offset, h, backend=self.backend, layout=self.layout)
-        for p in params:
-            p.grad = None
-        try:
-            with torch.enable_grad(), self.randomness.replayed():
-                self.closure()
-                if self.draws_random_numbers is None:
-                    self.draws_random_numbers = not self.randomness.is_current()
-        finally:
-            with torch.no_grad():
-                ops.copy_(params, saved)
-        # Owned copies: with DDP(gradient_as_bucket_view=True) .grad is a view into a bucket that
-        # the next backward overwrites.
-        grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
-        grads = _zeros_for_missing(grads, params)
-        if self.on_gradients is not None:
-            with torch.no_grad():
-                self.on_gradients(grads)
-        return grads
-
-
 def finite_difference_hvp(
     closure: Callable[[], Tensor], params: Sequence[Tensor], *, step: float | Tensor | None = None,
     backend: str = "auto", on_gradients: GradientHook | None = None, layout: ops.Layout | None = None,
 ) -> HvpFn:
     """``H v ~ (grad L(w + h v) - grad L(w - h v)) / (2 h)`` using an ordinary closure.
 
-    ``closure`` runs forward and backward (accumulating into ``.grad``) like a
-    torch.optim closure. Each product costs two closure calls. Weights are put
-    back from a saved copy (bit-exact) and the caller's ``.grad`` tensors are
-    reinstated afterwards, also when the closure raises. Every closure call starts
-    from the random generators' states of this call (``RandomState``): with dropout
-    in train mode, every product sees the masks the next draw from these states gives,
-    as an ``exact_hvp`` built now would; the generators are left as they were.
+    ``closure`` runs forward and backward (accumulating into ``.grad``) like a torch.optim closure; each
+    product costs two calls. Weights are put back from a saved copy (bit-exact) and the caller's ``.grad``
+    tensors reinstated, also when the closure raises. Every call replays the random generators' states of
+    this call (``RandomState``), so dropout draws the masks an ``exact_hvp`` built now would; the generators
+    are left as they were.
     """
-    params = list(params)
-    gradients = _ClosureGradients(closure, params, backend, layout, on_gradients, RandomState.capture())
-    return _difference_hvp(gradients, step, None)
+    return _difference_hvp(closure, list(params), step, backend, layout, on_gradients, RandomState.capture())
 
 
 _UNKNOWN_BASE_RANDOMNESS = (
@@ -242,17 +195,40 @@ def forward_difference_hvp(
     if len(base) != len(params):
         raise ValueError(f"base_gradient has {len(base)} tensors for {len(params)} parameters; pass the "
                          "gradient at the current weights, one tensor per parameter")
-    gradients = _ClosureGradients(closure, params, backend, layout, on_gradients,
-                                  RandomState.capture() if randomness is None else randomness)
-    return _difference_hvp(gradients, step, base, warn_unknown_randomness=randomness is None)
+    return _difference_hvp(closure, params, step, backend, layout, on_gradients,
+                           RandomState.capture() if randomness is None else randomness, base,
+                           warn_unknown_randomness=randomness is None)
 
 
-def _difference_hvp(gradients: _ClosureGradients, step, base: Vector | None, *,
+def _difference_hvp(closure, params: list[Tensor], step, backend: str, layout, on_gradients: GradientHook | None,
+                    randomness: RandomState, base: Vector | None = None, *,
                     warn_unknown_randomness: bool = False) -> HvpFn:
-    """Central differences when ``base`` is None, else forward differences from ``base = grad L(w)``;
-    the caller's ``.grad`` tensors are reinstated afterwards, also when the closure raises."""
-    params, backend, layout = gradients.params, gradients.backend, gradients.layout
+    """Central differences when ``base`` is None, else forward differences from ``base = grad L(w)``."""
     order = 2 if base is None else 1
+    draws_random_numbers = None  # known after the first closure call
+
+    def gradients_at(offset: Vector, h: Tensor, saved: Vector) -> Vector:
+        """Gradients of the closure at ``w + h offset``."""
+        nonlocal draws_random_numbers
+        with torch.no_grad():
+            ops.axpy_(params, offset, h, backend=backend, layout=layout)
+        for p in params:
+            p.grad = None
+        try:
+            with torch.enable_grad(), randomness.replayed():
+                closure()
+                if draws_random_numbers is None:
+                    draws_random_numbers = not randomness.is_current()
+        finally:
+            with torch.no_grad():
+                ops.copy_(params, saved)
+        # Owned copies: with DDP(gradient_as_bucket_view=True) .grad is a view into a bucket that
+        # the next backward overwrites.
+        grads = _zeros_for_missing([None if p.grad is None else p.grad.detach().clone() for p in params], params)
+        if on_gradients is not None:
+            with torch.no_grad():
+                on_gradients(grads)
+        return grads
 
     def hvp(vectors: Sequence[Vector]) -> list[Vector]:
         user_grads = [p.grad for p in params]
@@ -263,10 +239,10 @@ def _difference_hvp(gradients: _ClosureGradients, step, base: Vector | None, *,
                 h = default_fd_step(params, v, order=order, backend=backend, layout=layout) if step is None else step
                 if not isinstance(h, Tensor):
                     h = torch.full((), float(h), dtype=ops.accumulation_dtype(params[0].dtype), device=params[0].device)
-                g_plus = gradients.at(v, h, saved)
-                if warn_unknown_randomness and gradients.draws_random_numbers:
+                g_plus = gradients_at(v, h, saved)
+                if warn_unknown_randomness and draws_random_numbers:
                     warnings.warn(_UNKNOWN_BASE_RANDOMNESS, stacklevel=2)
-                other = gradients.at(v, -h, saved) if base is None else base
+                other = gradients_at(v, -h, saved) if base is None else base
                 with torch.no_grad():
                     ops.axpy_(g_plus, other, -1.0, backend=backend, layout=layout)
                     ops.scale_copy_(g_plus, g_plus, (1.0 / order) / h, backend=backend, layout=layout)
@@ -282,11 +258,9 @@ def _difference_hvp(gradients: _ClosureGradients, step, base: Vector | None, *,
 def random_vectors(params: Sequence[Tensor], m: int = 1, generator: torch.Generator | None = None) -> list[Vector]:
     """m standard-normal vectors shaped like ``params``, drawn on the CPU in parameter order.
 
-    Drawing on the CPU makes the start vector the same whatever device the
-    parameters live on, for a given generator state. For a DTensor parameter (FSDP2,
-    tensor parallelism) the full shape is drawn on every rank and each rank keeps its
-    shard (a local split, no communication), so the global vector is the one a
-    single process draws.
+    So the start vector is the same on every device for a given generator state; for a DTensor
+    parameter (FSDP2, tensor parallelism) every rank draws the full shape and keeps its shard (no
+    communication), so the global vector is the one a single process draws.
     """
     return [[_draw_like(p, generator) for p in params] for _ in range(m)]
 

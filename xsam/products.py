@@ -135,11 +135,10 @@ def compiled_hvp(model: nn.Module, loss_fn: Callable[[], Tensor], params: Sequen
     """Exact ``H v`` at the current weights by ``torch.func`` forward-over-reverse under ``torch.compile``.
 
     ``loss_fn`` runs ``model``'s forward on a fixed batch and returns the scalar loss; ``params`` are
-    parameters of ``model``. The compiled function is cached per model and parameter layout: the
-    first call compiles (seconds to minutes on a CPU) and checks one product against double backward,
-    later calls with the same shapes reuse it.
-    ``backend``: the ``torch.compile`` backend. ``process_group``: average every product over its
-    ranks (as ``exact_hvp``). Nothing is written to the weights, the buffers or ``.grad``.
+    parameters of ``model``. The compiled function is cached per model and parameter layout; its first
+    call compiles and checks one product against double backward. ``backend``: the ``torch.compile``
+    backend. ``process_group``: average every product over its ranks (as ``exact_hvp``). Nothing is
+    written to the weights, the buffers or ``.grad``.
     """
     params = list(params)
     names = _parameter_names(model, params, "compiled")
@@ -152,21 +151,13 @@ def compiled_hvp(model: nn.Module, loss_fn: Callable[[], Tensor], params: Sequen
 
 
 class _OutputSplit:
-    """A forward hook that hands the loss head a detached copy of ``model``'s output (one call only)."""
+    """A forward hook that hands the loss head a detached copy of the model's output (one call only)."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self):
         self.output: Tensor | None = None  # the model's output, still dual and connected to the weights
         self.head_input: Tensor | None = None  # the leaf the loss head computes from
 
-    def __enter__(self) -> "_OutputSplit":
-        self._handle = self.model.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
-
-    def _hook(self, module, args, output):
+    def __call__(self, module, args, output):
         if self.output is not None:
             raise ValueError("hvp='ggn' splits loss_fn at model's output, but loss_fn called model more than "
                              "once; use hvp='exact' or a loss_fn with a single forward of model")
@@ -194,7 +185,8 @@ def ggn_hvp(model: nn.Module, loss_fn: Callable[[], Tensor], params: Sequence[Te
     holder = _LossOfModel(model)
 
     def product(v: Vector) -> Vector:
-        with torch.enable_grad(), fwAD.dual_level(), _OutputSplit(model) as split:
+        split = _OutputSplit()
+        with torch.enable_grad(), fwAD.dual_level(), model.register_forward_hook(split):
             duals = {name: fwAD.make_dual(p, t) for name, p, t in zip(names, params, v)}
             loss = functional_call(holder, duals, (loss_fn,))
             if not isinstance(loss, Tensor) or loss.numel() != 1:
