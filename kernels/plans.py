@@ -52,21 +52,17 @@ def get_launch_config() -> tuple[int, int]:
     return _config.chunk, _config.block
 
 
-def _check_config(chunk: int, block: int) -> None:
-    for name, value in (("chunk", chunk), ("block", block)):
-        if not isinstance(value, int) or value < 16 or value & (value - 1):
-            raise ValueError(f"{name}={value!r} is invalid: it must be a power of two >= 16")
-    if chunk < block:
-        raise ValueError(f"chunk={chunk} is smaller than block={block}; use chunk >= block")
-
-
 @contextlib.contextmanager
 def launch_config(chunk: int | None = None, block: int | None = None) -> Iterator[None]:
     """Temporarily use other chunk/block sizes (tests use small ones to cross boundaries)."""
     old = get_launch_config()
     new_chunk = old[0] if chunk is None else chunk
     new_block = min(old[1], new_chunk) if block is None else block  # the current block is <= its chunk
-    _check_config(new_chunk, new_block)
+    for name, value in (("chunk", new_chunk), ("block", new_block)):
+        if not isinstance(value, int) or value < 16 or value & (value - 1):
+            raise ValueError(f"{name}={value!r} is invalid: it must be a power of two >= 16")
+    if new_chunk < new_block:
+        raise ValueError(f"chunk={new_chunk} is smaller than block={new_block}; use chunk >= block")
     _config.chunk, _config.block = new_chunk, new_block
     try:
         yield
