@@ -8,9 +8,7 @@
 namespace xsam {
 
 // CPU work is cut into items of this many consecutive elements of the group's tensors laid end
-// to end (see FlatWork in ops_cpu.cpp). Every item reduces into its own slot and the slots are
-// summed in item order, so the bits of a reduction depend only on the inputs, never on how
-// many threads took part.
+// to end (FlatWork in ops_cpu.cpp says why).
 constexpr int64_t kCpuChunk = 16384;
 
 // Starting a parallel region costs more than a few items of work (far more when another process

@@ -3,10 +3,9 @@
 // build leaves this file out and is loaded with torch.ops.load_library.)
 //
 // Why fast entries: torch.ops.xsam.<op> converts every tensor of every list to an IValue and back,
-// and the autograd fallback boxes the call again: over 1,000 small tensors, more host time than the
-// arithmetic. These entries borrow the tensors of the Python lists and call the same registered
-// kernel through the dispatcher's typed interface at the tensors' backend key (the optimizer calls
-// them under no_grad). Anything unusual (no tensor, a __torch_dispatch__ subclass, another device)
+// and the autograd fallback boxes the call again. These entries borrow the tensors of the Python
+// lists and call the same registered kernel through the dispatcher's typed interface at the
+// tensors' backend key; anything unusual (no tensor, a __torch_dispatch__ subclass, another device)
 // takes the full dispatcher path, so the result is always the registered op's.
 #include "kernel_constants.h"
 
@@ -148,11 +147,9 @@ void scale_copy_(py::handle dsts, py::handle srcs, const at::Tensor& scale) {
   call(op, d.list(), d.list(), s.list(), scale);
 }
 
-// [t.grad for t in tensors] and how many are None, with the attribute lookup done in C++: each
-// step gathers the gradients of every parameter after each pass, and in Python that costs about
-// 50-75 ns a tensor (the lookup through nn.Parameter's type) where this costs about 15. Only a plain
-// torch.Tensor or nn.Parameter outside any torch function mode is read here; anything else (a
-// subclass, which may override __torch_function__ or `grad`) is asked in Python.
+// [t.grad for t in tensors] and how many are None, with the attribute lookup (slow through
+// nn.Parameter's type) done in C++. Only a plain torch.Tensor or nn.Parameter outside any torch
+// function mode is read here; a subclass may override __torch_function__ or `grad`, so it is asked in Python.
 py::tuple gradients(py::handle tensors) {
   PyObject* seq = tensors.ptr();
   if (!PyList_Check(seq) && !PyTuple_Check(seq)) throw py::type_error("xsam: 'tensors' must be a list of tensors");

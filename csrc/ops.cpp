@@ -225,30 +225,17 @@ void find_overlapping_writes(const char* op, c10::ArrayRef<NamedList> lists, std
   }
 }
 
-// Written sets already found free of overlaps: a step applies several ops to the same written
-// lists, so a call whose extents equal those of a checked call takes its verdict for one comparison
-// per tensor instead of a sort. Per thread: no locking.
-class CheckedWrites {
- public:
-  bool contains(const std::vector<Extent>& extents) const {
-    return std::find(entries_.begin(), entries_.end(), extents) != entries_.end();
-  }
-  void add(std::vector<Extent> extents) {
-    entries_[next_] = std::move(extents);
-    next_ = (next_ + 1) % entries_.size();
-  }
-
- private:
-  std::array<std::vector<Extent>, 4> entries_;  // a step's distinct written sets, with room to spare
-  size_t next_ = 0;
-};
-
+// Written sets already found free of overlaps are remembered (per thread: no locking): a step
+// applies several ops to the same written lists, so a call whose extents equal those of a checked
+// call takes its verdict for one comparison per tensor instead of a sort.
 void check_writes_do_not_overlap(const char* op, c10::ArrayRef<NamedList> lists, const Group& group) {
-  static thread_local CheckedWrites checked;
+  static thread_local std::array<std::vector<Extent>, 4> checked;  // a step's distinct written sets, and spare
+  static thread_local size_t next = 0;
   std::vector<Extent> extents = written_extents(lists, group);
-  if (extents.size() < 2 || checked.contains(extents)) return;
+  if (extents.size() < 2 || std::find(checked.begin(), checked.end(), extents) != checked.end()) return;
   find_overlapping_writes(op, lists, extents);  // a copy: the cache keeps the call order
-  checked.add(std::move(extents));
+  checked[next] = std::move(extents);
+  next = (next + 1) % checked.size();
 }
 
 Group check_group(const char* op, c10::ArrayRef<NamedList> lists) {

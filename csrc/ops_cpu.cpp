@@ -7,7 +7,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <type_traits>
+#include <utility>
 
 namespace xsam {
 namespace {
@@ -16,8 +18,8 @@ namespace {
 
 // The group's tensors laid end to end, cut into items of kCpuChunk elements: a large tensor
 // spans several items and small ones share one, so the number of items (parallel tasks,
-// reduction slots) depends on the total size only, and 1,000 tiny tensors cost one task, not
-// 1,000. The split depends on the sizes alone, never on the thread count.
+// reduction slots) depends on the total size only, and 1,000 tiny tensors cost one task. The split
+// depends on the sizes alone, never on the thread count, so the bits of a reduction do not either.
 class FlatWork {
  public:
   explicit FlatWork(const Group& group) : numel_(group.numel.data()), ends_(group.num_tensors) {
@@ -155,108 +157,87 @@ at::Tensor residual_sumsq_cpu(at::TensorList us, at::TensorList vs, const at::Te
 
 // ----- element-wise ops ---------------------------------------------------------------------
 // A written list may be a read list at the same index (axpy_(y, y), scale_copy_(v, v)): every
-// loop reads element i of all its lists before it writes element i of any, as the CUDA kernels do.
+// op reads element i of all its lists before it writes element i of any, as the CUDA kernels do.
 
-// saved = w, then w += a * g (a * w * w * g when adaptive), plus b * v when kTilted (tilted_perturb_).
-template <bool kTilted>
-void perturb_cpu_impl(const char* op, c10::ArrayRef<at::TensorList> lists, const char* a_name, const at::Tensor& a,
-                      const at::Tensor* b, bool adaptive) {
+// Checks the op's kLists lists and calls f(p, i, s) for every element i: p[l] is list l at the
+// segment (storage type T), s[k] the k-th scalar in the accumulation type A.
+template <int kLists, typename F>
+void elementwise_cpu(const char* op, c10::ArrayRef<at::TensorList> lists,
+                     std::initializer_list<std::pair<const char*, const at::Tensor*>> scalars, const F& f) {
   const Group g = check_lists(op, lists);
   if (g.empty()) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::perturb_", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::elementwise", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t av = cpu_scalar<acc_t>(op, a_name, a);
-    const acc_t bv = kTilted ? cpu_scalar<acc_t>(op, "b", *b) : acc_t(0);
+    acc_t s[2] = {};
+    int k = 0;
+    for (const auto& [name, value] : scalars) s[k++] = cpu_scalar<acc_t>(op, name, *value);
     for_each_segment(g, [&](int64_t t, int64_t begin, int64_t len) {
-      scalar_t* w = at_offset<scalar_t>(g, 0, t, begin);
-      const scalar_t* gr = at_offset<scalar_t>(g, 1, t, begin);
-      scalar_t* sv = at_offset<scalar_t>(g, 2, t, begin);
-      const scalar_t* v = kTilted ? at_offset<scalar_t>(g, 3, t, begin) : nullptr;
-      // One loop per value of `adaptive`, each free of the branch.
-      const auto loop = [&](auto asam) {
-        for (int64_t i = 0; i < len; ++i) {
-          const scalar_t wi = w[i];
-          const acc_t wa = static_cast<acc_t>(wi), ga = static_cast<acc_t>(gr[i]);
-          sv[i] = wi;
-          if constexpr (kTilted) {
-            w[i] = static_cast<scalar_t>(wa + av * ga + bv * static_cast<acc_t>(v[i]));
-          } else if constexpr (decltype(asam)::value) {
-            w[i] = static_cast<scalar_t>(wa + av * wa * wa * ga);
-          } else {
-            w[i] = static_cast<scalar_t>(wa + av * ga);
-          }
-        }
-      };
-      adaptive ? loop(std::true_type()) : loop(std::false_type());
+      scalar_t* p[kLists];
+      for (int l = 0; l < kLists; ++l) p[l] = at_offset<scalar_t>(g, l, t, begin);
+      for (int64_t i = 0; i < len; ++i) f(p, i, s);
     });
   });
 }
 
+// The element functions f(p, i, s) below: p[l] is list l (storage type T), s[k] scalar k (accumulation type A).
+
+// saved = w, then w += scale * g (scale * w * w * g when adaptive): one loop per value of
+// `adaptive`, each free of the branch.
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved, const at::Tensor& scale,
                  bool adaptive) {
-  perturb_cpu_impl<false>("perturb_", {params, grads, saved}, "scale", scale, nullptr, adaptive);
+  const auto run = [&](auto asam) {
+    const auto f = []<typename T, typename A>(T* const* p, int64_t i, const A* s) {
+      const T wi = p[0][i];
+      const A w = static_cast<A>(wi), g = static_cast<A>(p[1][i]);
+      p[2][i] = wi;
+      p[0][i] = static_cast<T>(decltype(asam)::value ? w + s[0] * w * w * g : w + s[0] * g);
+    };
+    elementwise_cpu<3>("perturb_", {params, grads, saved}, {{"scale", &scale}}, f);
+  };
+  adaptive ? run(std::true_type()) : run(std::false_type());
 }
 
+// saved = w, then w += a * g + b * v.
 void tilted_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved, at::TensorList vecs,
                         const at::Tensor& a, const at::Tensor& b) {
-  perturb_cpu_impl<true>("tilted_perturb_", {params, grads, saved, vecs}, "a", a, &b, false);
+  const auto f = []<typename T, typename A>(T* const* p, int64_t i, const A* s) {
+    const T wi = p[0][i];
+    const A w = static_cast<A>(wi), g = static_cast<A>(p[1][i]);
+    p[2][i] = wi;
+    p[0][i] = static_cast<T>(w + s[0] * g + s[1] * static_cast<A>(p[3][i]));
+  };
+  elementwise_cpu<4>("tilted_perturb_", {params, grads, saved, vecs}, {{"a", &a}, {"b", &b}}, f);
 }
 
+// g = a * g - b * v (a * g without vecs), and w = saved.
 void correct_restore_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved,
                          const std::optional<at::TensorList>& vecs, const at::Tensor& a, const at::Tensor& b) {
-  const at::TensorList lists[] = {params, grads, saved, vecs.value_or(at::TensorList())};
-  const Group g = check_lists("correct_restore_", c10::ArrayRef<at::TensorList>(lists, vecs.has_value() ? 4 : 3));
-  if (g.empty()) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::correct_restore_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t av = cpu_scalar<acc_t>("correct_restore_", "a", a);
-    const acc_t bv = cpu_scalar<acc_t>("correct_restore_", "b", b);
-    for_each_segment(g, [&](int64_t t, int64_t begin, int64_t len) {
-      scalar_t* w = at_offset<scalar_t>(g, 0, t, begin);
-      scalar_t* gr = at_offset<scalar_t>(g, 1, t, begin);
-      const scalar_t* sv = at_offset<scalar_t>(g, 2, t, begin);
-      const scalar_t* v = vecs.has_value() ? at_offset<scalar_t>(g, 3, t, begin) : nullptr;
-      const auto loop = [&](auto with_vecs) {
-        for (int64_t i = 0; i < len; ++i) {
-          const scalar_t restored = sv[i];
-          if constexpr (decltype(with_vecs)::value) {
-            gr[i] = static_cast<scalar_t>(av * static_cast<acc_t>(gr[i]) - bv * static_cast<acc_t>(v[i]));
-          } else {
-            gr[i] = static_cast<scalar_t>(av * static_cast<acc_t>(gr[i]));
-          }
-          w[i] = restored;
-        }
-      };
-      v != nullptr ? loop(std::true_type()) : loop(std::false_type());
-    });
-  });
-}
-
-// y += alpha * x (axpy_), or y = alpha * x (scale_copy_: kAdd false).
-template <bool kAdd>
-void scaled_add_cpu(const char* op, at::TensorList ys, at::TensorList xs, const char* name, const at::Tensor& alpha) {
-  const Group g = check_lists(op, {ys, xs});
-  if (g.empty()) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.dtype, "xsam::scaled_add", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t al = cpu_scalar<acc_t>(op, name, alpha);
-    for_each_segment(g, [&](int64_t t, int64_t begin, int64_t len) {
-      scalar_t* y = at_offset<scalar_t>(g, 0, t, begin);
-      const scalar_t* x = at_offset<scalar_t>(g, 1, t, begin);
-      for (int64_t i = 0; i < len; ++i) {
-        const acc_t ax = al * static_cast<acc_t>(x[i]);
-        y[i] = static_cast<scalar_t>(kAdd ? static_cast<acc_t>(y[i]) + ax : ax);
-      }
-    });
-  });
+  const auto run = [&](auto with_vecs) {
+    constexpr int kLists = decltype(with_vecs)::value ? 4 : 3;
+    const auto f = []<typename T, typename A>(T* const* p, int64_t i, const A* s) {
+      const T restored = p[2][i];
+      const A g = static_cast<A>(p[1][i]);
+      p[1][i] = static_cast<T>(kLists == 4 ? s[0] * g - s[1] * static_cast<A>(p[3][i]) : s[0] * g);
+      p[0][i] = restored;
+    };
+    const at::TensorList lists[] = {params, grads, saved, vecs.value_or(at::TensorList())};
+    elementwise_cpu<kLists>("correct_restore_", {lists, kLists}, {{"a", &a}, {"b", &b}}, f);
+  };
+  vecs.has_value() ? run(std::true_type()) : run(std::false_type());
 }
 
 void axpy_cpu(at::TensorList ys, at::TensorList xs, const at::Tensor& alpha) {
-  scaled_add_cpu<true>("axpy_", ys, xs, "alpha", alpha);
+  const auto f = []<typename T, typename A>(T* const* p, int64_t i, const A* s) {
+    p[0][i] = static_cast<T>(static_cast<A>(p[0][i]) + s[0] * static_cast<A>(p[1][i]));
+  };
+  elementwise_cpu<2>("axpy_", {ys, xs}, {{"alpha", &alpha}}, f);
 }
 
 void scale_copy_cpu(at::TensorList dsts, at::TensorList srcs, const at::Tensor& scale) {
-  scaled_add_cpu<false>("scale_copy_", dsts, srcs, "scale", scale);
+  const auto f = []<typename T, typename A>(T* const* p, int64_t i, const A* s) {
+    p[0][i] = static_cast<T>(s[0] * static_cast<A>(p[1][i]));
+  };
+  elementwise_cpu<2>("scale_copy_", {dsts, srcs}, {{"scale", &scale}}, f);
 }
 
 }  // namespace

@@ -27,10 +27,9 @@ struct Group {
 
 // Validates one call's lists, the op's Tensor[] arguments in schema order (an absent optional list
 // left out at the end), and returns their addresses: tensor i of every list has the device, dtype
-// and shape of lists[0][i], is dense with the same element order (so the kernels walk all of them
-// as flat arrays with one index), and no two written tensors share memory (a written list may be a
-// read list at the same index: axpy_(y, y)). Which lists are written, and their names in messages,
-// come from the op's registered schema. The message is built only on failure.
+// and shape of lists[0][i] and is dense with the same element order (the kernels walk them as flat
+// arrays with one index), and no two written tensors share memory. Which lists are written, and
+// their names in messages, come from the op's registered schema.
 Group check_lists(const char* op, c10::ArrayRef<at::TensorList> lists);
 
 // `dots` gets its lists concatenated: checks the layout and the pairs, and returns the group

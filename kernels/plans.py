@@ -1,20 +1,16 @@
 """The host side of the Triton kernels: launch configuration and cached address tables ("plans").
 
 One launch covers a whole list of tensors, whose addresses programs read from a table (layout in
-``xsam.kernels.primitives``). Building a table costs a Python loop and a host-to-device copy, so
-tables are cached, keyed by what the kernels rely on: every tensor's address, list 0's element counts
-(every other list must match them, so a shorter view at a cached address gets its own table), the
-dtype (an int32 view is refused, never read as floats), the call's device (an address names one
-allocation on one device), and which lists the op writes (overlaps are refused when a table is
-built; dense tensors of known address, size and dtype cover fixed bytes). Each of these is checked
-on every call with one C-level ``map`` per list, never a per-tensor Python loop. The memory order is
-not in the key: ``xsam.ops.triton_backend`` checks it on every call.
+``xsam.kernels.primitives``). Building a table costs a Python loop and a host-to-device copy, so tables
+are cached (least recently used first out), keyed by everything the kernels rely on: every tensor's
+address, list 0's element counts, the dtype, the device and which lists the op writes (overlaps are
+refused when a table is built). The key is checked on every call with one C-level ``map`` per list;
+the memory order is not in it (``xsam.ops.triton_backend`` checks it on every call).
 
-The cache is least-recently-used. A table is filled by a non-blocking copy on the stream that built
-it; another stream waits for that copy and ``record_stream``-s the table, so evicting it while a
-kernel still reads it cannot hand its memory to others. A table used during CUDA graph capture is
-never freed (``release_graph_plans`` frees them once the graphs are gone); one built during capture
-is filled only on replay, so it serves that capture alone and never enters the cache.
+A table is filled by a non-blocking copy on the stream that built it; another stream waits for that
+copy and ``record_stream``-s the table, so evicting it while a kernel still reads it is safe. A table
+used during CUDA graph capture is never freed (``release_graph_plans`` frees them once the graphs are
+gone); one built during capture is filled only on replay, so it serves that capture alone.
 """
 from __future__ import annotations
 
@@ -56,21 +52,17 @@ def get_launch_config() -> tuple[int, int]:
     return _config.chunk, _config.block
 
 
-def _check_config(chunk: int, block: int) -> None:
-    for name, value in (("chunk", chunk), ("block", block)):
-        if not isinstance(value, int) or value < 16 or value & (value - 1):
-            raise ValueError(f"{name}={value!r} is invalid: it must be a power of two >= 16")
-    if chunk < block:
-        raise ValueError(f"chunk={chunk} is smaller than block={block}; use chunk >= block")
-
-
 @contextlib.contextmanager
 def launch_config(chunk: int | None = None, block: int | None = None) -> Iterator[None]:
     """Temporarily use other chunk/block sizes (tests use small ones to cross boundaries)."""
     old = get_launch_config()
     new_chunk = old[0] if chunk is None else chunk
     new_block = min(old[1], new_chunk) if block is None else block  # the current block is <= its chunk
-    _check_config(new_chunk, new_block)
+    for name, value in (("chunk", new_chunk), ("block", new_block)):
+        if not isinstance(value, int) or value < 16 or value & (value - 1):
+            raise ValueError(f"{name}={value!r} is invalid: it must be a power of two >= 16")
+    if new_chunk < new_block:
+        raise ValueError(f"chunk={new_chunk} is smaller than block={new_block}; use chunk >= block")
     _config.chunk, _config.block = new_chunk, new_block
     try:
         yield
@@ -109,9 +101,6 @@ class CallFacts:
     dtype: torch.dtype
     numels: tuple[int, ...]  # every list's, position by position
     ptrs: list[tuple[int, ...]]  # one address tuple per list
-
-    def subset(self, which: Sequence[int]) -> "CallFacts":
-        return CallFacts(self.device, self.dtype, self.numels, [self.ptrs[k] for k in which])
 
 
 def call_facts(lists: Sequence[Sequence[Tensor]], names: Sequence[str]) -> CallFacts | None:

@@ -44,23 +44,18 @@ def program_chunk(table, ntensors, first_chunk, NL: tl.constexpr, CHUNK: tl.cons
 
 
 @triton.jit
-def tensor_pointer(table, base, row, ntensors, t, VEC: tl.constexpr):
+def list_pointers(table, base, ntensors, t, NL: tl.constexpr, VEC: tl.constexpr):
+    """Tensor t of lists 0..NL-1, as a tuple."""
     # Tensors are addressed as base + element offset, where base is the table itself viewed in
     # the storage dtype. Unlike a cast from an integer, this keeps the compiler's alignment
     # facts, so a promise that the offset is a multiple of VEC elements (16 bytes, checked on
     # the host for every tensor of the launch) turns into 128-bit accesses.
-    off = tl.load(table + row * ntensors + t)
-    if VEC > 1:
-        off = tl.multiple_of(off, VEC)
-    return base + off
-
-
-@triton.jit
-def list_pointers(table, base, ntensors, t, NL: tl.constexpr, VEC: tl.constexpr):
-    """Tensor t of lists 0..NL-1, as a tuple."""
     ps = ()
     for k in tl.static_range(NL):
-        ps = ps + (tensor_pointer(table, base, k, ntensors, t, VEC),)
+        off = tl.load(table + k * ntensors + t)
+        if VEC > 1:
+            off = tl.multiple_of(off, VEC)
+        ps = ps + (base + off,)
     return ps
 
 

@@ -144,7 +144,8 @@ def dots(lists: Sequence[Tensors], pairs: Sequence[tuple[int, int]]) -> Tensor:
     canonical: dict[tuple[int, ...], int] = {}
     alias = [canonical.setdefault(p, k) for k, p in enumerate(facts.ptrs)]
     pairs = [(alias[a], alias[b]) for a, b in pairs]
-    results = [_reduce(facts.subset(used), [lists[i] for i in used], [names[i] for i in used], local, _DOTS)
+    results = [_reduce(CallFacts(facts.device, facts.dtype, facts.numels, [facts.ptrs[i] for i in used]),
+                       [lists[i] for i in used], [names[i] for i in used], local, _DOTS)
                for used, local, _ in _batches(pairs)]
     # Greedy batching keeps the pairs in order, so the batch results concatenate.
     return results[0] if len(results) == 1 else torch.cat(results)

@@ -7,19 +7,11 @@
 // The metadata of a launch is a table of TENSORS (each list's address, the size, and the running
 // count of chunks), not of blocks: block b finds its tensor by a binary search of the chunk
 // counts. One launch therefore covers every chunk of up to kMaxTensors tensors however large they
-// are: a 1e9-element tensor is one launch of 30,518 blocks, and 1,000 parameters of a network are
-// one or two launches. The grid is one block per chunk, so a launch fills the GPU as soon as its
-// tensors hold more chunks than the GPU has resident blocks (e.g. 132 SMs x 4 = 528 on an H100),
-// with no SM-count query; and as the split depends on the sizes alone, a reduction adds the same
-// partials in the same order whatever the size of the GPU.
-// The table travels in the kernel parameters, which CUDA 12.1+ allows up to 32 KiB on sm_70+
-// (738-1624 tensors per launch depending on the number of lists, against ATen's 36-110 tensors and
-// 320 blocks in 4 KiB).
-// Parameters are copied with the launch itself: no host buffer has to outlive it, nothing else is
-// copied and nothing waits for the device; launches on several streams share nothing; a CUDA
-// graph records each launch with its own copy, so capture and replay are safe. (A device-side
-// table copied from pinned memory would need that memory held until the copy ran, an event per
-// call, and under graph capture it would be re-read from host memory at every replay.)
+// are, with one block per chunk: no SM-count query, and as the split depends on the sizes alone, a
+// reduction adds the same partials in the same order whatever the size of the GPU.
+// The table travels in the kernel parameters (up to 32 KiB on sm_70+ with CUDA 12.1+): copied with
+// the launch itself, so no host buffer has to outlive it, nothing waits for the device, launches on
+// several streams share nothing, and a CUDA graph records each launch with its own copy.
 #pragma once
 
 #include "kernels.cuh"

@@ -127,20 +127,16 @@ def power_update_(us: Sequence[Tensors], vs: Sequence[Tensors], *, eps: float = 
                   layout: Layout | None = None) -> PowerStats:
     """One power-iteration update for m vectors: ``v_j <- u_j / (||u_j|| + eps)`` with ``u_j = H v_j``.
 
-    One fused reduction gives {<u,u>, <v,u>, <v,v>} for every j (Rayleigh quotient and norm),
-    one more the residual ``||u - lambda v||`` element by element (the one-pass formula
-    ``uu - lambda * vu`` cancels to 0 in fp32 long before the residual is small), then one
-    scaling pass per vector writes the new v_j. For m > 1 the caller re-orthonormalises
+    One fused reduction gives {<u,u>, <v,u>, <v,v>} for every j (Rayleigh quotient and norm), one
+    more the residual ``||u - lambda v||`` element by element (``residual_sumsq``: no cancellation),
+    then one scaling pass per vector writes the new v_j. For m > 1 the caller re-orthonormalises
     afterwards (block power iteration).
     """
     m = len(vs)
     if layout is None and m:
         layout = Layout.of(vs[0])
-    lists = list(us) + list(vs)
-    pairs = []
-    for j in range(m):
-        pairs += [(j, j), (m + j, j), (m + j, m + j)]
-    sums = dots(lists, pairs, backend=backend, layout=layout).reshape(m, 3)
+    pairs = [pair for j in range(m) for pair in ((j, j), (m + j, j), (m + j, m + j))]
+    sums = dots(list(us) + list(vs), pairs, backend=backend, layout=layout).reshape(m, 3)
     uu, vu, vv = sums[:, 0], sums[:, 1], sums[:, 2]
     lam = vu / torch.where(vv > 0, vv, torch.ones_like(vv))
     residuals = torch.stack([residual_sumsq(us[j], vs[j], lam[j], backend=backend, layout=layout)

@@ -1,17 +1,15 @@
 """Which implementation of the op set runs for a (device, dtype) group.
 
-Backends: ``"reference"`` (pure PyTorch, always there), ``"triton"`` (``xsam.kernels``) and
-``"native"`` (the compiled ``xsam._C``). ``"auto"`` picks the fastest available one per group; naming
-a backend that cannot serve a group raises ``BackendUnavailableError`` with the reason. When a backend
-that "auto" would use fails to load, "auto" warns once (``BackendLoadWarning``, with the import error)
-and uses the next one; ``xsam info`` says so too. Before "auto" first uses a fused backend for a
-(device, dtype), a few ops run against the reference (``xsam.ops.verify.trusted``, milliseconds; skipped
-when a backend is named or ``XSAM_SKIP_KERNEL_CHECK=1``); if they disagree, "auto" warns once and uses
-the reference there.
+Backends: ``"reference"`` (pure PyTorch, always there), ``"triton"`` (``xsam.kernels``) and ``"native"``
+(the compiled ``xsam._C``). ``"auto"`` picks the fastest available one per group; naming a backend that
+cannot serve a group raises ``BackendUnavailableError`` with the reason. When a backend that "auto" would
+use fails to load, "auto" warns once (``BackendLoadWarning``, with the import error) and uses the next
+one. Before "auto" first uses a fused backend for a (device, dtype), a few ops run against the reference
+(``xsam.ops.verify.trusted``; skipped when a backend is named or ``XSAM_SKIP_KERNEL_CHECK=1``); if they
+disagree, "auto" warns once and uses the reference there.
 
 A backend is a module with one function per op of ``xsam.ops.contract`` (the schema's argument names,
-called with keywords on one non-empty group) and ``availability(device, dtype) -> str | None`` (None
-when it can serve the group, else why not).
+called with keywords on one non-empty group) and ``availability(device, dtype) -> str | None``.
 """
 from __future__ import annotations
 
@@ -56,23 +54,17 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
     except Exception as exc:  # an optional backend must never break `import xsam`
         return None, f"{type(exc).__name__}: {exc}"
     why = getattr(module, "UNAVAILABLE_REASON", None)
-    if why:
-        return None, why
-    return module, None
+    return (None, why) if why else (module, None)
 
 
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """None when backend ``name`` can run tensors of this device and dtype, else why not."""
     module, why = _load(name)
-    if module is None:
-        return why
-    return module.availability(device, dtype)
+    return why if module is None else module.availability(device, dtype)
 
 
 def _auto_order(device: torch.device) -> tuple[str, ...]:
-    if device.type == "cuda":
-        return ("native", "triton", "reference")
-    return ("native", "reference")
+    return ("native", "triton", "reference") if device.type == "cuda" else ("native", "reference")
 
 
 # Plain dicts rather than functools.lru_cache: torch.compile traces a dict lookup, while

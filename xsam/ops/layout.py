@@ -10,11 +10,10 @@
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Sequence
-
-import sys
 
 import torch
 from torch import Tensor

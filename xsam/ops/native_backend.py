@@ -21,7 +21,6 @@ from .fakes import register_fakes
 from .layout import LayoutError, needs_dense
 
 NAMESPACE = "xsam"
-_C = None  # the extension module, once loaded
 
 
 def has_kernel(device_type: str, op: str = "dots") -> bool:
@@ -50,18 +49,14 @@ def extension_gaps(extension) -> str | None:
     return None
 
 
-def _load_extension() -> str | None:
-    """Import xsam._C (running its kernel registrations); None on success, else why it failed."""
-    global _C
-    define_schemas(NAMESPACE)
-    try:
-        from xsam import _C  # its import runs the TORCH_LIBRARY_IMPL registrations
-    except ImportError as exc:
-        return build_info.missing_extension_reason(exc)  # says why the build failed, if it did
-    return extension_gaps(_C)
-
-
-UNAVAILABLE_REASON = _load_extension()
+define_schemas(NAMESPACE)  # first: importing xsam._C runs the TORCH_LIBRARY_IMPL registrations
+try:
+    from xsam import _C
+except ImportError as exc:
+    _C = None
+    UNAVAILABLE_REASON = build_info.missing_extension_reason(exc)  # says why the build failed, if it did
+else:
+    UNAVAILABLE_REASON = extension_gaps(_C)
 
 
 @dataclass(frozen=True)
@@ -103,8 +98,7 @@ def availability(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def _adapter(name: str):
-    """The backend function of op ``name``: xsam._C's fast eager entry (see csrc/module.cpp), the same
-    kernel without converting every tensor of every list; torch.compile traces the registered op."""
+    """The backend function of op ``name``: xsam._C's fast entry, or the registered op under torch.compile."""
     spec = OPS[name]
     names = spec.argument_names()
     fast = getattr(_C, name, None)

@@ -33,10 +33,8 @@ def _sum_of_squares(tensors: Tensors, acc: torch.dtype) -> Tensor:
 
 
 def _dot(xs: Tensors, ys: Tensors, acc: torch.dtype) -> Tensor:
-    # One dot per tensor pair (PyTorch has no multi-tensor dot): no concatenated copies.
-    if xs[0].dtype == acc:
-        return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]).sum()
-    # Narrower storage: widen one pair at a time, so no temporary is larger than one tensor.
+    # One dot per tensor pair (PyTorch has no multi-tensor dot): no concatenated copies. Narrower
+    # storage is widened one pair at a time (.to is a no-op otherwise), so no temporary is larger than one tensor.
     return torch.stack([torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc)) for x, y in zip(xs, ys)]).sum()
 
 

@@ -41,10 +41,6 @@ def _scalar(value, device: torch.device, acc: torch.dtype) -> Tensor:
     return torch.full((), float(value), device=device, dtype=acc)
 
 
-def _result_dtype(layout: Layout) -> torch.dtype:
-    return torch.float64 if any(g.dtype == torch.float64 for g in layout.groups) else torch.float32
-
-
 def sum_partials(partials: list[Tensor], n: int, dtype: torch.dtype) -> Tensor:
     """Add per-group results in order on the first group's device (an empty list gives zeros)."""
     if not partials:
@@ -60,8 +56,8 @@ def run(name: str, lists: dict[str, Sequence[Tensor] | None], scalars: dict, oth
         layout: Layout | None):
     """Run op ``name`` over lists of any devices and dtypes (see the docstring of ``xsam.ops``).
 
-    ``lists`` maps the schema's list arguments to aligned lists (None for an absent optional
-    list); for ``dots`` it is the lists to concatenate, under keys ``"0"``, ``"1"``, ...
+    ``lists`` maps the schema's list arguments to aligned lists (None for an absent optional list);
+    for ``dots`` it is the lists to concatenate, under their names in messages (``"lists[0]"``, ...).
     """
     spec = OPS[name]
     key = next(iter(lists.values()))
@@ -89,7 +85,8 @@ def run_local(spec: OpSpec, lists: dict, scalars: dict, other: dict, backend: st
     n = spec.result_len(other if spec.name == "dots" else {})
     if len(partials) == 1:
         return partials[0]
-    return sum_partials(partials, n, _result_dtype(layout))
+    return sum_partials(partials, n, torch.float64 if any(g.dtype == torch.float64 for g in layout.groups)
+                        else torch.float32)
 
 
 def _group_args(spec: OpSpec, group: Group, lists: dict, scalars: dict, other: dict) -> dict:

@@ -123,20 +123,6 @@ def _fallback_for(spec: OpSpec, device_key: str):
     return fallback
 
 
-_LIBRARY: torch.library.Library | None = None
-
-
-def _register() -> None:
-    global _LIBRARY
-    register_fakes(NAMESPACE)
-    device_key = "CPU" if INTERPRETING else "CUDA"
-    library = torch.library.Library(NAMESPACE, "IMPL")
-    for spec in OPS.values():
-        library.impl(spec.name, _kernel_for(spec), device_key)
-        library.impl(spec.name, _fallback_for(spec, device_key), "CompositeExplicitAutograd")
-    _LIBRARY = library  # the registrations live as long as the Library object
-
-
 # ---------------------------------------------------------------- the backend functions
 
 def _adapter(name: str):
@@ -155,7 +141,12 @@ def _adapter(name: str):
 
 define_schemas(NAMESPACE)  # the adapters below look their ops up; the kernels register only with Triton
 if not UNAVAILABLE_REASON:
-    _register()
+    register_fakes(NAMESPACE)
+    _DEVICE_KEY = "CPU" if INTERPRETING else "CUDA"
+    _LIBRARY = torch.library.Library(NAMESPACE, "IMPL")  # the registrations live as long as this object
+    for _spec in OPS.values():
+        _LIBRARY.impl(_spec.name, _kernel_for(_spec), _DEVICE_KEY)
+        _LIBRARY.impl(_spec.name, _fallback_for(_spec, _DEVICE_KEY), "CompositeExplicitAutograd")
 
 # One adapter per op of the contract (tests/test_backend_triton.py checks that none is missing). Only
 # called when UNAVAILABLE_REASON is None.
