@@ -3,8 +3,6 @@ and both catch a broken kernel, injected by replacing a backend function (one ul
 or the last chunk skipped)."""
 import math
 import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -99,21 +97,10 @@ def test_selftest_passes_on_the_cpu(capsys):
     out = capsys.readouterr().out
     assert "selftest passed" in out and "FAIL" not in out
     for op in OPS:
-        assert f"\n{op:<17} native   cpu       float32 " in out
-        assert f"\n{op:<17} native   cpu       mixed " in out
+        for dtype in ("float32", "float64", "mixed"):
+            assert f"\n{op:<17} native   cpu       {dtype:<9} " in out
     for method in ("SAM", "ASAM", "X-SAM"):
         assert f"\n{method:<17} native   cpu       float32 " in out
-
-
-@needs_native
-def test_python_dash_m_xsam_selftest_runs_and_exits_0():
-    # float64 only: no optimizer steps (they run in float32), which keeps the subprocess short.
-    argv = ["selftest", "--device", "cpu", "--quick", "--dtypes", "float64"]
-    out = subprocess.run([sys.executable, "-m", "xsam", *argv], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "selftest passed" in out.stdout, out.stdout
-    for op in OPS:
-        assert re.search(rf"\n{op} +native +cpu +float64 +[1-9]\d* .* PASS\n", out.stdout), out.stdout
 
 
 def test_selftest_of_a_backend_that_cannot_run_here_is_skipped_not_failed(capsys):
@@ -128,7 +115,7 @@ def test_selftest_of_a_backend_that_cannot_run_here_is_skipped_not_failed(capsys
 def test_selftest_checks_the_cpu_kernels_on_several_threads_and_long_lists():
     """The sizes come from the extension: past the parallel threshold, and more tensors than the old check's 4."""
     constants = native_backend.CONSTANTS
-    threads = size_cases("native", "cpu", quick=True)["threads"]
+    threads = size_cases("native", "cpu")["threads"]
     total = sum(math.prod(s) for s in threads)
     assert total >= (constants.cpu_min_parallel_items - 1) * constants.cpu_chunk + 1
     assert max(math.prod(s) for s in threads) > constants.cpu_chunk  # one tensor spans several items

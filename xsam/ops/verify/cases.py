@@ -84,7 +84,7 @@ def threaded_shapes() -> list[tuple[int, ...]]:
     return [(5,), (spanning,), (3,), (below_a_chunk,), (7,)]
 
 
-def size_cases(backend: str, device: str, *, quick: bool = False) -> dict[str, list[tuple[int, ...]]]:
+def size_cases(backend: str, device: str) -> dict[str, list[tuple[int, ...]]]:
     """Shape lists that hit the edge cases: empty and 1-element tensors, odd shapes, each side of the
     backend's chunk (and block), many tensors (more than one launch's worth)."""
     chunk, block = boundaries(backend, device)
@@ -97,10 +97,7 @@ def size_cases(backend: str, device: str, *, quick: bool = False) -> dict[str, l
     cases["chunk"] = around
     if backend == "native" and device == "cpu":
         cases["threads"] = threaded_shapes()
-    if quick:
-        return cases
-    interpreted = backend == "triton" and device == "cpu"
-    if interpreted:
+    if backend == "triton" and device == "cpu":
         cases["many"] = [(i % 5,) for i in range(40)]  # empty ones included; few: every program is slow
     else:
         # Many tiny tensors of odd sizes, and one of exactly one chunk.
@@ -133,7 +130,7 @@ def selftest_cases(op: str, backend: str, device: torch.device, dtype: torch.dty
     """The self-test's cases of one op for one (backend, device, dtype)."""
     if op not in RECIPES:
         return []
-    sizes = size_cases(backend, device.type, quick=quick)
+    sizes = size_cases(backend, device.type)
     out = []
     for name, layout, kinds in _QUICK_PLAN if quick else _SELFTEST_PLAN:
         if name not in sizes:
