@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -32,14 +33,11 @@ USERS_GPUS = [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]
 
 
 def compiled_codes(arch_list: str) -> list[str]:
-    """The codes torch compiles for a numeric TORCH_CUDA_ARCH_LIST (cpp_extension's rule)."""
-    codes = []
-    for entry in arch_list.split(";"):
-        number = entry.removesuffix("+PTX").replace(".", "")
-        codes.append(f"sm_{number}")
-        if entry.endswith("+PTX"):
-            codes.append(f"compute_{number}")
-    return codes
+    """The codes torch's cpp_extension compiles for a TORCH_CUDA_ARCH_LIST."""
+    from torch.utils import cpp_extension  # here: it warns at import on a machine without CUDA
+
+    with mock.patch.dict(os.environ, TORCH_CUDA_ARCH_LIST=arch_list):
+        return build_info.codes_from_gencode_flags(cpp_extension._get_cuda_arch_flags())
 
 
 def covered(codes, capability) -> bool:

@@ -244,9 +244,9 @@ class _Layout:
 _layout_of = functools.lru_cache(maxsize=32)(_Layout)  # the cases of one check share their shapes and layout
 
 
-def _values(case: Case, layout: _Layout) -> tuple[dict[str, Tensor | None], dict[str, float], dict, set[str]]:
+def _values(case: Case, layout: _Layout) -> tuple[dict[str, Tensor | None], dict[str, float], dict]:
     """The case's inputs: one flat float64 vector per list (rounded to the storage dtypes; aliased
-    lists share one), its scalars, its other arguments, and the absent lists."""
+    lists share one; None for an absent list or an output), its scalars and its other arguments."""
     recipe = RECIPES[case.op]
     overrides = dict(recipe.variants)[case.variant]
     spec = OPS[case.op]
@@ -275,7 +275,7 @@ def _values(case: Case, layout: _Layout) -> tuple[dict[str, Tensor | None], dict
         if values[written] is None:
             values[written] = values[read]
         values[read] = values[written]
-    return values, scalars, other, absent
+    return values, scalars, other
 
 
 @dataclass
@@ -286,7 +286,7 @@ class _Inputs:
     buffers: dict[str, list[Tensor]]
 
 
-def _materialise(layout: _Layout, values: dict, absent: set[str], outputs: tuple[str, ...], *, mode: str) -> _Inputs:
+def _materialise(layout: _Layout, values: dict, outputs: tuple[str, ...], *, mode: str) -> _Inputs:
     """Fresh tensors for one run. mode "run": each group's dtype, in the case's layout; "exact":
     float64; "magnitude": float64 absolute values. Output lists start as NaN, so an element the
     op fails to write shows."""
@@ -294,7 +294,7 @@ def _materialise(layout: _Layout, values: dict, absent: set[str], outputs: tuple
     lists: dict[str, list[Tensor] | None] = {}
     buffers: dict[str, list[Tensor]] = {}
     for name, flat in values.items():
-        if name in absent or (flat is None and name not in outputs):
+        if flat is None and name not in outputs:
             lists[name] = None
             continue
         if flat is not None and id(flat) in made:
