@@ -194,8 +194,7 @@ class _Group:
     positions: tuple[int, ...]
     starts: tuple[int, ...]
     steps: tuple[int, ...]
-    size: int  # buffer length
-    outside: Tensor  # buffer positions that belong to no tensor
+    outside: Tensor  # of the buffer's length: the positions that belong to no tensor
 
 
 class _Layout:
@@ -216,12 +215,10 @@ class _Layout:
                 starts.append(start)
                 steps.append(step)
                 end = start + step * self.numels[i]
-            size = end + 5
-            outside = torch.ones(size, dtype=torch.bool, device="cpu")
+            outside = torch.ones(end + 5, dtype=torch.bool, device="cpu")
             for i, start, step in zip(positions, starts, steps):
                 outside[start:start + step * self.numels[i]:step] = False
-            self.groups.append(_Group(device, dtype, tuple(positions), tuple(starts), tuple(steps), size,
-                                      outside.to(device)))
+            self.groups.append(_Group(device, dtype, tuple(positions), tuple(starts), tuple(steps), outside.to(device)))
         self.single = len(self.groups) == 1
         self.home = self.groups[0].device if self.single else torch.device("cpu")
 
@@ -305,7 +302,7 @@ def _materialise(layout: _Layout, values: dict, outputs: tuple[str, ...], *, mod
         group_buffers = []
         for g in layout.groups:
             dtype = g.dtype if mode == "run" else torch.float64
-            buffer = torch.full((g.size,), _SENTINEL, dtype=dtype, device=g.device)
+            buffer = torch.full(g.outside.shape, _SENTINEL, dtype=dtype, device=g.device)
             for i, start, step in zip(g.positions, g.starts, g.steps):
                 shape = layout.shapes[i]
                 tensors[i] = buffer.as_strided(shape, _strides(shape, step), start)

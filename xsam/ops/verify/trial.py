@@ -121,13 +121,12 @@ def _run_case(case: Case, backend: str, twice: bool, threads: int) -> CaseResult
             return failed(f"returned {what}; the reference returns {ref.dtype}, {list(ref.shape)} on {ref.device}")
         if not torch.equal(_bits(got), _bits(again)):
             return failed("a second call on the same inputs gave other bits (reductions must be deterministic)")
-        n = sum(layout.numels)
         if random:
             if recipe.magnitude is not None:
                 flats = {name: _flat(layout, exact_in, name) for name in exact_in.buffers}
                 magnitude = recipe.magnitude(flats, scalars)
             eps, tiny = max(unit_roundoff(accumulation_dtype(g.dtype)) for g in layout.groups)
-            roundings = max(2.0, math.sqrt(n))
+            roundings = max(2.0, math.sqrt(sum(layout.numels)))
         else:
             # Exact values: the kernels' sums are exact; allow only the float64 oracle's own
             # roundings (its sums of squares go through a norm, squared back).
