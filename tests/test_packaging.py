@@ -155,7 +155,8 @@ def test_a_failed_compile_installs_the_pure_python_package(unpacked, fresh_env, 
     assert record["built"] is False and "'false'" in record["failure"]
 
     out = smoke(fresh_env, tmp_path)
-    assert "NATIVE: backend='native' cannot run" in out and "failed to build" in out
+    assert "NATIVE: backend='native' cannot run" in out and "failed to build" in out and "pip install" in out
+    assert "the build failed with C++ compiler 'false'" in out
     assert "xsam._C build: failed at install with C++ compiler 'false'" in out
     assert "reference  cpu     available" in out
 

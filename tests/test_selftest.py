@@ -3,8 +3,6 @@ and both catch a broken kernel, injected by replacing a backend function (one ul
 or the last chunk skipped)."""
 import math
 import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -81,16 +79,25 @@ def _break_perturb(monkeypatch, breakage):
 # ---------------------------------------------------------------- the self-test on this machine
 
 @needs_native
-def test_the_cuda_size_cases_cross_the_launch_limits_of_the_cuda_kernels():
-    """The self-test mirrors max_tensors_per_launch of the CUDA multi-tensor apply (read from the header
-    here): its GPU cases must cross every op's launch limit, with a multi-chunk tensor closing one."""
+def test_the_size_cases_cross_the_limits_of_the_cpu_and_cuda_kernels():
+    """CPU cases past xsam._C's parallel threshold (one tensor spanning several items), checks of over a dozen
+    tensors, GPU cases past every op's launch limit (read from the CUDA header), a multi-chunk tensor closing one."""
+    constants = native_backend.CONSTANTS
+    threads = size_cases("native", "cpu")["threads"]
+    total = sum(math.prod(s) for s in threads)
+    assert total >= (constants.cpu_min_parallel_items - 1) * constants.cpu_chunk + 1
+    assert max(math.prod(s) for s in threads) > constants.cpu_chunk
+    check = verify.quick_cases("native", torch.device("cpu"), torch.float32)
+    assert {c.op for c in check} == set(OPS)
+    for case in check:
+        assert sum(math.prod(s) for s in case.shapes) > total and len(case.shapes) > 12
     header = (Path(__file__).parents[1] / "csrc" / "cuda" / "multi_tensor_apply.cuh").read_text()
     documented = re.search(r"32 KiB: (\d+), (\d+), (\d+), (\d+)", header).groups()
     assert [native_cuda_tensors_per_launch(n) for n in range(1, 5)] == [int(d) for d in documented]
     assert "constexpr int kKernelParamBytes = 32764;" in header and "constexpr int kOtherParamBytes = 256;" in header
     launches = size_cases("native", "cuda")["launches"]
     closing = native_cuda_tensors_per_launch(4) - 1
-    assert launches[closing][0] > 2 * native_backend.CONSTANTS.cuda_chunk
+    assert launches[closing][0] > 2 * constants.cuda_chunk
     assert len(launches) > native_cuda_tensors_per_launch(1)
 
 
@@ -99,21 +106,10 @@ def test_selftest_passes_on_the_cpu(capsys):
     out = capsys.readouterr().out
     assert "selftest passed" in out and "FAIL" not in out
     for op in OPS:
-        assert f"\n{op:<17} native   cpu       float32 " in out
-        assert f"\n{op:<17} native   cpu       mixed " in out
+        for dtype in ("float32", "float64", "mixed"):
+            assert f"\n{op:<17} native   cpu       {dtype:<9} " in out
     for method in ("SAM", "ASAM", "X-SAM"):
         assert f"\n{method:<17} native   cpu       float32 " in out
-
-
-@needs_native
-def test_python_dash_m_xsam_selftest_runs_and_exits_0():
-    # float64 only: no optimizer steps (they run in float32), which keeps the subprocess short.
-    argv = ["selftest", "--device", "cpu", "--quick", "--dtypes", "float64"]
-    out = subprocess.run([sys.executable, "-m", "xsam", *argv], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "selftest passed" in out.stdout, out.stdout
-    for op in OPS:
-        assert re.search(rf"\n{op} +native +cpu +float64 +[1-9]\d* .* PASS\n", out.stdout), out.stdout
 
 
 def test_selftest_of_a_backend_that_cannot_run_here_is_skipped_not_failed(capsys):
@@ -123,19 +119,6 @@ def test_selftest_of_a_backend_that_cannot_run_here_is_skipped_not_failed(capsys
     assert "triton on cpu: not checked: " in out and "--triton-interpreter" in out
     assert "selftest skipped: triton cannot run here (see above), so nothing was checked (exit code 5)" in out
     assert "FAIL" not in out
-
-
-def test_selftest_checks_the_cpu_kernels_on_several_threads_and_long_lists():
-    """The sizes come from the extension: past the parallel threshold, and more tensors than the old check's 4."""
-    constants = native_backend.CONSTANTS
-    threads = size_cases("native", "cpu", quick=True)["threads"]
-    total = sum(math.prod(s) for s in threads)
-    assert total >= (constants.cpu_min_parallel_items - 1) * constants.cpu_chunk + 1
-    assert max(math.prod(s) for s in threads) > constants.cpu_chunk  # one tensor spans several items
-    check = verify.quick_cases("native", torch.device("cpu"), torch.float32)
-    assert {c.op for c in check} == set(OPS)
-    for case in check:
-        assert sum(math.prod(s) for s in case.shapes) > total and len(case.shapes) > 12
 
 
 @needs_native

@@ -227,15 +227,14 @@ def describe(record: BuildRecord | None = None) -> list[str]:
     else:
         lines = [f"xsam._C build: CPU kernels only, no CUDA kernels, torch {record.torch_version}"]
     if not torch.cuda.is_available():
-        lines.append("GPU coverage: no CUDA GPU visible")
-    else:
-        for index in range(torch.cuda.device_count()):
-            capability = tuple(torch.cuda.get_device_capability(index))
-            if record is None or not record.built or not record.cuda:
-                status = "xsam._C has no CUDA kernels to run on it"
-            else:
-                why = gpu_coverage_reason(capability, record)
-                status = "covered by xsam._C" if why is None else f"not covered: {why}"
-            lines.append(f"GPU cuda:{index} {torch.cuda.get_device_name(index)} "
-                         f"(compute capability {capability_text(capability)}): {status}")
+        return lines + ["GPU coverage: no CUDA GPU visible"]
+    for index in range(torch.cuda.device_count()):
+        capability = tuple(torch.cuda.get_device_capability(index))
+        if record is None or not record.built or not record.cuda:
+            status = "xsam._C has no CUDA kernels to run on it"
+        else:
+            why = gpu_coverage_reason(capability, record)
+            status = "covered by xsam._C" if why is None else f"not covered: {why}"
+        lines.append(f"GPU cuda:{index} {torch.cuda.get_device_name(index)} "
+                     f"(compute capability {capability_text(capability)}): {status}")
     return lines

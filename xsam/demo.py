@@ -43,14 +43,6 @@ def small_cnn() -> nn.Module:
     )
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x).argmax(1) == y).float().mean().item()
-    model.train()
-    return acc
-
-
 def make_optimizer(method: str, model: nn.Module, lr: float, rho: float):
     base = dict(lr=lr, momentum=0.9, weight_decay=5e-4)
     if method == "SGD":
@@ -101,10 +93,14 @@ def train(method: str, data, epochs: int, batch_size: int, lr: float, rho: float
             sched.step()
             if progress is not None:
                 progress.update(1)
+    model.eval()
+    with torch.no_grad():
+        test_acc = (model(xte).argmax(1) == yte).float().mean().item()
+    model.train()  # the top eigenvalue is measured in training mode
     fixed_x, fixed_y = xtr[:256], ytr[:256]  # the same batch for every method
     return {
         "method": method,
-        "test_acc": accuracy(model, xte, yte),
+        "test_acc": test_acc,
         "top_eig": top_eigenvalue(model, lambda: F.cross_entropy(model(fixed_x), fixed_y), tol=1e-4,
                                   seed=1234).eigenvalue,
         "mean_abs_cos": torch.stack(cosines).abs().mean().item() if cosines else float("nan"),

@@ -24,9 +24,7 @@ from .optim import SAM, XSAM
 FUSED_BACKENDS = ("native", "triton")
 EXIT_PASSED = 0  # also when no fused backend runs here at all: "auto" then uses the reference, which needs no check
 EXIT_FAILED = 1
-# The backends named with --backends cannot run here: a script asking for them must tell this from a pass
-# (pytest's code when it collects no test).
-EXIT_NOTHING_CHECKED = 5
+EXIT_NOTHING_CHECKED = 5  # the backends named with --backends cannot run here (pytest's code for no test)
 DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
 TRAINING_STEPS = 3
 
@@ -212,9 +210,7 @@ def _op_rows(plan, args):
 
 def _failure_lines(rows: list[Row]) -> list[str]:
     lines = []
-    for row in rows:
-        if row.ok:
-            continue
+    for row in [row for row in rows if not row.ok]:
         what = f"{row.what} on {row.backend}, {row.device}, {row.dtype}"
         if not row.cases:
             lines.append(f"FAIL {what}: the self-test has no case for this op (add a Recipe in xsam/ops/verify/rule.py)")

@@ -84,7 +84,7 @@ def threaded_shapes() -> list[tuple[int, ...]]:
     return [(5,), (spanning,), (3,), (below_a_chunk,), (7,)]
 
 
-def size_cases(backend: str, device: str, *, quick: bool = False) -> dict[str, list[tuple[int, ...]]]:
+def size_cases(backend: str, device: str) -> dict[str, list[tuple[int, ...]]]:
     """Shape lists that hit the edge cases: empty and 1-element tensors, odd shapes, each side of the
     backend's chunk (and block), many tensors (more than one launch's worth)."""
     chunk, block = boundaries(backend, device)
@@ -97,10 +97,7 @@ def size_cases(backend: str, device: str, *, quick: bool = False) -> dict[str, l
     cases["chunk"] = around
     if backend == "native" and device == "cpu":
         cases["threads"] = threaded_shapes()
-    if quick:
-        return cases
-    interpreted = backend == "triton" and device == "cpu"
-    if interpreted:
+    if backend == "triton" and device == "cpu":
         cases["many"] = [(i % 5,) for i in range(40)]  # empty ones included; few: every program is slow
     else:
         # Many tiny tensors of odd sizes, and one of exactly one chunk.
@@ -133,7 +130,7 @@ def selftest_cases(op: str, backend: str, device: torch.device, dtype: torch.dty
     """The self-test's cases of one op for one (backend, device, dtype)."""
     if op not in RECIPES:
         return []
-    sizes = size_cases(backend, device.type, quick=quick)
+    sizes = size_cases(backend, device.type)
     out = []
     for name, layout, kinds in _QUICK_PLAN if quick else _SELFTEST_PLAN:
         if name not in sizes:
@@ -197,8 +194,7 @@ class _Group:
     positions: tuple[int, ...]
     starts: tuple[int, ...]
     steps: tuple[int, ...]
-    size: int  # buffer length
-    outside: Tensor  # buffer positions that belong to no tensor
+    outside: Tensor  # of the buffer's length: the positions that belong to no tensor
 
 
 class _Layout:
@@ -219,12 +215,10 @@ class _Layout:
                 starts.append(start)
                 steps.append(step)
                 end = start + step * self.numels[i]
-            size = end + 5
-            outside = torch.ones(size, dtype=torch.bool, device="cpu")
+            outside = torch.ones(end + 5, dtype=torch.bool, device="cpu")
             for i, start, step in zip(positions, starts, steps):
                 outside[start:start + step * self.numels[i]:step] = False
-            self.groups.append(_Group(device, dtype, tuple(positions), tuple(starts), tuple(steps), size,
-                                      outside.to(device)))
+            self.groups.append(_Group(device, dtype, tuple(positions), tuple(starts), tuple(steps), outside.to(device)))
         self.single = len(self.groups) == 1
         self.home = self.groups[0].device if self.single else torch.device("cpu")
 
@@ -247,9 +241,9 @@ class _Layout:
 _layout_of = functools.lru_cache(maxsize=32)(_Layout)  # the cases of one check share their shapes and layout
 
 
-def _values(case: Case, layout: _Layout) -> tuple[dict[str, Tensor | None], dict[str, float], dict, set[str]]:
+def _values(case: Case, layout: _Layout) -> tuple[dict[str, Tensor | None], dict[str, float], dict]:
     """The case's inputs: one flat float64 vector per list (rounded to the storage dtypes; aliased
-    lists share one), its scalars, its other arguments, and the absent lists."""
+    lists share one; None for an absent list or an output), its scalars and its other arguments."""
     recipe = RECIPES[case.op]
     overrides = dict(recipe.variants)[case.variant]
     spec = OPS[case.op]
@@ -278,7 +272,7 @@ def _values(case: Case, layout: _Layout) -> tuple[dict[str, Tensor | None], dict
         if values[written] is None:
             values[written] = values[read]
         values[read] = values[written]
-    return values, scalars, other, absent
+    return values, scalars, other
 
 
 @dataclass
@@ -289,7 +283,7 @@ class _Inputs:
     buffers: dict[str, list[Tensor]]
 
 
-def _materialise(layout: _Layout, values: dict, absent: set[str], outputs: tuple[str, ...], *, mode: str) -> _Inputs:
+def _materialise(layout: _Layout, values: dict, outputs: tuple[str, ...], *, mode: str) -> _Inputs:
     """Fresh tensors for one run. mode "run": each group's dtype, in the case's layout; "exact":
     float64; "magnitude": float64 absolute values. Output lists start as NaN, so an element the
     op fails to write shows."""
@@ -297,7 +291,7 @@ def _materialise(layout: _Layout, values: dict, absent: set[str], outputs: tuple
     lists: dict[str, list[Tensor] | None] = {}
     buffers: dict[str, list[Tensor]] = {}
     for name, flat in values.items():
-        if name in absent or (flat is None and name not in outputs):
+        if flat is None and name not in outputs:
             lists[name] = None
             continue
         if flat is not None and id(flat) in made:
@@ -308,7 +302,7 @@ def _materialise(layout: _Layout, values: dict, absent: set[str], outputs: tuple
         group_buffers = []
         for g in layout.groups:
             dtype = g.dtype if mode == "run" else torch.float64
-            buffer = torch.full((g.size,), _SENTINEL, dtype=dtype, device=g.device)
+            buffer = torch.full(g.outside.shape, _SENTINEL, dtype=dtype, device=g.device)
             for i, start, step in zip(g.positions, g.starts, g.steps):
                 shape = layout.shapes[i]
                 tensors[i] = buffer.as_strided(shape, _strides(shape, step), start)

@@ -13,12 +13,6 @@ from ..reference import accumulation_dtype
 from .cases import Case, _Inputs, _Layout, _layout_of, _materialise, _values
 from .rule import RECIPES, Comparison, _alias_pair, compare, unit_roundoff
 
-def _call(op: str, lists: dict, scalars: dict, other: dict, backend: str):
-    from ..runner import run  # late: the runner imports this package (through dispatch)
-
-    return run(op, lists, scalars, other, backend, None)
-
-
 def _bits(t: Tensor) -> Tensor:
     return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
@@ -86,10 +80,16 @@ def run_case(case: Case, backend: str, *, twice: bool = True) -> CaseResult:
 
 
 def _run_case(case: Case, backend: str, twice: bool, threads: int) -> CaseResult:
+    from ..runner import run  # late: the runner imports this package (through dispatch)
+
     spec, recipe = OPS[case.op], RECIPES[case.op]
     layout = _layout_of(case.shapes, case.placements, case.layout)
-    values, scalars, other, absent = _values(case, layout)
-    fused = _materialise(layout, values, absent, recipe.outputs, mode="run")
+    values, scalars, other = _values(case, layout)
+
+    def call(on: _Inputs, name: str = "reference", with_scalars: dict = scalars):
+        return run(case.op, on.lists, with_scalars, other, name, None)
+
+    fused = _materialise(layout, values, recipe.outputs, mode="run")
     aliased_read = _alias_pair(case.op)[0] if case.aliased else None
     read_only = [n for n, lst in fused.lists.items() if lst is not None and n not in spec.written
                  and n not in recipe.outputs and n != aliased_read]
@@ -99,21 +99,20 @@ def _run_case(case: Case, backend: str, twice: bool, threads: int) -> CaseResult
         return CaseResult(case, backend, comparison, message)
 
     with _threads(threads):
-        got = _call(case.op, fused.lists, scalars, other, backend)
-        again = _call(case.op, fused.lists, scalars, other, backend) if spec.is_reduction and twice else got
+        got = call(fused, backend)
+        again = call(fused, backend) if spec.is_reduction and twice else got
     random = case.values == "random"
     # Element-wise ops on exact values: every intermediate is representable, so the reference is
     # exact as well and need not run.
-    reference = _materialise(layout, values, absent, recipe.outputs, mode="run") if random or spec.is_reduction \
-        else None
-    ref = _call(case.op, reference.lists, scalars, other, "reference") if reference is not None else None
-    exact_in = _materialise(layout, values, absent, recipe.outputs, mode="exact")
-    exact = _call(case.op, exact_in.lists, scalars, other, "reference")
+    reference = _materialise(layout, values, recipe.outputs, mode="run") if random or spec.is_reduction else None
+    ref = call(reference) if reference is not None else None
+    exact_in = _materialise(layout, values, recipe.outputs, mode="exact")
+    exact = call(exact_in)
     magnitude_in = None
     if random and recipe.magnitude is None:
-        magnitude_in = _materialise(layout, values, absent, recipe.outputs, mode="magnitude")
-        signed = {k: -abs(v) if k in recipe.subtracted else abs(v) for k, v in scalars.items()}
-        magnitude = _call(case.op, magnitude_in.lists, signed, other, "reference")
+        magnitude_in = _materialise(layout, values, recipe.outputs, mode="magnitude")
+        magnitude = call(magnitude_in, with_scalars={k: -abs(v) if k in recipe.subtracted else abs(v)
+                                                     for k, v in scalars.items()})
     home = layout.home
     if spec.is_reduction:
         if not isinstance(got, Tensor) or (got.shape, got.dtype, got.device) != (ref.shape, ref.dtype, ref.device):
@@ -122,13 +121,12 @@ def _run_case(case: Case, backend: str, twice: bool, threads: int) -> CaseResult
             return failed(f"returned {what}; the reference returns {ref.dtype}, {list(ref.shape)} on {ref.device}")
         if not torch.equal(_bits(got), _bits(again)):
             return failed("a second call on the same inputs gave other bits (reductions must be deterministic)")
-        n = sum(layout.numels)
         if random:
             if recipe.magnitude is not None:
                 flats = {name: _flat(layout, exact_in, name) for name in exact_in.buffers}
                 magnitude = recipe.magnitude(flats, scalars)
             eps, tiny = max(unit_roundoff(accumulation_dtype(g.dtype)) for g in layout.groups)
-            roundings = max(2.0, math.sqrt(n))
+            roundings = max(2.0, math.sqrt(sum(layout.numels)))
         else:
             # Exact values: the kernels' sums are exact; allow only the float64 oracle's own
             # roundings (its sums of squares go through a norm, squared back).
