@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from helpers import assert_each_close, free_port, spawn_and_wait
+from helpers import assert_each_close, free_port, same_bits, spawn_and_wait
 
 pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
@@ -164,13 +164,15 @@ def test_without_the_callback_accumulation_trains_on_the_last_micro_batch_only()
 
 
 # ----- with the callback ---------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["xsam", "sam"])
-@pytest.mark.parametrize("k", [1, 3])
-def test_fp64_steps_match_the_hand_written_loop(kind, k):
+@pytest.mark.parametrize("kind, k, clip, options", [
+    ("xsam", 1, None, {}), ("xsam", 3, None, {}), ("sam", 1, None, {}), ("sam", 3, None, {}),
+    ("xsam", 2, 0.05, {"hvp": "streaming"}),  # streaming sees the unclipped gradients of both passes
+])
+def test_fp64_steps_match_the_hand_written_loop(kind, k, clip, options):
     batches = make_batches(6)
-    module = TinyModule(kind)
-    trainer = fit(module, batches, accumulate_grad_batches=k, epochs=2)
-    net, opt, losses = hand_loop(kind, batches, k=k, epochs=2)
+    module = TinyModule(kind, **options)
+    trainer = fit(module, batches, accumulate_grad_batches=k, epochs=2, gradient_clip_val=clip)
+    net, opt, losses = hand_loop(kind, batches, k=k, epochs=2, clip=clip, **options)
     assert_same_weights(module, net, 1e-12)
     assert trainer.optimizers[0].diagnostics()["step"] == opt.diagnostics()["step"] == 12 // k
     if kind == "xsam":
@@ -202,15 +204,6 @@ def test_gradient_clipping_clips_the_direction_the_base_optimizer_applies(kind):
     assert_same_weights(module, clipped, 1e-12)
     assert (clipped[0].weight - unclipped[0].weight).abs().max() > 1e-3  # the clipping was active
     assert trainer.optimizers[0].max_grad_norm is None  # routed for each step, not kept
-
-
-def test_streaming_with_gradient_clipping_sees_the_unclipped_gradients_of_both_passes():
-    batches = make_batches(6)
-    module = TinyModule("xsam", hvp="streaming")
-    trainer = fit(module, batches, accumulate_grad_batches=2, gradient_clip_val=0.05)
-    net, opt, _ = hand_loop("xsam", batches, k=2, clip=0.05, hvp="streaming")
-    assert_same_weights(module, net, 1e-12)
-    assert_each_close(trainer.optimizers[0].eigenvector(), opt.eigenvector(), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("optimizer_kwargs, trainer_kwargs, match", [
@@ -251,9 +244,7 @@ def test_checkpoint_resume_through_the_trainer_continues_bit_identically(tmp_pat
     # float32 module would round them (a Lightning behaviour, unrelated to the optimizer).
     resumed = TinyModule("xsam").double()
     trainer = fit(resumed, batches, epochs=4, ckpt_path=str(tmp_path / "half.ckpt"))
-    for a, b in zip(list(resumed.parameters()) + list(resumed.buffers()),
-                    list(straight.parameters()) + list(straight.buffers())):
-        assert torch.equal(a, b)
+    assert same_bits([*resumed.parameters(), *resumed.buffers()], [*straight.parameters(), *straight.buffers()])
     assert trainer.optimizers[0].diagnostics()["step"] == 12
 
 
@@ -304,9 +295,7 @@ def test_ddp_two_processes_match_single_process_accumulation_on_the_full_batch(t
     spawn_and_wait(ddp_worker, (free_port(), str(tmp_path)), WORLD, timeout=120)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert ranks[0]["steps"] == ranks[1]["steps"] == DDP_STEPS
-    for a, b in zip(ranks[0]["weights"] + ranks[0]["eigenvector"], ranks[1]["weights"] + ranks[1]["eigenvector"]):
-        assert torch.equal(a, b)
+    assert same_bits(ranks[0]["weights"] + ranks[0]["eigenvector"], ranks[1]["weights"] + ranks[1]["eigenvector"])
     net, opt, _ = hand_loop("xsam", ddp_batches(), k=DDP_K, batchnorm=False)
-    for a, b in zip(ranks[0]["weights"], net.parameters()):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-10)
+    assert_each_close(ranks[0]["weights"], [p.detach() for p in net.parameters()], rtol=1e-10, atol=1e-10)
     assert_each_close(ranks[0]["eigenvector"], opt.eigenvector(), rtol=1e-10, atol=1e-10)
