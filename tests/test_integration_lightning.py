@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from helpers import assert_each_close, free_port, spawn_and_wait
+from helpers import assert_each_close, free_port, same_bits, spawn_and_wait
 
 pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
@@ -140,12 +140,18 @@ def assert_same_weights(module, net, tol):
 
 
 # ----- what Lightning does without the callback ----------------------------------------------
-@pytest.mark.parametrize("precision", ["64-true", "bf16-mixed"])
-def test_without_the_callback_runs_with_finite_difference_hvps(precision):
+@pytest.mark.parametrize("kind, precision, k, degraded", [
+    ("xsam", "64-true", 1, dict(exact_hvps=False)),  # no forward-only loss: finite-difference HVPs
+    ("xsam", "bf16-mixed", 1, dict(exact_hvps=False)),
+    # SAM zeroes the gradients before its first pass, so Lightning's micro-batches 1..k-1 are lost (they would
+    # still move BatchNorm statistics: no BatchNorm here).
+    ("sam", "64-true", 2, dict(micro_batches=lambda window: window[-1:])),
+], ids=["finite-difference-hvps-64-true", "finite-difference-hvps-bf16-mixed", "last-micro-batch-only"])
+def test_without_the_callback_steps_are_the_degraded_hand_written_loop(kind, precision, k, degraded):
     batches = make_batches(4)
-    module = TinyModule("xsam", batchnorm=False)
-    fit(module, batches, precision=precision, callback=False)
-    net, _, _ = hand_loop("xsam", batches, precision=precision, batchnorm=False, exact_hvps=False)
+    module = TinyModule(kind, batchnorm=False)
+    fit(module, batches, precision=precision, callback=False, accumulate_grad_batches=k)
+    net, _, _ = hand_loop(kind, batches, k=k, precision=precision, batchnorm=False, **degraded)
     assert_same_weights(module, net, 1e-12 if precision == "64-true" else 1e-5)
 
 
@@ -154,27 +160,27 @@ def test_without_the_callback_16_mixed_fails_because_gradscaler_steps_without_a_
         fit(TinyModule("sam"), make_batches(2), precision="16-mixed", callback=False)
 
 
-def test_without_the_callback_accumulation_trains_on_the_last_micro_batch_only():
-    """SAM zeroes the gradients before its first pass, so Lightning's micro-batches 1..k-1 are lost."""
-    batches = make_batches(4)
-    module = TinyModule("sam", batchnorm=False)  # (the lost micro-batches would still move BatchNorm statistics)
-    fit(module, batches, callback=False, accumulate_grad_batches=2)
-    net, _, _ = hand_loop("sam", batches, k=2, batchnorm=False, micro_batches=lambda window: window[-1:])
-    assert_same_weights(module, net, 1e-12)
-
-
 # ----- with the callback ---------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["xsam", "sam"])
-@pytest.mark.parametrize("k", [1, 3])
-def test_fp64_steps_match_the_hand_written_loop(kind, k):
+@pytest.mark.parametrize("kind, k, clip, options", [
+    ("xsam", 1, None, {}), ("xsam", 3, None, {}), ("sam", 1, None, {}), ("sam", 3, None, {}),
+    # Clipping: SAM clips the second pass's gradient. X-SAM normalises it before correcting it (clipping it would
+    # be a no-op), so the clipping is X-SAM's own max_grad_norm, after the correction.
+    ("xsam", 1, 0.05, {}), ("sam", 1, 0.05, {}),
+    ("xsam", 2, 0.05, {"hvp": "streaming"}),  # streaming sees the unclipped gradients of both passes
+])
+def test_fp64_steps_match_the_hand_written_loop(kind, k, clip, options):
     batches = make_batches(6)
-    module = TinyModule(kind)
-    trainer = fit(module, batches, accumulate_grad_batches=k, epochs=2)
-    net, opt, losses = hand_loop(kind, batches, k=k, epochs=2)
+    module = TinyModule(kind, **options)
+    trainer = fit(module, batches, accumulate_grad_batches=k, epochs=2, gradient_clip_val=clip)
+    net, opt, losses = hand_loop(kind, batches, k=k, epochs=2, clip=clip, **options)
     assert_same_weights(module, net, 1e-12)
     assert trainer.optimizers[0].diagnostics()["step"] == opt.diagnostics()["step"] == 12 // k
     if kind == "xsam":
         assert_each_close(trainer.optimizers[0].eigenvector(), opt.eigenvector(), rtol=1e-12, atol=1e-12)
+    if clip:
+        unclipped, _, _ = hand_loop(kind, batches, k=k, epochs=2, **options)
+        assert (net[0].weight - unclipped[0].weight).abs().max() > 1e-3  # the clipping was active
+        assert trainer.optimizers[0].max_grad_norm is None  # routed for each step, not kept
 
 
 def test_logged_loss_is_the_first_pass_loss_and_diagnostics_are_logged():
@@ -188,29 +194,6 @@ def test_logged_loss_is_the_first_pass_loss_and_diagnostics_are_logged():
     cos = opt.diagnostics()["cos_gadv_v"]
     assert metrics["xsam/cos_gadv_v"].item() == pytest.approx(cos, rel=1e-5)
     assert metrics["xsam/angle_gadv_v"].item() == pytest.approx(torch.tensor(cos).acos().rad2deg().item(), rel=1e-4)
-
-
-@pytest.mark.parametrize("kind", ["xsam", "sam"])
-def test_gradient_clipping_clips_the_direction_the_base_optimizer_applies(kind):
-    """SAM: the second pass's gradient. X-SAM normalises it before correcting it (clipping it would be a
-    no-op), so the clipping is X-SAM's own max_grad_norm, after the correction."""
-    batches = make_batches(4)
-    module = TinyModule(kind)
-    trainer = fit(module, batches, gradient_clip_val=0.05)
-    clipped, opt, _ = hand_loop(kind, batches, clip=0.05)
-    unclipped, _, _ = hand_loop(kind, batches)
-    assert_same_weights(module, clipped, 1e-12)
-    assert (clipped[0].weight - unclipped[0].weight).abs().max() > 1e-3  # the clipping was active
-    assert trainer.optimizers[0].max_grad_norm is None  # routed for each step, not kept
-
-
-def test_streaming_with_gradient_clipping_sees_the_unclipped_gradients_of_both_passes():
-    batches = make_batches(6)
-    module = TinyModule("xsam", hvp="streaming")
-    trainer = fit(module, batches, accumulate_grad_batches=2, gradient_clip_val=0.05)
-    net, opt, _ = hand_loop("xsam", batches, k=2, clip=0.05, hvp="streaming")
-    assert_same_weights(module, net, 1e-12)
-    assert_each_close(trainer.optimizers[0].eigenvector(), opt.eigenvector(), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("optimizer_kwargs, trainer_kwargs, match", [
@@ -251,9 +234,7 @@ def test_checkpoint_resume_through_the_trainer_continues_bit_identically(tmp_pat
     # float32 module would round them (a Lightning behaviour, unrelated to the optimizer).
     resumed = TinyModule("xsam").double()
     trainer = fit(resumed, batches, epochs=4, ckpt_path=str(tmp_path / "half.ckpt"))
-    for a, b in zip(list(resumed.parameters()) + list(resumed.buffers()),
-                    list(straight.parameters()) + list(straight.buffers())):
-        assert torch.equal(a, b)
+    assert same_bits([*resumed.parameters(), *resumed.buffers()], [*straight.parameters(), *straight.buffers()])
     assert trainer.optimizers[0].diagnostics()["step"] == 12
 
 
@@ -304,9 +285,7 @@ def test_ddp_two_processes_match_single_process_accumulation_on_the_full_batch(t
     spawn_and_wait(ddp_worker, (free_port(), str(tmp_path)), WORLD, timeout=120)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert ranks[0]["steps"] == ranks[1]["steps"] == DDP_STEPS
-    for a, b in zip(ranks[0]["weights"] + ranks[0]["eigenvector"], ranks[1]["weights"] + ranks[1]["eigenvector"]):
-        assert torch.equal(a, b)
+    assert same_bits(ranks[0]["weights"] + ranks[0]["eigenvector"], ranks[1]["weights"] + ranks[1]["eigenvector"])
     net, opt, _ = hand_loop("xsam", ddp_batches(), k=DDP_K, batchnorm=False)
-    for a, b in zip(ranks[0]["weights"], net.parameters()):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-10)
+    assert_each_close(ranks[0]["weights"], [p.detach() for p in net.parameters()], rtol=1e-10, atol=1e-10)
     assert_each_close(ranks[0]["eigenvector"], opt.eigenvector(), rtol=1e-10, atol=1e-10)

@@ -1,9 +1,6 @@
 """``xsam experiment``: does X-SAM's correction, or Eigen-SAM's tilt, regularise curvature?
 
-Arms in ``xsam.experiment.arms``, tasks (all offline) in ``xsam.experiment.tasks``, one run in
-``xsam.experiment.run``, the interleaved timing phase in ``xsam.experiment.timing``, tables and
-paired statistics in ``xsam.experiment.report``. The outputs in ``--out``: docs/results/README.md,
-"What was run"; the method: its "Method".
+The outputs in ``--out`` and the method: docs/results/README.md, "What was run" and "Method".
 """
 from .arms import DEFAULT_ARMS, Arm, ScaledXSAM, parse_arm
 from .layerwise import LayerwiseXSAM

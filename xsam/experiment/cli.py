@@ -13,7 +13,7 @@ import torch
 from ..cli_args import OneLineErrorParser, number, output_dir
 from .arms import DEFAULT_ARMS, parse_arm
 from .report import baselines_table, format_paired, format_table, paired, plot, summarize, write_csv
-from .run import QUICK, Settings, run_one, settings_for
+from .run import QUICK, run_one, settings_for
 from .tasks import TASKS
 from .timing import time_arms
 
@@ -23,11 +23,11 @@ DEFAULT_TASKS = ("mnist1d", "mnist", "digits", "mnist1d-mlp", "cubic")
 QUICK_ARMS = ("sgd", "sam", "xsam-alpha0", "xsam-signed-0.2", "xsam-scaled-signed-1.0", "eigensam-0.2")
 BASELINE_ONLY = {"mnist1d-mlp": ("sgd",)}  # the MLP is there to check the data against the published number
 
-SETTING_TYPES = {
-    "epochs": number(int, 1), "batch_size": number(int, 2), "eval_every": number(int, 1),
-    "lr": number(float, 0.0, low_open=True), "rho": number(float, 0.0), "eig_interval": number(int, 1),
-    "power_iters": number(int, 1), "momentum": number(float, 0.0, 1.0), "weight_decay": number(float, 0.0),
-    "asam_rho": number(float, 0.0), "eig_batch": number(int, 2), "eig_tol": number(float, 0.0, low_open=True),
+SETTING_TYPES = {  # in the order of Settings' fields (and of --help)
+    "epochs": number(int, 1), "batch_size": number(int, 2), "lr": number(float, 0.0, low_open=True),
+    "momentum": number(float, 0.0, 1.0), "weight_decay": number(float, 0.0), "rho": number(float, 0.0),
+    "asam_rho": number(float, 0.0), "eig_interval": number(int, 1), "power_iters": number(int, 1),
+    "eval_every": number(int, 1), "eig_batch": number(int, 2), "eig_tol": number(float, 0.0, low_open=True),
     "eig_max_iters": number(int, 2),
 }
 
@@ -65,10 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing: report the runs saved in these raw.json files (of earlier runs, e.g. one "
                         "per task) together; --tasks and --methods then only select and order them")
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "native", "triton"))
-    for name in Settings.__dataclass_fields__:
-        if name in SETTING_TYPES:
-            p.add_argument("--" + name.replace("_", "-"), type=SETTING_TYPES[name], default=None,
-                           help="for every task (default: per task, xsam.experiment.TASK_SETTINGS)")
+    for name, kind in SETTING_TYPES.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help="for every task (default: per task, xsam.experiment.run.TASK_SETTINGS)")
     return p
 
 

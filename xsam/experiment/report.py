@@ -1,7 +1,5 @@
 """Summaries, tables, CSVs and the plot of ``xsam experiment``.
 
-Matched loss: for each task, the common level L is the lowest of ``LOSS_LEVELS`` that every run
-of the reference arms (SGD, SAM and the normalised control, whichever ran; every seed) reached.
 Paired differences compare an arm with a reference arm seed by seed (same initial weights and
 batches): mean, 95% Student-t interval, seeds on each side.
 """
@@ -45,20 +43,23 @@ def common_levels(runs: list[dict], matched: list[dict]) -> dict[str, float]:
     out = {}
     for task in dict.fromkeys(r["task"] for r in runs):
         mine = [r for r in runs if r["task"] == task]
-        refs = [r for r in mine if r["method"] in REFERENCE_ARMS] or mine
-        keys = [(r["task"], r["method"], r["seed"], r["v_sign"]) for r in refs]
         common = set(LOSS_LEVELS)
-        for k in keys:
-            common &= reached.get(k, set())
+        for r in [r for r in mine if r["method"] in REFERENCE_ARMS] or mine:
+            common &= reached.get((r["task"], r["method"], r["seed"], r["v_sign"]), set())
         out[task] = min(common) if common else math.nan
     return out
+
+
+def _with_reference(values: dict, task: str, method: str, ref: str, seed: int, sign: int) -> tuple:
+    """(method's value, ref's value) at one seed; a reference without a start sign pairs with both signs."""
+    return values.get((task, method, seed, sign)), values.get((task, ref, seed, sign), values.get((task, ref, seed, 0)))
 
 
 def summarize(runs: list[dict], matched: list[dict], timing: list[dict], order: list[str],
               tasks: list[str] | None = None) -> list[dict]:
     """One row per (task, method, start sign): means and stds over seeds, timing, matched-loss sharpness."""
     levels = common_levels(runs, matched)
-    at_level = {(m["task"], m["method"], m["seed"], m["v_sign"]): m for m in matched
+    at_level = {(m["task"], m["method"], m["seed"], m["v_sign"]): m["eigenvalue"] for m in matched
                 if m["level"] == levels.get(m["task"])}
     timing_of = {(t["task"], t["method"]): t for t in timing}
     groups: dict[tuple, list[dict]] = {}
@@ -75,16 +76,13 @@ def summarize(runs: list[dict], matched: list[dict], timing: list[dict], order: 
         for name in ("test_acc", "test_loss", "train_loss", "eigenvalue", "grad_angle_deg", "evals_per_step",
                      "hvps_per_step"):
             row[f"{name}_mean"], row[f"{name}_std"] = _mean_std([r[name] for r in ok])
-        lam = [at_level[(task, method, r["seed"], sign)]["eigenvalue"] for r in ok
-               if (task, method, r["seed"], sign) in at_level]
+        lam = [at_level[(task, method, r["seed"], sign)] for r in ok if (task, method, r["seed"], sign) in at_level]
         row["matched_eigenvalue_mean"], row["matched_eigenvalue_std"] = _mean_std(lam)
         row["reached_level"] = len(lam)
-        # Paired with the normalised control (same seed, same start sign): seeds with a lower eigenvalue.
+        # Paired with the normalised control and with SAM (same seed): seeds with a lower eigenvalue.
         for ref, col in (("xsam-alpha0", "lower_than_control"), ("sam", "lower_than_sam")):
-            pairs = [(at_level.get((task, method, r["seed"], sign)),
-                      at_level.get((task, ref, r["seed"], sign)) or at_level.get((task, ref, r["seed"], 0)))
-                     for r in ok]
-            pairs = [(a["eigenvalue"], b["eigenvalue"]) for a, b in pairs if a and b]
+            pairs = [_with_reference(at_level, task, method, ref, r["seed"], sign) for r in ok]
+            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
             row[col] = f"{sum(a < b for a, b in pairs)}/{len(pairs)}" if pairs and method != ref else ""
         if task == "cubic":
             for name in ("u0", "w0"):
@@ -175,12 +173,8 @@ def paired(runs: list[dict], matched: list[dict], order: list[str]) -> list[Pair
             for sign in sorted({r["v_sign"] for r in mine if r["method"] == method}, reverse=True):
                 for name, values in ((metric, {k: r[metric] for k, r in final.items()}),
                                      ("matched_eigenvalue", at_level)):
-                    diffs = []
-                    for seed in seeds:
-                        value = values.get((task, method, seed, sign))
-                        base = values.get((task, ref, seed, sign), values.get((task, ref, seed, 0)))
-                        if value is not None and base is not None:
-                            diffs.append(value - base)
+                    pairs = [_with_reference(values, task, method, ref, seed, sign) for seed in seeds]
+                    diffs = [value - base for value, base in pairs if value is not None and base is not None]
                     if diffs:
                         out.append(Paired(task, method, ref, name, sign, tuple(diffs)))
     return out

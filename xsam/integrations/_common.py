@@ -1,9 +1,6 @@
 """What the trainer integrations share: a SAM step whose first pass the trainer's loop already ran.
 
-The trainer's loop leaves the accumulated first-pass gradient in ``.grad``. With exact HVPs
-(``loss_fn`` given) ``optimizer.step(closure, loss_fn)`` calls its closure once per gradient
-pass, so the closure answers its first call with that gradient and its second by replaying
-the micro-batches. Finite-difference HVPs would call the closure at other weights: refused.
+Finite-difference HVPs would call the closure at other weights, so they are refused.
 """
 from __future__ import annotations
 
@@ -65,9 +62,8 @@ def running_statistics_untouched(model: nn.Module) -> Iterator[None]:
 class TwoPassClosure:
     """The closure for ``optimizer.step``: call 1 restores the trainer's first pass, call 2 replays.
 
-    Made right after the trainer's first pass: it keeps references to the ``.grad`` tensors
-    of ``optimizer`` (no copy). ``second_pass`` runs forward and backward of every micro-batch
-    at the current (perturbed) weights and returns the loss.
+    Made right after the trainer's first pass, whose ``.grad`` tensors it keeps (no copy).
+    ``second_pass`` runs every micro-batch at the current (perturbed) weights and returns the loss.
     """
 
     def __init__(self, first_pass_loss: Tensor | None, optimizer, second_pass: Callable[[], Tensor]):

@@ -1,10 +1,6 @@
 """PyTorch Lightning: ``XSAMCallback`` makes automatic optimisation run correct SAM / X-SAM steps.
 
-Why a callback: on its own, Lightning gives X-SAM no forward-only loss (finite-difference HVPs
-then re-run the whole training step), logs again in every extra pass, fails with ``16-mixed``
-(its GradScaler steps without a closure), and with ``accumulate_grad_batches=k`` hands the step
-the last micro-batch only (SAM zeroes the gradients before its first pass). The rules in full:
-docs/training-loops.md, "PyTorch Lightning".
+What goes wrong without it, and the rules in full: docs/training-loops.md, "PyTorch Lightning".
 """
 from __future__ import annotations
 

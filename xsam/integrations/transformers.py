@@ -1,10 +1,6 @@
 """Hugging Face ``Trainer``: ``XSAMTrainer`` trains with ``xsam.XSAM`` (or ``xsam.SAM``).
 
-The Trainer's loop over the micro-batches of an accumulated batch is the first pass (so the
-logged ``loss`` is the unperturbed one); ``optimizer.step()``, which the Trainer calls without a
-closure, replays every micro-batch at the perturbed weights. ``fp16=True`` is refused
-(accelerate's GradScaler refuses closures). The rules in full: docs/training-loops.md,
-"Hugging Face Trainer".
+The rules in full: docs/training-loops.md, "Hugging Face Trainer".
 """
 from __future__ import annotations
 
@@ -34,9 +30,11 @@ class XSAMTrainer(Trainer):
 
     ``XSAMTrainer(model=model, args=TrainingArguments(...), train_dataset=..., sam_kwargs={"rho": 0.05})``;
     everything else is the Trainer's (``gradient_accumulation_steps``, ``bf16``, DDP launches,
-    ``resume_from_checkpoint``, callbacks, logging). ``TrainingArguments(max_grad_norm=...)``
-    becomes the optimizer's ``max_grad_norm``: X-SAM normalises the second pass's gradient, so
-    only the direction the base optimizer applies can be clipped.
+    ``resume_from_checkpoint``, callbacks, logging). The Trainer's loop over the micro-batches is
+    the first pass (the logged ``loss`` is the unperturbed one); ``optimizer.step()``, which the
+    Trainer calls without a closure, replays them at the perturbed weights.
+    ``TrainingArguments(max_grad_norm=...)`` becomes the optimizer's ``max_grad_norm``: X-SAM
+    normalises the second pass's gradient, so only the direction the base optimizer applies can be clipped.
 
     Args:
         *args, **kwargs: the ``Trainer`` arguments. ``optimizers`` must leave the optimizer as
@@ -45,9 +43,8 @@ class XSAMTrainer(Trainer):
             optimizer built from it is ``trainer.sam_optimizer`` (``diagnostics()``, ``eigenvector()``)
         sam_kwargs (dict, optional): its own arguments, e.g. ``rho``, ``alpha``, ``correction``,
             ``eig_interval``, ``power_iters``, ``hvp_eval_mode``, ``backend`` (default: None,
-            the class defaults). ``model``, ``process_group`` and ``max_grad_norm`` are set by the
-            trainer (the model being trained; the world group under DDP, which averages the HVPs;
-            ``TrainingArguments.max_grad_norm``, 0 for none).
+            the class defaults). The trainer sets ``model``, ``process_group``,
+            ``per_replica_perturbation`` and ``max_grad_norm`` itself (refused here).
         log_diagnostics (bool, optional): add the per-step diagnostics to the logs (default: True)
     """
 
