@@ -18,7 +18,6 @@ import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
 
-import xsam  # noqa: E402
 from xsam import ops  # noqa: E402
 from xsam.ops import reference as ref  # noqa: E402
 from xsam.ops.dispatch import unavailable_reason  # noqa: E402
@@ -32,7 +31,7 @@ if _WHY_NOT is not None:
 from xsam.kernels import elementwise, plans, reductions  # noqa: E402
 from xsam.ops import triton_backend as tb  # noqa: E402
 
-from op_cases import clone, f64  # noqa: E402
+from op_cases import clone, f64, xsam_run  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 CHUNK, BLOCK = 64, 16  # small: every boundary below costs only a few programs
@@ -319,31 +318,10 @@ def test_without_interpreter_cpu_is_refused_with_a_clear_reason():
 @pytest.mark.parametrize("hvp,adaptive", [("finite_difference", False), ("exact", True)],
                          ids=["fd-sam", "exact-asam"])
 def test_xsam_steps_match_reference_backend(hvp, adaptive):
-    finals = {}
-    for backend in ("reference", "triton"):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3)).to(DEVICE)
-        x, y = torch.randn(32, 6, device=DEVICE), torch.randint(0, 3, (32,), device=DEVICE)
-        opt = xsam.XSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.05, alpha=0.5,
-                        adaptive=adaptive, eig_interval=2, power_iters=2, hvp=hvp, seed=7, backend=backend)
-
-        def loss_fn():
-            return torch.nn.functional.cross_entropy(model(x), y)
-
-        def closure():
-            opt.zero_grad()
-            loss = loss_fn()
-            loss.backward()
-            return loss
-
-        for _ in range(3):  # refreshes at steps 0 and 2
-            if hvp == "exact":
-                opt.step(closure, loss_fn=loss_fn)
-            else:
-                opt.step(closure)
-        finals[backend] = (f64(list(model.parameters())), opt.diagnostics())
-    (w_ref, d_ref), (w_tri, d_tri) = finals["reference"], finals["triton"]
-    torch.testing.assert_close(w_tri, w_ref, rtol=1e-5, atol=1e-6)
+    runs = {b: xsam_run(b, hvp, dtype=torch.float32, device=DEVICE, steps=3, adaptive=adaptive)  # refreshes at 0, 2
+            for b in ("reference", "triton")}
+    (w_ref, _, d_ref), (w_tri, _, d_tri) = runs["reference"], runs["triton"]
+    torch.testing.assert_close(f64(w_tri), f64(w_ref), rtol=1e-5, atol=1e-6)
     assert d_tri.keys() == d_ref.keys()
     for key, value in d_ref.items():
         if isinstance(value, float):
