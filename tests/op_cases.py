@@ -12,9 +12,12 @@ import contextlib
 import pytest
 import torch
 
+from xsam import XSAM
 from xsam.ops import reference
 from xsam.ops.dispatch import unavailable_reason
 from xsam.ops.native_backend import CONSTANTS as NATIVE  # None without xsam._C: its cases skip
+
+from helpers import closure_of, make_model
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 BACKENDS = ("reference", "native", "triton")
@@ -174,3 +177,16 @@ def assert_close_to_exact(got, exact, magnitude, dtype, *, ref=None, roundings=2
 def reference_result(backend: str, run):
     """``run("reference")`` for comparison, or None when ``backend`` is the reference itself."""
     return None if backend == "reference" else run("reference")
+
+
+def xsam_run(backend, hvp, *, dtype=torch.float64, device="cpu", steps=5, adaptive=False):
+    """(weights, eigenvector, diagnostics) after ``steps`` X-SAM steps of a small MLP on one fixed batch."""
+    model = make_model(6, 8, 3, dtype=dtype).to(device)
+    x, y = torch.randn(32, 6, dtype=dtype).to(device), torch.randint(0, 3, (32,)).to(device)
+    loss_fn = lambda: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    opt = XSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.05, alpha=0.5, adaptive=adaptive,
+               eig_interval=2, power_iters=2, hvp=hvp, backend=backend, seed=7)
+    for _ in range(steps):
+        opt.zero_grad()
+        opt.step(closure_of(loss_fn), loss_fn=loss_fn if hvp == "exact" else None)
+    return [p.detach().clone() for p in model.parameters()], opt.eigenvector(), opt.diagnostics()

@@ -13,12 +13,12 @@ import types
 import pytest
 import torch
 
-from xsam import XSAM, ops
+from xsam import ops
 from xsam.ops import native_backend as native
 from xsam.ops.contract import OPS
 
-from helpers import assert_each_close, closure_of
-from op_cases import NATIVE_CHUNK, make, opcheck_cases, scalar, why_not
+from helpers import assert_each_close
+from op_cases import NATIVE_CHUNK, make, opcheck_cases, scalar, why_not, xsam_run
 
 pytestmark = pytest.mark.skipif(
     bool(native.UNAVAILABLE_REASON), reason=f"xsam._C is not built: {native.UNAVAILABLE_REASON}")
@@ -213,27 +213,11 @@ def test_fast_entries_refuse_non_tensors_and_route_tensor_subclasses_through_the
 
 # --- through the optimizer --------------------------------------------------------------------
 
-def _xsam_run(backend, hvp, dtype=torch.float64, steps=5):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
-    x = torch.randn(32, 6, dtype=dtype)
-    y = torch.randint(0, 3, (32,))
-    loss_fn = lambda: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
-
-    closure = closure_of(loss_fn)
-    opt = XSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.05, alpha=0.5,
-               eig_interval=2, power_iters=3, hvp=hvp, backend=backend, seed=3)
-    for _ in range(steps):
-        opt.zero_grad()
-        opt.step(closure, loss_fn=loss_fn if hvp == "exact" else None)
-    return [p.detach().clone() for p in model.parameters()], opt.eigenvector()
-
-
 @pytest.mark.parametrize("hvp", ["exact", "finite_difference"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_xsam_steps_with_native_equal_reference(hvp, dtype):
-    w_native, v_native = _xsam_run("native", hvp, dtype)
-    w_ref, v_ref = _xsam_run("reference", hvp, dtype)
+    w_native, v_native, _ = xsam_run("native", hvp, dtype=dtype)
+    w_ref, v_ref, _ = xsam_run("reference", hvp, dtype=dtype)
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
     if hvp == "finite_difference" and dtype == torch.float32:
         tol = dict(rtol=2e-3, atol=2e-4)  # FD steps amplify last-bit differences of the reductions

@@ -9,84 +9,52 @@ from xsam.ops import accumulation_dtype
 from op_cases import assert_close_to_exact, backend_params, clone, f64, make, op_params, reference_result, scalar, \
     size_cases
 
-
-def _lists_close(backend, run, exact, magnitude, dtype):
-    got = f64(run(backend))
-    ref = reference_result(backend, lambda name: f64(run(name)))
-    assert_close_to_exact(got, exact, magnitude, dtype, ref=ref)
+VARIANTS = ["sam", "asam", "tilted", "restore-vecs", "restore-novecs", "axpy", "axpy-aliased", "scale_copy",
+            "scale_copy-aliased"]
 
 
-@pytest.mark.parametrize("kind", ["sam", "asam", "tilted"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("backend,device,dtype,case", op_params())
-def test_perturb(backend, device, dtype, case, kind):
-    """perturb_ (SAM, ASAM) and tilted_perturb_."""
+def test_elementwise_op(backend, device, dtype, case, variant):
+    """Each op on fresh outputs from the same inputs x0, g, v; `aliased`: the written list is read too."""
     shapes = size_cases(backend, device)[case]
-    w0, g, v = (make(shapes, dtype, device, seed) for seed in (1, 2, 3))
+    x0, g, v = (make(shapes, dtype, device, seed) for seed in (1, 2, 3))
     a, b = scalar(0.37, dtype, device), scalar(-0.21, dtype, device)
+    aliased = variant.endswith("aliased")
 
     def run(name):
-        w, saved = clone(w0), [torch.full_like(t, float("nan")) for t in w0]
-        if kind == "tilted":
-            ops.tilted_perturb_(w, g, saved, v, a, b, backend=name)
+        x = clone(x0)
+        if variant in ("sam", "asam", "tilted"):
+            saved = [torch.full_like(t, float("nan")) for t in x0]
+            if variant == "tilted":
+                ops.tilted_perturb_(x, g, saved, v, a, b, backend=name)
+            else:
+                ops.perturb_(x, g, saved, a, adaptive=variant == "asam", backend=name)
+            assert all(torch.equal(s, t) for s, t in zip(saved, x0)), "saved must hold the exact old weights"
+        elif variant.startswith("restore"):  # x: the gradients; g: the saved weights
+            w = make(shapes, dtype, device, 9)
+            ops.correct_restore_(w, x, g, v if variant == "restore-vecs" else None, a, b, backend=name)
+            assert all(torch.equal(s, t) for s, t in zip(w, g)), "the restore must be bit-exact"
+        elif variant.startswith("axpy"):
+            ops.axpy_(x, x if aliased else g, b, backend=name)
         else:
-            ops.perturb_(w, g, saved, a, adaptive=kind == "asam", backend=name)
-        assert all(torch.equal(x, y) for x, y in zip(saved, w0)), "saved must hold the exact old weights"
-        return w
+            x = x if aliased else [torch.zeros_like(t) for t in g]
+            ops.scale_copy_(x, x if aliased else g, a, backend=name)
+        return x
 
-    W, G, V = f64(w0), f64(g), f64(v)
-    step, size = {"sam": (0.37 * G, 0.37 * G.abs()), "asam": (0.37 * W * W * G, 0.74 * (W * W * G).abs()),
-                  "tilted": (0.37 * G - 0.21 * V, 0.37 * G.abs() + 0.21 * V.abs())}[kind]
-    _lists_close(backend, run, W + step, W.abs() + size, dtype)
-
-
-@pytest.mark.parametrize("with_vecs", [True, False], ids=["vecs", "novecs"])
-@pytest.mark.parametrize("backend,device,dtype,case", op_params())
-def test_correct_restore(backend, device, dtype, case, with_vecs):
-    shapes = size_cases(backend, device)[case]
-    g0, saved, v = (make(shapes, dtype, device, seed) for seed in (1, 2, 3))
-    a, b = scalar(1.7, dtype, device), scalar(-0.3, dtype, device)
-
-    def run(name):
-        w, g = make(shapes, dtype, device, 9), clone(g0)
-        ops.correct_restore_(w, g, saved, v if with_vecs else None, a, b, backend=name)
-        assert all(torch.equal(x, y) for x, y in zip(w, saved)), "the restore must be bit-exact"
-        return g
-
-    G, V = f64(g0), f64(v)
-    exact = 1.7 * G + (0.3 * V if with_vecs else 0)
-    magnitude = 1.7 * G.abs() + (0.3 * V.abs() if with_vecs else 0)
-    _lists_close(backend, run, exact, magnitude, dtype)
-
-
-@pytest.mark.parametrize("aliased", [False, True], ids=["distinct", "aliased"])
-@pytest.mark.parametrize("backend,device,dtype,case", op_params())
-def test_axpy(backend, device, dtype, case, aliased):
-    shapes = size_cases(backend, device)[case]
-    y0, x = make(shapes, dtype, device, 1), make(shapes, dtype, device, 2)
-    alpha = scalar(-0.61, dtype, device)
-
-    def run(name):
-        y = clone(y0)
-        ops.axpy_(y, y if aliased else x, alpha, backend=name)
-        return y
-
-    Y, X = f64(y0), f64(y0 if aliased else x)
-    _lists_close(backend, run, Y - 0.61 * X, Y.abs() + 0.61 * X.abs(), dtype)
-
-
-@pytest.mark.parametrize("aliased", [False, True], ids=["distinct", "aliased"])
-@pytest.mark.parametrize("backend,device,dtype,case", op_params())
-def test_scale_copy(backend, device, dtype, case, aliased):
-    src = make(size_cases(backend, device)[case], dtype, device, 2)
-    s = scalar(0.123, dtype, device)
-
-    def run(name):
-        d = clone(src) if aliased else [torch.zeros_like(t) for t in src]
-        ops.scale_copy_(d, d if aliased else src, s, backend=name)
-        return d
-
-    X = f64(src)
-    _lists_close(backend, run, 0.123 * X, 0.123 * X.abs(), dtype)
+    X, G, V = f64(x0), f64(g), f64(v)
+    read = X if aliased else G
+    exact, magnitude = {  # the terms' sizes bound the rounding error
+        "sam": (X + 0.37 * G, X.abs() + 0.37 * G.abs()),
+        "asam": (X + 0.37 * X * X * G, X.abs() + 0.74 * (X * X * G).abs()),
+        "tilted": (X + 0.37 * G - 0.21 * V, X.abs() + 0.37 * G.abs() + 0.21 * V.abs()),
+        "restore-vecs": (0.37 * X + 0.21 * V, 0.37 * X.abs() + 0.21 * V.abs()),
+        "restore-novecs": (0.37 * X, 0.37 * X.abs()),
+        "axpy": (X - 0.21 * read, X.abs() + 0.21 * read.abs()),
+        "scale_copy": (0.37 * read, 0.37 * read.abs()),
+    }[variant.removesuffix("-aliased")]
+    got = f64(run(backend))
+    assert_close_to_exact(got, exact, magnitude, dtype, ref=reference_result(backend, lambda name: f64(run(name))))
 
 
 @pytest.mark.parametrize("backend,device,dtype,case",
