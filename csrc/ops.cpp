@@ -31,10 +31,7 @@ struct NamedList {
 
 // The Tensor[] arguments of an op's registered schema, in order: their names, and whether the op
 // writes them (Tensor(a!)[]).
-struct ListArguments {
-  std::vector<std::string> names;
-  std::vector<Access> access;
-};
+using ListArguments = std::vector<std::pair<std::string, Access>>;
 
 ListArguments read_schema(const char* op) {
   const auto& schema = c10::Dispatcher::singleton().findSchemaOrThrow((std::string("xsam::") + op).c_str(), "");
@@ -43,8 +40,7 @@ ListArguments read_schema(const char* op) {
     c10::TypePtr type = arg.type();
     if (const auto optional = type->cast<c10::OptionalType>()) type = optional->getElementType();
     if (*type != *c10::ListType::ofTensors()) continue;
-    out.names.push_back(arg.name());
-    out.access.push_back(arg.alias_info() && arg.alias_info()->isWrite() ? Access::kWrite : Access::kRead);
+    out.emplace_back(arg.name(), arg.alias_info() && arg.alias_info()->isWrite() ? Access::kWrite : Access::kRead);
   }
   return out;
 }
@@ -276,10 +272,10 @@ Group check_group(const char* op, c10::ArrayRef<NamedList> lists) {
 
 Group check_lists(const char* op, c10::ArrayRef<at::TensorList> lists) {
   const ListArguments& args = list_arguments(op);
-  TORCH_INTERNAL_ASSERT(lists.size() <= args.names.size(), "xsam::", op, ": ", lists.size(),
-                        " lists passed, but its schema has ", args.names.size());
+  TORCH_INTERNAL_ASSERT(lists.size() <= args.size(), "xsam::", op, ": ", lists.size(),
+                        " lists passed, but its schema has ", args.size());
   c10::SmallVector<NamedList, 4> named;
-  for (size_t l = 0; l < lists.size(); ++l) named.push_back({args.names[l].c_str(), lists[l], args.access[l]});
+  for (size_t l = 0; l < lists.size(); ++l) named.push_back({args[l].first.c_str(), lists[l], args[l].second});
   return check_group(op, named);
 }
 

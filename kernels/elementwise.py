@@ -1,10 +1,9 @@
 """Fused multi-tensor element-wise passes: perturb, tilted perturb, correct-and-restore, axpy, scale-copy.
 
-One launch per pass covers every tensor of the lists (two when some cannot take 128-bit accesses).
-Arithmetic runs in the accumulation dtype with one rounding on store; every element is loaded before
-any is stored, so a written list may be a read list at the same position. Writes through raw pointers
-are invisible to autograd, so each pass bumps the version counters of what it writes, after every
-check and before the launch, as PyTorch's in-place ops do.
+One launch per pass covers every tensor of the lists (two when some cannot take 128-bit accesses);
+every element is loaded before any is stored, so a written list may be a read list at the same position.
+Writes through raw pointers are invisible to autograd, so each pass bumps the version counters of what it
+writes, after every check and before the launch, as PyTorch's in-place ops do.
 """
 from __future__ import annotations
 
@@ -89,8 +88,7 @@ def _list_access(name: str, present: tuple[bool, ...]) -> tuple[tuple[str, ...],
 
 
 def _run(op: int, name: str, lists: list[Tensors | None], scalars: dict[str, Tensor]) -> None:
-    """Pass ``op`` of contract op ``name`` over its list arguments in schema order (None: an absent
-    optional list); which lists it writes, and their names in messages, come from the schema."""
+    """Pass ``op`` of contract op ``name`` over its list arguments in schema order (None: an absent list)."""
     names, written = _list_access(name, tuple(lst is not None for lst in lists))
     lists = [lst for lst in lists if lst is not None]
     facts = call_facts(lists, names)

@@ -151,20 +151,20 @@ def dots(lists: Sequence[Tensors], pairs: Sequence[tuple[int, int]]) -> Tensor:
     return results[0] if len(results) == 1 else torch.cat(results)
 
 
-def weighted_sumsq(weights: Tensors, xs: Tensors) -> Tensor:
-    """``sum_i ||weights[i] * xs[i]||^2`` as a 1-element tensor."""
-    names = ("weights", "xs")
-    facts = call_facts([weights, xs], names)
+def _sum_of_squares(kind: int, lists: list[Tensors], names: Sequence[str], lam: Tensor | None = None) -> Tensor:
+    facts = call_facts(lists, names)
     if facts is None:
         return torch.zeros(1)
-    return _reduce(facts, [weights, xs], names, [(0, 1)], _WEIGHTED)
+    if lam is not None:
+        check_scalars(facts.device, lam=lam)
+    return _reduce(facts, lists, names, [(0, 1)], kind, lam)
+
+
+def weighted_sumsq(weights: Tensors, xs: Tensors) -> Tensor:
+    """``sum_i ||weights[i] * xs[i]||^2`` as a 1-element tensor."""
+    return _sum_of_squares(_WEIGHTED, [weights, xs], ("weights", "xs"))
 
 
 def residual_sumsq(us: Tensors, vs: Tensors, lam: Tensor) -> Tensor:
     """``sum_i ||us[i] - lam * vs[i]||^2`` element by element, as a 1-element tensor."""
-    names = ("us", "vs")
-    facts = call_facts([us, vs], names)
-    if facts is None:
-        return torch.zeros(1)
-    check_scalars(facts.device, lam=lam)
-    return _reduce(facts, [us, vs], names, [(0, 1)], _RESIDUAL, lam)
+    return _sum_of_squares(_RESIDUAL, [us, vs], ("us", "vs"), lam)

@@ -9,22 +9,22 @@ namespace xsam {
 namespace cuda {
 namespace {
 
-// The op's device scalars, read once per block.
+// The op's device scalars (one value of the accumulation dtype each), read once per block.
 template <typename T>
 struct OneScalar {
-  const Acc<T>* a_ptr;
+  const void* a_ptr;
   Acc<T> a = 0;
-  __device__ void load_scalars() { a = *a_ptr; }
+  __device__ void load_scalars() { a = *static_cast<const Acc<T>*>(a_ptr); }
 };
 
 template <typename T>
 struct TwoScalars {
-  const Acc<T>* a_ptr;
-  const Acc<T>* b_ptr;
+  const void* a_ptr;
+  const void* b_ptr;
   Acc<T> a = 0, b = 0;
   __device__ void load_scalars() {
-    a = *a_ptr;
-    b = *b_ptr;
+    a = *static_cast<const Acc<T>*>(a_ptr);
+    b = *static_cast<const Acc<T>*>(b_ptr);
   }
 };
 
@@ -83,24 +83,17 @@ struct ScaleCopy : OneScalar<T> {  // a = scale
   __device__ void operator()(T (&v)[kLists]) const { v[0] = from_acc<T>(this->a * to_acc(v[1])); }
 };
 
-template <typename T>
-const Acc<T>* scalar(const void* p) {
-  return static_cast<const Acc<T>*>(p);
-}
-
 }  // namespace
 
 cudaError_t perturb(DType dtype, const Lists& lists, const void* scale, bool adaptive, cudaStream_t stream) {
   return with_storage_type(dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
-    return launch_elementwise(lists, Perturb<T>{{scalar<T>(scale)}, adaptive}, stream);
+    return launch_elementwise(lists, Perturb<typename decltype(type)::type>{{scale}, adaptive}, stream);
   });
 }
 
 cudaError_t tilted_perturb(DType dtype, const Lists& lists, const void* a, const void* b, cudaStream_t stream) {
   return with_storage_type(dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
-    return launch_elementwise(lists, TiltedPerturb<T>{{scalar<T>(a), scalar<T>(b)}}, stream);
+    return launch_elementwise(lists, TiltedPerturb<typename decltype(type)::type>{{a, b}}, stream);
   });
 }
 
@@ -108,23 +101,20 @@ cudaError_t correct_restore(DType dtype, const Lists& lists, bool with_vecs, con
                             cudaStream_t stream) {
   return with_storage_type(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
-    const TwoScalars<T> scalars{scalar<T>(a), scalar<T>(b)};
-    if (with_vecs) return launch_elementwise(lists, CorrectRestore<T, true>{scalars}, stream);
-    return launch_elementwise(lists, CorrectRestore<T, false>{scalars}, stream);
+    if (with_vecs) return launch_elementwise(lists, CorrectRestore<T, true>{{a, b}}, stream);
+    return launch_elementwise(lists, CorrectRestore<T, false>{{a, b}}, stream);
   });
 }
 
 cudaError_t axpy(DType dtype, const Lists& lists, const void* alpha, cudaStream_t stream) {
   return with_storage_type(dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
-    return launch_elementwise(lists, Axpy<T>{{scalar<T>(alpha)}}, stream);
+    return launch_elementwise(lists, Axpy<typename decltype(type)::type>{{alpha}}, stream);
   });
 }
 
 cudaError_t scale_copy(DType dtype, const Lists& lists, const void* scale, cudaStream_t stream) {
   return with_storage_type(dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
-    return launch_elementwise(lists, ScaleCopy<T>{{scalar<T>(scale)}}, stream);
+    return launch_elementwise(lists, ScaleCopy<typename decltype(type)::type>{{scale}}, stream);
   });
 }
 

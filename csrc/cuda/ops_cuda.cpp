@@ -1,10 +1,8 @@
 // CUDA registrations of the xsam op set: checks, scratch buffers and the current stream on the
 // host side; the kernels are in elementwise.cu and reductions.cu. Only c10/cuda headers here
 // (ATen/cuda pulls in cusparse.h, absent from the toolkit on the build machines).
-//
-// Nothing here waits for the device: scalars stay device tensors that the kernels read, results
-// are written by the kernels, and temporaries (converted scalars, the reduction scratch) go back
-// to the caching allocator after the launches, which orders their reuse on the same stream.
+// Nothing here waits for the device: scalars stay device tensors that the kernels read, and
+// temporaries go back to the caching allocator after the launches, which orders their reuse on the stream.
 #include "../xsam_ops.h"
 #include "kernels.cuh"
 

@@ -43,34 +43,34 @@ struct Gram {
   }
 };
 
-template <typename T>
-struct WeightedSumsq {
+// The sum of r^2 with r = x * y (weighted_sumsq: weights, xs) or r = u - lam * v (residual_sumsq:
+// us, vs; element by element, as the one-pass ||u||^2 - lam^2 ||v||^2 cancels when the residual is small).
+template <typename T, bool kResidual>
+struct SumOfSquares {
   using storage_t = T;
-  static constexpr int kLists = 2, kSums = 1;  // weights, xs
-  unsigned wanted = 1;
-  __device__ void load_scalars() {}
-  __device__ void accumulate(const T (&v)[2], Acc<T> (&sums)[1]) const {
-    const Acc<T> p = to_acc(v[0]) * to_acc(v[1]);
-    sums[0] += p * p;
-  }
-};
-
-// Element by element: the one-pass ||u||^2 - lam^2 ||v||^2 cancels when the residual is small.
-template <typename T>
-struct ResidualSumsq {
-  using storage_t = T;
-  static constexpr int kLists = 2, kSums = 1;  // us, vs
-  const Acc<T>* lam_ptr;
+  static constexpr int kLists = 2, kSums = 1;
+  const void* lam_ptr;  // residual_sumsq only
   unsigned wanted = 1;
   Acc<T> lam = 0;
-  __device__ void load_scalars() { lam = *lam_ptr; }
+  __device__ void load_scalars() {
+    if constexpr (kResidual) lam = *static_cast<const Acc<T>*>(lam_ptr);
+  }
   __device__ void accumulate(const T (&v)[2], Acc<T> (&sums)[1]) const {
-    const Acc<T> r = to_acc(v[0]) - lam * to_acc(v[1]);
+    const Acc<T> r = kResidual ? to_acc(v[0]) - lam * to_acc(v[1]) : to_acc(v[0]) * to_acc(v[1]);
     sums[0] += r * r;
   }
 };
 
-const FinishPlan kOneSum = {1, 1, {0}};
+template <bool kResidual>
+cudaError_t sum_of_squares(DType dtype, const Lists& lists, const void* lam, void* scratch, void* out,
+                           cudaStream_t stream) {
+  return with_storage_type(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    const FinishPlan one_sum = {1, 1, {0}};
+    return launch_reduction(lists, SumOfSquares<T, kResidual>{lam}, one_sum, static_cast<Acc<T>*>(scratch),
+                            static_cast<Acc<T>*>(out), stream);
+  });
+}
 
 template <typename T>
 cudaError_t launch_gram(int num_lists, const Lists& lists, unsigned wanted, const FinishPlan& plan, Acc<T>* scratch,
@@ -163,20 +163,12 @@ cudaError_t dots(DType dtype, const Lists& lists, int num_lists, const int* pair
 }
 
 cudaError_t weighted_sumsq(DType dtype, const Lists& lists, void* scratch, void* out, cudaStream_t stream) {
-  return with_storage_type(dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
-    return launch_reduction(lists, WeightedSumsq<T>{}, kOneSum, static_cast<Acc<T>*>(scratch),
-                            static_cast<Acc<T>*>(out), stream);
-  });
+  return sum_of_squares<false>(dtype, lists, nullptr, scratch, out, stream);
 }
 
 cudaError_t residual_sumsq(DType dtype, const Lists& lists, const void* lam, void* scratch, void* out,
                            cudaStream_t stream) {
-  return with_storage_type(dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
-    return launch_reduction(lists, ResidualSumsq<T>{static_cast<const Acc<T>*>(lam)}, kOneSum,
-                            static_cast<Acc<T>*>(scratch), static_cast<Acc<T>*>(out), stream);
-  });
+  return sum_of_squares<true>(dtype, lists, lam, scratch, out, stream);
 }
 
 }  // namespace cuda

@@ -6,20 +6,19 @@ a C++ signature that disagrees fails at load time) and ``xsam_triton::``, which 
 imports nothing but torch, so a process that never imports xsam can load it (tests/test_cmake.py does).
 
 Rules shared by every op and every backend (reference, Triton, native CPU and CUDA):
-- One call gets aligned lists of one device and one dtype (float32, float64, float16,
-  bfloat16): tensor i of every list has the shape of tensor i of the first list. The op
-  layer groups mixed lists by (device, dtype) and adds reduction partials in a fixed order.
-- Scalars are 0-d tensors on the group's device in the accumulation dtype (float64 for
-  float64 storage, else float32); they are read on the device, never with ``.item()``.
-- Arithmetic runs in the accumulation dtype with one rounding on store; reductions
-  accumulate in it and return a 1-d tensor of it. Reductions are deterministic run to run
-  on one machine (fixed-order two-stage sums, no float atomics); across GPU models the
-  split into blocks, and hence the last bits, may differ.
+- One call gets aligned lists of one device and one dtype (float32, float64, float16, bfloat16): tensor i
+  of every list has the shape of tensor i of the first list. The op layer groups mixed lists by (device,
+  dtype) and adds reduction partials in a fixed order.
+- Scalars are 0-d tensors on the group's device in the accumulation dtype (float64 for float64 storage,
+  else float32); they are read on the device, never with ``.item()``.
+- Arithmetic runs in the accumulation dtype with one rounding on store; reductions accumulate in it and
+  return a 1-d tensor of it. Reductions are deterministic run to run on one machine (fixed-order two-stage
+  sums, no float atomics); across GPU models the split into blocks, and hence the last bits, may differ.
 - A written list may be the same list as a read one at the same position (``axpy_(y, y)``,
-  ``scale_copy_(v, v)``): every element is read before it is written. The same tensor
-  twice within a written list is refused (two writers of one element).
-- Empty lists are valid: element-wise ops do nothing, reductions return zeros
-  (float32 on the CPU, as no tensor says otherwise).
+  ``scale_copy_(v, v)``): every element is read before it is written. The same tensor twice within a
+  written list is refused (two writers of one element).
+- Empty lists are valid: element-wise ops do nothing, reductions return zeros (float32 on the CPU, as no
+  tensor says otherwise).
 """
 from __future__ import annotations
 

@@ -2,12 +2,12 @@
 nothing, reductions a 1-d tensor of the accumulation dtype whose length the contract gives."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .contract import OPS, OpSpec
 from .reference import accumulation_dtype
-
-_REGISTERED: set[str] = set()
 
 
 def _fake_for(spec: OpSpec):
@@ -26,10 +26,8 @@ def _fake_for(spec: OpSpec):
     return fake
 
 
+@functools.cache
 def register_fakes(namespace: str) -> None:
     """Register the fake of every op under ``namespace`` (once per process)."""
-    if namespace in _REGISTERED:
-        return
     for spec in OPS.values():
         torch.library.register_fake(f"{namespace}::{spec.name}")(_fake_for(spec))
-    _REGISTERED.add(namespace)

@@ -1,13 +1,10 @@
 """The compiled op set ``xsam._C`` (``torch.ops.xsam.*``) as a backend.
 
-The schemas come from ``xsam.ops.contract`` (defined here, before the extension is imported, whose
-``TORCH_LIBRARY_IMPL`` registers the CPU and, when built with nvcc, CUDA kernels). Eager calls go
-through xsam._C's fast entries (see csrc/module.cpp); torch.compile traces ``torch.ops.xsam``. The C++
-side checks every tensor before it writes anything, so a failed call leaves its arguments untouched;
-only then does Python look for the cause and raise ``LayoutError`` for a layout needing dense copies.
-
-When the extension is not built, or lacks part of the contract (``extension_gaps``),
-``UNAVAILABLE_REASON`` says why, so ``backend="native"`` raises with it and ``backend="auto"`` warns once.
+Eager calls go through xsam._C's fast entries (csrc/module.cpp says why); torch.compile traces
+``torch.ops.xsam``. The C++ side checks every tensor before it writes anything, so a failed call leaves
+its arguments untouched; only then does Python look for the cause and raise ``LayoutError`` for a layout
+needing dense copies. When the extension is not built, or lacks part of the contract (``extension_gaps``),
+``UNAVAILABLE_REASON`` says why: ``backend="native"`` raises with it and ``backend="auto"`` warns once.
 """
 from __future__ import annotations
 
@@ -49,7 +46,7 @@ def extension_gaps(extension) -> str | None:
     return None
 
 
-define_schemas(NAMESPACE)  # first: importing xsam._C runs the TORCH_LIBRARY_IMPL registrations
+define_schemas(NAMESPACE)  # first: importing xsam._C registers its CPU and CUDA kernels for these schemas
 try:
     from xsam import _C
 except ImportError as exc:

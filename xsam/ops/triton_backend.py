@@ -60,16 +60,6 @@ def availability(device: torch.device, dtype: torch.dtype) -> str | None:
 
 # ---------------------------------------------------------------- the registered kernels
 
-def _check_dots_arguments(tensors: list[Tensor], num_lists: int, pairs: list[int]) -> None:
-    if num_lists < 1 or len(tensors) % num_lists or len(pairs) % 2:
-        raise ValueError(f"xsam_triton::dots: {len(tensors)} tensors cannot be cut into num_lists={num_lists} "
-                         f"aligned lists, or pairs has an odd length ({len(pairs)}); pass the lists concatenated "
-                         "and pairs flattened (a0, b0, a1, b1, ...)")
-    bad = [i for i in pairs if not 0 <= i < num_lists]
-    if bad:
-        raise ValueError(f"xsam_triton::dots: pairs names list {bad[0]}, but only lists 0..{num_lists - 1} exist")
-
-
 def _check_flat(op: str, lists: list[list[Tensor]]) -> None:
     """Raise LayoutError unless every position is dense with one memory order (all contiguous: at once)."""
     if all(all(map(_is_contiguous, lst)) for lst in lists):
@@ -86,7 +76,14 @@ def _kernel_for(spec: OpSpec):
     """The CPU or CUDA kernel of op ``spec``: the layout check, then the Triton launches."""
     if spec.name == "dots":
         def dots(tensors: list[Tensor], num_lists: int, pairs: list[int]) -> Tensor:
-            _check_dots_arguments(tensors, num_lists, pairs)
+            if num_lists < 1 or len(tensors) % num_lists or len(pairs) % 2:
+                raise ValueError(f"xsam_triton::dots: {len(tensors)} tensors cannot be cut into num_lists={num_lists} "
+                                 f"aligned lists, or pairs has an odd length ({len(pairs)}); pass the lists "
+                                 "concatenated and pairs flattened (a0, b0, a1, b1, ...)")
+            bad = [i for i in pairs if not 0 <= i < num_lists]
+            if bad:
+                raise ValueError(f"xsam_triton::dots: pairs names list {bad[0]}, but only lists 0..{num_lists - 1} "
+                                 "exist")
             n = len(tensors) // num_lists
             lists = [tensors[j * n:(j + 1) * n] for j in range(num_lists)]
             _check_flat("dots", lists)
