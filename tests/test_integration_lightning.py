@@ -134,8 +134,7 @@ def hand_loop(kind, batches, *, k=1, precision="64-true", epochs=1, clip=None, b
 
 
 def assert_same_weights(module, net, tol):
-    for a, b in zip(list(module.net.parameters()) + list(module.net.buffers()), list(net.parameters()) +
-                    list(net.buffers())):
+    for a, b in zip([*module.net.parameters(), *module.net.buffers()], [*net.parameters(), *net.buffers()]):
         torch.testing.assert_close(a.detach(), b.detach().to(a.dtype), rtol=tol, atol=tol)
 
 
@@ -196,14 +195,27 @@ def test_logged_loss_is_the_first_pass_loss_and_diagnostics_are_logged():
     assert metrics["xsam/angle_gadv_v"].item() == pytest.approx(torch.tensor(cos).acos().rad2deg().item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("optimizer_kwargs, trainer_kwargs, match", [
-    ({}, dict(gradient_clip_val=0.05, gradient_clip_algorithm="value"),
+class FiniteDifferenceModule(TinyModule):
+    def configure_optimizers(self):
+        return XSAM(self.parameters(), torch.optim.SGD, hvp="finite_difference", lr=0.1)
+
+
+class ManualModule(TinyModule):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+
+@pytest.mark.parametrize("make_module, trainer_kwargs, match", [
+    (lambda: TinyModule("xsam"), dict(gradient_clip_val=0.05, gradient_clip_algorithm="value"),
      "gradient_clip_algorithm='value' is not supported with XSAM.*Use gradient_clip_algorithm='norm'"),
-    (dict(max_grad_norm=1.0), dict(gradient_clip_val=0.05),
+    (lambda: TinyModule("xsam", max_grad_norm=1.0), dict(gradient_clip_val=0.05),
      r"both Trainer\(gradient_clip_val=0.05\) and XSAM\(max_grad_norm=1.0\).*set one of them"),
-], ids=["value-clipping", "clipping-set-twice"])
-def test_clipping_xsam_cannot_do_is_refused_before_any_weight_moves(optimizer_kwargs, trainer_kwargs, match):
-    module = TinyModule("xsam", **optimizer_kwargs)
+    (FiniteDifferenceModule, {}, "needs exact Hessian-vector products"),
+    (ManualModule, {}, "automatic optimisation"),
+], ids=["value-clipping", "clipping-set-twice", "finite-difference-hvps", "manual-optimisation"])
+def test_what_the_callback_cannot_run_is_refused_before_any_weight_moves(make_module, trainer_kwargs, match):
+    module = make_module()
     before = [p.detach().clone() for p in module.parameters()]
     with pytest.raises(ValueError, match=match):
         fit(module, make_batches(2), **trainer_kwargs)
@@ -236,23 +248,6 @@ def test_checkpoint_resume_through_the_trainer_continues_bit_identically(tmp_pat
     trainer = fit(resumed, batches, epochs=4, ckpt_path=str(tmp_path / "half.ckpt"))
     assert same_bits([*resumed.parameters(), *resumed.buffers()], [*straight.parameters(), *straight.buffers()])
     assert trainer.optimizers[0].diagnostics()["step"] == 12
-
-
-def test_refuses_finite_difference_hvps_and_manual_optimisation():
-    class FiniteDifference(TinyModule):
-        def configure_optimizers(self):
-            return XSAM(self.parameters(), torch.optim.SGD, hvp="finite_difference", lr=0.1)
-
-    with pytest.raises(ValueError, match="needs exact Hessian-vector products"):
-        fit(FiniteDifference(), make_batches(2))
-
-    class Manual(TinyModule):
-        def __init__(self):
-            super().__init__()
-            self.automatic_optimization = False
-
-    with pytest.raises(ValueError, match="automatic optimisation"):
-        fit(Manual(), make_batches(2))
 
 
 # ----- DDP: 2 processes, gloo ----------------------------------------------------------------

@@ -122,14 +122,6 @@ def run_one(task: str, arm_name: str, seed: int, s: Settings, v_sign: int = 0) -
         state["vector"] = est.vector  # warm start: the next measurement needs few iterations
         return est
 
-    def sharpness_before() -> float:
-        """lambda_max at the previous epoch's weights (measured then, or now from their copy)."""
-        if prev["eigenvalue"] is None:
-            net = copy.deepcopy(model)
-            net.load_state_dict(prev["weights"])
-            prev["eigenvalue"] = sharpness(net).eigenvalue
-        return prev["eigenvalue"]
-
     def observe(epoch: int) -> dict:
         train_loss, _ = _evaluate_loss_and_accuracy(task, model, xtr, ytr)
         test_loss, test_acc = _evaluate_loss_and_accuracy(task, model, xte, yte)
@@ -140,9 +132,13 @@ def run_one(task: str, arm_name: str, seed: int, s: Settings, v_sign: int = 0) -
             crossed = []
         last = epoch == s.epochs
         est = sharpness() if (crossed or epoch % s.eval_every == 0 or last) else None
+        if crossed and prev["eigenvalue"] is None:  # not measured at the previous epoch: now, from its weights
+            net = copy.deepcopy(model)
+            net.load_state_dict(prev["weights"])
+            prev["eigenvalue"] = sharpness(net).eigenvalue
         for level in crossed:
             pending.remove(level)
-            before = sharpness_before()
+            before = prev["eigenvalue"]
             matched.append(dict(ident, level=level, epoch=epoch, train_loss=train_loss,
                                 eigenvalue=interpolate_at_level(level, prev["train_loss"], before, train_loss,
                                                                 est.eigenvalue),

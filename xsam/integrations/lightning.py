@@ -168,32 +168,27 @@ def _clip_gradients(plugin: Precision, optimizer, clip_val=0.0,
                     gradient_clip_algorithm=GradClipAlgorithmType.NORM) -> None:
     """Replaces ``plugin.clip_gradients``, which Lightning calls on the second pass's gradient, inside the step.
 
-    Under 16-mixed the gradients are still scaled there (``SAMGradScaler`` unscales each pass
-    after the closure returns), so the threshold is multiplied by the scale.
+    X-SAM normalises that gradient before correcting it, so clipping it would change nothing: the
+    clipping becomes the optimizer's ``max_grad_norm`` for this step. Under 16-mixed the gradients
+    are still scaled there (``SAMGradScaler`` unscales each pass after the closure returns), so
+    the threshold is multiplied by the scale.
     """
-    if isinstance(optimizer, XSAM):
-        if clip_val and clip_val > 0:
-            _route_clipping(optimizer, clip_val, gradient_clip_algorithm)
-        return
-    if clip_val and isinstance(getattr(plugin, "scaler", None), SAMGradScaler):
-        clip_val = clip_val * plugin.scaler.get_scale()
-    type(plugin).clip_gradients(plugin, optimizer, clip_val, gradient_clip_algorithm)
-
-
-def _route_clipping(optimizer: XSAM, clip_val: float, algorithm) -> None:
-    """Lightning's clipping of X-SAM's second pass becomes the optimizer's ``max_grad_norm`` for this step:
-    X-SAM normalises that gradient before correcting it, so clipping it would change nothing."""
-    algorithm = GradClipAlgorithmType(algorithm)
-    if algorithm != GradClipAlgorithmType.NORM:
-        raise ValueError(f"gradient_clip_algorithm={algorithm.value!r} is not supported with XSAM: it would clip the "
-                         "second pass's gradient element by element before X-SAM corrects and normalises it. Use "
-                         "gradient_clip_algorithm='norm': XSAMCallback then clips the corrected direction, as "
-                         "XSAM(max_grad_norm=...) does")
-    if optimizer.max_grad_norm is not None:
-        raise ValueError(f"both Trainer(gradient_clip_val={clip_val!r}) and XSAM(max_grad_norm="
-                         f"{optimizer.max_grad_norm!r}) ask for clipping; set one of them (they do the same: clip the "
-                         "corrected direction)")
-    optimizer.max_grad_norm = float(clip_val)
+    if not isinstance(optimizer, XSAM):
+        if clip_val and isinstance(getattr(plugin, "scaler", None), SAMGradScaler):
+            clip_val = clip_val * plugin.scaler.get_scale()
+        type(plugin).clip_gradients(plugin, optimizer, clip_val, gradient_clip_algorithm)
+    elif clip_val and clip_val > 0:
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm)
+        if algorithm != GradClipAlgorithmType.NORM:
+            raise ValueError(f"gradient_clip_algorithm={algorithm.value!r} is not supported with XSAM: it would clip "
+                             "the second pass's gradient element by element before X-SAM corrects and normalises it. "
+                             "Use gradient_clip_algorithm='norm': XSAMCallback then clips the corrected direction, as "
+                             "XSAM(max_grad_norm=...) does")
+        if optimizer.max_grad_norm is not None:
+            raise ValueError(f"both Trainer(gradient_clip_val={clip_val!r}) and XSAM(max_grad_norm="
+                             f"{optimizer.max_grad_norm!r}) ask for clipping; set one of them (they do the same: clip "
+                             "the corrected direction)")
+        optimizer.max_grad_norm = float(clip_val)
 
 
 def _step_args(module, batch, batch_idx: int) -> tuple:
