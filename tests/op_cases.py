@@ -12,12 +12,12 @@ import contextlib
 import pytest
 import torch
 
-from xsam import XSAM
+from xsam import XSAM, ops
 from xsam.ops import reference
 from xsam.ops.dispatch import unavailable_reason
 from xsam.ops.native_backend import CONSTANTS as NATIVE  # None without xsam._C: its cases skip
 
-from helpers import closure_of, make_model
+from helpers import closure_of, make_model, same_bits
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 BACKENDS = ("reference", "native", "triton")
@@ -120,6 +120,50 @@ def f64(ts):
 
 def scalar(value, dtype, device):
     return torch.full((), value, dtype=reference.accumulation_dtype(dtype), device=device)
+
+
+ELEMENTWISE = ["sam", "asam", "tilted", "restore-vecs", "restore-novecs", "axpy", "axpy-aliased", "scale_copy",
+               "scale_copy-aliased"]
+
+
+def run_elementwise(variant, x, g, v, backend, blank):
+    """One element-wise case (scalars 0.37 and -0.21) writing ``x`` and new lists ``blank()`` gives; an
+    ``aliased`` case reads the list it writes. Returns the result and every list written."""
+    a, b = scalar(0.37, x[0].dtype, x[0].device), scalar(-0.21, x[0].dtype, x[0].device)
+    aliased = variant.endswith("aliased")
+    if variant in ("sam", "asam", "tilted"):
+        x0, saved = clone(x), blank()
+        if variant == "tilted":
+            ops.tilted_perturb_(x, g, saved, v, a, b, backend=backend)
+        else:
+            ops.perturb_(x, g, saved, a, adaptive=variant == "asam", backend=backend)
+        assert same_bits(saved, x0), f"{variant}: saved must hold the exact old weights"
+        return x, [x, saved]
+    if variant.startswith("restore"):  # x: the gradients; g: the saved weights
+        w = blank()
+        ops.correct_restore_(w, x, g, v if variant == "restore-vecs" else None, a, b, backend=backend)
+        assert same_bits(w, g), f"{variant}: the restore must be bit-exact"
+        return x, [w, x]
+    if variant.startswith("axpy"):
+        ops.axpy_(x, x if aliased else g, b, backend=backend)
+        return x, [x]
+    out = x if aliased else blank()
+    ops.scale_copy_(out, x if aliased else g, a, backend=backend)
+    return out, [out]
+
+
+def elementwise_exact(variant, X, G, V):
+    """(float64 result, size of its terms) of ``run_elementwise`` on the flat inputs X, G, V."""
+    read = X if variant.endswith("aliased") else G
+    return {
+        "sam": (X + 0.37 * G, X.abs() + 0.37 * G.abs()),
+        "asam": (X + 0.37 * X * X * G, X.abs() + 0.74 * (X * X * G).abs()),
+        "tilted": (X + 0.37 * G - 0.21 * V, X.abs() + 0.37 * G.abs() + 0.21 * V.abs()),
+        "restore-vecs": (0.37 * X + 0.21 * V, 0.37 * X.abs() + 0.21 * V.abs()),
+        "restore-novecs": (0.37 * X, 0.37 * X.abs()),
+        "axpy": (X - 0.21 * read, X.abs() + 0.21 * read.abs()),
+        "scale_copy": (0.37 * read, 0.37 * read.abs()),
+    }[variant.removesuffix("-aliased")]
 
 
 def opcheck_cases(device, dtype) -> dict[str, tuple]:

@@ -20,7 +20,8 @@ from xsam import ops
 from xsam.ops import accumulation_dtype
 
 from helpers import same_bits
-from op_cases import DTYPES, NATIVE_CHUNK, assert_close_to_exact, f64, scalar, why_not
+from op_cases import DTYPES, ELEMENTWISE, NATIVE_CHUNK, assert_close_to_exact, elementwise_exact, f64, \
+    run_elementwise, why_not
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(why_not("native", "cuda") is not None,
                                                    reason=str(why_not("native", "cuda")))]
@@ -72,44 +73,13 @@ def guards_intact(tensors) -> bool:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sanitize_elementwise_ops_across_launches_and_odd_offsets(dtype):
     shapes = review_shapes()
-    fresh_w = lambda: review_lists(shapes, dtype, 1)  # noqa: E731 (the same values, offsets and guards)
     g, v = review_lists(shapes, dtype, 2), review_lists(shapes, dtype, 3)
-    a, b = scalar(0.37, dtype, DEVICE), scalar(-0.21, dtype, DEVICE)
-    w0 = fresh_w()
-    W, G, V = f64(w0), f64(g), f64(v)
-
-    cases = {
-        "perturb_": (lambda w, s: ops.perturb_(w, g, s, a, backend="native"), W + 0.37 * G, W.abs() + 0.37 * G.abs()),
-        "perturb_ adaptive": (lambda w, s: ops.perturb_(w, g, s, a, adaptive=True, backend="native"),
-                              W + 0.37 * W * W * G, W.abs() + 0.74 * (W * W * G).abs()),
-        "tilted_perturb_": (lambda w, s: ops.tilted_perturb_(w, g, s, v, a, b, backend="native"),
-                            W + 0.37 * G - 0.21 * V, W.abs() + 0.37 * G.abs() + 0.21 * V.abs()),
-    }
-    for name, (run, exact, magnitude) in cases.items():
-        w, saved = fresh_w(), review_lists(shapes, dtype, 4, fill=float("nan"))
-        run(w, saved)
-        assert same_bits(saved, w0), f"{name}: saved must hold the exact old weights"
-        assert_close_to_exact(f64(w), exact, magnitude, dtype)
-        assert guards_intact(w) and guards_intact(saved), f"{name} wrote outside a view"
-
-    for with_vecs in (True, False):
-        w, grads, saved = review_lists(shapes, dtype, 5), review_lists(shapes, dtype, 2), fresh_w()
-        ops.correct_restore_(w, grads, saved, v if with_vecs else None, a, b, backend="native")
-        assert same_bits(w, w0), "the restore must be bit-exact"
-        exact = 0.37 * G + (0.21 * V if with_vecs else 0)
-        assert_close_to_exact(f64(grads), exact, 0.37 * G.abs() + (0.21 * V.abs() if with_vecs else 0), dtype)
-        assert guards_intact(w) and guards_intact(grads)
-
-    for aliased in (False, True):
-        y = fresh_w()
-        ops.axpy_(y, y if aliased else g, a, backend="native")
-        X = W if aliased else G
-        assert_close_to_exact(f64(y), W + 0.37 * X, W.abs() + 0.37 * X.abs(), dtype)
-        d = fresh_w() if aliased else review_lists(shapes, dtype, 6, fill=0.0)
-        ops.scale_copy_(d, d if aliased else g, b, backend="native")
-        X = W if aliased else G
-        assert_close_to_exact(f64(d), -0.21 * X, 0.21 * X.abs(), dtype)
-        assert guards_intact(y) and guards_intact(d)
+    X, G, V = f64(review_lists(shapes, dtype, 1)), f64(g), f64(v)
+    for variant in ELEMENTWISE:
+        got, written = run_elementwise(variant, review_lists(shapes, dtype, 1), g, v, "native",
+                                       lambda: review_lists(shapes, dtype, 4, fill=float("nan")))
+        assert_close_to_exact(f64(got), *elementwise_exact(variant, X, G, V), dtype)
+        assert all(guards_intact(t) for t in written), f"{variant} wrote outside a view"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -6,55 +6,21 @@ import torch
 from xsam import ops
 from xsam.ops import accumulation_dtype
 
-from op_cases import assert_close_to_exact, backend_params, clone, f64, make, op_params, reference_result, scalar, \
-    size_cases
+from op_cases import ELEMENTWISE, assert_close_to_exact, backend_params, clone, elementwise_exact, f64, make, \
+    op_params, reference_result, run_elementwise, scalar, size_cases
 
-VARIANTS = ["sam", "asam", "tilted", "restore-vecs", "restore-novecs", "axpy", "axpy-aliased", "scale_copy",
-            "scale_copy-aliased"]
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ELEMENTWISE)
 @pytest.mark.parametrize("backend,device,dtype,case", op_params())
 def test_elementwise_op(backend, device, dtype, case, variant):
-    """Each op on fresh outputs from the same inputs x0, g, v; `aliased`: the written list is read too."""
     shapes = size_cases(backend, device)[case]
     x0, g, v = (make(shapes, dtype, device, seed) for seed in (1, 2, 3))
-    a, b = scalar(0.37, dtype, device), scalar(-0.21, dtype, device)
-    aliased = variant.endswith("aliased")
 
     def run(name):
-        x = clone(x0)
-        if variant in ("sam", "asam", "tilted"):
-            saved = [torch.full_like(t, float("nan")) for t in x0]
-            if variant == "tilted":
-                ops.tilted_perturb_(x, g, saved, v, a, b, backend=name)
-            else:
-                ops.perturb_(x, g, saved, a, adaptive=variant == "asam", backend=name)
-            assert all(torch.equal(s, t) for s, t in zip(saved, x0)), "saved must hold the exact old weights"
-        elif variant.startswith("restore"):  # x: the gradients; g: the saved weights
-            w = make(shapes, dtype, device, 9)
-            ops.correct_restore_(w, x, g, v if variant == "restore-vecs" else None, a, b, backend=name)
-            assert all(torch.equal(s, t) for s, t in zip(w, g)), "the restore must be bit-exact"
-        elif variant.startswith("axpy"):
-            ops.axpy_(x, x if aliased else g, b, backend=name)
-        else:
-            x = x if aliased else [torch.zeros_like(t) for t in g]
-            ops.scale_copy_(x, x if aliased else g, a, backend=name)
-        return x
+        blank = lambda: [torch.full_like(t, float("nan")) for t in x0]  # noqa: E731
+        return f64(run_elementwise(variant, clone(x0), g, v, name, blank)[0])
 
-    X, G, V = f64(x0), f64(g), f64(v)
-    read = X if aliased else G
-    exact, magnitude = {  # the terms' sizes bound the rounding error
-        "sam": (X + 0.37 * G, X.abs() + 0.37 * G.abs()),
-        "asam": (X + 0.37 * X * X * G, X.abs() + 0.74 * (X * X * G).abs()),
-        "tilted": (X + 0.37 * G - 0.21 * V, X.abs() + 0.37 * G.abs() + 0.21 * V.abs()),
-        "restore-vecs": (0.37 * X + 0.21 * V, 0.37 * X.abs() + 0.21 * V.abs()),
-        "restore-novecs": (0.37 * X, 0.37 * X.abs()),
-        "axpy": (X - 0.21 * read, X.abs() + 0.21 * read.abs()),
-        "scale_copy": (0.37 * read, 0.37 * read.abs()),
-    }[variant.removesuffix("-aliased")]
-    got = f64(run(backend))
-    assert_close_to_exact(got, exact, magnitude, dtype, ref=reference_result(backend, lambda name: f64(run(name))))
+    exact, magnitude = elementwise_exact(variant, f64(x0), f64(g), f64(v))
+    assert_close_to_exact(run(backend), exact, magnitude, dtype, ref=reference_result(backend, run))
 
 
 @pytest.mark.parametrize("backend,device,dtype,case",
