@@ -91,65 +91,42 @@ def test_block_power_iteration_finds_top_subspace_with_near_degenerate_pair():
     torch.testing.assert_close(lam[1] + lam[2], torch.tensor(7.999, dtype=torch.float64), rtol=1e-9, atol=0)
 
 
-def test_power_iteration_rejects_bad_arguments():
-    q = Quadratic()
-    hvp, _ = exact_hvp(q.loss, q.params)
-    with pytest.raises(ValueError, match="iters=0"):
-        power_iteration(hvp, [random_vector(q.params, 0)], iters=0)
-    with pytest.raises(ValueError, match="tol=-1"):
-        power_iteration(hvp, [random_vector(q.params, 0)], tol=-1)
-
-
 # ----- Lanczos ------------------------------------------------------------------------------------------
-def known_spectrum(eigenvalues, seed=0):
-    """A = Q diag(eigenvalues) Q^T with a random orthogonal Q, and its product as an operator."""
-    n = len(eigenvalues)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
-    A = q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
-
-    def hvp(vectors):
-        return [[(A @ v[0].reshape(-1)).reshape(v[0].shape)] for v in vectors]
-
-    return A, q, hvp
-
-
-def start(n, seed=1):
-    return [torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)]
-
-
 # Top pair 10 / 9.5: power iteration converges like (0.95)^k, Lanczos like a Chebyshev polynomial.
 SPECTRUM = [10.0, 9.5, *torch.linspace(-6.0, 8.0, 198).tolist()]
 
 
 def test_lanczos_finds_the_closed_form_top_pair_with_far_fewer_products_than_power_iteration():
-    A, q, hvp = known_spectrum(SPECTRUM)
-    tol = 1e-6
-    found = lanczos(hvp, start(len(SPECTRUM)), max_iters=200, tol=tol)
+    n, tol = len(SPECTRUM), 1e-6
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    A = q @ torch.diag(torch.tensor(SPECTRUM, dtype=torch.float64)) @ q.T
+
+    def hvp(vectors):
+        return [[A @ v[0]] for v in vectors]
+
+    init = [torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)]
+    found = lanczos(hvp, init, max_iters=200, tol=tol)
     assert found.converged
     assert abs(found.eigenvalue - 10.0) <= 10 * tol * 10.0
     assert abs(cosine(found.vector, [q[:, 0]])) > 1 - 1e-6
     v = found.vector[0]
     true_residual = float((A @ v - found.eigenvalue * v).norm())
     assert true_residual == pytest.approx(found.residual, rel=1e-3, abs=1e-9)  # the recurrence's residual is real
-    power = power_iteration(hvp, [start(len(SPECTRUM))], iters=2000, tol=tol)
+    power = power_iteration(hvp, [init], iters=2000, tol=tol)
     assert float(power.eigenvalues[0]) == pytest.approx(found.eigenvalue, rel=10 * tol)
     assert found.products * 5 < power.iterations  # 28 against 230 here
 
 
 def test_lanczos_picks_magnitude_or_the_largest_algebraic_eigenvalue():
     q = Quadratic()  # largest |lambda| is -7, the largest eigenvalue a near-degenerate 4 / 3.999
-    A = q.A
-
-    def hvp(vectors):
-        return [unflat(A @ flat(v), q.params) for v in vectors]
-
-    init = unflat(torch.ones(A.shape[0], dtype=torch.float64), q.params)
+    hvp, _ = exact_hvp(q.loss, q.params)
+    init = [torch.ones_like(p) for p in q.params]
     magnitude = lanczos(hvp, init, max_iters=50, tol=1e-10)
     algebraic = lanczos(hvp, init, max_iters=50, tol=1e-10, which="algebraic")
     assert magnitude.eigenvalue == pytest.approx(-7.0, rel=1e-9)
     assert algebraic.eigenvalue == pytest.approx(4.0, rel=1e-9)
     assert magnitude.converged and algebraic.converged
-    assert magnitude.products <= A.shape[0]  # a 12-dimensional space is exhausted in 12 steps at most
+    assert magnitude.products <= q.A.shape[0]  # a 12-dimensional space is exhausted in 12 steps at most
     assert abs(float(flat(magnitude.vector) @ q.eigenvectors[:, 0])) > 1 - 1e-9
     assert all(t.shape == p.shape for t, p in zip(magnitude.vector, q.params))
 
@@ -170,19 +147,19 @@ def test_top_eigenvalue_by_lanczos_agrees_with_power_iteration_on_a_network():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_lanczos_names_bad_arguments():
-    _, _, hvp = known_spectrum([1.0, 2.0])
-    with pytest.raises(ValueError, match="which='largest' is invalid"):
-        lanczos(hvp, start(2), which="largest")
-    with pytest.raises(ValueError, match="max_iters=1 is invalid"):
-        lanczos(hvp, start(2), max_iters=1)
-    with pytest.raises(ValueError, match="init is zero"):
-        lanczos(hvp, [torch.zeros(2, dtype=torch.float64)])
-    model = nn.Linear(2, 1)
-    with pytest.raises(ValueError, match="which='algebraic' is invalid"):
-        top_eigenvalue(model, lambda: model(torch.ones(1, 2)).sum(), which="algebraic")
-    with pytest.raises(ValueError, match="method='arnoldi' is invalid"):
-        top_eigenvalue(model, lambda: model(torch.ones(1, 2)).sum(), method="arnoldi")
+@pytest.mark.parametrize("call, match", [
+    (lambda hvp, v: power_iteration(hvp, [v], iters=0), "iters=0"),
+    (lambda hvp, v: power_iteration(hvp, [v], tol=-1), "tol=-1"),
+    (lambda hvp, v: lanczos(hvp, v, which="largest"), "which='largest' is invalid"),
+    (lambda hvp, v: lanczos(hvp, v, max_iters=1), "max_iters=1 is invalid"),
+    (lambda hvp, v: lanczos(hvp, [torch.zeros_like(t) for t in v]), "init is zero"),
+    (lambda *_: top_eigenvalue(nn.Linear(2, 1), lambda: None, which="algebraic"), "which='algebraic' is invalid"),
+    (lambda *_: top_eigenvalue(nn.Linear(2, 1), lambda: None, method="arnoldi"), "method='arnoldi' is invalid"),
+])
+def test_power_iteration_and_lanczos_name_bad_arguments(call, match):
+    q = Quadratic()
+    with pytest.raises(ValueError, match=match):
+        call(exact_hvp(q.loss, q.params)[0], random_vector(q.params, 0))
 
 
 # ----- dropout in train mode: every closure call of the products replays the same random numbers -------
