@@ -156,13 +156,6 @@ def test_an_error_of_loss_fn_itself_is_raised_not_turned_into_a_fallback():
     assert all(p.fallback_reason is None for p in _COMPILED[model].values())
 
 
-def test_products_refuse_parameters_the_model_does_not_own():
-    model, other = nn.Linear(3, 2), nn.Linear(3, 2)
-    for build in (compiled_hvp, ggn_hvp):
-        with pytest.raises(ValueError, match=r"params\[0\].*not a parameter of model"):
-            build(model, lambda: model(torch.ones(1, 3)).sum(), list(other.parameters()))
-
-
 # ----- Gauss-Newton ---------------------------------------------------------------------------
 def dense_ggn(model, x, loss_of_output):
     """J^T H J built explicitly: the Jacobian of the flat output and the Hessian of the loss in it."""
@@ -224,11 +217,14 @@ def test_a_loss_linear_in_the_output_has_a_zero_gauss_newton_matrix():
     assert all(torch.equal(t, torch.zeros_like(p)) for t, p in zip(gv, params))
 
 
-def test_ggn_refuses_a_loss_fn_it_cannot_split():
-    model = nn.Linear(3, 2)
+def test_products_refuse_foreign_parameters_and_ggn_a_loss_fn_it_cannot_split():
+    model, other = nn.Linear(3, 2), nn.Linear(3, 2)
     params = list(model.parameters())
     x = torch.ones(4, 3)
     v = random_vectors(params, 1)
+    for build in (compiled_hvp, ggn_hvp):
+        with pytest.raises(ValueError, match=r"params\[0\].*not a parameter of model"):
+            build(model, lambda: model(x).sum(), list(other.parameters()))
     with pytest.raises(ValueError, match="called model more than once"):
         ggn_hvp(model, lambda: (model(x) + model(x)).sum(), params)(v)
     with pytest.raises(ValueError, match="did not call model"):
