@@ -82,10 +82,9 @@ def test_non_finite_pass_skips_the_whole_step(backend, poisoned_pass):
         inj.poison_closure_call = None
         after = snapshot(model, opt)
         assert all(torch.equal(a, b) for a, b in zip(before[0], after[0])), "weights not restored exactly"
-        state_before, state_after = before[1], after[1]
-        skipped_after, skipped_before = (s["state"][0]["xsam"].pop("skipped_steps") for s in (state_after, state_before))
+        skipped_before, skipped_after = (s["state"][0]["xsam"].pop("skipped_steps") for _, s in (before, after))
         assert skipped_after == skipped_before + 1
-        assert_same_state(state_before, state_after)  # eigenvector, base optimizer and counters
+        assert_same_state(before[1], after[1])  # eigenvector, base optimizer and counters
         assert scaler.get_scale() == scale_before * 0.5
         assert inj.closure_calls == poisoned_pass  # a poisoned first pass stops before the second
     assert len(records) == 1  # only the completed step reported
@@ -151,16 +150,8 @@ def test_scaled_run_equals_unscaled_run_bit_for_bit(backend, hvp, max_grad_norm)
         clip_coefs = []
         if max_grad_norm is not None:
             opt.register_diagnostics_hook(lambda o, r: clip_coefs.append(r["clip_coef"].item()))
-
-        def loss_fn():
-            return nn.functional.cross_entropy(model(x.double()), y)
-
-        def closure():
-            loss = loss_fn()
-            (scaler.scale(loss) if use_scaler else loss).backward()
-            return loss
-
-        scaled_or_plain_steps(opt, scaler, closure, 3, use_scaler, loss_fn=loss_fn if hvp == "exact" else None)
+        inj = Injector(model, scaler if use_scaler else SAMGradScaler("cpu", enabled=False), x.double(), y)
+        scaled_or_plain_steps(opt, scaler, inj.closure, 3, use_scaler, loss_fn=inj.loss_fn if hvp == "exact" else None)
         runs.append(([p.detach().clone() for p in model.parameters()], opt.eigenvector(), opt.diagnostics(),
                      clip_coefs))
     (w0, v0, d0, clip0), (w1, v1, d1, clip1) = runs
@@ -231,9 +222,9 @@ def test_low_precision_parameters_track_an_fp32_twin(backend, dtype):
     outs = []
     for model, mdtype in ((low, dtype), (high, torch.float32)):
         opt = make_xsam(model, backend, hvp="exact", lr=0.05, momentum=0.0)
+        loss_fn = lambda: nn.functional.cross_entropy(model(x.to(mdtype)).float(), y)  # noqa: E731
         for _ in range(2):
-            closure = closure_of(lambda: nn.functional.cross_entropy(model(x.to(mdtype)).float(), y))
-            opt.step(closure, loss_fn=lambda: nn.functional.cross_entropy(model(x.to(mdtype)).float(), y))
+            opt.step(closure_of(loss_fn), loss_fn=loss_fn)
         outs.append((model, opt))
     (low, opt_low), (high, opt_high) = outs
     assert all(p.dtype == dtype and opt_low.state[p]["eigenvector"].dtype == dtype for p in low.parameters())
