@@ -37,7 +37,5 @@ def all_reduce_mean_(tensors: Sequence[Tensor], process_group=None) -> None:
         buffer = torch.cat([t.reshape(-1) for t in group])
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=process_group)
         buffer.div_(world)
-        offset = 0
-        for t in group:
-            t.copy_(buffer[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+        for t, piece in zip(group, buffer.split([t.numel() for t in group])):
+            t.copy_(piece.view_as(t))
