@@ -66,14 +66,16 @@ def train(model, opt, rank=None, steps=range(STEPS)):
     helpers.train(model, opt, batches(rank, steps), offer_loss_fn=isinstance(opt, XSAM))
 
 
-def sharded_model():
+def sharded_run(name):
+    """make_model() sharded layer by layer, and the optimizer ``name`` on it (hvp="auto": finite differences)."""
     from torch.distributed.fsdp import fully_shard
 
     model = make_model()
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
-    return fully_shard(model)
+    fully_shard(model)
+    return model, make_optimizer(name, model.parameters(), hvp="auto", model=model)
 
 
 def full_vectors():
@@ -107,8 +109,7 @@ def dtensor_op_checks(rank):
 def scaled_xsam_run(rank):
     """X-SAM under SAMGradScaler on FSDP2; one attempt of step SKIPPED_STEP gets an inf in the second pass's
     gradient (call 2: the step does not refresh) on POISONED_RANK's local shard only."""
-    model = sharded_model()
-    opt = make_optimizer("xsam", model.parameters(), hvp="auto", model=model)
+    model, opt = sharded_run("xsam")
     scaler = SAMGradScaler("cpu", init_scale=INIT_SCALE, growth_interval=1000)
     skip = scaled_run_with_a_poisoned_attempt(opt, scaler, functools.partial(mse, model), batches(rank),
                                               SKIPPED_STEP, 2 if rank == POISONED_RANK else None)
@@ -122,13 +123,11 @@ def dcp_resumed_run(name, rank, checkpoint_dir):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model = sharded_model()
-    opt = make_optimizer(name, model.parameters(), hvp="auto", model=model)
+    model, opt = sharded_run(name)
     train(model, opt, rank, steps=range(RESUME_AT))
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint_dir)
-    model = sharded_model()
-    opt = make_optimizer(name, model.parameters(), hvp="auto", model=model)
+    model, opt = sharded_run(name)
     model_sd, optim_sd = get_state_dict(model, opt)  # the template DCP loads into, in place
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint_dir)
     set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
@@ -148,8 +147,7 @@ def single_process_checkpoint_into_sharded(rank):
     plain = make_model()
     plain_opt = make_optimizer("xsam", plain.parameters())
     train(plain, plain_opt, steps=range(RESUME_AT))
-    model = sharded_model()
-    opt = make_optimizer("xsam", model.parameters(), hvp="auto", model=model)
+    model, opt = sharded_run("xsam")
     out = {"direct_error": error_of(lambda: opt.load_state_dict(plain_opt.state_dict()))}
     set_optimizer_state_dict(model, opt, get_optimizer_state_dict(plain, plain_opt),
                              options=StateDictOptions(full_state_dict=True))
@@ -162,8 +160,7 @@ def worker(rank, init_file, out_dir):
     with gloo_group(f"file://{init_file}", rank, WORLD):
         result = {}
         for name in CONFIGS:
-            model = sharded_model()
-            opt = make_optimizer(name, model.parameters(), hvp="auto", model=model)
+            model, opt = sharded_run(name)
             train(model, opt, rank)
             diag = opt.diagnostics()
             result[name] = {
@@ -172,7 +169,7 @@ def worker(rank, init_file, out_dir):
                 "eigenvector": ([t.full_tensor() for t in opt.eigenvector()] if name in XSAM_VARIANTS else None),
                 "refreshes": diag.get("refreshes"),
             }
-        model = sharded_model()
+        model, _ = sharded_run("sam")
         params = list(model.parameters())
         result["local_rows"] = [p.to_local().shape[0] for p in params]
         result["start"] = [t.full_tensor() for t in random_vectors(params, 1, torch.Generator().manual_seed(SEED))[0]]
