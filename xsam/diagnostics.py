@@ -27,12 +27,10 @@ RECORDED_KEYS = ("eigenvalue", "eigen_residual", "grad_norm", "adv_grad_norm", "
 class DiagnosticsRecorder:
     """Keep the per-step diagnostics of a SAM/XSAM optimizer on the device until asked for.
 
-    ``recorder = DiagnosticsRecorder(opt)`` starts recording; ``recorder.records()``
-    returns one dict per completed step (Python numbers; keys the optimizer did
-    not report, e.g. ``cos_g_v`` for SAM or before the first eigenvector, are NaN);
-    ``recorder.refreshes()`` only the steps that refreshed the eigenvector, whose
-    ``eigenvalue``/``eigen_residual`` are the fresh ones (on other steps they are
-    those of the v in use). ``remove()`` (or leaving a ``with`` block) stops it.
+    ``DiagnosticsRecorder(opt)`` starts recording; ``records()`` returns one dict per completed step (Python
+    numbers; keys the optimizer did not report, e.g. ``cos_g_v`` for SAM or before the first eigenvector, are NaN);
+    ``refreshes()`` only the steps that refreshed the eigenvector, whose ``eigenvalue``/``eigen_residual`` are the
+    fresh ones (on other steps, those of the v in use). ``remove()`` (or leaving a ``with`` block) stops it.
     """
 
     def __init__(self, optimizer, keys: Sequence[str] = RECORDED_KEYS):
@@ -140,11 +138,10 @@ def lanczos(hvp: HvpFn, init: Sequence[Tensor], *, max_iters: int = 100, tol: fl
             which: str = "magnitude") -> LanczosResult:
     """Largest-magnitude (``which="magnitude"``) or largest-algebraic (``"algebraic"``) eigenpair of ``hvp``.
 
-    Lanczos from ``init`` (not modified) with full reorthogonalisation, one product per step, until
-    the picked Ritz value changes by less than ``tol`` relative and its residual over its magnitude
-    is below ``tol`` (power iteration's criteria), or ``max_iters`` products. The Krylov basis is kept
-    (``max_iters`` parameter-sized vectors at most); the small tridiagonal problem is solved in
-    float64 on the CPU, and every step reads its values on the host.
+    Lanczos from ``init`` (not modified) with full reorthogonalisation, one product per step, until the picked
+    Ritz value changes by less than ``tol`` relative and its residual over its magnitude is below ``tol`` (power
+    iteration's criteria), or ``max_iters`` products. The Krylov basis is kept (``max_iters`` parameter-sized
+    vectors at most); every step solves the tridiagonal problem in float64 on the host.
     """
     if which not in LANCZOS_TARGETS:
         raise ValueError(f"which={which!r} is invalid: use one of {list(LANCZOS_TARGETS)}")
@@ -205,20 +202,15 @@ def top_eigenvalue(model: nn.Module, loss_fn: Callable[[], Tensor], *, tol: floa
                    which: str = "magnitude") -> EigenEstimate:
     """Top-|lambda| eigenpair of the Hessian of ``loss_fn()`` at ``model``'s current weights.
 
-    ``loss_fn`` runs the forward pass on a fixed batch and returns the scalar
-    loss (no backward). Power iteration (``method="power"``) or Lanczos (``"lanczos"``,
-    see ``lanczos``: far fewer products where the top eigenvalues are close) with exact
-    (double-backward) HVPs runs until the eigenvalue estimate changes by less than ``tol``
-    relative and the residual ``||Hv - lambda v|| / |lambda|`` is below ``tol``, or ``max_iters``
-    products. ``which="algebraic"`` (Lanczos only): the largest eigenvalue instead of the
-    largest in magnitude.
-    With ``eval_mode`` (default) the model is in eval mode meanwhile (BatchNorm
-    uses running statistics, so the loss is a fixed function of the weights and
-    no statistic changes); the modules' training flags are put back afterwards.
-    ``init`` (e.g. the previous ``vector``) warm-starts the iteration; otherwise a
-    standard-normal vector from ``seed``. Weights and ``.grad`` are not touched.
-    ``backend`` defaults to the pure-PyTorch reference op set: this is a
-    measurement, so it should not share the fast kernels it may be used to check.
+    ``loss_fn`` runs the forward pass on a fixed batch and returns the scalar loss (no backward). Power iteration
+    (``method="power"``) or Lanczos (``"lanczos"``: far fewer products where the top eigenvalues are close) with
+    exact HVPs runs until the eigenvalue changes by less than ``tol`` relative and ``||Hv - lambda v|| / |lambda|``
+    is below ``tol``, or ``max_iters`` products. ``which="algebraic"`` (Lanczos only): the largest eigenvalue
+    instead of the largest in magnitude. With ``eval_mode`` (default) the model is in eval mode meanwhile
+    (BatchNorm uses running statistics: the loss is a fixed function of the weights and no statistic changes);
+    the training flags are put back afterwards. ``init`` (e.g. the previous ``vector``) warm-starts the iteration;
+    otherwise a standard-normal vector from ``seed``. Weights and ``.grad`` are not touched. ``backend`` defaults
+    to the reference op set: a measurement should not share the fast kernels it may be used to check.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model={type(model).__name__} is invalid: pass an nn.Module")

@@ -56,12 +56,11 @@ def exact_hvp(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], *,
               process_group=None) -> tuple[HvpFn, Tensor]:
     """Build ``H v`` by double backward at the current weights.
 
-    ``loss_fn`` runs the forward pass only and returns the scalar loss. Returns ``(hvp, loss)``:
-    ``hvp(vectors)`` maps m vectors to their m products, reusing one create-graph backward.
-    Parameters the loss does not depend on get zero rows. ``process_group``: average every product
-    over its ranks; needed with DDP, whose gradient all-reduce ``torch.autograd.grad`` bypasses.
-    FSDP2 (``fully_shard``) parameters, which autograd cannot reach from the loss, raise a
-    RuntimeError: use ``finite_difference_hvp``.
+    ``loss_fn`` runs the forward pass only and returns the scalar loss. Returns ``(hvp, loss)``: ``hvp(vectors)``
+    maps m vectors to their m products, reusing one create-graph backward. Parameters the loss does not depend on
+    get zero rows. ``process_group``: average every product over its ranks; needed with DDP, whose gradient
+    all-reduce ``torch.autograd.grad`` bypasses. FSDP2 (``fully_shard``) parameters, which autograd cannot reach
+    from the loss, raise a RuntimeError: use ``finite_difference_hvp``.
     """
     params = list(params)
     with torch.enable_grad():
@@ -95,10 +94,9 @@ def default_fd_step(params: Sequence[Tensor], vector: Vector, *, order: int = 2,
                     layout: ops.Layout | None = None) -> Tensor:
     """Finite-difference step ``h = eps^(1/(order+1)) * (1 + rms(w)) / ||v||`` as a device scalar.
 
-    eps is the machine epsilon of the least precise parameter dtype. Central differences
-    (``order=2``, error O(h^2)) balance truncation against rounding (O(eps / h)) at
-    h ~ eps^(1/3); forward differences (``order=1``, error O(h)) at h ~ eps^(1/2). Scaling by
-    the RMS weight makes the per-element perturbation relative to typical weights.
+    eps is the machine epsilon of the least precise parameter dtype. Central differences (``order=2``, error
+    O(h^2)) balance truncation against rounding (O(eps / h)) at h ~ eps^(1/3); forward differences (``order=1``,
+    error O(h)) at h ~ eps^(1/2). The RMS weight makes the perturbation relative to typical weights.
     """
     if order not in (1, 2):
         raise ValueError(f"order={order!r} is invalid: 1 (forward differences) or 2 (central differences)")
@@ -116,10 +114,10 @@ GradientHook = Callable[[Vector], None]  # sees each closure gradient (e.g. AMP 
 class RandomState:
     """The states of the generators dropout draws from: the CPU's and every initialised CUDA device's.
 
-    Finite-difference products replay one such state in every closure call, so that the loss is
-    one function of the weights during the products (the same dropout masks at ``w + h v`` and
-    ``w - h v``), as for exact products, whose single forward pass draws one set of masks.
-    Generators of one's own (``torch.Generator`` objects, numpy, other device types) are not covered.
+    Finite-difference products replay one such state in every closure call, so that the loss is one function of
+    the weights during the products (the same dropout masks at ``w + h v`` and ``w - h v``), as for exact products,
+    whose single forward pass draws one set of masks. Generators of one's own (``torch.Generator`` objects, numpy,
+    other device types) are not covered.
     """
 
     cpu: Tensor
@@ -179,16 +177,16 @@ def forward_difference_hvp(
 ) -> HvpFn:
     """``H v ~ (grad L(w + h v) - grad L(w)) / h`` with ``grad L(w)`` given (``base_gradient``).
 
-    One closure call per product, against two for central differences: SAM's first pass
-    already computed ``grad L(w)`` on the batch. Truncation error O(h), so the default step is
-    ``~ sqrt(eps)`` (``default_fd_step(order=1)``). ``base_gradient`` must be the gradient of
-    the same loss in the same model mode (and already unscaled when ``on_gradients`` unscales
-    the closure's). Weights and ``.grad`` are put back as by ``finite_difference_hvp``.
+    One closure call per product, against two for central differences: SAM's first pass already computed
+    ``grad L(w)`` on the batch. Truncation error O(h), so the default step is ``~ sqrt(eps)``
+    (``default_fd_step(order=1)``). ``base_gradient`` must be the gradient of the same loss in the same model mode
+    (and already unscaled when ``on_gradients`` unscales the closure's). Weights and ``.grad`` are put back as by
+    ``finite_difference_hvp``.
 
     ``randomness``: the random generators' states ``base_gradient``'s closure call started from
-    (``RandomState.capture()`` right before it); every closure call replays them, so dropout
-    draws the masks of ``base_gradient``. None: the states of this call, with a warning when
-    the closure draws random numbers (``base_gradient`` then came from other ones).
+    (``RandomState.capture()`` right before it); every closure call replays them, so dropout draws the masks of
+    ``base_gradient``. None: the states of this call, with a warning when the closure draws random numbers
+    (``base_gradient`` then came from other ones).
     """
     params = list(params)
     base = list(base_gradient)
@@ -258,9 +256,9 @@ def _difference_hvp(closure, params: list[Tensor], step, backend: str, layout, o
 def random_vectors(params: Sequence[Tensor], m: int = 1, generator: torch.Generator | None = None) -> list[Vector]:
     """m standard-normal vectors shaped like ``params``, drawn on the CPU in parameter order.
 
-    So the start vector is the same on every device for a given generator state; for a DTensor
-    parameter (FSDP2, tensor parallelism) every rank draws the full shape and keeps its shard (no
-    communication), so the global vector is the one a single process draws.
+    So the start vector is the same on every device for a given generator state; for a DTensor parameter (FSDP2,
+    tensor parallelism) every rank draws the full shape and keeps its shard (no communication), so the global
+    vector is the one a single process draws.
     """
     return [[_draw_like(p, generator) for p in params] for _ in range(m)]
 
@@ -302,14 +300,11 @@ def power_iteration(
 ) -> PowerIterationResult:
     """(Block) power iteration on the operator ``hvp`` from the start vectors ``init``.
 
-    ``init`` is not modified (it is the warm start). Each iteration computes
-    ``u_j = H v_j``, the Rayleigh quotient ``lambda_j = <v_j, u_j>`` and residual
-    ``||u_j - lambda_j v_j||`` and sets ``v_j = u_j / (||u_j|| + eps)``; with m > 1
-    the vectors are then re-orthonormalised, so they span the top-m subspace
-    (by |lambda|). With ``tol``, it stops early once every vector has
-    ``|lambda_k - lambda_{k-1}| / |lambda_k| < tol`` and ``residual / |lambda_k| < tol``;
-    that test reads the values on the host, so ``tol=None`` (fixed iterations)
-    is the sync-free choice.
+    ``init`` is not modified (it is the warm start). Each iteration computes ``u_j = H v_j``, the Rayleigh quotient
+    ``lambda_j = <v_j, u_j>`` and residual ``||u_j - lambda_j v_j||`` and sets ``v_j = u_j / (||u_j|| + eps)``;
+    with m > 1 the vectors are then re-orthonormalised, so they span the top-m subspace (by |lambda|). With
+    ``tol``, it stops early once every vector has ``|lambda_k - lambda_{k-1}| / |lambda_k| < tol`` and
+    ``residual / |lambda_k| < tol``; that test reads the values on the host, so ``tol=None`` is the sync-free choice.
     """
     if iters < 1:
         raise ValueError(f"iters={iters} is invalid: power iteration needs iters >= 1")
