@@ -264,18 +264,15 @@ def test_op_set_reduces_dtensors_like_flat_vectors(fsdp_results):
         assert got["mixed_error"].startswith("ValueError: lists[1][0] is a plain tensor but lists[0][0] is a DTensor")
 
 
-def test_scaler_skips_on_every_rank_when_one_shard_is_non_finite(fsdp_results):
-    """The inf sits in rank 1's shard only; the all-reduced flag makes rank 0 skip too."""
+def test_scaler_skips_on_every_rank_when_one_shard_is_non_finite_and_leaves_no_trace(fsdp_results):
+    """The inf sits in rank 1's shard only; the all-reduced flag makes rank 0 skip too. Power-of-two scales
+    unscale exactly: the skipped attempt left no trace (the tolerance allows for finite-difference rounding; a
+    missed unscale is off by 2**10)."""
     for rank in range(WORLD):
         skip = fsdp_results[rank]["amp"]["skip"]
         assert skip["closure_calls"] == 2  # the second pass ran, then the step was skipped
         assert_skipped(skip, INIT_SCALE, SKIPPED_STEP)
         assert fsdp_results[rank]["amp"]["scale"] == INIT_SCALE / 2
-
-
-def test_scaled_sharded_run_matches_the_unscaled_sharded_run(fsdp_results):
-    """Power-of-two scales unscale exactly: the skipped attempt left no trace (the tolerance allows for
-    finite-difference rounding; a missed unscale is off by 2**10)."""
     r0, r1 = fsdp_results[0]["amp"], fsdp_results[1]["amp"]
     assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))
     unscaled = fsdp_results[0]["xsam"]
