@@ -4,6 +4,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.func import functional_call
 
 from xsam.hessian import exact_hvp, random_vectors
@@ -46,12 +47,6 @@ def state_of(model):
     return [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
 
 
-def unique_graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_compiled_products_equal_double_backward_and_are_reused(name):
     """The first graph serves a second batch and closure, and a second model of the same layout with its own
@@ -72,7 +67,7 @@ def test_compiled_products_equal_double_backward_and_are_reused(name):
         eager = exact_hvp(loss_fn, params)[0](vectors)
         for c, e in zip(compiled, eager):
             assert (flat(c) - flat(e)).norm() <= 1e-5 * flat(e).norm()
-        graphs.append(unique_graphs())
+        graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] == graphs[1] == graphs[2]
     assert all(torch.equal(a, b) for a, b in zip(state_of(first), before))
     assert all(p.grad is None for p in first.parameters())
