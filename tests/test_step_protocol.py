@@ -347,9 +347,3 @@ def test_eigenvector_returns_a_copy_in_param_group_order_that_a_refresh_does_not
     assert same_bits(kept, copy_of_kept) and not same_bits(opt.eigenvector(), kept)
     kept[0].fill_(7.0)
     assert not torch.equal(opt.eigenvector()[0], kept[0])  # writing the copy leaves v alone
-
-
-def test_a_bad_hvp_for_eigensam_does_not_offer_streaming():
-    with pytest.raises(ValueError, match="hvp='jvp'") as info:
-        EigenSAM(four_params(), torch.optim.SGD, lr=0.1, hvp="jvp")
-    assert "streaming" not in str(info.value) and "'finite_difference'" in str(info.value)
