@@ -211,9 +211,7 @@ class EigenvectorBase(SharpnessAware):
 
     def _restore_global(self, saved: dict, own: dict) -> tuple[dict, dict]:
         live, own = super()._restore_global(saved, own)
-        for key in (*self.COUNTERS, *self.tracker.SCHEDULE):
-            if key in saved:
-                live[key] = saved[key]
+        live.update({key: saved[key] for key in (*self.COUNTERS, *self.tracker.SCHEDULE) if key in saved})
         live["generator"] = saved["generator"].cpu()  # torch.Generator's state lives on the CPU
         if int(live["refresh_attempts"]) > 0 or int(live["refreshes"]) > 0:
             live.update({key: saved[key] for key in self.REFRESH_RECORD if key in saved})
