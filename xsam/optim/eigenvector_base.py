@@ -152,9 +152,8 @@ class EigenvectorBase(SharpnessAware):
 
     def _record(self, txn: StepTransaction) -> dict:
         record = super()._record(txn)
-        for key in ("eigenvalue", "eigen_residual", "refresh_rejected"):
-            if key in self._global:
-                record[key] = self._global[key]
+        record.update({key: self._global[key] for key in ("eigenvalue", "eigen_residual", "refresh_rejected")
+                       if key in self._global})
         if txn.refresh is None and "refresh_rejected" in record:
             record["refresh_rejected"] = torch.zeros_like(record["refresh_rejected"])
         return record
