@@ -17,11 +17,7 @@ def flat(tensors) -> torch.Tensor:
 
 
 def unflat(vector: torch.Tensor, like) -> list[torch.Tensor]:
-    out, i = [], 0
-    for t in like:
-        out.append(vector[i:i + t.numel()].reshape(t.shape).to(t.dtype))
-        i += t.numel()
-    return out
+    return [piece.reshape(t.shape).to(t.dtype) for piece, t in zip(vector.split([t.numel() for t in like]), like)]
 
 
 SHAPES = [(2, 3), (4,), (1, 1, 2)]  # 12 elements over three tensors of different rank
