@@ -269,11 +269,10 @@ def test_saved_weights_share_bucketed_allocations_without_overlap(monkeypatch):
     assert all(s.data_ptr() % lists.SCRATCH_ALIGN_BYTES == 0 for s in saved)  # each starts as aligned as its own
     # And a step restores every parameter bit-exactly through them.
     opt = XSAM(params, torch.optim.SGD, lr=0.0, hvp="finite_difference")
-    before = [p.detach().clone() for p in params]
-
+    before = weights(params)
     closure = closure_of(lambda: sum((p.double() ** 2).sum() for p in params))
     opt.step(closure)
-    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    assert same_bits(before, params)
     # The eigenvectors, created by that step's refresh, share allocations the same way, and later
     # refreshes write into them.
     def where_stored():
