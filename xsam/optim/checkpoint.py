@@ -183,8 +183,7 @@ def check_state_dict(optimizer, saved_global: dict, own: dict, base_state: dict,
         raise ValueError(f"state_dict's 'state' has entries for {stray[:3]}, which are not parameters of its "
                          "'param_groups'; it was not saved by this optimizer's state_dict()")
     for i, group in enumerate(groups):
-        values = dict(optimizer._own_defaults)
-        values.update((key, group[key]) for key in optimizer._own_defaults if key in group)
+        values = {key: group.get(key, default) for key, default in optimizer._own_defaults.items()}
         optimizer._check_hyperparameters(values, f"state_dict's param_groups[{i}]: ")
     _check_base_state_shapes(optimizer, base_state, params, positions)
     optimizer._check_checkpoint(saved_global, own, params, positions)
