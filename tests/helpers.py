@@ -17,11 +17,7 @@ def flat(tensors) -> torch.Tensor:
 
 
 def unflat(vector: torch.Tensor, like) -> list[torch.Tensor]:
-    out, i = [], 0
-    for t in like:
-        out.append(vector[i:i + t.numel()].reshape(t.shape).to(t.dtype))
-        i += t.numel()
-    return out
+    return [piece.reshape(t.shape).to(t.dtype) for piece, t in zip(vector.split([t.numel() for t in like]), like)]
 
 
 SHAPES = [(2, 3), (4,), (1, 1, 2)]  # 12 elements over three tensors of different rank
@@ -203,9 +199,10 @@ def same_bits(xs, ys) -> bool:
 
 
 def assert_same_state(a, b) -> None:
-    """Nested state (dicts, lists, tensors, numbers) equal leaf by leaf; tensors in bits and dtype."""
+    """Nested state (dicts, lists, tensors, numbers) equal leaf by leaf; tensors in bits and dtype, NaN equal to NaN."""
     if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        assert isinstance(b, torch.Tensor)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     elif isinstance(a, dict):
         assert a.keys() == b.keys()
         for k in a:

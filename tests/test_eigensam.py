@@ -6,7 +6,8 @@ from torch import nn
 
 from xsam import EigenSAM
 
-from helpers import Quadratic, closure_of, flat, make_model, scaled_or_plain_steps, set_eigenvector
+from helpers import (Quadratic, assert_skipped, closure_of, flat, make_model, scaled_run_with_a_poisoned_attempt,
+                     set_eigenvector)
 from op_cases import backend_params
 
 EPS = 1e-12
@@ -43,18 +44,20 @@ def oracle(q, steps, *, seed=0):
 @pytest.mark.parametrize("backend, device", backend_params(devices=("cpu", "cuda")))
 def test_eigensam_equals_flat_oracle_on_every_backend(backend, device):
     q = Quadratic()
-    if device == "cuda":
-        for p in q.params:
-            p.data = p.data.cuda()
+    want, history = oracle(q, 5, seed=3)  # on the CPU, before the weights move to the device
+    A, b = q.A.to(device), q.b.to(device)
+    for p in q.params:
+        p.data = p.data.to(device)
     opt = EigenSAM(groups(q), torch.optim.SGD, eig_interval=2, power_iters=5, hvp="exact", seed=3, backend=backend)
-    want, history = oracle(q, 5, seed=3)
     records = []
-    opt.register_diagnostics_hook(lambda o, r: records.append({k: v for k, v in r.items()}))
-    A = q.A.to(device)
+    opt.register_diagnostics_hook(lambda o, r: records.append(r))
 
-    closure = closure_of(lambda: q.loss() if device == "cpu" else _loss_on(q, A))
+    def loss_fn():  # q.loss, on the device
+        w = torch.cat([p.reshape(-1) for p in q.params])
+        return 0.5 * w @ A @ w + b @ w
+
     for _ in range(5):
-        opt.step(closure, loss_fn=(q.loss if device == "cpu" else lambda: _loss_on(q, A)))
+        opt.step(closure_of(loss_fn), loss_fn=loss_fn)
     torch.testing.assert_close(flat(q.params).cpu(), want, rtol=1e-12, atol=1e-12)
     d = opt.diagnostics()
     assert d["step"] == 5 and d["refreshes"] == 3
@@ -63,11 +66,6 @@ def test_eigensam_equals_flat_oracle_on_every_backend(backend, device):
     assert [bool(r["refreshed"]) for r in records] == [True, False, True, False, True]
     for r, h in zip(records, history):
         assert abs(float(r["tilt_a"]) - h["tilt_a"].item()) < 1e-10
-
-
-def _loss_on(q, A):
-    w = torch.cat([p.reshape(-1) for p in q.params])
-    return 0.5 * w @ A @ w + q.b.to(A.device) @ w
 
 
 @pytest.mark.parametrize("hvp, tol", [("finite_difference", 1e-7), ("forward_difference", 1e-5)])
@@ -138,25 +136,13 @@ def test_amp_scaler_run_equals_the_unscaled_run_and_skips_a_non_finite_pass():
         opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, alpha=0.5, eig_interval=2,
                        power_iters=2, hvp="exact")
         scaler = SAMGradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1000)
-        calls, poison = [], []
-        loss_fn = lambda: nn.functional.cross_entropy(model(x), y)
-
-        def closure():
-            calls.append(1)
-            loss = loss_fn()
-            (scaler.scale(loss) if use_scaler else loss).backward()
-            if poison and len(calls) == 2:
-                next(model.parameters()).grad.view(-1)[0] = float("inf")
-            return loss
-
-        scaled_or_plain_steps(opt, scaler, closure, 3, use_scaler, loss_fn=loss_fn)
+        loss_of = lambda x, y: nn.functional.cross_entropy(model(x), y)  # noqa: E731
+        if use_scaler:  # step 3 (no refresh: call 2 is the perturbed pass) is first attempted with an inf
+            attempt = scaled_run_with_a_poisoned_attempt(opt, scaler, loss_of, [(x, y)] * 4, 3, 2, loss_fn_of=loss_of)
+            assert_skipped(attempt, 2.0 ** 12, step=3)
+        else:
+            for _ in range(4):
+                opt.step(closure_of(lambda: loss_of(x, y)), loss_fn=lambda: loss_of(x, y))
         runs.append(([p.detach().clone() for p in model.parameters()], opt.eigenvector()))
-        if use_scaler:
-            before = [p.detach().clone() for p in model.parameters()]
-            calls.clear()
-            poison.append(True)
-            scaler.step(opt, closure, loss_fn=loss_fn)
-            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-            assert opt.diagnostics()["step"] == 3 and opt.diagnostics()["skipped_steps"] == 1
     (w0, v0), (w1, v1) = runs
     assert all(torch.equal(a, b) for a, b in zip(w0 + v0, w1 + v1))

@@ -1,7 +1,6 @@
 """SAM, ASAM and X-SAM steps against flat-vector oracles written here, plus the step protocol."""
 import copy
 import itertools
-import math
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from torch import nn
 
 from xsam import SAM, XSAM, EigenSAM
 
-from helpers import Quadratic, bn_batch, closure_of, flat, make_bn_run, resumed_halfway, set_eigenvector
+from helpers import Quadratic, bn_batch, closure_of, flat, make_bn_run, resumed_halfway, same_bits, set_eigenvector
 
 EPS = 1e-12
 RHO, ALPHA, LR = (0.05, 0.2), (0.3, 1.5), (0.1, 0.05)  # per param group: group 0 = p0, group 1 = p1, p2
@@ -79,21 +78,18 @@ def test_sam_asam_and_finite_difference_xsam_equal_their_oracle(cls, kwargs, ora
     torch.testing.assert_close(flat(q.params), want, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("cls, kwargs, sam_kwargs, steps, bit_for_bit", [
-    (XSAM, dict(normalize=False, hvp="finite_difference"), {}, 4, True),
-    (EigenSAM, dict(momentum=0.9, hvp="exact"), dict(momentum=0.9), 6, False),  # e = a * g + 0 * v: to rounding
+@pytest.mark.parametrize("cls, kwargs, sam_kwargs, steps, tol", [
+    (XSAM, dict(normalize=False, hvp="finite_difference"), {}, 4, (0.0, 0.0)),  # bit for bit
+    (EigenSAM, dict(momentum=0.9, hvp="exact"), dict(momentum=0.9), 6, (1e-14, 1e-15)),  # e = a * g + 0 * v
 ])
-def test_alpha_zero_is_sam(cls, kwargs, sam_kwargs, steps, bit_for_bit):
+def test_alpha_zero_is_sam(cls, kwargs, sam_kwargs, steps, tol):
     q1, q2 = Quadratic(), Quadratic()
     opt = cls(groups(q1, alpha=0.0), torch.optim.SGD, eig_interval=2, **kwargs)
     sam = SAM(groups(q2), torch.optim.SGD, **sam_kwargs)
     for _ in range(steps):
         opt.step(q1.closure, loss_fn=q1.loss)
         sam.step(q2.closure)
-    if bit_for_bit:
-        assert all(torch.equal(a, b) for a, b in zip(q1.params, q2.params))
-    else:
-        torch.testing.assert_close(flat(q1.params), flat(q2.params), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(flat(q1.params), flat(q2.params), rtol=tol[0], atol=tol[1])
 
 
 def step_with_given_eigenvector(v, correction):
@@ -117,16 +113,10 @@ def test_sign_of_v_matters_for_signed_and_not_for_symmetric():
     plus, gh = step_with_given_eigenvector(v, "signed")
     minus, _ = step_with_given_eigenvector(-v, "signed")
     c = gh @ v
-    # signed: beta = |c| whatever the sign of v, so the result moves along -sign(v) * v.
+    # signed: beta = |c| whatever the sign of v, so the result moves along -sign(v) * v (the part along the
+    # stored v shrinks by (1 - alpha) when <gh, v> > 0 and grows by (1 + alpha) when it is < 0).
     torch.testing.assert_close(plus, gh - alpha * c.abs() * v, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(minus, gh + alpha * c.abs() * v, rtol=1e-12, atol=1e-12)
-    # Parallel part along the stored v: shrinks by (1 - alpha) when c > 0, grows by (1 + alpha) when c < 0
-    # (checked on the group-0 slice, where alpha is a single number).
-    n0 = q.params[0].numel()
-    for grad, vec in ((plus, v), (minus, -v)):
-        cc = gh @ vec
-        factor = (1 - ALPHA[0]) if cc > 0 else (1 + ALPHA[0])
-        torch.testing.assert_close(grad[:n0] - gh[:n0], (factor - 1) * cc * vec[:n0], rtol=1e-10, atol=1e-12)
     sym_plus, _ = step_with_given_eigenvector(v, "symmetric")
     sym_minus, _ = step_with_given_eigenvector(-v, "symmetric")
     torch.testing.assert_close(sym_plus, sym_minus, rtol=1e-14, atol=1e-15)
@@ -153,9 +143,8 @@ def test_step_equals_manual_two_step_path():
 @pytest.mark.parametrize("cls", [XSAM, EigenSAM])
 def test_checkpoint_resume_is_bit_identical(cls):
     (model_a, opt_a), (model_c, opt_c) = resumed_halfway(cls, 4)
-    assert all(torch.equal(a, c) for a, c in zip(model_a.state_dict().values(), model_c.state_dict().values()))
-    va, vc = opt_a.eigenvector(), opt_c.eigenvector()
-    assert all(torch.equal(a, c) for a, c in zip(va, vc))
+    assert same_bits(model_a.state_dict().values(), model_c.state_dict().values())
+    assert same_bits(opt_a.eigenvector(), opt_c.eigenvector())
     assert opt_a.diagnostics() == opt_c.diagnostics()
     # The base optimizer and the wrapper still share their param groups after loading.
     assert opt_c.base_optimizer.param_groups is opt_c.param_groups
@@ -208,36 +197,6 @@ def test_parameters_without_gradient_are_skipped():
         opt.step(q.closure, loss_fn=q.loss)
     torch.testing.assert_close(flat(q.params), want, rtol=1e-12, atol=1e-12)
     assert torch.equal(unused, torch.ones(3, dtype=torch.float64)) and unused.grad is None
-
-
-@pytest.mark.parametrize("cls, kwargs, name", [
-    (XSAM, {"rho": -0.1}, "rho"), (XSAM, {"alpha": 2.5}, "alpha"), (XSAM, {"alpha": -1}, "alpha"),
-    (XSAM, {"eig_interval": 0}, "eig_interval"), (XSAM, {"power_iters": 0}, "power_iters"),
-    (XSAM, {"correction": "flip"}, "correction"), (XSAM, {"hvp": "jvp"}, "hvp"), (XSAM, {"backend": "cuda"}, "backend"),
-    (XSAM, {"eig_tol": 0}, "eig_tol"), (XSAM, {"base_optimizer": "SGD"}, "base_optimizer"),
-    (XSAM, {"eig_interval": 5, "eig_interval_max": 4}, "eig_interval_max=4 is below eig_interval=5"),
-    (XSAM, {"eig_interval_max": 0}, "eig_interval_max"),
-    (XSAM, {"eig_interval_max": 10, "hvp": "streaming"}, "no effect with hvp='streaming'"),
-    (XSAM, dict(rho=math.inf), "rho=inf"), (XSAM, dict(eps=math.inf), "eps=inf"), (XSAM, dict(eps=0.0), "eps=0.0"),
-    (SAM, dict(eps=0.0), "eps=0"), (XSAM, dict(hvp_eval_mode="yes"), "hvp_eval_mode='yes'"),
-    (XSAM, dict(seed=2 ** 70), "seed="), (XSAM, dict(max_grad_norm=0.0), "max_grad_norm=0.0"),
-    (SAM, {"base_optimizer": torch.optim.LBFGS}, "LBFGS"),
-    (XSAM, {"base_optimizer": torch.optim.Adam, "eps": 1e-6}, "eps=1e-06 is ambiguous"),
-    (SAM, {"alpha": 0.2}, "alpha=0.2 is not an argument of SAM nor of its base optimizer SGD. "
-                          "It is an argument of XSAM"),
-    (EigenSAM, {"alpha": -0.1}, "alpha"), (EigenSAM, {"rho": -1.0}, "rho"),
-    (EigenSAM, {"eig_interval": 0}, "eig_interval"), (EigenSAM, {"hvp": "jvp"}, "hvp"),
-    (EigenSAM, {"adaptive": True}, "It is an argument of (XSAM and SAM|SAM and XSAM), not of EigenSAM"),
-    (EigenSAM, {"correction": "signed"}, "argument of XSAM, not of EigenSAM"),
-])
-def test_bad_arguments_are_clear_errors(cls, kwargs, name):
-    q = Quadratic()
-    before = flat(q.params)
-    kwargs = dict(kwargs)
-    base = kwargs.pop("base_optimizer", torch.optim.SGD)
-    with pytest.raises(ValueError, match=name):
-        cls(q.params, base, lr=0.1, **kwargs)
-    assert torch.equal(flat(q.params), before)
 
 
 def test_step_without_closure_and_exact_without_loss_fn_are_clear_errors():

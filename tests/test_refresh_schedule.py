@@ -38,9 +38,6 @@ class MovingQuadratic:
         q = self.q_now()
         return 0.5 * self.w @ (q @ self.d @ q.T) @ self.w
 
-    def closure(self) -> torch.Tensor:
-        return closure_of(self.loss)()
-
 
 def run(problem: MovingQuadratic, opt, steps: range) -> list[int]:
     refreshed = []
@@ -48,13 +45,13 @@ def run(problem: MovingQuadratic, opt, steps: range) -> list[int]:
         problem.step = step
         if opt.refresh_due:
             refreshed.append(step)
-        opt.step(problem.closure, loss_fn=problem.loss)
+        opt.step(closure_of(problem.loss), loss_fn=problem.loss)
     return refreshed
 
 
-def make(problem: MovingQuadratic, **kwargs):
-    return xsam.XSAM([problem.w], torch.optim.SGD, lr=0.01, rho=0.01, hvp="exact", eig_interval=2,
-                     eig_interval_max=8, **kwargs)
+def make(problem: MovingQuadratic, eig_interval=2, eig_interval_max=8):
+    return xsam.XSAM([problem.w], torch.optim.SGD, lr=0.01, rho=0.01, hvp="exact", eig_interval=eig_interval,
+                     eig_interval_max=eig_interval_max)
 
 
 @pytest.mark.parametrize("switch, steps, refreshes", [
@@ -76,7 +73,7 @@ def test_the_interval_doubles_while_refreshes_agree_and_falls_back_when_v_moves(
 
 def test_a_fixed_schedule_without_a_maximum():
     problem = MovingQuadratic(switch=12)
-    opt = xsam.XSAM([problem.w], torch.optim.SGD, lr=0.01, rho=0.01, hvp="exact", eig_interval=3)
+    opt = make(problem, eig_interval=3, eig_interval_max=None)
     assert run(problem, opt, range(20)) == list(range(0, 20, 3))
 
 

@@ -88,16 +88,13 @@ def test_the_reference_op_set_traces_into_one_graph():
         ops.perturb_(params, grads, saved, 0.05 / (sums[0].sqrt() + 1e-12), backend="reference")
         return sums
 
-    def data():
+    def run(fn):
         gen = torch.Generator().manual_seed(0)
-        return ([torch.randn(s, generator=gen) for s in ((3, 4), (5,))] for _ in range(2))
+        params, grads = ([torch.randn(s, generator=gen) for s in ((3, 4), (5,))] for _ in range(2))
+        saved = [torch.empty_like(p) for p in params]
+        return [fn(params, grads, saved)] + params + saved
 
-    (pe, ge), (pc, gc) = data(), data()
-    se, sc = [torch.empty_like(p) for p in pe], [torch.empty_like(p) for p in pc]
-    want = fused(pe, ge, se)
-    got = torch.compile(fused, backend="aot_eager", fullgraph=True)(pc, gc, sc)
-    torch.testing.assert_close(got, want)
-    assert_each_close(pc + sc, pe + se)
+    assert_each_close(run(torch.compile(fused, backend="aot_eager", fullgraph=True)), run(fused))
 
 
 # ----- gradient clipping between the passes -----------------------------------------------

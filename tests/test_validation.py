@@ -1,5 +1,8 @@
 """Hyper-parameter checks: numpy scalars taken like Python numbers, values with no finite step refused,
-process_group's type checked at construction. Every refusal leaves the weights and the state as they were."""
+process_group's type checked at construction, every bad argument a clear error. Every refusal leaves the weights
+and the state as they were."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -49,14 +52,40 @@ def test_numpy_scalars_give_the_steps_of_the_same_python_numbers_and_a_loadable_
     assert state["param_groups"] == oracle.state_dict()["param_groups"]
 
 
-@pytest.mark.parametrize("name, value", [
-    ("rho", True), ("alpha", np.True_), ("eig_interval", True), ("power_iters", np.True_), ("seed", False),
-    ("seed", np.False_), ("eps", True), ("eig_interval", np.float64(2.0)), ("seed", np.int64(-1)),
+@pytest.mark.parametrize("cls, kwargs, name", [
+    (XSAM, {"rho": -0.1}, "rho"), (XSAM, {"alpha": 2.5}, "alpha"), (XSAM, {"alpha": -1}, "alpha"),
+    (XSAM, {"eig_interval": 0}, "eig_interval"), (XSAM, {"power_iters": 0}, "power_iters"),
+    (XSAM, {"correction": "flip"}, "correction"), (XSAM, {"hvp": "jvp"}, "hvp"), (XSAM, {"backend": "cuda"}, "backend"),
+    (XSAM, {"eig_tol": 0}, "eig_tol"), (XSAM, {"base_optimizer": "SGD"}, "base_optimizer"),
+    (XSAM, {"eig_interval": 5, "eig_interval_max": 4}, "eig_interval_max=4 is below eig_interval=5"),
+    (XSAM, {"eig_interval_max": 0}, "eig_interval_max"),
+    (XSAM, {"eig_interval_max": 10, "hvp": "streaming"}, "no effect with hvp='streaming'"),
+    (XSAM, dict(rho=math.inf), "rho=inf"), (XSAM, dict(eps=math.inf), "eps=inf"), (XSAM, dict(eps=0.0), "eps=0.0"),
+    (SAM, dict(eps=0.0), "eps=0"), (XSAM, dict(hvp_eval_mode="yes"), "hvp_eval_mode='yes'"),
+    (XSAM, dict(seed=2 ** 70), "seed="), (XSAM, dict(max_grad_norm=0.0), "max_grad_norm=0.0"),
+    (SAM, {"base_optimizer": torch.optim.LBFGS}, "LBFGS"),
+    (XSAM, {"base_optimizer": torch.optim.Adam, "eps": 1e-6}, "eps=1e-06 is ambiguous"),
+    (SAM, {"alpha": 0.2}, "alpha=0.2 is not an argument of SAM nor of its base optimizer SGD. "
+                          "It is an argument of XSAM"),
+    (EigenSAM, {"alpha": -0.1}, "alpha"), (EigenSAM, {"rho": -1.0}, "rho"),
+    (EigenSAM, {"eig_interval": 0}, "eig_interval"),
+    (EigenSAM, {"hvp": "jvp"}, r"^(?!.*streaming)hvp='jvp' is not .*'finite_difference'"),  # offers no streaming
+    (EigenSAM, {"adaptive": True}, "It is an argument of (XSAM and SAM|SAM and XSAM), not of EigenSAM"),
+    (EigenSAM, {"correction": "signed"}, "argument of XSAM, not of EigenSAM"),
+    # bools and numbers of the wrong kind, numpy's included
+    (XSAM, {"rho": True}, "rho="), (XSAM, {"alpha": np.True_}, "alpha="), (XSAM, {"eps": True}, "eps="),
+    (XSAM, {"eig_interval": True}, "eig_interval="), (XSAM, {"eig_interval": np.float64(2.0)}, "eig_interval="),
+    (XSAM, {"power_iters": np.True_}, "power_iters="), (XSAM, {"seed": False}, "seed="),
+    (XSAM, {"seed": np.False_}, "seed="), (XSAM, {"seed": np.int64(-1)}, "seed="),
 ])
-def test_bools_and_wrong_kinds_of_numbers_are_still_refused(name, value):
+def test_bad_arguments_are_clear_errors(cls, kwargs, name):
     q = Quadratic()
-    with pytest.raises(ValueError, match=f"{name}="):
-        XSAM(q.params, torch.optim.SGD, lr=0.1, **{name: value})
+    before = flat(q.params)
+    kwargs = dict(kwargs)
+    base = kwargs.pop("base_optimizer", torch.optim.SGD)
+    with pytest.raises(ValueError, match=name):
+        cls(q.params, base, lr=0.1, **kwargs)
+    assert torch.equal(flat(q.params), before)
 
 
 @pytest.mark.parametrize("cls", [SAM, XSAM, EigenSAM])

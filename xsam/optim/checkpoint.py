@@ -129,13 +129,6 @@ def _check_base_state_shapes(optimizer, base_state: dict, params: list[Tensor], 
 
 
 # ----- loading -----------------------------------------------------------------------------------
-def _kind_of(global_state: dict) -> str:
-    # Checkpoints written before the kind was recorded: X-SAM's global state has refresh counters.
-    if "kind" in global_state:
-        return global_state["kind"]
-    return "XSAM" if "refreshes" in global_state else "SAM"
-
-
 def _split(optimizer, state_dict: dict) -> tuple[dict, dict, dict, list]:
     """(saved global entry, wrapper's per-parameter state, base optimizer's per-parameter state, groups)."""
     name = type(optimizer).__name__
@@ -171,7 +164,8 @@ def _split(optimizer, state_dict: dict) -> tuple[dict, dict, dict, list]:
 
 
 def check_state_dict(optimizer, saved_global: dict, own: dict, base_state: dict, groups: list) -> None:
-    kind = _kind_of(saved_global)
+    # Checkpoints written before the kind was recorded: X-SAM's global state has refresh counters.
+    kind = saved_global.get("kind", "XSAM" if "refreshes" in saved_global else "SAM")
     if kind != optimizer.KIND:
         raise ValueError(f"state_dict was saved by {kind}, but this optimizer is {optimizer.KIND}; load it into "
                          f"a {kind} (the eigenvector state of X-SAM and Eigen-SAM does not carry over to "
@@ -189,8 +183,7 @@ def check_state_dict(optimizer, saved_global: dict, own: dict, base_state: dict,
         raise ValueError(f"state_dict's 'state' has entries for {stray[:3]}, which are not parameters of its "
                          "'param_groups'; it was not saved by this optimizer's state_dict()")
     for i, group in enumerate(groups):
-        values = dict(optimizer._own_defaults)
-        values.update((key, group[key]) for key in optimizer._own_defaults if key in group)
+        values = {key: group.get(key, default) for key, default in optimizer._own_defaults.items()}
         optimizer._check_hyperparameters(values, f"state_dict's param_groups[{i}]: ")
     _check_base_state_shapes(optimizer, base_state, params, positions)
     optimizer._check_checkpoint(saved_global, own, params, positions)

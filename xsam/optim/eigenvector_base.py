@@ -152,9 +152,8 @@ class EigenvectorBase(SharpnessAware):
 
     def _record(self, txn: StepTransaction) -> dict:
         record = super()._record(txn)
-        for key in ("eigenvalue", "eigen_residual", "refresh_rejected"):
-            if key in self._global:
-                record[key] = self._global[key]
+        record.update({key: self._global[key] for key in ("eigenvalue", "eigen_residual", "refresh_rejected")
+                       if key in self._global})
         if txn.refresh is None and "refresh_rejected" in record:
             record["refresh_rejected"] = torch.zeros_like(record["refresh_rejected"])
         return record
@@ -211,9 +210,7 @@ class EigenvectorBase(SharpnessAware):
 
     def _restore_global(self, saved: dict, own: dict) -> tuple[dict, dict]:
         live, own = super()._restore_global(saved, own)
-        for key in (*self.COUNTERS, *self.tracker.SCHEDULE):
-            if key in saved:
-                live[key] = saved[key]
+        live.update({key: saved[key] for key in (*self.COUNTERS, *self.tracker.SCHEDULE) if key in saved})
         live["generator"] = saved["generator"].cpu()  # torch.Generator's state lives on the CPU
         if int(live["refresh_attempts"]) > 0 or int(live["refreshes"]) > 0:
             live.update({key: saved[key] for key in self.REFRESH_RECORD if key in saved})
