@@ -3,6 +3,7 @@ flat float64 oracles, on sizes that cross each backend's chunk and block."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import pytest
 import torch
@@ -55,15 +56,12 @@ def size_cases(backend: str, device: str) -> dict[str, list[tuple[int, ...]]]:
 def op_params(dtypes=DTYPES, cases=None):
     """(backend, device, dtype, case) for every available combination; the rest are skipped with the reason."""
     out = []
-    for backend in BACKENDS:
-        for device in DEVICES:
-            names = size_cases(backend, device)
-            for dtype in dtypes:
-                for case in names if cases is None else [c for c in cases if c in names]:
-                    if backend == "triton" and device == "cpu" and case == "many" and dtype in (torch.float16,
-                                                                                              torch.float64):
-                        continue  # 300 tensors in the interpreter once per accumulation path is enough
-                    out.append(_param(backend, device, dtype, case, id=f"{backend}-{device}-{str(dtype)[6:]}-{case}"))
+    for backend, device, dtype in itertools.product(BACKENDS, DEVICES, dtypes):
+        names = size_cases(backend, device)
+        for case in names if cases is None else [c for c in cases if c in names]:
+            if (backend, device, case) == ("triton", "cpu", "many") and dtype in (torch.float16, torch.float64):
+                continue  # 300 tensors in the interpreter once per accumulation path is enough
+            out.append(_param(backend, device, dtype, case, id=f"{backend}-{device}-{str(dtype)[6:]}-{case}"))
     return out
 
 

@@ -24,10 +24,7 @@ MANY = 1700  # tensors per call: more than one native launch holds (1,624 for on
 BIG = 321 * CHUNK + 7  # elements of one tensor: more than 320 chunks
 GUARD = 7.0  # the element just before each odd-offset view: no kernel may write it
 SLEEP_CYCLES = int(2e8)  # about 0.1 s of GPU time queued ahead of an op
-
-
-def review_shapes() -> list[tuple[int, ...]]:
-    return [((7 * i) % 23,) for i in range(MANY)] + [(BIG,)]
+REVIEW_SHAPES = [((7 * i) % 23,) for i in range(MANY)] + [(BIG,)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -62,7 +59,7 @@ def guards_intact(tensors) -> bool:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sanitize_elementwise_ops_across_launches_and_odd_offsets(dtype):
-    shapes = review_shapes()
+    shapes = REVIEW_SHAPES
     g, v = review_lists(shapes, dtype, 2), review_lists(shapes, dtype, 3)
     X, G, V = f64(review_lists(shapes, dtype, 1)), f64(g), f64(v)
     for variant in ELEMENTWISE:
@@ -74,7 +71,7 @@ def test_sanitize_elementwise_ops_across_launches_and_odd_offsets(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sanitize_reductions_across_launches_and_odd_offsets(dtype):
-    shapes = review_shapes()
+    shapes = REVIEW_SHAPES
     lists = [review_lists(shapes, dtype, seed) for seed in range(5)]
     lists.append(lists[0])
     acc = accumulation_dtype(dtype)
