@@ -22,7 +22,6 @@ DEVICES = ("cpu", "cuda")
 # The compiled kernels' chunk by device type, as xsam._C exports it (1 without the extension).
 NATIVE_CHUNK = {device: NATIVE.chunk(device) if NATIVE else 1 for device in DEVICES}
 TRITON_CPU_CHUNK, TRITON_CPU_BLOCK = TRITON_INTERPRETER_LAUNCH
-TRITON_CUDA_CHUNK = 65536
 
 
 def why_not(backend: str, device: str, dtype: torch.dtype = torch.float32) -> str | None:
@@ -33,23 +32,18 @@ def why_not(backend: str, device: str, dtype: torch.dtype = torch.float32) -> st
 
 def size_cases(backend: str, device: str) -> dict[str, list[tuple[int, ...]]]:
     """Shape lists: empty and 1-element tensors, many small tensors, and this backend's boundaries."""
-    cases = {
-        "edge": [(0,), (1,), (7,), (3, 5), (2, 1, 4)],
-        "many": [(1 + (7 * i) % 23,) for i in range(300)],
-    }
+    cases = {"edge": [(0,), (1,), (7,), (3, 5), (2, 1, 4)], "many": [(1 + (7 * i) % 23,) for i in range(300)],
+             "chunk": [(5000,), (3, 1001)]}
     if backend == "native":
         c = NATIVE_CHUNK[device]
         cases["chunk"] = [(c - 1,), (c,), (c + 1,), (3 * c + 5,)]
+    elif backend == "triton" and device == "cpu":
+        c, b = TRITON_CPU_CHUNK, TRITON_CPU_BLOCK
+        cases["chunk"] = [(b - 1,), (b,), (b + 1,), (c - 1,), (c,), (c + 1,), (0,), (3 * c + 5,)]
+        cases["many"] = [(i % 5,) for i in range(300)]  # 300 tiny tensors, empty ones included
     elif backend == "triton":
-        if device == "cpu":
-            c, b = TRITON_CPU_CHUNK, TRITON_CPU_BLOCK
-            cases["chunk"] = [(b - 1,), (b,), (b + 1,), (c - 1,), (c,), (c + 1,), (0,), (3 * c + 5,)]
-            cases["many"] = [(i % 5,) for i in range(300)]  # 300 tiny tensors, empty ones included
-        else:
-            c = TRITON_CUDA_CHUNK
-            cases["chunk"] = [(c - 1,), (c + 1,), (3 * c + 5,)]
-    else:
-        cases["chunk"] = [(5000,), (3, 1001)]
+        c = 65536  # the chunk of the default launch config
+        cases["chunk"] = [(c - 1,), (c + 1,), (3 * c + 5,)]
     return cases
 
 

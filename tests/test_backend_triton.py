@@ -1,8 +1,5 @@
-"""What only the Triton backend has: torch.ops.xsam_triton, plans (what their cache key vouches for, LRU
-order, per-tensor vector widths, streams and CUDA graphs), the checks on written lists, version counters,
-compilation for GPUs, and whole X-SAM runs. Without a GPU the kernels run in Triton's interpreter (which
-tests/conftest.py selects) with a tiny launch configuration that crosses every block and chunk boundary.
-"""
+"""What only the Triton backend has: plans (their cache key, LRU order, vector widths, streams, CUDA graphs), checks on
+written lists, version counters, compilation for GPUs, whole X-SAM runs. Without a GPU: in Triton's interpreter."""
 import os
 import subprocess
 import sys
