@@ -1,13 +1,9 @@
-"""Shared helpers for the op tests: every op x backend x device x dtype against flat float64 oracles.
-
-Op tests are parametrised by ``op_params()``, whose size cases cross each backend's own boundaries
-(the native CPU and CUDA chunks, the Triton block and chunk of the test launch config), and call the
-public op layer, so dispatch, grouping and the layout fallback run too. Triton runs on the CPU in its
-interpreter with tiny launches (conftest.py applies ``launch_config_for``).
-"""
+"""Shared helpers for the op tests: every op x backend x device x dtype through the public op layer, against
+flat float64 oracles, on sizes that cross each backend's chunk and block."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import pytest
 import torch
@@ -16,6 +12,7 @@ from xsam import XSAM, ops
 from xsam.ops import reference
 from xsam.ops.dispatch import unavailable_reason
 from xsam.ops.native_backend import CONSTANTS as NATIVE  # None without xsam._C: its cases skip
+from xsam.ops.verify.cases import TRITON_INTERPRETER_LAUNCH, launch_context
 
 from helpers import closure_of, make_model, same_bits
 
@@ -24,8 +21,7 @@ BACKENDS = ("reference", "native", "triton")
 DEVICES = ("cpu", "cuda")
 # The compiled kernels' chunk by device type, as xsam._C exports it (1 without the extension).
 NATIVE_CHUNK = {device: NATIVE.chunk(device) if NATIVE else 1 for device in DEVICES}
-TRITON_CPU_CHUNK, TRITON_CPU_BLOCK = 64, 16  # the interpreter's test launch config
-TRITON_CUDA_CHUNK = 65536
+TRITON_CPU_CHUNK, TRITON_CPU_BLOCK = TRITON_INTERPRETER_LAUNCH
 
 
 def why_not(backend: str, device: str, dtype: torch.dtype = torch.float32) -> str | None:
@@ -36,38 +32,30 @@ def why_not(backend: str, device: str, dtype: torch.dtype = torch.float32) -> st
 
 def size_cases(backend: str, device: str) -> dict[str, list[tuple[int, ...]]]:
     """Shape lists: empty and 1-element tensors, many small tensors, and this backend's boundaries."""
-    cases = {
-        "edge": [(0,), (1,), (7,), (3, 5), (2, 1, 4)],
-        "many": [(1 + (7 * i) % 23,) for i in range(300)],
-    }
+    cases = {"edge": [(0,), (1,), (7,), (3, 5), (2, 1, 4)], "many": [(1 + (7 * i) % 23,) for i in range(300)],
+             "chunk": [(5000,), (3, 1001)]}
     if backend == "native":
         c = NATIVE_CHUNK[device]
         cases["chunk"] = [(c - 1,), (c,), (c + 1,), (3 * c + 5,)]
+    elif backend == "triton" and device == "cpu":
+        c, b = TRITON_CPU_CHUNK, TRITON_CPU_BLOCK
+        cases["chunk"] = [(b - 1,), (b,), (b + 1,), (c - 1,), (c,), (c + 1,), (0,), (3 * c + 5,)]
+        cases["many"] = [(i % 5,) for i in range(300)]  # 300 tiny tensors, empty ones included
     elif backend == "triton":
-        if device == "cpu":
-            c, b = TRITON_CPU_CHUNK, TRITON_CPU_BLOCK
-            cases["chunk"] = [(b - 1,), (b,), (b + 1,), (c - 1,), (c,), (c + 1,), (0,), (3 * c + 5,)]
-            cases["many"] = [(i % 5,) for i in range(300)]  # 300 tiny tensors, empty ones included
-        else:
-            c = TRITON_CUDA_CHUNK
-            cases["chunk"] = [(c - 1,), (c + 1,), (3 * c + 5,)]
-    else:
-        cases["chunk"] = [(5000,), (3, 1001)]
+        c = 65536  # the chunk of the default launch config
+        cases["chunk"] = [(c - 1,), (c + 1,), (3 * c + 5,)]
     return cases
 
 
 def op_params(dtypes=DTYPES, cases=None):
     """(backend, device, dtype, case) for every available combination; the rest are skipped with the reason."""
     out = []
-    for backend in BACKENDS:
-        for device in DEVICES:
-            names = size_cases(backend, device)
-            for dtype in dtypes:
-                for case in names if cases is None else [c for c in cases if c in names]:
-                    if backend == "triton" and device == "cpu" and case == "many" and dtype in (torch.float16,
-                                                                                              torch.float64):
-                        continue  # 300 tensors in the interpreter once per accumulation path is enough
-                    out.append(_param(backend, device, dtype, case, id=f"{backend}-{device}-{str(dtype)[6:]}-{case}"))
+    for backend, device, dtype in itertools.product(BACKENDS, DEVICES, dtypes):
+        names = size_cases(backend, device)
+        for case in names if cases is None else [c for c in cases if c in names]:
+            if (backend, device, case) == ("triton", "cpu", "many") and dtype in (torch.float16, torch.float64):
+                continue  # 300 tensors in the interpreter once per accumulation path is enough
+            out.append(_param(backend, device, dtype, case, id=f"{backend}-{device}-{str(dtype)[6:]}-{case}"))
     return out
 
 
@@ -84,21 +72,9 @@ def _param(backend, device, *more, id):
     return pytest.param(backend, device, *more, marks=marks, id=id)
 
 
-def registered_ops(backend: str):
-    """The namespace of a fused backend's registered ops: torch.ops.xsam or torch.ops.xsam_triton."""
-    return getattr(torch.ops, {"native": "xsam", "triton": "xsam_triton"}[backend])
-
-
-@contextlib.contextmanager
 def launch_config_for(backend: str, device: str):
-    """Tiny Triton launches in the interpreter (every program costs ~2 ms); others unchanged."""
-    if backend == "triton" and device == "cpu":
-        from xsam.kernels.plans import launch_config
-
-        with launch_config(chunk=TRITON_CPU_CHUNK, block=TRITON_CPU_BLOCK):
-            yield
-    else:
-        yield
+    """Tiny Triton launches in the interpreter; others unchanged."""
+    return launch_context(backend, torch.device(device)) if device else contextlib.nullcontext()
 
 
 def make(shapes, dtype, device, seed, positive=False):
@@ -185,15 +161,34 @@ def opcheck_cases(device, dtype) -> dict[str, tuple]:
     }
 
 
-def near_eigenvector(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u, v) in float64: v a unit vector and u = 3 v + a 1.4e-4 step orthogonal to it, so that
-    ||u - lam v|| is 1.4e-4 next to ||u|| = 3, where the one-pass formula uu - lam * vu cancels in fp32."""
-    gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(n, generator=gen, dtype=torch.float64)
-    v /= v.norm()
-    off = torch.randn(n, generator=gen, dtype=torch.float64)
-    off -= (off @ v) * v
-    return 3.0 * v + 1.4e-4 * off / off.norm(), v
+# Every pair of 5 lists, two reversed, and list 5 = list 0 again (the same tensors under another number).
+MANY_PAIRS = [(a, b) for a in range(5) for b in range(a, 5)] + [(1, 0), (4, 2), (5, 0), (5, 5)]
+
+
+def assert_repeated_pairs_agree(got):
+    """A pair of MANY_PAIRS named twice, or through the same tensors under two list numbers: the same bits."""
+    assert torch.equal(got[1], got[15]) and torch.equal(got[0], got[17]) and torch.equal(got[0], got[18])
+
+
+def summation_roundings(n):
+    """A sum of n terms may differ by about sqrt(n) roundings with another summation order."""
+    return max(2.0, n ** 0.5)
+
+
+def dots_exact(flats, pairs):
+    """(float64 sums, size of their terms) of ``dots`` of the flat lists ``flats``."""
+    return (torch.stack([flats[a] @ flats[b] for a, b in pairs]),
+            torch.stack([(flats[a] * flats[b]).abs().sum() for a, b in pairs]))
+
+
+def sumsq_exact(op, X, Y, lam=0.75):
+    """(float64 result, size of its terms) of ``weighted_sumsq(X, Y)`` or ``residual_sumsq(X, Y, lam)``."""
+    if op == "weighted_sumsq":
+        p = X * Y
+        return p @ p, p @ p
+    r = X - lam * Y
+    # Each term (u - lam v) is formed in the accumulation dtype: about one rounding of |u| per element.
+    return r @ r, (2 * r.abs() * (X.abs() + lam * Y.abs())).sum()
 
 
 def assert_close_to_exact(got, exact, magnitude, dtype, *, ref=None, roundings=2.0):

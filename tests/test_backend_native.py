@@ -1,7 +1,5 @@
-"""What only the compiled backend (xsam._C through torch.ops.xsam) has: its own argument checks,
-thread-count independence, opcheck and torch.compile tracing, whole X-SAM runs against the
-reference, and the reasons it gives when it cannot run. The ops' results on every backend are
-checked in tests/test_op_*.py."""
+"""What only the compiled backend (xsam._C through torch.ops.xsam) has: its argument and overlap checks, thread-count
+independence, fast entries, whole X-SAM runs, and its reasons when it cannot run (results: tests/test_op_*.py)."""
 from __future__ import annotations
 
 import os
@@ -187,10 +185,7 @@ def test_fast_entries_give_the_registered_ops_results(device, name):
     via_fast = [tuple(t.clone() for t in a) if tensor_list(a) else a for a in args]  # tuples too
     out_ops = getattr(torch.ops.xsam, op_name)(*via_ops)
     out_fast = getattr(_C, op_name)(*via_fast)
-    if out_ops is None:
-        assert out_fast is None
-    else:
-        assert torch.equal(out_ops, out_fast)
+    assert out_fast is None if out_ops is None else torch.equal(out_ops, out_fast)
     for a, b in zip(via_ops, via_fast):
         if tensor_list(a):
             assert all(torch.equal(x, y) for x, y in zip(a, b))

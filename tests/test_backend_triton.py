@@ -1,8 +1,5 @@
-"""What only the Triton backend has: torch.ops.xsam_triton, plans (what their cache key vouches for, LRU
-order, per-tensor vector widths, streams and CUDA graphs), the checks on written lists, version counters,
-compilation for GPUs, and whole X-SAM runs. Without a GPU the kernels run in Triton's interpreter (which
-tests/conftest.py selects) with a tiny launch configuration that crosses every block and chunk boundary.
-"""
+"""What only the Triton backend has: plans (their cache key, LRU order, vector widths, streams, CUDA graphs), checks on
+written lists, version counters, compilation for GPUs, whole X-SAM runs. Without a GPU: in Triton's interpreter."""
 import os
 import subprocess
 import sys
@@ -298,11 +295,6 @@ def _xsam_sequence(w, g, v, saved, backend="triton"):
     return sums
 
 
-def _expected_sequence(w, g, v):
-    w, g, v = clone(w), clone(g), clone(v)
-    return _xsam_sequence(w, g, v, [torch.empty_like(t) for t in w], backend="reference"), w, g
-
-
 def _table_size():
     return next(iter(plans._PLANS.values())).table.numel()
 
@@ -359,7 +351,8 @@ def test_cuda_graph_replay_after_clearing_the_cache():
     other = make([4096, 17, 70_001], torch.float32, 9)  # new plans may take the old tables' memory
     ops.axpy_(other, other, 1.0, backend="triton")
     graph.replay()
-    want_sums, want_w, want_g = _expected_sequence(w0, g0, v)
+    want_w, want_g = clone(w0), clone(g0)
+    want_sums = _xsam_sequence(want_w, want_g, clone(v), [torch.empty_like(t) for t in w0], backend="reference")
     torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(f64(w), f64(want_w), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(f64(g), f64(want_g), rtol=1e-5, atol=1e-6)

@@ -30,10 +30,8 @@ def test_cmake_build_loads_and_matches_reference(tmp_path):
     assert compile_.returncode == 0, compile_.stdout[-3000:] + compile_.stderr[-3000:]
     library = build / "libxsam_ops.so"
     assert library.exists()
-    # A fresh process that does not import xsam (whose xsam._C registers kernels for the same ops):
-    # the schemas come from the contract module alone, loaded from its file (it imports only
-    # torch), then the library registers its kernels for them. The oracle is a flat float64
-    # computation written here.
+    # A fresh process without xsam (whose xsam._C registers kernels for the same ops): the schemas come from
+    # the contract module alone (it imports only torch), loaded from its file; the library adds its kernels.
     contract = ROOT / "xsam" / "ops" / "contract.py"
     code = textwrap.dedent(f"""
         import importlib.util, sys, torch

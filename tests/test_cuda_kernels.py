@@ -1,14 +1,5 @@
-"""Checks of the CUDA kernels that only a GPU can run; bench/device_check.sh runs them (the sanitize tests
-under compute-sanitizer too).
-
-- `test_sanitize_*`: every native op across the CUDA launch boundaries (MANY tensors: more than one
-  launch's table holds; a tensor of more than 320 chunks; empty tensors; views at an odd element, whose
-  chunks take the element-by-element path) against float64; `dots` with more than 8 pairs and a list
-  passed twice;
-- reductions bitwise identical over repeated calls, native and triton, four dtypes;
-- mixed CPU/CUDA lists with GPU work queued ahead (a wrong non_blocking copy would read stale data);
-- the native kernels on the current stream, on two streams, and captured in a CUDA graph.
-"""
+"""Checks of the CUDA kernels that only a GPU can run: launch boundaries and odd offsets, determinism, mixed
+CPU/CUDA lists, streams and graphs. bench/device_check.sh runs them (`test_sanitize_*` under compute-sanitizer)."""
 from __future__ import annotations
 
 import functools
@@ -20,8 +11,9 @@ from xsam import ops
 from xsam.ops import accumulation_dtype
 
 from helpers import same_bits
-from op_cases import DTYPES, ELEMENTWISE, NATIVE_CHUNK, assert_close_to_exact, elementwise_exact, f64, \
-    run_elementwise, why_not
+from op_cases import DTYPES, ELEMENTWISE, MANY_PAIRS, NATIVE_CHUNK, assert_close_to_exact, \
+    assert_repeated_pairs_agree, dots_exact, elementwise_exact, f64, run_elementwise, summation_roundings, \
+    sumsq_exact, why_not
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(why_not("native", "cuda") is not None,
                                                    reason=str(why_not("native", "cuda")))]
@@ -31,13 +23,8 @@ CHUNK = NATIVE_CHUNK["cuda"]
 MANY = 1700  # tensors per call: more than one native launch holds (1,624 for one list)
 BIG = 321 * CHUNK + 7  # elements of one tensor: more than 320 chunks
 GUARD = 7.0  # the element just before each odd-offset view: no kernel may write it
-# Every pair of 5 lists, two reversed, and list 5 = list 0 again: 19 pairs.
-MANY_PAIRS = [(a, b) for a in range(5) for b in range(a, 5)] + [(1, 0), (4, 2), (5, 0), (5, 5)]
 SLEEP_CYCLES = int(2e8)  # about 0.1 s of GPU time queued ahead of an op
-
-
-def review_shapes() -> list[tuple[int, ...]]:
-    return [((7 * i) % 23,) for i in range(MANY)] + [(BIG,)]
+REVIEW_SHAPES = [((7 * i) % 23,) for i in range(MANY)] + [(BIG,)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -72,7 +59,7 @@ def guards_intact(tensors) -> bool:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sanitize_elementwise_ops_across_launches_and_odd_offsets(dtype):
-    shapes = review_shapes()
+    shapes = REVIEW_SHAPES
     g, v = review_lists(shapes, dtype, 2), review_lists(shapes, dtype, 3)
     X, G, V = f64(review_lists(shapes, dtype, 1)), f64(g), f64(v)
     for variant in ELEMENTWISE:
@@ -84,28 +71,21 @@ def test_sanitize_elementwise_ops_across_launches_and_odd_offsets(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sanitize_reductions_across_launches_and_odd_offsets(dtype):
-    shapes = review_shapes()
+    shapes = REVIEW_SHAPES
     lists = [review_lists(shapes, dtype, seed) for seed in range(5)]
     lists.append(lists[0])
     acc = accumulation_dtype(dtype)
     flats = [f64(lst) for lst in lists]
-    roundings = len(flats[0]) ** 0.5  # another summation order: about sqrt(n) roundings
+    roundings = summation_roundings(len(flats[0]))
 
     got = ops.dots(lists, MANY_PAIRS, backend="native")
     assert got.dtype == acc and got.shape == (len(MANY_PAIRS),)
-    exact = torch.stack([flats[a] @ flats[b] for a, b in MANY_PAIRS])
-    magnitude = torch.stack([(flats[a] * flats[b]).abs().sum() for a, b in MANY_PAIRS])
-    assert_close_to_exact(got, exact, magnitude, acc, roundings=roundings)
-    # A pair named twice, or the same tensors under two list numbers: one sum, the same bits.
-    assert torch.equal(got[1], got[15]) and torch.equal(got[0], got[17]) and torch.equal(got[0], got[18])
-
-    p = flats[0] * flats[1]
-    assert_close_to_exact(ops.weighted_sumsq(lists[0], lists[1], backend="native"), p @ p, p @ p, acc,
-                          roundings=roundings)
-    r = flats[2] - 0.75 * flats[3]
-    magnitude = (2 * r.abs() * (flats[2].abs() + 0.75 * flats[3].abs())).sum()
-    assert_close_to_exact(ops.residual_sumsq(lists[2], lists[3], 0.75, backend="native"), r @ r, magnitude, acc,
-                          roundings=roundings)
+    assert_close_to_exact(got, *dots_exact(flats, MANY_PAIRS), acc, roundings=roundings)
+    assert_repeated_pairs_agree(got)
+    assert_close_to_exact(ops.weighted_sumsq(lists[0], lists[1], backend="native"),
+                          *sumsq_exact("weighted_sumsq", flats[0], flats[1]), acc, roundings=roundings)
+    assert_close_to_exact(ops.residual_sumsq(lists[2], lists[3], 0.75, backend="native"),
+                          *sumsq_exact("residual_sumsq", flats[2], flats[3]), acc, roundings=roundings)
 
 
 # ----- determinism ------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from xsam import ops
 from xsam.ops import dispatch, verify
 
 from helpers import assert_each_close, flat
-from op_cases import backend_params, make, near_eigenvector, opcheck_cases, registered_ops, scalar
+from op_cases import backend_params, make, opcheck_cases, scalar
 
 SHAPES = [(0,), (1,), (7,), (3, 5), (2, 1, 4)]
 
@@ -47,10 +47,7 @@ def test_power_update_gives_rayleigh_quotient_residual_and_unit_vector():
     a = torch.randn(20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     a = a + a.T
     vs = [make([(4,), (16,)], torch.float64, "cpu", s) for s in (13, 14)]
-    us = [[None, None] for _ in vs]
-    for j, v in enumerate(vs):
-        u = a @ flat(v)
-        us[j] = [u[:4].clone(), u[4:].clone()]
+    us = [[u.clone() for u in (a @ flat(v)).split([4, 16])] for v in vs]
     before = [flat(v) for v in vs]
     stats = ops.power_update_(us, vs, backend="reference")
     for j, v0 in enumerate(before):
@@ -108,9 +105,14 @@ def test_a_layout_of_one_group_passes_the_lists_through():
 
 
 def test_power_update_residual_is_accurate_in_fp32():
-    # ||u - lam v|| = 1.4e-4 next to ||u|| = 3: the one-pass formula uu - lam * vu reads 0 in fp32.
-    u, v = near_eigenvector(3000, seed=1)
-    u32, v32 = u.float(), v.float()
+    # u = 3 v + a 1.4e-4 step off the unit vector v: ||u - lam v|| = 1.4e-4 next to ||u|| = 3, where the
+    # one-pass formula uu - lam * vu reads 0 in fp32.
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(3000, generator=gen, dtype=torch.float64)
+    v /= v.norm()
+    off = torch.randn(3000, generator=gen, dtype=torch.float64)
+    off -= (off @ v) * v
+    u32, v32 = (3.0 * v + 1.4e-4 * off / off.norm()).float(), v.float()
     lam = (u32.double() @ v32.double()) / (v32.double() @ v32.double())
     want = (u32.double() - lam * v32.double()).norm().item()
     stats = ops.power_update_([[u32.clone()]], [[v32.clone()]], backend="reference")
@@ -155,9 +157,7 @@ class _Recorded(torch.Tensor):
 
 
 class _CountGradReads(torch.overrides.TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
+    reads = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func == _GRAD_GETTER:
@@ -166,8 +166,8 @@ class _CountGradReads(torch.overrides.TorchFunctionMode):
 
 
 def test_gradients_reads_what_dot_grad_reads():
-    params = [torch.nn.Parameter(torch.randn(3)), torch.randn(2, requires_grad=True), torch.nn.Parameter(torch.randn(4)),
-              torch.randn(2).as_subclass(_Recorded).requires_grad_()]
+    params = [torch.nn.Parameter(torch.randn(3)), torch.randn(2, requires_grad=True),
+              torch.nn.Parameter(torch.randn(4)), torch.randn(2).as_subclass(_Recorded).requires_grad_()]
     for i in (0, 1, 3):
         params[i].grad = torch.randn(params[i].shape)
     expected = [p.grad for p in params]
@@ -186,13 +186,14 @@ def test_gradients_reads_what_dot_grad_reads():
 # ---------------------------------------------------------------- the registered ops of the fused backends
 
 FUSED = backend_params(backends=("native", "triton"))
+REGISTERED = {"native": torch.ops.xsam, "triton": torch.ops.xsam_triton}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend,device", FUSED)
 @pytest.mark.parametrize("name", list(opcheck_cases("cpu", torch.float32)))
 def test_opcheck(backend, device, dtype, name):
-    op = getattr(registered_ops(backend), name.removesuffix("novecs"))
+    op = getattr(REGISTERED[backend], name.removesuffix("novecs"))
     torch.library.opcheck(op, opcheck_cases(device, dtype)[name])
 
 
@@ -216,7 +217,7 @@ def test_ops_trace_under_torch_compile(backend, device):
 
 @pytest.mark.parametrize("backend,device", FUSED)
 def test_registered_ops_of_empty_lists_do_nothing_and_give_zeros(backend, device):
-    X = registered_ops(backend)
+    X = REGISTERED[backend]
     s = scalar(0.5, torch.float32, device)
     assert X.perturb_([], [], [], s, True) is None
     X.tilted_perturb_([], [], [], [], s, s)

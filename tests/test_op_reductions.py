@@ -5,14 +5,10 @@ import torch
 from xsam import ops
 from xsam.ops import accumulation_dtype
 
-from op_cases import assert_close_to_exact, f64, make, op_params, reference_result, scalar, size_cases
+from op_cases import MANY_PAIRS, assert_close_to_exact, assert_repeated_pairs_agree, dots_exact, f64, make, \
+    op_params, reference_result, scalar, size_cases, summation_roundings, sumsq_exact
 
 PAIRS = [(0, 0), (0, 1), (2, 1), (1, 2), (2, 2)]
-
-
-def _roundings(n):
-    # A sum of n terms may differ by about sqrt(n) roundings with another summation order.
-    return max(2.0, n ** 0.5)
 
 
 def _dots_close(backend, device, dtype, lists, pairs):
@@ -22,10 +18,8 @@ def _dots_close(backend, device, dtype, lists, pairs):
     acc = accumulation_dtype(dtype)
     assert got.dtype == acc and got.shape == (len(pairs),) and got.device.type == device
     flats = [f64(lst) for lst in lists]
-    exact = torch.stack([flats[a] @ flats[b] for a, b in pairs])
-    magnitude = torch.stack([(flats[a] * flats[b]).abs().sum() for a, b in pairs])
-    assert_close_to_exact(got, exact, magnitude, acc, ref=reference_result(backend, run),
-                          roundings=_roundings(len(flats[0])))
+    assert_close_to_exact(got, *dots_exact(flats, pairs), acc, ref=reference_result(backend, run),
+                          roundings=summation_roundings(len(flats[0])))
     return got
 
 
@@ -35,39 +29,24 @@ def test_dots(backend, device, dtype, case):
                                          for seed in range(3)], PAIRS)
 
 
+@pytest.mark.parametrize("op", ["weighted_sumsq", "residual_sumsq"])
 @pytest.mark.parametrize("backend,device,dtype,case", op_params())
-def test_weighted_sumsq(backend, device, dtype, case):
+def test_sum_of_squares(backend, device, dtype, case, op):
     shapes = size_cases(backend, device)[case]
-    w, x = make(shapes, dtype, device, 1), make(shapes, dtype, device, 2)
-    run = lambda name: ops.weighted_sumsq(w, x, backend=name)  # noqa: E731
+    if op == "weighted_sumsq":
+        x, y, lam = make(shapes, dtype, device, 1), make(shapes, dtype, device, 2), ()
+    else:
+        # x = 0.75 y + a small part off y: the residual is small next to ||x||, where the one-pass
+        # formula ||x||^2 - lam^2 ||y||^2 cancels.
+        y, noise = make(shapes, dtype, device, 3), make(shapes, dtype, device, 4)
+        x = [(0.75 * a.double() + 1e-3 * b.double()).to(dtype) for a, b in zip(y, noise)]
+        lam = (scalar(0.75, dtype, device),)
+    run = lambda name: getattr(ops, op)(x, y, *lam, backend=name)  # noqa: E731
     got = run(backend)
     acc = accumulation_dtype(dtype)
     assert got.dtype == acc and got.shape == ()
-    p = f64(w) * f64(x)
-    exact = p @ p
-    assert_close_to_exact(got, exact, exact.abs(), acc, ref=reference_result(backend, run),
-                          roundings=_roundings(len(p)))
-
-
-@pytest.mark.parametrize("backend,device,dtype,case", op_params())
-def test_residual_sumsq(backend, device, dtype, case):
-    shapes = size_cases(backend, device)[case]
-    v = make(shapes, dtype, device, 3)
-    # u = 0.75 v + a small part off v: the residual is small next to ||u||, where the one-pass
-    # formula ||u||^2 - lam^2 ||v||^2 cancels.
-    noise = make(shapes, dtype, device, 4)
-    u = [(0.75 * a.double() + 1e-3 * b.double()).to(dtype) for a, b in zip(v, noise)]
-    lam = scalar(0.75, dtype, device)
-    run = lambda name: ops.residual_sumsq(u, v, lam, backend=name)  # noqa: E731
-    got = run(backend)
-    acc = accumulation_dtype(dtype)
-    assert got.dtype == acc and got.shape == ()
-    r = f64(u) - 0.75 * f64(v)
-    exact = r @ r
-    # Each term (u - lam v) is formed in the accumulation dtype: about one rounding of |u| per element.
-    magnitude = (2 * r.abs() * (f64(u).abs() + 0.75 * f64(v).abs())).sum()
-    assert_close_to_exact(got, exact, magnitude, acc, ref=reference_result(backend, run),
-                          roundings=_roundings(len(r)))
+    assert_close_to_exact(got, *sumsq_exact(op, f64(x), f64(y)), acc, ref=reference_result(backend, run),
+                          roundings=summation_roundings(sum(t.numel() for t in x)))
 
 
 @pytest.mark.parametrize("backend,device,dtype,case", op_params(dtypes=[torch.float32], cases=["edge"]))
@@ -91,18 +70,12 @@ def test_a_list_named_by_several_pairs_gives_identical_sums(backend, device, dty
     torch.testing.assert_close(got.double().cpu(), (f64(g) @ f64(g)).repeat(3), rtol=1e-6, atol=0)
 
 
-# Every pair of 5 lists, two reversed, and list 5 = list 0 again (the same tensors under another number).
-MANY_PAIRS = [(a, b) for a in range(5) for b in range(a, 5)] + [(1, 0), (4, 2), (5, 0), (5, 5)]
-
-
 @pytest.mark.parametrize("backend,device,dtype,case", op_params(dtypes=[torch.float32, torch.bfloat16],
                                                                 cases=["edge", "chunk"]))
 def test_dots_of_many_pairs_and_a_repeated_list(backend, device, dtype, case):
     lists = [make(size_cases(backend, device)[case], dtype, device, seed) for seed in range(5)]
     lists.append(lists[0])
-    got = _dots_close(backend, device, dtype, lists, MANY_PAIRS)
-    # A pair named twice, or through the same tensors under two list numbers: the same bits.
-    assert torch.equal(got[1], got[15]) and torch.equal(got[0], got[17]) and torch.equal(got[0], got[18])
+    assert_repeated_pairs_agree(_dots_close(backend, device, dtype, lists, MANY_PAIRS))
 
 
 @pytest.mark.parametrize("backend,device,dtype,case", op_params(dtypes=[torch.float32, torch.bfloat16],
