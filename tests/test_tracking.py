@@ -360,24 +360,6 @@ def test_streaming_step_matches_the_flat_oracle_with_two_param_groups():
     assert d["refreshes"] == 5 and math.isnan(d["eigenvalue"]) and not opt.refresh_due
 
 
-def test_streaming_through_first_step_and_second_step_equals_step():
-    runs = []
-    for manual in (False, True):
-        q = Quadratic()
-        opt = xsam_on(q.params, hvp="streaming", lr=0.1)
-        for _ in range(3):
-            if manual:
-                opt.zero_grad()
-                q.closure()
-                opt.first_step(zero_grad=True)
-                q.closure()
-                opt.second_step(zero_grad=True)
-            else:
-                opt.step(q.closure)
-        runs.append((flat(q.params), flat(opt.eigenvector())))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-
-
 def test_a_zero_streaming_product_is_rejected_and_v_stays_a_unit_vector():
     w = nn.Parameter(torch.ones(3, dtype=torch.float64))
     opt = xsam_on([w], hvp="streaming")
