@@ -197,7 +197,7 @@ def test_opcheck(backend, device, dtype, name):
     torch.library.opcheck(op, opcheck_cases(device, dtype)[name])
 
 
-@pytest.mark.parametrize("backend,device", FUSED)
+@pytest.mark.parametrize("backend,device", backend_params())
 def test_ops_trace_under_torch_compile(backend, device):
     def step(params, grads, saved, vecs):
         sums = ops.dots([grads, vecs], [(0, 0), (0, 1)], backend=backend)

@@ -11,7 +11,7 @@ from torch import nn
 import xsam
 from xsam import SAM, XSAM, batchnorm_statistics_frozen
 
-from helpers import Quadratic, assert_each_close, closure_of, flat, gloo_group, make_model
+from helpers import Quadratic, closure_of, flat, gloo_group, make_model
 
 
 # ----- BatchNorm --------------------------------------------------------------------------
@@ -77,24 +77,6 @@ def test_compiled_model_trains_like_eager_without_recompiling_every_step(compile
     torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
     # Train-mode and eval-mode (HVP) graphs are built in the first refresh step; none after.
     assert graphs_after[0] >= 1 and graphs_after[-1] == graphs_after[1], graphs_after
-
-
-def test_the_reference_op_set_traces_into_one_graph():
-    """The fused backends' ops are traced in test_op_layer.py."""
-    from xsam import ops
-
-    def fused(params, grads, saved):
-        sums = ops.dots([grads], [(0, 0)], backend="reference")
-        ops.perturb_(params, grads, saved, 0.05 / (sums[0].sqrt() + 1e-12), backend="reference")
-        return sums
-
-    def run(fn):
-        gen = torch.Generator().manual_seed(0)
-        params, grads = ([torch.randn(s, generator=gen) for s in ((3, 4), (5,))] for _ in range(2))
-        saved = [torch.empty_like(p) for p in params]
-        return [fn(params, grads, saved)] + params + saved
-
-    assert_each_close(run(torch.compile(fused, backend="aot_eager", fullgraph=True)), run(fused))
 
 
 # ----- gradient clipping between the passes -----------------------------------------------
