@@ -66,8 +66,7 @@ def test_recorder_on_sam_marks_eigenvector_quantities_missing_and_writes_csv(tmp
             opt.step(q.closure)
     records = recorder.records()
     assert len(records) == 3
-    g = torch.cat([p.grad.reshape(-1) for p in q.params])  # only to check a norm was recorded
-    assert all(r["grad_norm"] > 0 for r in records) and g.numel() == 12
+    assert all(r["grad_norm"] > 0 for r in records)
     assert all(math.isnan(r["cos_g_v"]) and math.isnan(r["eigenvalue"]) for r in records)
     path = tmp_path / "steps.csv"
     recorder.to_csv(path, extra={"run": "sam"})
@@ -291,14 +290,13 @@ def test_arm_names_parse_and_bad_ones_are_refused():
 
 
 def test_xsam_at_sams_scale_is_the_corrected_direction_with_the_norm_of_g_adv():
-    grads = {}
-    for cls in (XSAM, ScaledXSAM):
+    def update(cls):
         q = Quadratic()
         opt = cls(q.params, torch.optim.SGD, lr=0.0, alpha=1.0, hvp="exact", seed=2, backend=BACKEND)
         opt.step(q.closure, loss_fn=q.loss)
-        grads[cls] = (torch.cat([p.grad.reshape(-1) for p in q.params]), opt.diagnostics()["adv_grad_norm"])
-    corrected, _ = grads[XSAM]
-    scaled, adv_norm = grads[ScaledXSAM]
+        return flat(p.grad for p in q.params), opt.diagnostics()["adv_grad_norm"]
+
+    (corrected, _), (scaled, adv_norm) = update(XSAM), update(ScaledXSAM)
     assert scaled.norm().item() == pytest.approx(adv_norm, rel=1e-10)  # eps = 1e-12 in the norms
     torch.testing.assert_close(scaled / scaled.norm(), corrected / corrected.norm(), rtol=1e-12, atol=1e-14)
 

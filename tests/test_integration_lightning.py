@@ -1,10 +1,5 @@
-"""PyTorch Lightning: what works as it is, and XSAMCallback against hand-written xsam loops.
-
-Every comparison trains a tiny LightningModule with the Trainer and the same network with a
-hand-written ``opt.step(closure, loss_fn)`` loop on the same micro-batches in the same order,
-and compares the weights: float64 runs must agree to rounding (1e-12), mixed precision runs
-to the precision of the autocast dtype. The 2-process DDP run is in its own mp.spawn.
-"""
+"""PyTorch Lightning: what works as it is, and XSAMCallback against a hand-written ``opt.step(closure, loss_fn)``
+loop on the same micro-batches in the same order (float64 to rounding, mixed precision to its autocast dtype)."""
 import os
 import warnings
 
@@ -195,11 +190,6 @@ def test_logged_loss_is_the_first_pass_loss_and_diagnostics_are_logged():
     assert metrics["xsam/angle_gadv_v"].item() == pytest.approx(torch.tensor(cos).acos().rad2deg().item(), rel=1e-4)
 
 
-class FiniteDifferenceModule(TinyModule):
-    def configure_optimizers(self):
-        return XSAM(self.parameters(), torch.optim.SGD, hvp="finite_difference", lr=0.1)
-
-
 class ManualModule(TinyModule):
     def __init__(self):
         super().__init__()
@@ -211,7 +201,7 @@ class ManualModule(TinyModule):
      "gradient_clip_algorithm='value' is not supported with XSAM.*Use gradient_clip_algorithm='norm'"),
     (lambda: TinyModule("xsam", max_grad_norm=1.0), dict(gradient_clip_val=0.05),
      r"both Trainer\(gradient_clip_val=0.05\) and XSAM\(max_grad_norm=1.0\).*set one of them"),
-    (FiniteDifferenceModule, {}, "needs exact Hessian-vector products"),
+    (lambda: TinyModule("xsam", hvp="finite_difference"), {}, "needs exact Hessian-vector products"),
     (ManualModule, {}, "automatic optimisation"),
 ], ids=["value-clipping", "clipping-set-twice", "finite-difference-hvps", "manual-optimisation"])
 def test_what_the_callback_cannot_run_is_refused_before_any_weight_moves(make_module, trainer_kwargs, match):

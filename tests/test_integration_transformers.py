@@ -1,10 +1,8 @@
-"""Hugging Face Trainer: XSAMTrainer against hand-written xsam loops on a tiny GPT-2.
+"""Hugging Face Trainer: XSAMTrainer against hand-written xsam loops on a tiny GPT-2 (built from a config, no
+dropout; eager attention: PyTorch's fused CPU attention has no double backward, which exact HVPs need).
 
-The model is a 1-layer GPT-2 built from a config (no download), eager attention (PyTorch's
-fused CPU attention has no double backward, which exact HVPs need), no dropout. The Trainer
-reads the data in order (``train_sampling_strategy="sequential"``); the hand loop runs the same
-micro-batches with the Trainer's loss scaling: each micro-batch's summed token loss divided by
-the number of label tokens in the whole accumulated batch (``num_items_in_batch``).
+The hand loop runs the Trainer's micro-batches in order, each one's summed token loss divided by the number of
+label tokens in the whole accumulated batch (``num_items_in_batch``), as the Trainer scales it.
 """
 import os
 import warnings
@@ -65,10 +63,8 @@ def train(output_dir, *, kind="xsam", k=1, steps=3, dtype=torch.float64, resume=
 
 def hand_loop(trainer, *, kind="xsam", k=1, steps=3, dtype=torch.float64, autocast_dtype=None, batch=BATCH,
               **sam_kwargs):
-    """The same steps with opt.step(closure, loss_fn); param groups (``trainer``'s rule) and order as the Trainer's.
-
-    ``sam_kwargs`` are added to the optimizer's (``max_grad_norm``: what TrainingArguments(max_grad_norm=...) sets).
-    """
+    """The same steps with opt.step(closure, loss_fn); param groups (``trainer``'s rule) and order as the Trainer's,
+    ``sam_kwargs`` added to the optimizer's (``max_grad_norm``: what TrainingArguments(max_grad_norm=...) sets)."""
     model = make_model(dtype)
     model.train()
     decay = set(trainer.get_decay_parameter_names(model))
