@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import Quadratic, closure_of, flat, make_model, same_bits
+from helpers import Quadratic, closure_of, flat, make_model, same_bits, unflat
 from xsam import SAM, XSAM
 from xsam.diagnostics import RECORDED_KEYS, DiagnosticsRecorder, cosine, top_eigenvalue
 from xsam.experiment import (DEFAULT_ARMS, LOSS_LEVELS, QUICK_ARMS, CubicValley, ScaledXSAM, common_levels,
@@ -85,13 +85,9 @@ def test_recorder_rejects_plain_optimizers_and_unknown_keys():
 # ----- independent eigenvalue ----------------------------------------------------------------
 def _dense_hessian(model: nn.Module, loss_of_output, x) -> torch.Tensor:
     """The Hessian of ``loss_of_output(model(x))`` in all parameters, one flat matrix, by autograd.functional."""
-    names = [n for n, _ in model.named_parameters()]
-    params = tuple(p.detach() for p in model.parameters())
-    loss = lambda *ws: loss_of_output(torch.func.functional_call(model, dict(zip(names, ws)), (x,)))
-    blocks = torch.autograd.functional.hessian(loss, params)
-    sizes = [p.numel() for p in params]
-    return torch.cat([torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(len(params))], 1)
-                      for i in range(len(params))], 0)
+    names, params = zip(*model.named_parameters())
+    loss = lambda w: loss_of_output(torch.func.functional_call(model, dict(zip(names, unflat(w, params))), (x,)))
+    return torch.autograd.functional.hessian(loss, flat(params))
 
 
 def test_top_eigenvalue_matches_the_dense_hessian_with_its_sign():

@@ -2,6 +2,7 @@
 loop on the same micro-batches in the same order (float64 to rounding, mixed precision to its autocast dtype)."""
 import os
 import warnings
+from datetime import timedelta
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from helpers import assert_each_close, free_port, same_bits, spawn_and_wait
 
 pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from xsam import SAM, XSAM  # noqa: E402
@@ -252,10 +254,6 @@ def ddp_batches():
 def ddp_worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
-    from datetime import timedelta
-
-    from lightning.pytorch.strategies import DDPStrategy
-
     torch.set_num_threads(1)
     shard = [(x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]) for x, y in ddp_batches()]
     module = TinyModule("xsam", batchnorm=False)
