@@ -102,9 +102,8 @@ def test_ceiling_stand_ins_stay_in_the_ops_footprint_and_never_move_less(op):
     ops_bench.ceiling_fn(op, flat)()
 
 
-def _pair(shapes, dtype=torch.float32):
-    return (ops_bench.make_workspace(shapes, torch.device("cpu"), dtype),
-            ops_bench.make_workspace(shapes, torch.device("cpu"), dtype))
+def _pair(shapes):
+    return tuple(ops_bench.make_workspace(shapes, torch.device("cpu"), torch.float32) for _ in range(2))
 
 
 SHAPES = [(3, 5), (1,), (7, 2, 3), (130,)]

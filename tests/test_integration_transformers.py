@@ -71,10 +71,8 @@ def hand_loop(trainer, *, kind="xsam", k=1, steps=3, dtype=torch.float64, autoca
     named = list(model.named_parameters())
     groups = [{"params": [p for n, p in named if n in decay], "weight_decay": 0.01},
               {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
-    if kind == "xsam":
-        opt = XSAM(groups, torch.optim.SGD, model=model, lr=0.1, **XSAM_KWARGS, **sam_kwargs)
-    else:
-        opt = SAM(groups, torch.optim.SGD, model=model, lr=0.1, **SAM_KWARGS, **sam_kwargs)
+    cls, kwargs = (XSAM, XSAM_KWARGS) if kind == "xsam" else (SAM, SAM_KWARGS)
+    opt = cls(groups, torch.optim.SGD, model=model, lr=0.1, **kwargs, **sam_kwargs)
     autocast = torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
     data, losses = make_data(), []
     for step in range(steps):

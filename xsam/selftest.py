@@ -257,9 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_training_row(method, backend, device, args.seed))
             print(rows[-1].line(), flush=True)
 
-    print()
-    for line in _failure_lines(rows):
-        print(line)
+    print("", *_failure_lines(rows), sep="\n")
     seconds = time.perf_counter() - start
     cases = sum(row.cases for row in rows)
     failed = sum(not row.ok for row in rows)
