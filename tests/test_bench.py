@@ -182,8 +182,7 @@ def test_host_optimizer_steps_without_a_refresh(backend):
     assert opt.diagnostics()["refreshes"] == refreshes  # the eigenvector was set before, not recomputed
     assert opt.eigenvector() is not None
     # The base step is a no-op: first_step + second_step put the weights back bit for bit.
-    for p, w in zip(opt.param_groups[0]["params"], weights):
-        torch.testing.assert_close(p.detach(), w, rtol=0, atol=0)
+    assert_each_close(opt.param_groups[0]["params"], weights, rtol=0, atol=0)
 
 
 def test_interleaved_timing_rotates_and_pairs_rounds():

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import Quadratic, closure_of, flat, make_model, same_bits, unflat
+from helpers import Quadratic, assert_same_state, closure_of, flat, make_model, same_bits, unflat
 from xsam import SAM, XSAM
 from xsam.diagnostics import RECORDED_KEYS, DiagnosticsRecorder, cosine, top_eigenvalue
 from xsam.experiment import (DEFAULT_ARMS, LOSS_LEVELS, QUICK_ARMS, CubicValley, ScaledXSAM, common_levels,
@@ -116,11 +116,10 @@ def test_top_eigenvalue_leaves_batchnorm_statistics_and_modes_alone():
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
     x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
     model(x)  # non-trivial running statistics
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = copy.deepcopy(model.state_dict())
     est = top_eigenvalue(model, lambda: nn.functional.cross_entropy(model(x), y), tol=1e-3)
     assert model.training and all(m.training for m in model.modules())
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    assert_same_state(model.state_dict(), before)
     assert all(p.grad is None for p in model.parameters())
     assert est.relative_residual < 1e-2 and est.iterations >= 2
 
@@ -223,10 +222,8 @@ def test_xsam_ends_flatter_than_sam_on_a_problem_with_one_sharp_direction():
 # ----- the cubic valley: what each arm does to the top eigenvalue (CI-sized version of the experiment) --
 @functools.lru_cache(maxsize=None)
 def _cubic_end_sharpness(arm_name: str, sign: int = 0) -> float:
-    """The experiment's cubic-valley run (same settings, model, optimizers) at seed 0, measured once at the end.
-
-    One seed: seeds 0-4 of the experiment agree (docs/results/800-steps).
-    """
+    """The experiment's cubic-valley run (same settings, model, optimizers) at seed 0, measured once at the end
+    (one seed: seeds 0-4 of the experiment agree, docs/results/800-steps)."""
     s = settings_for("cubic", backend=BACKEND)
     arm = parse_arm(arm_name)
     x, y, _, _ = load_task("cubic")

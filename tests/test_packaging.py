@@ -204,7 +204,8 @@ def test_wheel_with_the_compiled_extension(unpacked, fresh_env, tmp_path, arch_l
 STILL_RUNS = {
     "kernels": "import torch, xsam.kernels.elementwise; from xsam import ops; y = [torch.zeros(5)]; "
                "ops.axpy_(y, [torch.ones(5)], 2.0, backend='triton'); assert torch.equal(y[0], torch.full((5,), 2.0))",
-    "bench": "from xsam.bench import main; from xsam.bench.models import PARAMETER_SETS; assert main and PARAMETER_SETS",
+    "bench": "from xsam.bench import main; from xsam.bench.models import PARAMETER_SETS; "
+             "assert main and PARAMETER_SETS",
 }
 
 
