@@ -68,8 +68,7 @@ class TinyModule(pl.LightningModule):
 
 
 def fit(module, batches, *, precision="64-true", epochs=1, callback=True, ckpt_path=None, **trainer_kwargs):
-    trainer_kwargs.setdefault("accelerator", "cpu")
-    trainer_kwargs.setdefault("devices", 1)
+    trainer_kwargs = {"accelerator": "cpu", "devices": 1} | trainer_kwargs
     if precision == "16-mixed":
         # Lightning turns precision="16-mixed" into bf16 on CPU; its fp16 plugin (what a GPU gets) can still be
         # passed explicitly, and runs fp16 autocast on the CPU.

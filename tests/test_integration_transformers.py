@@ -50,8 +50,7 @@ def train(output_dir, *, kind="xsam", k=1, steps=3, dtype=torch.float64, resume=
     settings = dict(output_dir=str(output_dir), use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
                     per_device_train_batch_size=BATCH, gradient_accumulation_steps=k, max_steps=steps,
                     learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=0.0,
-                    train_sampling_strategy="sequential", disable_tqdm=True, seed=0)
-    settings.update(arguments)
+                    train_sampling_strategy="sequential", disable_tqdm=True, seed=0) | arguments
     trainer = XSAMTrainer(model=make_model(dtype), args=TrainingArguments(**settings), train_dataset=make_data(),
                           sam_class=XSAM if kind == "xsam" else SAM,
                           sam_kwargs=dict(XSAM_KWARGS if kind == "xsam" else SAM_KWARGS, **(sam_kwargs or {})))
