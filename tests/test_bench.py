@@ -102,9 +102,8 @@ def test_ceiling_stand_ins_stay_in_the_ops_footprint_and_never_move_less(op):
     ops_bench.ceiling_fn(op, flat)()
 
 
-def _pair(shapes, dtype=torch.float32):
-    return (ops_bench.make_workspace(shapes, torch.device("cpu"), dtype),
-            ops_bench.make_workspace(shapes, torch.device("cpu"), dtype))
+def _pair(shapes):
+    return tuple(ops_bench.make_workspace(shapes, torch.device("cpu"), torch.float32) for _ in range(2))
 
 
 SHAPES = [(3, 5), (1,), (7, 2, 3), (130,)]
@@ -183,8 +182,7 @@ def test_host_optimizer_steps_without_a_refresh(backend):
     assert opt.diagnostics()["refreshes"] == refreshes  # the eigenvector was set before, not recomputed
     assert opt.eigenvector() is not None
     # The base step is a no-op: first_step + second_step put the weights back bit for bit.
-    for p, w in zip(opt.param_groups[0]["params"], weights):
-        torch.testing.assert_close(p.detach(), w, rtol=0, atol=0)
+    assert_each_close(opt.param_groups[0]["params"], weights, rtol=0, atol=0)
 
 
 def test_interleaved_timing_rotates_and_pairs_rounds():

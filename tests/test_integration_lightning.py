@@ -1,12 +1,8 @@
-"""PyTorch Lightning: what works as it is, and XSAMCallback against hand-written xsam loops.
-
-Every comparison trains a tiny LightningModule with the Trainer and the same network with a
-hand-written ``opt.step(closure, loss_fn)`` loop on the same micro-batches in the same order,
-and compares the weights: float64 runs must agree to rounding (1e-12), mixed precision runs
-to the precision of the autocast dtype. The 2-process DDP run is in its own mp.spawn.
-"""
+"""PyTorch Lightning: what works as it is, and XSAMCallback against a hand-written ``opt.step(closure, loss_fn)``
+loop on the same micro-batches in the same order (float64 to rounding, mixed precision to its autocast dtype)."""
 import os
 import warnings
+from datetime import timedelta
 
 import pytest
 import torch
@@ -17,6 +13,7 @@ from helpers import assert_each_close, free_port, same_bits, spawn_and_wait
 
 pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from xsam import SAM, XSAM  # noqa: E402
@@ -71,8 +68,7 @@ class TinyModule(pl.LightningModule):
 
 
 def fit(module, batches, *, precision="64-true", epochs=1, callback=True, ckpt_path=None, **trainer_kwargs):
-    trainer_kwargs.setdefault("accelerator", "cpu")
-    trainer_kwargs.setdefault("devices", 1)
+    trainer_kwargs = {"accelerator": "cpu", "devices": 1} | trainer_kwargs
     if precision == "16-mixed":
         # Lightning turns precision="16-mixed" into bf16 on CPU; its fp16 plugin (what a GPU gets) can still be
         # passed explicitly, and runs fp16 autocast on the CPU.
@@ -195,11 +191,6 @@ def test_logged_loss_is_the_first_pass_loss_and_diagnostics_are_logged():
     assert metrics["xsam/angle_gadv_v"].item() == pytest.approx(torch.tensor(cos).acos().rad2deg().item(), rel=1e-4)
 
 
-class FiniteDifferenceModule(TinyModule):
-    def configure_optimizers(self):
-        return XSAM(self.parameters(), torch.optim.SGD, hvp="finite_difference", lr=0.1)
-
-
 class ManualModule(TinyModule):
     def __init__(self):
         super().__init__()
@@ -211,7 +202,7 @@ class ManualModule(TinyModule):
      "gradient_clip_algorithm='value' is not supported with XSAM.*Use gradient_clip_algorithm='norm'"),
     (lambda: TinyModule("xsam", max_grad_norm=1.0), dict(gradient_clip_val=0.05),
      r"both Trainer\(gradient_clip_val=0.05\) and XSAM\(max_grad_norm=1.0\).*set one of them"),
-    (FiniteDifferenceModule, {}, "needs exact Hessian-vector products"),
+    (lambda: TinyModule("xsam", hvp="finite_difference"), {}, "needs exact Hessian-vector products"),
     (ManualModule, {}, "automatic optimisation"),
 ], ids=["value-clipping", "clipping-set-twice", "finite-difference-hvps", "manual-optimisation"])
 def test_what_the_callback_cannot_run_is_refused_before_any_weight_moves(make_module, trainer_kwargs, match):
@@ -262,10 +253,6 @@ def ddp_batches():
 def ddp_worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
-    from datetime import timedelta
-
-    from lightning.pytorch.strategies import DDPStrategy
-
     torch.set_num_threads(1)
     shard = [(x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]) for x, y in ddp_batches()]
     module = TinyModule("xsam", batchnorm=False)

@@ -1,10 +1,8 @@
-"""Hugging Face Trainer: XSAMTrainer against hand-written xsam loops on a tiny GPT-2.
+"""Hugging Face Trainer: XSAMTrainer against hand-written xsam loops on a tiny GPT-2 (built from a config, no
+dropout; eager attention: PyTorch's fused CPU attention has no double backward, which exact HVPs need).
 
-The model is a 1-layer GPT-2 built from a config (no download), eager attention (PyTorch's
-fused CPU attention has no double backward, which exact HVPs need), no dropout. The Trainer
-reads the data in order (``train_sampling_strategy="sequential"``); the hand loop runs the same
-micro-batches with the Trainer's loss scaling: each micro-batch's summed token loss divided by
-the number of label tokens in the whole accumulated batch (``num_items_in_batch``).
+The hand loop runs the Trainer's micro-batches in order, each one's summed token loss divided by the number of
+label tokens in the whole accumulated batch (``num_items_in_batch``), as the Trainer scales it.
 """
 import os
 import warnings
@@ -52,8 +50,7 @@ def train(output_dir, *, kind="xsam", k=1, steps=3, dtype=torch.float64, resume=
     settings = dict(output_dir=str(output_dir), use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
                     per_device_train_batch_size=BATCH, gradient_accumulation_steps=k, max_steps=steps,
                     learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=0.0,
-                    train_sampling_strategy="sequential", disable_tqdm=True, seed=0)
-    settings.update(arguments)
+                    train_sampling_strategy="sequential", disable_tqdm=True, seed=0) | arguments
     trainer = XSAMTrainer(model=make_model(dtype), args=TrainingArguments(**settings), train_dataset=make_data(),
                           sam_class=XSAM if kind == "xsam" else SAM,
                           sam_kwargs=dict(XSAM_KWARGS if kind == "xsam" else SAM_KWARGS, **(sam_kwargs or {})))
@@ -65,20 +62,16 @@ def train(output_dir, *, kind="xsam", k=1, steps=3, dtype=torch.float64, resume=
 
 def hand_loop(trainer, *, kind="xsam", k=1, steps=3, dtype=torch.float64, autocast_dtype=None, batch=BATCH,
               **sam_kwargs):
-    """The same steps with opt.step(closure, loss_fn); param groups (``trainer``'s rule) and order as the Trainer's.
-
-    ``sam_kwargs`` are added to the optimizer's (``max_grad_norm``: what TrainingArguments(max_grad_norm=...) sets).
-    """
+    """The same steps with opt.step(closure, loss_fn); param groups (``trainer``'s rule) and order as the Trainer's,
+    ``sam_kwargs`` added to the optimizer's (``max_grad_norm``: what TrainingArguments(max_grad_norm=...) sets)."""
     model = make_model(dtype)
     model.train()
     decay = set(trainer.get_decay_parameter_names(model))
     named = list(model.named_parameters())
     groups = [{"params": [p for n, p in named if n in decay], "weight_decay": 0.01},
               {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
-    if kind == "xsam":
-        opt = XSAM(groups, torch.optim.SGD, model=model, lr=0.1, **XSAM_KWARGS, **sam_kwargs)
-    else:
-        opt = SAM(groups, torch.optim.SGD, model=model, lr=0.1, **SAM_KWARGS, **sam_kwargs)
+    cls, kwargs = (XSAM, XSAM_KWARGS) if kind == "xsam" else (SAM, SAM_KWARGS)
+    opt = cls(groups, torch.optim.SGD, model=model, lr=0.1, **kwargs, **sam_kwargs)
     autocast = torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
     data, losses = make_data(), []
     for step in range(steps):
@@ -105,11 +98,6 @@ def hand_loop(trainer, *, kind="xsam", k=1, steps=3, dtype=torch.float64, autoca
     return model, opt, losses
 
 
-def assert_same_weights(a_model, b_model, tol):
-    for a, b in zip(a_model.parameters(), b_model.parameters()):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=tol, atol=tol)
-
-
 @pytest.mark.parametrize("kind, k, clip, options", [
     ("xsam", 1, 0.0, {}), ("xsam", 2, 0.0, {}), ("sam", 1, 0.0, {}), ("sam", 2, 0.0, {}),
     # max_grad_norm is the optimizer's clipping of the direction it applies: X-SAM normalises the second pass's
@@ -120,7 +108,7 @@ def assert_same_weights(a_model, b_model, tol):
 def test_steps_match_the_hand_written_loop(tmp_path, kind, k, clip, options):
     trainer = train(tmp_path, kind=kind, k=k, max_grad_norm=clip, sam_kwargs=options)
     model, opt, _ = hand_loop(trainer, kind=kind, k=k, max_grad_norm=clip or None, **options)
-    assert_same_weights(trainer.model, model, 1e-12)
+    assert_each_close(trainer.model.parameters(), model.parameters(), rtol=1e-12, atol=1e-12)
     assert trainer.sam_optimizer.diagnostics()["step"] == opt.diagnostics()["step"] == 3
     if kind == "xsam":
         assert_each_close(trainer.sam_optimizer.eigenvector(), opt.eigenvector(), rtol=1e-12, atol=1e-12)
@@ -151,7 +139,7 @@ def test_logs_keep_the_first_pass_loss_and_add_the_diagnostics(tmp_path):
 def test_bf16_matches_the_hand_written_autocast_loop(tmp_path, kind):
     trainer = train(tmp_path, kind=kind, k=2, dtype=torch.float32, bf16=True)
     model, _, _ = hand_loop(trainer, kind=kind, k=2, dtype=torch.float32, autocast_dtype=torch.bfloat16)
-    assert_same_weights(trainer.model, model, 1e-5)
+    assert_each_close(trainer.model.parameters(), model.parameters(), rtol=1e-5, atol=1e-5)
 
 
 def test_resume_from_checkpoint_continues_bit_identically(tmp_path):
@@ -191,9 +179,9 @@ def ddp_worker(rank, port, out_dir):
     torch.set_num_threads(1)
     transformers.utils.logging.set_verbosity_error()
     trainer = train(out_dir, k=2, steps=2, ddp_backend="gloo", ddp_timeout=60)
-    torch.save({"weights": [p.detach() for p in trainer.model.parameters()],
-                "eigenvector": trainer.sam_optimizer.eigenvector(), "steps": trainer.sam_optimizer.diagnostics()["step"]},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    opt = trainer.sam_optimizer
+    torch.save({"weights": [p.detach() for p in trainer.model.parameters()], "eigenvector": opt.eigenvector(),
+                "steps": opt.diagnostics()["step"]}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.slow

@@ -62,10 +62,8 @@ def run(args, **kwargs):
 
 
 def build_env(**overrides):
-    env = {k: v for k, v in os.environ.items() if k not in ("XSAM_NO_EXTENSION", "XSAM_NO_CUDA", "PYTHONPATH")}
-    env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # one architecture keeps a CUDA compile short
-    env.update(overrides)
-    return env
+    kept = {k: v for k, v in os.environ.items() if k not in ("XSAM_NO_EXTENSION", "XSAM_NO_CUDA", "PYTHONPATH")}
+    return {"TORCH_CUDA_ARCH_LIST": "9.0"} | kept | overrides  # one architecture keeps a CUDA compile short
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +202,8 @@ def test_wheel_with_the_compiled_extension(unpacked, fresh_env, tmp_path, arch_l
 STILL_RUNS = {
     "kernels": "import torch, xsam.kernels.elementwise; from xsam import ops; y = [torch.zeros(5)]; "
                "ops.axpy_(y, [torch.ones(5)], 2.0, backend='triton'); assert torch.equal(y[0], torch.full((5,), 2.0))",
-    "bench": "from xsam.bench import main; from xsam.bench.models import PARAMETER_SETS; assert main and PARAMETER_SETS",
+    "bench": "from xsam.bench import main; from xsam.bench.models import PARAMETER_SETS; "
+             "assert main and PARAMETER_SETS",
 }
 
 

@@ -36,7 +36,8 @@ def number(kind: type, low: float | None = None, high: float | None = None, *, l
             text_of = str if kind is int else "{:g}".format
             lo = "" if low is None else (f"> {text_of(low)}" if low_open else f">= {text_of(low)}")
             hi = "" if high is None else f"<= {text_of(high)}"
-            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {' and '.join(filter(None, (lo, hi)))}")
+            bounds = " and ".join(filter(None, (lo, hi)))
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bounds}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages

@@ -98,14 +98,10 @@ def train(method: str, data, epochs: int, batch_size: int, lr: float, rho: float
         test_acc = (model(xte).argmax(1) == yte).float().mean().item()
     model.train()  # the top eigenvalue is measured in training mode
     fixed_x, fixed_y = xtr[:256], ytr[:256]  # the same batch for every method
-    return {
-        "method": method,
-        "test_acc": test_acc,
-        "top_eig": top_eigenvalue(model, lambda: F.cross_entropy(model(fixed_x), fixed_y), tol=1e-4,
-                                  seed=1234).eigenvalue,
-        "mean_abs_cos": torch.stack(cosines).abs().mean().item() if cosines else float("nan"),
-        "s_per_step": seconds / steps,
-    }
+    top_eig = top_eigenvalue(model, lambda: F.cross_entropy(model(fixed_x), fixed_y), tol=1e-4, seed=1234).eigenvalue
+    mean_abs_cos = torch.stack(cosines).abs().mean().item() if cosines else float("nan")
+    return dict(method=method, test_acc=test_acc, top_eig=top_eig, mean_abs_cos=mean_abs_cos,
+                s_per_step=seconds / steps)
 
 
 def what_it_shows(top_eig: dict[str, float]) -> str:

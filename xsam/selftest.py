@@ -213,7 +213,8 @@ def _failure_lines(rows: list[Row]) -> list[str]:
     for row in [row for row in rows if not row.ok]:
         what = f"{row.what} on {row.backend}, {row.device}, {row.dtype}"
         if not row.cases:
-            lines.append(f"FAIL {what}: the self-test has no case for this op (add a Recipe in xsam/ops/verify/rule.py)")
+            lines.append(f"FAIL {what}: the self-test has no case for this op (add a Recipe in "
+                         "xsam/ops/verify/rule.py)")
         lines += [f"FAIL {what}: {failure}" for failure in row.failures[:3]]
         if len(row.failures) > 3:
             lines.append(f"     ... and {len(row.failures) - 3} more failing cases of {what}")
@@ -257,9 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_training_row(method, backend, device, args.seed))
             print(rows[-1].line(), flush=True)
 
-    print()
-    for line in _failure_lines(rows):
-        print(line)
+    print("", *_failure_lines(rows), sep="\n")
     seconds = time.perf_counter() - start
     cases = sum(row.cases for row in rows)
     failed = sum(not row.ok for row in rows)

@@ -77,10 +77,9 @@ def _run_job(job):
     return run_one(task, method, seed, settings, sign)
 
 
-def _jobs(tasks, methods, n_seeds, settings):
+def _jobs(arms_of, n_seeds, settings):
     jobs = []
-    for task in tasks:
-        arms = [m for m in methods if m in BASELINE_ONLY[task]] if task in BASELINE_ONLY else methods
+    for task, arms in arms_of.items():
         for seed in range(n_seeds):
             for m in arms:
                 arm = parse_arm(m)  # the control (alpha 0) does not use v: one sign is enough
@@ -116,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
     rounds = args.timing_rounds if args.timing_rounds is not None else (2 if args.quick else 7)
     settings = {t: settings_for(t, args.quick, backend=args.backend, **overrides) for t in tasks}
-    jobs = [] if saved is not None else _jobs(tasks, methods, n_seeds, settings)
+    arms_of = {t: [m for m in methods if m in BASELINE_ONLY.get(t, methods)] for t in tasks}
+    jobs = [] if saved is not None else _jobs(arms_of, n_seeds, settings)
     n_runs = len(jobs) if saved is None else len(saved)
     print(f"xsam experiment: {n_runs} runs ({', '.join(tasks)}; {len(methods)} arms; {n_seeds} seed(s)); "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
@@ -152,9 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(results, f)
     timing = []
     if rounds:
-        for t in tasks:  # after the training runs, alone in this process (the other engineers' load remains)
-            arms = [m for m in methods if m in BASELINE_ONLY[t]] if t in BASELINE_ONLY else methods
-            timing += time_arms(t, arms, settings[t], cycles=rounds)
+        for t in tasks:  # after the training runs, alone in this process (other processes' load remains)
+            timing += time_arms(t, arms_of[t], settings[t], cycles=rounds)
     order = list(methods)
     key = lambda r: (tasks.index(r["task"]), order.index(r["method"]), r["seed"], -r["v_sign"])
     runs = sorted((res["run"] for res in results), key=key)

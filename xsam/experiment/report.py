@@ -267,8 +267,7 @@ def write_csv(path, rows: list[dict]) -> None:
             return
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
 
 
 def plot(summary: list[dict], curves: list[dict], path) -> bool:

@@ -1,10 +1,7 @@
 """One training run of one (task, arm, seed): curves, sharpness at the end and at matched training loss.
 
-Every arm of a task gets the same initial weights per seed, the same batches, epochs, schedule
-and weight decay. At each crossing of a level of ``LOSS_LEVELS`` the eigenvalue is measured on
-both sides (the epoch before from a saved copy of its weights) and interpolated, linearly in
-log training loss, to the level: the evaluation grid then does not make an arm that crosses just
-after an epoch look sharper. Gradient evaluations (closure calls) and HVPs are counted exactly.
+The method (the same weights and batches for every arm; at each crossing of a level of ``LOSS_LEVELS`` the
+eigenvalue measured on both sides and interpolated to the level): docs/results/README.md, "Method".
 """
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""Run SAM and X-SAM inside the trainers people already use.
-
-- ``xsam.integrations.lightning.XSAMCallback``: PyTorch Lightning (``pip install torch-xsam[lightning]``);
-- ``xsam.integrations.transformers.XSAMTrainer``: the Hugging Face ``Trainer``
-  (``pip install torch-xsam[transformers]``).
+"""Run SAM and X-SAM inside the trainers people already use: ``xsam.integrations.lightning.XSAMCallback`` for
+PyTorch Lightning (``pip install torch-xsam[lightning]``), ``xsam.integrations.transformers.XSAMTrainer`` for the
+Hugging Face ``Trainer`` (``pip install torch-xsam[transformers]``).
 
 Import the submodule you need: this package imports neither framework, so ``import xsam`` works without them.
 """

@@ -44,10 +44,9 @@ def check_sam_optimizer(optimizer, integration: str, ddp_hint: str) -> None:
 
 @contextlib.contextmanager
 def running_statistics_untouched(model: nn.Module) -> Iterator[None]:
-    """BatchNorm layers in training mode normalise by batch statistics but do not update their running ones.
+    """BatchNorm layers in training mode normalise by batch statistics but leave their running ones alone.
 
-    Unlike ``xsam.batchnorm_statistics_frozen`` it never writes to the buffers, so an autograd
-    graph built in the block (the HVPs' create-graph backward) stays valid.
+    Unlike ``xsam.batchnorm_statistics_frozen`` it never writes to the buffers, so the HVPs' graph stays valid.
     """
     layers = [m for m in batchnorm_layers(model) if m.training]
     for m in layers:
@@ -60,11 +59,8 @@ def running_statistics_untouched(model: nn.Module) -> Iterator[None]:
 
 
 class TwoPassClosure:
-    """The closure for ``optimizer.step``: call 1 restores the trainer's first pass, call 2 replays.
-
-    Made right after the trainer's first pass, whose ``.grad`` tensors it keeps (no copy).
-    ``second_pass`` runs every micro-batch at the current (perturbed) weights and returns the loss.
-    """
+    """The closure for ``optimizer.step``: call 1 restores the trainer's first pass (the ``.grad`` tensors it
+    left, kept without a copy), call 2 returns ``second_pass()``, run at the perturbed weights."""
 
     def __init__(self, first_pass_loss: Tensor | None, optimizer, second_pass: Callable[[], Tensor]):
         self.first_pass_loss = first_pass_loss
@@ -97,10 +93,8 @@ def run_sam_step(optimizer: SharpnessAware, closure: Callable[[], Tensor], loss_
 
 
 def logged_diagnostics(record: dict) -> dict[str, Tensor]:
-    """The scalars of one diagnostics record to log, as 0-d device tensors (copies; no host sync).
-
-    Adds ``angle_gadv_v``: the angle in degrees between the perturbed gradient and the eigenvector.
-    """
+    """The scalars of one diagnostics record to log, as 0-d device tensors (copies; no host sync), and
+    ``angle_gadv_v`` in degrees."""
     out = {f"xsam/{key}": record[key].detach().reshape(()).float().clone() for key in LOGGED_DIAGNOSTICS
            if isinstance(record.get(key), Tensor)}
     cos = out.get("xsam/cos_gadv_v")

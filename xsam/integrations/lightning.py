@@ -32,20 +32,14 @@ _DDP_HINT = ("In configure_optimizers, build it with model=self.trainer.strategy
 class XSAMCallback(Callback):
     """Run each step of an ``xsam.SAM`` or ``xsam.XSAM`` optimizer correctly under Lightning's automatic optimisation.
 
-    Return the optimizer from ``configure_optimizers`` as usual (``model=self`` enables
-    eval-mode HVPs for BatchNorm models; under DDP pass ``model=self.trainer.strategy.model``),
-    and add the callback to the Trainer. Lightning's own loop is the first pass; the step replays
-    every micro-batch of the accumulated batch at the perturbed weights (logging muted, DDP
-    syncing on the last one, BatchNorm statistics untouched). Precisions: ``32-true``,
-    ``64-true``, ``bf16-mixed``, ``16-mixed`` (through ``xsam.amp.SAMGradScaler``), ``16-true``
-    and ``bf16-true``; strategies: single device and DDP. ``gradient_clip_val`` clips the
-    direction the base optimizer steps along (X-SAM: norm clipping only, as its ``max_grad_norm``).
+    Return the optimizer from ``configure_optimizers`` as usual (under DDP built with
+    ``model=self.trainer.strategy.model``) and add the callback to the Trainer. Precisions, strategies and
+    clipping: docs/training-loops.md, "PyTorch Lightning".
 
     Args:
-        log_diagnostics (bool, optional): log the optimizer's per-step diagnostics
-            (``xsam/eigenvalue``, ``xsam/cos_gadv_v``, ``xsam/angle_gadv_v`` in degrees,
-            ``xsam/cos_g_v``, ``xsam/grad_norm``, ``xsam/adv_grad_norm``) with ``self.log``
-            after each step (default: True)
+        log_diagnostics (bool, optional): log the optimizer's per-step diagnostics (``xsam/eigenvalue``,
+            ``xsam/cos_gadv_v``, ``xsam/angle_gadv_v`` in degrees, ``xsam/cos_g_v``, ``xsam/grad_norm``,
+            ``xsam/adv_grad_norm``) with ``self.log`` after each step (default: True)
     """
 
     def __init__(self, log_diagnostics: bool = True):
@@ -168,10 +162,8 @@ def _clip_gradients(plugin: Precision, optimizer, clip_val=0.0,
                     gradient_clip_algorithm=GradClipAlgorithmType.NORM) -> None:
     """Replaces ``plugin.clip_gradients``, which Lightning calls on the second pass's gradient, inside the step.
 
-    X-SAM normalises that gradient before correcting it, so clipping it would change nothing: the
-    clipping becomes the optimizer's ``max_grad_norm`` for this step. Under 16-mixed the gradients
-    are still scaled there (``SAMGradScaler`` unscales each pass after the closure returns), so
-    the threshold is multiplied by the scale.
+    X-SAM normalises that gradient, so clipping it would change nothing: it becomes the optimizer's
+    ``max_grad_norm`` for this step. Under 16-mixed the gradients are still scaled here, and so is the threshold.
     """
     if not isinstance(optimizer, XSAM):
         if clip_val and isinstance(getattr(plugin, "scaler", None), SAMGradScaler):

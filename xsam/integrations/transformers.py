@@ -26,15 +26,12 @@ _SET_BY_THE_TRAINER = {
 
 
 class XSAMTrainer(Trainer):
-    """A ``transformers.Trainer`` whose optimizer is ``xsam.XSAM`` (or ``xsam.SAM``) around the base optimizer of ``args``.
+    """A ``transformers.Trainer`` whose optimizer is ``xsam.XSAM`` (or ``xsam.SAM``) around the base optimizer
+    of ``args``: ``XSAMTrainer(model=model, args=TrainingArguments(...), train_dataset=..., sam_kwargs={"rho": 0.05})``.
 
-    ``XSAMTrainer(model=model, args=TrainingArguments(...), train_dataset=..., sam_kwargs={"rho": 0.05})``;
-    everything else is the Trainer's (``gradient_accumulation_steps``, ``bf16``, DDP launches,
-    ``resume_from_checkpoint``, callbacks, logging). The Trainer's loop over the micro-batches is
-    the first pass (the logged ``loss`` is the unperturbed one); ``optimizer.step()``, which the
-    Trainer calls without a closure, replays them at the perturbed weights.
-    ``TrainingArguments(max_grad_norm=...)`` becomes the optimizer's ``max_grad_norm``: X-SAM
-    normalises the second pass's gradient, so only the direction the base optimizer applies can be clipped.
+    The Trainer's loop is the first pass; ``optimizer.step()``, which it calls without a closure, replays the
+    micro-batches at the perturbed weights. ``TrainingArguments(max_grad_norm=...)`` becomes the optimizer's
+    ``max_grad_norm`` (it clips the corrected direction): docs/training-loops.md, "Hugging Face Trainer".
 
     Args:
         *args, **kwargs: the ``Trainer`` arguments. ``optimizers`` must leave the optimizer as
@@ -51,7 +48,8 @@ class XSAMTrainer(Trainer):
     def __init__(self, *args, sam_class: type = XSAM, sam_kwargs: dict | None = None,
                  log_diagnostics: bool = True, **kwargs):
         if not (isinstance(sam_class, type) and issubclass(sam_class, SharpnessAware)):
-            raise ValueError(f"sam_class={sam_class!r} is invalid: pass xsam.XSAM, xsam.SAM or another xsam optimizer class")
+            raise ValueError(f"sam_class={sam_class!r} is invalid: pass xsam.XSAM, xsam.SAM or another xsam "
+                             "optimizer class")
         sam_kwargs = dict(sam_kwargs or {})
         reserved = sorted(set(sam_kwargs) & set(_SET_BY_THE_TRAINER))
         if reserved:
@@ -134,8 +132,7 @@ class XSAMTrainer(Trainer):
         return total
 
     def _clip_grad_norm(self, model) -> None:
-        """Not done: the optimizer's ``max_grad_norm`` clips the step's direction. None makes the Trainer
-        measure the norm it logs."""
+        """Not done: the optimizer's ``max_grad_norm`` clips the step; None has the Trainer measure the norm it logs."""
         return None
 
     def _forward_loss(self, micro_batches: list) -> Tensor:

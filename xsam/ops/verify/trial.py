@@ -63,12 +63,11 @@ def _threads(n: int):
 
 
 def run_case(case: Case, backend: str, *, twice: bool = True) -> CaseResult:
-    """Run ``case`` on ``backend`` and compare with a float64 run of the reference (see the module docstring).
+    """Run ``case`` on ``backend`` and compare with a float64 run of the reference (the rule: ``xsam.ops.verify``).
 
     ``twice``: run a reduction twice and require the same bits (determinism). Anything that raises
     (the kernel, or the check on what it returned) fails the case, with the exception's first line.
-    The backend runs on the caller's threads; the inputs and the oracle on one (a parallel region costs
-    milliseconds on a busy machine, and the cases that cross the kernels' parallel threshold are large).
+    The backend runs on the caller's threads, the inputs and the oracle on one: a parallel region is slow.
     """
     threads = torch.get_num_threads()
     try:
